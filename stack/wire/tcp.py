@@ -49,12 +49,18 @@ HEADER_LEN = 20
 MAX_OPTIONS_LEN = 40
 
 _HDR = struct.Struct("!HHIIBBHHH")
+# The fixed header followed by the first three option words: read in one call
+# whenever 32 bytes are there, so the usual NOP NOP TS block costs nothing more.
+_HDR_TS = struct.Struct("!HHIIBBHHHIII")
 _U16 = struct.Struct("!H")
 _U32X2 = struct.Struct("!II")
 # Option kinds (IANA "TCP Option Kind Numbers").
 _EOL, _NOP, _MSS, _WSCALE, _SACK_PERM, _SACK, _TIMESTAMP = 0, 1, 2, 3, 4, 5, 8
 # The option block almost every data segment carries: NOP NOP TS(len 10).
-_TS_ONLY_PREFIX = b"\x01\x01\x08\x0a"
+_TS_ONLY_PREFIX = 0x0101080A
+# NamedTuple's generated __new__ is a Python function; calling tuple.__new__
+# with a ready tuple skips that frame (about 0.25 us per header here).
+_tuple_new = tuple.__new__
 
 
 class TcpOptions(NamedTuple):
@@ -106,9 +112,15 @@ def parse_tcp_untrusted(buf: memoryview) -> tuple[TcpHeader, memoryview]:
             a SYN combined with FIN or RST.
     """
     n = len(buf)
-    if n < HEADER_LEN:
+    if n >= 32:
+        sport, dport, seq, ack, off, flags, window, checksum, urgent, word0, tsval, tsecr = (
+            _HDR_TS.unpack_from(buf)
+        )
+    elif n >= HEADER_LEN:
+        sport, dport, seq, ack, off, flags, window, checksum, urgent = _HDR.unpack_from(buf)
+        word0 = tsval = tsecr = 0
+    else:
         raise BadPacket(f"TCP header truncated ({n} bytes)")
-    sport, dport, seq, ack, off, flags, window, checksum, urgent = _HDR.unpack_from(buf)
     hlen = (off >> 4) << 2
     if hlen < HEADER_LEN or hlen > n:
         raise BadPacket(f"TCP data offset {hlen} out of range for {n} bytes")
@@ -116,14 +128,14 @@ def parse_tcp_untrusted(buf: memoryview) -> tuple[TcpHeader, memoryview]:
         raise BadPacket("TCP SYN combined with FIN or RST")
     if hlen == HEADER_LEN:
         options = NO_OPTIONS
-    elif hlen == 32 and buf[20:24] == _TS_ONLY_PREFIX:
-        options = TcpOptions(timestamp=_U32X2.unpack_from(buf, 24))
+    elif hlen == 32 and word0 == _TS_ONLY_PREFIX:
+        options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     else:
         options = _parse_options(buf[HEADER_LEN:hlen])
-    return (
-        TcpHeader(sport, dport, seq, ack, flags, window, checksum, urgent, options),
-        buf[hlen:],
+    header = _tuple_new(
+        TcpHeader, (sport, dport, seq, ack, flags, window, checksum, urgent, options)
     )
+    return header, buf[hlen:]
 
 
 def _parse_options(opt: memoryview) -> TcpOptions:

@@ -1,0 +1,25 @@
+"""Ways out of the TUN: each gives trio streams for TCP and a datagram session for UDP.
+
+One module per protocol, each a sans-I/O codec plus a thin async dialer.
+`base` holds the contract the runtime relies on (`Destination`, `Outbound`,
+`UdpSession`, `OutboundError` with the `FailureReply` the application should
+see) and `net` the socket boundary where loop avoidance is applied and OS
+errors are translated. This package imports nothing from `tun2sx`.
+"""
+
+from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession
+from .direct import DirectOutbound
+from .net import SocketOptions
+from .socks5 import Socks5Outbound, parse_socks5_url
+
+__all__ = [
+    "Destination",
+    "DirectOutbound",
+    "FailureReply",
+    "Outbound",
+    "OutboundError",
+    "SocketOptions",
+    "Socks5Outbound",
+    "UdpSession",
+    "parse_socks5_url",
+]

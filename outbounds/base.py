@@ -1,0 +1,197 @@
+"""What every outbound promises the runtime, and how failures are reported.
+
+The runtime splices an application's flow to whatever `connect_tcp` or
+`open_udp` returns and never looks at the protocol behind it, so the contract
+lives here, in one place: the destination type (a domain name stays a string
+and is never resolved locally, because the remote side should resolve it), the
+stream and datagram-session shapes, and `OutboundError`.
+
+`OutboundError` carries the `FailureReply` the application should see. The
+design promise is that a refused connection becomes a TCP RST and an
+unreachable host or network becomes an ICMP unreachable, instead of a silent
+reset after a fake success; so every outbound must decide, at its boundary,
+which of these a failure means. OS errors are mapped by `reply_for_oserror`,
+the single table for that.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import ipaddress
+from typing import Protocol, TypeAlias
+
+import attrs
+import trio
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+__all__ = [
+    "Destination",
+    "FailureReply",
+    "IPAddress",
+    "Outbound",
+    "OutboundError",
+    "UdpSession",
+    "reply_for_oserror",
+]
+
+# Domain names longer than this cannot be carried by SOCKS5 or Shadowsocks
+# (one length byte) and are not valid DNS names anyway (RFC 1035 2.3.4).
+MAX_DOMAIN_LENGTH = 255
+
+
+def _check_host(
+    instance: Destination, attribute: attrs.Attribute[str | IPAddress], value: str | IPAddress
+) -> None:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return
+    if not isinstance(value, str):  # Guards callers that ignore the annotations.
+        raise TypeError(f"Destination host must be str or an IP address, not {type(value)!r}")
+    if not value:
+        raise ValueError("Destination host must not be empty")
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_DOMAIN_LENGTH:
+        raise ValueError(f"Destination host name is longer than {MAX_DOMAIN_LENGTH} bytes")
+
+
+def _check_port(instance: Destination, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"Destination port {value} is outside 0..65535")
+
+
+@attrs.frozen
+class Destination:
+    """Where a flow should go: a host name or an IP address, and a port.
+
+    A host name stays a `str` all the way to the outbound, which hands it to
+    the proxy (or, for the direct outbound only, resolves it). Construct with
+    `Destination.parse_host` when the host may be an IP literal in text form.
+
+    Attributes:
+        host: A domain name, or an `IPv4Address` / `IPv6Address`.
+        port: The TCP or UDP port, 0..65535.
+    """
+
+    host: str | IPAddress = attrs.field(validator=_check_host)
+    port: int = attrs.field(validator=_check_port)
+
+    @classmethod
+    def parse_host(cls, host: str, port: int) -> Destination:
+        """Build a destination, turning an IP literal into an address object.
+
+        Args:
+            host: A domain name or an IPv4/IPv6 literal (brackets allowed).
+            port: The port.
+
+        Returns:
+            A `Destination` whose host is an address when `host` was a literal.
+        """
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            return cls(ipaddress.ip_address(bare), port)
+        except ValueError:
+            return cls(host, port)
+
+    def __str__(self) -> str:
+        if isinstance(self.host, ipaddress.IPv6Address):
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class FailureReply(enum.Enum):
+    """What the application should receive when its flow cannot be opened."""
+
+    RESET = "reset"
+    """A TCP RST: the destination refused, or the failure has no better name."""
+    HOST_UNREACHABLE = "host-unreachable"
+    """ICMP destination unreachable, code host unreachable."""
+    NET_UNREACHABLE = "net-unreachable"
+    """ICMP destination unreachable, code network unreachable."""
+    PORT_UNREACHABLE = "port-unreachable"
+    """ICMP port unreachable (the UDP analogue of a refused connection)."""
+    ADMIN_PROHIBITED = "admin-prohibited"
+    """ICMP communication administratively prohibited (a proxy ruleset said no)."""
+
+
+class OutboundError(Exception):
+    """An outbound could not open, or lost, a connection.
+
+    Attributes:
+        reply: What the application should get instead of a connection.
+    """
+
+    def __init__(self, reply: FailureReply, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+    def __repr__(self) -> str:
+        return f"OutboundError({self.reply.name}, {str(self)!r})"
+
+
+# One table for every outbound. Timeouts mean nothing answered, which to the
+# application looks like an unreachable host.
+_ERRNO_REPLIES: dict[int, FailureReply] = {
+    errno.ECONNREFUSED: FailureReply.RESET,
+    errno.ECONNRESET: FailureReply.RESET,
+    errno.ECONNABORTED: FailureReply.RESET,
+    errno.EPIPE: FailureReply.RESET,
+    errno.EHOSTUNREACH: FailureReply.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: FailureReply.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: FailureReply.HOST_UNREACHABLE,
+    errno.ENETUNREACH: FailureReply.NET_UNREACHABLE,
+    errno.ENETDOWN: FailureReply.NET_UNREACHABLE,
+    errno.EADDRNOTAVAIL: FailureReply.NET_UNREACHABLE,
+    errno.EAFNOSUPPORT: FailureReply.NET_UNREACHABLE,
+    errno.EACCES: FailureReply.ADMIN_PROHIBITED,
+    errno.EPERM: FailureReply.ADMIN_PROHIBITED,
+}
+
+
+def reply_for_oserror(exc: OSError) -> FailureReply:
+    """Map an OS error from a socket call to what the application should see.
+
+    Args:
+        exc: The error raised by connect, send or receive.
+
+    Returns:
+        The matching `FailureReply`; `RESET` when the errno has no better match.
+    """
+    if isinstance(exc, TimeoutError):
+        return FailureReply.HOST_UNREACHABLE
+    if exc.errno is None:
+        return FailureReply.RESET
+    return _ERRNO_REPLIES.get(exc.errno, FailureReply.RESET)
+
+
+class UdpSession(Protocol):
+    """A datagram association through an outbound.
+
+    One session serves one application source endpoint (full-cone): it can
+    send to any destination and reports where each reply came from.
+    """
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        """Send one datagram to `dest`. Raises `OutboundError`."""
+        ...
+
+    async def receive_from(self) -> tuple[bytes, Destination]:
+        """Wait for the next datagram and its source. Raises `OutboundError`."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the session's sockets; idempotent."""
+        ...
+
+
+class Outbound(Protocol):
+    """A way out of the TUN: SOCKS5, Shadowsocks, direct, ..."""
+
+    name: str
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        """Open a TCP stream to `dest`. Raises `OutboundError`."""
+        ...
+
+    async def open_udp(self) -> UdpSession:
+        """Open a datagram session. Raises `OutboundError`."""
+        ...

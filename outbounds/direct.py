@@ -1,0 +1,162 @@
+"""The direct outbound: flows leave through the host's own network.
+
+Used for destinations the rules send around the proxy (LAN, captive portals,
+NTP). It is the only outbound that resolves names itself, with the system
+resolver through trio's `getaddrinfo`: every other outbound hands the name to
+the remote side. Its sockets come from `outbounds.net`, so the fwmark,
+interface binding or `protect(fd)` keep them out of the TUN; without those, a
+direct flow in a whole-system TUN setup would loop straight back into tun2sx.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import attrs
+import trio
+
+from .base import Destination, FailureReply, OutboundError
+from .net import SocketOptions, error_from_oserror, open_tcp, open_udp_socket, resolve
+
+__all__ = ["DirectOutbound", "DirectUdpSession", "DirectUdpStatistics"]
+
+
+class DirectOutbound:
+    """Connects from this host, resolving names locally.
+
+    Args:
+        socket_options: Loop avoidance and the connect timeout.
+    """
+
+    __slots__ = ("name", "socket_options")
+
+    def __init__(self, *, socket_options: SocketOptions | None = None) -> None:
+        self.socket_options = socket_options or SocketOptions()
+        self.name = "direct"
+
+    def __repr__(self) -> str:
+        return "<DirectOutbound>"
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        """Connect to `dest`, trying each resolved address in order.
+
+        Raises:
+            OutboundError: The name does not resolve (HOST_UNREACHABLE), or the
+                connect failed (mapped from the OS error) or timed out.
+        """
+        return await open_tcp(dest.host, dest.port, self.socket_options)
+
+    async def open_udp(self) -> DirectUdpSession:
+        """Open one unconnected UDP socket that can reach any destination.
+
+        The socket is IPv6 dual-stack when the host supports IPv6, so one
+        session serves IPv4 and IPv6 destinations alike.
+
+        Raises:
+            OutboundError: No UDP socket could be created.
+        """
+        try:
+            sock = open_udp_socket(socket.AF_INET6, self.socket_options)
+            await sock.bind(("::", 0))
+            return DirectUdpSession(sock, dual_stack=True, options=self.socket_options)
+        except OutboundError as exc:
+            if exc.reply is not FailureReply.NET_UNREACHABLE:
+                raise
+        except OSError:
+            sock.close()
+        # No IPv6 on this host: fall back to an IPv4-only socket.
+        sock = open_udp_socket(socket.AF_INET, self.socket_options)
+        try:
+            await sock.bind(("0.0.0.0", 0))
+        except OSError as exc:
+            sock.close()
+            raise error_from_oserror(exc, "binding a UDP socket") from exc
+        return DirectUdpSession(sock, dual_stack=False, options=self.socket_options)
+
+
+@attrs.define(slots=True)
+class DirectUdpStatistics:
+    sent: int
+    received: int
+    unresolved: int
+
+
+class DirectUdpSession:
+    """An unconnected UDP socket: send anywhere, receive from anyone.
+
+    Replies from any source are passed up (full-cone), which is what games and
+    STUN expect; the runtime decides whether to filter.
+    """
+
+    __slots__ = ("_closed", "_dual_stack", "_options", "_sock", "_stats")
+
+    def __init__(
+        self, sock: trio.socket.SocketType, *, dual_stack: bool, options: SocketOptions
+    ) -> None:
+        self._sock = sock
+        self._dual_stack = dual_stack
+        self._options = options
+        self._closed = False
+        self._stats = DirectUdpStatistics(0, 0, 0)
+
+    def statistics(self) -> DirectUdpStatistics:
+        """Counters: datagrams sent/received and destinations that did not resolve."""
+        return attrs.evolve(self._stats)
+
+    def _sockaddr(
+        self, family: socket.AddressFamily, addr: tuple[object, ...]
+    ) -> tuple[object, ...]:
+        if family == socket.AF_INET and self._dual_stack:
+            # A dual-stack socket reaches IPv4 through IPv4-mapped addresses.
+            return (f"::ffff:{addr[0]}", addr[1], 0, 0)
+        return addr
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        """Send one datagram; names are resolved here (first usable address).
+
+        Raises:
+            OutboundError: The name did not resolve, or the send failed.
+        """
+        try:
+            candidates = await resolve(dest.host, dest.port, socket.SOCK_DGRAM)
+        except OutboundError:
+            self._stats.unresolved += 1
+            raise
+        usable = [
+            (family, addr)
+            for family, addr in candidates
+            if self._dual_stack or family == socket.AF_INET
+        ]
+        if not usable:
+            self._stats.unresolved += 1
+            raise OutboundError(FailureReply.NET_UNREACHABLE, f"no IPv4 address for {dest}")
+        family, addr = usable[0]
+        try:
+            await self._sock.sendto(data, self._sockaddr(family, addr))
+        except OSError as exc:
+            raise error_from_oserror(exc, f"sending a datagram to {dest}") from exc
+        self._stats.sent += 1
+
+    async def receive_from(self) -> tuple[bytes, Destination]:
+        """Wait for the next datagram and its source address.
+
+        Raises:
+            OutboundError: The socket failed (e.g. an ICMP error was reported).
+        """
+        try:
+            data, source = await self._sock.recvfrom(65535)
+        except OSError as exc:
+            raise error_from_oserror(exc, "receiving a datagram") from exc
+        host = ipaddress.ip_address(source[0].split("%", 1)[0])
+        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+            host = host.ipv4_mapped
+        self._stats.received += 1
+        return data, Destination(host, source[1])
+
+    async def aclose(self) -> None:
+        """Close the socket; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+        await trio.lowlevel.checkpoint()

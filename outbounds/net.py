@@ -1,0 +1,277 @@
+"""The socket boundary every outbound goes through.
+
+Two jobs live here and nowhere else:
+
+* Loop avoidance. When tun2sx routes the whole system into its TUN, its own
+  connections to the proxy would be routed into the TUN as well and loop
+  forever. The fix is per socket and must happen before `connect`: set a
+  firewall mark (`SO_MARK`, matched by an `ip rule` that bypasses the TUN
+  table), bind the socket to the real uplink (`SO_BINDTODEVICE`), or hand the
+  descriptor to the platform (`protect(fd)` on Android's VpnService). Every
+  outbound creates its sockets through `open_tcp` / `open_udp_socket` so no
+  socket can forget this.
+* Error translation. OS errors and timeouts become `OutboundError` once, here,
+  with a message that names the peer, so the runtime can turn them into an RST
+  or an ICMP unreachable without knowing about errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+import socket
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from .base import FailureReply, IPAddress, OutboundError, reply_for_oserror
+
+__all__ = [
+    "PrefixedStream",
+    "SocketOptions",
+    "error_from_oserror",
+    "format_endpoint",
+    "open_tcp",
+    "open_udp_socket",
+    "resolve",
+]
+
+# Linux values; the names exist in the socket module on Linux builds, but the
+# numbers are ABI and do not change.
+_SO_MARK = getattr(socket, "SO_MARK", 36)
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def _check_timeout(
+    instance: SocketOptions, attribute: attrs.Attribute[float], value: float
+) -> None:
+    if not value > 0:
+        raise ValueError(f"connect_timeout must be positive, got {value}")
+
+
+@attrs.frozen
+class SocketOptions:
+    """How an outbound's own sockets are made, so they bypass the TUN.
+
+    Attributes:
+        fwmark: `SO_MARK` value for every socket (needs CAP_NET_ADMIN), or None.
+        interface: Interface name for `SO_BINDTODEVICE`, or None.
+        protect: Called with each socket's file descriptor before connect; must
+            return True once the platform has excluded it from the VPN. None
+            when there is no such hook.
+        connect_timeout: Seconds allowed for name resolution plus connect.
+    """
+
+    fwmark: int | None = None
+    interface: str | None = None
+    protect: Callable[[int], bool] | None = None
+    connect_timeout: float = attrs.field(default=10.0, validator=_check_timeout)
+
+
+def format_endpoint(host: str | IPAddress, port: int) -> str:
+    """Render `host:port` for messages, bracketing IPv6 addresses.
+
+    Args:
+        host: A name or an address.
+        port: The port.
+
+    Returns:
+        The printable endpoint.
+    """
+    if isinstance(host, ipaddress.IPv6Address) or (isinstance(host, str) and ":" in host):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def error_from_oserror(exc: OSError, doing: str) -> OutboundError:
+    """Translate an OS error into an `OutboundError`.
+
+    Args:
+        exc: The OS error.
+        doing: What was being attempted, e.g. "connecting to 10.0.0.1:80".
+
+    Returns:
+        The `OutboundError` to raise (the caller chains it with `from`).
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return OutboundError(reply_for_oserror(exc), f"{doing} failed: {reason}")
+
+
+def _prepare(sock: trio.socket.SocketType, opts: SocketOptions) -> None:
+    """Apply the loop-avoidance options; must run before connect or sendto."""
+    try:
+        if opts.fwmark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, opts.fwmark)
+        if opts.interface is not None:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, opts.interface.encode())
+    except OSError as exc:
+        # A socket that cannot be marked would loop through the TUN; refusing
+        # it is the only safe answer, and the message says which option failed.
+        raise OutboundError(
+            FailureReply.NET_UNREACHABLE,
+            f"cannot apply socket options (fwmark={opts.fwmark}, "
+            f"interface={opts.interface}): {exc.strerror or exc}",
+        ) from exc
+    if opts.protect is not None and not opts.protect(sock.fileno()):
+        raise OutboundError(
+            FailureReply.NET_UNREACHABLE, "protect(fd) refused to exclude the socket from the VPN"
+        )
+
+
+async def resolve(
+    host: str | IPAddress, port: int, kind: socket.SocketKind
+) -> list[tuple[socket.AddressFamily, tuple[object, ...]]]:
+    """Resolve `host` with the system resolver (no resolution for addresses).
+
+    Args:
+        host: A name or an address.
+        port: The port to put into the socket addresses.
+        kind: `SOCK_STREAM` or `SOCK_DGRAM`.
+
+    Returns:
+        `(family, sockaddr)` pairs in the resolver's preference order.
+
+    Raises:
+        OutboundError: HOST_UNREACHABLE when the name does not resolve.
+    """
+    if isinstance(host, ipaddress.IPv4Address):
+        return [(socket.AF_INET, (str(host), port))]
+    if isinstance(host, ipaddress.IPv6Address):
+        return [(socket.AF_INET6, (str(host), port, 0, 0))]
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=kind)
+    except socket.gaierror as exc:
+        raise OutboundError(
+            FailureReply.HOST_UNREACHABLE, f"cannot resolve {host!r}: {exc.strerror or exc}"
+        ) from exc
+    # Deduplicate while keeping order: getaddrinfo may list an address once
+    # per protocol.
+    seen: dict[tuple[object, ...], socket.AddressFamily] = {}
+    for family, _type, _proto, _canon, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            seen.setdefault(tuple(sockaddr), family)
+    if not seen:
+        raise OutboundError(FailureReply.HOST_UNREACHABLE, f"{host!r} has no IP address")
+    return [(family, addr) for addr, family in seen.items()]
+
+
+async def open_tcp(host: str | IPAddress, port: int, opts: SocketOptions) -> trio.SocketStream:
+    """Connect a TCP socket that bypasses the TUN.
+
+    Each resolved address is tried in order until one connects; the whole
+    attempt, resolution included, is bounded by `opts.connect_timeout`.
+
+    Args:
+        host: Name or address to connect to.
+        port: TCP port.
+        opts: Loop-avoidance options and the timeout.
+
+    Returns:
+        A connected `trio.SocketStream` (TCP_NODELAY set; `send_eof` half-closes).
+
+    Raises:
+        OutboundError: The error of the last address tried, or a timeout
+            (HOST_UNREACHABLE), with a message naming `host:port`.
+    """
+    endpoint = format_endpoint(host, port)
+    last_error: OutboundError | None = None
+    with trio.move_on_after(opts.connect_timeout) as scope:
+        for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                _prepare(sock, opts)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
+    if last_error is not None and not scope.cancelled_caught:
+        raise last_error
+    raise OutboundError(
+        FailureReply.HOST_UNREACHABLE,
+        f"connecting to {endpoint} timed out after {_seconds(opts.connect_timeout)}",
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s" if math.isfinite(value) else "forever"
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns bytes read ahead during a proxy handshake.
+
+    Handshake codecs may read past their last message (TCP has no message
+    boundaries); those bytes belong to the application and are replayed here.
+
+    Args:
+        inner: The connected socket stream.
+        prefix: Bytes to return before reading from `inner` again.
+    """
+
+    __slots__ = ("_prefix", "inner")
+
+    def __init__(self, inner: trio.SocketStream, prefix: bytes) -> None:
+        self.inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            if n < 1:
+                raise ValueError("max_bytes must be >= 1")
+            chunk, self._prefix = self._prefix[:n], self._prefix[n:]
+            return chunk
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        self._prefix = b""
+        await self.inner.aclose()
+
+
+def open_udp_socket(family: socket.AddressFamily, opts: SocketOptions) -> trio.socket.SocketType:
+    """Create a UDP socket that bypasses the TUN, not yet bound or connected.
+
+    An `AF_INET6` socket is made dual-stack (IPv4-mapped addresses allowed)
+    where the system permits it, so one socket can serve both families.
+
+    Args:
+        family: `AF_INET` or `AF_INET6`.
+        opts: Loop-avoidance options.
+
+    Returns:
+        The trio socket; the caller owns it and must close it.
+
+    Raises:
+        OutboundError: The socket could not be created or prepared.
+    """
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise error_from_oserror(exc, f"creating a {family.name} UDP socket") from exc
+    try:
+        if family == socket.AF_INET6:
+            # Without IPv4 mapping the socket still works for IPv6 alone.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        _prepare(sock, opts)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,698 @@
+"""SOCKS5 (RFC 1928) with username/password auth (RFC 1929): codec and dialer.
+
+The codec is sans-I/O. `Socks5ClientConnection` is fed whatever bytes the
+proxy sent and buffers until a whole message is there, because TCP does not
+preserve message boundaries: a reply may arrive one byte at a time, or glued
+to the first bytes of the proxied stream (a server that speaks first). Those
+trailing bytes belong to the application and are handed back, never dropped.
+Every function that reads proxy bytes ends in `_untrusted` and raises only
+`Socks5ProtocolError`.
+
+`Socks5Outbound` is the thin trio layer: it opens the control connection via
+`outbounds.net` (so loop avoidance applies), runs the handshake, and maps the
+proxy's reply code to the `FailureReply` the application should see. UDP
+ASSOCIATE keeps the TCP control connection open for as long as the session
+lives, because the association ends when that connection closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+import struct
+import urllib.parse
+from typing import Final
+
+import attrs
+import trio
+
+from .base import Destination, FailureReply, IPAddress, OutboundError
+from .net import (
+    PrefixedStream,
+    SocketOptions,
+    error_from_oserror,
+    format_endpoint,
+    open_tcp,
+    open_udp_socket,
+)
+from .net import resolve as _resolve
+
+__all__ = [
+    "NEED_DATA",
+    "AuthFailed",
+    "AuthMethod",
+    "Command",
+    "ReplyCode",
+    "Socks5ClientConnection",
+    "Socks5Outbound",
+    "Socks5ProtocolError",
+    "Socks5Reply",
+    "Socks5UdpSession",
+    "build_request",
+    "decode_udp_datagram_untrusted",
+    "encode_udp_datagram",
+    "parse_request_untrusted",
+]
+
+VERSION: Final = 5
+AUTH_VERSION: Final = 1  # RFC 1929 sub-negotiation version.
+
+
+class Socks5ProtocolError(Exception):
+    """The proxy (or, for server-side parsers, the client) broke RFC 1928/1929."""
+
+
+class AuthMethod(enum.IntEnum):
+    NO_AUTH = 0x00
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
+
+
+class Command(enum.IntEnum):
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+class ReplyCode(enum.IntEnum):
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+# Anything not listed (general failure, unsupported command, unknown codes)
+# gives the application an RST: it is the least surprising "no".
+_REPLY_FAILURES: Final[dict[int, FailureReply]] = {
+    ReplyCode.CONNECTION_REFUSED: FailureReply.RESET,
+    ReplyCode.HOST_UNREACHABLE: FailureReply.HOST_UNREACHABLE,
+    ReplyCode.NETWORK_UNREACHABLE: FailureReply.NET_UNREACHABLE,
+    ReplyCode.NOT_ALLOWED: FailureReply.ADMIN_PROHIBITED,
+    ReplyCode.TTL_EXPIRED: FailureReply.HOST_UNREACHABLE,
+}
+
+# Address types (ATYP).
+ATYP_IPV4: Final = 0x01
+ATYP_DOMAIN: Final = 0x03
+ATYP_IPV6: Final = 0x04
+
+_PORT = struct.Struct("!H")
+
+# Greeting reply + auth reply + the longest reply (a 255-byte domain), plus one.
+_MAX_HANDSHAKE_READS: Final = 2 + 2 + (3 + 2 + 255 + 2) + 1
+
+
+# --- addresses: ATYP | DST.ADDR | DST.PORT ----------------------------------------
+#
+#   +------+----------+----------+
+#   | ATYP | DST.ADDR | DST.PORT |
+#   +------+----------+----------+
+#   |  1   | Variable |    2     |
+#   +------+----------+----------+
+#   IPv4: 4 bytes; DOMAINNAME: 1 length byte + name; IPv6: 16 bytes.
+
+
+def encode_address(dest: Destination) -> bytes:
+    """Encode `dest` as ATYP, address and port."""
+    host = dest.host
+    if isinstance(host, ipaddress.IPv4Address):
+        head = bytes((ATYP_IPV4,)) + host.packed
+    elif isinstance(host, ipaddress.IPv6Address):
+        head = bytes((ATYP_IPV6,)) + host.packed
+    else:
+        name = host.encode("utf-8", "surrogateescape")
+        head = bytes((ATYP_DOMAIN, len(name))) + name
+    return head + _PORT.pack(dest.port)
+
+
+def parse_address_untrusted(buf: bytes | bytearray, offset: int) -> tuple[Destination, int] | None:
+    """Parse ATYP/address/port at `offset`.
+
+    Returns:
+        `(destination, end offset)`, or None when `buf` ends too early.
+
+    Raises:
+        Socks5ProtocolError: Unknown address type or an empty domain name.
+    """
+    if len(buf) < offset + 1:
+        return None
+    atyp = buf[offset]
+    host: str | IPAddress
+    if atyp == ATYP_IPV4:
+        end = offset + 1 + 4
+        if len(buf) < end + 2:
+            return None
+        host = ipaddress.IPv4Address(bytes(buf[offset + 1 : end]))
+    elif atyp == ATYP_IPV6:
+        end = offset + 1 + 16
+        if len(buf) < end + 2:
+            return None
+        host = ipaddress.IPv6Address(bytes(buf[offset + 1 : end]))
+    elif atyp == ATYP_DOMAIN:
+        if len(buf) < offset + 2:
+            return None
+        length = buf[offset + 1]
+        if length == 0:
+            raise Socks5ProtocolError("empty domain name in address")
+        end = offset + 2 + length
+        if len(buf) < end + 2:
+            return None
+        # surrogateescape keeps any byte string reversible, so a strange name
+        # is passed through rather than rejected.
+        host = bytes(buf[offset + 2 : end]).decode("utf-8", "surrogateescape")
+    else:
+        raise Socks5ProtocolError(f"unknown address type 0x{atyp:02x}")
+    (port,) = _PORT.unpack_from(buf, end)
+    return Destination(host, port), end + 2
+
+
+# --- client messages (and their server-side parsers, for tests and fuzzing) -------
+
+
+def build_greeting(methods: tuple[AuthMethod, ...]) -> bytes:
+    """VER | NMETHODS | METHODS."""
+    return bytes((VERSION, len(methods), *methods))
+
+
+def build_auth_request(username: bytes, password: bytes) -> bytes:
+    """RFC 1929: VER=1 | ULEN | UNAME | PLEN | PASSWD."""
+    return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
+
+
+def build_request(command: Command, dest: Destination) -> bytes:
+    """VER | CMD | RSV=0 | ATYP | DST.ADDR | DST.PORT."""
+    return bytes((VERSION, command, 0)) + encode_address(dest)
+
+
+def parse_request_untrusted(buf: bytes | bytearray) -> tuple[Command, Destination, int] | None:
+    """Parse a client request (server side).
+
+    Returns:
+        `(command, destination, bytes consumed)` or None when incomplete.
+
+    Raises:
+        Socks5ProtocolError: Wrong version or unknown command.
+    """
+    if len(buf) < 3:
+        return None
+    if buf[0] != VERSION:
+        raise Socks5ProtocolError(f"request has version {buf[0]}, expected 5")
+    try:
+        command = Command(buf[1])
+    except ValueError:
+        raise Socks5ProtocolError(f"unknown command 0x{buf[1]:02x}") from None
+    parsed = parse_address_untrusted(buf, 3)
+    if parsed is None:
+        return None
+    dest, end = parsed
+    return command, dest, end
+
+
+# --- server messages ------------------------------------------------------------
+
+
+def build_reply(code: int, bound: Destination) -> bytes:
+    """VER | REP | RSV=0 | ATYP | BND.ADDR | BND.PORT (used by test servers)."""
+    return bytes((VERSION, code, 0)) + encode_address(bound)
+
+
+@attrs.frozen
+class Socks5Reply:
+    """The proxy's answer to a request.
+
+    Attributes:
+        code: The REP field (a `ReplyCode` when known, else the raw int).
+        bound: BND.ADDR/BND.PORT; for UDP ASSOCIATE, the relay to send to.
+    """
+
+    code: int
+    bound: Destination
+
+    @property
+    def succeeded(self) -> bool:
+        return self.code == ReplyCode.SUCCEEDED
+
+    def failure(self) -> FailureReply:
+        """What the application should get for this (failed) reply."""
+        return _REPLY_FAILURES.get(self.code, FailureReply.RESET)
+
+    def describe(self) -> str:
+        try:
+            return ReplyCode(self.code).name.lower().replace("_", " ")
+        except ValueError:
+            return f"unknown reply code 0x{self.code:02x}"
+
+
+@attrs.frozen
+class AuthFailed:
+    """The proxy accepted none of our methods, or rejected the credentials."""
+
+    reason: str
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData.NEED_DATA
+"""`next_event_untrusted` needs more bytes from the proxy."""
+
+
+class _State(enum.Enum):
+    AWAIT_METHOD = "await-method"
+    AWAIT_AUTH = "await-auth"
+    AWAIT_REPLY = "await-reply"
+    DONE = "done"
+
+
+class Socks5ClientConnection:
+    """Client side of one SOCKS5 handshake, without I/O.
+
+    Usage: send `data_to_send()`, then repeatedly feed proxy bytes with
+    `receive_data`, call `next_event_untrusted()`, and send `data_to_send()`
+    again, until the event is a `Socks5Reply` or `AuthFailed`. After that,
+    `trailing_data` holds bytes that followed the reply (stream payload).
+
+    Args:
+        command: CONNECT or UDP_ASSOCIATE.
+        dest: Destination (for UDP ASSOCIATE, usually 0.0.0.0:0).
+        username: Offered with `password` via RFC 1929 when both are given.
+        password: See `username`.
+    """
+
+    __slots__ = ("_buffer", "_command", "_credentials", "_dest", "_outgoing", "_state")
+
+    def __init__(
+        self,
+        command: Command,
+        dest: Destination,
+        username: bytes | None = None,
+        password: bytes | None = None,
+    ) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("username and password must be given together")
+        if username is not None and password is not None:
+            if not 1 <= len(username) <= 255 or not 1 <= len(password) <= 255:
+                raise ValueError("SOCKS5 username and password must be 1..255 bytes each")
+            self._credentials: tuple[bytes, bytes] | None = (username, password)
+            methods: tuple[AuthMethod, ...] = (AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)
+        else:
+            self._credentials = None
+            methods = (AuthMethod.NO_AUTH,)
+        self._command = command
+        self._dest = dest
+        self._buffer = bytearray()
+        self._outgoing = bytearray(build_greeting(methods))
+        self._state = _State.AWAIT_METHOD
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the proxy now (possibly empty)."""
+        out = bytes(self._outgoing)
+        self._outgoing.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes read from the proxy."""
+        self._buffer += data
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received after the final reply: they belong to the stream."""
+        return bytes(self._buffer) if self._state is _State.DONE else b""
+
+    def next_event_untrusted(self) -> _NeedData | Socks5Reply | AuthFailed:
+        """Advance the handshake as far as the buffered bytes allow.
+
+        Returns:
+            NEED_DATA, the final `Socks5Reply`, or `AuthFailed`.
+
+        Raises:
+            Socks5ProtocolError: The proxy sent something RFC 1928/1929 forbids.
+        """
+        # Each pass consumes one message; at most three messages exist.
+        for _ in range(3):
+            buf = self._buffer
+            if self._state is _State.AWAIT_METHOD:
+                if len(buf) < 2:
+                    return NEED_DATA
+                self._check_version(buf[0], VERSION, "method selection")
+                method = buf[1]
+                del buf[:2]
+                if method == AuthMethod.NO_ACCEPTABLE:
+                    self._state = _State.DONE
+                    return AuthFailed("the proxy accepts none of the offered auth methods")
+                if method == AuthMethod.USERNAME_PASSWORD and self._credentials is not None:
+                    self._outgoing += build_auth_request(*self._credentials)
+                    self._state = _State.AWAIT_AUTH
+                elif method == AuthMethod.NO_AUTH:
+                    self._send_request()
+                else:
+                    raise Socks5ProtocolError(f"proxy chose auth method 0x{method:02x} not offered")
+            elif self._state is _State.AWAIT_AUTH:
+                if len(buf) < 2:
+                    return NEED_DATA
+                self._check_version(buf[0], AUTH_VERSION, "auth reply")
+                status = buf[1]
+                del buf[:2]
+                if status != 0:
+                    self._state = _State.DONE
+                    return AuthFailed(f"the proxy rejected the username/password (status {status})")
+                self._send_request()
+            elif self._state is _State.AWAIT_REPLY:
+                if not buf:
+                    return NEED_DATA
+                self._check_version(buf[0], VERSION, "reply")  # Fail early on non-SOCKS5.
+                if len(buf) < 3:
+                    return NEED_DATA
+                parsed = parse_address_untrusted(buf, 3)
+                if parsed is None:
+                    return NEED_DATA
+                bound, end = parsed
+                code = buf[1]
+                del buf[:end]
+                self._state = _State.DONE
+                return Socks5Reply(code, bound)
+            else:
+                raise Socks5ProtocolError("handshake already finished")
+        return NEED_DATA  # pragma: no cover - every branch above returns or moves on
+
+    def _send_request(self) -> None:
+        self._outgoing += build_request(self._command, self._dest)
+        self._state = _State.AWAIT_REPLY
+
+    @staticmethod
+    def _check_version(got: int, expected: int, what: str) -> None:
+        if got != expected:
+            raise Socks5ProtocolError(f"{what} has version {got}, expected {expected}")
+
+
+# --- UDP ASSOCIATE datagrams ----------------------------------------------------
+#
+#   +----+------+------+----------+----------+----------+
+#   |RSV | FRAG | ATYP | DST.ADDR | DST.PORT |   DATA   |
+#   +----+------+------+----------+----------+----------+
+#   | 2  |  1   |  1   | Variable |    2     | Variable |
+#   +----+------+------+----------+----------+----------+
+
+
+def encode_udp_datagram(data: bytes, dest: Destination) -> bytes:
+    """Wrap `data` for the relay (never fragmented: FRAG=0)."""
+    return b"\x00\x00\x00" + encode_address(dest) + data
+
+
+def decode_udp_datagram_untrusted(datagram: bytes) -> tuple[int, Destination, bytes]:
+    """Unwrap a relay datagram.
+
+    Returns:
+        `(frag, source or destination, payload)`.
+
+    Raises:
+        Socks5ProtocolError: Truncated header or unknown address type.
+    """
+    if len(datagram) < 4:
+        raise Socks5ProtocolError("UDP datagram shorter than its header")
+    parsed = parse_address_untrusted(datagram, 3)
+    if parsed is None:
+        raise Socks5ProtocolError("UDP datagram truncated inside its address")
+    dest, end = parsed
+    return datagram[2], dest, datagram[end:]
+
+
+# --- trio layer -------------------------------------------------------------------
+
+
+def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> Socks5Outbound:
+    """Build an outbound from `socks5://[user:pass@]host:port`.
+
+    Raises:
+        ValueError: One line naming what is wrong with the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("socks5", "socks5h"):
+        raise ValueError(f"SOCKS5 URL {url!r}: scheme must be socks5://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"SOCKS5 URL {url!r}: unexpected path, query or fragment")
+    if not parts.hostname:
+        raise ValueError(f"SOCKS5 URL {url!r}: missing host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"SOCKS5 URL {url!r}: port is not a number in 0..65535") from None
+    if port is None or port == 0:
+        raise ValueError(f"SOCKS5 URL {url!r}: missing port")
+    username = urllib.parse.unquote(parts.username) if parts.username is not None else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if (username is None) != (password is None) or username == "" or password == "":
+        raise ValueError(f"SOCKS5 URL {url!r}: credentials must be user:password, both non-empty")
+    return Socks5Outbound(
+        parts.hostname, port, username, password, socket_options=socket_options or SocketOptions()
+    )
+
+
+class Socks5Outbound:
+    """Connects through a SOCKS5 proxy (CONNECT and UDP ASSOCIATE).
+
+    Args:
+        server_host: Proxy host name or address.
+        server_port: Proxy port.
+        username: Optional RFC 1929 user name (with `password`).
+        password: Optional RFC 1929 password.
+        socket_options: Loop avoidance and connect timeout for the control socket.
+        handshake_timeout: Seconds allowed for the whole SOCKS5 exchange; the
+            proxy only replies once its own connect finished, so a timeout
+            means the destination is unreachable.
+    """
+
+    __slots__ = ("_password", "_server", "_username", "handshake_timeout", "name", "socket_options")
+
+    def __init__(
+        self,
+        server_host: str,
+        server_port: int,
+        username: str | None = None,
+        password: str | None = None,
+        *,
+        socket_options: SocketOptions | None = None,
+        handshake_timeout: float = 20.0,
+    ) -> None:
+        self._server = Destination.parse_host(server_host, server_port)
+        self._username = username.encode() if username is not None else None
+        self._password = password.encode() if password is not None else None
+        # Validate credentials now, so a bad config fails at startup.
+        Socks5ClientConnection(Command.CONNECT, self._server, self._username, self._password)
+        self.socket_options = socket_options or SocketOptions()
+        self.handshake_timeout = handshake_timeout
+        self.name = f"socks5 {self._server}"
+
+    @classmethod
+    def from_url(cls, url: str, socket_options: SocketOptions | None = None) -> Socks5Outbound:
+        """See `parse_socks5_url`."""
+        return parse_socks5_url(url, socket_options)
+
+    def __repr__(self) -> str:
+        return f"<Socks5Outbound {self._server}>"
+
+    async def _handshake(
+        self, command: Command, dest: Destination
+    ) -> tuple[trio.SocketStream, Socks5Reply, bytes]:
+        """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
+        proxy = f"SOCKS5 proxy {self._server}"
+        try:
+            stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
+        except OutboundError as exc:
+            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        ok = False
+        try:
+            conn = Socks5ClientConnection(command, dest, self._username, self._password)
+            with trio.move_on_after(self.handshake_timeout):
+                reply = await self._exchange(stream, conn, proxy)
+                if isinstance(reply, AuthFailed):
+                    raise OutboundError(FailureReply.RESET, f"{proxy}: {reply.reason}")
+                if not reply.succeeded:
+                    raise OutboundError(
+                        reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
+                    )
+                ok = True
+                return stream, reply, conn.trailing_data
+            raise OutboundError(
+                FailureReply.HOST_UNREACHABLE,
+                f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
+            )
+        finally:
+            if not ok:
+                await trio.aclose_forcefully(stream)
+
+    @staticmethod
+    async def _exchange(
+        stream: trio.SocketStream, conn: Socks5ClientConnection, proxy: str
+    ) -> Socks5Reply | AuthFailed:
+        # Every read brings at least one byte and the whole exchange is a few
+        # hundred bytes, so this bound is never reached by an honest proxy.
+        for _ in range(_MAX_HANDSHAKE_READS):
+            try:
+                event = conn.next_event_untrusted()
+                out = conn.data_to_send()
+                if out:
+                    await stream.send_all(out)
+                if not isinstance(event, _NeedData):
+                    return event
+                data = await stream.receive_some(4096)
+            except Socks5ProtocolError as exc:
+                raise OutboundError(
+                    FailureReply.RESET, f"{proxy} broke the protocol: {exc}"
+                ) from exc
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__
+                reason = cause.strerror if isinstance(cause, OSError) else None
+                raise OutboundError(
+                    FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
+                ) from exc
+            if not data:
+                raise OutboundError(
+                    FailureReply.RESET, f"{proxy} closed the connection during the handshake"
+                )
+            conn.receive_data(data)
+        raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake")
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        """Open a TCP stream to `dest` through the proxy (CONNECT).
+
+        Raises:
+            OutboundError: Proxy unreachable, auth failure, or the proxy's reply
+                code mapped to a `FailureReply`.
+        """
+        stream, _reply, trailing = await self._handshake(Command.CONNECT, dest)
+        return PrefixedStream(stream, trailing) if trailing else stream
+
+    async def open_udp(self) -> Socks5UdpSession:
+        """Open a UDP ASSOCIATE session.
+
+        Raises:
+            OutboundError: As for `connect_tcp`, or the relay is unusable.
+        """
+        # We do not know our own address as the proxy sees it; RFC 1928 says
+        # to send zeros then.
+        stream, reply, _ = await self._handshake(
+            Command.UDP_ASSOCIATE, Destination(ipaddress.IPv4Address(0), 0)
+        )
+        try:
+            relay_host = reply.bound.host
+            if not isinstance(relay_host, str) and relay_host.is_unspecified:
+                # "Same address as the proxy": use where the control socket went.
+                relay_host = ipaddress.ip_address(stream.socket.getpeername()[0])
+            family, relay = (await _resolve(relay_host, reply.bound.port, socket.SOCK_DGRAM))[0]
+            sock = open_udp_socket(family, self.socket_options)
+            try:
+                await sock.connect(relay)
+            except OSError as exc:
+                sock.close()
+                where = format_endpoint(relay_host, reply.bound.port)
+                raise error_from_oserror(exc, f"connecting to SOCKS5 UDP relay {where}") from exc
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return Socks5UdpSession(stream, sock)
+
+
+@attrs.define(slots=True)
+class Socks5UdpStatistics:
+    sent: int
+    received: int
+    dropped_fragments: int
+    dropped_malformed: int
+
+
+class Socks5UdpSession:
+    """Datagrams through a SOCKS5 UDP relay; lives as long as its control stream.
+
+    One task may wait in `receive_from` at a time (as with trio streams).
+    """
+
+    __slots__ = ("_closed", "_control", "_sock", "_stats")
+
+    def __init__(self, control: trio.SocketStream, sock: trio.socket.SocketType) -> None:
+        self._control = control
+        self._sock = sock
+        self._closed = False
+        self._stats = Socks5UdpStatistics(0, 0, 0, 0)
+
+    def statistics(self) -> Socks5UdpStatistics:
+        """Counters: datagrams sent/received and relay datagrams dropped."""
+        return attrs.evolve(self._stats)
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        """Send `data` to `dest` via the relay.
+
+        Raises:
+            OutboundError: The relay socket failed.
+        """
+        try:
+            await self._sock.send(encode_udp_datagram(data, dest))
+        except OSError as exc:
+            raise error_from_oserror(exc, f"sending to {dest} via the SOCKS5 relay") from exc
+        self._stats.sent += 1
+
+    async def receive_from(self) -> tuple[bytes, Destination]:
+        """Wait for the next datagram from the relay.
+
+        Fragmented (FRAG != 0) and malformed datagrams are counted and dropped.
+
+        Raises:
+            OutboundError: The control connection closed (the association is
+                gone) or the relay socket failed.
+        """
+        while True:
+            datagram = await self._receive_raw()
+            try:
+                frag, source, payload = decode_udp_datagram_untrusted(datagram)
+            except Socks5ProtocolError:
+                self._stats.dropped_malformed += 1
+                continue
+            if frag != 0:
+                self._stats.dropped_fragments += 1
+                continue
+            self._stats.received += 1
+            return payload, source
+
+    async def _receive_raw(self) -> bytes:
+        # Race the relay socket against the control stream: EOF there means
+        # the proxy ended the association and nothing more will arrive.
+        result: bytes | OSError | None = None
+
+        async def watch_control(scope: trio.CancelScope) -> None:
+            try:
+                while await self._control.receive_some(512):
+                    pass  # RFC 1928 defines no messages here; ignore stray bytes.
+            except trio.BrokenResourceError:
+                pass
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_control, nursery.cancel_scope)
+            try:
+                result = await self._sock.recv(65535)
+            except OSError as exc:
+                result = exc
+            nursery.cancel_scope.cancel()
+        if isinstance(result, OSError):
+            raise error_from_oserror(result, "receiving from the SOCKS5 UDP relay")
+        if result is None:
+            raise OutboundError(
+                FailureReply.RESET, "SOCKS5 proxy closed the UDP association's control connection"
+            )
+        return result
+
+    async def aclose(self) -> None:
+        """Close the relay socket and the control connection (ending the association)."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._sock.close()
+        await trio.aclose_forcefully(self._control)

@@ -1,0 +1,180 @@
+"""The network-layer demultiplexer: IP packets in, transport events out.
+
+`NetStack` parses each packet read from the TUN, hands TCP segments to the
+TCP demultiplexer, turns UDP datagrams into events for the program, answers
+ICMP echo requests itself (the outbound protocols cannot carry ICMP), and
+builds every packet that goes back towards the applications. It counts what
+it drops, by reason, instead of raising: one bad packet must never cost
+another flow anything.
+
+Like the rest of `stack`, it does no I/O: the runtime feeds it bytes and
+time, and writes out what `packets_to_send` returns.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import attrs
+
+from stack.errors import BadPacket
+from stack.tcp import ConnectionRequest, FlowKey, TcpConfig, TcpConnection, TcpDemux
+from stack.wire import icmp
+from stack.wire.icmp import IcmpHeader
+from stack.wire.packet import (
+    build_icmp_error,
+    build_icmp_packet,
+    build_tcp_packet,
+    build_udp_packet,
+    parse_packet_untrusted,
+)
+from stack.wire.tcp import TcpHeader
+from stack.wire.udp import UdpHeader
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+
+
+@attrs.frozen
+class NetStackConfig:
+    """Settings of the network layer.
+
+    Attributes:
+        tcp: the TCP settings, shared by every connection.
+        partial_checksum: write TCP/UDP packets with only the pseudo-header
+            sum (the TUN offload finishes the checksum).
+        answer_ping: reply to ICMP/ICMPv6 echo requests locally.
+        ttl: TTL / hop limit of the packets we build.
+    """
+
+    tcp: TcpConfig = attrs.field(factory=TcpConfig)
+    partial_checksum: bool = False
+    answer_ping: bool = True
+    ttl: int = 64
+
+
+class UdpDatagram(NamedTuple):
+    """A UDP datagram from an application.
+
+    Attributes:
+        src: the application's address (packed, 4 or 16 bytes).
+        src_port: the application's port.
+        dst: the destination address the application used.
+        dst_port: the destination port.
+        payload: the datagram's payload (a copy, safe to keep).
+    """
+
+    src: bytes
+    src_port: int
+    dst: bytes
+    dst_port: int
+    payload: bytes
+
+
+class NetStack:
+    """Parses packets, dispatches them, and collects the packets to send.
+
+    `receive` returns at most one event per packet: a `ConnectionRequest`
+    (a new TCP SYN for the program to dial and then `accept`/`refuse`), the
+    `TcpConnection` a segment touched (so the program can wake whoever waits
+    on it), a `UdpDatagram`, or None.
+    """
+
+    __slots__ = ("_out", "config", "counters", "tcp")
+
+    def __init__(self, config: NetStackConfig | None = None) -> None:
+        self.config = config or NetStackConfig()
+        self.tcp = TcpDemux(self.config.tcp)
+        self._out: list[bytes] = []
+        self.counters: Counter[str] = Counter()
+
+    def receive(
+        self, data: memoryview, now: float, *, checksum_trusted: bool = False
+    ) -> ConnectionRequest | TcpConnection | UdpDatagram | None:
+        """Take one IP packet from the TUN.
+
+        Args:
+            data: the packet.
+            now: the current time in seconds.
+            checksum_trusted: the kernel vouched for the checksums.
+        """
+        counters = self.counters
+        counters["rx_packets"] += 1
+        try:
+            pkt = parse_packet_untrusted(data, verify_checksum=not checksum_trusted)
+        except BadPacket as exc:
+            counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
+            return None
+        l4 = pkt.l4
+        if type(l4) is TcpHeader:
+            key = FlowKey(pkt.src, l4.src_port, pkt.dst, l4.dst_port)
+            return self.tcp.segment_received(key, l4, pkt.payload, now)
+        if type(l4) is UdpHeader:
+            counters["rx_udp"] += 1
+            return UdpDatagram(pkt.src, l4.src_port, pkt.dst, l4.dst_port, bytes(pkt.payload))
+        if type(l4) is IcmpHeader:
+            self._icmp(pkt.src, pkt.dst, pkt.version, l4, pkt.payload)
+            return None
+        counters["rx_unsupported"] += 1
+        return None
+
+    def _icmp(
+        self, src: bytes, dst: bytes, version: int, hdr: IcmpHeader, payload: memoryview
+    ) -> None:
+        request = icmp.ICMP_ECHO_REQUEST if version == 4 else icmp.ICMP6_ECHO_REQUEST
+        reply = icmp.ICMP_ECHO_REPLY if version == 4 else icmp.ICMP6_ECHO_REPLY
+        if hdr.type == request and hdr.code == 0 and self.config.answer_ping:
+            self.counters["icmp_echo_replies"] += 1
+            self._out.append(
+                build_icmp_packet(dst, src, reply, 0, hdr.rest, payload, ttl=self.config.ttl)
+            )
+        else:
+            # Errors from applications, neighbour discovery and the like
+            # concern no flow we proxy.
+            self.counters["rx_icmp_ignored"] += 1
+
+    def send_udp(
+        self, src: bytes, src_port: int, dst: bytes, dst_port: int, payload: bytes
+    ) -> None:
+        """Queue a UDP datagram towards an application (`dst` is the app)."""
+        self._out.append(
+            build_udp_packet(
+                src,
+                dst,
+                src_port,
+                dst_port,
+                payload,
+                ttl=self.config.ttl,
+                partial_checksum=self.config.partial_checksum,
+            )
+        )
+
+    def send_icmp_error(
+        self, original: bytes | memoryview, our_addr: bytes, type_: int, code: int
+    ) -> None:
+        """Queue an ICMP error quoting `original`, sent from `our_addr`."""
+        self.counters["icmp_errors_sent"] += 1
+        self._out.append(build_icmp_error(original, our_addr, type_, code))
+
+    def rebuild_syn(self, request: ConnectionRequest) -> bytes:
+        """The application's SYN as a packet, for quoting in an ICMP error."""
+        key = request.key
+        return build_tcp_packet(key.app_addr, key.remote_addr, request.syn, b"")
+
+    def packets_to_send(self, now: float) -> list[bytes]:
+        """Every packet due now: TCP output of all connections plus queued
+        UDP and ICMP packets."""
+        out = self._out
+        self._out = []
+        partial = self.config.partial_checksum
+        ttl = self.config.ttl
+        for key, hdr, payload in self.tcp.segments_to_send(now):
+            out.append(
+                build_tcp_packet(
+                    key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
+                )
+            )
+        return out

@@ -1,0 +1,253 @@
+"""Congestion control: NewReno with SACK-based loss recovery.
+
+Two pieces live here. `Scoreboard` records which octets above SND.UNA the
+peer has SACKed (RFC 6675 section 3). `Congestion` holds cwnd, ssthresh and
+the recovery state: slow start and congestion avoidance with appropriate
+byte counting (RFC 5681, RFC 3465 with L = 2), fast retransmit on three
+duplicate ACKs or when the scoreboard says the first segment is lost, and
+loss recovery driven by "pipe" (RFC 6675) so holes reported by SACK are
+retransmitted in one round trip. Peers without SACK get NewReno (RFC 6582):
+each duplicate ACK counts as one segment that left the network, and every
+partial ACK retransmits the new first unacknowledged segment.
+
+Positions are unwrapped ints of our send sequence space.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+DUP_THRESH = 3
+_MAX_BLOCKS = 128  # bound on remembered SACK ranges (CPU and memory)
+_CWND_CAP = 1 << 30
+
+
+class Scoreboard:
+    """SACKed ranges above SND.UNA, sorted, disjoint and merged.
+
+    Attributes:
+        sacked: total SACKed octets.
+    """
+
+    __slots__ = ("_ends", "_starts", "sacked")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self.sacked = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def high(self) -> int:
+        """Return the right edge of the highest SACKed range (0 if none)."""
+        return self._ends[-1] if self._ends else 0
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Return the SACKed ranges as (left, right) pairs, lowest first."""
+        return list(zip(self._starts, self._ends, strict=True))
+
+    def update(self, blocks: list[tuple[int, int]], una: int, snd_max: int) -> int:
+        """Record SACK blocks; return how many octets were newly SACKed.
+
+        Blocks outside (una, snd_max] are ignored (stale or bogus: RFC 2018
+        lets a receiver report old blocks, and a broken peer may report
+        anything).
+        """
+        added = 0
+        starts, ends = self._starts, self._ends
+        for left, right in blocks:
+            left = max(left, una)
+            right = min(right, snd_max)
+            if left >= right:
+                continue
+            i = bisect_right(starts, left) - 1
+            if i >= 0 and ends[i] >= left:
+                if right <= ends[i]:
+                    continue
+                added += right - ends[i]
+                ends[i] = right
+            else:
+                if len(starts) >= _MAX_BLOCKS:
+                    continue
+                i += 1
+                starts.insert(i, left)
+                ends.insert(i, right)
+                added += right - left
+            # Merge the ranges the grown one now reaches.
+            while i + 1 < len(starts) and starts[i + 1] <= ends[i]:
+                added -= min(ends[i], ends[i + 1]) - starts[i + 1]
+                ends[i] = max(ends[i], ends[i + 1])
+                del starts[i + 1]
+                del ends[i + 1]
+        self.sacked += added
+        return added
+
+    def ack(self, una: int) -> None:
+        """Forget everything below the cumulative acknowledgement."""
+        starts, ends = self._starts, self._ends
+        while starts and starts[0] < una:
+            if ends[0] <= una:
+                self.sacked -= ends[0] - starts[0]
+                del starts[0]
+                del ends[0]
+            else:
+                self.sacked -= una - starts[0]
+                starts[0] = una
+
+    def clear(self) -> None:
+        """Forget all SACK information."""
+        self._starts.clear()
+        self._ends.clear()
+        self.sacked = 0
+
+    def sacked_in(self, lo: int, hi: int) -> int:
+        """Return the SACKed octets inside [lo, hi)."""
+        total = 0
+        for start, end in zip(self._starts, self._ends, strict=True):
+            if start >= hi:
+                break
+            total += max(0, min(end, hi) - max(start, lo))
+        return total
+
+    def next_hole(self, pos: int) -> tuple[int, int] | None:
+        """Return the first un-SACKed range at or after `pos` below high()."""
+        starts, ends = self._starts, self._ends
+        i = bisect_right(starts, pos) - 1
+        if i >= 0 and ends[i] > pos:
+            pos = ends[i]
+        i += 1
+        if i >= len(starts):
+            return None
+        return pos, starts[i]
+
+    def lost_below(self, threshold: int) -> int:
+        """Return the position below which un-SACKed octets count as lost.
+
+        RFC 6675 IsLost(): an octet is lost once more than `threshold`
+        octets above it are SACKed (threshold = (DupThresh - 1) * SMSS).
+        """
+        above = 0
+        for i in range(len(self._starts) - 1, -1, -1):
+            above += self._ends[i] - self._starts[i]
+            if above > threshold:
+                return self._starts[i]
+        return 0
+
+
+class Congestion:
+    """Congestion window and loss-recovery state of one connection.
+
+    Attributes:
+        cwnd: congestion window in octets.
+        ssthresh: slow-start threshold in octets.
+        in_recovery: fast recovery in progress.
+        recover: SND.MAX when recovery (or the last RTO) began.
+        high_rxt: highest position retransmitted in this recovery.
+        rexmit_head: the first unacknowledged segment must be resent now.
+        dupacks: duplicate ACKs since the last advance of SND.UNA.
+        dup_credit: for peers without SACK, octets presumed delivered
+            because duplicate ACKs arrived (each stands for one segment).
+    """
+
+    __slots__ = (
+        "_acked_accum",
+        "cwnd",
+        "dup_credit",
+        "dupacks",
+        "high_rxt",
+        "in_recovery",
+        "mss",
+        "recover",
+        "rexmit_head",
+        "ssthresh",
+    )
+
+    def __init__(self, mss: int, initial_segments: int) -> None:
+        self.mss = mss
+        # RFC 6928 section 2.
+        self.cwnd = min(initial_segments * mss, max(2 * mss, initial_segments * 1460))
+        self.ssthresh = _CWND_CAP
+        self.in_recovery = False
+        self.recover = 0
+        self.high_rxt = 0
+        self.rexmit_head = False
+        self.dupacks = 0
+        self.dup_credit = 0
+        self._acked_accum = 0
+
+    def on_ack(self, acked: int, una: int, flight: int) -> None:
+        """SND.UNA advanced by `acked` octets to `una`; `flight` is what is left."""
+        self.dupacks = 0
+        if self.in_recovery:
+            if una >= self.recover:
+                # Full acknowledgement: leave recovery (RFC 6582 3.2 step 3).
+                self.in_recovery = False
+                self.rexmit_head = False
+                self.dup_credit = 0
+                self.cwnd = min(self.ssthresh, max(flight, self.mss) + self.mss)
+            else:
+                # Partial acknowledgement: the new first segment is lost
+                # too, unless this recovery already resent it.
+                self.dup_credit = max(0, self.dup_credit - acked)
+                if una >= self.high_rxt:
+                    self.rexmit_head = True
+            return
+        self.dup_credit = 0
+        if self.cwnd < self.ssthresh:
+            self.cwnd += min(acked, 2 * self.mss)
+        else:
+            self._acked_accum += acked
+            if self._acked_accum >= self.cwnd:
+                self._acked_accum -= self.cwnd
+                self.cwnd += self.mss
+        self.cwnd = min(self.cwnd, _CWND_CAP)
+
+    def on_dupack(self, sack: bool, head_lost: bool, una: int, snd_max: int) -> bool:
+        """Count a duplicate ACK; return True if fast recovery starts now.
+
+        Args:
+            sack: SACK is in use (otherwise duplicate ACKs earn credit).
+            head_lost: the scoreboard already marks SND.UNA as lost.
+            una: SND.UNA.
+            snd_max: the highest position sent.
+        """
+        self.dupacks += 1
+        if not sack:
+            self.dup_credit = min(self.dupacks * self.mss, max(0, snd_max - una - self.mss))
+        if self.in_recovery or una < self.recover:
+            return False
+        if self.dupacks < DUP_THRESH and not head_lost:
+            return False
+        self.enter_recovery(una, snd_max)
+        return True
+
+    def enter_recovery(self, una: int, snd_max: int) -> None:
+        """Start fast retransmit / fast recovery (RFC 6675 section 5 step 4)."""
+        flight = snd_max - una
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self.in_recovery = True
+        self.recover = snd_max
+        self.high_rxt = una
+        self.rexmit_head = True
+        self._acked_accum = 0
+
+    def on_rto(self, una: int, snd_max: int, first: bool) -> None:
+        """The retransmission timer expired (RFC 5681 section 3.1, eq. 4).
+
+        Args:
+            una: SND.UNA.
+            snd_max: the highest position sent.
+            first: this is the first expiry for this segment; repeated
+                (backed-off) expiries keep ssthresh as it is.
+        """
+        if first:
+            self.ssthresh = max((snd_max - una) // 2, 2 * self.mss)
+        self.cwnd = self.mss
+        self.in_recovery = False
+        self.rexmit_head = False
+        self.recover = snd_max
+        self.dupacks = 0
+        self.dup_credit = 0
+        self._acked_accum = 0

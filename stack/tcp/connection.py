@@ -1,0 +1,713 @@
+"""One TCP connection, passively opened: segments and time in, segments and events out.
+
+`TcpConnection` is sans-I/O in the h11 / smoltcp shape. The runtime feeds
+it the application's segments (`segment_received`), the outbound's bytes
+(`send`, `close`, `abort`) and the passage of time (`handle_timeout`); it
+collects segments for the application (`segments_to_send`), events for the
+outbound (`next_event`) and the next deadline (`next_deadline`). Nothing
+here reads a clock, draws a random number or does I/O.
+
+Incoming segments are processed in the order of RFC 9293 section 3.10.7.4
+(PAWS first, RFC 7323), with RFC 5961 hardening against blind RST, SYN and
+ACK injection. The receive side lives in `rcv`, the send side in `snd`,
+congestion control in `congestion`, time in `timers`, and every state
+change goes through the table in `state`.
+"""
+
+from __future__ import annotations
+
+from stack.errors import LocalProtocolError
+from stack.seq import MASK, seq_diff, seq_ge, seq_lt
+from stack.tcp import rcv as _rcv
+from stack.tcp.config import TcpConfig
+from stack.tcp.congestion import DUP_THRESH, Congestion, Scoreboard
+from stack.tcp.events import (
+    NEED_DATA,
+    Closed,
+    ConnectionReset,
+    DataReceived,
+    EofReceived,
+    Event,
+    FlowKey,
+    TcpStatistics,
+    _Sentinel,
+)
+from stack.tcp.options import negotiate, synack_options
+from stack.tcp.rcv import Receiver
+from stack.tcp.snd import HEAD, HOLE, NEW, Sender
+from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
+from stack.tcp.timers import RttEstimator, Timers
+from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpHeader, TcpOptions
+
+_S = TcpState
+_ESTABLISHED = _S.ESTABLISHED
+_RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
+_SACK_BLOCK_LEN = 8
+_SACK_OPTION_BASE = 4  # NOP NOP kind length
+
+
+class _Counters:
+    __slots__ = TcpStatistics._fields
+
+    def __init__(self) -> None:
+        self.segments_in = self.segments_out = self.bytes_in = self.bytes_out = 0
+        self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
+        self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
+        self.window_probes = self.challenge_acks = 0
+
+    def snapshot(self) -> TcpStatistics:
+        return TcpStatistics(*(getattr(self, name) for name in TcpStatistics._fields))
+
+
+class TcpConnection:
+    """A passively opened TCP connection (RFC 9293), driven from outside.
+
+    Attributes:
+        key: the flow this connection serves.
+    """
+
+    __slots__ = (
+        "_aborted",
+        "_ack_due",
+        "_cc",
+        "_closed_delivered",
+        "_config",
+        "_dirty",
+        "_eof_delivered",
+        "_heap_at",
+        "_irs",
+        "_iss",
+        "_keepalive_sent",
+        "_last_ack_sent",
+        "_n",
+        "_neg",
+        "_probe_due",
+        "_probes_unanswered",
+        "_rcv",
+        "_reset_delivered",
+        "_reset_seen",
+        "_retries",
+        "_rst_out",
+        "_rtt",
+        "_rtt_seq",
+        "_rtt_time",
+        "_sb",
+        "_snd",
+        "_state",
+        "_syn_options",
+        "_synack_due",
+        "_synack_retransmitted",
+        "_synack_time",
+        "_timers",
+        "_ts_recent",
+        "key",
+    )
+
+    def __init__(
+        self, key: FlowKey, syn: TcpHeader, iss: int, now: float, config: TcpConfig
+    ) -> None:
+        """Open passively from the application's SYN; a SYN-ACK is queued.
+
+        Args:
+            key: the flow.
+            syn: the application's SYN header.
+            iss: our initial sequence number (random, chosen by the caller).
+            now: the current time in seconds.
+            config: the stack's configuration.
+
+        Raises:
+            LocalProtocolError: `syn` is not a plain SYN.
+        """
+        if syn.flags & (SYN | ACK | RST | FIN) != SYN:
+            raise LocalProtocolError("a connection opens only from a plain SYN")
+        self.key = key
+        self._config = config
+        self._iss = iss & MASK
+        self._irs = syn.seq
+        self._state = _S.SYN_RECEIVED
+        neg = self._neg = negotiate(syn.options, config, ipv6=len(key.app_addr) == 16)
+        self._syn_options = syn.options
+        self._rcv = Receiver(
+            config.rcv_buf, neg.rcv_mss, config.max_ooo_bytes, config.max_ooo_ranges
+        )
+        self._snd = Sender(config.snd_buf, syn.window)  # a SYN's window is never scaled
+        self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments)
+        self._sb = Scoreboard()
+        self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
+        self._timers = Timers()
+        self._timers.handshake = now + config.syn_received_timeout
+        ts = syn.options.timestamp
+        self._ts_recent = ts[0] if ts is not None and neg.timestamps else 0
+        self._last_ack_sent = 1
+        self._synack_due = True
+        self._synack_retransmitted = False
+        self._synack_time = now
+        self._ack_due = False
+        self._probe_due = False
+        self._rst_out: TcpHeader | None = None
+        self._rtt_seq: int | None = None
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._probes_unanswered = 0
+        self._keepalive_sent = 0
+        self._reset_seen = False
+        self._reset_delivered = False
+        self._eof_delivered = False
+        self._closed_delivered = False
+        self._aborted = False
+        self._dirty: set[TcpConnection] | None = None
+        self._heap_at: float | None = None  # owned by the demux
+        self._n = _Counters()
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def state(self) -> TcpState:
+        """The RFC 9293 state."""
+        return self._state
+
+    def statistics(self) -> TcpStatistics:
+        """Return a snapshot of this connection's counters."""
+        return self._n.snapshot()
+
+    def send_space(self) -> int:
+        """Return how many bytes `send` would accept now."""
+        if self._state not in SENDING:
+            return 0
+        return self._snd.space()
+
+    def next_deadline(self) -> float | None:
+        """Return when `handle_timeout` must next be called, or None."""
+        return self._timers.earliest()
+
+    # ----------------------------------------------------------- the outbound
+
+    def send(self, data: bytes | memoryview) -> int:
+        """Queue bytes from the outbound for the application.
+
+        Returns:
+            How many bytes were accepted into the bounded send buffer (0
+            when it is full, or when the connection was reset or aborted).
+
+        Raises:
+            LocalProtocolError: `close` was already called.
+        """
+        if self._state not in SENDING:
+            if self._snd.fin_at is not None:
+                raise LocalProtocolError("send() after close()")
+            return 0
+        n = self._snd.queue(data)
+        if n:
+            self._changed()
+        return n
+
+    def close(self) -> None:
+        """Send FIN after the buffered data (half-close: receiving goes on).
+
+        Idempotent, and a no-op once the connection is reset or closed.
+        """
+        if self._state in SENDING:
+            self._snd.queue_fin()
+            self._state = next_state(self._state, Stimulus.CLOSE)
+            self._changed()
+
+    def abort(self) -> None:
+        """Reset the connection now: an RST is queued and it closes."""
+        if self._state is _S.CLOSED:
+            return
+        if self._state is not _S.TIME_WAIT:
+            self._queue_rst()
+        self._aborted = True
+        self._rcv.ready.clear()
+        self._to_closed()
+
+    def next_event(self) -> Event | _Sentinel:
+        """Return the next event for the runtime, or NEED_DATA.
+
+        DataReceived carries all in-order bytes buffered so far; taking
+        them frees receive window. After EofReceived or ConnectionReset
+        comes Closed, exactly once.
+        """
+        if self._reset_seen:
+            if not self._reset_delivered:
+                self._reset_delivered = True
+                return ConnectionReset()
+        elif not self._aborted:
+            rcv = self._rcv
+            if rcv.ready:
+                data = rcv.take()
+                if self._state in _RECEIVING_DATA and rcv.window_update_due():
+                    self._ack_due = True
+                    self._changed()
+                return DataReceived(data)
+            if rcv.fin_received and not self._eof_delivered:
+                self._eof_delivered = True
+                return EofReceived()
+        if self._state in FINISHED and not self._closed_delivered:
+            self._closed_delivered = True
+            return Closed()
+        return NEED_DATA
+
+    # ------------------------------------------------------------------ input
+
+    def segment_received(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
+        """Process one segment from the application.
+
+        Args:
+            hdr: the parsed header (checksum already verified).
+            payload: the segment's data.
+            now: the current time in seconds.
+        """
+        state = self._state
+        if state is _S.CLOSED:
+            return
+        n = self._n
+        n.segments_in += 1
+        self._changed()
+        flags = hdr.flags
+        rcv = self._rcv
+        snd = self._snd
+        neg = self._neg
+        opts = hdr.options
+        plen = len(payload)
+        seq = rcv.nxt + seq_diff(hdr.seq, (self._irs + rcv.nxt) & MASK)
+        # PAWS (RFC 7323 section 5.3): an old timestamp marks an old segment.
+        ts = opts.timestamp if neg.timestamps else None
+        if ts is not None and not flags & RST and seq_lt(ts[0], self._ts_recent):
+            n.paws_drops += 1
+            self._send_ack()
+            return
+        # Acceptability test (RFC 9293 section 3.10.7.4, first check).
+        wnd = rcv.window()
+        nxt = rcv.nxt
+        seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        if seg_len == 0:
+            ok = seq == nxt if wnd <= 0 else nxt <= seq < nxt + wnd
+        else:
+            last = seq + seg_len - 1
+            ok = wnd > 0 and (nxt <= seq < nxt + wnd or nxt <= last < nxt + wnd)
+        ack_only = False
+        if not ok:
+            if flags & RST:
+                return
+            if seg_len and seq + seg_len <= nxt:
+                n.dup_segments += 1
+            self._send_ack()
+            # A zero window accepts no data, but its ACK still counts.
+            if not (wnd <= 0 and seq == nxt and flags & ACK and not flags & SYN):
+                return
+            ack_only = True
+        if flags & RST:
+            # RFC 5961 section 3.2: only an exact match resets.
+            if seq == nxt:
+                self._reset()
+            else:
+                n.challenge_acks += 1
+                self._send_ack()
+            return
+        if flags & SYN:
+            # RFC 5961 section 4.2 (and a duplicate SYN in SYN-RECEIVED,
+            # which this answers with the SYN-ACK again).
+            n.challenge_acks += 1
+            self._send_ack()
+            return
+        if not flags & ACK:
+            return
+        if ts is not None and seq_ge(ts[0], self._ts_recent) and seq <= self._last_ack_sent:
+            self._ts_recent = ts[0]
+        ack = snd.una + seq_diff(hdr.ack, (self._iss + snd.una) & MASK)
+        if snd.una == 0:
+            if not 0 < ack <= snd.max:
+                # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><RST>.
+                key = self.key
+                self._rst_out = TcpHeader(key.remote_port, key.app_port, hdr.ack, 0, RST, 0)
+                return
+            self._establish(hdr, seq, ack, now)
+        elif ack > snd.max:
+            self._send_ack()
+            return
+        elif ack < snd.una - snd.max_wnd:
+            # RFC 5961 section 5.2: far too old to be a real acknowledgement.
+            n.challenge_acks += 1
+            self._send_ack()
+            return
+        else:
+            self._process_ack(hdr, seq, ack, plen, now)
+            if self._state is _S.CLOSED:
+                return
+        self._alive(now)
+        if ack_only or not (plen or flags & FIN):
+            return
+        if self._state in _RECEIVING_DATA:
+            self._receive_data(seq, payload, bool(flags & FIN), now)
+        else:
+            # The FIN was received already: a retransmission. ACK it, and
+            # restart TIME-WAIT (RFC 9293 section 3.10.7.4, TIME-WAIT).
+            n.dup_segments += 1
+            self._send_ack()
+            if self._state is _S.TIME_WAIT:
+                self._timers.time_wait = now + self._config.time_wait
+
+    def _establish(self, hdr: TcpHeader, seq: int, ack: int, now: float) -> None:
+        snd = self._snd
+        snd.ack(ack)
+        snd.wnd = hdr.window << self._neg.snd_wscale
+        snd.max_wnd = max(snd.max_wnd, snd.wnd)
+        snd.wl1 = seq
+        snd.wl2 = ack
+        timers = self._timers
+        timers.handshake = None
+        timers.rto = None
+        self._retries = 0
+        ts = hdr.options.timestamp if self._neg.timestamps else None
+        if ts is not None and ts[1]:
+            self._rtt_sample_ts(ts[1], now)
+        elif not self._synack_retransmitted:
+            self._rtt.sample(now - self._synack_time)
+        else:
+            self._rtt.backoff = 0
+        self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
+
+    def _process_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> None:
+        snd = self._snd
+        neg = self._neg
+        window = hdr.window << neg.snd_wscale
+        window_changed = False
+        if snd.wl1 < seq or (snd.wl1 == seq and snd.wl2 <= ack):
+            window_changed = window != snd.wnd
+            snd.wnd = window
+            snd.wl1 = seq
+            snd.wl2 = ack
+            if window > snd.max_wnd:
+                snd.max_wnd = window
+            if window:
+                self._timers.persist = None
+        self._probes_unanswered = 0
+        blocks = hdr.options.sack_blocks
+        new_sacked = 0
+        if blocks and neg.sack and snd.max > snd.una:
+            base = snd.una
+            wire_base = (self._iss + base) & MASK
+            rel = [
+                (base + seq_diff(left, wire_base), base + seq_diff(right, wire_base))
+                for left, right in blocks
+            ]
+            new_sacked = self._sb.update(rel, ack, snd.max)
+        if ack > snd.una:
+            self._on_new_ack(hdr, ack, now)
+        elif snd.max > snd.una and (
+            new_sacked or (not plen and not hdr.flags & FIN and not window_changed and not blocks)
+        ):
+            cc = self._cc
+            lost = self._sb.lost_below((DUP_THRESH - 1) * neg.snd_mss) if neg.sack else 0
+            if cc.on_dupack(neg.sack, lost > snd.una, snd.una, snd.max):
+                self._rtt_seq = None
+
+    def _on_new_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
+        snd = self._snd
+        fin_was_acked = snd.fin_acked()
+        acked = ack - snd.una
+        snd.ack(ack)
+        self._sb.ack(ack)
+        ts = hdr.options.timestamp if self._neg.timestamps else None
+        if ts is not None and ts[1]:
+            self._rtt_sample_ts(ts[1], now)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            self._rtt.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        # Forward progress ends any backoff, as in Linux.
+        self._rtt.backoff = 0
+        self._retries = 0
+        self._cc.on_ack(acked, ack, snd.max - ack)
+        timers = self._timers
+        timers.rto = None if snd.max == ack else now + self._rtt.rto()
+        if not fin_was_acked and snd.fin_acked():
+            self._state = next_state(self._state, Stimulus.ACK_OF_FIN)
+            if self._state is _S.TIME_WAIT:
+                self._enter_time_wait(now)
+            elif self._state is _S.CLOSED:
+                self._to_closed()
+
+    def _rtt_sample_ts(self, tsecr: int, now: float) -> None:
+        rtt_ms = (self._ts_now(now) - tsecr) & MASK
+        if rtt_ms < 0x80000000:
+            self._rtt.sample(rtt_ms / 1000)
+
+    def _receive_data(self, seq: int, payload: bytes | memoryview, fin: bool, now: float) -> None:
+        rcv = self._rcv
+        n = self._n
+        before = rcv.nxt
+        result = rcv.receive(seq, payload, fin)
+        n.bytes_in += rcv.nxt - before - (1 if result & _rcv.FIN_REACHED else 0)
+        if result & _rcv.DUPLICATE:
+            n.dup_segments += 1
+            self._send_ack()
+        elif result & (_rcv.OUT_OF_ORDER | _rcv.HOLE_FILLED) or rcv.has_out_of_order():
+            # RFC 5681 section 4.2: segments out of order, or filling all
+            # or part of a gap, are acknowledged at once (that drives the
+            # peer's fast retransmit and keeps its SACK scoreboard fresh).
+            if result & _rcv.OUT_OF_ORDER:
+                n.ooo_segments += 1
+            self._send_ack()
+        elif not result & _rcv.ADVANCED:
+            self._send_ack()  # nothing fitted in the window
+        elif rcv.unacked >= 2 * self._neg.rcv_mss:
+            self._send_ack()
+        elif self._timers.delack is None:
+            self._timers.delack = now + self._config.delayed_ack
+        if result & _rcv.FIN_REACHED:
+            self._send_ack()
+            self._state = next_state(self._state, Stimulus.FIN_RECEIVED)
+            if self._state is _S.TIME_WAIT:
+                self._enter_time_wait(now)
+
+    # ------------------------------------------------------------------- time
+
+    def handle_timeout(self, now: float) -> None:
+        """Run every timer whose deadline is at or before `now`."""
+        t = self._timers
+        state = self._state
+        if state is _S.CLOSED:
+            return
+        self._changed()
+        if t.time_wait is not None and now >= t.time_wait:
+            self._state = next_state(state, Stimulus.TIME_WAIT_EXPIRED)
+            self._to_closed()
+            return
+        if (t.handshake is not None and now >= t.handshake) or (
+            t.idle is not None and now >= t.idle
+        ):
+            self._give_up()
+            return
+        if t.rto is not None and now >= t.rto:
+            self._on_rto(now)
+            if self._state is _S.CLOSED:
+                return
+        if t.delack is not None and now >= t.delack:
+            t.delack = None
+            self._ack_due = True
+        if t.persist is not None and now >= t.persist:
+            self._probes_unanswered += 1
+            if self._probes_unanswered > self._config.max_retries:
+                self._give_up()
+                return
+            self._probe_due = True
+            self._n.window_probes += 1
+            t.persist = now + self._backed_off(self._probes_unanswered)
+        if t.keepalive is not None and now >= t.keepalive:
+            if self._keepalive_sent >= self._config.keepalive_probes:
+                self._give_up()
+                return
+            self._keepalive_sent += 1
+            self._probe_due = True
+            t.keepalive = now + self._config.keepalive_interval
+
+    def _backed_off(self, count: int) -> float:
+        base = self._rtt.rto()
+        return float(min(base * (1 << min(count, 30)), self._config.rto_max))
+
+    def _on_rto(self, now: float) -> None:
+        snd = self._snd
+        t = self._timers
+        self._retries += 1
+        if self._retries > self._config.max_retries:
+            self._give_up()
+            return
+        if snd.una == 0:
+            self._synack_due = True
+            self._synack_retransmitted = True
+            self._rtt.backoff += 1
+            t.rto = now + self._rtt.rto()
+            return
+        if snd.max == snd.una:
+            t.rto = None
+            self._retries = 0
+            return
+        self._n.rto_timeouts += 1
+        self._cc.on_rto(snd.una, snd.max, self._rtt.backoff == 0)
+        self._rtt.backoff += 1
+        snd.nxt = snd.una  # go back N, skipping what was SACKed
+        self._rtt_seq = None
+        t.rto = now + self._rtt.rto()
+
+    def _alive(self, now: float) -> None:
+        config = self._config
+        t = self._timers
+        if config.idle_timeout is not None:
+            t.idle = now + config.idle_timeout
+        if config.keepalive_time is not None:
+            t.keepalive = now + config.keepalive_time
+            self._keepalive_sent = 0
+
+    # ----------------------------------------------------------------- output
+
+    def segments_to_send(self, now: float) -> list[tuple[TcpHeader, bytes]]:
+        """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
+        out: list[tuple[TcpHeader, bytes]] = []
+        if self._rst_out is not None:
+            out.append((self._rst_out, b""))
+            self._rst_out = None
+            self._n.segments_out += 1
+        state = self._state
+        if state is _S.CLOSED:
+            return out
+        snd = self._snd
+        if snd.una == 0:
+            if self._synack_due:
+                self._emit_synack(now, out)
+            return out
+        neg = self._neg
+        cc, sb, n, t = self._cc, self._sb, self._n, self._timers
+        blocks = self._sack_blocks()
+        mss = neg.snd_mss
+        if blocks:
+            mss -= _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks)
+        while True:
+            seg = snd.next_segment(cc, sb, neg.sack, mss)
+            if seg is None:
+                break
+            start, length, fin, kind = seg
+            resend = start < snd.max
+            flags = ACK | (FIN if fin else 0)
+            if length and start + length == snd.data_end:
+                flags |= PSH
+            payload = snd.payload(start, length) if length else b""
+            out.append((self._header(start, flags, now, blocks), payload))
+            snd.sent(seg, cc)
+            if resend:
+                n.retransmits += 1
+                self._rtt_seq = None  # Karn: no sample from a retransmission
+                if kind == HEAD:
+                    n.fast_retransmits += 1
+                elif kind == HOLE:
+                    n.sack_retransmits += 1
+            else:
+                n.bytes_out += length
+                if self._rtt_seq is None and not neg.timestamps and kind == NEW:
+                    self._rtt_seq = start + length + fin
+                    self._rtt_time = now
+            if t.rto is None:
+                t.rto = now + self._rtt.rto()
+        if snd.window_blocked() and not snd.fin_acked():
+            if t.persist is None:
+                t.persist = now + self._rtt.rto()
+        else:
+            t.persist = None
+        if self._probe_due:
+            # Out of window on purpose (Linux style): it draws an ACK with
+            # the current window and touches no data.
+            self._probe_due = False
+            out.append((self._header(snd.una - 1, ACK, now, blocks), b""))
+        if self._ack_due:
+            out.append((self._header(snd.nxt, ACK, now, blocks), b""))
+        n.segments_out += len(out)
+        return out
+
+    def _emit_synack(self, now: float, out: list[tuple[TcpHeader, bytes]]) -> None:
+        neg = self._neg
+        options = synack_options(
+            neg, self._syn_options, self._config, self._ts_now(now), self._ts_recent
+        )
+        window = min(0xFFFF, self._rcv.advertise(0))
+        hdr = TcpHeader(
+            self.key.remote_port,
+            self.key.app_port,
+            self._iss,
+            (self._irs + 1) & MASK,
+            SYN | ACK,
+            window,
+            options=options,
+        )
+        out.append((hdr, b""))
+        self._n.segments_out += 1
+        if self._synack_retransmitted:
+            self._n.retransmits += 1
+        self._synack_due = False
+        self._ack_due = False
+        self._synack_time = now
+        if self._timers.rto is None:
+            self._timers.rto = now + self._rtt.rto()
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        rcv = self._rcv
+        if not self._neg.sack or not rcv.has_out_of_order():
+            return ()
+        irs = self._irs
+        limit = 3 if self._neg.timestamps else 4
+        return tuple(
+            ((irs + left) & MASK, (irs + right) & MASK) for left, right in rcv.sack_blocks(limit)
+        )
+
+    def _header(
+        self, seq: int, flags: int, now: float, blocks: tuple[tuple[int, int], ...]
+    ) -> TcpHeader:
+        rcv = self._rcv
+        neg = self._neg
+        if neg.timestamps:
+            options = TcpOptions(sack_blocks=blocks, timestamp=(self._ts_now(now), self._ts_recent))
+        elif blocks:
+            options = TcpOptions(sack_blocks=blocks)
+        else:
+            options = NO_OPTIONS
+        window = rcv.advertise(neg.rcv_wscale)
+        self._ack_due = False
+        self._timers.delack = None
+        rcv.unacked = 0
+        self._last_ack_sent = rcv.nxt
+        return TcpHeader(
+            self.key.remote_port,
+            self.key.app_port,
+            (self._iss + seq) & MASK,
+            (self._irs + rcv.nxt) & MASK,
+            flags,
+            window,
+            options=options,
+        )
+
+    def _ts_now(self, now: float) -> int:
+        # The ISN doubles as the random timestamp offset (RFC 7323 5.4).
+        return (int(now * 1000) + self._iss) & MASK
+
+    # ---------------------------------------------------------------- helpers
+
+    def _changed(self) -> None:
+        if self._dirty is not None:
+            self._dirty.add(self)
+
+    def _send_ack(self) -> None:
+        if self._snd.una == 0:
+            self._synack_due = True  # before the handshake, the SYN-ACK is the ACK
+        else:
+            self._ack_due = True
+
+    def _queue_rst(self) -> None:
+        # SND.MAX: the peer has taken everything sent, or the RST lands in
+        # its window and draws a challenge ACK at worst (RFC 5961).
+        self._rst_out = TcpHeader(
+            self.key.remote_port,
+            self.key.app_port,
+            (self._iss + self._snd.max) & MASK,
+            (self._irs + self._rcv.nxt) & MASK,
+            RST | ACK,
+            0,
+        )
+
+    def _reset(self) -> None:
+        self._reset_seen = self._state is not _S.TIME_WAIT
+        self._rcv.ready.clear()
+        self._to_closed()
+
+    def _give_up(self) -> None:
+        self._queue_rst()
+        self._reset()
+
+    def _enter_time_wait(self, now: float) -> None:
+        self._timers.clear()
+        self._timers.time_wait = now + self._config.time_wait
+
+    def _to_closed(self) -> None:
+        if self._state is not _S.CLOSED:
+            self._state = next_state(self._state, Stimulus.RESET)
+        self._timers.clear()
+        self._ack_due = self._probe_due = self._synack_due = False
+        self._changed()

@@ -1,0 +1,246 @@
+"""The TCP demultiplexer: 4-tuples to connections, new SYNs to the runtime.
+
+`TcpDemux` plays the listener for every address and port: a SYN for an
+unknown flow becomes a `ConnectionRequest` the runtime answers with
+`accept` (after dialing the outbound) or `refuse`; segments of known flows
+go to their `TcpConnection`; anything else gets an RST built by the rules
+of RFC 9293 section 3.10.7.1 (never an RST in reply to an RST).
+
+It is built for many flows: connections that may have output are kept in a
+dirty set (a connection adds itself when the runtime calls `send`, `close`,
+`abort` or takes data), so `segments_to_send` never scans idle flows; and
+deadlines live in a heap with lazy invalidation: an entry is pushed only
+when a connection's deadline moves earlier, entries that no longer match
+are skipped when popped, and a deadline that moved later simply costs one
+early wake-up.
+
+Caps: when pending SYNs plus SYN-RECEIVED connections reach
+`max_half_open`, new SYNs are dropped silently (the application retries
+its SYN, as with a full SYN backlog); when all flows reach
+`max_connections`, a new SYN is answered with RST so the application fails
+fast instead of hanging. Both are counted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import types
+from collections.abc import Mapping
+
+from stack.errors import LocalProtocolError
+from stack.seq import MASK
+from stack.tcp.config import TcpConfig
+from stack.tcp.connection import TcpConnection
+from stack.tcp.events import ConnectionRequest, DemuxStatistics, FlowKey
+from stack.tcp.state import TcpState
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
+
+_CONTROL = SYN | ACK | RST | FIN
+_MAX_QUEUED_RSTS = 4096  # beyond this, RSTs for unknown flows are dropped
+
+
+class TcpDemux:
+    """Maps flows to connections and hands new SYNs to the runtime."""
+
+    __slots__ = (
+        "_config",
+        "_connections",
+        "_counters",
+        "_dirty",
+        "_half_open",
+        "_heap",
+        "_pending",
+        "_rsts",
+        "_tiebreak",
+    )
+
+    def __init__(self, config: TcpConfig) -> None:
+        """Create an empty demultiplexer.
+
+        Args:
+            config: the configuration every connection gets.
+        """
+        self._config = config
+        self._connections: dict[FlowKey, TcpConnection] = {}
+        self._pending: dict[FlowKey, TcpHeader] = {}
+        self._half_open: set[TcpConnection] = set()
+        self._dirty: set[TcpConnection] = set()
+        self._heap: list[tuple[float, int, TcpConnection]] = []
+        self._tiebreak = itertools.count()
+        self._rsts: list[tuple[FlowKey, TcpHeader, bytes]] = []
+        self._counters = {
+            "connection_requests": 0,
+            "resets_sent": 0,
+            "syn_dropped_half_open": 0,
+            "syn_refused_max_connections": 0,
+        }
+
+    @property
+    def connections(self) -> Mapping[FlowKey, TcpConnection]:
+        """Live connections by flow (read-only; closed ones are removed)."""
+        return types.MappingProxyType(self._connections)
+
+    def statistics(self) -> DemuxStatistics:
+        """Return a snapshot of the demux counters."""
+        return DemuxStatistics(
+            connections=len(self._connections),
+            pending=len(self._pending),
+            half_open=self._half_open_count(),
+            **self._counters,
+        )
+
+    def segment_received(
+        self, key: FlowKey, hdr: TcpHeader, payload: bytes | memoryview, now: float
+    ) -> ConnectionRequest | TcpConnection | None:
+        """Route one segment from the application.
+
+        Returns:
+            The connection the segment went to; a `ConnectionRequest` for a
+            new SYN; None when the segment was ignored or answered with RST.
+        """
+        control = hdr.flags & _CONTROL
+        conn = self._connections.get(key)
+        if conn is not None:
+            if control == SYN and conn.state is TcpState.TIME_WAIT:
+                # A new incarnation of the flow ends TIME-WAIT early
+                # (RFC 9293 section 3.10.7.4 and RFC 6191 allow it).
+                self._drop(conn)
+            else:
+                conn.segment_received(hdr, payload, now)
+                return conn
+        if key in self._pending:
+            if control == SYN:
+                self._pending[key] = hdr  # keep the latest SYN
+            return None
+        if control == SYN:
+            if len(self._connections) + len(self._pending) >= self._config.max_connections:
+                self._counters["syn_refused_max_connections"] += 1
+                self._reply_rst(key, hdr, len(payload))
+                return None
+            if self._half_open_count() >= self._config.max_half_open:
+                self._counters["syn_dropped_half_open"] += 1
+                return None
+            self._pending[key] = hdr
+            self._counters["connection_requests"] += 1
+            return ConnectionRequest(key, hdr)
+        if not control & RST:
+            self._reply_rst(key, hdr, len(payload))
+        return None
+
+    def accept(self, key: FlowKey, iss: int, now: float) -> TcpConnection:
+        """Accept a pending SYN: the connection enters SYN-RECEIVED.
+
+        Args:
+            key: the flow of a `ConnectionRequest`.
+            iss: our random initial sequence number.
+            now: the current time.
+
+        Raises:
+            LocalProtocolError: no SYN is pending for `key`.
+        """
+        syn = self._pop_pending(key)
+        conn = TcpConnection(key, syn, iss, now, self._config)
+        conn._dirty = self._dirty
+        self._connections[key] = conn
+        self._half_open.add(conn)
+        self._dirty.add(conn)
+        return conn
+
+    def refuse(self, key: FlowKey, now: float) -> None:
+        """Refuse a pending SYN with RST (connection refused).
+
+        Raises:
+            LocalProtocolError: no SYN is pending for `key`.
+        """
+        syn = self._pop_pending(key)
+        self._reply_rst(key, syn, 0)
+
+    def forget_pending(self, key: FlowKey) -> None:
+        """Drop a pending SYN without answering (the runtime did, with ICMP)."""
+        self._pending.pop(key, None)
+
+    def segments_to_send(self, now: float) -> list[tuple[FlowKey, TcpHeader, bytes]]:
+        """Return every segment due now, from all connections and the demux."""
+        out = self._rsts
+        self._rsts = []
+        dirty = self._dirty
+        if dirty:
+            for conn in list(dirty):
+                key = conn.key
+                for hdr, payload in conn.segments_to_send(now):
+                    out.append((key, hdr, payload))
+                if conn.state is TcpState.CLOSED:
+                    self._drop(conn)
+                else:
+                    self._schedule(conn)
+            dirty.clear()
+        return out
+
+    def next_deadline(self) -> float | None:
+        """Return when `handle_timeout` must next be called, or None.
+
+        It may be early (a deadline that moved later is found out only
+        when it comes), never late.
+        """
+        for conn in self._dirty:
+            if conn.state is not TcpState.CLOSED:
+                self._schedule(conn)
+        heap = self._heap
+        while heap and heap[0][2]._heap_at != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def handle_timeout(self, now: float) -> None:
+        """Run the timers of every connection whose deadline has come."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, conn = heapq.heappop(heap)
+            if conn._heap_at != deadline:
+                continue  # stale entry
+            conn._heap_at = None
+            conn.handle_timeout(now)  # marks the connection dirty
+        if len(heap) > 2 * len(self._connections) + 64:
+            self._heap = [entry for entry in heap if entry[2]._heap_at == entry[0]]
+            heapq.heapify(self._heap)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _schedule(self, conn: TcpConnection) -> None:
+        deadline = conn.next_deadline()
+        if deadline is None:
+            conn._heap_at = None
+        elif conn._heap_at is None or deadline < conn._heap_at:
+            conn._heap_at = deadline
+            heapq.heappush(self._heap, (deadline, next(self._tiebreak), conn))
+
+    def _drop(self, conn: TcpConnection) -> None:
+        if self._connections.get(conn.key) is conn:
+            del self._connections[conn.key]
+        self._half_open.discard(conn)
+        self._dirty.discard(conn)
+        conn._heap_at = None
+        conn._dirty = None
+
+    def _pop_pending(self, key: FlowKey) -> TcpHeader:
+        try:
+            return self._pending.pop(key)
+        except KeyError:
+            raise LocalProtocolError(f"no pending SYN for {key}") from None
+
+    def _half_open_count(self) -> int:
+        stale = [c for c in self._half_open if c.state is not TcpState.SYN_RECEIVED]
+        self._half_open.difference_update(stale)
+        return len(self._pending) + len(self._half_open)
+
+    def _reply_rst(self, key: FlowKey, hdr: TcpHeader, plen: int) -> None:
+        if len(self._rsts) >= _MAX_QUEUED_RSTS:
+            return
+        if hdr.flags & ACK:
+            rst = TcpHeader(key.remote_port, key.app_port, hdr.ack, 0, RST, 0)
+        else:
+            seg_len = plen + (1 if hdr.flags & SYN else 0) + (1 if hdr.flags & FIN else 0)
+            ack = (hdr.seq + seg_len) & MASK
+            rst = TcpHeader(key.remote_port, key.app_port, 0, ack, RST | ACK, 0)
+        self._rsts.append((key, rst, b""))
+        self._counters["resets_sent"] += 1

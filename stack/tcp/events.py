@@ -1,0 +1,90 @@
+"""Values that cross the TCP stack's API: flow keys, events, statistics.
+
+Events are what `TcpConnection.next_event` hands to the runtime; they are
+small immutable NamedTuples so they cost little to build. `NEED_DATA` is a
+sentinel (an enum member, so type checkers can narrow on it), as in h11.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from stack.wire.tcp import TcpHeader
+
+
+class FlowKey(NamedTuple):
+    """A TCP flow as seen from the TUN: the application's end and the remote end.
+
+    Addresses are packed (4 bytes for IPv4, 16 for IPv6).
+    """
+
+    app_addr: bytes
+    app_port: int
+    remote_addr: bytes
+    remote_port: int
+
+
+class DataReceived(NamedTuple):
+    """In-order bytes from the application, all that was buffered."""
+
+    data: bytes
+
+
+class EofReceived(NamedTuple):
+    """The application sent FIN: no more data will come from it."""
+
+
+class ConnectionReset(NamedTuple):
+    """The connection was reset (RST received, or retransmissions gave up)."""
+
+
+class Closed(NamedTuple):
+    """Both directions are finished; the runtime may drop the flow."""
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+"""`next_event` has nothing to report until more segments arrive."""
+
+Event = DataReceived | EofReceived | ConnectionReset | Closed
+
+
+class ConnectionRequest(NamedTuple):
+    """A new SYN for a flow the demux does not know: accept or refuse it."""
+
+    key: FlowKey
+    syn: TcpHeader
+
+
+class TcpStatistics(NamedTuple):
+    """Counters of one connection (a snapshot)."""
+
+    segments_in: int
+    segments_out: int
+    bytes_in: int
+    bytes_out: int
+    retransmits: int
+    fast_retransmits: int
+    sack_retransmits: int
+    rto_timeouts: int
+    dup_segments: int
+    ooo_segments: int
+    paws_drops: int
+    window_probes: int
+    challenge_acks: int
+
+
+class DemuxStatistics(NamedTuple):
+    """Counters of the demultiplexer (a snapshot)."""
+
+    connections: int
+    pending: int
+    half_open: int
+    connection_requests: int
+    resets_sent: int
+    syn_dropped_half_open: int
+    syn_refused_max_connections: int

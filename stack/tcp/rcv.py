@@ -1,0 +1,243 @@
+"""The receive side: reassembly, the out-of-order queue, window and SACK blocks.
+
+Positions are unwrapped ints counted from the peer's ISN (its SYN is 0, its
+first data octet 1), so no comparison here needs modular arithmetic; the
+connection converts wire values with `stack.seq.unwrap` before calling in.
+
+In-order bytes wait in `ready` until `next_event` takes them; the window we
+advertise is what `rcv_buf` has left, so an outbound that falls behind
+closes the application's window (backpressure). Out-of-order data waits in
+a few merged ranges (bounded in bytes and in count), and those ranges are
+what SACK blocks report (RFC 2018).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+# Bits of the value `Receiver.receive` returns.
+ADVANCED = 1  # new in-order bytes (or the FIN) were accepted
+OUT_OF_ORDER = 2  # the segment left (or extended) a hole: ACK at once
+DUPLICATE = 4  # nothing new: all of it was already received
+HOLE_FILLED = 8  # out-of-order data became in-order: ACK at once
+FIN_REACHED = 16  # the peer's FIN is now in sequence
+
+_MAX_RECENT = 4
+
+
+class Receiver:
+    """Receive sequence space and buffers of one connection.
+
+    Attributes:
+        nxt: the next position expected (RCV.NXT).
+        adv: the right edge of the window we last advertised.
+        ready: in-order bytes not yet handed to the runtime.
+        fin_received: the FIN is in sequence (after all data).
+        unacked: in-order bytes accepted since our last ACK.
+    """
+
+    __slots__ = (
+        "_datas",
+        "_fin_at",
+        "_max_ooo_bytes",
+        "_max_ooo_ranges",
+        "_recent",
+        "_starts",
+        "_threshold",
+        "adv",
+        "fin_received",
+        "nxt",
+        "ooo_bytes",
+        "rcv_buf",
+        "ready",
+        "unacked",
+    )
+
+    def __init__(self, rcv_buf: int, rcv_mss: int, max_ooo_bytes: int, max_ooo_ranges: int):
+        self.nxt = 1
+        self.adv = 1
+        self.rcv_buf = rcv_buf
+        self.ready = bytearray()
+        self.fin_received = False
+        self.unacked = 0
+        self.ooo_bytes = 0
+        self._starts: list[int] = []
+        self._datas: list[bytearray] = []
+        self._fin_at: int | None = None
+        self._recent: list[int] = []
+        self._max_ooo_bytes = max_ooo_bytes
+        self._max_ooo_ranges = max_ooo_ranges
+        # RFC 9293 section 3.8.6.2.2: move the right edge in steps of at
+        # least min(buffer / 2, MSS), so the sender is not lured into
+        # sending tiny segments.
+        self._threshold = min(rcv_buf // 2, rcv_mss)
+
+    def window(self) -> int:
+        """Return the receive window now in force (RCV.WND)."""
+        return self.adv - self.nxt
+
+    def advertise(self, shift: int) -> int:
+        """Return the raw 16-bit window field to send, and record its edge.
+
+        The right edge never moves left (RFC 9293 section 3.8.6); it moves
+        right only in SWS-avoiding steps, rounded up to the scale unit so
+        the scaled value never undercuts the edge already promised.
+        """
+        edge = self.nxt + max(self.rcv_buf - len(self.ready), 0)
+        target = edge if edge - self.adv >= self._threshold else self.adv
+        raw = min(0xFFFF, (target - self.nxt + (1 << shift) - 1) >> shift)
+        self.adv = max(self.adv, self.nxt + (raw << shift))
+        return raw
+
+    def window_update_due(self) -> bool:
+        """Return True if freed buffer space deserves a window update now.
+
+        Like Linux: only when the advertised window has fallen to half the
+        buffer or less and would at least double (so a closed window
+        always reopens, and a streaming flow is not flooded with updates).
+        """
+        current = self.adv - self.nxt
+        possible = self.rcv_buf - len(self.ready)
+        return (
+            current * 2 <= self.rcv_buf
+            and possible >= 2 * current
+            and possible - current >= self._threshold
+        )
+
+    def take(self) -> bytes:
+        """Hand all in-order bytes to the caller, freeing buffer space."""
+        data = bytes(self.ready)
+        self.ready.clear()
+        return data
+
+    def receive(self, seq: int, data: bytes | memoryview, fin: bool) -> int:
+        """Accept a segment's payload (already checked to be acceptable).
+
+        Args:
+            seq: unwrapped position of the first payload octet.
+            data: the payload.
+            fin: whether the segment carries FIN (after the payload).
+
+        Returns:
+            A bit set of ADVANCED, OUT_OF_ORDER, DUPLICATE, HOLE_FILLED and
+            FIN_REACHED.
+        """
+        end = seq + len(data)
+        nxt = self.nxt
+        if self.fin_received or end + fin <= nxt:
+            return DUPLICATE
+        if seq < nxt:
+            data = data[nxt - seq :]
+            seq = nxt
+        limit = self.adv
+        if end > limit:
+            # Beyond the window we promised: keep what fits, and the FIN
+            # only if it fits too.
+            data = data[: max(limit - seq, 0)]
+            end = seq + len(data)
+            fin = False
+        if fin and self._fin_at is None:
+            self._fin_at = end
+        elif self._fin_at is not None and end > self._fin_at:
+            # Data past a FIN already seen: a broken peer; the FIN stands.
+            data = data[: max(self._fin_at - seq, 0)]
+        if seq > nxt:
+            if data:
+                self._insert(seq, data)
+            return OUT_OF_ORDER
+        result = 0
+        if data:
+            self.ready += data
+            self.nxt = nxt = seq + len(data)
+            self.unacked += len(data)
+            result = ADVANCED
+        if self._starts and self._starts[0] <= nxt:
+            self._pull()
+            result |= ADVANCED | HOLE_FILLED
+        if self._fin_at is not None and self.nxt == self._fin_at:
+            self.nxt += 1
+            self.fin_received = True
+            result |= ADVANCED | FIN_REACHED
+        return result
+
+    def _insert(self, seq: int, data: bytes | memoryview) -> None:
+        end = seq + len(data)
+        starts, datas = self._starts, self._datas
+        i = bisect_right(starts, seq) - 1
+        if i >= 0 and starts[i] + len(datas[i]) >= seq:
+            cur_end = starts[i] + len(datas[i])
+            if end <= cur_end:
+                return  # already held
+            if self.ooo_bytes + end - cur_end > self._max_ooo_bytes:
+                return
+            datas[i] += data[cur_end - seq :]
+            self.ooo_bytes += end - cur_end
+            idx = i
+        else:
+            if (
+                len(starts) >= self._max_ooo_ranges
+                or self.ooo_bytes + len(data) > self._max_ooo_bytes
+            ):
+                return
+            idx = i + 1
+            starts.insert(idx, seq)
+            datas.insert(idx, bytearray(data))
+            self.ooo_bytes += len(data)
+        # Swallow following ranges that the new bytes reach.
+        cur_end = starts[idx] + len(datas[idx])
+        while idx + 1 < len(starts) and starts[idx + 1] <= cur_end:
+            nstart, ndata = starts[idx + 1], datas[idx + 1]
+            nend = nstart + len(ndata)
+            self.ooo_bytes -= len(ndata)
+            if nend > cur_end:
+                datas[idx] += ndata[cur_end - nstart :]
+                self.ooo_bytes += nend - cur_end
+                cur_end = nend
+            del starts[idx + 1]
+            del datas[idx + 1]
+        recent = self._recent
+        if seq in recent:
+            recent.remove(seq)
+        recent.insert(0, seq)
+        del recent[_MAX_RECENT:]
+
+    def _pull(self) -> None:
+        starts, datas = self._starts, self._datas
+        while starts and starts[0] <= self.nxt:
+            start, data = starts.pop(0), datas.pop(0)
+            self.ooo_bytes -= len(data)
+            end = start + len(data)
+            if self._fin_at is not None:
+                end = min(end, self._fin_at)
+            if end > self.nxt:
+                self.ready += data[self.nxt - start : end - start]
+                self.unacked += end - self.nxt
+                self.nxt = end
+        self._recent = [s for s in self._recent if s >= self.nxt]
+
+    def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
+        """Return up to `limit` out-of-order ranges as (left, right) positions.
+
+        The range holding the most recent arrival comes first, then other
+        recently changed ones, then the rest from the highest down
+        (RFC 2018 section 4).
+        """
+        starts, datas = self._starts, self._datas
+        blocks: list[tuple[int, int]] = []
+        for seq in self._recent:
+            i = bisect_right(starts, seq) - 1
+            if i >= 0:
+                block = (starts[i], starts[i] + len(datas[i]))
+                if block not in blocks:
+                    blocks.append(block)
+        for i in range(len(starts) - 1, -1, -1):
+            if len(blocks) >= limit:
+                break
+            block = (starts[i], starts[i] + len(datas[i]))
+            if block not in blocks:
+                blocks.append(block)
+        return blocks[:limit]
+
+    def has_out_of_order(self) -> bool:
+        """Return True if any out-of-order range is held."""
+        return bool(self._starts)

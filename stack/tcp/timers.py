@@ -1,0 +1,97 @@
+"""Time for one connection: the RTO estimator and the set of deadlines.
+
+The connection never reads a clock: every entry point receives `now`, and
+`Timers.earliest` tells the caller when to come back. Each timer is just an
+absolute deadline or None; there is no tick.
+
+`RttEstimator` is RFC 6298: SRTT and RTTVAR smoothing, RTO = SRTT +
+max(G, 4 * RTTVAR) clamped to [rto_min, rto_max], doubled on every expiry
+(section 5.5) and kept backed off until a new sample arrives (section 5.7).
+"""
+
+from __future__ import annotations
+
+_CLOCK_GRANULARITY = 0.001  # G: our timestamps count milliseconds
+
+
+class RttEstimator:
+    """Smoothed RTT and retransmission timeout (RFC 6298).
+
+    Attributes:
+        srtt: smoothed RTT, None before the first sample.
+        rttvar: RTT variation.
+        backoff: number of expiries since the last sample.
+    """
+
+    __slots__ = ("_base", "_max", "_min", "backoff", "rttvar", "srtt")
+
+    def __init__(self, initial: float, rto_min: float, rto_max: float) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.backoff = 0
+        self._min = rto_min
+        self._max = rto_max
+        self._base = min(max(initial, rto_min), rto_max)
+
+    def sample(self, rtt: float) -> None:
+        """Fold one RTT measurement (seconds) into the estimate."""
+        rtt = max(rtt, 0.0)
+        if self.srtt is None:
+            self.srtt = rtt
+            self.rttvar = rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        rto = self.srtt + max(_CLOCK_GRANULARITY, 4 * self.rttvar)
+        self._base = min(max(rto, self._min), self._max)
+        self.backoff = 0
+
+    def rto(self) -> float:
+        """Return the current RTO, including backoff."""
+        return min(self._base * (1 << min(self.backoff, 30)), self._max)
+
+
+class Timers:
+    """Absolute deadlines of one connection; None means not armed.
+
+    Attributes:
+        rto: retransmission (also SYN-ACK retransmission).
+        delack: a delayed ACK is due.
+        persist: a zero-window probe is due.
+        keepalive: a keep-alive probe is due.
+        idle: the idle timeout fires (reset).
+        time_wait: TIME-WAIT ends.
+        handshake: SYN-RECEIVED gives up.
+    """
+
+    __slots__ = ("delack", "handshake", "idle", "keepalive", "persist", "rto", "time_wait")
+
+    def __init__(self) -> None:
+        self.rto: float | None = None
+        self.delack: float | None = None
+        self.persist: float | None = None
+        self.keepalive: float | None = None
+        self.idle: float | None = None
+        self.time_wait: float | None = None
+        self.handshake: float | None = None
+
+    def earliest(self) -> float | None:
+        """Return the nearest armed deadline, or None."""
+        best: float | None = None
+        for deadline in (
+            self.rto,
+            self.delack,
+            self.persist,
+            self.keepalive,
+            self.idle,
+            self.time_wait,
+            self.handshake,
+        ):
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
+
+    def clear(self) -> None:
+        """Disarm every timer."""
+        self.rto = self.delack = self.persist = self.keepalive = None
+        self.idle = self.time_wait = self.handshake = None

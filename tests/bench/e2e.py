@@ -1,0 +1,138 @@
+"""End-to-end benchmark: real kernel clients through tun2sx, beside the kernel.
+
+    ./dev bench e2e [--seconds 5] [--connections 1000] [--no-offload]
+
+Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
+namespace with Dante and the test servers), then measures, each beside the
+kernel path (the same client talking to the same server straight over the
+veth, no proxy) in the same run:
+
+- single-stream throughput up and down (iperf3, through Dante);
+- connections per second (connect, one byte each way, close);
+- round-trip latency p50/p99 of 64-byte messages on one connection;
+- tun2sx's RSS with N connections held open.
+
+Dante, not microsocks, carries the traffic: microsocks caps near 0.4 Gbit/s.
+Numbers go to stdout as a Markdown table for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tun2sx.lab import Lab, missing_capabilities
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _iperf(bed: Testbed, host: str, seconds: float, reverse: bool) -> float:
+    argv = ["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-J", "-O", "1"]
+    if reverse:
+        argv.append("-R")
+    out = bed.client.run(argv, timeout=seconds + 60).stdout
+    result = json.loads(out)
+    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def _tool(bed: Testbed, *args: object, timeout: float = 120) -> dict[str, float]:
+    result = bed.client.run(
+        [sys.executable, "-m", "tests.bench.netclient", *map(str, args)],
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=str(ROOT),
+    )
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _hold(bed: Testbed, host: str, count: int, pid: int) -> tuple[int, int]:
+    proc = bed.client.spawn(
+        [sys.executable, "-m", "tests.bench.netclient", "hold", host, "7001", str(count)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=str(ROOT),
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    status = json.loads(line)
+    rss = _rss_kib(pid)
+    proc.stdin.close()
+    proc.wait(60)
+    return status["echoed"], rss
+
+
+def run(seconds: float, connections: int, offload: bool) -> str:
+    rows: list[tuple[str, str, str]] = []
+    with Lab("t2sx-bench") as lab, tempfile.TemporaryDirectory() as tmp:
+        bed = Testbed(lab, Path(tmp))
+        bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", "5201"])
+        bed.server.wait_listening(5201)
+        bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081", "-q"]
+        bed.start(*([] if offload else ["--no-offload"]))
+        assert bed.proc is not None
+        pid = bed.proc.pid
+        idle_rss = _rss_kib(pid)
+        name = "big.test"
+        for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
+            ours = _iperf(bed, name, seconds, reverse)
+            kernel = _iperf(bed, SERVER_ADDR, seconds, reverse)
+            rows.append((label, f"{ours:.2f}", f"{kernel:.2f}"))
+        ours_cps = _tool(bed, "cps", "echo.test", 7001, seconds, 8)
+        kernel_cps = _tool(bed, "cps", SERVER_ADDR, 7001, seconds, 8)
+        rows.append(
+            (
+                "connections/s (8 threads)",
+                f"{ours_cps['cps']:.0f} ({ours_cps['failures']:.0f} failed)",
+                f"{kernel_cps['cps']:.0f}",
+            )
+        )
+        ours_lat = _tool(bed, "latency", "echo.test", 7001, 2000)
+        kernel_lat = _tool(bed, "latency", SERVER_ADDR, 7001, 2000)
+        rows.append(("latency p50 ms", f"{ours_lat['p50_ms']:.3f}", f"{kernel_lat['p50_ms']:.3f}"))
+        rows.append(("latency p99 ms", f"{ours_lat['p99_ms']:.3f}", f"{kernel_lat['p99_ms']:.3f}"))
+        echoed, rss = _hold(bed, "echo.test", connections, pid)
+        rows.append((f"RSS MiB, {echoed} open connections", f"{rss / 1024:.1f}", "-"))
+        rows.append(("RSS MiB, idle", f"{idle_rss / 1024:.1f}", "-"))
+        bed.stop()
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"kernel {platform.release()}; offload {'on' if offload else 'off'}; "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| measure | tun2sx (via Dante) | kernel path (direct veth) |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench e2e")
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--no-offload", action="store_true")
+    args = parser.parse_args(argv)
+    missing = missing_capabilities()
+    if missing:
+        print(f"bench e2e: needs {', '.join(missing)}", file=sys.stderr)
+        return 2
+    print(run(args.seconds, args.connections, not args.no_offload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

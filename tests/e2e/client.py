@@ -1,0 +1,102 @@
+"""Kernel-socket clients for end-to-end tests, run inside the client namespace.
+
+Each subcommand prints one JSON object on stdout; a socket error is
+reported as {"error": "<errno name>"} so tests can assert on what the
+application saw (RST -> ECONNREFUSED, ICMP unreachable -> EHOSTUNREACH...).
+
+    python -m tests.e2e.client echo HOST PORT SIZE      # send, half-close, read echo
+    python -m tests.e2e.client upload HOST PORT SIZE    # send, half-close, read hash
+    python -m tests.e2e.client download HOST PORT SIZE  # ask the source server
+    python -m tests.e2e.client connect HOST PORT        # just connect
+    python -m tests.e2e.client udp HOST PORT COUNT      # datagrams to the UDP echo
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+import sys
+import threading
+
+from tests.e2e.servers import pattern
+
+
+def _connect(host: str, port: int, timeout: float = 20) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(1 << 18):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def echo(host: str, port: int, size: int) -> dict[str, object]:
+    payload = os.urandom(size)
+    with _connect(host, port) as sock:
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(_recv_all(sock)))
+        reader.start()
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(60)
+    got = received[0] if received else b""
+    return {"sent": size, "received": len(got), "equal": got == payload}
+
+
+def upload(host: str, port: int, size: int) -> dict[str, object]:
+    payload = os.urandom(size)
+    with _connect(host, port) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        answer = _recv_all(sock).decode()
+    return {"sent": size, "equal": answer == hashlib.sha256(payload).hexdigest()}
+
+
+def download(host: str, port: int, size: int) -> dict[str, object]:
+    with _connect(host, port) as sock:
+        sock.sendall(f"{size}\n".encode())
+        got = _recv_all(sock)
+    return {"received": len(got), "equal": got == pattern(size)}
+
+
+def connect(host: str, port: int) -> dict[str, object]:
+    with _connect(host, port, timeout=8):
+        return {"connected": True}
+
+
+def udp(host: str, port: int, count: int) -> dict[str, object]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect((host, port))
+        ok = 0
+        for i in range(count):
+            msg = f"datagram {i} ".encode() * 20
+            sock.send(msg)
+            if sock.recv(65535) == msg:
+                ok += 1
+        peer = sock.getpeername()[0]
+    return {"echoed": ok, "peer": peer}
+
+
+def main() -> None:
+    cmd, host, port, *rest = sys.argv[1:]
+    handlers = {"echo": echo, "upload": upload, "download": download, "udp": udp}
+    try:
+        if cmd == "connect":
+            result = connect(host, int(port))
+        else:
+            result = handlers[cmd](host, int(port), int(rest[0]))
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        result = {"error": name if exc.errno else type(exc).__name__}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

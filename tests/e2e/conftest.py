@@ -1,0 +1,43 @@
+"""End-to-end fixtures: the namespace testbed with tun2sx running in it.
+
+Outside CI these tests skip when root, /dev/net/tun or a server binary is
+missing; with CI=true a missing capability fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.testbed import SERVER_ADDR, Testbed
+from tun2sx.lab import Lab, missing_capabilities
+
+__all__ = ["SERVER_ADDR", "Testbed", "require"]
+
+
+def require(*binaries: str) -> None:
+    """Skip (or, under CI, fail) unless this machine can run the lab."""
+    missing = missing_capabilities() + [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        reason = f"end-to-end test needs {', '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: not skipping)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[Testbed]:
+    require("microsocks", "danted", "curl", "dig", "ping")
+    with Lab("t2sx-e2e") as lab, tempfile.TemporaryDirectory() as tmp:
+        bed = Testbed(lab, Path(tmp))
+        bed.start()
+        try:
+            yield bed
+        finally:
+            if bed.proc is not None:
+                bed.stop()

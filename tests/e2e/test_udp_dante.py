@@ -1,0 +1,45 @@
+"""UDP end to end: SOCKS5 UDP ASSOCIATE through Dante, and UDP errors.
+
+tun2sx runs here with Dante as its outbound, which carries both CONNECT and
+UDP ASSOCIATE; replies must come back from the address the application
+sent to (the fake IP), not from the real address the proxy used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.testbed import SERVER_ADDR, Testbed
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def dante(testbed: Testbed) -> Iterator[Testbed]:
+    testbed.stop()
+    testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+    testbed.start()
+    yield testbed
+
+
+def test_udp_echo_by_name_through_udp_associate(dante: Testbed) -> None:
+    fake = dante.client_run(["dig", "+short", "+time=3", "echo.test", "A"]).stdout.strip()
+    assert ipaddress.ip_address(fake) in ipaddress.ip_network("198.18.0.0/15")
+    result = dante.client_tool("udp", "echo.test", 7001, 50)
+    assert result == {"echoed": 50, "peer": fake}
+
+
+def test_tcp_also_works_through_dante(dante: Testbed) -> None:
+    assert dante.client_tool("echo", "echo.test", 7001, 200_000) == {
+        "sent": 200_000,
+        "received": 200_000,
+        "equal": True,
+    }
+
+
+def test_udp_to_unknown_fake_ip_gets_port_unreachable(dante: Testbed) -> None:
+    # A connected UDP socket reports ICMP port unreachable as ECONNREFUSED.
+    assert dante.client_tool("udp", "198.18.250.251", 7001, 1) == {"error": "ECONNREFUSED"}

@@ -1,0 +1,139 @@
+"""The end-to-end testbed: a client namespace served by a real tun2sx process.
+
+`Testbed` builds:
+
+    client ns: tun0 (198.18.0.1/15, fd00:7e::1/64) served by `tun2sx`,
+               default routes -> tun0, resolv.conf -> 198.18.0.2
+    server ns: 10.200.0.2 (veth), microsocks :1080, danted :1081 (UDP
+               ASSOCIATE), tests/e2e/servers.py (echo/hash/source/DNS),
+               hosts file mapping test names to 10.200.0.2
+
+The end-to-end tests and the benchmark share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tun2sx.lab import Lab, Namespace
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVER_ADDR = "10.200.0.2"
+NAMES = ("echo.test", "www.test", "big.test")
+
+
+DANTE_CONF = """\
+logoutput: stderr
+internal: {addr} port = 1081
+external: {addr}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: bind connect udpassociate bindreply udpreply }}
+"""
+
+
+class Testbed:
+    """A running lab; `client_run` runs a command in the client namespace."""
+
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.client: Namespace = lab.namespace("client")
+        self.server: Namespace = lab.namespace("server")
+        lab.link(self.client, ["10.200.0.1/24"], self.server, [f"{SERVER_ADDR}/24"])
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{SERVER_ADDR} {n}\n" for n in NAMES)
+        self.server.write_etc("hosts", hosts)
+        self.client.write_etc("resolv.conf", "nameserver 198.18.0.2\noptions timeout:2\n")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.server.spawn(
+            [sys.executable, "-m", "tests.e2e.servers", "--bind", SERVER_ADDR], env=env
+        )
+        self.www = tmp / "www"
+        self.www.mkdir()
+        (self.www / "index.html").write_text("<h1>tun2sx e2e</h1>\n")
+        (self.www / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024))
+        self.server.spawn(
+            [
+                sys.executable,
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                SERVER_ADDR,
+                "--directory",
+                str(self.www),
+            ]
+        )
+        self.server.spawn(["microsocks", "-i", SERVER_ADDR, "-p", "1080"])
+        conf = tmp / "danted.conf"
+        conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
+        self.server.spawn(["danted", "-f", str(conf)])
+        for port in (7001, 7002, 7003, 8080, 1080, 1081):
+            self.server.wait_listening(port)
+        self.fakeip_db = tmp / "fakeip.sqlite"
+        self.log_path = tmp / "tun2sx.log"
+        self.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str) -> None:
+        """Start tun2sx in the client namespace and route everything to it."""
+        args = [
+            sys.executable,
+            "-m",
+            "tun2sx",
+            "--tun",
+            "tun0",
+            "--tun-address",
+            "198.18.0.1/15",
+            "--tun-address",
+            "fd00:7e::1/64",
+            "--fake-ip-db",
+            str(self.fakeip_db),
+            "--dns-upstream",
+            f"{SERVER_ADDR}:5353",
+            "-v",
+            *self.proxy_args,
+            *extra,
+        ]
+        self._log = self.log_path.open("ab")
+        self.proc = self.client.spawn(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.client.wait_link("tun0")
+        self.client.run(["ip", "route", "replace", "default", "dev", "tun0"])
+        self.client.run(["ip", "-6", "route", "replace", "default", "dev", "tun0"])
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        code = self.lab.stop(self.proc)
+        self.proc = None
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client_run(
+        self, argv: list[str], *, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self.client.run(argv, check=check, timeout=timeout, input=input)
+
+    def client_tool(self, *args: object, timeout: float = 90) -> dict[str, object]:
+        """Run tests/e2e/client.py in the client namespace; its JSON result."""
+        result = self.client.run(
+            [sys.executable, "-m", "tests.e2e.client", *map(str, args)],
+            timeout=timeout,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=str(ROOT),
+        )
+        return json.loads(result.stdout)  # type: ignore[no-any-return]

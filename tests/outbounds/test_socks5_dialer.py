@@ -1,0 +1,174 @@
+"""The SOCKS5 dialer against a scripted in-process proxy (cases real servers never produce)."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+
+from outbounds.base import Destination, FailureReply, OutboundError
+from outbounds.net import SocketOptions
+from outbounds.socks5 import (
+    Command,
+    Socks5Outbound,
+    build_reply,
+    encode_udp_datagram,
+    parse_request_untrusted,
+)
+from tests.support import free_port
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+BOUND = Destination(LOOPBACK, 1)
+TARGET = Destination("target.example", 80)
+
+Script = Callable[[trio.SocketStream, Command, Destination], Awaitable[None]]
+
+
+async def _read_request(stream: trio.SocketStream) -> tuple[Command, Destination]:
+    buf = bytearray()
+    while len(buf) < 3:  # greeting: VER NMETHODS METHOD
+        buf += await stream.receive_some(1)
+    buf += await stream.receive_some(buf[1] + 2 - len(buf)) if len(buf) < buf[1] + 2 else b""
+    del buf[: buf[1] + 2]
+    await stream.send_all(b"\x05\x00")
+    for _ in range(300):
+        parsed = parse_request_untrusted(buf)
+        if parsed is not None:
+            return parsed[0], parsed[1]
+        buf += await stream.receive_some(1)
+    raise AssertionError("request never completed")
+
+
+async def start_fake_proxy(nursery: trio.Nursery, script: Script) -> Socks5Outbound:
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            command, dest = await _read_request(stream)
+            await script(stream, command, dest)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    return Socks5Outbound("127.0.0.1", port, handshake_timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("code", "reply"),
+    [
+        (0x02, FailureReply.ADMIN_PROHIBITED),
+        (0x03, FailureReply.NET_UNREACHABLE),
+        (0x04, FailureReply.HOST_UNREACHABLE),
+        (0x05, FailureReply.RESET),
+        (0x06, FailureReply.HOST_UNREACHABLE),
+        (0x01, FailureReply.RESET),
+    ],
+)
+async def test_reply_codes_become_failures(
+    nursery: trio.Nursery, code: int, reply: FailureReply
+) -> None:
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(build_reply(code, BOUND))
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError) as info:
+        await proxy.connect_tcp(TARGET)
+    assert info.value.reply is reply
+    assert "target.example:80" in str(info.value)
+
+
+async def test_dripped_reply_and_early_data_are_kept(nursery: trio.Nursery) -> None:
+    """Reply one byte at a time, then server-first data in the same segment."""
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        assert (command, dest) == (Command.CONNECT, TARGET)
+        reply = build_reply(0, BOUND)
+        for i in range(len(reply) - 1):
+            await stream.send_all(reply[i : i + 1])
+        await stream.send_all(reply[-1:] + b"BANNER\r\n")
+        assert await stream.receive_some() == b"ping"
+        await stream.send_all(b"pong")
+
+    proxy = await start_fake_proxy(nursery, script)
+    stream = await proxy.connect_tcp(TARGET)
+    async with stream:
+        assert await stream.receive_some() == b"BANNER\r\n"
+        await stream.send_all(b"ping")
+        assert await stream.receive_some() == b"pong"
+
+
+async def test_proxy_closes_mid_handshake(nursery: trio.Nursery) -> None:
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(b"\x05\x00")  # half a reply
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError, match="closed the connection") as info:
+        await proxy.connect_tcp(TARGET)
+    assert info.value.reply is FailureReply.RESET
+
+
+async def test_garbage_reply(nursery: trio.Nursery) -> None:
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError, match="broke the protocol"):
+        await proxy.connect_tcp(TARGET)
+
+
+async def test_silent_proxy_times_out(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await trio.sleep_forever()
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError, match="did not answer") as info:
+        await proxy.connect_tcp(TARGET)
+    assert info.value.reply is FailureReply.HOST_UNREACHABLE
+
+
+async def test_proxy_down_names_the_proxy() -> None:
+    port = free_port()
+    proxy = Socks5Outbound("127.0.0.1", port, socket_options=SocketOptions(connect_timeout=5))
+    with pytest.raises(OutboundError) as info:
+        await proxy.connect_tcp(TARGET)
+    assert str(info.value).startswith(f"SOCKS5 proxy 127.0.0.1:{port} unreachable")
+    assert "refused" in str(info.value)
+
+
+async def test_udp_relay_unspecified_address_and_drops(nursery: trio.Nursery) -> None:
+    """BND 0.0.0.0 means "the proxy's address"; FRAG != 0 and junk are dropped."""
+    relay = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await relay.bind(("127.0.0.1", 0))
+    relay_port = relay.getsockname()[1]
+    source = Destination("dns.example", 53)
+    close_control = trio.Event()
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        assert command is Command.UDP_ASSOCIATE
+        await stream.send_all(build_reply(0, Destination(ipaddress.IPv4Address(0), relay_port)))
+        data, client = await relay.recvfrom(65535)
+        assert data == encode_udp_datagram(b"query", TARGET)
+        fragment = bytearray(encode_udp_datagram(b"frag", source))
+        fragment[2] = 1
+        await relay.sendto(bytes(fragment), client)
+        await relay.sendto(b"\x00\x00", client)
+        await relay.sendto(encode_udp_datagram(b"answer", source), client)
+        await close_control.wait()
+
+    proxy = await start_fake_proxy(nursery, script)
+    session = await proxy.open_udp()
+    try:
+        await session.send_to(b"query", TARGET)
+        assert await session.receive_from() == (b"answer", source)
+        stats = session.statistics()
+        assert (stats.sent, stats.received) == (1, 1)
+        assert (stats.dropped_fragments, stats.dropped_malformed) == (1, 1)
+        close_control.set()
+        with pytest.raises(OutboundError, match="control connection"):
+            await session.receive_from()
+    finally:
+        await session.aclose()
+        await session.aclose()
+        relay.close()

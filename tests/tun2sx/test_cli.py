@@ -1,0 +1,57 @@
+"""The command line: bad values give one line naming the flag, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tun2sx.cli import ConfigError, build_outbound, build_parser, main, parse_endpoint
+
+
+def test_endpoint_parsing() -> None:
+    assert str(parse_endpoint("127.0.0.1:1080", "--socks")) == "127.0.0.1:1080"
+    assert str(parse_endpoint("[::1]:53", "--dns-upstream")) == "[::1]:53"
+    assert str(parse_endpoint("proxy.lan:1080", "--socks")) == "proxy.lan:1080"
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--tun", "tunx", "--socks", "127.0.0.1"], "--socks"),
+        (["--tun", "tunx", "--socks", "127.0.0.1:99999"], "--socks"),
+        (["--tun", "tunx", "--proxy", "http://x:1"], "--proxy"),
+        (["--tun", "tunx", "--proxy", "socks5://h"], "--proxy"),
+        (["--tun", "tunx"], "outbound"),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "300.0.0.0/8"],
+            "--fake-ip-range",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "fc00::/18"],
+            "--fake-ip-range",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range6", "10.0.0.0/8"],
+            "--fake-ip-range6",
+        ),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--dns-upstream", "nope"], "--dns-upstream"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--udp-timeout", "0"], "--udp-timeout"),
+    ],
+)
+def test_bad_values_name_the_flag(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("tun2sx: ")
+    assert field in err
+
+
+def test_outbound_from_flags() -> None:
+    parser = build_parser()
+    socks = build_outbound(parser.parse_args(["--socks", "127.0.0.1:1080"]))
+    assert socks.name and "1080" in repr(socks)
+    direct = build_outbound(parser.parse_args(["--proxy", "direct://"]))
+    assert type(direct).__name__ == "DirectOutbound"
+    with pytest.raises(ConfigError, match="--proxy"):
+        build_outbound(parser.parse_args(["--proxy", "ftp://x"]))

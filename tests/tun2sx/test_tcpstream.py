@@ -1,0 +1,83 @@
+"""`TcpStream` against trio's stream conformance suite, over a real TUN.
+
+The other end of every pair is a kernel TCP socket in a private network
+namespace whose packets go through a TUN into our stack, so the suite
+exercises the stream, the engine and the sans-I/O connection together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from outbounds.base import Destination, UdpSession
+from stack.netstack import NetStack, NetStackConfig
+from stack.tcp import TcpConfig
+from tests.e2e.conftest import require
+from tun2sx.engine import Engine
+from tun2sx.lab import Lab, inside
+from tun2sx.router import Router
+from tun2sx.tcpstream import TcpStream
+from tun2sx.tun import open_tun
+
+pytestmark = pytest.mark.e2e
+
+StreamMaker = Callable[[], Awaitable[tuple[trio.abc.HalfCloseableStream, TcpStream]]]
+
+
+class NullOutbound:
+    """Connects every flow to nothing: the test takes the app stream itself."""
+
+    name = "null"
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        left, _right = trio.testing.memory_stream_pair()
+        return left
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+@pytest.fixture
+async def stream_maker(nursery: trio.Nursery) -> AsyncIterator[StreamMaker]:
+    require()
+    with Lab("t2sx-stream") as lab:
+        ns = lab.namespace("stream")
+        with inside(ns):
+            device = open_tun("tun0", mtu=1500, offload=True, addresses=("10.77.0.1/24",))
+            send, receive = trio.open_memory_channel[TcpStream](1)
+
+            async def capture(app: TcpStream, upstream: trio.abc.HalfCloseableStream) -> None:
+                await send.send(app)
+                await trio.sleep_forever()
+
+            stack = NetStack(NetStackConfig(tcp=TcpConfig(mss=1460), partial_checksum=True))
+            engine = Engine(device, stack, Router(NullOutbound()), tcp_handler=capture)
+            await nursery.start(engine.run)
+            port = 1000
+
+            async def make() -> tuple[trio.abc.HalfCloseableStream, TcpStream]:
+                nonlocal port
+                port += 1
+                with inside(ns):
+                    kernel = await trio.open_tcp_stream("10.77.0.9", port)
+                return kernel, await receive.receive()
+
+            yield make
+            nursery.cancel_scope.cancel()
+        device.close()
+
+
+async def test_half_closeable_stream_conformance(stream_maker: StreamMaker) -> None:
+    await trio.testing.check_half_closeable_stream(stream_maker, None)
+
+
+async def test_reversed_pair_conformance(stream_maker: StreamMaker) -> None:
+    async def reversed_maker() -> tuple[TcpStream, trio.abc.HalfCloseableStream]:
+        kernel, ours = await stream_maker()
+        return ours, kernel
+
+    await trio.testing.check_half_closeable_stream(reversed_maker, None)

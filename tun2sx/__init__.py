@@ -1,0 +1,7 @@
+"""tun2sx: turns the packets routed into a TUN device into proxied connections.
+
+The package holds the program: TUN I/O, the trio runtime that drives the
+sans-I/O stack in `stack`, the fake-IP DNS and its store, routing rules,
+configuration, the CLI and the embedding entry point. Outbound protocols live
+in the separate `outbounds` package.
+"""

@@ -1,0 +1,191 @@
+"""The engine: the trio side of the stack, and the owner of every flow task.
+
+One reader task drains the TUN in batches and feeds the sans-I/O `NetStack`;
+after each batch it writes every packet the stack produced (so ACKs for a
+whole batch go out together) and wakes the streams whose connections
+changed. One timer task sleeps until the stack's next deadline; the deadline
+is a cancel scope that anything can pull earlier. Every TCP flow and UDP
+session is a task tree under the engine's nursery, so nothing outlives it,
+and a flow's failure ends that flow alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from outbounds.base import Destination
+from stack.netstack import NetStack, UdpDatagram
+from stack.tcp import ConnectionRequest, TcpConnection
+from tun2sx.tcpflow import TcpFlows, TcpHandler
+from tun2sx.udpflow import UdpFlows
+
+if TYPE_CHECKING:
+    from tun2sx.dns import FakeDns
+    from tun2sx.fakeip import FakeIpStore
+    from tun2sx.router import Router
+    from tun2sx.tcpstream import TcpStream
+    from tun2sx.tun import TunDevice
+
+log = logging.getLogger("tun2sx")
+
+
+@attrs.frozen
+class EngineConfig:
+    """Runtime knobs of the engine (the stack's own are in NetStackConfig).
+
+    Attributes:
+        connect_timeout: how long a flow's SYN is held while the outbound
+            connects; then the application gets an ICMP host unreachable.
+        udp_idle_timeout: a UDP session ends after this long without traffic.
+        dns_hijack: answer every DNS query (port 53, UDP and TCP) ourselves.
+        dns_upstream: where queries that are not answered with a fake IP
+            go, through the outbound, over TCP.
+        splice_buffer: bytes read at once from either side of a flow.
+        max_dns_forwards: concurrent upstream DNS queries; more are dropped.
+    """
+
+    connect_timeout: float = 10.0
+    udp_idle_timeout: float = 60.0
+    dns_hijack: bool = True
+    dns_upstream: Destination = attrs.field(
+        factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
+    )
+    splice_buffer: int = 256 * 1024
+    max_dns_forwards: int = 256
+
+
+class Engine:
+    """Drives a `NetStack` from a TUN device and runs the flows.
+
+    Args:
+        device: the TUN device (or anything with `read_batch` and `write`).
+        stack: the sans-I/O network stack.
+        router: picks the outbound for each destination.
+        fakeip: the fake-IP store, or None when fake-IP DNS is off.
+        dns: the fake-IP DNS answerer, or None.
+        config: engine settings.
+        tcp_handler: what runs a connected flow; by default `splice`, which
+            copies both ways. Tests and embedders may run their own.
+    """
+
+    def __init__(
+        self,
+        device: TunDevice,
+        stack: NetStack,
+        router: Router,
+        *,
+        fakeip: FakeIpStore | None = None,
+        dns: FakeDns | None = None,
+        config: EngineConfig | None = None,
+        tcp_handler: TcpHandler | None = None,
+    ) -> None:
+        self.device = device
+        self.stack = stack
+        self.router = router
+        self.fakeip = fakeip
+        self.dns = dns
+        self.config = config or EngineConfig()
+        self.streams: dict[object, TcpStream] = {}
+        self.counters: Counter[str] = Counter()
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope = trio.CancelScope()
+        self.tcp = TcpFlows(self, tcp_handler)
+        self.udp = UdpFlows(self)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "engine is not running"
+        return self._nursery
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Reports readiness through `task_status`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timer_loop)
+            task_status.started()
+            try:
+                await self._read_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    # -- packets -----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        device = self.device
+        stack = self.stack
+        while True:
+            batch = await device.read_batch()
+            now = trio.current_time()
+            touched: set[TcpConnection] = set()
+            for rx in batch:
+                event = stack.receive(rx.data, now, checksum_trusted=rx.checksum_trusted)
+                if event is None:
+                    continue
+                if type(event) is TcpConnection:
+                    touched.add(event)
+                elif type(event) is ConnectionRequest:
+                    self.tcp.start(event)
+                elif type(event) is UdpDatagram:
+                    self.udp.datagram(event)
+            self.flush()
+            streams = self.streams
+            for conn in touched:
+                stream = streams.get(conn.key)
+                if stream is not None:
+                    stream.wake()
+
+    def flush(self) -> None:
+        """Write every packet the stack has ready, and re-arm the timer."""
+        write = self.device.write
+        for packet in self.stack.packets_to_send(trio.current_time()):
+            write(packet)
+        deadline = self.stack.tcp.next_deadline()
+        if deadline is not None and deadline < self._timer_scope.deadline:
+            self._timer_scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.stack.tcp.next_deadline()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = trio.CancelScope()
+            self.stack.tcp.handle_timeout(trio.current_time())
+            self.flush()
+            # Timers can retransmit, reset or close: every stream re-checks.
+            # Waking only parked streams keeps this cheap.
+            for stream in list(self.streams.values()):
+                stream.wake()
+
+    # -- destinations --------------------------------------------------------
+
+    def destination_for(self, addr: bytes, port: int) -> Destination | None:
+        """Map an address an application used back to what to connect to.
+
+        A fake IP becomes its host name; an address in the fake pool that
+        the store does not know gives None (the caller fails the flow fast,
+        instead of letting it hang); any other address stays as it is.
+        """
+        ip = ipaddress.ip_address(addr)
+        if self.fakeip is not None and self.fakeip.contains(ip):
+            name = self.fakeip.lookup_ip(ip)
+            if name is None:
+                return None
+            return Destination(name, port)
+        return Destination(ip, port)
+
+    def statistics(self) -> dict[str, int]:
+        """A snapshot of counters: flows, drops, errors."""
+        stats: dict[str, int] = dict(self.stack.counters)
+        stats.update(self.counters)
+        stats["tcp_flows"] = len(self.streams)
+        stats["tcp_connections"] = len(self.stack.tcp.connections)
+        stats["udp_sessions"] = len(self.udp.sessions)
+        return stats

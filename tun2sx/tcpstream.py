@@ -1,0 +1,178 @@
+"""`TcpStream`: a trio half-closeable stream over one sans-I/O TCP connection.
+
+The engine owns the connection and the TUN; the stream is the flow's view of
+it. Reads take in-order data out of the connection (which reopens the
+window the application sees: backpressure is simply not reading); writes
+put outbound bytes into the connection's bounded send buffer and park while
+it is full. The engine unparks a stream whenever a segment or a timer
+touched its connection.
+
+Closing follows the kernel's rules: `send_eof` sends a FIN and keeps
+receiving; `aclose` after the application's own FIN ends gracefully, while
+`aclose` with the application still sending resets the connection, as
+`close()` on a socket with unread data does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from stack.tcp import (
+    NEED_DATA,
+    Closed,
+    ConnectionReset,
+    DataReceived,
+    EofReceived,
+    TcpConnection,
+    TcpState,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Buffer
+
+_DEAD_STATES = frozenset({TcpState.CLOSED, TcpState.TIME_WAIT})
+
+
+class Flusher(Protocol):
+    """What a stream needs from the engine: writing out pending segments."""
+
+    def flush(self) -> None: ...
+
+
+class TcpStream(trio.abc.HalfCloseableStream):
+    """The application side of a proxied TCP flow."""
+
+    def __init__(self, flusher: Flusher, conn: TcpConnection) -> None:
+        self._flusher = flusher
+        self._conn = conn
+        self._lot = trio.lowlevel.ParkingLot()
+        self._rbuf = memoryview(b"")
+        self._eof = False  # the application's FIN was handed to a reader
+        self._reset = False  # the connection was reset (by either side)
+        self._closed = False  # aclose() was called
+        self._eof_sent = False
+        self._receive_conflict = trio.StrictFIFOLock()
+        self._send_conflict = trio.StrictFIFOLock()
+
+    @property
+    def connection(self) -> TcpConnection:
+        return self._conn
+
+    def wake(self) -> None:
+        """Called by the engine when the connection may have news."""
+        self._lot.unpark_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._check_open()
+        if self._receive_conflict.locked():
+            raise trio.BusyResourceError("another task is receiving")
+        async with self._receive_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                self._check_open()
+                if self._rbuf:
+                    if max_bytes is None or max_bytes >= len(self._rbuf):
+                        data = bytes(self._rbuf)
+                        self._rbuf = memoryview(b"")
+                    else:
+                        data = bytes(self._rbuf[:max_bytes])
+                        self._rbuf = self._rbuf[max_bytes:]
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return data
+                if self._eof:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return b""
+                if self._reset:
+                    raise trio.BrokenResourceError("connection reset by the application")
+                event = self._conn.next_event()
+                if type(event) is DataReceived:
+                    self._rbuf = memoryview(event.data)
+                    # Taking data out reopens the window: let the ACK go.
+                    self._flusher.flush()
+                elif type(event) is EofReceived:
+                    self._eof = True
+                elif type(event) is ConnectionReset:
+                    self._reset = True
+                elif type(event) is Closed:
+                    if not self._eof:
+                        self._reset = True
+                else:
+                    assert event is NEED_DATA
+                    await self._lot.park()
+
+    async def send_all(self, data: Buffer) -> None:
+        self._check_open()
+        if self._send_conflict.locked():
+            raise trio.BusyResourceError("another task is sending")
+        async with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called")
+            view = memoryview(data).cast("B")
+            while view:
+                self._check_open()
+                self._check_alive()
+                sent = self._conn.send(view)
+                if sent:
+                    view = view[sent:]
+                    self._flusher.flush()
+                else:
+                    await self._lot.park()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _check_alive(self) -> None:
+        if self._reset or self._conn.state in _DEAD_STATES:
+            self._reset = True
+            raise trio.BrokenResourceError("connection to the application is gone")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        if self._send_conflict.locked():
+            raise trio.BusyResourceError("another task is sending")
+        async with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not self._closed and not self._reset and self._conn.send_space() == 0:
+                if self._conn.state in _DEAD_STATES:
+                    break
+                await self._lot.park()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_eof(self) -> None:
+        self._check_open()
+        if self._send_conflict.locked():
+            raise trio.BusyResourceError("another task is sending")
+        async with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._eof_sent:
+                self._eof_sent = True
+                self._check_alive()
+                self._conn.close()
+                self._flusher.flush()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def abort(self) -> None:
+        """Reset the connection now (RST to the application)."""
+        if self._conn.state not in _DEAD_STATES:
+            self._conn.abort()
+            self._flusher.flush()
+        self._reset = True
+        self._lot.unpark_all()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._eof and not self._reset:
+                if not self._eof_sent and self._conn.state not in _DEAD_STATES:
+                    self._eof_sent = True
+                    self._conn.close()
+                    self._flusher.flush()
+            else:
+                self.abort()
+            self._lot.unpark_all()
+        await trio.lowlevel.checkpoint()

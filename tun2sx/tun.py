@@ -1,0 +1,256 @@
+"""The TUN device: opening or adopting it, and moving packets in batches.
+
+A TUN is opened by name (created if missing) with python-pytun, or adopted
+from a file descriptor someone else opened (Android's VpnService hands one
+over). Reads drain the device until EAGAIN before waiting again, so one
+wakeup carries many packets.
+
+With offload on, the device is opened with IFF_VNET_HDR and TUNSETOFFLOAD:
+every packet then carries a 10-byte virtio-net header. The kernel may hand
+us TCP super-segments of up to 64 KB (TSO) whose checksum is only partial
+(NEEDS_CSUM), and it accepts the same from us: we write large segments with
+only the pseudo-header sum filled in, and the kernel finishes the checksum or
+segments as needed. Python then never checksums a payload.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+from typing import NamedTuple
+
+import trio
+
+# ioctl numbers from <linux/if_tun.h> (_IOW('T', n, int) / _IOR('T', n, int)).
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+# struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset; native byte order (little-endian hosts, no TUNSETVNETBE).
+VNET_HDR = struct.Struct("=BBHHHH")
+VNET_HDR_LEN = VNET_HDR.size
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+
+_PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
+_READ_SIZE = 65536 + VNET_HDR_LEN
+
+
+class TunError(OSError):
+    """The TUN device could not be opened, configured or used."""
+
+
+class RxPacket(NamedTuple):
+    """One packet read from the device.
+
+    Attributes:
+        data: the IP packet.
+        checksum_trusted: the kernel vouched for the checksums (NEEDS_CSUM
+            or DATA_VALID), so the stack must not verify them: a partial
+            checksum would fail verification.
+    """
+
+    data: memoryview
+    checksum_trusted: bool
+
+
+class TunDevice:
+    """An open TUN file descriptor, non-blocking, with optional offloads.
+
+    Use `open_tun` or `adopt_tun` to get one; `close()` releases it (an
+    adopted fd is closed too: ownership passes to the device).
+    """
+
+    __slots__ = ("_closed", "_fd", "_keep", "mtu", "name", "offload", "statistics_rx_errors")
+
+    def __init__(self, fd: int, *, name: str, mtu: int, offload: bool, keep: object = None):
+        self._fd = fd
+        self._keep = keep  # the pytun object owning the fd, kept alive with us
+        self._closed = False
+        self.name = name
+        self.mtu = mtu
+        self.offload = offload
+        self.statistics_rx_errors = 0
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        """Wait until readable, then read packets until EAGAIN or `limit`."""
+        await trio.lowlevel.wait_readable(self._fd)
+        out: list[RxPacket] = []
+        fd = self._fd
+        offload = self.offload
+        while len(out) < limit:
+            try:
+                raw = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # EIO/EFAULT on a single read must not end the program; the
+                # device going away (EBADF) does.
+                if exc.errno in (errno.EBADF, errno.ENODEV):
+                    raise TunError(exc.errno, f"TUN device {self.name} gone: {exc}") from exc
+                self.statistics_rx_errors += 1
+                break
+            if offload:
+                if len(raw) <= VNET_HDR_LEN:
+                    self.statistics_rx_errors += 1
+                    continue
+                trusted = bool(raw[0] & (VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID))
+                out.append(RxPacket(memoryview(raw)[VNET_HDR_LEN:], trusted))
+            else:
+                out.append(RxPacket(memoryview(raw), False))
+        return out
+
+    def write(self, packet: bytes | bytearray | memoryview) -> None:
+        """Write one IP packet; drops (and counts nothing) if the kernel refuses.
+
+        With offload on, a virtio-net header is prepended describing a
+        partial checksum and, for TCP segments larger than the MTU allows,
+        the GSO segment size.
+        """
+        try:
+            if self.offload:
+                os.writev(self._fd, (_vnet_header_for(packet, self.mtu), packet))
+            else:
+                os.write(self._fd, packet)
+        except BlockingIOError:
+            # The device queue is full: the packet is lost like on a wire;
+            # TCP retransmits and UDP never promised delivery.
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._keep is not None:
+            self._keep.close()  # type: ignore[attr-defined]
+        else:
+            os.close(self._fd)
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _vnet_header_for(packet: bytes | bytearray | memoryview, mtu: int) -> bytes:
+    """The virtio-net header for a packet we built with a partial checksum.
+
+    The packet layer writes TCP and UDP packets with only the pseudo-header
+    sum in the checksum field when offload is on; the header tells the
+    kernel where to finish it, and for a TCP segment longer than the MTU,
+    how to cut it (GSO). ICMP carries a full checksum and a plain header.
+    """
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) << 2
+        proto = packet[9]
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    elif version == 6:
+        ihl = 40
+        proto = packet[6]
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+    else:
+        return _PLAIN_VNET_HDR
+    if proto == 6:
+        hdr_len = ihl + ((packet[ihl + 12] >> 4) << 2)
+        if len(packet) > mtu:
+            return VNET_HDR.pack(
+                VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, mtu - hdr_len, ihl, 16
+            )
+        return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, hdr_len, 0, ihl, 16)
+    if proto == 17:
+        return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, ihl, 6)
+    return _PLAIN_VNET_HDR
+
+
+def _set_offload(fd: int, offload: bool) -> None:
+    if not offload:
+        return
+    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+
+
+def open_tun(
+    name: str,
+    *,
+    mtu: int | None = None,
+    offload: bool = True,
+    addresses: tuple[str, ...] = (),
+    up: bool = True,
+) -> TunDevice:
+    """Open (creating if missing) the TUN device `name`.
+
+    Args:
+        name: interface name, e.g. ``tun0``.
+        mtu: set the interface MTU when given.
+        offload: negotiate the virtio-net header with checksum and TSO
+            offloads.
+        addresses: CIDR addresses to add (``10.0.0.1/24``, ``fd00::1/64``).
+        up: bring the interface up.
+
+    Raises:
+        TunError: the device cannot be opened or configured.
+    """
+    import pytun
+
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
+    try:
+        dev = pytun.TunTapDevice(name=name, flags=flags)
+    except (pytun.Error, OSError) as exc:
+        raise TunError(f"cannot open TUN device {name!r}: {exc}") from exc
+    try:
+        _set_offload(dev.fileno(), offload)
+        if mtu is not None:
+            dev.mtu = mtu
+        for cidr in addresses:
+            _ip("addr", "add", cidr, "dev", dev.name)
+        if up:
+            dev.up()
+        actual_mtu = dev.mtu
+    except (pytun.Error, OSError) as exc:
+        dev.close()
+        raise TunError(f"cannot configure TUN device {name!r}: {exc}") from exc
+    return TunDevice(dev.fileno(), name=dev.name, mtu=actual_mtu, offload=offload, keep=dev)
+
+
+def adopt_tun(fd: int, *, mtu: int = 1500) -> TunDevice:
+    """Take over an already-open TUN fd (VpnService style).
+
+    The offload mode is read from the device's own flags, so a descriptor
+    opened with IFF_VNET_HDR keeps working; Android's has no such header.
+    """
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    except OSError as exc:
+        raise TunError(f"fd {fd} is not a TUN device: {exc}") from exc
+    name = ifr[:16].split(b"\0", 1)[0].decode(errors="replace")
+    (flags,) = struct.unpack_from("H", ifr, 16)
+    if not flags & IFF_TUN:
+        raise TunError(f"fd {fd} ({name}) is a TAP device, not TUN")
+    return TunDevice(fd, name=name, mtu=mtu, offload=bool(flags & IFF_VNET_HDR))
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise TunError(f"ip {' '.join(args)}: {result.stderr.strip()}")

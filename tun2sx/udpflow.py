@@ -1,0 +1,260 @@
+"""UDP sessions and DNS: datagrams from applications to the outbounds.
+
+A session exists per application source endpoint (address, port) and is
+full-cone: once open, replies from any remote endpoint reach the
+application. Its task owns one outbound UDP session; it ends after
+`udp_idle_timeout` without traffic. Datagrams wait in a bounded queue;
+a full queue drops (and counts) rather than stalling the reader.
+
+Every query to port 53 is answered by the fake-IP DNS when DNS hijack is
+on; queries it cannot answer itself go upstream over TCP through the
+outbound, without blocking anything else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import struct
+from typing import TYPE_CHECKING
+
+import trio
+
+from outbounds.base import Destination, OutboundError
+from stack.netstack import UdpDatagram
+from stack.wire import icmp
+
+if TYPE_CHECKING:
+    from outbounds.base import UdpSession
+    from tun2sx.engine import Engine
+    from tun2sx.tcpstream import TcpStream
+
+log = logging.getLogger("tun2sx.udp")
+
+_QUEUE = 256
+_U16 = struct.Struct("!H")
+
+
+class _Session:
+    __slots__ = ("app_addr", "app_port", "last_to_by_port", "receive", "scope", "send", "sent_to")
+
+    def __init__(self, app_addr: bytes, app_port: int) -> None:
+        self.app_addr = app_addr
+        self.app_port = app_port
+        self.send, self.receive = trio.open_memory_channel[tuple[bytes, int, bytes]](_QUEUE)
+        self.scope = trio.CancelScope()
+        # Replies come back with the address the proxy used, often the real
+        # IP behind a fake one: map them to what the application sent to.
+        self.sent_to: dict[tuple[str, int], bytes] = {}
+        self.last_to_by_port: dict[int, bytes] = {}
+
+
+class UdpFlows:
+    """Runs the UDP sessions and the DNS answers of one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.sessions: dict[tuple[bytes, int], _Session] = {}
+        self._dns_forwards = 0
+
+    def datagram(self, dgram: UdpDatagram) -> None:
+        """Route one datagram from an application (called by the reader)."""
+        engine = self._engine
+        if dgram.dst_port == 53 and engine.config.dns_hijack and engine.dns is not None:
+            self._dns(dgram)
+            return
+        key = (dgram.src, dgram.src_port)
+        session = self.sessions.get(key)
+        if session is None:
+            session = _Session(dgram.src, dgram.src_port)
+            self.sessions[key] = session
+            engine.nursery.start_soon(self._run_session, session)
+        try:
+            session.send.send_nowait((dgram.dst, dgram.dst_port, dgram.payload))
+        except trio.WouldBlock:
+            engine.counters["udp_queue_drops"] += 1
+
+    # -- sessions ------------------------------------------------------------
+
+    async def _run_session(self, session: _Session) -> None:
+        engine = self._engine
+        key = (session.app_addr, session.app_port)
+        engine.counters["udp_sessions_started"] += 1
+        try:
+            with session.scope:
+                session.scope.deadline = trio.current_time() + engine.config.udp_idle_timeout
+                first = await session.receive.receive()
+                dest = self._destination(session, first[0], first[1])
+                if dest is None:
+                    return
+                outbound = engine.router.route(dest, "udp")
+                if outbound is None:
+                    self._unreachable(session, first, 13, 1)
+                    return
+                try:
+                    upstream = await outbound.open_udp()
+                except OutboundError as exc:
+                    log.info("UDP session for %s via %s: %s", dest, outbound.name, exc)
+                    self._unreachable(session, first, 1, 3)
+                    return
+                async with upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._downlink, session, upstream)
+                    await upstream.send_to(first[2], dest)
+                    await self._uplink(session, upstream)
+        except (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("UDP session %s ended: %s", key, exc)
+        except Exception:
+            engine.counters["udp_session_errors"] += 1
+            log.exception("UDP session %s failed", key)
+        finally:
+            self.sessions.pop(key, None)
+            session.receive.close()
+
+    def _touch(self, session: _Session) -> None:
+        session.scope.deadline = trio.current_time() + self._engine.config.udp_idle_timeout
+
+    def _destination(self, session: _Session, addr: bytes, port: int) -> Destination | None:
+        dest = self._engine.destination_for(addr, port)
+        if dest is None:
+            log.warning(
+                "UDP to %s:%d: fake IP has no host name; answering port unreachable",
+                ipaddress.ip_address(addr),
+                port,
+            )
+            self._engine.counters["udp_unknown_fake_ip"] += 1
+            self._unreachable(session, (addr, port, b""), 3, 4)
+            return None
+        session.sent_to[(str(dest.host), port)] = addr
+        session.last_to_by_port[port] = addr
+        return dest
+
+    async def _uplink(self, session: _Session, upstream: UdpSession) -> None:
+        async for addr, port, payload in session.receive:
+            self._touch(session)
+            dest = self._destination(session, addr, port)
+            if dest is not None:
+                await upstream.send_to(payload, dest)
+
+    async def _downlink(self, session: _Session, upstream: UdpSession) -> None:
+        engine = self._engine
+        while True:
+            data, src = await upstream.receive_from()
+            self._touch(session)
+            addr = session.sent_to.get((str(src.host), src.port))
+            if addr is None:
+                addr = session.last_to_by_port.get(src.port)
+            if addr is None:
+                if isinstance(src.host, str):
+                    engine.counters["udp_unmapped_replies"] += 1
+                    continue
+                addr = src.host.packed
+            if len(addr) != len(session.app_addr):
+                engine.counters["udp_unmapped_replies"] += 1
+                continue
+            engine.stack.send_udp(addr, src.port, session.app_addr, session.app_port, data)
+            engine.flush()
+
+    def _unreachable(
+        self, session: _Session, datagram: tuple[bytes, int, bytes], code4: int, code6: int
+    ) -> None:
+        """ICMP destination unreachable for a datagram we could not send."""
+        engine = self._engine
+        addr, port, payload = datagram
+        from stack.wire.packet import build_udp_packet
+
+        original = build_udp_packet(session.app_addr, addr, session.app_port, port, payload)
+        v4 = len(addr) == 4
+        engine.stack.send_icmp_error(
+            original,
+            addr,
+            icmp.ICMP_DEST_UNREACH if v4 else icmp.ICMP6_DEST_UNREACH,
+            code4 if v4 else code6,
+        )
+        engine.flush()
+
+    # -- DNS -----------------------------------------------------------------
+
+    def _dns(self, dgram: UdpDatagram) -> None:
+        engine = self._engine
+        assert engine.dns is not None
+        from tun2sx.dns import BadDnsQuery
+
+        try:
+            answer = engine.dns.handle_query_untrusted(dgram.payload)
+        except BadDnsQuery:
+            engine.counters["dns_bad_queries"] += 1
+            return
+        engine.counters["dns_queries"] += 1
+        if answer.response is not None:
+            engine.stack.send_udp(dgram.dst, 53, dgram.src, dgram.src_port, answer.response)
+            engine.flush()
+            return
+        if self._dns_forwards >= engine.config.max_dns_forwards:
+            engine.counters["dns_forward_drops"] += 1
+            return
+        self._dns_forwards += 1
+        engine.nursery.start_soon(self._forward_udp, dgram)
+
+    async def _forward_udp(self, dgram: UdpDatagram) -> None:
+        engine = self._engine
+        try:
+            response = await self.forward(dgram.payload)
+            if response is not None:
+                engine.stack.send_udp(dgram.dst, 53, dgram.src, dgram.src_port, response)
+                engine.flush()
+        finally:
+            self._dns_forwards -= 1
+
+    async def forward(self, query: bytes) -> bytes | None:
+        """Send a query upstream through the outbound; None on failure."""
+        from tun2sx.dns import forward_query
+
+        engine = self._engine
+        upstream = engine.config.dns_upstream
+        outbound = engine.router.route(upstream, "tcp")
+        if outbound is None:
+            return None
+        try:
+            with trio.fail_after(5):
+                return await forward_query(query, upstream, outbound)
+        except (OutboundError, OSError, trio.TooSlowError, ValueError) as exc:
+            engine.counters["dns_forward_failures"] += 1
+            log.info("DNS upstream %s via %s: %s", upstream, outbound.name, exc)
+            return None
+
+    async def serve_dns_stream(self, stream: TcpStream) -> None:
+        """Answer length-prefixed DNS queries on one TCP connection."""
+        engine = self._engine
+        assert engine.dns is not None
+        from tun2sx.dns import BadDnsQuery
+
+        buf = bytearray()
+        while True:
+            with trio.move_on_after(30):
+                data = await stream.receive_some()
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 2:
+                (size,) = _U16.unpack_from(buf)
+                if len(buf) < 2 + size:
+                    break
+                query = bytes(buf[2 : 2 + size])
+                del buf[: 2 + size]
+                try:
+                    answer = engine.dns.handle_query_untrusted(query)
+                except BadDnsQuery:
+                    engine.counters["dns_bad_queries"] += 1
+                    return
+                engine.counters["dns_queries"] += 1
+                response = answer.response
+                if response is None:
+                    response = await self.forward(query)
+                if response is None:
+                    return
+                await stream.send_all(_U16.pack(len(response)) + response)
+        await stream.send_eof()
+
+
+__all__ = ["UdpFlows", "math"]
