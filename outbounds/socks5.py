@@ -49,10 +49,15 @@ __all__ = [
     "Socks5ProtocolError",
     "Socks5Reply",
     "Socks5UdpSession",
+    "Socks5UdpStatistics",
+    "build_reply",
     "build_request",
     "decode_udp_datagram_untrusted",
+    "encode_address",
     "encode_udp_datagram",
+    "parse_address_untrusted",
     "parse_request_untrusted",
+    "parse_socks5_url",
 ]
 
 VERSION: Final = 5

@@ -11,6 +11,7 @@ in a `finally`, so no server outlives its test.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -111,6 +112,13 @@ def wait_for_port(
     pytest.fail(f"nothing listening on {host}:{port} after {timeout}s{extra}")
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if pytest itself is killed, so no server is orphaned."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     # The server runs in its own session, so its PID is its process group id:
     # this reaches forked workers (Dante) without touching anything else.
@@ -146,6 +154,7 @@ def run_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         server = ServerProcess(proc, host, port, log.name)
         try:

@@ -173,7 +173,12 @@ async def serve(args: argparse.Namespace) -> None:
         for cidr in args.tun_address:
             iface = ipaddress.ip_interface(cidr)
             reserved.append(iface.ip)
-        store = FakeIpStore(path=args.fake_ip_db, v4_pool=v4, v6_pool=v6, reserved=tuple(reserved))
+        store = FakeIpStore(
+            path=args.fake_ip_db,
+            v4_pool=str(v4),
+            v6_pool=None if v6 is None else str(v6),
+            reserved=tuple(reserved),
+        )
         dns = FakeDns(store, FakeIpFilter(args.fake_ip_filter))
     device = open_device(args)
     mss = max(536, device.mtu - 60)

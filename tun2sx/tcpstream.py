@@ -15,7 +15,7 @@ receiving; `aclose` after the application's own FIN ends gracefully, while
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -28,9 +28,6 @@ from stack.tcp import (
     TcpConnection,
     TcpState,
 )
-
-if TYPE_CHECKING:
-    from collections.abc import Buffer
 
 _DEAD_STATES = frozenset({TcpState.CLOSED, TcpState.TIME_WAIT})
 
@@ -106,7 +103,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     assert event is NEED_DATA
                     await self._lot.park()
 
-    async def send_all(self, data: Buffer) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
         if self._send_conflict.locked():
             raise trio.BusyResourceError("another task is sending")

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import math
-import struct
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,6 +22,16 @@ import trio
 from outbounds.base import Destination, OutboundError
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
+from stack.wire.packet import build_udp_packet
+from tun2sx.dns import (
+    BadDnsQuery,
+    DnsReply,
+    DnsTcpFramer,
+    DnsUpstreamError,
+    FakeDns,
+    forward_query,
+    truncate_for_udp,
+)
 
 if TYPE_CHECKING:
     from outbounds.base import UdpSession
@@ -33,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tun2sx.udp")
 
 _QUEUE = 256
-_U16 = struct.Struct("!H")
+_DNS_TCP_IDLE = 30.0
 
 
 class _Session:
@@ -98,10 +106,13 @@ class UdpFlows:
                     log.info("UDP session for %s via %s: %s", dest, outbound.name, exc)
                     self._unreachable(session, first, 1, 3)
                     return
-                async with upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._downlink, session, upstream)
-                    await upstream.send_to(first[2], dest)
-                    await self._uplink(session, upstream)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._downlink, session, upstream)
+                        await upstream.send_to(first[2], dest)
+                        await self._uplink(session, upstream)
+                finally:
+                    await trio.aclose_forcefully(upstream)  # type: ignore[arg-type]
         except (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("UDP session %s ended: %s", key, exc)
         except Exception:
@@ -161,8 +172,6 @@ class UdpFlows:
         """ICMP destination unreachable for a datagram we could not send."""
         engine = self._engine
         addr, port, payload = datagram
-        from stack.wire.packet import build_udp_packet
-
         original = build_udp_packet(session.app_addr, addr, session.app_port, port, payload)
         v4 = len(addr) == 4
         engine.stack.send_icmp_error(
@@ -175,20 +184,27 @@ class UdpFlows:
 
     # -- DNS -----------------------------------------------------------------
 
-    def _dns(self, dgram: UdpDatagram) -> None:
+    def _answer_local(self, query: bytes) -> tuple[bytes | None, bool]:
+        """Answer from the fake-IP DNS: (response or None, needs upstream)."""
         engine = self._engine
         assert engine.dns is not None
-        from tun2sx.dns import BadDnsQuery
-
         try:
-            answer = engine.dns.handle_query_untrusted(dgram.payload)
-        except BadDnsQuery:
+            answer = engine.dns.handle_query_untrusted(query)
+        except BadDnsQuery as exc:
             engine.counters["dns_bad_queries"] += 1
-            return
+            return exc.formerr, False
         engine.counters["dns_queries"] += 1
-        if answer.response is not None:
-            engine.stack.send_udp(dgram.dst, 53, dgram.src, dgram.src_port, answer.response)
+        if type(answer) is DnsReply:
+            return answer.data, False
+        return None, True
+
+    def _dns(self, dgram: UdpDatagram) -> None:
+        engine = self._engine
+        response, upstream = self._answer_local(dgram.payload)
+        if response is not None:
+            engine.stack.send_udp(dgram.dst, 53, dgram.src, dgram.src_port, response)
             engine.flush()
+        if not upstream:
             return
         if self._dns_forwards >= engine.config.max_dns_forwards:
             engine.counters["dns_forward_drops"] += 1
@@ -201,60 +217,48 @@ class UdpFlows:
         try:
             response = await self.forward(dgram.payload)
             if response is not None:
+                response = truncate_for_udp(response)
                 engine.stack.send_udp(dgram.dst, 53, dgram.src, dgram.src_port, response)
                 engine.flush()
         finally:
             self._dns_forwards -= 1
 
     async def forward(self, query: bytes) -> bytes | None:
-        """Send a query upstream through the outbound; None on failure."""
-        from tun2sx.dns import forward_query
+        """Resolve a query upstream through the outbound.
 
+        A failure answers SERVFAIL at once, so the application does not sit
+        out its resolver timeout; None only for an unreadable query.
+        """
         engine = self._engine
         upstream = engine.config.dns_upstream
         outbound = engine.router.route(upstream, "tcp")
         if outbound is None:
-            return None
+            return FakeDns.servfail(query)
         try:
-            with trio.fail_after(5):
-                return await forward_query(query, upstream, outbound)
-        except (OutboundError, OSError, trio.TooSlowError, ValueError) as exc:
+            return await forward_query(query, upstream, outbound)
+        except DnsUpstreamError as exc:
             engine.counters["dns_forward_failures"] += 1
             log.info("DNS upstream %s via %s: %s", upstream, outbound.name, exc)
-            return None
+            return FakeDns.servfail(query)
 
     async def serve_dns_stream(self, stream: TcpStream) -> None:
         """Answer length-prefixed DNS queries on one TCP connection."""
-        engine = self._engine
-        assert engine.dns is not None
-        from tun2sx.dns import BadDnsQuery
-
-        buf = bytearray()
+        framer = DnsTcpFramer()
         while True:
-            with trio.move_on_after(30):
+            data = b""
+            with trio.move_on_after(_DNS_TCP_IDLE):
                 data = await stream.receive_some()
             if not data:
                 break
-            buf += data
-            while len(buf) >= 2:
-                (size,) = _U16.unpack_from(buf)
-                if len(buf) < 2 + size:
-                    break
-                query = bytes(buf[2 : 2 + size])
-                del buf[: 2 + size]
-                try:
-                    answer = engine.dns.handle_query_untrusted(query)
-                except BadDnsQuery:
-                    engine.counters["dns_bad_queries"] += 1
-                    return
-                engine.counters["dns_queries"] += 1
-                response = answer.response
-                if response is None:
+            try:
+                framer.receive_data(data)
+            except ValueError:
+                return
+            while (query := framer.next_message()) is not None:
+                response, upstream = self._answer_local(query)
+                if upstream:
                     response = await self.forward(query)
                 if response is None:
                     return
-                await stream.send_all(_U16.pack(len(response)) + response)
+                await stream.send_all(DnsTcpFramer.frame(response))
         await stream.send_eof()
-
-
-__all__ = ["UdpFlows", "math"]

@@ -292,6 +292,10 @@ class TcpConnection:
                 return
             if seg_len and seq + seg_len <= nxt:
                 n.dup_segments += 1
+                if flags & FIN and state is _S.TIME_WAIT:
+                    # The peer's FIN again: our last ACK was lost. ACK it
+                    # and restart TIME-WAIT (RFC 9293 3.10.7.4).
+                    self._timers.time_wait = now + self._config.time_wait
             self._send_ack()
             # A zero window accepts no data, but its ACK still counts.
             if not (wnd <= 0 and seq == nxt and flags & ACK and not flags & SYN):
@@ -341,12 +345,8 @@ class TcpConnection:
         if self._state in _RECEIVING_DATA:
             self._receive_data(seq, payload, bool(flags & FIN), now)
         else:
-            # The FIN was received already: a retransmission. ACK it, and
-            # restart TIME-WAIT (RFC 9293 section 3.10.7.4, TIME-WAIT).
-            n.dup_segments += 1
+            # Data past the peer's FIN: nothing can be taken; just ACK.
             self._send_ack()
-            if self._state is _S.TIME_WAIT:
-                self._timers.time_wait = now + self._config.time_wait
 
     def _establish(self, hdr: TcpHeader, seq: int, ack: int, now: float) -> None:
         snd = self._snd

@@ -58,6 +58,11 @@ _U32X2 = struct.Struct("!II")
 _EOL, _NOP, _MSS, _WSCALE, _SACK_PERM, _SACK, _TIMESTAMP = 0, 1, 2, 3, 4, 5, 8
 # The option block almost every data segment carries: NOP NOP TS(len 10).
 _TS_ONLY_PREFIX = 0x0101080A
+_TS_ONLY_BYTES = _TS_ONLY_PREFIX.to_bytes(4, "big")
+# NOP NOP TS(len 10) TSval TSecr, and the option fields that must be unset
+# for a segment to carry only that block.
+_TS_ONLY_BLOCK = struct.Struct("!4sII")
+_NO_SYN_OPTIONS = (None, None, False, ())
 # NamedTuple's generated __new__ is a Python function; calling tuple.__new__
 # with a ready tuple skips that frame (about 0.25 us per header here).
 _tuple_new = tuple.__new__
@@ -183,6 +188,22 @@ def emit_options(options: TcpOptions) -> bytes:
     """
     if options is NO_OPTIONS:
         return b""
+    if options.timestamp is not None and options[:4] == _NO_SYN_OPTIONS:
+        # Every segment after the handshake: NOP NOP TS, packed in one call.
+        try:
+            return _TS_ONLY_BLOCK.pack(_TS_ONLY_BYTES, *options.timestamp)
+        except struct.error as exc:
+            raise ValueError(f"TCP timestamp out of range: {exc}") from exc
+    try:
+        out = _emit_options_general(options)
+    except struct.error as exc:
+        raise ValueError(f"TCP option field out of range: {exc}") from exc
+    if len(out) > MAX_OPTIONS_LEN:
+        raise ValueError(f"TCP options take {len(out)} bytes, more than {MAX_OPTIONS_LEN}")
+    return out
+
+
+def _emit_options_general(options: TcpOptions) -> bytes:
     parts: list[bytes] = []
     if options.mss is not None:
         parts.append(struct.pack("!BBH", _MSS, 4, options.mss))
@@ -199,10 +220,7 @@ def emit_options(options: TcpOptions) -> bytes:
         parts.append(
             bytes((_NOP, _NOP, _SACK, 2 + 4 * len(flat))) + struct.pack(f"!{len(flat)}I", *flat)
         )
-    out = b"".join(parts)
-    if len(out) > MAX_OPTIONS_LEN:
-        raise ValueError(f"TCP options take {len(out)} bytes, more than {MAX_OPTIONS_LEN}")
-    return out
+    return b"".join(parts)
 
 
 def emit_tcp_header(header: TcpHeader) -> bytes:

@@ -67,7 +67,7 @@ def latency(host: str, port: int, rounds: int) -> dict[str, float]:
 
 def hold(host: str, port: int, count: int) -> None:
     """Open `count` connections, check each echoes, report, wait for EOF."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     socks = []
     ok = 0

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stack.errors import BadPacket
+from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import Packet, build_tcp_packet, build_udp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
 
@@ -102,6 +103,12 @@ def _tcp_to(port: int, flags: int) -> Callable[[Packet], bool]:
 
 def _proto(proto: int, version: int) -> Callable[[Packet], bool]:
     return lambda p: p.proto == proto and p.version == version
+
+
+def _icmp(proto: int, version: int, types: tuple[int, int]) -> Callable[[Packet], bool]:
+    return lambda p: (
+        _proto(proto, version)(p) and isinstance(p.l4, IcmpHeader) and p.l4.type in types
+    )
 
 
 def capture_inside(out: Path) -> dict[str, str]:
@@ -193,11 +200,7 @@ def capture_inside(out: Path) -> dict[str, str]:
             ["ping", flag, "-c1", "-W1", host], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            raw = tun.read_until(
-                lambda p, proto=proto, version=version: (
-                    _proto(proto, version)(p) and p.l4 is not None and p.l4[0] in (8, 128)
-                )
-            )
+            raw = tun.read_until(_icmp(proto, version, (8, 128)))
             keep(name, raw, f"ping -c1 {host}: echo request")
         finally:
             ping.wait(timeout=5)
@@ -208,11 +211,7 @@ def capture_inside(out: Path) -> dict[str, str]:
         (PEER6, OUR6, 58, 6, "kernel_icmpv6_port_unreach_v6.bin"),
     ):
         tun.write(build_udp_packet(src, dst, 5555, CLOSED_PORT, b"to a closed port\n"))
-        raw = tun.read_until(
-            lambda p, proto=proto, version=version: (
-                _proto(proto, version)(p) and p.l4 is not None and p.l4[0] in (3, 1)
-            )
-        )
+        raw = tun.read_until(_icmp(proto, version, (3, 1)))
         keep(name, raw, "kernel port unreachable for our UDP to port 9")
 
     out.mkdir(parents=True, exist_ok=True)

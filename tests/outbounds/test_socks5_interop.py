@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import socket
 
 import pytest
 import trio
@@ -13,7 +14,7 @@ import trio.testing
 from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.socks5 import Socks5Outbound
 from tests.outbounds.conftest import PROXY_PASSWORD, PROXY_USER
-from tests.support import ServerProcess, free_port, transfer_through
+from tests.support import ServerProcess, free_port, require_binary, run_server, transfer_through
 
 MEGABYTES = 4
 
@@ -135,3 +136,13 @@ async def test_udp_associate_ends_with_session(
             with trio.fail_after(5):
                 assert (await session.receive_from())[0] == b"x"
         await session.aclose()
+
+
+async def test_proxy_on_ipv6_loopback(tcp_echo: Destination) -> None:
+    binary = require_binary("microsocks")
+    port = free_port(socket.AF_INET6)
+    with run_server([binary, "-i", "::1", "-p", str(port)], "::1", port):
+        outbound = Socks5Outbound.from_url(f"socks5://[::1]:{port}")
+        stream = await outbound.connect_tcp(tcp_echo)
+        async with stream:
+            assert await transfer_through(stream, b"via v6", half_close=False) == b"via v6"

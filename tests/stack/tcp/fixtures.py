@@ -51,8 +51,16 @@ def established(cfg: TcpConfig = CFG, **app_kw: object) -> tuple[TcpConnection, 
     return conn, app
 
 
-def ack_seg(t: float, app: App, window: int, *, seq: int | None = None, flags: int = ACK,
-            sack: tuple[tuple[int, int], ...] = (), payload: bytes = b"") -> Seg:
+def ack_seg(
+    t: float,
+    app: App,
+    window: int,
+    *,
+    seq: int | None = None,
+    flags: int = ACK,
+    sack: tuple[tuple[int, int], ...] = (),
+    payload: bytes = b"",
+) -> Seg:
     """The segment we expect to carry an ACK of everything the app sent."""
     return Seg(
         s(SRV_ISS + 1) if seq is None else seq,

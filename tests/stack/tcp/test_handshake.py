@@ -146,7 +146,12 @@ def test_only_a_plain_syn_opens_a_connection() -> None:
 
 
 def test_config_rejects_nonsense() -> None:
-    for kwargs in ({"mss": 0}, {"mss": 70000}, {"rto_min": 5.0, "rto_max": 1.0},
-                   {"rcv_buf": 2**31}, {"time_wait": -1.0}):
+    for kwargs in (
+        {"mss": 0},
+        {"mss": 70000},
+        {"rto_min": 5.0, "rto_max": 1.0},
+        {"rcv_buf": 2**31},
+        {"time_wait": -1.0},
+    ):
         with pytest.raises(LocalProtocolError):
             TcpConfig(**kwargs)  # type: ignore[arg-type]

@@ -51,7 +51,9 @@ def test_loss_is_repaired_by_fast_retransmit_and_sack_not_by_timeouts() -> None:
         _check(server, client, a, b)
         stats += [server.conn.statistics(), client.conn.statistics()]
         durations.append(end)
-    fast, sack, rto = (_sum(stats, f) for f in ("fast_retransmits", "sack_retransmits", "rto_timeouts"))
+    fast, sack, rto = (
+        _sum(stats, f) for f in ("fast_retransmits", "sack_retransmits", "rto_timeouts")
+    )
     assert fast > 0 and sack > 0
     # Timeouts are the exception (tail losses), not the way losses get repaired.
     assert fast + sack > 8 * rto
@@ -65,9 +67,7 @@ def test_newreno_without_sack_still_delivers_everything() -> None:
     stats: list[TcpStatistics] = []
     for seed in range(12):
         a, b = _payloads(seed)
-        server, client, _ = run_transfer(
-            seed, a, b, loss=0.02, server_cfg=cfg, client_cfg=cfg
-        )
+        server, client, _ = run_transfer(seed, a, b, loss=0.02, server_cfg=cfg, client_cfg=cfg)
         _check(server, client, a, b)
         stats += [server.conn.statistics(), client.conn.statistics()]
     assert _sum(stats, "sack_retransmits") == 0

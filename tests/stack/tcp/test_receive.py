@@ -28,7 +28,7 @@ def test_every_second_full_segment_is_acked_at_once() -> None:
     conn.segment_received(*app.seg(ACK, b"b" * PAYLOAD), 0.02)
     assert observe(conn, app, 0.02) == (TcpState.ESTABLISHED, [], [DataReceived(b"b" * PAYLOAD)])
     conn.segment_received(*app.seg(ACK, b"c" * PAYLOAD), 0.02)
-    state, segs, events = observe(conn, app, 0.02)
+    _state, segs, events = observe(conn, app, 0.02)
     # The second segment was unread when the ACK was built: the window shows it.
     assert segs == [ack_seg(0.02, app, (100_000 - PAYLOAD) // 2)]
     assert events == [DataReceived(b"c" * PAYLOAD)]
@@ -41,20 +41,26 @@ def test_out_of_order_data_is_sacked_at_once_and_delivered_when_the_hole_fills()
     third = app.seg(ACK, b"3" * 100)
     conn.segment_received(*third, 0.02)
     left = s(APP_ISN + 201)
-    state, segs, events = observe(conn, app, 0.02)
+    _, segs, events = observe(conn, app, 0.02)
     assert events == []
     assert segs == [
-        Seg(s(SRV_ISS + 1), s(APP_ISN + 1), ACK, FULL,
-            TcpOptions(sack_blocks=((left, s(left + 100)),), timestamp=(ts(0.02), 1000)), b"")
+        Seg(
+            s(SRV_ISS + 1),
+            s(APP_ISN + 1),
+            ACK,
+            FULL,
+            TcpOptions(sack_blocks=((left, s(left + 100)),), timestamp=(ts(0.02), 1000)),
+            b"",
+        )
     ]
     conn.segment_received(*first, 0.03)
-    state, segs, events = observe(conn, app, 0.03)
+    _, segs, events = observe(conn, app, 0.03)
     assert events == [DataReceived(b"1" * 100)]
     assert [(x.ack, x.options.sack_blocks) for x in segs] == [
         (s(APP_ISN + 101), ((left, s(left + 100)),))
     ]
     conn.segment_received(*second, 0.04)
-    state, segs, events = observe(conn, app, 0.04)
+    _state, segs, events = observe(conn, app, 0.04)
     assert events == [DataReceived(b"2" * 100 + b"3" * 100)]
     # Hole filled: ACK at once, no SACK. The right edge has not moved since
     # the first ACK (receiver SWS avoidance: it moves by an MSS or more).
@@ -99,9 +105,11 @@ def test_paws_drops_a_segment_with_an_old_timestamp() -> None:
     conn.segment_received(*app.seg(ACK, b"old", tsval=1001), 0.03)
     app.nxt = s(app.nxt - 3)
     app.tsval = 1005
-    state, segs, events = observe(conn, app, 0.03)
+    _state, segs, events = observe(conn, app, 0.03)
     assert events == []
-    assert segs == [ack_seg(0.03, app, FULL)._replace(options=TcpOptions(timestamp=(ts(0.03), 1005)))]
+    assert segs == [
+        ack_seg(0.03, app, FULL)._replace(options=TcpOptions(timestamp=(ts(0.03), 1005)))
+    ]
     assert conn.statistics().paws_drops == 1
 
 

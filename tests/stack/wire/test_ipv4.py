@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ from tests.stack.wire.strategies import ipv4_headers
 SRC, DST = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 
 
-def header(**changes: object) -> IPv4Header:
+def header(**changes: Any) -> IPv4Header:
     base = IPv4Header(0, 28, 7, FLAG_DF, 0, 64, 17, 0, SRC, DST)
     return base._replace(**changes)
 
@@ -126,6 +128,13 @@ def test_arbitrary_bytes_raise_only_bad_packet(data: bytes) -> None:
         {"total_length": -1},
     ],
 )
-def test_emit_rejects_out_of_range(changes: dict[str, object]) -> None:
+def test_emit_rejects_out_of_range(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="IPv4"):
         emit_ipv4_header(header(**changes))
+
+
+def test_checksum_check_can_be_waived_for_trusted_sources() -> None:
+    raw = bytearray(packet(header(), b"12345678"))
+    raw[10] ^= 0x01
+    h, body = parse_ipv4_untrusted(memoryview(bytes(raw)), verify_checksum=False)
+    assert h.checksum == int.from_bytes(raw[10:12], "big") and bytes(body) == b"12345678"

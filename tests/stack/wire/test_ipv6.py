@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -146,7 +148,7 @@ def test_arbitrary_bytes_raise_only_bad_packet(data: bytes, first: int) -> None:
         {"hop_limit": -1},
     ],
 )
-def test_emit_rejects_out_of_range(changes: dict[str, object]) -> None:
+def test_emit_rejects_out_of_range(changes: dict[str, Any]) -> None:
     h = IPv6Header(0, 0, 0, UDP, 64, SRC, DST)._replace(**changes)
     with pytest.raises(ValueError, match="IPv6"):
         emit_ipv6_header(h)

@@ -1,0 +1,153 @@
+"""Half-close both ways, every closing state, TIME-WAIT, RST and abort in each state."""
+
+from __future__ import annotations
+
+import pytest
+
+from stack.tcp import Closed, ConnectionReset, DataReceived, EofReceived, TcpState
+
+from .fixtures import CFG, close_wait, established, fin_wait_1, fin_wait_2, observe, syn_received
+from .helpers import ACK, FIN, RST, SRV_ISS, SYN, s
+
+ISS1 = s(SRV_ISS + 1)
+
+
+def test_app_half_closes_and_data_still_flows_to_it() -> None:
+    conn, app = close_wait()
+    assert conn.send(b"reply") == 5
+    [data] = app.absorb(conn.segments_to_send(0.03))
+    assert (data.seq, data.payload) == (ISS1, b"reply")
+    conn.close()
+    [fin] = app.absorb(conn.segments_to_send(0.04))
+    assert (fin.seq, fin.flags) == (s(ISS1 + 5), ACK | FIN)
+    assert conn.state is TcpState.LAST_ACK
+    conn.segment_received(*app.seg(), 0.05)
+    assert observe(conn, app, 0.05) == (TcpState.CLOSED, [], [Closed()])
+    assert conn.next_deadline() is None
+
+
+def test_we_half_close_and_the_app_keeps_sending() -> None:
+    conn, app = fin_wait_2()
+    conn.segment_received(*app.seg(ACK, b"more"), 0.04)
+    assert observe(conn, app, 0.04)[2] == [DataReceived(b"more")]
+    conn.segment_received(*app.seg(ACK | FIN), 0.05)
+    state, segs, events = observe(conn, app, 0.05)
+    assert state is TcpState.TIME_WAIT
+    assert [(x.seq, x.ack, x.flags) for x in segs] == [(s(ISS1 + 1), app.nxt, ACK)]
+    assert events == [EofReceived(), Closed()]
+    assert conn.next_deadline() == pytest.approx(0.05 + CFG.time_wait)
+    # A retransmitted FIN is acknowledged again and restarts TIME-WAIT.
+    conn.segment_received(*app.seg(ACK | FIN, seq=s(app.nxt - 1)), 0.5)
+    assert [x.flags for x in observe(conn, app, 0.5)[1]] == [ACK]
+    assert conn.next_deadline() == pytest.approx(0.5 + CFG.time_wait)
+    conn.handle_timeout(1.5)
+    assert observe(conn, app, 1.5) == (TcpState.CLOSED, [], [])
+
+
+def test_simultaneous_close_goes_through_closing() -> None:
+    conn, app = fin_wait_1()
+    # The app's FIN crosses ours: it does not acknowledge our FIN yet.
+    conn.segment_received(*app.seg(ACK | FIN, ack=ISS1), 0.03)
+    state, _segs, events = observe(conn, app, 0.03)
+    assert state is TcpState.CLOSING
+    assert events == [EofReceived()]
+    conn.segment_received(*app.seg(), 0.04)
+    assert observe(conn, app, 0.04) == (TcpState.TIME_WAIT, [], [Closed()])
+
+
+def test_fin_and_ack_of_our_fin_together_go_straight_to_time_wait() -> None:
+    conn, app = fin_wait_1()
+    conn.segment_received(*app.seg(ACK | FIN), 0.03)
+    state, _segs, events = observe(conn, app, 0.03)
+    assert state is TcpState.TIME_WAIT
+    assert events == [EofReceived(), Closed()]
+
+
+FIXTURES = {
+    "SYN-RECEIVED": syn_received,
+    "ESTABLISHED": established,
+    "CLOSE-WAIT": close_wait,
+    "FIN-WAIT-1": fin_wait_1,
+    "FIN-WAIT-2": fin_wait_2,
+}
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_exact_rst_resets_and_is_never_answered(name: str) -> None:
+    conn, app = FIXTURES[name]()
+    if conn.state is TcpState.SYN_RECEIVED:
+        app.absorb(conn.segments_to_send(0.0))
+    observe(conn, app, 0.1)
+    conn.segment_received(*app.seg(RST), 0.1)
+    assert observe(conn, app, 0.1) == (TcpState.CLOSED, [], [ConnectionReset(), Closed()])
+    conn.segment_received(*app.seg(RST), 0.2)  # anything after is ignored
+    conn.segment_received(*app.seg(ACK, b"x"), 0.2)
+    assert observe(conn, app, 0.2) == (TcpState.CLOSED, [], [])
+
+
+@pytest.mark.parametrize("name", ["ESTABLISHED", "CLOSE-WAIT", "FIN-WAIT-2"])
+def test_blind_rst_and_syn_get_a_challenge_ack(name: str) -> None:
+    conn, app = FIXTURES[name]()
+    observe(conn, app, 0.1)
+    conn.segment_received(*app.seg(RST, seq=s(app.nxt + 10)), 0.1)
+    conn.segment_received(*app.seg(SYN, seq=s(app.nxt + 10)), 0.1)
+    state, segs, events = observe(conn, app, 0.1)
+    assert state.value == name and events == []
+    assert [x.flags & ~0x01 for x in segs] == [ACK]  # one ACK (FIN-WAIT states may resend FIN)
+    assert conn.statistics().challenge_acks == 2
+    conn.segment_received(*app.seg(RST, seq=s(app.nxt + 10_000_000)), 0.1)  # out of window
+    assert observe(conn, app, 0.1) == (state, [], [])
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_abort_sends_rst_and_closes(name: str) -> None:
+    conn, app = FIXTURES[name]()
+    conn.abort()
+    state, segs, events = observe(conn, app, 0.1)
+    assert state is TcpState.CLOSED
+    assert [(x.flags, x.ack) for x in segs] == [(RST | ACK, app.nxt)]
+    assert events == [Closed()]
+    conn.abort()  # idempotent
+    assert observe(conn, app, 0.2) == (TcpState.CLOSED, [], [])
+
+
+def test_abort_and_rst_in_time_wait_close_quietly() -> None:
+    conn, app = fin_wait_2()
+    conn.segment_received(*app.seg(ACK | FIN), 0.05)
+    observe(conn, app, 0.05)
+    conn.abort()
+    assert observe(conn, app, 0.06) == (TcpState.CLOSED, [], [])
+    conn2, app2 = fin_wait_2()
+    conn2.segment_received(*app2.seg(ACK | FIN), 0.05)
+    observe(conn2, app2, 0.05)
+    conn2.segment_received(*app2.seg(RST), 0.06)
+    assert observe(conn2, app2, 0.06) == (TcpState.CLOSED, [], [])
+
+
+def test_idle_timeout_resets_a_silent_connection() -> None:
+    conn, app = established()
+    assert conn.next_deadline() == pytest.approx(0.01 + CFG.idle_timeout)  # type: ignore[operator]
+    conn.handle_timeout(7200.02)
+    state, segs, events = observe(conn, app, 7200.02)
+    assert state is TcpState.CLOSED
+    assert [x.flags for x in segs] == [RST | ACK]
+    assert events == [ConnectionReset(), Closed()]
+
+
+def test_keepalive_probes_then_resets() -> None:
+    from stack.tcp import TcpConfig
+
+    cfg = TcpConfig(keepalive_time=10.0, keepalive_interval=1.0, keepalive_probes=2)
+    conn, app = established(cfg)
+    assert conn.next_deadline() == pytest.approx(10.01)
+    conn.handle_timeout(10.01)
+    [probe] = app.absorb(conn.segments_to_send(10.01))
+    assert (probe.seq, probe.flags) == (SRV_ISS, ACK)
+    # The app answers: keep-alive starts over.
+    conn.segment_received(*app.seg(), 10.02)
+    assert conn.next_deadline() == pytest.approx(20.02)
+    for t in (20.02, 21.02):
+        conn.handle_timeout(t)
+        assert len(conn.segments_to_send(t)) == 1
+    conn.handle_timeout(22.02)
+    assert observe(conn, app, 22.02)[2] == [ConnectionReset(), Closed()]

@@ -1,0 +1,164 @@
+"""The demux: connection requests, accept/refuse, RSTs for unknown flows, caps, timers."""
+
+from __future__ import annotations
+
+import pytest
+
+from stack.errors import LocalProtocolError
+from stack.tcp import ConnectionRequest, FlowKey, TcpConfig, TcpConnection, TcpDemux, TcpState
+from stack.wire.tcp import TcpHeader
+
+from .helpers import ACK, APP_ISN, FIN, KEY, RST, SRV_ISS, SYN, App, s
+
+
+def key(port: int) -> FlowKey:
+    return KEY._replace(app_port=port)
+
+
+def test_new_syn_becomes_a_request_and_accept_queues_the_synack() -> None:
+    demux = TcpDemux(TcpConfig())
+    app = App()
+    syn = app.syn()
+    assert demux.segment_received(KEY, syn, b"", 0.0) == ConnectionRequest(KEY, syn)
+    assert demux.segment_received(KEY, syn, b"", 0.5) is None  # retransmitted: still pending
+    assert demux.statistics().pending == 1 and demux.segments_to_send(0.5) == []
+    conn = demux.accept(KEY, SRV_ISS, 0.6)
+    assert demux.connections[KEY] is conn and conn.state is TcpState.SYN_RECEIVED
+    [(k, hdr, payload)] = demux.segments_to_send(0.6)
+    assert (k, hdr.flags, hdr.seq, hdr.ack) == (KEY, SYN | ACK, SRV_ISS, s(APP_ISN + 1))
+    app.absorb([(hdr, payload)])
+    assert demux.segment_received(KEY, *app.seg(ACK, b"hi"), 0.7) is conn
+    assert conn.state is TcpState.ESTABLISHED
+    with pytest.raises(LocalProtocolError):
+        demux.accept(KEY, SRV_ISS, 0.8)
+
+
+def test_refuse_answers_rst_ack_and_forget_pending_answers_nothing() -> None:
+    demux = TcpDemux(TcpConfig())
+    syn = App().syn()
+    demux.segment_received(KEY, syn, b"", 0.0)
+    demux.refuse(KEY, 0.1)
+    [(_k, hdr, _)] = demux.segments_to_send(0.1)
+    assert (hdr.flags, hdr.seq, hdr.ack, hdr.src_port, hdr.dst_port) == (
+        RST | ACK,
+        0,
+        s(APP_ISN + 1),
+        443,
+        40000,
+    )
+    demux.segment_received(key(1), syn, b"", 0.0)
+    demux.forget_pending(key(1))
+    assert demux.segments_to_send(0.2) == [] and demux.statistics().pending == 0
+    with pytest.raises(LocalProtocolError):
+        demux.refuse(key(1), 0.3)
+
+
+def test_unknown_flows_get_rst_by_the_rfc_rules_but_never_for_rst() -> None:
+    demux = TcpDemux(TcpConfig())
+    with_ack = TcpHeader(40000, 443, 100, 777, ACK, 1000)
+    without_ack = TcpHeader(40000, 443, 100, 0, FIN, 1000)
+    assert demux.segment_received(KEY, with_ack, b"abc", 0.0) is None
+    demux.segment_received(KEY, without_ack, b"abc", 0.0)
+    demux.segment_received(KEY, TcpHeader(40000, 443, 100, 0, RST | ACK, 0), b"", 0.0)
+    got = [(h.seq, h.ack, h.flags) for _, h, _ in demux.segments_to_send(0.0)]
+    assert got == [(777, 0, RST), (0, 104, RST | ACK)]
+    assert demux.statistics().resets_sent == 2
+
+
+def test_half_open_cap_drops_and_connection_cap_refuses() -> None:
+    demux = TcpDemux(TcpConfig(max_half_open=2, max_connections=3))
+    apps = {port: App() for port in (1, 2)}
+    for port, one in apps.items():
+        assert isinstance(demux.segment_received(key(port), one.syn(), b"", 0.0), ConnectionRequest)
+    assert demux.segment_received(key(3), App().syn(), b"", 0.0) is None
+    assert demux.segments_to_send(0.0) == []  # dropped silently
+    conn = demux.accept(key(1), SRV_ISS, 0.0)
+    demux.segment_received(key(3), App().syn(), b"", 0.0)  # still 2 half-open
+    assert demux.statistics().syn_dropped_half_open == 2
+    app = apps[1]
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.0)])
+    demux.segment_received(key(1), *app.seg(), 0.01)
+    assert conn.state is TcpState.ESTABLISHED
+    assert isinstance(demux.segment_received(key(3), App().syn(), b"", 0.02), ConnectionRequest)
+    # Three flows now (one live, two pending): the fourth is refused with RST.
+    assert demux.segment_received(key(4), App().syn(), b"", 0.03) is None
+    [(k, hdr, _)] = demux.segments_to_send(0.03)
+    assert k == key(4) and hdr.flags == RST | ACK
+    st = demux.statistics()
+    assert (st.connections, st.pending, st.half_open, st.syn_refused_max_connections) == (
+        1,
+        2,
+        2,
+        1,
+    )
+
+
+def test_timers_run_through_the_heap_and_closed_connections_leave() -> None:
+    demux = TcpDemux(TcpConfig(time_wait=1.0))
+    conns: dict[FlowKey, tuple[TcpConnection, App]] = {}
+    for port in range(10):
+        app = App()
+        demux.segment_received(key(port), app.syn(), b"", 0.0)
+        conns[key(port)] = (demux.accept(key(port), SRV_ISS, 0.0), app)
+    for k, h, p in demux.segments_to_send(0.0):
+        conns[k][1].absorb([(h, p)])
+    assert demux.next_deadline() == pytest.approx(1.0)  # SYN-ACK retransmission
+    for k, (conn, app) in conns.items():
+        demux.segment_received(k, *app.seg(ACK | FIN), 0.01)
+        conn.close()
+    out = demux.segments_to_send(0.01)
+    assert {h.flags for _, h, _ in out} == {ACK | FIN}
+    for k, h, p in out:
+        app = conns[k][1]
+        app.absorb([(h, p)])
+        demux.segment_received(k, *app.seg(), 0.02)
+    demux.segments_to_send(0.02)
+    assert all(c.state is TcpState.CLOSED for c, _ in conns.values())
+    assert len(demux.connections) == 0 and demux.next_deadline() is None
+
+
+def test_time_wait_ends_on_its_deadline_and_a_new_syn_reuses_the_flow() -> None:
+    demux = TcpDemux(TcpConfig(time_wait=1.0))
+    app = App()
+    demux.segment_received(KEY, app.syn(), b"", 0.0)
+    conn = demux.accept(KEY, SRV_ISS, 0.0)
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.0)])
+    demux.segment_received(KEY, *app.seg(), 0.01)
+    conn.close()
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.01)])
+    demux.segment_received(KEY, *app.seg(ACK | FIN), 0.02)
+    demux.segments_to_send(0.02)
+    assert conn.state is TcpState.TIME_WAIT
+    # The FIN's RTO deadline is stale but still in the heap: an early wake-up.
+    assert demux.next_deadline() == pytest.approx(0.21)
+    demux.handle_timeout(0.5)
+    assert demux.segments_to_send(0.5) == [] and conn.state is TcpState.TIME_WAIT
+    assert demux.next_deadline() == pytest.approx(1.02)
+    demux.handle_timeout(1.02)
+    demux.segments_to_send(1.02)
+    assert conn.state is TcpState.CLOSED and KEY not in demux.connections
+    # Again, but a new SYN arrives during TIME-WAIT.
+    demux2 = TcpDemux(TcpConfig())
+    demux2.segment_received(KEY, App().syn(), b"", 0.0)
+    old = demux2.accept(KEY, SRV_ISS, 0.0)
+    old.abort()
+    demux2.segments_to_send(0.0)
+    assert KEY not in demux2.connections
+
+
+def test_stale_heap_entries_are_skipped_and_compacted() -> None:
+    demux = TcpDemux(TcpConfig())
+    app = App()
+    demux.segment_received(KEY, app.syn(), b"", 0.0)
+    conn = demux.accept(KEY, SRV_ISS, 0.0)
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.0)])
+    demux.segment_received(KEY, *app.seg(), 0.01)
+    for i in range(200):
+        conn.send(b"x")
+        demux.segments_to_send(0.02 + i * 0.001)
+        demux.segment_received(KEY, *app.seg(ack=s(SRV_ISS + 2 + i)), 0.02 + i * 0.001)
+    demux.segments_to_send(0.3)
+    deadline = demux.next_deadline()
+    assert deadline is not None
+    demux.handle_timeout(deadline)
+    assert len(demux._heap) <= 2 * len(demux.connections) + 64

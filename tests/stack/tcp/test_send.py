@@ -1,0 +1,162 @@
+"""Sending: segmentation, cwnd, peer window, RTO, fast retransmit, SACK holes, probes."""
+
+from __future__ import annotations
+
+import pytest
+
+from stack.errors import LocalProtocolError
+from stack.tcp import Closed, ConnectionReset, TcpConfig, TcpState
+
+from .fixtures import CFG, PAYLOAD, established, observe
+from .helpers import ACK, FIN, RST, SRV_ISS, s
+
+PSH = 0x08
+ISS1 = s(SRV_ISS + 1)
+
+
+def test_data_is_cut_into_mss_segments_up_to_the_initial_cwnd() -> None:
+    conn, app = established()
+    data = bytes(range(256)) * 80  # 20480 bytes
+    assert conn.send(data) == len(data)
+    assert conn.send_space() == CFG.snd_buf - len(data)
+    segs = app.absorb(conn.segments_to_send(0.02))
+    # Initial window min(10 * MSS, max(2 * MSS, 14600)) = 9880 (RFC 6928).
+    assert [(x.seq, len(x.payload), x.flags) for x in segs] == [
+        (s(ISS1 + i * PAYLOAD), PAYLOAD, ACK) for i in range(10)
+    ]
+    assert b"".join(x.payload for x in segs) == data[: 10 * PAYLOAD]
+    # The handshake measured 10 ms: the RTO sits at its 200 ms floor.
+    assert conn.next_deadline() == pytest.approx(0.02 + CFG.rto_min)
+    # One ACK for everything: slow start grows cwnd and the rest goes out.
+    conn.segment_received(*app.seg(ack=s(ISS1 + 10 * PAYLOAD)), 0.05)
+    segs = app.absorb(conn.segments_to_send(0.05))
+    assert sum(len(x.payload) for x in segs) == len(data) - 10 * PAYLOAD
+    assert segs[-1].flags == ACK | PSH
+    conn.segment_received(*app.seg(ack=s(ISS1 + len(data))), 0.08)
+    assert conn.next_deadline() == pytest.approx(0.08 + 100.0 * 72)  # only the idle timer
+    assert conn.send_space() == CFG.snd_buf
+    assert conn.statistics().bytes_out == len(data)
+
+
+def test_the_peer_window_limits_what_is_sent() -> None:
+    conn, app = established()
+    conn.segment_received(*app.seg(window=10), 0.02)  # 10 << 7 = 1280 bytes
+    conn.send(b"w" * 5000)
+    segs = app.absorb(conn.segments_to_send(0.02))
+    # The 292-byte rest of the window is a sliver while data is in flight
+    # (sender SWS avoidance); the window slides when the first is acked.
+    assert [len(x.payload) for x in segs] == [PAYLOAD]
+    conn.segment_received(*app.seg(ack=s(ISS1 + PAYLOAD), window=10), 0.03)
+    segs = app.absorb(conn.segments_to_send(0.03))
+    assert [(x.seq, len(x.payload)) for x in segs] == [(s(ISS1 + PAYLOAD), PAYLOAD)]
+
+
+def test_rto_retransmits_with_backoff_and_gives_up_after_max_retries() -> None:
+    conn, app = established(TcpConfig(mss=1000, rcv_buf=100_000, max_retries=2))
+    conn.send(b"r" * 100)
+    [first] = app.absorb(conn.segments_to_send(0.02))
+    assert conn.next_deadline() == pytest.approx(0.22)
+    conn.handle_timeout(0.22)
+    [again] = app.absorb(conn.segments_to_send(0.22))
+    assert (again.seq, again.payload) == (first.seq, first.payload)
+    assert conn.next_deadline() == pytest.approx(0.62)  # doubled
+    conn.handle_timeout(0.62)
+    assert len(conn.segments_to_send(0.62)) == 1
+    conn.handle_timeout(conn.next_deadline() or 0)
+    state, segs, events = observe(conn, app, 8.0)
+    assert state is TcpState.CLOSED
+    assert [(x.flags, x.seq) for x in segs] == [(RST | ACK, s(ISS1 + 100))]
+    assert events == [ConnectionReset(), Closed()]
+    st = conn.statistics()
+    assert (st.rto_timeouts, st.retransmits) == (2, 2)
+
+
+def test_three_duplicate_acks_trigger_fast_retransmit_without_sack() -> None:
+    conn, app = established(sack=False)
+    conn.send(b"f" * (8 * PAYLOAD))
+    segs = app.absorb(conn.segments_to_send(0.02))
+    assert len(segs) == 8
+    conn.segment_received(*app.seg(ack=s(ISS1 + PAYLOAD)), 0.05)
+    app.absorb(conn.segments_to_send(0.05))
+    for i in range(3):
+        conn.segment_received(*app.seg(ack=s(ISS1 + PAYLOAD)), 0.06 + i / 1000)
+        out = app.absorb(conn.segments_to_send(0.06 + i / 1000))
+        if i < 2:
+            assert [x.seq for x in out if x.seq == s(ISS1 + PAYLOAD)] == []
+    assert [x.seq for x in out][:1] == [s(ISS1 + PAYLOAD)]
+    st = conn.statistics()
+    assert (st.fast_retransmits, st.rto_timeouts) == (1, 0)
+    # A partial ACK (NewReno) resends the next hole at once.
+    conn.segment_received(*app.seg(ack=s(ISS1 + 3 * PAYLOAD)), 0.08)
+    out = app.absorb(conn.segments_to_send(0.08))
+    assert out[0].seq == s(ISS1 + 3 * PAYLOAD)
+    assert conn.statistics().fast_retransmits == 2
+
+
+def test_sack_holes_are_retransmitted_in_one_round_trip() -> None:
+    conn, app = established()
+    conn.send(b"k" * (10 * PAYLOAD))
+    segs = app.absorb(conn.segments_to_send(0.02))
+    assert len(segs) == 10
+    edge = [s(ISS1 + i * PAYLOAD) for i in range(11)]
+    # Segments 0, 3 and 6 were lost: SACK the rest.
+    blocks = ((edge[1], edge[3]), (edge[4], edge[6]), (edge[7], edge[10]))
+    conn.segment_received(*app.seg(ack=edge[0], sack=blocks), 0.05)
+    out = app.absorb(conn.segments_to_send(0.05))
+    resent = [x.seq for x in out if x.seq in (edge[0], edge[3], edge[6])]
+    assert resent == [edge[0], edge[3], edge[6]]  # the head first, then the holes
+    st = conn.statistics()
+    assert st.fast_retransmits == 1 and st.sack_retransmits == 2 and st.rto_timeouts == 0
+
+
+def test_zero_window_is_probed_until_it_opens() -> None:
+    conn, app = established()
+    conn.segment_received(*app.seg(window=0), 0.02)
+    conn.send(b"p" * 100)
+    assert app.absorb(conn.segments_to_send(0.02)) == []
+    probe_at = conn.next_deadline()
+    assert probe_at == pytest.approx(0.02 + CFG.rto_min)
+    conn.handle_timeout(probe_at or 0)
+    [probe] = app.absorb(conn.segments_to_send(probe_at or 0))
+    assert (probe.seq, probe.flags, probe.payload) == (SRV_ISS, ACK, b"")  # SND.UNA - 1
+    assert conn.statistics().window_probes == 1
+    conn.segment_received(*app.seg(window=100), 1.1)
+    [data] = app.absorb(conn.segments_to_send(1.1))
+    assert (data.seq, data.payload) == (ISS1, b"p" * 100)
+
+
+def test_send_after_close_is_a_local_error_and_send_after_reset_takes_nothing() -> None:
+    conn, _app = established()
+    conn.close()
+    with pytest.raises(LocalProtocolError):
+        conn.send(b"late")
+    assert conn.send_space() == 0
+    conn2, app2 = established()
+    conn2.segment_received(*app2.seg(RST), 0.02)
+    assert conn2.send(b"late") == 0
+    conn2.close()  # a no-op once reset
+    assert conn2.state is TcpState.CLOSED
+
+
+def test_send_buffer_is_bounded() -> None:
+    conn, _app = established(TcpConfig(snd_buf=3000))
+    assert conn.send(b"b" * 5000) == 3000
+    assert conn.send(b"more") == 0
+    assert conn.send_space() == 0
+
+
+def test_ack_of_unsent_data_is_answered_and_ignored() -> None:
+    conn, app = established()
+    conn.segment_received(*app.seg(ack=s(ISS1 + 50)), 0.02)
+    [ack] = app.absorb(conn.segments_to_send(0.02))
+    assert (ack.seq, ack.flags) == (ISS1, ACK)
+    assert conn.state is TcpState.ESTABLISHED
+
+
+def test_fin_is_retransmitted_when_lost() -> None:
+    conn, app = established()
+    conn.close()
+    [fin] = app.absorb(conn.segments_to_send(0.02))
+    conn.handle_timeout(0.22)
+    [again] = app.absorb(conn.segments_to_send(0.22))
+    assert fin.flags == again.flags == ACK | FIN and fin.seq == again.seq
