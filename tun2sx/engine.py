@@ -140,6 +140,8 @@ class Engine:
                 stream = streams.get(conn.key)
                 if stream is not None:
                     stream.wake()
+                    if stream.finished:
+                        del streams[conn.key]
 
     def flush(self) -> None:
         """Write every packet the stack has ready, and re-arm the timer."""
@@ -161,8 +163,10 @@ class Engine:
             self.flush()
             # Timers can retransmit, reset or close: every stream re-checks.
             # Waking only parked streams keeps this cheap.
-            for stream in list(self.streams.values()):
+            for key, stream in list(self.streams.items()):
                 stream.wake()
+                if stream.finished:
+                    del self.streams[key]
 
     # -- destinations --------------------------------------------------------
 

@@ -127,9 +127,9 @@ class TcpFlows:
             else:
                 await self._handler(stream, upstream)
         finally:
-            engine.streams.pop(key, None)
             await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(stream)
+            # The engine forgets the stream once its connection is gone.
 
     def _accept(self, request: ConnectionRequest) -> TcpStream:
         engine = self._engine
@@ -164,7 +164,6 @@ class TcpFlows:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            engine.streams.pop(request.key, None)
             await trio.aclose_forcefully(stream)
 
 

@@ -8,13 +8,14 @@ it is full. The engine unparks a stream whenever a segment or a timer
 touched its connection.
 
 Closing follows the kernel's rules: `send_eof` sends a FIN and keeps
-receiving; `aclose` after the application's own FIN ends gracefully, while
-`aclose` with the application still sending resets the connection, as
-`close()` on a socket with unread data does.
+receiving; `aclose` sends a FIN too, unless data the application sent is
+still unread, in which case it resets the connection, as `close()` on a
+socket with unread data does.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Protocol
 
 import trio
@@ -58,14 +59,30 @@ class TcpStream(trio.abc.HalfCloseableStream):
         return self._conn
 
     def wake(self) -> None:
-        """Called by the engine when the connection may have news."""
+        """Called by the engine when the connection may have news.
+
+        A closed stream stays registered until its connection is gone, so
+        that data the application sends after we closed is answered with a
+        reset, as the kernel answers data for a closed socket.
+        """
+        if self._closed and not self._reset and self._has_unread():
+            self.abort()
         self._lot.unpark_all()
+
+    @property
+    def finished(self) -> bool:
+        """Closed by us and the connection is gone: the engine can forget it."""
+        return self._closed and self._conn.state in _DEAD_STATES
 
     def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         self._check_open()
         if self._receive_conflict.locked():
             raise trio.BusyResourceError("another task is receiving")
@@ -164,12 +181,22 @@ class TcpStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._eof and not self._reset:
-                if not self._eof_sent and self._conn.state not in _DEAD_STATES:
-                    self._eof_sent = True
-                    self._conn.close()
-                    self._flusher.flush()
-            else:
+            if self._reset or self._has_unread():
                 self.abort()
+            elif not self._eof_sent and self._conn.state not in _DEAD_STATES:
+                self._eof_sent = True
+                self._conn.close()
+                self._flusher.flush()
             self._lot.unpark_all()
         await trio.lowlevel.checkpoint()
+
+    def _has_unread(self) -> bool:
+        """Whether the application sent data nobody read (then close resets)."""
+        if self._rbuf:
+            return True
+        event = self._conn.next_event()
+        if type(event) is DataReceived:
+            return True
+        if type(event) is ConnectionReset:
+            self._reset = True
+        return False
