@@ -193,6 +193,7 @@ class Lab:
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5) -> int:
         """End one process by PID: SIGTERM, then SIGKILL after `timeout`."""
+        self.processes = [(p, argv) for p, argv in self.processes if p is not proc]
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

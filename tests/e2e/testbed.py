@@ -42,6 +42,8 @@ socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: bind connect udpassociate b
 class Testbed:
     """A running lab; `client_run` runs a command in the client namespace."""
 
+    __test__ = False  # not a test class, despite the name
+
     def __init__(self, lab: Lab, tmp: Path) -> None:
         self.lab = lab
         self.tmp = tmp

@@ -1,8 +1,10 @@
-"""UDP end to end: SOCKS5 UDP ASSOCIATE through Dante, and UDP errors.
+"""End to end through Dante: TCP half-close, UDP ASSOCIATE, UDP errors.
 
 tun2sx runs here with Dante as its outbound, which carries both CONNECT and
-UDP ASSOCIATE; replies must come back from the address the application
-sent to (the fake IP), not from the real address the proxy used.
+UDP ASSOCIATE. Half-close is tested here because microsocks closes both
+directions at the first EOF. UDP replies must come back from the address
+the application sent to (the fake IP), not from the real address the
+proxy used.
 """
 
 from __future__ import annotations
@@ -43,3 +45,18 @@ def test_tcp_also_works_through_dante(dante: Testbed) -> None:
 def test_udp_to_unknown_fake_ip_gets_port_unreachable(dante: Testbed) -> None:
     # A connected UDP socket reports ICMP port unreachable as ECONNREFUSED.
     assert dante.client_tool("udp", "198.18.250.251", 7001, 1) == {"error": "ECONNREFUSED"}
+
+
+@pytest.mark.parametrize("size", [1, 3 * 1024 * 1024])
+def test_half_close_echo_both_ways(dante: Testbed, size: int) -> None:
+    # The client sends everything, shuts down its write side, and must still
+    # receive the whole echo that the server sends after seeing our FIN.
+    result = dante.client_tool("echo", "echo.test", 7001, size)
+    assert result == {"sent": size, "received": size, "equal": True}
+
+
+def test_upload_eight_megabytes_exactly(dante: Testbed) -> None:
+    assert dante.client_tool("upload", "echo.test", 7002, 8 * 1024 * 1024) == {
+        "sent": 8 * 1024 * 1024,
+        "equal": True,
+    }
