@@ -169,10 +169,12 @@ async def serve(args: argparse.Namespace) -> None:
         raise ConfigError("--connect-timeout: must be positive")
     store = dns = None
     if not args.no_fake_ip:
-        reserved = []
-        for cidr in args.tun_address:
-            iface = ipaddress.ip_interface(cidr)
-            reserved.append(iface.ip)
+        # The first addresses of each pool are kept for the gateway and the
+        # DNS server users point their resolver at (198.18.0.1, .2, ...).
+        reserved: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+            net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)
+        ]
+        reserved += [ipaddress.ip_interface(cidr).ip for cidr in args.tun_address]
         store = FakeIpStore(
             path=args.fake_ip_db,
             v4_pool=str(v4),
