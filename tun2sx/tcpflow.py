@@ -84,6 +84,9 @@ class TcpFlows:
     async def _run(self, request: ConnectionRequest) -> None:
         engine = self._engine
         key = request.key
+        if engine.config.dns_hijack and engine.dns is not None and key.remote_port == 53:
+            await self._serve_dns(request)
+            return
         dest = engine.destination_for(key.remote_addr, key.remote_port)
         if dest is None:
             log.warning(
@@ -92,9 +95,6 @@ class TcpFlows:
             )
             engine.counters["tcp_unknown_fake_ip"] += 1
             self._fail(request, FailureReply.RESET)
-            return
-        if engine.config.dns_hijack and engine.dns is not None and key.remote_port == 53:
-            await self._serve_dns(request)
             return
         outbound = engine.router.route(dest, "tcp")
         if outbound is None:
