@@ -33,6 +33,7 @@ from tun2sx.tun import TunDevice, TunError, adopt_tun, open_tun
 log = logging.getLogger("tun2sx")
 
 DEFAULT_MTU = 9000
+GSO_SIZE = 64000
 
 
 class ConfigError(ValueError):

@@ -43,6 +43,10 @@ class TcpConfig:
         max_half_open: cap on pending SYNs plus SYN-RECEIVED connections.
         max_connections: cap on all connections in the demux.
         initial_cwnd_segments: initial congestion window (RFC 6928: 10).
+        gso_size: when set, the largest payload of a data segment we emit,
+            even above the peer's MSS: the device cuts it into MSS-sized
+            packets (TSO/GSO), so one segment can carry 64 KB. None sends
+            segments of the negotiated MSS.
         window_scaling: offer window scaling when the peer does.
         sack: accept SACK-permitted from the peer.
         timestamps: accept timestamps from the peer.
@@ -67,6 +71,7 @@ class TcpConfig:
     max_half_open: int = 1024
     max_connections: int = 16384
     initial_cwnd_segments: int = 10
+    gso_size: int | None = None
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True
@@ -78,6 +83,8 @@ class TcpConfig:
                 raise LocalProtocolError(f"TcpConfig.{field.name} must be positive, got {value}")
         if self.mss > 65495:
             raise LocalProtocolError(f"TcpConfig.mss {self.mss} exceeds 65495")
+        if self.gso_size is not None and self.gso_size > 65000:
+            raise LocalProtocolError(f"TcpConfig.gso_size {self.gso_size} exceeds 65000")
         if self.rto_min > self.rto_max:
             raise LocalProtocolError("TcpConfig.rto_min exceeds rto_max")
         if self.rcv_buf > (0xFFFF << 14):

@@ -559,11 +559,15 @@ class TcpConnection:
         neg = self._neg
         cc, sb, n, t = self._cc, self._sb, self._n, self._timers
         blocks = self._sack_blocks()
+        gso = self._config.gso_size
+        wire_mss = 0
         mss = neg.snd_mss
+        if gso is not None and gso > mss:
+            mss, wire_mss = gso, mss
         if blocks:
             mss -= _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks)
         while True:
-            seg = snd.next_segment(cc, sb, neg.sack, mss)
+            seg = snd.next_segment(cc, sb, neg.sack, mss, wire_mss)
             if seg is None:
                 break
             start, length, fin, kind = seg

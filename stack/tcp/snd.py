@@ -146,7 +146,9 @@ class Sender:
                     pipe -= (lost - pos) - sb.sacked_in(pos, lost)
         return max(0, pipe - cc.dup_credit)
 
-    def next_segment(self, cc: Congestion, sb: Scoreboard, sack: bool, mss: int) -> Segment | None:
+    def next_segment(
+        self, cc: Congestion, sb: Scoreboard, sack: bool, mss: int, wire_mss: int = 0
+    ) -> Segment | None:
         """Choose the next segment to send, or None if nothing may go now.
 
         Args:
@@ -154,6 +156,10 @@ class Sender:
             sb: the SACK scoreboard.
             sack: SACK is in use.
             mss: payload octets per segment (after options).
+            wire_mss: with GSO, `mss` is the super-segment size and this the
+                size of the packets the device cuts it into; new data is then
+                clipped to the congestion budget in whole packets instead of
+                waiting for a budget of a whole super-segment.
         """
         una = self.una
         if cc.in_recovery:
@@ -197,7 +203,10 @@ class Sender:
                     return None
                 n = room
         if n > budget and n:
-            return None
+            if wire_mss and budget >= wire_mss:
+                n = budget - budget % wire_mss
+            else:
+                return None
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None

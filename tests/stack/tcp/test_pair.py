@@ -97,3 +97,20 @@ def test_heavy_loss_still_delivers() -> None:
         a, b = _payloads(seed)
         server, client, _ = run_transfer(seed, a[:50_000], b[:50_000], loss=0.15, reorder=0.1)
         _check(server, client, a[:50_000], b[:50_000])
+
+
+def test_gso_sends_super_segments_and_still_delivers_under_loss() -> None:
+    # The server side hands 64 KB segments to a device that cuts them; the
+    # client (the application's kernel) accepts segments above its MSS.
+    server_cfg = TcpConfig(gso_size=64000, rcv_buf=1 << 20, snd_buf=1 << 20)
+    client_cfg = TcpConfig(rcv_buf=1 << 20, snd_buf=1 << 20)
+    for seed in range(6):
+        a, b = _payloads(seed)
+        b = b * 3
+        server, client, _ = run_transfer(
+            seed, a, b, loss=0.02, reorder=0.03, server_cfg=server_cfg, client_cfg=client_cfg
+        )
+        _check(server, client, a, b)
+        stats = server.conn.statistics()
+        # 900 KB in segments of at most 1448 bytes would take over 600.
+        assert stats.segments_out < 400
