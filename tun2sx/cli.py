@@ -14,30 +14,17 @@ import argparse
 import ipaddress
 import logging
 import resource
-import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from outbounds.base import Destination, Outbound
-from outbounds.direct import DirectOutbound
-from outbounds.net import SocketOptions
-from outbounds.socks5 import Socks5Outbound, parse_socks5_url
-from stack.netstack import NetStack, NetStackConfig
-from stack.tcp import TcpConfig
-from tun2sx.engine import Engine, EngineConfig
-from tun2sx.router import Router
-from tun2sx.tun import TunDevice, TunError, adopt_tun, open_tun
+from outbounds.base import Destination
+from outbounds.url import parse_outbound_url
+from tun2sx.app import DEFAULT_MTU, ConfigError, Settings, serve
+from tun2sx.tun import TunError
 
 log = logging.getLogger("tun2sx")
-
-DEFAULT_MTU = 9000
-GSO_SIZE = 64000
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,22 +97,64 @@ def parse_endpoint(value: str, field: str) -> Destination:
         raise ConfigError(f"{field}: {exc}") from exc
 
 
-def build_outbound(args: argparse.Namespace) -> Outbound:
-    opts = SocketOptions(fwmark=args.fwmark, interface=args.interface)
+def outbound_url(args: argparse.Namespace) -> str:
+    """The default outbound's URL from --socks or --proxy."""
     if args.socks:
         dest = parse_endpoint(args.socks, "--socks")
-        return Socks5Outbound(str(dest.host), dest.port, socket_options=opts)
+        host = f"[{dest.host}]" if ":" in str(dest.host) else str(dest.host)
+        return f"socks5://{host}:{dest.port}"
     if args.proxy:
-        url = args.proxy
-        if url.startswith("direct://") or url == "direct":
-            return DirectOutbound(socket_options=opts)
-        if url.startswith(("socks5://", "socks5h://")):
-            try:
-                return parse_socks5_url(url, opts)
-            except ValueError as exc:
-                raise ConfigError(f"--proxy: {exc}") from exc
-        raise ConfigError(f"--proxy: unsupported scheme in {url!r} (socks5://, direct://)")
+        return str(args.proxy)
     raise ConfigError("an outbound is required: --socks HOST:PORT or --proxy URL")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Check every flag and build the settings; ConfigError names the flag."""
+    url = outbound_url(args)
+    field = "--socks" if args.socks else "--proxy"
+    try:
+        parse_outbound_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+    upstream = parse_endpoint(args.dns_upstream, "--dns-upstream")
+    v4 = _network(args.fake_ip_range, "--fake-ip-range", 4)
+    v6 = (
+        None
+        if args.fake_ip_range6 == "none"
+        else _network(args.fake_ip_range6, "--fake-ip-range6", 6)
+    )
+    for cidr in args.tun_address:
+        try:
+            ipaddress.ip_interface(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"--tun-address: {exc}") from exc
+    if args.udp_timeout <= 0:
+        raise ConfigError("--udp-timeout: must be positive")
+    if args.connect_timeout <= 0:
+        raise ConfigError("--connect-timeout: must be positive")
+    if args.mtu is not None and not 576 <= args.mtu <= 65535:
+        raise ConfigError(f"--mtu: {args.mtu} is not between 576 and 65535")
+    if args.tun_fd is None and not args.tun:
+        raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N")
+    return Settings(
+        tun=args.tun,
+        tun_fd=args.tun_fd,
+        mtu=args.mtu,
+        tun_addresses=tuple(args.tun_address),
+        offload=not args.no_offload,
+        outbound=url,
+        fwmark=args.fwmark,
+        interface=args.interface,
+        fake_ip=not args.no_fake_ip,
+        fake_ip_range=v4,
+        fake_ip_range6=v6,
+        fake_ip_db=args.fake_ip_db,
+        fake_ip_filter=tuple(args.fake_ip_filter),
+        dns_upstream=upstream,
+        dns_hijack=not args.no_dns_hijack,
+        udp_timeout=args.udp_timeout,
+        connect_timeout=args.connect_timeout,
+    )
 
 
 def _network(value: str, field: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -136,93 +165,6 @@ def _network(value: str, field: str, version: int) -> ipaddress.IPv4Network | ip
     if net.version != version:
         raise ConfigError(f"{field}: {value} is not an IPv{version} network")
     return net
-
-
-def open_device(args: argparse.Namespace) -> TunDevice:
-    if args.tun_fd is not None:
-        return adopt_tun(args.tun_fd, mtu=args.mtu or 1500)
-    if not args.tun:
-        raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N")
-    return open_tun(
-        args.tun,
-        mtu=args.mtu or DEFAULT_MTU,
-        offload=not args.no_offload,
-        addresses=tuple(args.tun_address),
-    )
-
-
-async def serve(args: argparse.Namespace) -> None:
-    """Build everything from parsed flags and serve until SIGINT/SIGTERM."""
-    from tun2sx.dns import FakeDns
-    from tun2sx.fakeip import FakeIpFilter, FakeIpStore
-
-    outbound = build_outbound(args)
-    upstream = parse_endpoint(args.dns_upstream, "--dns-upstream")
-    v4 = _network(args.fake_ip_range, "--fake-ip-range", 4)
-    v6 = (
-        None
-        if args.fake_ip_range6 == "none"
-        else _network(args.fake_ip_range6, "--fake-ip-range6", 6)
-    )
-    if args.udp_timeout <= 0:
-        raise ConfigError("--udp-timeout: must be positive")
-    if args.connect_timeout <= 0:
-        raise ConfigError("--connect-timeout: must be positive")
-    store = dns = None
-    if not args.no_fake_ip:
-        # The first addresses of each pool are kept for the gateway and the
-        # DNS server users point their resolver at (198.18.0.1, .2, ...).
-        reserved: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
-            net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)
-        ]
-        reserved += [ipaddress.ip_interface(cidr).ip for cidr in args.tun_address]
-        store = FakeIpStore(
-            path=args.fake_ip_db,
-            v4_pool=str(v4),
-            v6_pool=None if v6 is None else str(v6),
-            reserved=tuple(reserved),
-        )
-        dns = FakeDns(store, FakeIpFilter(args.fake_ip_filter))
-    device = open_device(args)
-    mss = max(536, device.mtu - 60)
-    stack = NetStack(NetStackConfig(tcp=TcpConfig(mss=mss), partial_checksum=device.offload))
-    engine = Engine(
-        device,
-        stack,
-        Router(outbound),
-        fakeip=store,
-        dns=dns,
-        config=EngineConfig(
-            connect_timeout=args.connect_timeout,
-            udp_idle_timeout=args.udp_timeout,
-            dns_hijack=not args.no_dns_hijack,
-            dns_upstream=upstream,
-        ),
-    )
-    log.info(
-        "tun2sx: serving %s (mtu %d, offload %s) via %r",
-        device.name,
-        device.mtu,
-        "on" if device.offload else "off",
-        outbound,
-    )
-    try:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(engine.run)
-
-                async def wait_signal() -> None:
-                    async for signum in signals:
-                        log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        return
-
-                nursery.start_soon(wait_signal)
-    finally:
-        device.close()
-        if store is not None:
-            store.close()
-        log.info("tun2sx: stopped; %s", engine.statistics())
 
 
 def raise_fd_limit() -> None:
@@ -244,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_fd_limit()
     try:
-        trio.run(serve, args)
+        settings = settings_from_args(args)
+        trio.run(serve, settings)
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2

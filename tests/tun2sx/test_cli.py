@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tun2sx.cli import ConfigError, build_outbound, build_parser, main, parse_endpoint
+from tun2sx.cli import build_parser, main, parse_endpoint, settings_from_args
 
 
 def test_endpoint_parsing() -> None:
@@ -21,6 +21,9 @@ def test_endpoint_parsing() -> None:
         (["--tun", "tunx", "--proxy", "http://x:1"], "--proxy"),
         (["--tun", "tunx", "--proxy", "socks5://h"], "--proxy"),
         (["--tun", "tunx"], "outbound"),
+        (["--socks", "1.2.3.4:5"], "--tun"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--mtu", "100"], "--mtu"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--tun-address", "x/1"], "--tun-address"),
         (
             ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "300.0.0.0/8"],
             "--fake-ip-range",
@@ -47,11 +50,14 @@ def test_bad_values_name_the_flag(
     assert field in err
 
 
-def test_outbound_from_flags() -> None:
+def test_settings_from_flags() -> None:
     parser = build_parser()
-    socks = build_outbound(parser.parse_args(["--socks", "127.0.0.1:1080"]))
-    assert socks.name and "1080" in repr(socks)
-    direct = build_outbound(parser.parse_args(["--proxy", "direct://"]))
-    assert type(direct).__name__ == "DirectOutbound"
-    with pytest.raises(ConfigError, match="--proxy"):
-        build_outbound(parser.parse_args(["--proxy", "ftp://x"]))
+    settings = settings_from_args(
+        parser.parse_args(["--tun", "t0", "--socks", "127.0.0.1:1080", "--fake-ip-range6", "none"])
+    )
+    assert settings.outbound == "socks5://127.0.0.1:1080"
+    assert settings.fake_ip_range6 is None
+    v6 = settings_from_args(parser.parse_args(["--tun", "t0", "--socks", "[::1]:1080"]))
+    assert v6.outbound == "socks5://[::1]:1080"
+    direct = settings_from_args(parser.parse_args(["--tun", "t0", "--proxy", "direct://"]))
+    assert direct.outbound == "direct://"

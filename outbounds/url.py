@@ -1,0 +1,33 @@
+"""Outbound URLs: one place that turns `scheme://...` into an outbound.
+
+    socks5://[user:pass@]host:port     SOCKS5 (RFC 1928/1929)
+    direct://                          connect from this host
+
+Errors are `ValueError`s whose message says what is wrong with the URL.
+"""
+
+from __future__ import annotations
+
+from outbounds.base import Outbound
+from outbounds.direct import DirectOutbound
+from outbounds.net import SocketOptions
+from outbounds.socks5 import parse_socks5_url
+
+SCHEMES = ("socks5", "socks5h", "direct")
+
+
+def parse_outbound_url(url: str, socket_options: SocketOptions | None = None) -> Outbound:
+    """Build the outbound a URL names.
+
+    Raises:
+        ValueError: unknown scheme or a malformed URL.
+    """
+    scheme, sep, _rest = url.partition("://")
+    if not sep and url != "direct":
+        raise ValueError(f"not a URL: {url!r} (expected scheme://...)")
+    scheme = scheme.lower()
+    if scheme == "direct":
+        return DirectOutbound(socket_options=socket_options or SocketOptions())
+    if scheme in ("socks5", "socks5h"):
+        return parse_socks5_url(url, socket_options)
+    raise ValueError(f"unsupported scheme {scheme!r} in {url!r} (known: {', '.join(SCHEMES)})")
