@@ -89,7 +89,7 @@ class Settings:
 def open_device(settings: Settings) -> TunDevice:
     """Open or adopt the TUN device the settings name."""
     if settings.tun_fd is not None:
-        return adopt_tun(settings.tun_fd, mtu=settings.mtu or 1500)
+        return adopt_tun(settings.tun_fd, mtu=settings.mtu)
     if not settings.tun:
         raise ConfigError("a TUN device is required: tun (name) or tun_fd")
     return open_tun(

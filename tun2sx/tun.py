@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 import subprocess
 from typing import NamedTuple
@@ -26,6 +27,7 @@ import trio
 
 # ioctl numbers from <linux/if_tun.h> (_IOW('T', n, int) / _IOR('T', n, int)).
 TUNSETIFF = 0x400454CA
+SIOCGIFMTU = 0x8921
 TUNGETIFF = 0x800454D2
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
@@ -233,11 +235,13 @@ def open_tun(
     return TunDevice(dev.fileno(), name=dev.name, mtu=actual_mtu, offload=offload, keep=dev)
 
 
-def adopt_tun(fd: int, *, mtu: int = 1500) -> TunDevice:
+def adopt_tun(fd: int, *, mtu: int | None = None) -> TunDevice:
     """Take over an already-open TUN fd (VpnService style).
 
     The offload mode is read from the device's own flags, so a descriptor
     opened with IFF_VNET_HDR keeps working; Android's has no such header.
+    The MTU is the interface's own unless given (a VpnService may not let
+    us read it).
     """
     try:
         ifr = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
@@ -247,7 +251,19 @@ def adopt_tun(fd: int, *, mtu: int = 1500) -> TunDevice:
     (flags,) = struct.unpack_from("H", ifr, 16)
     if not flags & IFF_TUN:
         raise TunError(f"fd {fd} ({name}) is a TAP device, not TUN")
+    if mtu is None:
+        mtu = _interface_mtu(name)
     return TunDevice(fd, name=name, mtu=mtu, offload=bool(flags & IFF_VNET_HDR))
+
+
+def _interface_mtu(name: str, default: int = 1500) -> int:
+    """The MTU of interface `name` (SIOCGIFMTU), or `default` if unreadable."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            ifr = fcntl.ioctl(sock.fileno(), SIOCGIFMTU, struct.pack("16si", name.encode(), 0))
+    except OSError:
+        return default
+    return int(struct.unpack_from("i", ifr, 16)[0])
 
 
 def _ip(*args: str) -> None:

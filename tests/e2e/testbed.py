@@ -17,9 +17,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tun2sx.lab import Lab, Namespace
+from tun2sx.lab import Lab, LabError, Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ADDR = "10.200.0.2"
@@ -84,18 +85,29 @@ class Testbed:
         self.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str) -> None:
-        """Start tun2sx in the client namespace and route everything to it."""
+    def start(self, *extra: str, tun_fd: int | None = None) -> None:
+        """Start tun2sx in the client namespace and route everything to it.
+
+        With `tun_fd`, tun2sx adopts that already-open TUN (which must be
+        tun0 in the client namespace, addressed and up) instead of opening
+        one: the Android VpnService way.
+        """
+        if tun_fd is None:
+            device = [
+                "--tun",
+                "tun0",
+                "--tun-address",
+                "198.18.0.1/15",
+                "--tun-address",
+                "fd00:7e::1/64",
+            ]
+        else:
+            device = ["--tun-fd", str(tun_fd)]
         args = [
             sys.executable,
             "-m",
             "tun2sx",
-            "--tun",
-            "tun0",
-            "--tun-address",
-            "198.18.0.1/15",
-            "--tun-address",
-            "fd00:7e::1/64",
+            *device,
             "--fake-ip-db",
             str(self.fakeip_db),
             "--dns-upstream",
@@ -105,15 +117,30 @@ class Testbed:
             *extra,
         ]
         self._log = self.log_path.open("ab")
+        log_start = self._log.tell()
         self.proc = self.client.spawn(
             args,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            pass_fds=() if tun_fd is None else (tun_fd,),
         )
         self.client.wait_link("tun0")
+        self._wait_serving(log_start)
         self.client.run(["ip", "route", "replace", "default", "dev", "tun0"])
         self.client.run(["ip", "-6", "route", "replace", "default", "dev", "tun0"])
+
+    def _wait_serving(self, offset: int, timeout: float = 20) -> None:
+        """Poll the log until this run says it serves (or fail after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                if b"serving" in f.read():
+                    return
+            self.lab.check_processes()
+            time.sleep(0.05)
+        raise LabError(f"tun2sx did not report serving within {timeout} s")
 
     def stop(self) -> int:
         assert self.proc is not None
