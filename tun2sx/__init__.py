@@ -5,3 +5,17 @@ sans-I/O stack in `stack`, the fake-IP DNS and its store, routing rules,
 configuration, the CLI and the embedding entry point. Outbound protocols live
 in the separate `outbounds` package.
 """
+
+from tun2sx.api import Protect, Tun2sx, make_settings, run, run_async, start
+from tun2sx.app import ConfigError, Settings
+
+__all__ = [
+    "ConfigError",
+    "Protect",
+    "Settings",
+    "Tun2sx",
+    "make_settings",
+    "run",
+    "run_async",
+    "start",
+]

@@ -81,7 +81,8 @@ def run(seconds: float, connections: int, offload: bool) -> str:
         bed = Testbed(lab, Path(tmp))
         bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", "5201"])
         bed.server.wait_listening(5201)
-        bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081", "-q"]
+        bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+        bed.verbosity = []
         bed.start(*([] if offload else ["--no-offload"]))
         assert bed.proc is not None
         pid = bed.proc.pid

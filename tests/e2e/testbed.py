@@ -83,6 +83,9 @@ class Testbed:
         self.fakeip_db = tmp / "fakeip.sqlite"
         self.log_path = tmp / "tun2sx.log"
         self.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
+        # Flow-level (DEBUG) logging for tests; a benchmark drops it. The
+        # INFO "serving" line is how start() knows tun2sx is ready.
+        self.verbosity = ["-v"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str, tun_fd: int | None = None) -> None:
@@ -112,7 +115,7 @@ class Testbed:
             str(self.fakeip_db),
             "--dns-upstream",
             f"{SERVER_ADDR}:5353",
-            "-v",
+            *self.verbosity,
             *self.proxy_args,
             *extra,
         ]
