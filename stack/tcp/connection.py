@@ -218,7 +218,7 @@ class TcpConnection:
         if self._state is not _S.TIME_WAIT:
             self._queue_rst()
         self._aborted = True
-        self._rcv.ready.clear()
+        self._rcv.discard()
         self._to_closed()
 
     def next_event(self) -> Event | _Sentinel:
@@ -698,7 +698,7 @@ class TcpConnection:
 
     def _reset(self) -> None:
         self._reset_seen = self._state is not _S.TIME_WAIT
-        self._rcv.ready.clear()
+        self._rcv.discard()
         self._to_closed()
 
     def _give_up(self) -> None:

@@ -50,6 +50,7 @@ class Receiver:
         "ooo_bytes",
         "rcv_buf",
         "ready",
+        "ready_len",
         "unacked",
     )
 
@@ -57,7 +58,11 @@ class Receiver:
         self.nxt = 1
         self.adv = 1
         self.rcv_buf = rcv_buf
-        self.ready = bytearray()
+        # Chunks (views of the received packets), joined once when taken:
+        # appending to one bytearray copied every segment twice and kept
+        # reallocating as the buffer refilled after each take.
+        self.ready: list[bytes | bytearray | memoryview] = []
+        self.ready_len = 0
         self.fin_received = False
         self.unacked = 0
         self.ooo_bytes = 0
@@ -83,7 +88,7 @@ class Receiver:
         right only in SWS-avoiding steps, rounded up to the scale unit so
         the scaled value never undercuts the edge already promised.
         """
-        edge = self.nxt + max(self.rcv_buf - len(self.ready), 0)
+        edge = self.nxt + max(self.rcv_buf - self.ready_len, 0)
         target = edge if edge - self.adv >= self._threshold else self.adv
         raw = min(0xFFFF, (target - self.nxt + (1 << shift) - 1) >> shift)
         self.adv = max(self.adv, self.nxt + (raw << shift))
@@ -97,7 +102,7 @@ class Receiver:
         always reopens, and a streaming flow is not flooded with updates).
         """
         current = self.adv - self.nxt
-        possible = self.rcv_buf - len(self.ready)
+        possible = self.rcv_buf - self.ready_len
         return (
             current * 2 <= self.rcv_buf
             and possible >= 2 * current
@@ -106,9 +111,15 @@ class Receiver:
 
     def take(self) -> bytes:
         """Hand all in-order bytes to the caller, freeing buffer space."""
-        data = bytes(self.ready)
-        self.ready.clear()
+        ready = self.ready
+        data = bytes(ready[0]) if len(ready) == 1 else b"".join(ready)
+        self.discard()
         return data
+
+    def discard(self) -> None:
+        """Drop all in-order bytes not yet taken (on reset or abort)."""
+        self.ready = []
+        self.ready_len = 0
 
     def receive(self, seq: int, data: bytes | memoryview, fin: bool) -> int:
         """Accept a segment's payload (already checked to be acceptable).
@@ -147,7 +158,8 @@ class Receiver:
             return OUT_OF_ORDER
         result = 0
         if data:
-            self.ready += data
+            self.ready.append(data)
+            self.ready_len += len(data)
             self.nxt = nxt = seq + len(data)
             self.unacked += len(data)
             result = ADVANCED
@@ -210,7 +222,9 @@ class Receiver:
             if self._fin_at is not None:
                 end = min(end, self._fin_at)
             if end > self.nxt:
-                self.ready += data[self.nxt - start : end - start]
+                piece = data[self.nxt - start : end - start]
+                self.ready.append(piece)
+                self.ready_len += len(piece)
                 self.unacked += end - self.nxt
                 self.nxt = end
         self._recent = [s for s in self._recent if s >= self.nxt]
