@@ -541,9 +541,9 @@ class TcpConnection:
 
     # ----------------------------------------------------------------- output
 
-    def segments_to_send(self, now: float) -> list[tuple[TcpHeader, bytes]]:
+    def segments_to_send(self, now: float) -> list[tuple[TcpHeader, bytes | bytearray]]:
         """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
-        out: list[tuple[TcpHeader, bytes]] = []
+        out: list[tuple[TcpHeader, bytes | bytearray]] = []
         if self._rst_out is not None:
             out.append((self._rst_out, b""))
             self._rst_out = None
@@ -607,7 +607,7 @@ class TcpConnection:
         n.segments_out += len(out)
         return out
 
-    def _emit_synack(self, now: float, out: list[tuple[TcpHeader, bytes]]) -> None:
+    def _emit_synack(self, now: float, out: list[tuple[TcpHeader, bytes | bytearray]]) -> None:
         neg = self._neg
         options = synack_options(
             neg, self._syn_options, self._config, self._ts_now(now), self._ts_recent

@@ -68,7 +68,7 @@ class TcpDemux:
         self._dirty: set[TcpConnection] = set()
         self._heap: list[tuple[float, int, TcpConnection]] = []
         self._tiebreak = itertools.count()
-        self._rsts: list[tuple[FlowKey, TcpHeader, bytes]] = []
+        self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray]] = []
         self._counters = {
             "connection_requests": 0,
             "resets_sent": 0,
@@ -160,7 +160,7 @@ class TcpDemux:
         """Drop a pending SYN without answering (the runtime did, with ICMP)."""
         self._pending.pop(key, None)
 
-    def segments_to_send(self, now: float) -> list[tuple[FlowKey, TcpHeader, bytes]]:
+    def segments_to_send(self, now: float) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray]]:
         """Return every segment due now, from all connections and the demux."""
         out = self._rsts
         self._rsts = []

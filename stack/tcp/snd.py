@@ -115,10 +115,14 @@ class Sender:
         if self.nxt < ack:
             self.nxt = ack
 
-    def payload(self, start: int, length: int) -> bytes:
-        """Return `length` octets of the stream from position `start`."""
+    def payload(self, start: int, length: int) -> bytearray:
+        """Return `length` octets of the stream from position `start`.
+
+        A bytearray slice: one copy (a `bytes()` around it made a second one
+        of up to 64 KB per segment).
+        """
         offset = start - self._buf_start
-        return bytes(self._buf[offset : offset + length])
+        return self._buf[offset : offset + length]
 
     def unsent(self) -> bool:
         """Return True if data or the FIN waits at SND.NXT."""

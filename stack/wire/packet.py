@@ -285,7 +285,7 @@ def build_tcp_packet(
     src: bytes,
     dst: bytes,
     hdr: TcpHeader,
-    payload: bytes | memoryview = b"",
+    payload: bytes | bytearray | memoryview = b"",
     *,
     ttl: int = DEFAULT_TTL,
     partial_checksum: bool = False,
