@@ -100,6 +100,7 @@ class _CountingTun(TunDevice):
     __slots__ = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
 
     def __init__(self, device: TunDevice) -> None:
+        # Re-wraps the same fd; `device` is dropped unclosed, the fd is ours.
         super().__init__(device.fileno(), name=device.name, mtu=device.mtu, offload=device.offload)
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
 
@@ -184,9 +185,24 @@ async def run_async(
     except BaseException:
         os.close(tun_fd)
         raise
-    async with trio.open_nursery() as nursery:
-        engine, _device = await nursery.start(_serve_fd, settings, protect, handle_signals)
-        task_status.started(engine)
+    try:
+        async with trio.open_nursery() as nursery:
+            engine, _device = await nursery.start(_serve_fd, settings, protect, handle_signals)
+            task_status.started(engine)
+    except BaseExceptionGroup as group:
+        raise _sole_error(group) from None
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a group wraps, so callers can catch `TunError` & co.
+
+    Our nurseries each hold a single serving task, so a group from them
+    normally carries exactly one error; anything else stays a group.
+    """
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error if isinstance(error, Exception) else group
 
 
 def run(
@@ -281,6 +297,7 @@ class Tun2sx:
             ConfigError, TunError: what kept it from starting (the thread
                 has ended by then and the fd is closed).
         """
+        self._claim()
         self._thread = threading.Thread(target=self._run_quietly, name="tun2sx", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -294,6 +311,7 @@ class Tun2sx:
         Raises:
             ConfigError, TunError: the run could not start.
         """
+        self._claim()
         self._run_quietly()
         if self._error is not None:
             raise self._error
@@ -353,11 +371,15 @@ class Tun2sx:
         self.stop()
         self.wait()
 
-    def _run_quietly(self) -> None:
+    def _claim(self) -> None:
+        # In the caller's thread, so a second start() raises there instead
+        # of inside a thread nobody waits on.
         with self._lock:
             if self._claimed:
                 raise RuntimeError("a Tun2sx instance runs only once")
             self._claimed = True
+
+    def _run_quietly(self) -> None:
         handle_signals = self._handle_signals
         if handle_signals is None:
             handle_signals = threading.current_thread() is threading.main_thread()
@@ -367,7 +389,7 @@ class Tun2sx:
         except BaseException as exc:
             # Kept for whoever waits (start(), run(), error); a thread has no
             # one else to tell.
-            self._error = exc
+            self._error = _sole_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         finally:
             with self._lock:
                 self._token = self._scope = None
