@@ -10,6 +10,7 @@ errors are translated. This package imports nothing from `tun2sx`.
 from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession
 from .direct import DirectOutbound
 from .net import SocketOptions
+from .shadowsocks import ShadowsocksOutbound, parse_shadowsocks_url
 from .socks5 import Socks5Outbound, parse_socks5_url
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "FailureReply",
     "Outbound",
     "OutboundError",
+    "ShadowsocksOutbound",
     "SocketOptions",
     "Socks5Outbound",
     "UdpSession",
+    "parse_shadowsocks_url",
     "parse_socks5_url",
 ]

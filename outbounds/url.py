@@ -1,6 +1,8 @@
 """Outbound URLs: one place that turns `scheme://...` into an outbound.
 
     socks5://[user:pass@]host:port     SOCKS5 (RFC 1928/1929)
+    ss://BASE64URL(method:pass)@host:port  Shadowsocks (SIP002; AEAD and 2022)
+    ss://method:pass@host:port         the same, password percent-encoded
     direct://                          connect from this host
 
 Errors are `ValueError`s whose message says what is wrong with the URL.
@@ -11,9 +13,10 @@ from __future__ import annotations
 from outbounds.base import Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
+from outbounds.shadowsocks import parse_shadowsocks_url
 from outbounds.socks5 import parse_socks5_url
 
-SCHEMES = ("socks5", "socks5h", "direct")
+SCHEMES = ("socks5", "socks5h", "ss", "direct")
 
 
 def parse_outbound_url(url: str, socket_options: SocketOptions | None = None) -> Outbound:
@@ -30,4 +33,6 @@ def parse_outbound_url(url: str, socket_options: SocketOptions | None = None) ->
         return DirectOutbound(socket_options=socket_options or SocketOptions())
     if scheme in ("socks5", "socks5h"):
         return parse_socks5_url(url, socket_options)
+    if scheme == "ss":
+        return parse_shadowsocks_url(url, socket_options)
     raise ValueError(f"unsupported scheme {scheme!r} in {url!r} (known: {', '.join(SCHEMES)})")
