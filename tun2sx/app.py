@@ -1,23 +1,26 @@
 """The application: from `Settings` to a running engine, and back down.
 
 `Settings` is the whole configuration as one checked value; the command
-line builds it from flags (and, later, a config file), the embedding API
-from its arguments. `serve` opens (or adopts) the TUN, builds the fake-IP
-store, DNS, router, stack and engine, runs until cancelled or signalled,
-and releases everything on the way out.
+line builds it from a config file and flags, the embedding API from its
+arguments. `serve` opens (or adopts) the TUN, builds the fake-IP store, DNS,
+router, stack and engine, sets up routes when asked, runs the engine and
+the statistics until cancelled or signalled, and releases everything on
+the way out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import attrs
 import trio
 
-from outbounds.base import Destination
+from outbounds.base import Destination, Outbound
+from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
@@ -25,7 +28,13 @@ from stack.tcp import TcpConfig
 from tun2sx.dns import FakeDns
 from tun2sx.engine import Engine, EngineConfig
 from tun2sx.fakeip import FakeIpFilter, FakeIpStore
-from tun2sx.router import Router
+from tun2sx.router import BUILTIN_TARGETS, DIRECT, REJECT, Router, RuleError, RuleSet, parse_rules
+from tun2sx.stats import (
+    log_summaries,
+    open_stats_listeners,
+    parse_loopback_endpoint,
+    serve_stats,
+)
 from tun2sx.tun import TunDevice, adopt_tun, open_tun
 
 log = logging.getLogger("tun2sx")
@@ -35,10 +44,23 @@ GSO_SIZE = 64000
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_POOL4 = ipaddress.IPv4Network("198.18.0.0/15")
 DEFAULT_POOL6 = ipaddress.IPv6Network("fc00::/18")
+# The mark outbound sockets carry under auto_route when no fwmark is set:
+# without one, the routes would send tun2sx's own traffic back into the TUN.
+DEFAULT_AUTO_ROUTE_FWMARK = 0x2022
+DEFAULT_STATS_INTERVAL = 300.0
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _pairs(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(name), str(url)) for name, url in items)
 
 
 @attrs.frozen
@@ -52,7 +74,10 @@ class Settings:
             an adopted one).
         tun_addresses: CIDRs to add to an opened device.
         offload: virtio-net header with checksum/TSO offload.
-        outbound: the default outbound's URL.
+        outbound: the default outbound (when no rule matches): a URL, the
+            name of one of `outbounds`, DIRECT or REJECT.
+        outbounds: named outbounds, (name, URL) pairs, for the rules.
+        rules: Clash-style rule strings (see tun2sx.router), first match wins.
         fwmark: SO_MARK for every outbound socket.
         interface: SO_BINDTODEVICE for every outbound socket.
         fake_ip: answer DNS with fake IPs.
@@ -63,6 +88,10 @@ class Settings:
         dns_hijack: answer every port-53 query ourselves.
         udp_timeout: UDP session idle timeout, seconds.
         connect_timeout: outbound connect timeout, seconds.
+        stats_listen: loopback HOST:PORT of the stats endpoint, or None (off).
+        stats_interval: seconds between summary log lines (0: none).
+        auto_route: route the namespace's traffic into the TUN while
+            serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
     """
 
     tun: str | None = None
@@ -84,6 +113,18 @@ class Settings:
     dns_hijack: bool = True
     udp_timeout: float = 60.0
     connect_timeout: float = 10.0
+    outbounds: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
+    rules: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    stats_listen: str | None = None
+    stats_interval: float = DEFAULT_STATS_INTERVAL
+    auto_route: bool = False
+
+
+def effective_fwmark(settings: Settings) -> int | None:
+    """The outbound sockets' mark: as set, or a default under auto_route."""
+    if settings.fwmark is None and settings.auto_route:
+        return DEFAULT_AUTO_ROUTE_FWMARK
+    return settings.fwmark
 
 
 def open_device(settings: Settings) -> TunDevice:
@@ -100,13 +141,93 @@ def open_device(settings: Settings) -> TunDevice:
     )
 
 
+def build_outbounds(settings: Settings, socket_options: SocketOptions) -> dict[str, Outbound]:
+    """Every named outbound, plus DIRECT.
+
+    Raises:
+        ConfigError: a reserved or repeated name, or a bad URL.
+    """
+    named: dict[str, Outbound] = {DIRECT: DirectOutbound(socket_options=socket_options)}
+    for name, url in settings.outbounds:
+        if not name or "," in name or any(ch.isspace() for ch in name):
+            raise ConfigError(f"outbounds: {name!r} is not a usable name (no commas or spaces)")
+        if name.upper() in BUILTIN_TARGETS:
+            raise ConfigError(f"outbounds.{name}: {name} is built in and cannot be redefined")
+        if name in named:
+            raise ConfigError(f"outbounds.{name}: defined twice")
+        try:
+            named[name] = parse_outbound_url(url, socket_options)
+        except ValueError as exc:
+            raise ConfigError(f"outbounds.{name}.url: {exc}") from exc
+    return named
+
+
 def build_router(settings: Settings, socket_options: SocketOptions) -> Router:
-    """The router: the default outbound (rules come from the config)."""
+    """The router: named outbounds, DIRECT, the rules and the default.
+
+    Raises:
+        ConfigError: a bad outbound or rule; the message names it.
+    """
+    named = build_outbounds(settings, socket_options)
     try:
-        outbound = parse_outbound_url(settings.outbound, socket_options)
+        rules = parse_rules(settings.rules, named.keys())
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
+    default: Outbound | None
+    if settings.outbound == REJECT:
+        default, default_name = None, None
+    elif settings.outbound in named:
+        default, default_name = named[settings.outbound], settings.outbound
+    else:
+        try:
+            default = parse_outbound_url(settings.outbound, socket_options)
+        except ValueError as exc:
+            names = ", ".join(named)
+            raise ConfigError(f"outbound: {exc}; or name one of: {names}, REJECT") from exc
+        default_name = None
+    return Router(default, RuleSet(rules), named, default_name=default_name)
+
+
+def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
+    if settings.stats_interval < 0:
+        raise ConfigError("stats_interval: must not be negative")
+    if settings.stats_listen is None:
+        return None
+    try:
+        return parse_loopback_endpoint(settings.stats_listen)
     except ValueError as exc:
-        raise ConfigError(f"outbound: {exc}") from exc
-    return Router(outbound)
+        raise ConfigError(f"stats_listen: {exc}") from exc
+
+
+def check_settings(settings: Settings) -> None:
+    """Check what `serve` would refuse, without opening anything.
+
+    Raises:
+        ConfigError: the message names the field.
+    """
+    build_router(settings, SocketOptions())
+    _stats_endpoint(settings)
+    if settings.udp_timeout <= 0:
+        raise ConfigError("udp_timeout: must be positive")
+    if settings.connect_timeout <= 0:
+        raise ConfigError("connect_timeout: must be positive")
+    if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
+        raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
+
+
+@contextlib.contextmanager
+def _routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterator[None]:
+    """The auto_route context when asked for; nothing otherwise."""
+    if not settings.auto_route:
+        yield
+        return
+    assert fwmark is not None  # effective_fwmark always gives one under auto_route
+    # Imported here: only a run that changes routes needs it.
+    from tun2sx.autoroute import auto_route
+
+    log.info("tun2sx: routing traffic into %s (outbound sockets marked %#x)", device_name, fwmark)
+    with auto_route(device_name, fwmark=fwmark):
+        yield
 
 
 def _fake_ip_store(settings: Settings) -> tuple[FakeIpStore, FakeDns]:
@@ -148,13 +269,15 @@ async def serve(
         ConfigError: a setting is wrong.
         TunError: the device cannot be opened.
     """
+    fwmark = effective_fwmark(settings)
     socket_options = SocketOptions(
-        fwmark=settings.fwmark,
+        fwmark=fwmark,
         interface=settings.interface,
         protect=protect,
         connect_timeout=settings.connect_timeout,
     )
     router = build_router(settings, socket_options)
+    stats_endpoint = _stats_endpoint(settings)
     store = dns = None
     if settings.fake_ip:
         store, dns = _fake_ip_store(settings)
@@ -184,18 +307,32 @@ async def serve(
             ),
         )
         log.info(
-            "tun2sx: serving %s (mtu %d, offload %s) via %r",
+            "tun2sx: serving %s (mtu %d, offload %s) via %r, %d rules",
             device.name,
             device.mtu,
             "on" if device.offload else "off",
             router.default,
+            len(router.rules.rules),
         )
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(engine.run)
-                if handle_signals:
-                    nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-                task_status.started(engine)
+            with _routes(settings, device.name, fwmark):
+                # Bound before the nursery, so a busy port is a plain
+                # ConfigError rather than an exception group.
+                listeners = []
+                if stats_endpoint is not None:
+                    try:
+                        listeners = await open_stats_listeners(*stats_endpoint)
+                    except OSError as exc:
+                        raise ConfigError(f"stats_listen: {exc}") from exc
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(engine.run)
+                    if listeners:
+                        await nursery.start(serve_stats, engine, listeners)
+                    if settings.stats_interval > 0:
+                        nursery.start_soon(log_summaries, engine, settings.stats_interval)
+                    if handle_signals:
+                        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                    task_status.started(engine)
         finally:
             log.info("tun2sx: stopped; %s", engine.statistics())
     finally:

@@ -2,10 +2,14 @@
 
     tun2sx --tun tun0 --socks 127.0.0.1:1080
     tun2sx --tun-fd 3 --proxy socks5://user:pass@10.0.0.1:1080
+    tun2sx --config /etc/tun2sx.toml --auto-route
     tun2sx demo
 
-A bad flag value ends the program with one line naming the flag; nothing
-starts half-configured.
+Flags are the quick path; a TOML file (`--config`, see tun2sx.config) holds
+named outbounds and rules. A flag given on the command line overrides the
+file's value, so flags default to None here and only the ones given are
+applied. A bad value ends the program with one line naming the flag or key;
+nothing starts half-configured.
 """
 
 from __future__ import annotations
@@ -16,12 +20,25 @@ import logging
 import resource
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+import attrs
 import trio
 
 from outbounds.base import Destination
 from outbounds.url import parse_outbound_url
-from tun2sx.app import DEFAULT_MTU, ConfigError, Settings, serve
+from tun2sx.app import (
+    DEFAULT_AUTO_ROUTE_FWMARK,
+    DEFAULT_MTU,
+    DEFAULT_STATS_INTERVAL,
+    ConfigError,
+    Settings,
+    check_settings,
+    serve,
+)
+from tun2sx.autoroute import AutoRouteError
+from tun2sx.config import load_config
+from tun2sx.stats import parse_loopback_endpoint
 from tun2sx.tun import TunError
 
 log = logging.getLogger("tun2sx")
@@ -32,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tun2sx",
         description="Proxy everything routed into a TUN device through SOCKS5 or direct.",
     )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML config file (docs/config.md); flags override it"
+    )
     tun = p.add_mutually_exclusive_group()
     tun.add_argument("--tun", metavar="NAME", help="TUN device to open (created if missing)")
     tun.add_argument("--tun-fd", metavar="N", type=int, help="adopt an already-open TUN fd")
@@ -40,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--tun-address",
         metavar="CIDR",
         action="append",
-        default=[],
         help="add an address to the TUN (repeatable), e.g. 198.18.0.1/15",
     )
     p.add_argument("--no-offload", action="store_true", help="no virtio-net header / TSO offload")
@@ -51,33 +70,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fwmark", type=lambda s: int(s, 0), help="SO_MARK for outbound sockets")
     p.add_argument("--interface", help="bind outbound sockets to this interface")
-    p.add_argument("--fake-ip-range", default="198.18.0.0/15", help="IPv4 fake-IP pool")
     p.add_argument(
-        "--fake-ip-range6", default="fc00::/18", help="IPv6 fake-IP pool, or 'none' for no AAAA"
+        "--auto-route",
+        action="store_true",
+        help="route this host's traffic into the TUN while running "
+        f"(outbound sockets get --fwmark, default {DEFAULT_AUTO_ROUTE_FWMARK:#x})",
+    )
+    p.add_argument("--fake-ip-range", help="IPv4 fake-IP pool (default 198.18.0.0/15)")
+    p.add_argument(
+        "--fake-ip-range6", help="IPv6 fake-IP pool (default fc00::/18), or 'none' for no AAAA"
     )
     p.add_argument(
         "--fake-ip-db",
-        default="/var/lib/tun2sx/fakeip.sqlite",
-        help="where the fake-IP table persists (':memory:' to not persist)",
+        help="where the fake-IP table persists (default /var/lib/tun2sx/fakeip.sqlite; "
+        "':memory:' to not persist)",
     )
     p.add_argument(
         "--fake-ip-filter",
         action="append",
-        default=[],
         metavar="PATTERN",
         help="names resolved for real instead (+.lan, *.example.com, exact); repeatable",
     )
     p.add_argument("--no-fake-ip", action="store_true", help="no fake-IP DNS at all")
     p.add_argument(
         "--dns-upstream",
-        default="1.1.1.1:53",
         metavar="HOST:PORT",
-        help="resolver for queries not answered with a fake IP (reached through the outbound)",
+        help="resolver for queries not answered with a fake IP, reached through the "
+        "outbound (default 1.1.1.1:53)",
     )
     p.add_argument("--no-dns-hijack", action="store_true", help="do not answer port 53 ourselves")
-    p.add_argument("--udp-timeout", type=float, default=60.0, help="UDP session idle timeout (s)")
+    p.add_argument("--udp-timeout", type=float, help="UDP session idle timeout (s, default 60)")
+    p.add_argument("--connect-timeout", type=float, help="outbound connect timeout (s, default 10)")
     p.add_argument(
-        "--connect-timeout", type=float, default=10.0, help="outbound connect timeout (s)"
+        "--stats-listen",
+        metavar="HOST:PORT",
+        help="serve read-only JSON stats on this loopback address (off by default)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        metavar="S",
+        help=f"seconds between summary log lines (default {DEFAULT_STATS_INTERVAL:g}; 0: none)",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -97,64 +130,110 @@ def parse_endpoint(value: str, field: str) -> Destination:
         raise ConfigError(f"{field}: {exc}") from exc
 
 
-def outbound_url(args: argparse.Namespace) -> str:
-    """The default outbound's URL from --socks or --proxy."""
+def outbound_url(args: argparse.Namespace) -> str | None:
+    """The default outbound's URL from --socks or --proxy (None: neither given)."""
     if args.socks:
         dest = parse_endpoint(args.socks, "--socks")
         host = f"[{dest.host}]" if ":" in str(dest.host) else str(dest.host)
         return f"socks5://{host}:{dest.port}"
     if args.proxy:
         return str(args.proxy)
-    raise ConfigError("an outbound is required: --socks HOST:PORT or --proxy URL")
+    return None
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields the given flags set, each checked; ConfigError names the flag."""
+    values: dict[str, Any] = {}
+    url = outbound_url(args)
+    if url is not None:
+        field = "--socks" if args.socks else "--proxy"
+        try:
+            parse_outbound_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{field}: {exc}") from exc
+        values["outbound"] = url
+    # The two ways of naming the device exclude each other across file and flags.
+    if args.tun is not None:
+        values.update(tun=args.tun, tun_fd=None)
+    if args.tun_fd is not None:
+        values.update(tun=None, tun_fd=args.tun_fd)
+    if args.mtu is not None:
+        if not 576 <= args.mtu <= 65535:
+            raise ConfigError(f"--mtu: {args.mtu} is not between 576 and 65535")
+        values["mtu"] = args.mtu
+    if args.tun_address is not None:
+        for cidr in args.tun_address:
+            try:
+                ipaddress.ip_interface(cidr)
+            except ValueError as exc:
+                raise ConfigError(f"--tun-address: {exc}") from exc
+        values["tun_addresses"] = tuple(args.tun_address)
+    if args.dns_upstream is not None:
+        values["dns_upstream"] = parse_endpoint(args.dns_upstream, "--dns-upstream")
+    if args.fake_ip_range is not None:
+        values["fake_ip_range"] = _network(args.fake_ip_range, "--fake-ip-range", 4)
+    if args.fake_ip_range6 is not None:
+        values["fake_ip_range6"] = (
+            None
+            if args.fake_ip_range6 == "none"
+            else _network(args.fake_ip_range6, "--fake-ip-range6", 6)
+        )
+    for flag, field in (("--udp-timeout", "udp_timeout"), ("--connect-timeout", "connect_timeout")):
+        value = getattr(args, field)
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"{flag}: must be positive")
+            values[field] = value
+    if args.stats_interval is not None:
+        if args.stats_interval < 0:
+            raise ConfigError("--stats-interval: must not be negative")
+        values["stats_interval"] = args.stats_interval
+    if args.stats_listen is not None:
+        try:
+            parse_loopback_endpoint(args.stats_listen)
+        except ValueError as exc:
+            raise ConfigError(f"--stats-listen: {exc}") from exc
+        values["stats_listen"] = args.stats_listen
+    for field in ("fwmark", "interface", "fake_ip_db"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    if args.fake_ip_filter is not None:
+        values["fake_ip_filter"] = tuple(args.fake_ip_filter)
+    # Switches only ever turn a feature off (or auto-route on), so only a
+    # given switch overrides the file.
+    for flag, field, value in (
+        (args.no_offload, "offload", False),
+        (args.no_fake_ip, "fake_ip", False),
+        (args.no_dns_hijack, "dns_hijack", False),
+        (args.auto_route, "auto_route", True),
+    ):
+        if flag:
+            values[field] = value
+    return values
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Check every flag and build the settings; ConfigError names the flag."""
-    url = outbound_url(args)
-    field = "--socks" if args.socks else "--proxy"
-    try:
-        parse_outbound_url(url)
-    except ValueError as exc:
-        raise ConfigError(f"{field}: {exc}") from exc
-    upstream = parse_endpoint(args.dns_upstream, "--dns-upstream")
-    v4 = _network(args.fake_ip_range, "--fake-ip-range", 4)
-    v6 = (
-        None
-        if args.fake_ip_range6 == "none"
-        else _network(args.fake_ip_range6, "--fake-ip-range6", 6)
-    )
-    for cidr in args.tun_address:
-        try:
-            ipaddress.ip_interface(cidr)
-        except ValueError as exc:
-            raise ConfigError(f"--tun-address: {exc}") from exc
-    if args.udp_timeout <= 0:
-        raise ConfigError("--udp-timeout: must be positive")
-    if args.connect_timeout <= 0:
-        raise ConfigError("--connect-timeout: must be positive")
-    if args.mtu is not None and not 576 <= args.mtu <= 65535:
-        raise ConfigError(f"--mtu: {args.mtu} is not between 576 and 65535")
-    if args.tun_fd is None and not args.tun:
-        raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N")
-    return Settings(
-        tun=args.tun,
-        tun_fd=args.tun_fd,
-        mtu=args.mtu,
-        tun_addresses=tuple(args.tun_address),
-        offload=not args.no_offload,
-        outbound=url,
-        fwmark=args.fwmark,
-        interface=args.interface,
-        fake_ip=not args.no_fake_ip,
-        fake_ip_range=v4,
-        fake_ip_range6=v6,
-        fake_ip_db=args.fake_ip_db,
-        fake_ip_filter=tuple(args.fake_ip_filter),
-        dns_upstream=upstream,
-        dns_hijack=not args.no_dns_hijack,
-        udp_timeout=args.udp_timeout,
-        connect_timeout=args.connect_timeout,
-    )
+    """The config file (if any) with the given flags over it, all checked.
+
+    Raises:
+        ConfigError: one line naming the flag, or the file and its key.
+    """
+    values = _flag_values(args)
+    if args.config is not None:
+        base = load_config(args.config, require_outbound="outbound" not in values)
+    else:
+        if "outbound" not in values:
+            raise ConfigError(
+                "an outbound is required: --socks HOST:PORT, --proxy URL or --config FILE"
+            )
+        base = Settings()
+    settings = attrs.evolve(base, **values)
+    if settings.tun_fd is None and not settings.tun:
+        raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N (or [tun] name)")
+    # Flags are checked above one by one; this catches what only the
+    # combination decides (a rule naming an outbound, the default's name).
+    check_settings(settings)
+    return settings
 
 
 def _network(value: str, field: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -191,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2
-    except TunError as exc:
+    except (TunError, AutoRouteError) as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -61,6 +61,34 @@ class EngineConfig:
     max_dns_forwards: int = 256
 
 
+class FlowInfo:
+    """What the stats endpoint shows of one live flow; the flow keeps it current.
+
+    Attributes:
+        network: "tcp" or "udp".
+        app: the application's endpoint, ``addr:port``.
+        destination: where the flow goes (a host name when it came through
+            a fake IP).
+        outbound: the name of the outbound carrying it.
+        started: trio time the flow was connected.
+        bytes_up: bytes from the application to the outbound.
+        bytes_down: bytes from the outbound to the application.
+    """
+
+    __slots__ = ("app", "bytes_down", "bytes_up", "destination", "network", "outbound", "started")
+
+    def __init__(
+        self, network: str, app: str, destination: Destination, outbound: str, started: float
+    ) -> None:
+        self.network = network
+        self.app = app
+        self.destination = destination
+        self.outbound = outbound
+        self.started = started
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+
 class Engine:
     """Drives a `NetStack` from a TUN device and runs the flows.
 
@@ -94,6 +122,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.streams: dict[object, TcpStream] = {}
         self.counters: Counter[str] = Counter()
+        self.flows: set[FlowInfo] = set()
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self.tcp = TcpFlows(self, tcp_handler)
@@ -185,10 +214,25 @@ class Engine:
             return Destination(name, port)
         return Destination(ip, port)
 
+    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+        """Register a connected flow for the statistics; `close_flow` it at the end."""
+        info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        self.flows.add(info)
+        return info
+
+    def close_flow(self, info: FlowInfo) -> None:
+        """Forget a flow, keeping its bytes in the totals."""
+        self.flows.discard(info)
+        self.counters["bytes_up"] += info.bytes_up
+        self.counters["bytes_down"] += info.bytes_down
+
     def statistics(self) -> dict[str, int]:
-        """A snapshot of counters: flows, drops, errors."""
+        """A snapshot of counters: flows, bytes, drops, errors."""
         stats: dict[str, int] = dict(self.stack.counters)
         stats.update(self.counters)
+        # Live flows' bytes are not in the counters until they end.
+        stats["bytes_up"] = self.counters["bytes_up"] + sum(f.bytes_up for f in self.flows)
+        stats["bytes_down"] = self.counters["bytes_down"] + sum(f.bytes_down for f in self.flows)
         stats["tcp_flows"] = len(self.streams)
         stats["tcp_connections"] = len(self.stack.tcp.connections)
         stats["udp_sessions"] = len(self.udp.sessions)

@@ -104,10 +104,11 @@ def parse_rule(text: str, targets: Collection[str]) -> Rule:
     kind = parts[0].upper()
     if kind not in _KINDS:
         raise RuleError(f"unknown rule type {parts[0]!r} (known: {', '.join(_KINDS)})")
+    options: tuple[str, ...] = ()
     if kind == "MATCH":
         if len(parts) != 2:
             raise RuleError("expected MATCH,TARGET")
-        value, target, options = "", parts[1], ()
+        value, target = "", parts[1]
     else:
         if len(parts) < 3:
             raise RuleError(f"expected {kind},VALUE,TARGET")
@@ -132,7 +133,6 @@ def parse_rule(text: str, targets: Collection[str]) -> Rule:
             raise RuleError(f"IP-CIDR6: {value} is not an IPv6 network")
         kind, value = "IP-CIDR", str(net)
     elif kind == "DST-PORT":
-        value = str(_parse_port_range(value)).strip("()").replace(", ", "-")
         lo, hi = _parse_port_range(value)
         value = str(lo) if lo == hi else f"{lo}-{hi}"
     elif kind == "NETWORK":
@@ -275,7 +275,8 @@ class Router:
             DIRECT / REJECT.
         outbounds: the named outbounds rules may use; DIRECT, when a rule
             names it, must be here too (`build_router` puts it there).
-        default_name: how `name_of` labels the default outbound.
+        default_name: how `name_of` labels the default outbound (None: by
+            its protocol name, e.g. "socks5").
     """
 
     def __init__(
@@ -284,7 +285,7 @@ class Router:
         rules: RuleSet | None = None,
         outbounds: Mapping[str, Outbound] | None = None,
         *,
-        default_name: str = "default",
+        default_name: str | None = None,
     ) -> None:
         self.default = default
         self.rules = rules or RuleSet(())
@@ -294,7 +295,7 @@ class Router:
             for rule in self.rules.rules
         )
         self._names = {id(outbound): name for name, outbound in self.outbounds.items()}
-        if default is not None:
+        if default is not None and default_name is not None:
             self._names.setdefault(id(default), default_name)
 
     def route(self, dest: Destination, network: Network) -> Outbound | None:

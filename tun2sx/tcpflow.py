@@ -29,7 +29,7 @@ from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.tcpstream import TcpStream
 
 if TYPE_CHECKING:
-    from tun2sx.engine import Engine
+    from tun2sx.engine import Engine, FlowInfo
 
 log = logging.getLogger("tun2sx.tcp")
 
@@ -121,12 +121,15 @@ class TcpFlows:
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
+        app = describe(key).partition(" -> ")[0]
+        info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
         try:
             if self._handler is None:
-                await splice(stream, upstream, engine.config.splice_buffer)
+                await splice(stream, upstream, engine.config.splice_buffer, info)
             else:
                 await self._handler(stream, upstream)
         finally:
+            engine.close_flow(info)
             await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(stream)
             # The engine forgets the stream once its connection is gone.
@@ -167,7 +170,12 @@ class TcpFlows:
             await trio.aclose_forcefully(stream)
 
 
-async def splice(app: TcpStream, upstream: trio.abc.HalfCloseableStream, bufsize: int) -> None:
+async def splice(
+    app: TcpStream,
+    upstream: trio.abc.HalfCloseableStream,
+    bufsize: int,
+    info: FlowInfo | None = None,
+) -> None:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
     A break on one side (reset, error) resets the other: the application
@@ -177,7 +185,10 @@ async def splice(app: TcpStream, upstream: trio.abc.HalfCloseableStream, bufsize
     broken = False
 
     async def pump(
-        src: trio.abc.ReceiveStream, dst: trio.abc.HalfCloseableStream, cancel: trio.CancelScope
+        src: trio.abc.ReceiveStream,
+        dst: trio.abc.HalfCloseableStream,
+        cancel: trio.CancelScope,
+        up: bool,
     ) -> None:
         nonlocal broken
         try:
@@ -186,14 +197,20 @@ async def splice(app: TcpStream, upstream: trio.abc.HalfCloseableStream, bufsize
                 if not data:
                     break
                 await dst.send_all(data)
+                # Counted once sent, per chunk of up to `bufsize`: cheap.
+                if info is not None:
+                    if up:
+                        info.bytes_up += len(data)
+                    else:
+                        info.bytes_down += len(data)
             await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             broken = True
             cancel.cancel()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, app, upstream, nursery.cancel_scope)
-        nursery.start_soon(pump, upstream, app, nursery.cancel_scope)
+        nursery.start_soon(pump, app, upstream, nursery.cancel_scope, True)
+        nursery.start_soon(pump, upstream, app, nursery.cancel_scope, False)
     if broken:
         app.abort()
         _reset_socket(upstream)

@@ -35,7 +35,7 @@ from tun2sx.dns import (
 
 if TYPE_CHECKING:
     from outbounds.base import UdpSession
-    from tun2sx.engine import Engine
+    from tun2sx.engine import Engine, FlowInfo
     from tun2sx.tcpstream import TcpStream
 
 log = logging.getLogger("tun2sx.udp")
@@ -45,7 +45,16 @@ _DNS_TCP_IDLE = 30.0
 
 
 class _Session:
-    __slots__ = ("app_addr", "app_port", "last_to_by_port", "receive", "scope", "send", "sent_to")
+    __slots__ = (
+        "app_addr",
+        "app_port",
+        "info",
+        "last_to_by_port",
+        "receive",
+        "scope",
+        "send",
+        "sent_to",
+    )
 
     def __init__(self, app_addr: bytes, app_port: int) -> None:
         self.app_addr = app_addr
@@ -56,6 +65,7 @@ class _Session:
         # IP behind a fake one: map them to what the application sent to.
         self.sent_to: dict[tuple[str, int], bytes] = {}
         self.last_to_by_port: dict[int, bytes] = {}
+        self.info: FlowInfo | None = None  # set once the outbound is open
 
 
 class UdpFlows:
@@ -106,12 +116,23 @@ class UdpFlows:
                     log.info("UDP session for %s via %s: %s", dest, outbound.name, exc)
                     self._unreachable(session, first, 1, 3)
                     return
+                app = ipaddress.ip_address(session.app_addr)
+                session.info = info = engine.open_flow(
+                    "udp",
+                    f"[{app}]:{session.app_port}"
+                    if app.version == 6
+                    else f"{app}:{session.app_port}",
+                    dest,
+                    engine.router.name_of(outbound),
+                )
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._downlink, session, upstream)
                         await upstream.send_to(first[2], dest)
+                        info.bytes_up += len(first[2])
                         await self._uplink(session, upstream)
                 finally:
+                    engine.close_flow(info)
                     await trio.aclose_forcefully(upstream)  # type: ignore[arg-type]
         except (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("UDP session %s ended: %s", key, exc)
@@ -146,6 +167,8 @@ class UdpFlows:
             dest = self._destination(session, addr, port)
             if dest is not None:
                 await upstream.send_to(payload, dest)
+                if session.info is not None:
+                    session.info.bytes_up += len(payload)
 
     async def _downlink(self, session: _Session, upstream: UdpSession) -> None:
         engine = self._engine
@@ -165,6 +188,8 @@ class UdpFlows:
                 continue
             engine.stack.send_udp(addr, src.port, session.app_addr, session.app_port, data)
             engine.flush()
+            if session.info is not None:
+                session.info.bytes_down += len(data)
 
     def _unreachable(
         self, session: _Session, datagram: tuple[bytes, int, bytes], code4: int, code6: int
