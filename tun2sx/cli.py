@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy without authentication")
     out.add_argument(
-        "--proxy", metavar="URL", help="outbound URL: socks5://[user:pass@]host:port, ss://..., or direct://"
+        "--proxy",
+        metavar="URL",
+        help="outbound URL: socks5://[user:pass@]host:port, ss://..., or direct://",
     )
     p.add_argument("--fwmark", type=lambda s: int(s, 0), help="SO_MARK for outbound sockets")
     p.add_argument("--interface", help="bind outbound sockets to this interface")
