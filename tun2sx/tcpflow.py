@@ -114,7 +114,9 @@ class TcpFlows:
             engine.counters["tcp_outbound_failed"] += 1
             self._fail(request, FailureReply.HOST_UNREACHABLE)
             return
-        log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
+        if log.isEnabledFor(logging.DEBUG):
+            # describe() formats two addresses: not worth it per flow unless shown.
+            log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
         try:
             stream = self._accept(request)
         except (KeyError, LocalProtocolError):
@@ -210,7 +212,8 @@ async def splice(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump, app, upstream, nursery.cancel_scope, True)
-        nursery.start_soon(pump, upstream, app, nursery.cancel_scope, False)
+        # The other direction runs in this task: one task spawn less per flow.
+        await pump(upstream, app, nursery.cancel_scope, False)
     if broken:
         app.abort()
         _reset_socket(upstream)
