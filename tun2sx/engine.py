@@ -11,6 +11,7 @@ and a flow's failure ends that flow alone.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
@@ -142,6 +143,7 @@ class Engine:
             try:
                 await self._read_loop()
             finally:
+                self.reset_all()
                 nursery.cancel_scope.cancel()
 
     # -- packets -----------------------------------------------------------
@@ -172,6 +174,17 @@ class Engine:
                     if stream.finished:
                         del streams[conn.key]
 
+    def reset_all(self) -> None:
+        """Send an RST on every TCP flow: the engine is going away.
+
+        Without it applications retransmit into a TUN that no longer answers
+        until their own timeouts (minutes): a hang.
+        """
+        for conn in list(self.stack.tcp.connections.values()):
+            conn.abort()
+        with contextlib.suppress(OSError):  # the device may already be gone
+            self.flush()
+
     def flush(self) -> None:
         """Write every packet the stack has ready, and re-arm the timer."""
         write = self.device.write
@@ -188,14 +201,18 @@ class Engine:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            self.stack.tcp.handle_timeout(trio.current_time())
+            fired = self.stack.tcp.handle_timeout(trio.current_time())
             self.flush()
-            # Timers can retransmit, reset or close: every stream re-checks.
-            # Waking only parked streams keeps this cheap.
-            for key, stream in list(self.streams.items()):
-                stream.wake()
-                if stream.finished:
-                    del self.streams[key]
+            # Timers can retransmit, reset or close: the streams of the
+            # connections whose timers ran re-check (only those can have
+            # changed; walking every stream per timer is quadratic in flows).
+            streams = self.streams
+            for conn in fired:
+                stream = streams.get(conn.key)
+                if stream is not None:
+                    stream.wake()
+                    if stream.finished:
+                        del streams[conn.key]
 
     # -- destinations --------------------------------------------------------
 

@@ -134,7 +134,7 @@ class TcpFlows:
             engine.close_flow(info)
             await trio.aclose_forcefully(upstream)
             await trio.aclose_forcefully(stream)
-            # The engine forgets the stream once its connection is gone.
+            self._forget(key, stream)
 
     def _accept(self, request: ConnectionRequest) -> TcpStream:
         engine = self._engine
@@ -170,6 +170,19 @@ class TcpFlows:
             pass
         finally:
             await trio.aclose_forcefully(stream)
+            self._forget(request.key, stream)
+
+    def _forget(self, key: FlowKey, stream: TcpStream) -> None:
+        """Drop a closed stream whose connection is already gone.
+
+        The engine forgets a stream when a packet or timer touches its
+        connection after the flow closed it; when the connection died
+        first (the application's last ACK came while the outbound was
+        still closing), nothing will touch it again, so the flow does it.
+        """
+        streams = self._engine.streams
+        if stream.finished and streams.get(key) is stream:
+            del streams[key]
 
 
 async def splice(

@@ -36,7 +36,7 @@ from stack.tcp.options import negotiate, synack_options
 from stack.tcp.rcv import Receiver
 from stack.tcp.snd import HEAD, HOLE, NEW, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
-from stack.tcp.timers import RttEstimator, Timers
+from stack.tcp.timers import RttEstimator, Timers, probe_timeout
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpHeader, TcpOptions
 
 _S = TcpState
@@ -53,7 +53,7 @@ class _Counters:
         self.segments_in = self.segments_out = self.bytes_in = self.bytes_out = 0
         self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
         self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
-        self.window_probes = self.challenge_acks = 0
+        self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
 
     def snapshot(self) -> TcpStatistics:
         return TcpStatistics(*(getattr(self, name) for name in TcpStatistics._fields))
@@ -91,6 +91,7 @@ class TcpConnection:
         "_rtt",
         "_rtt_seq",
         "_rtt_time",
+        "_rxt_mark",
         "_sb",
         "_snd",
         "_state",
@@ -99,6 +100,8 @@ class TcpConnection:
         "_synack_retransmitted",
         "_synack_time",
         "_timers",
+        "_tlp_due",
+        "_tlp_used",
         "_ts_recent",
         "key",
     )
@@ -141,6 +144,9 @@ class TcpConnection:
         self._last_ack_sent = 1
         self._synack_due = True
         self._synack_retransmitted = False
+        self._tlp_due = False  # send a tail loss probe with the next output
+        self._rxt_mark = 0  # SND.MAX when the head was last fast-retransmitted
+        self._tlp_used = False  # one probe per flight, until forward progress
         self._synack_time = now
         self._ack_due = False
         self._probe_due = False
@@ -393,6 +399,7 @@ class TcpConnection:
                 for left, right in blocks
             ]
             new_sacked = self._sb.update(rel, ack, snd.max)
+            self._check_lost_retransmit()
         if ack > snd.una:
             self._on_new_ack(hdr, ack, now)
         elif snd.max > snd.una and (
@@ -402,6 +409,22 @@ class TcpConnection:
             lost = self._sb.lost_below((DUP_THRESH - 1) * neg.snd_mss) if neg.sack else 0
             if cc.on_dupack(neg.sack, lost > snd.una, snd.una, snd.max):
                 self._rtt_seq = None
+
+    def _check_lost_retransmit(self) -> None:
+        """Resend the head again when its fast retransmission was lost.
+
+        Only an RTO would notice otherwise (RFC 6675 has no rule for it):
+        the head stays unacknowledged while packets sent after its
+        retransmission are SACKed. DupThresh of them arriving is taken as
+        the retransmission being lost, as RACK (RFC 8985) would judge by time.
+        """
+        cc = self._cc
+        mark = self._rxt_mark
+        if not mark or not cc.in_recovery or cc.rexmit_head:
+            return
+        if self._sb.sacked_in(mark, self._snd.max) >= DUP_THRESH * self._neg.snd_mss:
+            cc.rexmit_head = True
+            self._rxt_mark = 0
 
     def _on_new_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
         snd = self._snd
@@ -421,6 +444,9 @@ class TcpConnection:
         self._cc.on_ack(acked, ack, snd.max - ack)
         timers = self._timers
         timers.rto = None if snd.max == ack else now + self._rtt.rto()
+        timers.tlp = None
+        self._tlp_used = False
+        self._rxt_mark = 0
         if not fin_was_acked and snd.fin_acked():
             self._state = next_state(self._state, Stimulus.ACK_OF_FIN)
             if self._state is _S.TIME_WAIT:
@@ -483,6 +509,17 @@ class TcpConnection:
             self._on_rto(now)
             if self._state is _S.CLOSED:
                 return
+        if t.tlp is not None and now >= t.tlp:
+            t.tlp = None
+            if self._snd.max > self._snd.una:
+                self._tlp_used = True
+                if self._cc.in_recovery:
+                    self._n.tail_loss_probes += 1
+                    # The flight went quiet in recovery: the head's
+                    # retransmission (or its ACK) was lost. Send it again.
+                    self._cc.rexmit_head = True
+                else:
+                    self._tlp_due = True
         if t.delack is not None and now >= t.delack:
             t.delack = None
             self._ack_due = True
@@ -526,6 +563,8 @@ class TcpConnection:
         self._n.rto_timeouts += 1
         self._cc.on_rto(snd.una, snd.max, self._rtt.backoff == 0)
         self._rtt.backoff += 1
+        t.tlp = None
+        self._tlp_used = True
         snd.nxt = snd.una  # go back N, skipping what was SACKed
         self._rtt_seq = None
         t.rto = now + self._rtt.rto()
@@ -562,7 +601,10 @@ class TcpConnection:
         gso = self._config.gso_size
         wire_mss = 0
         mss = neg.snd_mss
-        if gso is not None and gso > mss:
+        if gso is not None and gso > mss and mss >= neg.rcv_mss:
+            # The device cuts super-segments at its own MTU, not at this
+            # peer's MSS: a peer that announced less (an application behind
+            # a router with a smaller MTU) gets plain MSS-sized segments.
             mss, wire_mss = gso, mss
         if blocks:
             mss -= _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks)
@@ -583,6 +625,7 @@ class TcpConnection:
                 self._rtt_seq = None  # Karn: no sample from a retransmission
                 if kind == HEAD:
                     n.fast_retransmits += 1
+                    self._rxt_mark = snd.max
                 elif kind == HOLE:
                     n.sack_retransmits += 1
             else:
@@ -592,6 +635,14 @@ class TcpConnection:
                     self._rtt_time = now
             if t.rto is None:
                 t.rto = now + self._rtt.rto()
+        if self._tlp_due:
+            self._tail_loss_probe(now, out, blocks)
+        elif not self._tlp_used and t.tlp is None and t.rto is not None and snd.max > snd.una:
+            srtt = self._rtt.srtt
+            if srtt is not None:
+                pto = now + probe_timeout(srtt, snd.max - snd.una, neg.snd_mss)
+                if pto < t.rto:
+                    t.tlp = pto
         if snd.window_blocked() and not snd.fin_acked():
             if t.persist is None:
                 t.persist = now + self._rtt.rto()
@@ -606,6 +657,30 @@ class TcpConnection:
             out.append((self._header(snd.nxt, ACK, now, blocks), b""))
         n.segments_out += len(out)
         return out
+
+    def _tail_loss_probe(
+        self,
+        now: float,
+        out: list[tuple[TcpHeader, bytes | bytearray]],
+        blocks: tuple[tuple[int, int], ...],
+    ) -> None:
+        """Resend the last packet of the flight (RFC 8985 section 7.3).
+
+        When the flight's last ACKs were lost (or its tail was), nothing else
+        would move before the RTO. The probe draws an ACK, or a SACK that
+        starts fast recovery, within a few RTTs. A FIN tail is left to the RTO.
+        """
+        self._tlp_due = False
+        snd = self._snd
+        if snd.max <= snd.una or (snd.fin_at is not None and snd.max > snd.fin_at):
+            return
+        start = max(snd.una, snd.max - self._neg.snd_mss)
+        out.append(
+            (self._header(start, ACK | PSH, now, blocks), snd.payload(start, snd.max - start))
+        )
+        self._n.retransmits += 1
+        self._n.tail_loss_probes += 1
+        self._rtt_seq = None
 
     def _emit_synack(self, now: float, out: list[tuple[TcpHeader, bytes | bytearray]]) -> None:
         neg = self._neg

@@ -76,6 +76,7 @@ class TcpStatistics(NamedTuple):
     paws_drops: int
     window_probes: int
     challenge_acks: int
+    tail_loss_probes: int
 
 
 class DemuxStatistics(NamedTuple):

@@ -137,7 +137,10 @@ class Sender:
         return self.max == self.una and self.nxt < self.data_end and self.una + self.wnd <= self.nxt
 
     def pipe(self, cc: Congestion, sb: Scoreboard, sack: bool, mss: int) -> int:
-        """Return the octets presumed in the network (RFC 6675 SetPipe)."""
+        """Return the octets presumed in the network (RFC 6675 SetPipe).
+
+        `mss` is the size of the packets on the wire (what IsLost counts in).
+        """
         una = self.una
         pipe = self.nxt - una
         if sb:
@@ -166,23 +169,29 @@ class Sender:
                 waiting for a budget of a whole super-segment.
         """
         una = self.una
+        # Loss is judged in wire packets: with GSO a lost 1448-byte packet
+        # must not wait for two 64 KB super-segments to be SACKed above it.
+        unit = wire_mss or mss
         if cc.in_recovery:
             if cc.rexmit_head:
                 head = sb.next_hole(una) if sb else None
                 head_end = head[1] if head is not None and head[0] == una else self.max
                 return self._cut(una, head_end, mss, HEAD)
-            budget = cc.cwnd - self.pipe(cc, sb, sack, mss)
+            budget = cc.cwnd - self.pipe(cc, sb, sack, unit)
             if sack and budget > 0:
                 pos = max(cc.high_rxt, una)
-                lost = sb.lost_below((DUP_THRESH - 1) * mss)
+                lost = sb.lost_below((DUP_THRESH - 1) * unit)
                 hole = sb.next_hole(pos)
                 if hole is not None and hole[0] < lost:
-                    seg = self._cut(hole[0], min(hole[1], lost), mss, HOLE)
-                    if seg is not None and seg.length <= budget:
+                    # A hole larger than the budget goes out in whole wire
+                    # packets now rather than waiting for room for all of it.
+                    room = budget - budget % wire_mss if wire_mss else mss
+                    seg = self._cut(hole[0], min(hole[1], lost), min(mss, room), HOLE)
+                    if seg is not None and 0 < seg.length <= budget:
                         return seg
                     return None
         else:
-            budget = cc.cwnd - self.pipe(cc, sb, sack, mss)
+            budget = cc.cwnd - self.pipe(cc, sb, sack, unit)
         start = self.nxt
         limit = None
         if start < self.max and sb:

@@ -12,6 +12,20 @@ max(G, 4 * RTTVAR) clamped to [rto_min, rto_max], doubled on every expiry
 from __future__ import annotations
 
 _CLOCK_GRANULARITY = 0.001  # G: our timestamps count milliseconds
+_TLP_SLACK = 0.002  # Linux adds two ticks to 2*SRTT
+_WORST_DELAYED_ACK = 0.2  # RFC 8985 WCDelAckT, when one packet is in flight
+
+
+def probe_timeout(srtt: float, flight: int, wire_mss: int) -> float:
+    """Return the tail loss probe timeout (RFC 8985 section 7.2).
+
+    A lone packet in flight may legitimately wait for the peer's delayed
+    ACK, so the probe then waits for that too.
+    """
+    pto = 2 * srtt + _TLP_SLACK
+    if flight <= wire_mss:
+        pto += _WORST_DELAYED_ACK
+    return pto
 
 
 class RttEstimator:
@@ -62,9 +76,19 @@ class Timers:
         idle: the idle timeout fires (reset).
         time_wait: TIME-WAIT ends.
         handshake: SYN-RECEIVED gives up.
+        tlp: a tail loss probe is due (RFC 8985 section 7).
     """
 
-    __slots__ = ("delack", "handshake", "idle", "keepalive", "persist", "rto", "time_wait")
+    __slots__ = (
+        "delack",
+        "handshake",
+        "idle",
+        "keepalive",
+        "persist",
+        "rto",
+        "time_wait",
+        "tlp",
+    )
 
     def __init__(self) -> None:
         self.rto: float | None = None
@@ -74,6 +98,7 @@ class Timers:
         self.idle: float | None = None
         self.time_wait: float | None = None
         self.handshake: float | None = None
+        self.tlp: float | None = None
 
     def earliest(self) -> float | None:
         """Return the nearest armed deadline, or None."""
@@ -86,6 +111,7 @@ class Timers:
             self.idle,
             self.time_wait,
             self.handshake,
+            self.tlp,
         ):
             if deadline is not None and (best is None or deadline < best):
                 best = deadline
@@ -94,4 +120,4 @@ class Timers:
     def clear(self) -> None:
         """Disarm every timer."""
         self.rto = self.delack = self.persist = self.keepalive = None
-        self.idle = self.time_wait = self.handshake = None
+        self.idle = self.time_wait = self.handshake = self.tlp = None

@@ -13,6 +13,8 @@ import sys
 BENCHMARKS = {
     "wire": "tests.bench.wire",  # parse and checksum micro-benchmark
     "e2e": "tests.bench.e2e",  # real kernel clients through tun2sx
+    "load": "tests.bench.load",  # 10,000 flows held and exchanging, DNS burst
+    "loss": "tests.bench.loss",  # single-stream throughput under random loss
 }
 
 

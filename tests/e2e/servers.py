@@ -15,9 +15,11 @@ starts, on that address:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import struct
+from collections.abc import Awaitable, Callable
 
 import trio
 from dnslib import QTYPE, RR, TXT, DNSRecord
@@ -89,10 +91,28 @@ async def udp_echo(bind: str, port: int, dns: bool) -> None:
         await sock.sendto(dns_answer(data) if dns else data, addr)
 
 
+def tolerant(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Let a connection that a peer resets end alone, not the whole server.
+
+    `trio.serve_tcp` propagates a handler's exception and stops serving;
+    fault tests reset connections on purpose (a proxy killed mid-transfer).
+    """
+
+    async def run(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await handler(stream)
+
+    return run
+
+
 async def main(bind: str) -> None:
     async with trio.open_nursery() as nursery:
         for port, handler in ((7001, echo), (7002, hasher), (7003, source), (5353, dns_tcp)):
-            nursery.start_soon(functools.partial(trio.serve_tcp, handler, port, host=bind))
+            nursery.start_soon(
+                functools.partial(trio.serve_tcp, tolerant(handler), port, host=bind)
+            )
         nursery.start_soon(udp_echo, bind, 7001, False)
         nursery.start_soon(udp_echo, bind, 5353, True)
 

@@ -13,8 +13,10 @@ The end-to-end tests and the benchmark share it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,9 +77,9 @@ class Testbed:
             ]
         )
         self.server.spawn(["microsocks", "-i", SERVER_ADDR, "-p", "1080"])
-        conf = tmp / "danted.conf"
-        conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
-        self.server.spawn(["danted", "-f", str(conf)])
+        self.dante_conf = tmp / "danted.conf"
+        self.dante_conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
+        self.dante = self.server.spawn(["danted", "-f", str(self.dante_conf)])
         for port in (7001, 7002, 7003, 8080, 1080, 1081):
             self.server.wait_listening(port)
         self.fakeip_db = tmp / "fakeip.sqlite"
@@ -151,6 +153,31 @@ class Testbed:
         self.proc = None
         self._log.close()
         return code
+
+    def kill_dante(self) -> None:
+        """SIGKILL Dante and its worker processes (by PID), as a crash would."""
+        pids = [self.dante.pid]
+        for pid in pids:  # grows while walking: children of children
+            children = Path(f"/proc/{pid}/task/{pid}/children")
+            if children.exists():
+                pids += [int(c) for c in children.read_text().split()]
+        self.lab.processes = [(p, a) for p, a in self.lab.processes if p is not self.dante]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.dante.wait(10)
+        deadline = time.monotonic() + 10
+        while self.server.run(["ss", "-Hltn", "sport = :1081"]).stdout.strip():
+            # Killed workers release the listening socket as they exit.
+            if time.monotonic() > deadline:
+                raise LabError("Dante's port 1081 still listens after SIGKILL")
+            time.sleep(0.05)
+
+    def start_dante(self) -> None:
+        """Start Dante again (after `kill_dante`) and wait until it listens."""
+        self.dante = self.server.spawn(["danted", "-f", str(self.dante_conf)])
+        self.server.wait_listening(1081)
+        self.lab.check_processes()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

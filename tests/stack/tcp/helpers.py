@@ -141,7 +141,7 @@ class App:
         )
         return hdr, data
 
-    def absorb(self, segments: list[tuple[TcpHeader, bytes]]) -> list[Seg]:
+    def absorb(self, segments: list[tuple[TcpHeader, bytes | bytearray]]) -> list[Seg]:
         """Read our segments as the app would; return their comparable view."""
         out = []
         for hdr, payload in segments:
@@ -151,7 +151,7 @@ class App:
                     self.rcv_nxt = end
                 if hdr.options.timestamp is not None:
                     self.ts_recent = hdr.options.timestamp[0]
-            out.append(seg_of(hdr, payload))
+            out.append(seg_of(hdr, bytes(payload)))
         return out
 
 

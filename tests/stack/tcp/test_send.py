@@ -25,8 +25,9 @@ def test_data_is_cut_into_mss_segments_up_to_the_initial_cwnd() -> None:
         (s(ISS1 + i * PAYLOAD), PAYLOAD, ACK) for i in range(10)
     ]
     assert b"".join(x.payload for x in segs) == data[: 10 * PAYLOAD]
-    # The handshake measured 10 ms: the RTO sits at its 200 ms floor.
-    assert conn.next_deadline() == pytest.approx(0.02 + CFG.rto_min)
+    # The handshake measured 10 ms: the RTO sits at its 200 ms floor, and
+    # the tail loss probe comes first, at 2 * SRTT + 2 ms.
+    assert conn.next_deadline() == pytest.approx(0.02 + 2 * 0.01 + 0.002)
     # One ACK for everything: slow start grows cwnd and the rest goes out.
     conn.segment_received(*app.seg(ack=s(ISS1 + 10 * PAYLOAD)), 0.05)
     segs = app.absorb(conn.segments_to_send(0.05))
@@ -160,3 +161,17 @@ def test_fin_is_retransmitted_when_lost() -> None:
     conn.handle_timeout(0.22)
     [again] = app.absorb(conn.segments_to_send(0.22))
     assert fin.flags == again.flags == ACK | FIN and fin.seq == again.seq
+
+
+def test_gso_super_segments_only_when_the_peer_takes_the_devices_packet_size() -> None:
+    # The device cuts GSO segments at its MTU (config.mss + 60), not at this
+    # peer's MSS: a peer behind a 1500-byte link must get MSS-sized segments.
+    cfg = TcpConfig(mss=8940, gso_size=60000, rcv_buf=200_000, snd_buf=200_000)
+    small, app = established(cfg, mss=1460)
+    small.send(bytes(50_000))
+    sizes = {len(x.payload) for x in app.absorb(small.segments_to_send(0.02))}
+    assert sizes == {1460 - 12}
+    big, app = established(cfg, mss=8960)
+    big.send(bytes(50_000))
+    segs = app.absorb(big.segments_to_send(0.02))
+    assert max(len(x.payload) for x in segs) > 8940

@@ -1,0 +1,110 @@
+"""Clients for fault tests, run in the client namespace; JSON on stdout.
+
+python -m tests.e2e.faultclient stream HOST PORT
+    Streams to an echo server without end and counts the echo. After
+    the first MiB has come back it prints {"streaming": true} (so a
+    test knows the flow is mid-transfer), then runs until the
+    connection ends and prints {"received": N, "end": "eof" | errno}.
+    A connection that goes silent ends as "timeout" after 15 s: that
+    is the hang a fault test must never see.
+python -m tests.e2e.faultclient synflood DST PORT COUNT
+    Sends COUNT TCP SYNs to DST:PORT from random source addresses in
+    10.99.0.0/16 through a raw socket (they are routed into the TUN),
+    prints {"sent": COUNT}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import socket
+import struct
+import sys
+import threading
+
+MIB = 1 << 20
+
+
+def _end_name(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+
+
+def stream(host: str, port: int) -> None:
+    sock = socket.create_connection((host, port), timeout=15)
+    chunk = os.urandom(64 * 1024)
+    stop = threading.Event()
+
+    def write() -> None:
+        try:
+            while not stop.is_set():
+                sock.sendall(chunk)
+        except OSError:
+            pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    received = 0
+    announced = False
+    end = "eof"
+    try:
+        while data := sock.recv(1 << 18):
+            received += len(data)
+            if not announced and received >= MIB:
+                announced = True
+                print(json.dumps({"streaming": True}), flush=True)
+    except OSError as exc:
+        end = _end_name(exc)
+    stop.set()
+    sock.close()
+    print(json.dumps({"received": received, "end": end}), flush=True)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def syn_packet(src: str, sport: int, dst: str, dport: int, isn: int) -> bytes:
+    """An IPv4 SYN with an MSS option and correct checksums."""
+    options = struct.pack("!BBH", 2, 4, 1460)
+    tcp_len = 20 + len(options)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, isn, 0, (tcp_len // 4) << 4, 0x02, 64240, 0, 0)
+    tcp += options
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    pseudo = s + d + struct.pack("!BBH", 0, 6, tcp_len)
+    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 0, 0, 64, 6, 0, s, d)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return ip + tcp
+
+
+def synflood(dst: str, port: int, count: int) -> None:
+    rng = random.Random(2026)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for _ in range(count):
+            src = f"10.99.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+            packet = syn_packet(src, rng.randrange(1024, 65536), dst, port, rng.getrandbits(32))
+            raw.sendto(packet, (dst, 0))
+    print(json.dumps({"sent": count}))
+
+
+def main() -> None:
+    cmd, host, port, *rest = sys.argv[1:]
+    if cmd == "stream":
+        stream(host, int(port))
+    elif cmd == "synflood":
+        synflood(host, int(port), int(rest[0]))
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""A lossy lab: random packet loss between the application and the TUN.
+
+tun2sx's TCP runs between the application's kernel and the TUN, so that is
+where loss must be injected to exercise its retransmission, SACK and
+congestion control. This kernel has no netem; nftables' `numgen random`
+drops a share of packets instead, in a router namespace:
+
+    app ns      10.201.0.1 ── veth ── 10.201.0.2   router ns  (nft loss, both ways)
+    router ns   10.202.0.1 ── veth ── 10.202.0.2   tun ns     (tun2sx on tun0)
+    tun ns      10.200.0.1 ── veth ── 10.200.0.2   server ns  (Dante, iperf3, servers)
+
+The tun ns forwards the app's traffic: fake IPs (198.18.0.0/15, including
+the DNS address 198.18.0.2) and the default route go into tun0, so tun2sx's
+stack answers the application directly. The kernel path for comparison is
+the same app namespace talking to 10.200.0.2: routed by the tun ns straight
+to the server, through the same lossy router, no TUN.
+
+The router must see wire-sized packets, or one drop would take a whole
+64 KB super-segment: segmentation offloads are turned off on every veth
+that feeds it, and the links carry MTU 1500.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.e2e.testbed import DANTE_CONF, NAMES, ROOT, SERVER_ADDR
+from tun2sx.lab import Lab, LabError, Namespace
+
+APP_ADDR = "10.201.0.1"
+DANTE_PORT = 1081
+IPERF_PORT = 5201
+
+
+class LossyBed:
+    """The four-namespace lossy lab; `set_loss` changes the drop rate."""
+
+    def __init__(self, lab: Lab, tmp: Path) -> None:
+        self.lab = lab
+        self.tmp = tmp
+        self.app: Namespace = lab.namespace("app")
+        self.router: Namespace = lab.namespace("rtr")
+        self.tunns: Namespace = lab.namespace("tun")
+        self.server: Namespace = lab.namespace("srv")
+        app_dev, self.router_app_dev = lab.link(
+            self.app, [f"{APP_ADDR}/24"], self.router, ["10.201.0.2/24"]
+        )
+        self.router_tun_dev, tun_dev = lab.link(
+            self.router, ["10.202.0.1/24"], self.tunns, ["10.202.0.2/24"]
+        )
+        lab.link(self.tunns, ["10.200.0.1/24"], self.server, [f"{SERVER_ADDR}/24"])
+        for ns, dev in (
+            (self.app, app_dev),
+            (self.router, self.router_app_dev),
+            (self.router, self.router_tun_dev),
+            (self.tunns, tun_dev),
+        ):
+            ns.run(["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"])
+        for ns in (self.router, self.tunns):
+            ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.app.run(["ip", "route", "add", "default", "via", "10.201.0.2"])
+        self.router.run(["ip", "route", "add", "default", "via", "10.202.0.2"])
+        self.tunns.run(["ip", "route", "add", "10.201.0.0/24", "via", "10.202.0.1"])
+        self.server.run(["ip", "route", "add", "default", "via", "10.200.0.1"])
+        self.router.run(["nft", "add", "table", "inet", "loss"])
+        self._loss_per_mille = 0
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{SERVER_ADDR} {n}\n" for n in NAMES)
+        self.server.write_etc("hosts", hosts)
+        self.app.write_etc("resolv.conf", "nameserver 198.18.0.2\noptions timeout:2\n")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.server.spawn(
+            [sys.executable, "-m", "tests.e2e.servers", "--bind", SERVER_ADDR], env=env
+        )
+        conf = tmp / "danted.conf"
+        conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
+        self.server.spawn(["danted", "-f", str(conf)])
+        self.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
+        for port in (7001, 7002, 7003, DANTE_PORT, IPERF_PORT):
+            self.server.wait_listening(port)
+        self.log_path = tmp / "tun2sx.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def set_loss(self, per_mille: int) -> None:
+        """Drop `per_mille`/1000 of the packets crossing the router, each way."""
+        dev = self.router_app_dev
+        rules = "".join(
+            f"add rule inet loss drops {way} {dev} numgen random mod 1000 < {per_mille}"
+            " counter drop\n"
+            for way in ("iifname", "oifname")
+        )
+        script = (
+            "flush table inet loss\n"
+            "add chain inet loss drops { type filter hook forward priority 0 ; policy accept ; }\n"
+            + rules
+        )
+        self.router.run(["nft", "-f", "-"], input=script)
+        self._loss_per_mille = per_mille
+
+    def dropped(self) -> int:
+        """Return how many packets the loss rules dropped so far (both ways)."""
+        out = self.router.run(["nft", "-j", "list", "table", "inet", "loss"]).stdout
+        total = 0
+        for item in json.loads(out)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    total += int(expr["counter"]["packets"])
+        return total
+
+    def start(self, *extra: str, mtu: int = 1500) -> None:
+        """Start tun2sx (Dante outbound) in the tun namespace; route into tun0.
+
+        The TUN's MTU defaults to the links' 1500, as a router deployment
+        would set it: the kernel then cuts tun2sx's 64 KB GSO segments into
+        packets the application's path can carry.
+        """
+        args = [
+            sys.executable,
+            "-m",
+            "tun2sx",
+            "--tun",
+            "tun0",
+            "--mtu",
+            str(mtu),
+            "--tun-address",
+            "198.18.0.1/15",
+            "--fake-ip-db",
+            ":memory:",
+            "--dns-upstream",
+            f"{SERVER_ADDR}:5353",
+            "--socks",
+            f"{SERVER_ADDR}:{DANTE_PORT}",
+            *extra,
+        ]
+        self._log = self.log_path.open("ab")
+        offset = self._log.tell()
+        self.proc = self.tunns.spawn(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.tunns.wait_link("tun0")
+        deadline = time.monotonic() + 20
+        while b"serving" not in self.log_path.read_bytes()[offset:]:
+            self.lab.check_processes()
+            if time.monotonic() > deadline:
+                raise LabError("tun2sx did not report serving within 20 s")
+            time.sleep(0.05)
+        self.tunns.run(["ip", "route", "replace", "default", "dev", "tun0"])
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        code = self.lab.stop(self.proc)
+        self.proc = None
+        self._log.close()
+        return code
+
+    def app_tool(self, *args: object, timeout: float = 120) -> dict[str, object]:
+        """Run tests/e2e/client.py in the app namespace; its JSON result."""
+        result = self.app.run(
+            [sys.executable, "-m", "tests.e2e.client", *map(str, args)],
+            timeout=timeout,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=str(ROOT),
+        )
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def iperf(self, host: str, seconds: float, *, reverse: bool) -> float:
+        """Single-stream iperf3 from the app namespace; received Gbit/s."""
+        argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
+        if reverse:
+            argv.append("-R")
+        out = self.app.run(argv, timeout=seconds + 60).stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9

@@ -1,0 +1,64 @@
+"""End to end under random packet loss between the application and the TUN.
+
+tun2sx's own TCP runs between the application's kernel and tun0, so the
+loss sits there (tests/e2e/lossy.py: an nftables router namespace, no
+netem on this kernel). Multi-megabyte transfers by name must arrive with
+exact bytes both ways under 0.5 % and 2 % loss in each direction, and the
+loss rules must really have dropped packets meanwhile. Throughput is the
+benchmark's business (`python -m tests.bench loss`), never asserted here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import require
+from tests.e2e.lossy import LossyBed
+from tun2sx.lab import Lab
+
+pytestmark = pytest.mark.e2e
+
+SIZE = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def lossy() -> Iterator[LossyBed]:
+    require("danted", "nft", "ethtool", "iperf3")
+    with Lab("t2sx-loss") as lab, tempfile.TemporaryDirectory() as tmp:
+        bed = LossyBed(lab, Path(tmp))
+        bed.start()
+        try:
+            yield bed
+        finally:
+            if bed.proc is not None:
+                bed.stop()
+
+
+@pytest.mark.parametrize("per_mille", [5, 20])
+def test_download_by_name_is_exact_under_loss(lossy: LossyBed, per_mille: int) -> None:
+    lossy.set_loss(per_mille)
+    result = lossy.app_tool("download", "big.test", 7003, SIZE)
+    assert result == {"received": SIZE, "equal": True}
+    # 8 MB is about 6000 packets of data each way: a rate this low still
+    # drops some, so the transfer above really went through recovery.
+    assert lossy.dropped() > 0
+
+
+@pytest.mark.parametrize("per_mille", [5, 20])
+def test_upload_by_name_is_exact_under_loss(lossy: LossyBed, per_mille: int) -> None:
+    lossy.set_loss(per_mille)
+    result = lossy.app_tool("upload", "big.test", 7002, SIZE)
+    assert result == {"sent": SIZE, "equal": True}
+    assert lossy.dropped() > 0
+
+
+def test_echo_both_directions_at_once_under_loss(lossy: LossyBed) -> None:
+    lossy.set_loss(20)
+    size = 3 * 1024 * 1024
+    result = lossy.app_tool("echo", "echo.test", 7001, size)
+    assert result == {"sent": size, "received": size, "equal": True}
+    assert lossy.dropped() > 0
