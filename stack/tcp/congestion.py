@@ -39,10 +39,6 @@ class Scoreboard:
     def __bool__(self) -> bool:
         return bool(self._starts)
 
-    def high(self) -> int:
-        """Return the right edge of the highest SACKed range (0 if none)."""
-        return self._ends[-1] if self._ends else 0
-
     def ranges(self) -> list[tuple[int, int]]:
         """Return the SACKed ranges as (left, right) pairs, lowest first."""
         return list(zip(self._starts, self._ends, strict=True))
@@ -94,12 +90,6 @@ class Scoreboard:
             else:
                 self.sacked -= una - starts[0]
                 starts[0] = una
-
-    def clear(self) -> None:
-        """Forget all SACK information."""
-        self._starts.clear()
-        self._ends.clear()
-        self.sacked = 0
 
     def sacked_in(self, lo: int, hi: int) -> int:
         """Return the SACKed octets inside [lo, hi)."""

@@ -10,14 +10,17 @@ here reads a clock, draws a random number or does I/O.
 Incoming segments are processed in the order of RFC 9293 section 3.10.7.4
 (PAWS first, RFC 7323), with RFC 5961 hardening against blind RST, SYN and
 ACK injection. The receive side lives in `rcv`, the send side in `snd`,
-congestion control in `congestion`, time in `timers`, and every state
-change goes through the table in `state`.
+congestion control in `congestion`, deadlines in `timers` and what their
+expiry does in `expiry`, segment and header building in `output`, and
+every state change goes through the table in `state`.
 """
 
 from __future__ import annotations
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK, seq_diff, seq_ge, seq_lt
+from stack.tcp import expiry as _expiry
+from stack.tcp import output as _output
 from stack.tcp import rcv as _rcv
 from stack.tcp.config import TcpConfig
 from stack.tcp.congestion import DUP_THRESH, Congestion, Scoreboard
@@ -32,18 +35,16 @@ from stack.tcp.events import (
     TcpStatistics,
     _Sentinel,
 )
-from stack.tcp.options import negotiate, synack_options
+from stack.tcp.options import negotiate
 from stack.tcp.rcv import Receiver
-from stack.tcp.snd import HEAD, HOLE, NEW, Sender
+from stack.tcp.snd import Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
-from stack.tcp.timers import RttEstimator, Timers, probe_timeout
-from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, RST, SYN, TcpHeader, TcpOptions
+from stack.tcp.timers import RttEstimator, Timers
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
 
 _S = TcpState
 _ESTABLISHED = _S.ESTABLISHED
 _RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
-_SACK_BLOCK_LEN = 8
-_SACK_OPTION_BASE = 4  # NOP NOP kind length
 
 
 class _Counters:
@@ -345,7 +346,7 @@ class TcpConnection:
             self._process_ack(hdr, seq, ack, plen, now)
             if self._state is _S.CLOSED:
                 return
-        self._alive(now)
+        _expiry.rearm_idle(self, now)
         if ack_only or not (plen or flags & FIN):
             return
         if self._state in _RECEIVING_DATA:
@@ -465,10 +466,7 @@ class TcpConnection:
         before = rcv.nxt
         result = rcv.receive(seq, payload, fin)
         n.bytes_in += rcv.nxt - before - (1 if result & _rcv.FIN_REACHED else 0)
-        if result & _rcv.DUPLICATE:
-            n.dup_segments += 1
-            self._send_ack()
-        elif result & (_rcv.OUT_OF_ORDER | _rcv.HOLE_FILLED) or rcv.has_out_of_order():
+        if result & (_rcv.OUT_OF_ORDER | _rcv.HOLE_FILLED) or rcv.has_out_of_order():
             # RFC 5681 section 4.2: segments out of order, or filling all
             # or part of a gap, are acknowledged at once (that drives the
             # peer's fast retransmit and keeps its SACK scoreboard fresh).
@@ -491,257 +489,13 @@ class TcpConnection:
 
     def handle_timeout(self, now: float) -> None:
         """Run every timer whose deadline is at or before `now`."""
-        t = self._timers
-        state = self._state
-        if state is _S.CLOSED:
-            return
-        self._changed()
-        if t.time_wait is not None and now >= t.time_wait:
-            self._state = next_state(state, Stimulus.TIME_WAIT_EXPIRED)
-            self._to_closed()
-            return
-        if (t.handshake is not None and now >= t.handshake) or (
-            t.idle is not None and now >= t.idle
-        ):
-            self._give_up()
-            return
-        if t.rto is not None and now >= t.rto:
-            self._on_rto(now)
-            if self._state is _S.CLOSED:
-                return
-        if t.tlp is not None and now >= t.tlp:
-            t.tlp = None
-            if self._snd.max > self._snd.una:
-                self._tlp_used = True
-                if self._cc.in_recovery:
-                    self._n.tail_loss_probes += 1
-                    # The flight went quiet in recovery: the head's
-                    # retransmission (or its ACK) was lost. Send it again.
-                    self._cc.rexmit_head = True
-                else:
-                    self._tlp_due = True
-        if t.delack is not None and now >= t.delack:
-            t.delack = None
-            self._ack_due = True
-        if t.persist is not None and now >= t.persist:
-            self._probes_unanswered += 1
-            if self._probes_unanswered > self._config.max_retries:
-                self._give_up()
-                return
-            self._probe_due = True
-            self._n.window_probes += 1
-            t.persist = now + self._backed_off(self._probes_unanswered)
-        if t.keepalive is not None and now >= t.keepalive:
-            if self._keepalive_sent >= self._config.keepalive_probes:
-                self._give_up()
-                return
-            self._keepalive_sent += 1
-            self._probe_due = True
-            t.keepalive = now + self._config.keepalive_interval
-
-    def _backed_off(self, count: int) -> float:
-        base = self._rtt.rto()
-        return float(min(base * (1 << min(count, 30)), self._config.rto_max))
-
-    def _on_rto(self, now: float) -> None:
-        snd = self._snd
-        t = self._timers
-        self._retries += 1
-        if self._retries > self._config.max_retries:
-            self._give_up()
-            return
-        if snd.una == 0:
-            self._synack_due = True
-            self._synack_retransmitted = True
-            self._rtt.backoff += 1
-            t.rto = now + self._rtt.rto()
-            return
-        if snd.max == snd.una:
-            t.rto = None
-            self._retries = 0
-            return
-        self._n.rto_timeouts += 1
-        self._cc.on_rto(snd.una, snd.max, self._rtt.backoff == 0)
-        self._rtt.backoff += 1
-        t.tlp = None
-        self._tlp_used = True
-        snd.nxt = snd.una  # go back N, skipping what was SACKed
-        self._rtt_seq = None
-        t.rto = now + self._rtt.rto()
-
-    def _alive(self, now: float) -> None:
-        config = self._config
-        t = self._timers
-        if config.idle_timeout is not None:
-            t.idle = now + config.idle_timeout
-        if config.keepalive_time is not None:
-            t.keepalive = now + config.keepalive_time
-            self._keepalive_sent = 0
+        _expiry.handle_timeout(self, now)
 
     # ----------------------------------------------------------------- output
 
     def segments_to_send(self, now: float) -> list[tuple[TcpHeader, bytes | bytearray]]:
         """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
-        out: list[tuple[TcpHeader, bytes | bytearray]] = []
-        if self._rst_out is not None:
-            out.append((self._rst_out, b""))
-            self._rst_out = None
-            self._n.segments_out += 1
-        state = self._state
-        if state is _S.CLOSED:
-            return out
-        snd = self._snd
-        if snd.una == 0:
-            if self._synack_due:
-                self._emit_synack(now, out)
-            return out
-        neg = self._neg
-        cc, sb, n, t = self._cc, self._sb, self._n, self._timers
-        blocks = self._sack_blocks()
-        gso = self._config.gso_size
-        wire_mss = 0
-        mss = neg.snd_mss
-        if gso is not None and gso > mss and mss >= neg.rcv_mss:
-            # The device cuts super-segments at its own MTU, not at this
-            # peer's MSS: a peer that announced less (an application behind
-            # a router with a smaller MTU) gets plain MSS-sized segments.
-            mss, wire_mss = gso, mss
-        if blocks:
-            mss -= _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks)
-        while True:
-            seg = snd.next_segment(cc, sb, neg.sack, mss, wire_mss)
-            if seg is None:
-                break
-            start, length, fin, kind = seg
-            resend = start < snd.max
-            flags = ACK | (FIN if fin else 0)
-            if length and start + length == snd.data_end:
-                flags |= PSH
-            payload = snd.payload(start, length) if length else b""
-            out.append((self._header(start, flags, now, blocks), payload))
-            snd.sent(seg, cc)
-            if resend:
-                n.retransmits += 1
-                self._rtt_seq = None  # Karn: no sample from a retransmission
-                if kind == HEAD:
-                    n.fast_retransmits += 1
-                    self._rxt_mark = snd.max
-                elif kind == HOLE:
-                    n.sack_retransmits += 1
-            else:
-                n.bytes_out += length
-                if self._rtt_seq is None and not neg.timestamps and kind == NEW:
-                    self._rtt_seq = start + length + fin
-                    self._rtt_time = now
-            if t.rto is None:
-                t.rto = now + self._rtt.rto()
-        if self._tlp_due:
-            self._tail_loss_probe(now, out, blocks)
-        elif not self._tlp_used and t.tlp is None and t.rto is not None and snd.max > snd.una:
-            srtt = self._rtt.srtt
-            if srtt is not None:
-                pto = now + probe_timeout(srtt, snd.max - snd.una, neg.snd_mss)
-                if pto < t.rto:
-                    t.tlp = pto
-        if snd.window_blocked() and not snd.fin_acked():
-            if t.persist is None:
-                t.persist = now + self._rtt.rto()
-        else:
-            t.persist = None
-        if self._probe_due:
-            # Out of window on purpose (Linux style): it draws an ACK with
-            # the current window and touches no data.
-            self._probe_due = False
-            out.append((self._header(snd.una - 1, ACK, now, blocks), b""))
-        if self._ack_due:
-            out.append((self._header(snd.nxt, ACK, now, blocks), b""))
-        n.segments_out += len(out)
-        return out
-
-    def _tail_loss_probe(
-        self,
-        now: float,
-        out: list[tuple[TcpHeader, bytes | bytearray]],
-        blocks: tuple[tuple[int, int], ...],
-    ) -> None:
-        """Resend the last packet of the flight (RFC 8985 section 7.3).
-
-        When the flight's last ACKs were lost (or its tail was), nothing else
-        would move before the RTO. The probe draws an ACK, or a SACK that
-        starts fast recovery, within a few RTTs. A FIN tail is left to the RTO.
-        """
-        self._tlp_due = False
-        snd = self._snd
-        if snd.max <= snd.una or (snd.fin_at is not None and snd.max > snd.fin_at):
-            return
-        start = max(snd.una, snd.max - self._neg.snd_mss)
-        out.append(
-            (self._header(start, ACK | PSH, now, blocks), snd.payload(start, snd.max - start))
-        )
-        self._n.retransmits += 1
-        self._n.tail_loss_probes += 1
-        self._rtt_seq = None
-
-    def _emit_synack(self, now: float, out: list[tuple[TcpHeader, bytes | bytearray]]) -> None:
-        neg = self._neg
-        options = synack_options(
-            neg, self._syn_options, self._config, self._ts_now(now), self._ts_recent
-        )
-        window = min(0xFFFF, self._rcv.advertise(0))
-        hdr = TcpHeader(
-            self.key.remote_port,
-            self.key.app_port,
-            self._iss,
-            (self._irs + 1) & MASK,
-            SYN | ACK,
-            window,
-            options=options,
-        )
-        out.append((hdr, b""))
-        self._n.segments_out += 1
-        if self._synack_retransmitted:
-            self._n.retransmits += 1
-        self._synack_due = False
-        self._ack_due = False
-        self._synack_time = now
-        if self._timers.rto is None:
-            self._timers.rto = now + self._rtt.rto()
-
-    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        rcv = self._rcv
-        if not self._neg.sack or not rcv.has_out_of_order():
-            return ()
-        irs = self._irs
-        limit = 3 if self._neg.timestamps else 4
-        return tuple(
-            ((irs + left) & MASK, (irs + right) & MASK) for left, right in rcv.sack_blocks(limit)
-        )
-
-    def _header(
-        self, seq: int, flags: int, now: float, blocks: tuple[tuple[int, int], ...]
-    ) -> TcpHeader:
-        rcv = self._rcv
-        neg = self._neg
-        if neg.timestamps:
-            options = TcpOptions(sack_blocks=blocks, timestamp=(self._ts_now(now), self._ts_recent))
-        elif blocks:
-            options = TcpOptions(sack_blocks=blocks)
-        else:
-            options = NO_OPTIONS
-        window = rcv.advertise(neg.rcv_wscale)
-        self._ack_due = False
-        self._timers.delack = None
-        rcv.unacked = 0
-        self._last_ack_sent = rcv.nxt
-        return TcpHeader(
-            self.key.remote_port,
-            self.key.app_port,
-            (self._iss + seq) & MASK,
-            (self._irs + rcv.nxt) & MASK,
-            flags,
-            window,
-            options=options,
-        )
+        return _output.segments_to_send(self, now)
 
     def _ts_now(self, now: float) -> int:
         # The ISN doubles as the random timestamp offset (RFC 7323 5.4).

@@ -18,7 +18,6 @@ from bisect import bisect_right
 # Bits of the value `Receiver.receive` returns.
 ADVANCED = 1  # new in-order bytes (or the FIN) were accepted
 OUT_OF_ORDER = 2  # the segment left (or extended) a hole: ACK at once
-DUPLICATE = 4  # nothing new: all of it was already received
 HOLE_FILLED = 8  # out-of-order data became in-order: ACK at once
 FIN_REACHED = 16  # the peer's FIN is now in sequence
 
@@ -130,13 +129,13 @@ class Receiver:
             fin: whether the segment carries FIN (after the payload).
 
         Returns:
-            A bit set of ADVANCED, OUT_OF_ORDER, DUPLICATE, HOLE_FILLED and
+            A bit set of ADVANCED, OUT_OF_ORDER, HOLE_FILLED and
             FIN_REACHED.
         """
+        # The acceptability test has already sent wholly old segments back
+        # with an ACK, and a connection whose FIN arrived takes no more data.
         end = seq + len(data)
         nxt = self.nxt
-        if self.fin_received or end + fin <= nxt:
-            return DUPLICATE
         if seq < nxt:
             data = data[nxt - seq :]
             seq = nxt

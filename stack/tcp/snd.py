@@ -82,8 +82,7 @@ class Sender:
 
     def space(self) -> int:
         """Return how many bytes `queue` would accept now."""
-        if self.fin_at is not None:
-            return 0
+        # Only asked before close(): the connection refuses send() after it.
         return max(0, self._cap - len(self._buf))
 
     def queue(self, data: bytes | memoryview) -> int:
@@ -100,10 +99,6 @@ class Sender:
     def fin_acked(self) -> bool:
         """Return True once the peer acknowledged our FIN."""
         return self.fin_at is not None and self.una > self.fin_at
-
-    def buffered(self) -> int:
-        """Return the octets held (unacknowledged plus unsent)."""
-        return len(self._buf)
 
     def ack(self, ack: int) -> None:
         """Advance SND.UNA to `ack` and drop acknowledged octets."""
@@ -123,10 +118,6 @@ class Sender:
         """
         offset = start - self._buf_start
         return self._buf[offset : offset + length]
-
-    def unsent(self) -> bool:
-        """Return True if data or the FIN waits at SND.NXT."""
-        return self.nxt < self.data_end or (self.fin_at is not None and self.nxt <= self.fin_at)
 
     def window_blocked(self) -> bool:
         """Return True if only a zero window keeps data from going out.

@@ -162,3 +162,93 @@ def test_stale_heap_entries_are_skipped_and_compacted() -> None:
     assert deadline is not None
     demux.handle_timeout(deadline)
     assert len(demux._heap) <= 2 * len(demux.connections) + 64
+
+
+def _establish(demux: TcpDemux, k: FlowKey, app: App, now: float) -> TcpConnection:
+    demux.segment_received(k, app.syn(), b"", now)
+    conn = demux.accept(k, SRV_ISS, now)
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(now)])
+    assert demux.segment_received(k, *app.seg(), now) is conn
+    assert conn.state is TcpState.ESTABLISHED
+    return conn
+
+
+def test_a_new_syn_during_time_wait_ends_it_and_becomes_a_request() -> None:
+    demux = TcpDemux(TcpConfig(time_wait=60.0))
+    app = App()
+    old = _establish(demux, KEY, app, 0.0)
+    old.close()
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.01)])
+    demux.segment_received(KEY, *app.seg(ACK | FIN), 0.02)
+    demux.segments_to_send(0.02)
+    assert old.state is TcpState.TIME_WAIT and demux.connections[KEY] is old
+    again = App(isn=s(APP_ISN + 100_000))
+    syn = again.syn()
+    assert demux.segment_received(KEY, syn, b"", 0.5) == ConnectionRequest(KEY, syn)
+    assert KEY not in demux.connections
+    new = demux.accept(KEY, SRV_ISS + 5000, 0.5)
+    [(_k, hdr, _)] = demux.segments_to_send(0.5)
+    assert (hdr.flags, hdr.ack) == (SYN | ACK, s(APP_ISN + 100_001))
+    assert demux.connections[KEY] is new and new.state is TcpState.SYN_RECEIVED
+
+
+def test_a_non_syn_segment_for_a_pending_request_is_ignored_without_rst() -> None:
+    demux = TcpDemux(TcpConfig())
+    app = App()
+    syn = app.syn()
+    demux.segment_received(KEY, syn, b"", 0.0)
+    assert demux.segment_received(KEY, *app.seg(ACK, b"early"), 0.1) is None
+    assert demux.segments_to_send(0.1) == [] and demux.statistics().resets_sent == 0
+    demux.accept(KEY, SRV_ISS, 0.2)
+    [(_k, hdr, _)] = demux.segments_to_send(0.2)
+    assert (hdr.flags, hdr.ack) == (SYN | ACK, s(APP_ISN + 1))  # from the kept SYN
+
+
+def test_next_deadline_sees_changes_not_yet_collected() -> None:
+    demux = TcpDemux(TcpConfig(syn_received_timeout=30.0))
+    demux.segment_received(KEY, App().syn(), b"", 0.0)
+    demux.accept(KEY, SRV_ISS, 0.0)
+    demux.segment_received(key(1), App().syn(), b"", 0.0)
+    demux.accept(key(1), SRV_ISS, 0.0).abort()
+    # Before any output: the live one's handshake limit; the aborted one is skipped.
+    assert demux.next_deadline() == pytest.approx(30.0)
+    demux.segments_to_send(0.0)
+    assert demux.next_deadline() == pytest.approx(1.0)  # SYN-ACK retransmission
+    assert list(demux.connections) == [KEY]
+
+
+def test_a_connection_without_deadlines_leaves_the_heap() -> None:
+    demux = TcpDemux(TcpConfig(idle_timeout=None))
+    conn = _establish(demux, KEY, App(), 0.0)
+    demux.segments_to_send(0.0)
+    assert conn.next_deadline() is None and demux.next_deadline() is None
+    assert demux.handle_timeout(1e6) == [] and conn.state is TcpState.ESTABLISHED
+
+
+def test_rsts_for_unknown_flows_are_capped_until_collected() -> None:
+    demux = TcpDemux(TcpConfig())
+    stray = TcpHeader(40000, 443, 100, 777, ACK, 1000)
+    for _ in range(5000):
+        assert demux.segment_received(KEY, stray, b"", 0.0) is None
+    out = demux.segments_to_send(0.0)
+    assert len(out) == 4096 == demux.statistics().resets_sent
+    assert {(h.flags, h.seq) for _, h, _ in out} == {(RST, 777)}
+    demux.segment_received(KEY, stray, b"", 0.1)
+    assert len(demux.segments_to_send(0.1)) == 1
+
+
+def test_entries_of_closed_connections_are_compacted_away() -> None:
+    demux = TcpDemux(TcpConfig())
+    conns = []
+    for port in range(80):
+        demux.segment_received(key(port), App().syn(), b"", 0.0)
+        conns.append(demux.accept(key(port), SRV_ISS, 0.0))
+    demux.segments_to_send(0.0)
+    for conn in conns[1:]:
+        conn.abort()
+    assert len(demux.segments_to_send(0.0)) == 79  # one RST each
+    assert demux.handle_timeout(0.5) == []
+    # Documented bound (docs/tcp.md): at most 2 x connections + 64 entries.
+    assert len(demux._heap) <= 2 * len(demux.connections) + 64
+    assert demux.next_deadline() == pytest.approx(1.0)
+    assert demux.handle_timeout(1.0) == [conns[0]]

@@ -7,7 +7,7 @@ import pytest
 from stack.tcp import DataReceived, EofReceived, TcpConfig, TcpState
 from stack.wire.tcp import TcpOptions
 
-from .fixtures import CFG, PAYLOAD, ack_seg, established, observe, ts
+from .fixtures import CFG, PAYLOAD, ack_seg, close_wait, established, observe, ts
 from .helpers import ACK, APP_ISN, FIN, SRV_ISS, Seg, s
 
 FULL = 50_000  # the whole 100000-byte buffer, scaled by 2
@@ -167,3 +167,48 @@ def test_out_of_order_memory_is_bounded() -> None:
     assert observe(conn, app, 0.02)[2] == [DataReceived(b"e" * 1000 + b"a" * 100)]
     conn.segment_received(*app.seg(ACK, b"f" * 900), 0.03)
     assert observe(conn, app, 0.03)[2] == [DataReceived(b"f" * 900 + b"b" * 100)]
+
+
+def test_an_extended_out_of_order_range_moves_to_the_front_of_the_sack_blocks() -> None:
+    conn, app = established()
+    base = s(APP_ISN + 1)
+    conn.segment_received(*app.seg(ACK, b"x" * 10, seq=s(base + 20)), 0.02)
+    conn.segment_received(*app.seg(ACK, b"y" * 10, seq=s(base + 60)), 0.02)
+    conn.segment_received(*app.seg(ACK, b"x" * 20, seq=s(base + 20)), 0.02)
+    segs = app.absorb(conn.segments_to_send(0.02))
+    assert segs[-1].options.sack_blocks == (
+        (s(base + 20), s(base + 40)),
+        (s(base + 60), s(base + 70)),
+    )
+
+
+def test_data_past_the_advertised_window_is_cut_and_a_fin_beyond_it_is_not_taken() -> None:
+    conn, app = established(TcpConfig(mss=1000, rcv_buf=2000, snd_buf=2000, max_ooo_bytes=2000))
+    base = s(APP_ISN + 1)
+    conn.segment_received(*app.seg(ACK | FIN, b"z" * 2500), 0.02)
+    state, segs, events = observe(conn, app, 0.02)
+    assert state is TcpState.ESTABLISHED
+    assert events == [DataReceived(b"z" * 2000)]
+    # Two full segments' worth arrived: acknowledged at once, up to the edge.
+    assert [(x.ack, x.flags) for x in segs] == [(s(base + 2000), ACK)]
+
+
+def test_a_fin_that_contradicts_an_earlier_fin_is_not_taken() -> None:
+    conn, app = established()
+    base = s(APP_ISN + 1)
+    conn.segment_received(*app.seg(ACK | FIN, seq=s(base + 100)), 0.02)
+    assert [x.ack for x in observe(conn, app, 0.02)[1]] == [base]
+    # A bare FIN at RCV.NXT, though the peer's FIN was announced at +100.
+    conn.segment_received(*app.seg(ACK | FIN, seq=base), 0.03)
+    state, segs, events = observe(conn, app, 0.03)
+    assert (state, events) == (TcpState.ESTABLISHED, [])
+    assert [(x.ack, x.flags) for x in segs] == [(base, ACK)]
+
+
+def test_data_after_the_peers_fin_is_only_acknowledged() -> None:
+    conn, app = close_wait()
+    after_fin = app.nxt
+    conn.segment_received(*app.seg(ACK, b"late"), 0.03)
+    state, segs, events = observe(conn, app, 0.03)
+    assert (state, events) == (TcpState.CLOSE_WAIT, [])
+    assert [(x.ack, x.flags, x.payload) for x in segs] == [(after_fin, ACK, b"")]
