@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -166,13 +167,7 @@ class Engine:
                 elif type(event) is UdpDatagram:
                     self.udp.datagram(event)
             self.flush()
-            streams = self.streams
-            for conn in touched:
-                stream = streams.get(conn.key)
-                if stream is not None:
-                    stream.wake()
-                    if stream.finished:
-                        del streams[conn.key]
+            self._wake(touched)
 
     def reset_all(self) -> None:
         """Send an RST on every TCP flow: the engine is going away.
@@ -206,13 +201,17 @@ class Engine:
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have
             # changed; walking every stream per timer is quadratic in flows).
-            streams = self.streams
-            for conn in fired:
-                stream = streams.get(conn.key)
-                if stream is not None:
-                    stream.wake()
-                    if stream.finished:
-                        del streams[conn.key]
+            self._wake(fired)
+
+    def _wake(self, conns: Iterable[TcpConnection]) -> None:
+        """Wake the streams of `conns`; forget those that are finished."""
+        streams = self.streams
+        for conn in conns:
+            stream = streams.get(conn.key)
+            if stream is not None:
+                stream.wake()
+                if stream.finished:
+                    del streams[conn.key]
 
     # -- destinations --------------------------------------------------------
 
