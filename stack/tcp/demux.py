@@ -225,8 +225,9 @@ class TcpDemux:
             heapq.heappush(self._heap, (deadline, next(self._tiebreak), conn))
 
     def _drop(self, conn: TcpConnection) -> None:
-        if self._connections.get(conn.key) is conn:
-            del self._connections[conn.key]
+        # accept() listed it and nothing else unlists it: a dropped connection
+        # can no longer mark itself dirty, so it never comes back here.
+        del self._connections[conn.key]
         self._half_open.discard(conn)
         self._dirty.discard(conn)
         conn._heap_at = None

@@ -178,7 +178,7 @@ class Sender:
                     # packets now rather than waiting for room for all of it.
                     room = budget - budget % wire_mss if wire_mss else mss
                     seg = self._cut(hole[0], min(hole[1], lost), min(mss, room), HOLE)
-                    if seg is not None and 0 < seg.length <= budget:
+                    if seg is not None and seg.length <= budget:
                         return seg
                     return None
         else:

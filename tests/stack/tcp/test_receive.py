@@ -212,3 +212,34 @@ def test_data_after_the_peers_fin_is_only_acknowledged() -> None:
     state, segs, events = observe(conn, app, 0.03)
     assert (state, events) == (TcpState.CLOSE_WAIT, [])
     assert [(x.ack, x.flags, x.payload) for x in segs] == [(after_fin, ACK, b"")]
+
+
+def test_a_resent_segment_that_covers_held_out_of_order_data_delivers_each_byte_once() -> None:
+    conn, app = established()
+    base = s(APP_ISN + 1)
+    data = bytes(range(30))
+    conn.segment_received(*app.seg(ACK, data[10:20], seq=s(base + 10)), 0.02)
+    observe(conn, app, 0.02)
+    conn.segment_received(*app.seg(ACK, data, seq=base), 0.03)
+    app.nxt = s(base + 30)
+    _state, segs, events = observe(conn, app, 0.03)
+    assert events == [DataReceived(data)]
+    # The ACK covers all of it and has no SACK block left.
+    assert segs == [ack_seg(0.03, app, (100_000 - 30) // 2)]
+
+
+def test_data_a_broken_peer_sent_past_its_fin_is_never_delivered() -> None:
+    conn, app = established()
+    base = s(APP_ISN + 1)
+    # Out of order, latest last: +50, +30, then +10 (where the FIN will land).
+    for offset in (50, 30, 10):
+        conn.segment_received(*app.seg(ACK, b"x" * 10, seq=s(base + offset)), 0.02)
+    observe(conn, app, 0.02)
+    conn.segment_received(*app.seg(ACK | FIN, b"a" * 10, seq=base), 0.03)
+    state, segs, events = observe(conn, app, 0.03)
+    assert (state, events) == (TcpState.CLOSE_WAIT, [DataReceived(b"a" * 10), EofReceived()])
+    # The FIN swallowed the range at +10; of the ranges still held, the one
+    # that most recently grew comes first (RFC 2018 section 4).
+    assert [(x.ack, x.options.sack_blocks) for x in segs] == [
+        (s(base + 11), ((s(base + 30), s(base + 40)), (s(base + 50), s(base + 60))))
+    ]

@@ -1,4 +1,4 @@
-"""Sending: segmentation, cwnd, peer window, RTO, fast retransmit, SACK holes, probes."""
+"""Sending: segmentation, cwnd, peer window, RTO, fast retransmit, SACK holes, GSO, probes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from stack.errors import LocalProtocolError
 from stack.tcp import Closed, ConnectionReset, TcpConfig, TcpState
+from stack.tcp.congestion import _MAX_BLOCKS, Scoreboard
 
 from .fixtures import CFG, PAYLOAD, established, observe
 from .helpers import ACK, FIN, RST, SRV_ISS, s
@@ -175,3 +176,86 @@ def test_gso_super_segments_only_when_the_peer_takes_the_devices_packet_size() -
     big.send(bytes(50_000))
     segs = app.absorb(big.segments_to_send(0.02))
     assert max(len(x.payload) for x in segs) > 8940
+
+
+def test_gso_super_segment_is_cut_to_the_peers_window() -> None:
+    cfg = TcpConfig(mss=1000, gso_size=20_000, rcv_buf=100_000, snd_buf=100_000)
+    conn, app = established(cfg, mss=1000)
+    conn.segment_received(*app.seg(window=40), 0.02)  # 40 << 7 = 5120 bytes
+    data = bytes(range(256)) * 80  # 20480 bytes
+    conn.send(data)
+    segs = app.absorb(conn.segments_to_send(0.02))
+    # Nothing is in flight, so the whole window goes out at once, though it
+    # is less than a super-segment and not a whole number of packets.
+    assert [(x.seq, len(x.payload)) for x in segs] == [(ISS1, 5120)]
+    assert segs[0].payload == data[:5120]
+    conn.segment_received(*app.seg(ack=s(ISS1 + 5120), window=40), 0.05)
+    segs = app.absorb(conn.segments_to_send(0.05))
+    assert [(x.seq, len(x.payload)) for x in segs] == [(s(ISS1 + 5120), 5120)]
+
+
+def test_gso_resends_a_sack_hole_in_whole_packets_when_the_budget_allows() -> None:
+    cfg = TcpConfig(
+        mss=1000, gso_size=20_000, initial_cwnd_segments=12, rcv_buf=100_000, snd_buf=100_000
+    )
+    conn, app = established(cfg, mss=1000)
+    data = bytes(range(256)) * 50
+    conn.send(data[: 11 * PAYLOAD])
+    segs = app.absorb(conn.segments_to_send(0.02))
+    assert [(x.seq, len(x.payload)) for x in segs] == [(ISS1, 11 * PAYLOAD)]
+    edge = [s(ISS1 + i * PAYLOAD) for i in range(12)]
+    # The device cut it into 11 packets: 0, 2 and 3 were lost, 1 and 4-6 arrived.
+    conn.segment_received(
+        *app.seg(ack=edge[0], sack=((edge[4], edge[7]), (edge[1], edge[2]))), 0.05
+    )
+    out = app.absorb(conn.segments_to_send(0.05))
+    # cwnd 5434 (half the flight) less 5 packets in the network leaves 494
+    # bytes: the head is resent, the hole waits rather than go as a sliver.
+    assert [(x.seq, len(x.payload)) for x in out] == [(edge[0], PAYLOAD)]
+    # Packets 7 and 8 arrive: room for two packets, the whole hole in one segment.
+    conn.segment_received(
+        *app.seg(ack=edge[0], sack=((edge[4], edge[9]), (edge[1], edge[2]))), 0.06
+    )
+    out = app.absorb(conn.segments_to_send(0.06))
+    assert [(x.seq, x.payload) for x in out] == [(edge[2], data[2 * PAYLOAD : 4 * PAYLOAD])]
+    st = conn.statistics()
+    assert (st.fast_retransmits, st.sack_retransmits, st.rto_timeouts) == (1, 1, 0)
+
+
+def test_sack_blocks_outside_the_flight_are_no_duplicate_acks() -> None:
+    conn, app = established()
+    conn.send(b"d" * (4 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    edge = [s(ISS1 + i * PAYLOAD) for i in range(5)]
+    conn.segment_received(*app.seg(ack=edge[2]), 0.03)
+    assert app.absorb(conn.segments_to_send(0.03)) == []
+    # A late copy of segment 0 reported (RFC 2883 D-SACK), and a bogus block
+    # beyond everything sent: neither says a segment left the network.
+    beyond = (s(ISS1 + 5 * PAYLOAD), s(ISS1 + 6 * PAYLOAD))
+    for i in range(4):
+        now = 0.04 + i / 1000
+        conn.segment_received(*app.seg(ack=edge[2], sack=((edge[0], edge[1]), beyond)), now)
+        assert app.absorb(conn.segments_to_send(now)) == []
+    st = conn.statistics()
+    assert (st.retransmits, st.fast_retransmits) == (0, 0)
+
+
+def test_scoreboard_keeps_what_a_partial_ack_leaves_of_a_sacked_range() -> None:
+    sb = Scoreboard()
+    assert sb.update([(100, 300), (400, 500)], 1, 1000) == 300
+    sb.ack(200)  # the cumulative ACK lands inside the first range
+    assert (sb.ranges(), sb.sacked) == ([(200, 300), (400, 500)], 200)
+    assert sb.next_hole(200) == (300, 400)
+    sb.ack(450)
+    assert (sb.ranges(), sb.sacked) == ([(450, 500)], 50)
+
+
+def test_scoreboard_ignores_new_ranges_beyond_its_cap_but_still_grows_known_ones() -> None:
+    sb = Scoreboard()
+    blocks = [(10 * i + 1, 10 * i + 5) for i in range(_MAX_BLOCKS)]
+    assert sb.update(blocks, 1, 100_000) == 4 * _MAX_BLOCKS
+    far = 10 * _MAX_BLOCKS + 1
+    assert sb.update([(far, far + 4)], 1, 100_000) == 0  # one range too many
+    assert sb.update([(1, 8)], 1, 100_000) == 3
+    assert sb.ranges() == [(1, 8), *blocks[1:]]
+    assert sb.sacked == 4 * _MAX_BLOCKS + 3
