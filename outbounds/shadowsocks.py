@@ -181,6 +181,10 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         self._plain.clear()
         await self.socket_stream.aclose()
 
+    def close_now(self) -> None:
+        self._plain.clear()
+        self.socket_stream.socket.close()
+
 
 @attrs.define(slots=True)
 class ShadowsocksUdpStatistics:

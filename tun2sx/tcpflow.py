@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from outbounds.base import FailureReply, OutboundError
+from outbounds.net import close_now
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.tcpstream import TcpStream
@@ -132,8 +133,9 @@ class TcpFlows:
                 await self._handler(stream, upstream)
         finally:
             engine.close_flow(info)
-            await trio.aclose_forcefully(upstream)
-            await trio.aclose_forcefully(stream)
+            if not close_now(upstream):
+                await trio.aclose_forcefully(upstream)
+            stream.close_now()
             self._forget(key, stream)
 
     def _accept(self, request: ConnectionRequest) -> TcpStream:

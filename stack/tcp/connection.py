@@ -480,8 +480,15 @@ class TcpConnection:
         elif self._timers.delack is None:
             self._timers.delack = now + self._config.delayed_ack
         if result & _rcv.FIN_REACHED:
-            self._send_ack()
             self._state = next_state(self._state, Stimulus.FIN_RECEIVED)
+            if self._state is _S.CLOSE_WAIT:
+                # As in Linux, the FIN's ACK is a delayed ACK: a program
+                # that closes in turn sends it with its own FIN, one packet
+                # instead of two (and a TUN write costs as much as a packet).
+                if self._timers.delack is None:
+                    self._timers.delack = now + self._config.delayed_ack
+            else:
+                self._send_ack()
             if self._state is _S.TIME_WAIT:
                 self._enter_time_wait(now)
 

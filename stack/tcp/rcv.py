@@ -45,6 +45,7 @@ class Receiver:
         "_threshold",
         "adv",
         "fin_received",
+        "max_window",
         "nxt",
         "ooo_bytes",
         "rcv_buf",
@@ -56,6 +57,7 @@ class Receiver:
     def __init__(self, rcv_buf: int, rcv_mss: int, max_ooo_bytes: int, max_ooo_ranges: int):
         self.nxt = 1
         self.adv = 1
+        self.max_window = 0
         self.rcv_buf = rcv_buf
         # Chunks (views of the received packets), joined once when taken:
         # appending to one bytearray copied every segment twice and kept
@@ -91,6 +93,7 @@ class Receiver:
         target = edge if edge - self.adv >= self._threshold else self.adv
         raw = min(0xFFFF, (target - self.nxt + (1 << shift) - 1) >> shift)
         self.adv = max(self.adv, self.nxt + (raw << shift))
+        self.max_window = max(self.max_window, self.adv - self.nxt)
         return raw
 
     def window_update_due(self) -> bool:
@@ -102,8 +105,12 @@ class Receiver:
         """
         current = self.adv - self.nxt
         possible = self.rcv_buf - self.ready_len
+        # Against the largest window advertised, not the buffer: the SYN's
+        # window cannot be scaled, and reading the first bytes after the
+        # handshake must not cost an ACK of its own (the next ACK, at most a
+        # delayed ACK away, opens the window anyway).
         return (
-            current * 2 <= self.rcv_buf
+            current * 2 <= min(self.rcv_buf, self.max_window)
             and possible >= 2 * current
             and possible - current >= self._threshold
         )

@@ -73,14 +73,22 @@ def ack_seg(
 
 
 def close_wait() -> tuple[TcpConnection, App]:
-    """ESTABLISHED, then the app's FIN at t = 0.02: CLOSE-WAIT."""
+    """ESTABLISHED, then the app's FIN at t = 0.02: CLOSE-WAIT; its ACK,
+    delayed, goes out at t = 0.02 + delayed_ack (CLOSE_WAIT_AT)."""
     conn, app = established()
     conn.segment_received(*app.seg(ACK | FIN), 0.02)
     state, segs, events = observe(conn, app, 0.02)
     assert state is TcpState.CLOSE_WAIT
-    assert [x.flags for x in segs] == [ACK]
+    assert segs == []
     assert [type(e).__name__ for e in events] == ["EofReceived"]
+    assert conn.next_deadline() == CLOSE_WAIT_AT
+    conn.handle_timeout(CLOSE_WAIT_AT)
+    state, segs, events = observe(conn, app, CLOSE_WAIT_AT)
+    assert (state, [x.flags for x in segs], events) == (TcpState.CLOSE_WAIT, [ACK], [])
     return conn, app
+
+
+CLOSE_WAIT_AT = 0.02 + CFG.delayed_ack
 
 
 def fin_wait_1() -> tuple[TcpConnection, App]:

@@ -6,7 +6,16 @@ import pytest
 
 from stack.tcp import Closed, ConnectionReset, DataReceived, EofReceived, TcpState
 
-from .fixtures import CFG, close_wait, established, fin_wait_1, fin_wait_2, observe, syn_received
+from .fixtures import (
+    CFG,
+    CLOSE_WAIT_AT,
+    close_wait,
+    established,
+    fin_wait_1,
+    fin_wait_2,
+    observe,
+    syn_received,
+)
 from .helpers import ACK, FIN, RST, SRV_ISS, SYN, s
 
 ISS1 = s(SRV_ISS + 1)
@@ -14,16 +23,31 @@ ISS1 = s(SRV_ISS + 1)
 
 def test_app_half_closes_and_data_still_flows_to_it() -> None:
     conn, app = close_wait()
+    t = CLOSE_WAIT_AT
     assert conn.send(b"reply") == 5
-    [data] = app.absorb(conn.segments_to_send(0.03))
+    [data] = app.absorb(conn.segments_to_send(t + 0.01))
     assert (data.seq, data.payload) == (ISS1, b"reply")
     conn.close()
-    [fin] = app.absorb(conn.segments_to_send(0.04))
+    [fin] = app.absorb(conn.segments_to_send(t + 0.02))
     assert (fin.seq, fin.flags) == (s(ISS1 + 5), ACK | FIN)
     assert conn.state is TcpState.LAST_ACK
-    conn.segment_received(*app.seg(), 0.05)
-    assert observe(conn, app, 0.05) == (TcpState.CLOSED, [], [Closed()])
+    conn.segment_received(*app.seg(), t + 0.03)
+    assert observe(conn, app, t + 0.03) == (TcpState.CLOSED, [], [Closed()])
     assert conn.next_deadline() is None
+
+
+def test_the_fins_ack_rides_on_our_fin_when_we_close_in_turn() -> None:
+    """A program that closes soon after the peer's FIN sends one packet, not two."""
+    conn, app = established()
+    conn.segment_received(*app.seg(ACK | FIN), 0.02)
+    assert observe(conn, app, 0.02)[1] == []
+    conn.close()
+    state, segs, _events = observe(conn, app, 0.03)
+    assert state is TcpState.LAST_ACK
+    assert [(x.seq, x.ack, x.flags) for x in segs] == [(ISS1, app.nxt, ACK | FIN)]
+    # Nothing else is owed: no separate ACK fires later.
+    conn.handle_timeout(0.02 + CFG.delayed_ack)
+    assert observe(conn, app, 0.02 + CFG.delayed_ack)[1] == []
 
 
 def test_we_half_close_and_the_app_keeps_sending() -> None:

@@ -7,7 +7,7 @@ import pytest
 from stack.tcp import DataReceived, EofReceived, TcpConfig, TcpState
 from stack.wire.tcp import TcpOptions
 
-from .fixtures import CFG, PAYLOAD, ack_seg, close_wait, established, observe, ts
+from .fixtures import CFG, CLOSE_WAIT_AT, PAYLOAD, ack_seg, close_wait, established, observe, ts
 from .helpers import ACK, APP_ISN, FIN, SRV_ISS, Seg, s
 
 FULL = 50_000  # the whole 100000-byte buffer, scaled by 2
@@ -208,8 +208,9 @@ def test_a_fin_that_contradicts_an_earlier_fin_is_not_taken() -> None:
 def test_data_after_the_peers_fin_is_only_acknowledged() -> None:
     conn, app = close_wait()
     after_fin = app.nxt
-    conn.segment_received(*app.seg(ACK, b"late"), 0.03)
-    state, segs, events = observe(conn, app, 0.03)
+    t = CLOSE_WAIT_AT + 0.01
+    conn.segment_received(*app.seg(ACK, b"late"), t)
+    state, segs, events = observe(conn, app, t)
     assert (state, events) == (TcpState.CLOSE_WAIT, [])
     assert [(x.ack, x.flags, x.payload) for x in segs] == [(after_fin, ACK, b"")]
 
@@ -243,3 +244,18 @@ def test_data_a_broken_peer_sent_past_its_fin_is_never_delivered() -> None:
     assert [(x.ack, x.options.sack_blocks) for x in segs] == [
         (s(base + 11), ((s(base + 30), s(base + 40)), (s(base + 50), s(base + 60))))
     ]
+
+
+def test_reading_the_first_bytes_after_the_handshake_costs_no_ack_of_its_own() -> None:
+    """The SYN-ACK's window cannot be scaled (65535 of a 400000-byte buffer):
+    taking data out must not look like a window worth reopening at once.
+    The delayed ACK carries the whole window a moment later."""
+    cfg = TcpConfig(mss=1000, rcv_buf=400_000, snd_buf=100_000, max_ooo_bytes=50_000)
+    conn, app = established(cfg)
+    conn.segment_received(*app.seg(ACK, b"hello"), 0.02)
+    state, segs, events = observe(conn, app, 0.02)
+    assert (state, segs, events) == (TcpState.ESTABLISHED, [], [DataReceived(b"hello")])
+    assert app.absorb(conn.segments_to_send(0.02)) == []  # taking the data sent nothing
+    conn.handle_timeout(0.02 + cfg.delayed_ack)
+    [ack] = observe(conn, app, 0.02 + cfg.delayed_ack)[1]
+    assert (ack.ack, ack.window) == (app.nxt, 400_000 >> 3)
