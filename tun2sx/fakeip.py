@@ -19,6 +19,34 @@ When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
 gateway) are never handed out.
 
+Shared mode (`shared=True`) is for worker processes that serve the queues of
+one multi-queue TUN device: a DNS query answered by one worker may be followed
+by a connection that lands on another, so every worker must read and change
+one table. The database is then the only state. An allocation is one
+`BEGIN IMMEDIATE` transaction (concurrent writers wait on the busy timeout)
+that finds the name, or takes the next fresh address, or recycles the row with
+the smallest `used`, all from what the database holds at that moment; indexes
+on `name` and on (family, `used`) keep each step a B-tree probe. Lookups are
+one indexed SELECT each, with no in-process cache. A cache would still need a
+validity check per lookup (`PRAGMA data_version`), and in WAL mode any
+statement, that one included, begins a read transaction (`fcntl` locks plus
+the `sqlite3` call overhead): the check alone costs about half of an uncached
+lookup, and every commit of another worker, recency writes included, would
+empty the cache.
+
+Recency is what the trade-off is about. In shared mode `used` holds wall-clock
+milliseconds (every worker reads the same clock), and a use writes `used`
+through at once unless the row already shows a use less than `touch_interval`
+old. So a mapping used at time t always has `used >= t - touch_interval` in
+the database, and recycling, which takes the smallest `used`, reaches it only
+once every other mapping in its pool has been allocated or used after
+`t - touch_interval`: LRU to within `touch_interval`, and never behind a
+process's unwritten batch (batching as the single-process mode does would let
+one worker recycle what another used a moment ago). The price is one small
+write transaction per mapping per interval when it is in use. A wall clock
+stepped backwards only makes new rows look older (recycled sooner); it never
+breaks the one-name-one-address rule, which rests on the transaction alone.
+
 `FakeIpFilter` decides which names must not get a fake address at all (LAN
 names, captive portals, NTP), with Clash's pattern syntax.
 """
@@ -26,11 +54,13 @@ names, captive portals, NTP), with Clash's pattern syntax.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import re
 import socket
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
@@ -45,9 +75,37 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mapping (
     ip BLOB PRIMARY KEY,      -- packed address: 4 or 16 bytes
     name TEXT NOT NULL,       -- lower case, no trailing dot
-    used INTEGER NOT NULL     -- logical clock of the last use, for LRU
+    used INTEGER NOT NULL     -- last use, for LRU: a logical clock, or ms in shared mode
 ) WITHOUT ROWID;
 """
+
+# Only shared mode asks the database by name or by age; a file it has opened
+# keeps the indexes, which then cost a single-process store a little per write.
+_SHARED_SCHEMA = """
+CREATE INDEX IF NOT EXISTS mapping_name ON mapping (name);
+CREATE INDEX IF NOT EXISTS mapping_age ON mapping (length(ip), used);
+"""
+
+# Range scans over one pool: the length keeps the other family's blobs out;
+# its unary `+` keeps the planner on the primary key, off the age index.
+_SQL_BY_IP = "SELECT name, used FROM mapping WHERE ip = ?"
+_SQL_BY_NAME = (
+    "SELECT ip, used FROM mapping WHERE name = ? AND ip BETWEEN ? AND ? AND +length(ip) = ?"
+)
+_SQL_HIGHEST = (
+    "SELECT ip FROM mapping WHERE ip BETWEEN ? AND ? AND +length(ip) = ? ORDER BY ip DESC LIMIT 1"
+)
+# The unary `+` keeps the planner off the primary key, so it walks the age
+# index of one family (the IPv6 pool, which never fills, keeps its old rows
+# out of the way) and stops at the first row instead of sorting the pool.
+_SQL_OLDEST = (
+    "SELECT ip, name FROM mapping WHERE +ip BETWEEN ? AND ? AND length(ip) = ?"
+    " ORDER BY used LIMIT 1"
+)
+_SQL_COUNT = "SELECT count(*) FROM mapping WHERE ip BETWEEN ? AND ? AND +length(ip) = ?"
+_SQL_TOUCH = "UPDATE mapping SET used = max(used, ?) WHERE ip = ? AND name = ?"
+
+_BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's transaction
 
 
 def normalize_name(name: str) -> str:
@@ -74,7 +132,16 @@ class FakeIpStatistics:
 class _Pool:
     """One address pool: offsets from the network address, with LRU order."""
 
-    __slots__ = ("by_name", "capacity", "excluded", "last", "lru", "network", "next_offset")
+    __slots__ = (
+        "by_name",
+        "capacity",
+        "db_range",
+        "excluded",
+        "last",
+        "lru",
+        "network",
+        "next_offset",
+    )
 
     def __init__(
         self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, reserved: set[IPAddress]
@@ -88,7 +155,15 @@ class _Pool:
             int(ip) - base for ip in reserved if ip.version == network.version and ip in network
         }
         self.capacity = self.last - len(self.excluded)
+        if self.capacity < 1:
+            raise ValueError(f"fake-IP pool {network} has no address left after the reserved ones")
         self.next_offset = 1  # offset 0 is the network address
+        # Parameters of the shared-mode range queries: first, last, blob length.
+        self.db_range = (
+            self.address(1).packed,
+            self.address(self.last).packed,
+            len(network.network_address.packed),
+        )
         self.lru: collections.OrderedDict[int, str] = collections.OrderedDict()
         self.by_name: dict[str, int] = {}
 
@@ -114,6 +189,14 @@ class _Pool:
                 return offset
         return None
 
+    def fresh_after(self, highest: bytes | None) -> int | None:
+        """The first usable offset above the highest one in use, or None (shared mode)."""
+        base = int(self.network.network_address)
+        offset = 1 if highest is None else int.from_bytes(highest, "big") - base + 1
+        while offset in self.excluded:
+            offset += 1
+        return offset if offset <= self.last else None
+
 
 class FakeIpStore:
     """Name <-> fake address mappings, persisted in SQLite.
@@ -123,7 +206,12 @@ class FakeIpStore:
         v4_pool: CIDR for A answers.
         v6_pool: CIDR for AAAA answers, or None to disable fake AAAA.
         reserved: Addresses never handed out, e.g. the TUN gateway address.
-        touch_batch: Recency updates buffered before they are written.
+        touch_batch: Recency updates buffered before they are written (not shared).
+        shared: Several processes use `path` at once; every call reads and
+            writes the database (see the module docstring).
+        touch_interval: Shared mode: seconds within which a mapping's recency
+            is not written again.
+        clock: Shared mode: wall clock in seconds, for tests.
     """
 
     __slots__ = (
@@ -131,8 +219,11 @@ class FakeIpStore:
         "_closed",
         "_db",
         "_pending_touch",
+        "_shared",
         "_stats",
+        "_time",
         "_touch_batch",
+        "_touch_interval_ms",
         "v4",
         "v6",
     )
@@ -145,7 +236,12 @@ class FakeIpStore:
         v6_pool: str | None = DEFAULT_V6_POOL,
         reserved: Iterable[str | IPAddress] = (),
         touch_batch: int = 1024,
+        shared: bool = False,
+        touch_interval: float = 1.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        if shared and path == ":memory:":
+            raise ValueError("a shared fake-IP store needs a database file")
         reserved_set = {ipaddress.ip_address(ip) for ip in reserved}
         v4_net = ipaddress.ip_network(v4_pool)
         if not isinstance(v4_net, ipaddress.IPv4Network):
@@ -164,13 +260,29 @@ class FakeIpStore:
         )
         self._clock = 0
         self._closed = False
+        self._shared = shared
+        self._touch_interval_ms = round(touch_interval * 1000)
+        self._time = clock
         # The runtime calls us from one trio thread only; the check would only
         # get in the way of closing from a test's fixture thread.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._load()
+        self._db.executescript(_SCHEMA + (_SHARED_SCHEMA if shared else ""))
+        stale = self._load()
+        if stale:
+            # Keyed by name too: in shared mode another process may have
+            # reused the address since the scan.
+            with self._write():
+                self._db.executemany("DELETE FROM mapping WHERE ip = ? AND name = ?", stale)
+        if shared:
+            # The scan only cleaned the file; the database is the table now.
+            for pool in (self.v4, self.v6):
+                if pool is not None:
+                    pool.lru.clear()
+                    pool.by_name.clear()
 
     # --- public API -----------------------------------------------------------
 
@@ -188,16 +300,24 @@ class FakeIpStore:
         self._stats.lookups += 1
         pool = self.v4 if ip.version == 4 else self.v6
         offset = pool.offset(ip) if pool is not None else None
-        name = pool.lru.get(offset) if pool is not None and offset is not None else None
-        if pool is None or offset is None or name is None:
+        if pool is None or offset is None:
+            name = None
+        elif self._shared:
+            name = self._lookup_ip_shared(ip.packed)
+        else:
+            name = pool.lru.get(offset)
+            if name is not None:
+                self._touch(pool, offset)
+        if name is None:
             self._stats.lookup_misses += 1
-            return None
-        self._touch(pool, offset)
         return name
 
     def lookup_name(self, name: str, family: socket.AddressFamily) -> IPAddress | None:
         """The address already mapped to `name` in `family`'s pool, without allocating."""
         pool = self._pool(family)
+        if self._shared:
+            row = self._db.execute(_SQL_BY_NAME, (normalize_name(name), *pool.db_range)).fetchone()
+            return None if row is None else self._address(pool, row[0])
         offset = pool.by_name.get(normalize_name(name))
         return None if offset is None else pool.address(offset)
 
@@ -216,6 +336,8 @@ class FakeIpStore:
         """
         pool = self._pool(family)
         key = normalize_name(name)
+        if self._shared:
+            return self._address(pool, self._allocate_shared(pool, key))
         offset = pool.by_name.get(key)
         if offset is not None:
             self._touch(pool, offset)
@@ -234,7 +356,7 @@ class FakeIpStore:
         ip = pool.address(offset)
         self._pending_touch.pop(ip.packed, None)
         # Pending recency updates ride along in the same transaction.
-        with self._db:
+        with self._write():
             self._flush_touches()
             self._db.execute(
                 "INSERT OR REPLACE INTO mapping (ip, name, used) VALUES (?, ?, ?)",
@@ -243,15 +365,22 @@ class FakeIpStore:
         return ip
 
     def statistics(self) -> FakeIpStatistics:
-        """A snapshot of sizes and counters."""
-        return attrs.evolve(self._stats)
+        """A snapshot of sizes and counters (counters of this process only)."""
+        stats = attrs.evolve(self._stats)
+        if self._shared:
+            count = self._db.execute(_SQL_COUNT, self.v4.db_range).fetchone()[0]
+            stats.v4_mappings = count
+            if self.v6 is not None:
+                stats.v6_mappings = self._db.execute(_SQL_COUNT, self.v6.db_range).fetchone()[0]
+        return stats
 
     def close(self) -> None:
         """Write pending recency updates and close the database; idempotent."""
         if self._closed:
             return
-        with self._db:
-            self._flush_touches()
+        if self._pending_touch:
+            with self._write():
+                self._flush_touches()
         self._db.close()
         self._closed = True
 
@@ -270,12 +399,82 @@ class FakeIpStore:
         else:
             self._stats.v6_mappings += delta
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction; IMMEDIATE, so another writer is waited for at BEGIN."""
+        # The connection is in autocommit mode (isolation_level=None), where
+        # `with connection:` opens no transaction: each statement would
+        # commit on its own, at several times the cost.
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @staticmethod
+    def _address(pool: _Pool, packed: bytes) -> IPAddress:
+        return pool.network.network_address.__class__(packed)
+
+    def _now_ms(self) -> int:
+        return int(self._time() * 1000)
+
+    def _lookup_ip_shared(self, packed: bytes) -> str | None:
+        row = self._db.execute(_SQL_BY_IP, (packed,)).fetchone()
+        if row is None:
+            return None
+        name: str = row[0]
+        self._touch_shared(packed, name, row[1])
+        return name
+
+    def _touch_shared(self, packed: bytes, name: str, used: int) -> bool:
+        """Write a use through unless the row shows a recent one; False if `packed` moved on."""
+        now = self._now_ms()
+        if now - used < self._touch_interval_ms:
+            return True
+        # Keyed by name: if another process recycled the address since our
+        # read, the new mapping must not inherit this use.
+        return self._db.execute(_SQL_TOUCH, (now, packed, name)).rowcount == 1
+
+    def _allocate_shared(self, pool: _Pool, key: str) -> bytes:
+        # The common case, a name asked for again, needs no write lock.
+        row = self._db.execute(_SQL_BY_NAME, (key, *pool.db_range)).fetchone()
+        if row is not None and self._touch_shared(row[0], key, row[1]):
+            return bytes(row[0])
+        with self._write():
+            return self._allocate_locked(pool, key)
+
+    def _allocate_locked(self, pool: _Pool, key: str) -> bytes:
+        """Find or make `key`'s row; runs inside the write transaction."""
+        db = self._db
+        now = self._now_ms()
+        row = db.execute(_SQL_BY_NAME, (key, *pool.db_range)).fetchone()
+        if row is not None:  # another process allocated it since our read
+            db.execute(_SQL_TOUCH, (now, row[0], key))
+            return bytes(row[0])
+        highest = db.execute(_SQL_HIGHEST, pool.db_range).fetchone()
+        offset = pool.fresh_after(None if highest is None else bytes(highest[0]))
+        if offset is not None:
+            packed = pool.address(offset).packed
+        else:
+            # A full pool holds at least one row, so there is an oldest.
+            packed = bytes(db.execute(_SQL_OLDEST, pool.db_range).fetchone()[0])
+            self._stats.recycled += 1
+        db.execute(
+            "INSERT OR REPLACE INTO mapping (ip, name, used) VALUES (?, ?, ?)", (packed, key, now)
+        )
+        self._stats.allocations += 1
+        return packed
+
     def _touch(self, pool: _Pool, offset: int) -> None:
         pool.lru.move_to_end(offset)
         self._clock += 1
         self._pending_touch[pool.address(offset).packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
-            with self._db:
+            with self._write():
                 self._flush_touches()
 
     def _flush_touches(self) -> None:
@@ -286,35 +485,33 @@ class FakeIpStore:
             )
             self._pending_touch.clear()
 
-    def _load(self) -> None:
-        """Rebuild the in-memory maps; drop rows the current pools cannot hold."""
-        stale: list[bytes] = []
+    def _load(self) -> list[tuple[bytes, str]]:
+        """Rebuild the in-memory maps; return the rows the current pools cannot hold."""
+        stale: list[tuple[bytes, str]] = []
         rows = self._db.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
         for packed, name, used in rows:
             self._clock = max(self._clock, used)
             try:
                 ip = ipaddress.ip_address(bytes(packed))
             except ValueError:
-                stale.append(packed)
+                stale.append((packed, name))
                 continue
             pool = self.v4 if ip.version == 4 else self.v6
             offset = pool.offset(ip) if pool is not None else None
             if pool is None or offset is None or not pool.usable(offset):
-                stale.append(packed)  # The pool or the reserved list changed.
+                stale.append((packed, name))  # The pool or the reserved list changed.
                 continue
             previous = pool.by_name.get(name)
             if previous is not None:
                 # Rows come oldest first, so the newer mapping wins.
                 del pool.lru[previous]
-                stale.append(pool.address(previous).packed)
+                stale.append((pool.address(previous).packed, name))
                 self._count(pool, -1)
             pool.lru[offset] = name
             pool.by_name[name] = offset
             pool.next_offset = max(pool.next_offset, offset + 1)
             self._count(pool, +1)
-        if stale:
-            with self._db:
-                self._db.executemany("DELETE FROM mapping WHERE ip = ?", [(p,) for p in stale])
+        return stale
 
 
 def _label_regex(label: str) -> str:

@@ -57,6 +57,12 @@ def test_reserved_network_and_last_addresses_never_handed_out() -> None:
     assert not store.contains(ip("fc00::1"))
 
 
+def test_pool_without_usable_addresses_is_refused() -> None:
+    # /30: .1 and .2 are the only candidates, and both are reserved.
+    with pytest.raises(ValueError, match="no address left"):
+        FakeIpStore(v4_pool="10.99.0.0/30", reserved=["10.99.0.1", "10.99.0.2"])
+
+
 def test_lru_recycling_respects_lookups() -> None:
     store = FakeIpStore(v4_pool="10.99.0.0/29", reserved=["10.99.0.1"])
     first = {f"n{i}": store.allocate(f"n{i}", V4) for i in range(5)}  # pool now full
