@@ -22,6 +22,9 @@ from __future__ import annotations
 import struct
 import sys
 
+from fuzz.segments import ByteReader, ipv4_packet
+from fuzz.segments import ipv4_header as ipv4_header  # tests/stack/test_netstack.py uses it
+from fuzz.segments import tcp_packet as raw_tcp_packet
 from stack.netstack import NetStack, NetStackConfig, UdpDatagram
 from stack.tcp import ConnectionRequest, DataReceived, FlowKey, TcpConfig, TcpConnection
 from stack.wire.packet import (
@@ -44,73 +47,6 @@ GREETING = b"hello through the stack"
 CONFIG = NetStackConfig(
     tcp=TcpConfig(mss=600, rcv_buf=20_000, snd_buf=20_000, max_ooo_bytes=8000, max_ooo_ranges=8)
 )
-_IPV4_HDR = struct.Struct("!BBHHHBBH4s4s")
-
-
-def _from_bytes(data: bytes) -> int:
-    return int.from_bytes(data, "big")
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def more(self) -> bool:
-        return self.pos < len(self.data)
-
-    def num(self, nbytes: int) -> int:
-        chunk = self.data[self.pos : self.pos + nbytes]
-        self.pos += nbytes
-        return _from_bytes(chunk.ljust(nbytes, b"\0"))
-
-    def take(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ipv4_header(src: bytes, dst: bytes, proto: int, payload_len: int, frag: int = 0) -> bytes:
-    """A valid-looking IPv4 header (right checksum) for any payload."""
-    total = 20 + payload_len
-    hdr = bytearray(_IPV4_HDR.pack(0x45, 0, total & 0xFFFF, 1, frag, 64, proto, 0, src, dst))
-    struct.pack_into("!H", hdr, 10, _csum(bytes(hdr)))
-    return bytes(hdr)
-
-
-def raw_tcp_packet(
-    src: bytes,
-    dst: bytes,
-    ports: tuple[int, int],
-    seq: int,
-    ack: int,
-    flags: int,
-    options: bytes = b"",
-    payload: bytes = b"",
-) -> bytes:
-    """IPv4 + TCP with right checksums and any flags or option bytes.
-
-    Unlike `build_tcp_packet` it writes what no sane sender would (SYN+FIN,
-    option bytes that do not parse), so the parser meets them.
-    """
-    options = options[:40]
-    options += b"\0" * (-len(options) % 4)
-    tcp = bytearray(
-        struct.pack("!HHIIBBHHH", *ports, seq, ack, (5 + len(options) // 4) << 4, flags, 512, 0, 0)
-    )
-    tcp += options + payload
-    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
-    struct.pack_into("!H", tcp, 16, _csum(pseudo + bytes(tcp)))
-    return ipv4_header(src, dst, 6, len(tcp)) + bytes(tcp)
 
 
 def open_flow(stack: NetStack, now: float) -> TcpConnection:
@@ -141,7 +77,7 @@ def open_flow(stack: NetStack, now: float) -> TcpConnection:
     return conn
 
 
-def _segment(r: _Reader, live: TcpConnection, good_checksum: bool) -> bytes:
+def _segment(r: ByteReader, live: TcpConnection, good_checksum: bool) -> bytes:
     key = live.key if r.num(1) & 1 else FlowKey(APP, r.num(2), REMOTE, r.num(2))
     base_seq = (APP_ISN + 1 + len(GREETING)) & 0xFFFFFFFF
     mode = r.num(1)
@@ -166,7 +102,7 @@ def _segment(r: _Reader, live: TcpConnection, good_checksum: bool) -> bytes:
     return bytes(pkt)
 
 
-def _packet(r: _Reader, live: TcpConnection) -> bytes:
+def _packet(r: ByteReader, live: TcpConnection) -> bytes:
     kind = r.num(1) % 9
     if kind == 0:
         return r.take(r.num(1))
@@ -174,7 +110,7 @@ def _packet(r: _Reader, live: TcpConnection) -> bytes:
         proto = (6, 17, 1, r.num(1))[r.num(1) % 4]
         body = r.take(r.num(1))
         frag = r.num(2) if kind == 2 else 0
-        return ipv4_header(APP, REMOTE, proto, len(body), frag) + body
+        return ipv4_packet(APP, REMOTE, proto, body, frag)
     if kind == 3:
         body = r.take(r.num(1))
         head = bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(body), r.num(1), 64)
@@ -192,7 +128,7 @@ def _packet(r: _Reader, live: TcpConnection) -> bytes:
 
 
 def TestOneInput(data: bytes) -> None:
-    r = _Reader(data)
+    r = ByteReader(data)
     stack = NetStack(CONFIG)
     now = 0.0
     live = open_flow(stack, now)

@@ -32,7 +32,7 @@ from outbounds.ss_aead import (
 from outbounds.ss_crypto import CIPHERS, CipherSpec, ShadowsocksProtocolError
 
 _METHODS = sorted(CIPHERS)
-_NOW = 1_700_000_000.0
+NOW = 1_700_000_000.0
 # Fixed keys, salt and session so that seeds stay valid across runs.
 _REQUEST_SALT = bytes(range(32))
 _SESSION = b"client!!"
@@ -42,22 +42,45 @@ def _key(spec: CipherSpec) -> bytes:
     return bytes(range(100, 100 + spec.key_size))
 
 
-def _decryptor(spec: CipherSpec) -> StreamDecryptor:
+def decryptor(spec: CipherSpec, key: bytes, request_salt: bytes) -> StreamDecryptor:
+    """The client's decoder of a server's stream (SIP022: checks the response header)."""
     if not spec.edition_2022:
-        return StreamDecryptor(spec, _key(spec))
-    salt = _REQUEST_SALT[: spec.salt_size]
+        return StreamDecryptor(spec, key)
     return StreamDecryptor(
         spec,
-        _key(spec),
+        key,
         header_size=response_header_size(spec),
-        check_header=response_header_check(salt),
+        check_header=response_header_check(request_salt),
     )
 
 
+def server_stream(
+    spec: CipherSpec,
+    key: bytes,
+    request_salt: bytes,
+    chunks: list[bytes],
+    *,
+    salt: bytes | None = None,
+) -> bytes:
+    """What a server sends: salt, (SIP022 response header,) then chunks.
+
+    The salt is random unless given (seeds fix it to stay reproducible).
+    """
+    enc = StreamEncryptor(spec, key, salt)
+    first, rest = chunks[0], chunks[1:]
+    if spec.edition_2022:
+        out = build_response_header(enc, request_salt, first, NOW)
+    else:
+        out = enc.encrypt(first)
+    for chunk in rest:
+        out += enc.encrypt(chunk)
+    return out
+
+
 def _decode_stream(spec: CipherSpec, data: bytes, cut: int) -> bytes | None:
-    dec = _decryptor(spec)
+    dec = decryptor(spec, _key(spec), _REQUEST_SALT[: spec.salt_size])
     try:
-        return dec.decrypt_untrusted(data[:cut], _NOW) + dec.decrypt_untrusted(data[cut:], _NOW)
+        return dec.decrypt_untrusted(data[:cut], NOW) + dec.decrypt_untrusted(data[cut:], NOW)
     except ShadowsocksProtocolError:
         return None
 
@@ -74,7 +97,7 @@ def TestOneInput(data: bytes) -> None:
     assert split is None or whole is None or split == whole, "output depends on read split"
     try:
         if spec.edition_2022:
-            Udp2022Client(spec, _key(spec), _SESSION).decode_untrusted(body, _NOW)
+            Udp2022Client(spec, _key(spec), _SESSION).decode_untrusted(body, NOW)
         else:
             decode_udp_packet_untrusted(spec, _key(spec), body)
     except ShadowsocksProtocolError:
@@ -87,13 +110,13 @@ def _seeds() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for index, method in enumerate(_METHODS):
         spec = CIPHERS[method]
-        enc = StreamEncryptor(spec, _key(spec), bytes(spec.salt_size))
-        if spec.edition_2022:
-            salt = _REQUEST_SALT[: spec.salt_size]
-            stream = build_response_header(enc, salt, b"HTTP/1.1 200 OK\r\n", _NOW)
-        else:
-            stream = enc.encrypt(b"HTTP/1.1 200 OK\r\n")
-        stream += enc.encrypt(b"x" * 300)
+        stream = server_stream(
+            spec,
+            _key(spec),
+            _REQUEST_SALT[: spec.salt_size],
+            [b"HTTP/1.1 200 OK\r\n", b"x" * 300],
+            salt=bytes(spec.salt_size),
+        )
         seeds[f"tcp-{method}"] = bytes([index]) + stream
         dest = Destination("example.com", 53)
         if not spec.edition_2022:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from fuzz.segments import ByteReader
 from stack.errors import LocalProtocolError
 from stack.tcp import NEED_DATA, FlowKey, TcpConfig, TcpConnection
 from stack.wire.tcp import SYN, TcpHeader, TcpOptions, emit_tcp_header
@@ -23,31 +24,17 @@ APP_ISN = 0xFFFFFF00
 ISS = 0xFFFFFFF0
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def more(self) -> bool:
-        return self.pos < len(self.data)
-
-    def int(self, nbytes: int) -> int:
-        chunk = self.data[self.pos : self.pos + nbytes]
-        self.pos += nbytes
-        return int.from_bytes(chunk.ljust(nbytes, b"\0"), "big")
-
-
-def _near(r: _Reader, base: int) -> int:
-    mode = r.int(1)
+def _near(r: ByteReader, base: int) -> int:
+    mode = r.num(1)
     if mode < 200:
         return (base + (mode - 100) * 37) & 0xFFFFFFFF
-    return r.int(4)
+    return r.num(4)
 
 
 def TestOneInput(data: bytes) -> None:
-    r = _Reader(data)
+    r = ByteReader(data)
     syn_opts = TcpOptions(
-        mss=r.int(2) or None, wscale=r.int(1) % 16, sack_permitted=True, timestamp=(5, 0)
+        mss=r.num(2) or None, wscale=r.num(1) % 16, sack_permitted=True, timestamp=(5, 0)
     )
     conn = TcpConnection(
         KEY, TcpHeader(40000, 443, APP_ISN, 0, SYN, 65535, options=syn_opts), ISS, 0.0, CONFIG
@@ -56,41 +43,41 @@ def TestOneInput(data: bytes) -> None:
     app_next = (APP_ISN + 1) & 0xFFFFFFFF
     our_next = (ISS + 1) & 0xFFFFFFFF
     while r.more():
-        action = r.int(1) % 7
+        action = r.num(1) % 7
         if action <= 2:
-            flags = r.int(1)
+            flags = r.num(1)
             seq = _near(r, app_next)
             ack = _near(r, our_next)
-            payload = bytes(r.int(2) % 1500)
-            ts = (r.int(1) + int(now * 10), r.int(4)) if r.int(1) & 1 else None
+            payload = bytes(r.num(2) % 1500)
+            ts = (r.num(1) + int(now * 10), r.num(4)) if r.num(1) & 1 else None
             blocks = ()
-            if r.int(1) & 1:
+            if r.num(1) & 1:
                 left = _near(r, our_next)
-                blocks = ((left, (left + r.int(2)) & 0xFFFFFFFF),)
+                blocks = ((left, (left + r.num(2)) & 0xFFFFFFFF),)
             hdr = TcpHeader(
                 40000,
                 443,
                 seq,
                 ack,
                 flags,
-                r.int(2),
+                r.num(2),
                 options=TcpOptions(sack_blocks=blocks, timestamp=ts),
             )
             conn.segment_received(hdr, payload, now)
         elif action == 3:
             deadline = conn.next_deadline()
-            now = deadline if deadline is not None and r.int(1) & 1 else now + r.int(1) / 100
+            now = deadline if deadline is not None and r.num(1) & 1 else now + r.num(1) / 100
             conn.handle_timeout(now)
         elif action == 4:
             with contextlib.suppress(LocalProtocolError):
-                conn.send(bytes(r.int(2) % 30_000))
+                conn.send(bytes(r.num(2) % 30_000))
         elif action == 5:
             while conn.next_event() is not NEED_DATA:
                 pass
         else:
-            if r.int(1) & 1:
+            if r.num(1) & 1:
                 conn.close()
-            elif r.int(1) & 1:
+            elif r.num(1) & 1:
                 conn.abort()
         for hdr, payload in conn.segments_to_send(now):
             emit_tcp_header(hdr)

@@ -35,7 +35,7 @@ from tun2sx.stats import (
     parse_loopback_endpoint,
     serve_stats,
 )
-from tun2sx.tun import TunDevice, adopt_tun, open_tun
+from tun2sx.tun import TunDevice, TunError, adopt_tun, open_tun
 
 log = logging.getLogger("tun2sx")
 
@@ -48,6 +48,8 @@ DEFAULT_POOL6 = ipaddress.IPv6Network("fc00::/18")
 # without one, the routes would send tun2sx's own traffic back into the TUN.
 DEFAULT_AUTO_ROUTE_FWMARK = 0x2022
 DEFAULT_STATS_INTERVAL = 300.0
+# The kernel's limit on the queues of one TUN (MAX_TAP_QUEUES).
+MAX_WORKERS = 256
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,8 @@ class Settings:
         stats_interval: seconds between summary log lines (0: none).
         auto_route: route the namespace's traffic into the TUN while
             serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
+        workers: processes serving a multi-queue TUN, one queue each
+            (tun2sx.workers); 1 is a single process.
     """
 
     tun: str | None = None
@@ -118,6 +122,7 @@ class Settings:
     stats_listen: str | None = None
     stats_interval: float = DEFAULT_STATS_INTERVAL
     auto_route: bool = False
+    workers: int = 1
 
 
 def effective_fwmark(settings: Settings) -> int | None:
@@ -213,10 +218,17 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("connect_timeout: must be positive")
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers: {settings.workers} is not between 1 and {MAX_WORKERS}")
+    if settings.workers > 1:
+        if settings.tun_fd is not None:
+            raise ConfigError("workers: an adopted TUN fd is one queue; workers need tun (a name)")
+        if settings.fake_ip and settings.fake_ip_db == ":memory:":
+            raise ConfigError("workers: share the fake-IP table, so fake_ip_db needs a file")
 
 
 @contextlib.contextmanager
-def _routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterator[None]:
+def routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterator[None]:
     """The auto_route context when asked for; nothing otherwise."""
     if not settings.auto_route:
         yield
@@ -230,7 +242,7 @@ def _routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterato
         yield
 
 
-def _fake_ip_store(settings: Settings) -> tuple[FakeIpStore, FakeDns]:
+def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
     v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
     # The first addresses of each pool are kept for the gateway and the
     # DNS server users point their resolver at (198.18.0.1, .2, ...).
@@ -243,6 +255,7 @@ def _fake_ip_store(settings: Settings) -> tuple[FakeIpStore, FakeDns]:
         v4_pool=str(v4),
         v6_pool=None if v6 is None else str(v6),
         reserved=tuple(reserved),
+        shared=shared,
     )
     return store, FakeDns(store, FakeIpFilter(settings.fake_ip_filter))
 
@@ -253,6 +266,7 @@ async def serve(
     device: TunDevice | None = None,
     protect: Callable[[int], bool] | None = None,
     handle_signals: bool = True,
+    shared_fake_ip: bool = False,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run tun2sx until cancelled (or SIGINT/SIGTERM when `handle_signals`).
@@ -263,11 +277,13 @@ async def serve(
         protect: called with every outbound socket's fd before it connects
             (Android's VpnService.protect), so it bypasses the TUN.
         handle_signals: stop on SIGINT/SIGTERM (only in the main thread).
+        shared_fake_ip: other processes (workers) use the same fake-IP
+            table at the same time.
         task_status: receives the running `Engine` once serving.
 
     Raises:
         ConfigError: a setting is wrong.
-        TunError: the device cannot be opened.
+        TunError: the device cannot be opened, or went away while serving.
     """
     fwmark = effective_fwmark(settings)
     socket_options = SocketOptions(
@@ -280,7 +296,7 @@ async def serve(
     stats_endpoint = _stats_endpoint(settings)
     store = dns = None
     if settings.fake_ip:
-        store, dns = _fake_ip_store(settings)
+        store, dns = _fake_ip_store(settings, shared_fake_ip)
     try:
         if device is None:
             device = open_device(settings)
@@ -315,7 +331,7 @@ async def serve(
             len(router.rules.rules),
         )
         try:
-            with _routes(settings, device.name, fwmark):
+            with routes(settings, device.name, fwmark):
                 # Bound before the nursery, so a busy port is a plain
                 # ConfigError rather than an exception group.
                 listeners = []
@@ -324,15 +340,24 @@ async def serve(
                         listeners = await open_stats_listeners(*stats_endpoint)
                     except OSError as exc:
                         raise ConfigError(f"stats_listen: {exc}") from exc
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(engine.run)
-                    if listeners:
-                        await nursery.start(serve_stats, engine, listeners)
-                    if settings.stats_interval > 0:
-                        nursery.start_soon(log_summaries, engine, settings.stats_interval)
-                    if handle_signals:
-                        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-                    task_status.started(engine)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(engine.run)
+                        if listeners:
+                            await nursery.start(serve_stats, engine, listeners)
+                        if settings.stats_interval > 0:
+                            nursery.start_soon(log_summaries, engine, settings.stats_interval)
+                        if handle_signals:
+                            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                        task_status.started(engine)
+                except BaseExceptionGroup as group:
+                    # The device going away ends the engine with a TunError
+                    # wrapped in the nurseries' groups: hand it over bare,
+                    # so the caller can report one line instead of a trace.
+                    gone = _only_tun_error(group)
+                    if gone is None:
+                        raise
+                    raise gone from gone.__cause__
         finally:
             log.info("tun2sx: stopped; %s", engine.statistics())
     finally:
@@ -340,6 +365,18 @@ async def serve(
             device.close()
         if store is not None:
             store.close()
+
+
+def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None:
+    """The TunError in `group` when nothing else is in it, else None."""
+    matched, rest = group.split(TunError)
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, TunError)
+    return leaf
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -15,11 +15,12 @@ nothing starts half-configured.
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -37,9 +38,9 @@ from tun2sx.app import (
     serve,
 )
 from tun2sx.autoroute import AutoRouteError
-from tun2sx.config import load_config
+from tun2sx.config import load_config, parse_workers
 from tun2sx.stats import parse_loopback_endpoint
-from tun2sx.tun import TunError
+from tun2sx.tun import TunDevice, TunError
 
 log = logging.getLogger("tun2sx")
 
@@ -113,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help=f"seconds between summary log lines (default {DEFAULT_STATS_INTERVAL:g}; 0: none)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help='processes serving a multi-queue TUN, one core each ("auto": one per CPU; default 1)',
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -201,6 +207,8 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
             values[field] = getattr(args, field)
     if args.fake_ip_filter is not None:
         values["fake_ip_filter"] = tuple(args.fake_ip_filter)
+    if args.workers is not None:
+        values["workers"] = parse_workers("--workers", args.workers)
     # Switches only ever turn a feature off (or auto-route on), so only a
     # given switch overrides the file.
     for flag, field, value in (
@@ -268,11 +276,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     try:
         settings = settings_from_args(args)
-        trio.run(serve, settings)
+    except ConfigError as exc:
+        print(f"tun2sx: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        from tun2sx.workers import run_workers
+
+        return _reporting_errors(lambda: run_workers(settings, serve_worker))
+    return _reporting_errors(lambda: trio.run(serve, settings))
+
+
+def serve_worker(settings: Settings, device: TunDevice, shared_fake_ip: bool) -> int:
+    """One worker process of `--workers N`: serve one queue to the end."""
+    return _reporting_errors(
+        lambda: trio.run(
+            functools.partial(serve, settings, device=device, shared_fake_ip=shared_fake_ip)
+        )
+    )
+
+
+def _reporting_errors(run: Callable[[], int | None]) -> int:
+    """Run, turning the errors a user can act on into one line and a status."""
+    try:
+        return run() or 0
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2
     except (TunError, AutoRouteError) as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 1
-    return 0

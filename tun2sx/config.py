@@ -19,6 +19,7 @@ every error is one line naming the key, e.g.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,6 +38,7 @@ _TOP: dict[str, str | None] = {
     "connect_timeout": "connect_timeout",
     "udp_timeout": "udp_timeout",
     "auto_route": "auto_route",
+    "workers": "workers",
     "rules": "rules",
     "outbounds": None,
     "tun": None,
@@ -94,6 +96,21 @@ def _strings(key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of strings, got {_type_name(value)}")
     return tuple(_string(f"{key}[{i}]", item) for i, item in enumerate(value))
+
+
+def parse_workers(key: str, value: object) -> int:
+    """A worker count: a positive integer, or "auto" for one per usable CPU."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f'{key}: expected a number or "auto", got {value!r}') from None
+    count = _integer(key, value)
+    if count < 1:
+        raise ConfigError(f"{key}: must be at least 1")
+    return count
 
 
 def _fwmark(key: str, value: object) -> int:
@@ -162,6 +179,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "stats_listen": _string,
     "stats_interval": _seconds,
     "auto_route": _boolean,
+    "workers": parse_workers,
 }
 
 

@@ -26,8 +26,10 @@ resolvers cannot ping-pong errors.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
+import sqlite3
 import struct
 
 import attrs
@@ -36,6 +38,8 @@ from dnslib import AAAA, EDNS0, PTR, QTYPE, RR, A, DNSHeader, DNSRecord
 
 from outbounds.base import Destination, Outbound, OutboundError
 from tun2sx.fakeip import FakeIpFilter, FakeIpStore, normalize_name
+
+log = logging.getLogger("tun2sx.dns")
 
 __all__ = [
     "BadDnsQuery",
@@ -129,6 +133,7 @@ class DnsStatistics:
     ptr_answers: int = 0
     forwarded: int = 0
     malformed: int = 0
+    store_errors: int = 0
 
 
 def _header_response(query_flags: int, qid: int, rcode: int) -> bytes:
@@ -218,6 +223,15 @@ class FakeDns:
         except BadDnsQuery:
             self._stats.malformed += 1
             raise
+        except sqlite3.Error as exc:
+            # The table's file is locked too long by another worker, or the
+            # disk failed: this query fails, the program and the flows do not.
+            self._stats.store_errors += 1
+            log.warning("fake-IP DNS: the fake-IP table failed (%s); answering SERVFAIL", exc)
+            failed = self.servfail(data)
+            if failed is None:  # pragma: no cover - _handle already checked the header
+                raise BadDnsQuery("fake-IP table failed") from exc
+            return DnsReply(failed)
 
     def _handle(self, data: bytes) -> DnsAnswer:
         if len(data) < _HEADER.size:

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -224,7 +225,14 @@ class Engine:
         """
         ip = ipaddress.ip_address(addr)
         if self.fakeip is not None and self.fakeip.contains(ip):
-            name = self.fakeip.lookup_ip(ip)
+            try:
+                name = self.fakeip.lookup_ip(ip)
+            except sqlite3.Error as exc:
+                # The shared table's file was locked too long, or failed:
+                # this flow fails fast like an unknown fake IP; others go on.
+                self.counters["fakeip_store_errors"] += 1
+                log.warning("fake-IP table lookup of %s failed: %s", ip, exc)
+                return None
             if name is None:
                 return None
             return Destination(name, port)
@@ -252,4 +260,7 @@ class Engine:
         stats["tcp_flows"] = len(self.streams)
         stats["tcp_connections"] = len(self.stack.tcp.connections)
         stats["udp_sessions"] = len(self.udp.sessions)
+        # Failed TUN reads and writes (each lost a packet); a stand-in device may not count.
+        stats["tun_rx_errors"] = getattr(self.device, "statistics_rx_errors", 0)
+        stats["tun_tx_errors"] = getattr(self.device, "statistics_tx_errors", 0)
         return stats

@@ -270,7 +270,12 @@ class FakeIpStore:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA + (_SHARED_SCHEMA if shared else ""))
+        # IMMEDIATE: workers open a new file at the same moment, and a
+        # deferred transaction that read the schema and then tries to write
+        # fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
+        self._db.executescript(
+            "BEGIN IMMEDIATE;" + _SCHEMA + (_SHARED_SCHEMA if shared else "") + "COMMIT;"
+        )
         stale = self._load()
         if stale:
             # Keyed by name too: in shared mode another process may have

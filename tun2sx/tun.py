@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import subprocess
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import trio
 
@@ -51,6 +51,10 @@ VIRTIO_NET_HDR_GSO_TCPV6 = 4
 
 _PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
 _READ_SIZE = 65536 + VNET_HDR_LEN
+# A read failing with one of these means the device is gone: deleted while
+# we run (EBADFD: the fd outlives the interface, and polls readable for
+# ever), or its fd closed under us. Any other error loses one packet.
+_DEVICE_GONE = frozenset({errno.EBADF, errno.EBADFD, errno.ENODEV})
 
 
 class TunError(OSError):
@@ -78,7 +82,16 @@ class TunDevice:
     adopted fd is closed too: ownership passes to the device).
     """
 
-    __slots__ = ("_closed", "_fd", "_keep", "mtu", "name", "offload", "statistics_rx_errors")
+    __slots__ = (
+        "_closed",
+        "_fd",
+        "_keep",
+        "mtu",
+        "name",
+        "offload",
+        "statistics_rx_errors",
+        "statistics_tx_errors",
+    )
 
     def __init__(self, fd: int, *, name: str, mtu: int, offload: bool, keep: object = None):
         self._fd = fd
@@ -88,27 +101,39 @@ class TunDevice:
         self.mtu = mtu
         self.offload = offload
         self.statistics_rx_errors = 0
+        self.statistics_tx_errors = 0
         os.set_blocking(fd, False)
 
     def fileno(self) -> int:
         return self._fd
 
+    # The read system call; a test's fault-injecting device overrides it.
+    _read_packet = staticmethod(os.read)
+
     async def read_batch(self, limit: int = 256) -> list[RxPacket]:
-        """Wait until readable, then read packets until EAGAIN or `limit`."""
+        """Wait until readable, then read packets until EAGAIN or `limit`.
+
+        A failed read (EIO, EFAULT...) loses that packet, like a wire would:
+        it is counted in `statistics_rx_errors` and the batch ends there.
+
+        Raises:
+            TunError: the device is gone (deleted, or its fd closed).
+        """
         await trio.lowlevel.wait_readable(self._fd)
         out: list[RxPacket] = []
         fd = self._fd
         offload = self.offload
+        read = self._read_packet
         while len(out) < limit:
             try:
-                raw = os.read(fd, _READ_SIZE)
+                raw = read(fd, _READ_SIZE)
             except BlockingIOError:
                 break
             except OSError as exc:
-                # EIO/EFAULT on a single read must not end the program; the
-                # device going away (EBADF) does.
-                if exc.errno in (errno.EBADF, errno.ENODEV):
-                    raise TunError(exc.errno, f"TUN device {self.name} gone: {exc}") from exc
+                if exc.errno in _DEVICE_GONE:
+                    raise TunError(
+                        f"TUN device {self.name} is gone (deleted or closed): {exc.strerror}"
+                    ) from exc
                 self.statistics_rx_errors += 1
                 break
             if offload:
@@ -122,7 +147,12 @@ class TunDevice:
         return out
 
     def write(self, packet: bytes | bytearray | memoryview) -> None:
-        """Write one IP packet; drops (and counts nothing) if the kernel refuses.
+        """Write one IP packet; drops it if the kernel refuses.
+
+        A full queue drops silently; a device that is down (EIO) or gone
+        drops and counts in `statistics_tx_errors`: a gone device is the
+        reader's to report (its next read fails at once), and a flow
+        writing into it must not fail on its own.
 
         With offload on, a virtio-net header is prepended describing a
         partial checksum and, for TCP segments larger than the MTU allows,
@@ -137,6 +167,10 @@ class TunDevice:
             # The device queue is full: the packet is lost like on a wire;
             # TCP retransmits and UDP never promised delivery.
             pass
+        except OSError as exc:
+            if exc.errno != errno.EIO and exc.errno not in _DEVICE_GONE:
+                raise
+            self.statistics_tx_errors += 1
 
     def close(self) -> None:
         if self._closed:
@@ -213,26 +247,72 @@ def open_tun(
     Raises:
         TunError: the device cannot be opened or configured.
     """
+    return open_tun_queues(name, 1, mtu=mtu, offload=offload, addresses=addresses, up=up)[0]
+
+
+def open_tun_queues(
+    name: str,
+    queues: int,
+    *,
+    mtu: int | None = None,
+    offload: bool = True,
+    addresses: tuple[str, ...] = (),
+    up: bool = True,
+) -> list[TunDevice]:
+    """Open `name` with `queues` queues, one device object per queue.
+
+    With more than one queue the interface is multi-queue
+    (IFF_MULTI_QUEUE): the kernel spreads the packets it sends into the TUN
+    over the queues by a symmetric flow hash, so every packet of one flow
+    comes out of the same queue, and a packet written to any queue is
+    received the same. A queue whose fd is closed leaves the set and the
+    kernel spreads over the others. An existing single-queue interface of
+    that name cannot take more queues (the kernel refuses the flags).
+
+    Arguments as for `open_tun`.
+
+    Raises:
+        TunError: the device cannot be opened or configured.
+    """
     import pytun
 
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
+    if queues > 1:
+        flags |= pytun.IFF_MULTI_QUEUE
+    opened: list[Any] = []  # pytun devices (untyped)
+
+    def close_all() -> None:
+        for dev in opened:
+            dev.close()
+
     try:
-        dev = pytun.TunTapDevice(name=name, flags=flags)
+        for _ in range(queues):
+            # The first open may create the interface; the others attach
+            # queues to it, by the name the kernel gave it.
+            dev = pytun.TunTapDevice(name=opened[0].name if opened else name, flags=flags)
+            opened.append(dev)
     except (pytun.Error, OSError) as exc:
-        raise TunError(f"cannot open TUN device {name!r}: {exc}") from exc
+        close_all()
+        what = "TUN device" if queues == 1 else f"TUN device with {queues} queues"
+        raise TunError(f"cannot open {what} {name!r}: {exc}") from exc
+    first = opened[0]
     try:
-        _set_offload(dev.fileno(), offload)
+        for dev in opened:
+            _set_offload(dev.fileno(), offload)
         if mtu is not None:
-            dev.mtu = mtu
+            first.mtu = mtu
         for cidr in addresses:
-            _ip("addr", "add", cidr, "dev", dev.name)
+            _ip("addr", "add", cidr, "dev", first.name)
         if up:
-            dev.up()
-        actual_mtu = dev.mtu
+            first.up()
+        actual_mtu = first.mtu
     except (pytun.Error, OSError) as exc:
-        dev.close()
+        close_all()
         raise TunError(f"cannot configure TUN device {name!r}: {exc}") from exc
-    return TunDevice(dev.fileno(), name=dev.name, mtu=actual_mtu, offload=offload, keep=dev)
+    return [
+        TunDevice(dev.fileno(), name=dev.name, mtu=actual_mtu, offload=offload, keep=dev)
+        for dev in opened
+    ]
 
 
 def adopt_tun(fd: int, *, mtu: int | None = None) -> TunDevice:

@@ -1,6 +1,6 @@
 """End-to-end benchmark: real kernel clients through tun2sx, beside the kernel.
 
-    ./dev bench e2e [--seconds 5] [--connections 1000] [--no-offload]
+    ./dev bench e2e [--seconds 5] [--connections 1000] [--no-offload] [--workers 2]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
 namespace with Dante and the test servers), then measures, each beside the
@@ -10,7 +10,8 @@ veth, no proxy) in the same run:
 - single-stream throughput up and down (iperf3, through Dante);
 - connections per second (connect, one byte each way, close);
 - round-trip latency p50/p99 of 64-byte messages on one connection;
-- tun2sx's RSS with N connections held open.
+- tun2sx's RSS with N connections held open;
+- connections per second again with `--workers 2` (one process per queue).
 
 Dante, not microsocks, carries the traffic: microsocks caps near 0.4 Gbit/s.
 Numbers go to stdout as a Markdown table for docs/performance.md.
@@ -75,7 +76,7 @@ def _hold(bed: Testbed, host: str, count: int, pid: int) -> tuple[int, int]:
     return status["echoed"], rss
 
 
-def run(seconds: float, connections: int, offload: bool) -> str:
+def run(seconds: float, connections: int, offload: bool, workers: int = 2) -> str:
     rows: list[tuple[str, str, str]] = []
     with Lab("t2sx-bench") as lab, tempfile.TemporaryDirectory() as tmp:
         bed = Testbed(lab, Path(tmp))
@@ -109,6 +110,18 @@ def run(seconds: float, connections: int, offload: bool) -> str:
         rows.append((f"RSS MiB, {echoed} open connections", f"{rss / 1024:.1f}", "-"))
         rows.append(("RSS MiB, idle", f"{idle_rss / 1024:.1f}", "-"))
         bed.stop()
+        if workers > 1:
+            # The same connection test with one process per queue.
+            bed.start("--workers", str(workers), *([] if offload else ["--no-offload"]))
+            many = _tool(bed, "cps", "echo.test", 7001, seconds, 8)
+            rows.append(
+                (
+                    f"connections/s (8 threads), --workers {workers}",
+                    f"{many['cps']:.0f} ({many['failures']:.0f} failed)",
+                    f"{kernel_cps['cps']:.0f}",
+                )
+            )
+            bed.stop()
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"kernel {platform.release()}; offload {'on' if offload else 'off'}; "
@@ -126,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--no-offload", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="also measure connections/s with N workers (1: skip)"
+    )
     args = parser.parse_args(argv)
     missing = missing_capabilities()
     if missing:
         print(f"bench e2e: needs {', '.join(missing)}", file=sys.stderr)
         return 2
-    print(run(args.seconds, args.connections, not args.no_offload))
+    print(run(args.seconds, args.connections, not args.no_offload, args.workers))
     return 0
 
 

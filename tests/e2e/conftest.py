@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import SERVER_ADDR, Testbed
-from tun2sx.lab import Lab, missing_capabilities
+from tests.e2e.testbed import SERVER_ADDR, Testbed, running_bed
+from tun2sx.lab import missing_capabilities
 
 __all__ = ["SERVER_ADDR", "Testbed", "require"]
 
@@ -33,11 +31,5 @@ def require(*binaries: str) -> None:
 @pytest.fixture(scope="module")
 def testbed() -> Iterator[Testbed]:
     require("microsocks", "danted", "curl", "dig", "ping")
-    with Lab("t2sx-e2e") as lab, tempfile.TemporaryDirectory() as tmp:
-        bed = Testbed(lab, Path(tmp))
-        bed.start()
-        try:
-            yield bed
-        finally:
-            if bed.proc is not None:
-                bed.stop()
+    with running_bed("t2sx-e2e", Testbed) as bed:
+        yield bed

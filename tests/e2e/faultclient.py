@@ -24,6 +24,8 @@ import struct
 import sys
 import threading
 
+from fuzz.segments import tcp_packet
+
 MIB = 1 << 20
 
 
@@ -63,27 +65,11 @@ def stream(host: str, port: int) -> None:
     print(json.dumps({"received": received, "end": end}), flush=True)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def syn_packet(src: str, sport: int, dst: str, dport: int, isn: int) -> bytes:
     """An IPv4 SYN with an MSS option and correct checksums."""
-    options = struct.pack("!BBH", 2, 4, 1460)
-    tcp_len = 20 + len(options)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, isn, 0, (tcp_len // 4) << 4, 0x02, 64240, 0, 0)
-    tcp += options
+    mss = struct.pack("!BBH", 2, 4, 1460)
     s, d = socket.inet_aton(src), socket.inet_aton(dst)
-    pseudo = s + d + struct.pack("!BBH", 0, 6, tcp_len)
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 0, 0, 64, 6, 0, s, d)
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return ip + tcp
+    return tcp_packet(s, d, (sport, dport), isn, 0, 0x02, mss, window=64240)
 
 
 def synflood(dst: str, port: int, count: int) -> None:

@@ -23,17 +23,20 @@ that feeds it, and the links carry MTU 1500.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from tests.e2e.testbed import DANTE_CONF, NAMES, ROOT, SERVER_ADDR
-from tun2sx.lab import Lab, LabError, Namespace
+from tests.e2e.testbed import (
+    DANTE_PORT,
+    FAR_SIDE_PORTS,
+    SERVER_ADDR,
+    Tun2sxProcess,
+    run_client_tool,
+    start_far_side,
+)
+from tun2sx.lab import Lab, Namespace
 
 APP_ADDR = "10.201.0.1"
-DANTE_PORT = 1081
 IPERF_PORT = 5201
 
 
@@ -69,21 +72,18 @@ class LossyBed:
         self.server.run(["ip", "route", "add", "default", "via", "10.200.0.1"])
         self.router.run(["nft", "add", "table", "inet", "loss"])
         self._loss_per_mille = 0
-        hosts = "127.0.0.1 localhost\n" + "".join(f"{SERVER_ADDR} {n}\n" for n in NAMES)
-        self.server.write_etc("hosts", hosts)
         self.app.write_etc("resolv.conf", "nameserver 198.18.0.2\noptions timeout:2\n")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.server.spawn(
-            [sys.executable, "-m", "tests.e2e.servers", "--bind", SERVER_ADDR], env=env
-        )
-        conf = tmp / "danted.conf"
-        conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
-        self.server.spawn(["danted", "-f", str(conf)])
+        start_far_side(self.server, tmp)
         self.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
-        for port in (7001, 7002, 7003, DANTE_PORT, IPERF_PORT):
+        for port in (*FAR_SIDE_PORTS, IPERF_PORT):
             self.server.wait_listening(port)
         self.log_path = tmp / "tun2sx.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.tun2sx = Tun2sxProcess(self.tunns, self.log_path)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The running tun2sx, or None."""
+        return self.tun2sx.proc
 
     def set_loss(self, per_mille: int) -> None:
         """Drop `per_mille`/1000 of the packets crossing the router, each way."""
@@ -119,9 +119,6 @@ class LossyBed:
         packets the application's path can carry.
         """
         args = [
-            sys.executable,
-            "-m",
-            "tun2sx",
             "--tun",
             "tun0",
             "--mtu",
@@ -136,39 +133,15 @@ class LossyBed:
             f"{SERVER_ADDR}:{DANTE_PORT}",
             *extra,
         ]
-        self._log = self.log_path.open("ab")
-        offset = self._log.tell()
-        self.proc = self.tunns.spawn(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )
-        self.tunns.wait_link("tun0")
-        deadline = time.monotonic() + 20
-        while b"serving" not in self.log_path.read_bytes()[offset:]:
-            self.lab.check_processes()
-            if time.monotonic() > deadline:
-                raise LabError("tun2sx did not report serving within 20 s")
-            time.sleep(0.05)
+        self.tun2sx.start(args)
         self.tunns.run(["ip", "route", "replace", "default", "dev", "tun0"])
 
     def stop(self) -> int:
-        assert self.proc is not None
-        code = self.lab.stop(self.proc)
-        self.proc = None
-        self._log.close()
-        return code
+        return self.tun2sx.stop()
 
     def app_tool(self, *args: object, timeout: float = 120) -> dict[str, object]:
         """Run tests/e2e/client.py in the app namespace; its JSON result."""
-        result = self.app.run(
-            [sys.executable, "-m", "tests.e2e.client", *map(str, args)],
-            timeout=timeout,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            cwd=str(ROOT),
-        )
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        return run_client_tool(self.app, *args, timeout=timeout)
 
     def iperf(self, host: str, seconds: float, *, reverse: bool) -> float:
         """Single-stream iperf3 from the app namespace; received Gbit/s."""

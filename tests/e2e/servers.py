@@ -9,7 +9,10 @@ starts, on that address:
 - TCP 7003 source: reads a decimal byte count and a newline, then sends
   that many bytes of a deterministic pattern and closes;
 - UDP 7001 echo: echoes each datagram;
-- DNS 5353 (UDP and TCP): answers TXT queries with "tun2sx-upstream".
+- DNS 5353 (UDP and TCP): answers TXT queries with "tun2sx-upstream";
+- with --whoami, HTTP 7004 on every address of the namespace: answers any
+  request with the address it was reached at, so a test can tell which
+  name a connection went to.
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ async def dns_tcp(stream: trio.SocketStream) -> None:
                 await stream.send_all(struct.pack("!H", len(answer)) + answer)
 
 
+async def whoami(stream: trio.SocketStream) -> None:
+    async with stream:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 8192:
+            data = await stream.receive_some(CHUNK)
+            if not data:
+                return
+            head += data
+        body = stream.socket.getsockname()[0].encode()
+        await stream.send_all(
+            b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+
 async def udp_echo(bind: str, port: int, dns: bool) -> None:
     sock = trio.socket.socket(
         trio.socket.AF_INET6 if ":" in bind else trio.socket.AF_INET, trio.socket.SOCK_DGRAM
@@ -107,8 +124,10 @@ def tolerant(
     return run
 
 
-async def main(bind: str) -> None:
+async def main(bind: str, with_whoami: bool) -> None:
     async with trio.open_nursery() as nursery:
+        if with_whoami:
+            nursery.start_soon(functools.partial(trio.serve_tcp, tolerant(whoami), 7004))
         for port, handler in ((7001, echo), (7002, hasher), (7003, source), (5353, dns_tcp)):
             nursery.start_soon(
                 functools.partial(trio.serve_tcp, tolerant(handler), port, host=bind)
@@ -120,4 +139,6 @@ async def main(bind: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--bind", required=True)
-    trio.run(main, parser.parse_args().bind)
+    parser.add_argument("--whoami", action="store_true")
+    args = parser.parse_args()
+    trio.run(main, args.bind, args.whoami)

@@ -35,49 +35,13 @@ import sys
 import threading
 from collections import Counter
 
+from fuzz.segments import ipv4_packet as ip_packet
+from fuzz.segments import tcp_packet
+
 CHUNK = 128 * 1024
 ETH_P_ALL = 0x0003
 ACK, PSH, RST, SYN, FIN = 0x10, 0x08, 0x04, 0x02, 0x01
 MALFORMED = {"truncated", "bad_checksum", "bad_options", "syn_fin"}
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def ip_packet(src: bytes, dst: bytes, proto: int, body: bytes, frag: int = 0) -> bytes:
-    # The kernel fills the header checksum and total length of raw sends.
-    head = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0x1234, frag, 64, proto, 0, src, dst
-    )
-    return head + body
-
-
-def tcp_segment(
-    src: bytes,
-    dst: bytes,
-    ports: tuple[int, int],
-    seq: int,
-    ack: int,
-    flags: int,
-    payload: bytes = b"",
-    options: bytes = b"",
-    good_checksum: bool = True,
-) -> bytes:
-    options += b"\0" * (-len(options) % 4)
-    offset = (5 + len(options) // 4) << 4
-    head = struct.pack(
-        "!HHIIBBHHH", *ports, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, offset, flags, 512, 0, 0
-    )
-    seg = bytearray(head + options + payload)
-    csum = _csum(src + dst + struct.pack("!BBH", 0, 6, len(seg)) + bytes(seg))
-    struct.pack_into("!H", seg, 16, csum if good_checksum else csum ^ 0x0F0F)
-    return bytes(seg)
 
 
 class Flow:
@@ -141,46 +105,40 @@ def storm_burst(
         if kind == "junk":
             pkt = ip_packet(app, remote, rng.choice((6, 17, 1, rng.randrange(256))), garbage)
         elif kind == "truncated":
-            seg = tcp_segment(app, remote, ports, ahead, flow.our_next, ACK)
+            seg = tcp_packet(app, remote, ports, ahead, flow.our_next, ACK)[20:]
             pkt = ip_packet(app, remote, 6, seg[: rng.randrange(20)])
         elif kind == "bad_checksum":
-            seg = tcp_segment(
-                app, remote, ports, ahead, flow.our_next, ACK | PSH, garbage, good_checksum=False
+            pkt = tcp_packet(
+                app,
+                remote,
+                ports,
+                ahead,
+                flow.our_next,
+                ACK | PSH,
+                b"",
+                garbage,
+                good_checksum=False,
             )
-            pkt = ip_packet(app, remote, 6, seg)
         elif kind == "bad_options":
             bogus = bytes((rng.choice((2, 3, 4, 5, 8)), rng.choice((0, 1, 60))))
-            seg = tcp_segment(app, remote, ports, ahead, flow.our_next, ACK | PSH, garbage, bogus)
-            pkt = ip_packet(app, remote, 6, seg)
+            pkt = tcp_packet(app, remote, ports, ahead, flow.our_next, ACK | PSH, bogus, garbage)
         elif kind == "syn_fin":
-            seg = tcp_segment(app, remote, ports, ahead, flow.our_next, SYN | FIN | ACK, garbage)
-            pkt = ip_packet(app, remote, 6, seg)
+            pkt = tcp_packet(
+                app, remote, ports, ahead, flow.our_next, SYN | FIN | ACK, b"", garbage
+            )
         elif kind == "fragment":
-            seg = tcp_segment(app, remote, ports, ahead, flow.our_next, ACK | PSH, garbage)
+            seg = tcp_packet(app, remote, ports, ahead, flow.our_next, ACK | PSH, b"", garbage)[20:]
             pkt = ip_packet(app, remote, 6, seg, rng.choice((0x2000, 0x2000 | 8, 16)))
         elif kind == "old":
-            back = rng.randrange(len(garbage), len(garbage) + 50000)
-            seq = flow.acked - back
-            pkt = ip_packet(
-                app,
-                remote,
-                6,
-                tcp_segment(app, remote, ports, seq, flow.our_next, ACK | PSH, garbage),
-            )
+            seq = flow.acked - rng.randrange(len(garbage), len(garbage) + 50000)
+            pkt = tcp_packet(app, remote, ports, seq, flow.our_next, ACK | PSH, b"", garbage)
         elif kind == "far":
             seq = flow.acked + rng.randrange(1 << 24, 1 << 30)
-            pkt = ip_packet(
-                app,
-                remote,
-                6,
-                tcp_segment(app, remote, ports, seq, flow.our_next, ACK | PSH, garbage),
-            )
+            pkt = tcp_packet(app, remote, ports, seq, flow.our_next, ACK | PSH, b"", garbage)
         else:
             flags = rng.choice((RST, RST | ACK, SYN))
             seq = flow.acked + rng.choice((1, 100, 70000, 1 << 28))
-            pkt = ip_packet(
-                app, remote, 6, tcp_segment(app, remote, ports, seq, flow.our_next, flags)
-            )
+            pkt = tcp_packet(app, remote, ports, seq, flow.our_next, flags)
         try:
             raw.sendto(pkt, (socket.inet_ntoa(remote), 0))
         except OSError:

@@ -16,34 +16,32 @@ import ast
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import require
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, running_bed
 from tun2sx.lab import Lab
 
 SIZE = 16 * 1024 * 1024
 BURST = 40
 
 
+def _dante_bed(lab: Lab, tmp: Path) -> Testbed:
+    bed = Testbed(lab, tmp)
+    # Dante, not microsocks: microsocks copies with blocking writes, so
+    # a bulk echo in both directions at once deadlocks inside it.
+    bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+    return bed
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
     require("danted", "microsocks")
-    with Lab("t2sx-storm") as lab, tempfile.TemporaryDirectory() as tmp:
-        bed = Testbed(lab, Path(tmp))
-        # Dante, not microsocks: microsocks copies with blocking writes, so
-        # a bulk echo in both directions at once deadlocks inside it.
-        bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-        bed.start()
-        try:
-            yield bed
-        finally:
-            if bed.proc is not None:
-                bed.stop()
+    with running_bed("t2sx-storm", _dante_bed) as bed:
+        yield bed
 
 
 def _tun_tx_dropped(bed: Testbed) -> int:

@@ -9,6 +9,13 @@
 - The SOCKS5 server (Dante) killed mid-transfer: the application's
   connection ends promptly instead of hanging, and once Dante is back new
   flows work without restarting tun2sx.
+- The TUN deleted under a running tun2sx (mid-transfer): it exits at once
+  with status 1 and one line naming the device, no traceback.
+- A fake-IP pool of three addresses, four names and more: the newest names
+  reach their own servers, the least recently used name's address now
+  reaches the newer name, the old name gets an address again, and an
+  address whose mapping is gone (table not kept across a restart) is
+  refused at once instead of hanging.
 
 A hang shows up as the client's own 15 s socket timeout ("timeout"), which
 every assertion here rejects.
@@ -22,12 +29,13 @@ import os
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, WHOAMI_PORT, Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -146,3 +154,80 @@ def test_socks_server_killed_mid_transfer_then_back(dante: Testbed) -> None:
         "equal": True,
     }
     assert testbed.proc is not None and testbed.proc.poll() is None
+
+
+def test_tun_deleted_under_tun2sx_ends_it_with_one_line(dante: Testbed) -> None:
+    testbed = dante
+    assert testbed.proc is not None
+    proc = testbed.proc
+    offset = len(testbed.log())
+    stream = _start_stream(testbed, "echo.test")  # traffic in flight both ways
+    try:
+        deleted = time.monotonic()
+        testbed.client_run(["ip", "link", "del", "tun0"])
+        code = proc.wait(10)
+        took = time.monotonic() - deleted
+    finally:
+        testbed.lab.stop(stream)
+        testbed.stop()
+        run_log = testbed.log()[offset:]
+        testbed.start()  # tun2sx recreates tun0; later tests need it
+    assert code == 1, run_log[-2000:]
+    assert took < 3, took
+    # The last line is the one error line: which device, and why.
+    assert run_log.rstrip("\n").rsplit("\n", 1)[-1] == (
+        "tun2sx: TUN device tun0 is gone (deleted or closed): File descriptor in bad state"
+    ), run_log[-2000:]
+    assert "Traceback" not in run_log, run_log[-4000:]
+
+
+@pytest.fixture
+def tiny_pool(testbed: Testbed) -> Iterator[Testbed]:
+    """tun2sx with a fake-IP pool of 3 addresses and a table kept in memory only."""
+    pool = ("--fake-ip-range", "198.18.0.0/29", "--fake-ip-db", ":memory:")
+    testbed.stop()
+    testbed.start(*pool)
+    try:
+        yield testbed
+    finally:
+        testbed.stop()
+        testbed.start()
+
+
+def _whoami(bed: Testbed, ip: str) -> str:
+    """Which server address a connection to `ip` reached (curl's error otherwise)."""
+    url = f"http://{ip}:{WHOAMI_PORT}/"
+    result = bed.client_run(["curl", "-sS", "--max-time", "5", url], check=False)
+    return result.stdout if result.returncode == 0 else f"curl {result.returncode}"
+
+
+def test_tiny_fake_ip_pool_recycles_the_least_recently_used_name(tiny_pool: Testbed) -> None:
+    bed = tiny_pool
+    n1, n2, n3, n4 = list(WHOAMI_NAMES)[:4]
+    pool = ipaddress.ip_network("198.18.0.0/29")
+
+    def resolve(name: str) -> str:
+        fake = bed.client_run(["dig", "+short", "+time=3", name, "A"]).stdout.strip()
+        assert ipaddress.ip_address(fake) in pool, (name, fake)
+        return fake
+
+    first = {name: resolve(name) for name in (n1, n2, n3)}
+    assert len(set(first.values())) == 3  # .0, .7 and the three reserved are never used
+    # The pool is full: the fourth name takes the least recently used address.
+    assert resolve(n4) == first[n1]
+    # The newest names reach their own servers; n1's old address now is n4's.
+    assert _whoami(bed, first[n2]) == WHOAMI_NAMES[n2]
+    assert _whoami(bed, first[n3]) == WHOAMI_NAMES[n3]
+    assert _whoami(bed, first[n1]) == WHOAMI_NAMES[n4]
+    # Asked again, n1 gets an address of its own back (n2's, used longest ago).
+    again = resolve(n1)
+    assert again == first[n2]
+    assert _whoami(bed, again) == WHOAMI_NAMES[n1]
+    # A restart without a kept table forgets every mapping: an application
+    # that cached an address is refused at once (RST: curl 7), no hang (28).
+    bed.stop()
+    bed.start("--fake-ip-range", "198.18.0.0/29", "--fake-ip-db", ":memory:")
+    started = time.monotonic()
+    assert _whoami(bed, again) == "curl 7"
+    assert time.monotonic() - started < 3
+    assert "fake IP has no host name" in bed.log()

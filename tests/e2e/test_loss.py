@@ -10,15 +10,13 @@ benchmark's business (`python -m tests.bench loss`), never asserted here.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import require
 from tests.e2e.lossy import LossyBed
-from tun2sx.lab import Lab
+from tests.e2e.testbed import running_bed
 
 pytestmark = pytest.mark.e2e
 
@@ -28,14 +26,8 @@ SIZE = 8 * 1024 * 1024
 @pytest.fixture(scope="module")
 def lossy() -> Iterator[LossyBed]:
     require("danted", "nft", "ethtool", "iperf3")
-    with Lab("t2sx-loss") as lab, tempfile.TemporaryDirectory() as tmp:
-        bed = LossyBed(lab, Path(tmp))
-        bed.start()
-        try:
-            yield bed
-        finally:
-            if bed.proc is not None:
-                bed.stop()
+    with running_bed("t2sx-loss", LossyBed) as bed:
+        yield bed
 
 
 @pytest.mark.parametrize("per_mille", [5, 20])

@@ -5,10 +5,13 @@
     client ns: tun0 (198.18.0.1/15, fd00:7e::1/64) served by `tun2sx`,
                default routes -> tun0, resolv.conf -> 198.18.0.2
     server ns: 10.200.0.2 (veth), microsocks :1080, danted :1081 (UDP
-               ASSOCIATE), tests/e2e/servers.py (echo/hash/source/DNS),
-               hosts file mapping test names to 10.200.0.2
+               ASSOCIATE), tests/e2e/servers.py (echo/hash/source/DNS,
+               whoami on every address), hosts file mapping test names to
+               10.200.0.2 and the `WHOAMI_NAMES` to addresses of their own
 
-The end-to-end tests and the benchmark share it.
+The end-to-end tests and the benchmark share it; the lossy lab
+(tests/e2e/lossy.py) shares its server side (`start_far_side`) and its
+tun2sx process handling (`Tun2sxProcess`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,22 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from tun2sx.lab import Lab, LabError, Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ADDR = "10.200.0.2"
 NAMES = ("echo.test", "www.test", "big.test")
+# Names with an address each (on the server's loopback), so the whoami
+# server (port 7004) tells which name a connection reached.
+WHOAMI_NAMES = {f"n{i}.test": f"10.200.1.{i}" for i in range(1, 6)}
+WHOAMI_PORT = 7004
+DANTE_PORT = 1081
 
 
 DANTE_CONF = """\
@@ -42,6 +53,113 @@ socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: bind connect udpassociate b
 """
 
 
+def start_far_side(server: Namespace, tmp: Path) -> tuple[Path, subprocess.Popen[bytes]]:
+    """Set up the server namespace's common part and start its servers.
+
+    Writes the hosts file (the test names), gives each of `WHOAMI_NAMES`
+    its address, and starts tests/e2e/servers.py and Dante. Does not wait:
+    the caller waits for these ports and its own servers' together.
+
+    Returns:
+        Dante's config file and process.
+    """
+    entries = [(SERVER_ADDR, name) for name in NAMES] + [
+        (addr, name) for name, addr in WHOAMI_NAMES.items()
+    ]
+    server.write_etc("hosts", "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in entries))
+    for addr in WHOAMI_NAMES.values():
+        server.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
+    server.spawn(
+        [sys.executable, "-m", "tests.e2e.servers", "--bind", SERVER_ADDR, "--whoami"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    conf = tmp / "danted.conf"
+    conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
+    return conf, server.spawn(["danted", "-f", str(conf)])
+
+
+FAR_SIDE_PORTS = (7001, 7002, 7003, WHOAMI_PORT, DANTE_PORT)
+
+
+def run_client_tool(ns: Namespace, *args: object, timeout: float) -> dict[str, object]:
+    """Run tests/e2e/client.py in `ns`; its JSON result."""
+    result = ns.run(
+        [sys.executable, "-m", "tests.e2e.client", *map(str, args)],
+        timeout=timeout,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=str(ROOT),
+    )
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+class Tun2sxProcess:
+    """One `python -m tun2sx` in a namespace, appending to a log file."""
+
+    def __init__(self, ns: Namespace, log_path: Path) -> None:
+        self.ns = ns
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, args: Sequence[str], *, pass_fds: Sequence[int] = ()) -> None:
+        """Start tun2sx with `args`; return once tun0 is up and it says it serves."""
+        self._log = self.log_path.open("ab")
+        offset = self._log.tell()
+        self.proc = self.ns.spawn(
+            [sys.executable, "-m", "tun2sx", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            pass_fds=tuple(pass_fds),
+        )
+        self.ns.wait_link("tun0")
+        self._wait_serving(offset)
+
+    def _wait_serving(self, offset: int, timeout: float = 20) -> None:
+        """Poll the log until this run says it serves (or fail after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as f:
+                f.seek(offset)
+                if b"serving" in f.read():
+                    return
+            self.ns.lab.check_processes()
+            time.sleep(0.05)
+        raise LabError(f"tun2sx did not report serving within {timeout} s")
+
+    def stop(self) -> int:
+        """End it (SIGTERM, then SIGKILL); its exit status."""
+        assert self.proc is not None
+        code = self.ns.lab.stop(self.proc)
+        self.proc = None
+        self._log.close()
+        return code
+
+
+class Bed(Protocol):
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> int: ...
+
+
+BedT = TypeVar("BedT", bound=Bed)
+
+
+@contextlib.contextmanager
+def running_bed(prefix: str, make: Callable[[Lab, Path], BedT]) -> Iterator[BedT]:
+    """A lab named `prefix`, the bed `make` builds in it, tun2sx started; all gone after."""
+    with Lab(prefix) as lab, tempfile.TemporaryDirectory() as tmp:
+        bed = make(lab, Path(tmp))
+        bed.start()
+        try:
+            yield bed
+        finally:
+            if bed.proc is not None:
+                bed.stop()
+
+
 class Testbed:
     """A running lab; `client_run` runs a command in the client namespace."""
 
@@ -53,13 +171,8 @@ class Testbed:
         self.client: Namespace = lab.namespace("client")
         self.server: Namespace = lab.namespace("server")
         lab.link(self.client, ["10.200.0.1/24"], self.server, [f"{SERVER_ADDR}/24"])
-        hosts = "127.0.0.1 localhost\n" + "".join(f"{SERVER_ADDR} {n}\n" for n in NAMES)
-        self.server.write_etc("hosts", hosts)
         self.client.write_etc("resolv.conf", "nameserver 198.18.0.2\noptions timeout:2\n")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.server.spawn(
-            [sys.executable, "-m", "tests.e2e.servers", "--bind", SERVER_ADDR], env=env
-        )
+        self.dante_conf, self.dante = start_far_side(self.server, tmp)
         self.www = tmp / "www"
         self.www.mkdir()
         (self.www / "index.html").write_text("<h1>tun2sx e2e</h1>\n")
@@ -77,18 +190,25 @@ class Testbed:
             ]
         )
         self.server.spawn(["microsocks", "-i", SERVER_ADDR, "-p", "1080"])
-        self.dante_conf = tmp / "danted.conf"
-        self.dante_conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR))
-        self.dante = self.server.spawn(["danted", "-f", str(self.dante_conf)])
-        for port in (7001, 7002, 7003, 8080, 1080, 1081):
+        for port in (*FAR_SIDE_PORTS, 8080, 1080):
             self.server.wait_listening(port)
         self.fakeip_db = tmp / "fakeip.sqlite"
         self.log_path = tmp / "tun2sx.log"
+        self.tun2sx = Tun2sxProcess(self.client, self.log_path)
         self.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
         # Flow-level (DEBUG) logging for tests; a benchmark drops it. The
         # INFO "serving" line is how start() knows tun2sx is ready.
         self.verbosity = ["-v"]
-        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The running tun2sx, or None."""
+        return self.tun2sx.proc
+
+    @proc.setter
+    def proc(self, value: subprocess.Popen[bytes] | None) -> None:
+        # A test that saw tun2sx exit on its own says so, and nothing stops it again.
+        self.tun2sx.proc = value
 
     def start(self, *extra: str, tun_fd: int | None = None) -> None:
         """Start tun2sx in the client namespace and route everything to it.
@@ -109,9 +229,6 @@ class Testbed:
         else:
             device = ["--tun-fd", str(tun_fd)]
         args = [
-            sys.executable,
-            "-m",
-            "tun2sx",
             *device,
             "--fake-ip-db",
             str(self.fakeip_db),
@@ -121,38 +238,12 @@ class Testbed:
             *self.proxy_args,
             *extra,
         ]
-        self._log = self.log_path.open("ab")
-        log_start = self._log.tell()
-        self.proc = self.client.spawn(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            pass_fds=() if tun_fd is None else (tun_fd,),
-        )
-        self.client.wait_link("tun0")
-        self._wait_serving(log_start)
+        self.tun2sx.start(args, pass_fds=() if tun_fd is None else (tun_fd,))
         self.client.run(["ip", "route", "replace", "default", "dev", "tun0"])
         self.client.run(["ip", "-6", "route", "replace", "default", "dev", "tun0"])
 
-    def _wait_serving(self, offset: int, timeout: float = 20) -> None:
-        """Poll the log until this run says it serves (or fail after `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                if b"serving" in f.read():
-                    return
-            self.lab.check_processes()
-            time.sleep(0.05)
-        raise LabError(f"tun2sx did not report serving within {timeout} s")
-
     def stop(self) -> int:
-        assert self.proc is not None
-        code = self.lab.stop(self.proc)
-        self.proc = None
-        self._log.close()
-        return code
+        return self.tun2sx.stop()
 
     def kill_dante(self) -> None:
         """SIGKILL Dante and its worker processes (by PID), as a crash would."""
@@ -189,10 +280,4 @@ class Testbed:
 
     def client_tool(self, *args: object, timeout: float = 90) -> dict[str, object]:
         """Run tests/e2e/client.py in the client namespace; its JSON result."""
-        result = self.client.run(
-            [sys.executable, "-m", "tests.e2e.client", *map(str, args)],
-            timeout=timeout,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            cwd=str(ROOT),
-        )
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        return run_client_tool(self.client, *args, timeout=timeout)

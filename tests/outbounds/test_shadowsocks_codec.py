@@ -12,14 +12,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzz.shadowsocks_stream import NOW, decryptor, server_stream
 from outbounds.base import Destination
 from outbounds.ss_2022 import (
     MAX_TIME_DIFF,
     Udp2022Client,
     build_request_header,
-    build_response_header,
-    response_header_check,
-    response_header_size,
 )
 from outbounds.ss_aead import (
     StreamDecryptor,
@@ -41,7 +39,6 @@ from outbounds.ss_crypto import (
     session_subkey,
 )
 
-NOW = 1_700_000_000.0
 TARGET = Destination("example.com", 443)
 ALL = sorted(CIPHERS)
 SIP004 = [m for m in ALL if not CIPHERS[m].edition_2022]
@@ -50,31 +47,6 @@ SIP022 = [m for m in ALL if CIPHERS[m].edition_2022]
 
 def key_for(spec: CipherSpec) -> bytes:
     return bytes(range(spec.key_size))
-
-
-def decryptor(spec: CipherSpec, key: bytes, request_salt: bytes) -> StreamDecryptor:
-    if not spec.edition_2022:
-        return StreamDecryptor(spec, key)
-    return StreamDecryptor(
-        spec,
-        key,
-        header_size=response_header_size(spec),
-        check_header=response_header_check(request_salt),
-    )
-
-
-def server_stream(spec: CipherSpec, key: bytes, request_salt: bytes, chunks: list[bytes]) -> bytes:
-    """What a server sends: salt, (SIP022 response header,) then chunks."""
-    enc = StreamEncryptor(spec, key)
-    out = b""
-    first, rest = chunks[0], chunks[1:]
-    if spec.edition_2022:
-        out += build_response_header(enc, request_salt, first, NOW)
-    else:
-        out += enc.encrypt(first)
-    for chunk in rest:
-        out += enc.encrypt(chunk)
-    return out
 
 
 # --- keys ---------------------------------------------------------------------

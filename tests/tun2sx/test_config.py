@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         stats_listen="127.0.0.1:9090",
         stats_interval=300.0,
         auto_route=False,
+        workers=1,
     )
     router = build_router(settings, SocketOptions())
     route = router.name_of
@@ -104,6 +106,14 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\n[stats]\nlisten = "x:9090"', "stats_listen:"),
         ('outbound = "DIRECT"\n[stats]\nports = 1', "stats.ports: unknown key"),
         ('outbound = "DIRECT"\nrules = "MATCH,DIRECT"', "rules: expected a list"),
+        ('outbound = "DIRECT"\nworkers = 0', "workers: must be at least 1"),
+        ('outbound = "DIRECT"\nworkers = "many"', 'workers: expected a number or "auto"'),
+        ('outbound = "DIRECT"\nworkers = 1000', "workers: 1000 is not between 1 and 256"),
+        ('outbound = "DIRECT"\nworkers = 2\n[tun]\nfd = 3', "workers: an adopted TUN fd"),
+        (
+            'outbound = "DIRECT"\nworkers = 2\n[dns]\nfake_ip_db = ":memory:"',
+            "workers: share the fake-IP table",
+        ),
         ('outbound = "DIRECT"\nrules = [1]', "rules[0]: expected a string"),
         (
             'outbound = "DIRECT"\nrules = ["MATCH,DIRECT", "DOMAIN,x,prxy"]',
@@ -207,6 +217,8 @@ def test_auto_route_flag(config_file: Path) -> None:
         (["--stats-interval", "-1"], "--stats-interval"),
         (["--connect-timeout", "0"], "--connect-timeout"),
         (["--proxy", "bogus"], "--proxy"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "two"], "--workers"),
     ],
 )
 def test_bad_new_flags_name_the_flag(
@@ -232,3 +244,10 @@ def test_file_without_a_device_needs_a_flag(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a TUN device is required"):
         from_argv("--config", str(path))
     assert from_argv("--config", str(path), "--tun", "t1").tun == "t1"
+
+
+def test_workers_auto_is_one_per_usable_cpu(config_file: Path) -> None:
+    assert from_argv("--config", str(config_file), "--workers", "auto").workers == len(
+        os.sched_getaffinity(0)
+    )
+    assert from_argv("--config", str(config_file), "--workers", "3").workers == 3

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import socket
+import sqlite3
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ from tun2sx.dns import (
     forward_query,
     truncate_for_udp,
 )
-from tun2sx.fakeip import FakeIpFilter, FakeIpStore
+from tun2sx.fakeip import FakeIpFilter, FakeIpStore, IPAddress
 
 
 @pytest.fixture
@@ -295,3 +297,17 @@ def test_name_dnslib_cannot_write_back(dns: FakeDns) -> None:
         dns.handle_query_untrusted(data)
     servfail = FakeDns.servfail(data)
     assert servfail is not None and servfail[:2] == data[:2]
+
+
+class _BrokenStore(FakeIpStore):
+    """A table whose file stays locked by another process."""
+
+    def allocate(self, name: str, family: socket.AddressFamily) -> IPAddress:
+        raise sqlite3.OperationalError("database is locked")
+
+
+def test_a_failing_fake_ip_table_answers_servfail_not_a_crash() -> None:
+    dns = FakeDns(_BrokenStore())
+    response = reply_of(dns.handle_query_untrusted(query("a.example")))
+    assert (response.header.rcode, response.rr) == (RCODE.SERVFAIL, [])
+    assert dns.statistics().store_errors == 1

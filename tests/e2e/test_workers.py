@@ -1,0 +1,112 @@
+"""`--workers N`: several processes on one multi-queue TUN, end to end.
+
+The kernel hashes each flow to a queue, so a name resolved by one worker is
+often connected through another: these tests fail if the workers do not
+share the fake-IP table, if a worker is never used, or if a dead worker
+leaves tun2sx half-serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SERVER_ADDR, Testbed, require
+from tests.e2e.testbed import NAMES
+from tun2sx.lab import Lab
+
+WORKERS = 2
+STATS_PORT = 9190
+# More names than the testbed's own: each one resolved and connected once.
+EXTRA = tuple(f"w{i}.test" for i in range(32))
+
+
+@pytest.fixture
+def bed() -> Iterator[Testbed]:
+    require("danted", "curl", "dig")
+    with Lab("t2sx-workers") as lab, tempfile.TemporaryDirectory() as tmp:
+        testbed = Testbed(lab, Path(tmp))
+        hosts = "127.0.0.1 localhost\n" + "".join(
+            f"{SERVER_ADDR} {name}\n" for name in NAMES + EXTRA
+        )
+        testbed.server.write_etc("hosts", hosts)
+        testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+        testbed.start("--workers", str(WORKERS), "--stats-listen", f"127.0.0.1:{STATS_PORT}")
+        try:
+            yield testbed
+        finally:
+            if testbed.proc is not None:
+                testbed.stop()
+
+
+def _stats(bed: Testbed, worker: int) -> dict[str, int]:
+    out = bed.client_run(["curl", "-sf", f"http://127.0.0.1:{STATS_PORT + worker}/stats"]).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def _workers_of(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_names_resolved_by_one_worker_connect_through_any(bed: Testbed) -> None:
+    """Every name resolves and fetches: half the time the connection lands
+    on the other worker, which must find the name in the shared table."""
+    for name in EXTRA:
+        page = bed.client_run(
+            ["curl", "-sf", "--max-time", "10", f"http://{name}:8080/index.html"]
+        ).stdout
+        assert page == "<h1>tun2sx e2e</h1>\n", name
+    per_worker = [_stats(bed, i) for i in range(WORKERS)]
+    started = [s["tcp_flows_started"] for s in per_worker]
+    # 32 flows hashed over two queues: both workers carried some.
+    assert all(n > 0 for n in started), started
+    assert sum(started) >= len(EXTRA)
+    assert all(s.get("tcp_unknown_fake_ip", 0) == 0 for s in per_worker)
+
+
+def test_udp_and_dns_work_on_every_worker(bed: Testbed) -> None:
+    """DNS queries from many source ports spread over the workers; every
+    one is answered, and the same name gets the same fake IP from both."""
+    answers = set()
+    for _ in range(16):
+        out = bed.client_run(["dig", "+short", "+tries=1", "echo.test", "A"]).stdout.split()
+        assert len(out) == 1
+        answers.add(out[0])
+    assert len(answers) == 1, answers
+    result = bed.client_tool("udp", "echo.test", 7001, 20)
+    assert result["echoed"] == 20
+
+
+def test_a_dead_worker_stops_tun2sx_with_an_error(bed: Testbed) -> None:
+    assert bed.proc is not None
+    workers = _workers_of(bed.proc.pid)
+    assert len(workers) == WORKERS
+    os.kill(workers[0], signal.SIGKILL)
+    code = bed.proc.wait(20)
+    bed.proc = None
+    assert code != 0
+    log = bed.log()
+    assert "ended with status -9; stopping the others" in log
+    # The other worker went too, and with it the last queue: the device is gone.
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{workers[1]}").exists():
+        assert time.monotonic() < deadline, "the surviving worker did not stop"
+        time.sleep(0.05)
+    links = bed.client_run(["ip", "-o", "link", "show"]).stdout
+    assert "tun0" not in links
+
+
+def test_sigterm_stops_every_worker_cleanly(bed: Testbed) -> None:
+    assert bed.proc is not None
+    workers = _workers_of(bed.proc.pid)
+    assert bed.stop() == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()
+    assert bed.log().count("tun2sx: stopped") == WORKERS

@@ -1,0 +1,189 @@
+"""Worker processes: one per queue of a multi-queue TUN, to use more cores.
+
+Python runs one thread of bytecode at a time, so one tun2sx process tops
+out at one core. With `workers = N` the TUN is opened with N queues
+(IFF_MULTI_QUEUE) and N processes each serve one queue with their own
+stack, flows and trio run. The kernel picks the queue of every packet it
+sends into the TUN by a symmetric hash of the flow, so each TCP connection
+and each UDP 4-tuple lives in exactly one worker; nothing about a flow is
+shared. What is shared is the fake-IP table: a DNS answer handed out by one
+worker must map back to the name in whichever worker the connection lands,
+so every worker opens the SQLite table in shared mode (tun2sx.fakeip).
+
+The parent opens the queues, sets addresses and routes, forks the workers
+and then only supervises: it holds no queue itself (a queue nobody reads
+would swallow the flows hashed to it). SIGINT/SIGTERM are passed on; if a
+worker dies on its own, the others are stopped and tun2sx exits with an
+error, rather than serve on with part of its flows gone.
+
+What differs from one process: each worker has its own statistics (the
+stats endpoint of worker i listens on the configured port + i), and a UDP
+application endpoint talking to several destinations may be served by
+several workers, each with its own outbound session (full-cone mapping
+holds per worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import attrs
+
+from tun2sx.app import Settings, effective_fwmark, routes
+from tun2sx.stats import parse_loopback_endpoint
+from tun2sx.tun import TunDevice, open_tun_queues
+
+log = logging.getLogger("tun2sx")
+
+ServeOne = Callable[[Settings, TunDevice, bool], int]
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """What worker `index` runs with: no routes of its own (the parent set
+    them), the same outbound mark, its own stats port."""
+    stats_listen = settings.stats_listen
+    if stats_listen is not None:
+        host, port = parse_loopback_endpoint(stats_listen)
+        if port:  # port 0 lets every worker pick a free one
+            port += index
+        stats_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return attrs.evolve(
+        settings,
+        auto_route=False,
+        fwmark=effective_fwmark(settings),
+        stats_listen=stats_listen,
+        workers=1,
+    )
+
+
+def run_workers(settings: Settings, serve_one: ServeOne) -> int:
+    """Open the TUN with one queue per worker, fork the workers, supervise.
+
+    Args:
+        settings: checked settings with `tun` set and `workers` > 1.
+        serve_one: runs one worker to the end in the child process; gets
+            the worker's settings, its queue and whether the fake-IP table
+            is shared; returns the exit status.
+
+    Returns:
+        0 when every worker ended cleanly on a signal, else the first
+        failing worker's status (or 1 if one was killed).
+
+    Raises:
+        TunError: the queues cannot be opened.
+        AutoRouteError: the routes cannot be set.
+    """
+    assert settings.tun is not None
+    count = settings.workers
+    queues = open_tun_queues(
+        settings.tun,
+        count,
+        mtu=settings.mtu,
+        offload=settings.offload,
+        addresses=settings.tun_addresses,
+    )
+    name = queues[0].name
+    log.info("tun2sx: %s opened with %d queues, starting %d workers", name, count, count)
+    stopping = False
+    children: dict[int, int] = {}  # pid -> worker index
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _signal(pid, signal.SIGTERM)
+
+    try:
+        with routes(settings, name, effective_fwmark(settings)):
+            old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                parent = os.getpid()
+                for index in range(count):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    pid = os.fork()
+                    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+                        os._exit(_child(settings, index, queues, serve_one, parent))
+                    children[pid] = index
+                # The children hold the queues now.
+                for queue in queues:
+                    queue.close()
+                return _supervise(children, lambda: stopping, stop)
+            finally:
+                for s, handler in old.items():
+                    signal.signal(s, handler)
+    finally:
+        for queue in queues:
+            queue.close()
+
+
+def _child(
+    settings: Settings, index: int, queues: list[TunDevice], serve_one: ServeOne, parent: int
+) -> int:
+    """The worker process: keep its own queue, close the others, serve."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+    # A worker must not outlive the parent (killed with SIGKILL, say): it
+    # would keep its queue, and the device, alive with nobody supervising.
+    _die_with_parent()
+    if os.getppid() != parent:
+        return 1
+    for other, queue in enumerate(queues):
+        if other != index:
+            queue.close()
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+        )
+    try:
+        return serve_one(worker_settings(settings, index), queues[index], True)
+    except BaseException:
+        log.exception("worker %d failed", index)
+        return 1
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _supervise(
+    children: dict[int, int], stopping: Callable[[], bool], stop: Callable[[int, object], None]
+) -> int:
+    """Wait for every child; stop all when one ends on its own."""
+    status = 0
+    while children:
+        pid, wait_status = os.waitpid(-1, 0)
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping():
+            log.error(
+                "tun2sx: worker %d (pid %d) ended with status %d; stopping the others",
+                index,
+                pid,
+                code,
+            )
+            stop(signal.SIGTERM, None)
+            status = status or (code if code > 0 else 1)
+        elif code != 0 and code != -signal.SIGTERM:
+            status = status or (code if code > 0 else 1)
+    return status
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): the kernel signals us when the parent exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.kill(pid, signum)
