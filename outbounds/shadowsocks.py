@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from .base import Destination, OutboundError
-from .net import SocketOptions, error_from_oserror, open_tcp, open_udp_socket
+from .net import SocketOptions, TcpSocketStream, error_from_oserror, open_tcp, open_udp_socket
 from .net import resolve as _resolve
 from .ss_2022 import (
     MAX_INITIAL_PAYLOAD,
@@ -81,7 +81,7 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        sock: trio.SocketStream,
+        sock: TcpSocketStream,
         spec: CipherSpec,
         key: bytes,
         dest: Destination,
@@ -183,7 +183,7 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
 
     def close_now(self) -> None:
         self._plain.clear()
-        self.socket_stream.socket.close()
+        self.socket_stream.close_now()
 
 
 @attrs.define(slots=True)

@@ -31,6 +31,7 @@ from .base import Destination, FailureReply, IPAddress, OutboundError
 from .net import (
     PrefixedStream,
     SocketOptions,
+    TcpSocketStream,
     error_from_oserror,
     format_endpoint,
     open_tcp,
@@ -505,7 +506,7 @@ class Socks5Outbound:
 
     async def _handshake(
         self, command: Command, dest: Destination
-    ) -> tuple[trio.SocketStream, Socks5Reply, bytes]:
+    ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
         proxy = f"SOCKS5 proxy {self._server}"
         try:
@@ -535,7 +536,7 @@ class Socks5Outbound:
 
     @staticmethod
     async def _exchange(
-        stream: trio.SocketStream, conn: Socks5ClientConnection, proxy: str
+        stream: TcpSocketStream, conn: Socks5ClientConnection, proxy: str
     ) -> Socks5Reply | AuthFailed:
         # Every read brings at least one byte and the whole exchange is a few
         # hundred bytes, so this bound is never reached by an honest proxy.
@@ -621,7 +622,7 @@ class Socks5UdpSession:
 
     __slots__ = ("_closed", "_control", "_sock", "_stats")
 
-    def __init__(self, control: trio.SocketStream, sock: trio.socket.SocketType) -> None:
+    def __init__(self, control: TcpSocketStream, sock: trio.socket.SocketType) -> None:
         self._control = control
         self._sock = sock
         self._closed = False

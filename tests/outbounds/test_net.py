@@ -1,4 +1,4 @@
-"""The socket boundary: loop-avoidance options, error translation, PrefixedStream."""
+"""The socket boundary: loop-avoidance options, error translation, the streams."""
 
 from __future__ import annotations
 
@@ -8,13 +8,22 @@ import functools
 import ipaddress
 import os
 import socket
+import struct
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
 from outbounds.base import Destination, FailureReply, OutboundError, reply_for_oserror
-from outbounds.net import PrefixedStream, SocketOptions, open_tcp, open_udp_socket
+from outbounds.net import (
+    PrefixedStream,
+    SocketOptions,
+    TcpSocketStream,
+    close_now,
+    open_tcp,
+    open_udp_socket,
+)
 from tests.support import free_port, transfer_through
 
 LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
@@ -159,3 +168,189 @@ async def _socketpair_streams() -> tuple[PrefixedStream, PrefixedStream]:
 
 async def test_prefixed_stream_conformance() -> None:
     await trio.testing.check_half_closeable_stream(_socketpair_streams, None)
+
+
+async def _tcp_pair() -> tuple[TcpSocketStream, TcpSocketStream]:
+    """A stream from `open_tcp` and the accepted end, both `TcpSocketStream`s."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = await open_tcp(LOCALHOST, listener.getsockname()[1], SocketOptions())
+        # The handshake is complete, so the connection is already queued.
+        accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    return client, TcpSocketStream(accepted)
+
+
+async def _fill(stream: TcpSocketStream) -> None:
+    """Send until the socket buffers are full and `send_all` blocks."""
+
+    async def sender() -> None:
+        while True:
+            await stream.send_all(b"x" * 10000)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def _clogged_tcp_pair() -> tuple[TcpSocketStream, TcpSocketStream]:
+    left, right = await _tcp_pair()
+    await _fill(left)
+    await _fill(right)
+    return left, right
+
+
+async def test_tcp_stream_conformance() -> None:
+    await trio.testing.check_half_closeable_stream(_tcp_pair, _clogged_tcp_pair)
+
+
+async def test_tcp_stream_over_open_tcp_is_nodelay_and_closes_at_once() -> None:
+    client, server = await _tcp_pair()
+    assert client.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert close_now(client) and close_now(server)
+    assert client.socket.fileno() == server.socket.fileno() == -1
+    client.close_now()  # idempotent
+
+
+def _reset(stream: TcpSocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.close_now()
+
+
+async def test_reset_is_broken_with_the_oserror_as_cause() -> None:
+    """Callers map failures by the OSError behind the stream error (see socks5)."""
+    client, server = await _tcp_pair()
+    _reset(server)
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await client.receive_some()
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    assert info.value.__cause__.errno == errno.ECONNRESET
+    # The connection is gone: sending fails the same way.
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await client.send_all(b"late")
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno in (errno.EPIPE, errno.ECONNRESET)
+    await client.aclose()
+
+
+async def test_reset_while_waiting_is_broken() -> None:
+    client, server = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reset_when_blocked, server)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await client.receive_some()
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    await client.aclose()
+
+
+async def _reset_when_blocked(stream: TcpSocketStream) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    _reset(stream)
+
+
+async def test_concurrent_use_is_busy() -> None:
+    client, server = await _tcp_pair()
+    await _fill(client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.receive_some)
+        nursery.start_soon(client.send_all, b"more")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            await client.receive_some()
+        with pytest.raises(trio.BusyResourceError):
+            await client.send_all(b"x")
+        with pytest.raises(trio.BusyResourceError):
+            await client.send_eof()
+        with pytest.raises(trio.BusyResourceError):
+            await client.wait_send_all_might_not_block()
+        nursery.cancel_scope.cancel()
+    # Cancelled waits release the stream for the next user.
+    await server.send_all(b"y")
+    assert await client.receive_some() == b"y"
+    await client.aclose()
+    await server.aclose()
+
+
+@pytest.mark.parametrize("close", ["aclose", "close_now"])
+async def test_close_wakes_waiters_with_closed(close: str) -> None:
+    client, server = await _tcp_pair()
+    await _fill(client)
+    errors: list[BaseException] = []
+
+    async def use(op: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await op()
+        except trio.ClosedResourceError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(use, client.receive_some)
+        nursery.start_soon(use, functools.partial(client.send_all, b"z" * 100_000))
+        await trio.testing.wait_all_tasks_blocked()
+        if close == "aclose":
+            await client.aclose()
+        else:
+            client.close_now()
+    assert len(errors) == 2
+    for op in (client.receive_some, functools.partial(client.send_all, b"x"), client.send_eof):
+        with pytest.raises(trio.ClosedResourceError):
+            await op()
+    await server.aclose()
+
+
+async def test_send_eof_then_receive() -> None:
+    client, server = await _tcp_pair()
+    await client.send_all(b"request")
+    await client.send_eof()
+    await client.send_eof()  # idempotent
+    with pytest.raises(trio.ClosedResourceError, match="EOF"):
+        await client.send_all(b"more")
+    received = b""
+    while data := await server.receive_some():
+        received += data
+    assert received == b"request"
+    await server.send_all(b"reply")
+    await server.send_eof()
+    assert await client.receive_some() == b"reply"
+    assert await client.receive_some() == b""
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_operations_that_do_not_wait_still_checkpoint() -> None:
+    client, server = await _tcp_pair()
+    await server.send_all(b"ready")
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.testing.assert_checkpoints():
+        await client.send_all(b"fits in the buffer")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await client.receive_some()
+    # Cancelled before the read: nothing was consumed.
+    with trio.testing.assert_checkpoints():
+        assert await client.receive_some() == b"ready"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_large_send_completes_across_partial_sends() -> None:
+    client, server = await _tcp_pair()
+    payload = bytes(range(256)) * 16384  # 4 MiB: more than any socket buffer
+    received = bytearray()
+
+    async def drain() -> None:
+        while data := await server.receive_some():
+            received.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        # Views of wider items: progress is counted in bytes, not items.
+        await client.send_all(memoryview(b"head").cast("I"))
+        await client.send_all(memoryview(payload).cast("I"))
+        await client.send_eof()
+    assert received == b"head" + payload
+    await client.aclose()
+    await server.aclose()

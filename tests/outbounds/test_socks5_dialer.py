@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -103,6 +105,19 @@ async def test_proxy_closes_mid_handshake(nursery: trio.Nursery) -> None:
 
     proxy = await start_fake_proxy(nursery, script)
     with pytest.raises(OutboundError, match="closed the connection") as info:
+        await proxy.connect_tcp(TARGET)
+    assert info.value.reply is FailureReply.RESET
+
+
+async def test_proxy_reset_mid_handshake_names_the_os_error(nursery: trio.Nursery) -> None:
+    """The stream's BrokenResourceError keeps the OSError, whose text reaches the message."""
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError, match="dropped the connection: Connection reset") as info:
         await proxy.connect_tcp(TARGET)
     assert info.value.reply is FailureReply.RESET
 
