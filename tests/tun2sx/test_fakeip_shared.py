@@ -351,3 +351,22 @@ def test_processes_give_one_name_one_address(path: Path) -> None:
     answers = run_workers(_same_names, 3, str(path))
     assert answers[0] == answers[1] == answers[2]
     assert len(set(answers[0].values())) == 200
+
+
+def _open_new_files(
+    directory: str, worker: int, files: int, barrier: Barrier, results: Any
+) -> None:
+    try:
+        for i in range(files):
+            barrier.wait(timeout=60)  # every worker opens file i at the same moment
+            FakeIpStore(f"{directory}/new{i}.sqlite", shared=True).close()
+        results.put((worker, None, files))
+    except BaseException:
+        barrier.abort()
+        results.put((worker, traceback.format_exc(), 0))
+
+
+def test_workers_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Workers start together: switching a new file to WAL meets another
+    process doing the same, which SQLite answers with "locked" at once."""
+    assert run_workers(_open_new_files, 6, str(tmp_path), 25) == [25] * 6
