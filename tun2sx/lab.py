@@ -87,6 +87,18 @@ class Namespace:
             time.sleep(0.05)
         raise LabError(f"nothing listens on port {port} in {self.name} after {timeout} s")
 
+    def wait_established(self, port: int, *, timeout: float = 10) -> None:
+        """Poll until a TCP connection to local `port` is established here."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.run(
+                ["ss", "-Htn", "state", "established", f"sport = :{port}"], check=False
+            ).stdout
+            if out.strip():
+                return
+            time.sleep(0.05)
+        raise LabError(f"no connection to port {port} in {self.name} after {timeout} s")
+
     def wait_link(self, device: str, *, timeout: float = 10) -> None:
         """Poll until `device` exists here and is up, or raise LabError."""
         deadline = time.monotonic() + timeout

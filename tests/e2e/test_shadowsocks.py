@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import require
-from tests.e2e.testbed import SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tun2sx.lab import Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -26,17 +33,26 @@ METHOD = "chacha20-ietf-poly1305"
 PASSWORD = "e2e-pa:ss@word"
 
 
+def _start_ss_server(bed: Testbed) -> subprocess.Popen[bytes]:
+    proc = bed.server.spawn(
+        ["ss-server", "-s", SERVER_ADDR, "-p", str(SS_PORT), "-k", PASSWORD, "-m", METHOD, "-u"]
+    )
+    bed.server.wait_listening(SS_PORT)
+    bed.server.wait_listening(SS_PORT, udp=True)
+    return proc
+
+
+def _ss_url() -> str:
+    userinfo = base64.urlsafe_b64encode(f"{METHOD}:{PASSWORD}".encode()).decode().rstrip("=")
+    return f"ss://{userinfo}@{SERVER_ADDR}:{SS_PORT}"
+
+
 @pytest.fixture(scope="module")
 def shadowsocks(testbed: Testbed) -> Iterator[Testbed]:
     require("ss-server")
-    testbed.server.spawn(
-        ["ss-server", "-s", SERVER_ADDR, "-p", str(SS_PORT), "-k", PASSWORD, "-m", METHOD, "-u"]
-    )
-    testbed.server.wait_listening(SS_PORT)
-    testbed.server.wait_listening(SS_PORT, udp=True)
-    userinfo = base64.urlsafe_b64encode(f"{METHOD}:{PASSWORD}".encode()).decode().rstrip("=")
+    _start_ss_server(testbed)
     testbed.stop()
-    testbed.proxy_args = ["--proxy", f"ss://{userinfo}@{SERVER_ADDR}:{SS_PORT}"]
+    testbed.proxy_args = ["--proxy", _ss_url()]
     testbed.start()
     yield testbed
 
@@ -54,3 +70,47 @@ def test_udp_echo_by_name(shadowsocks: Testbed) -> None:
     assert ipaddress.ip_address(fake) in ipaddress.ip_network("198.18.0.0/15")
     # Replies come back from the fake IP the application sent to.
     assert shadowsocks.client_tool("udp", "echo.test", 7001, 20) == {"echoed": 20, "peer": fake}
+
+
+def test_shadowsocks_server_killed_mid_transfer_then_back() -> None:
+    """A crashed ss-server ends the flow in flight promptly (never a hang),
+    new flows fail fast while it is down, and work again once it is back,
+    without restarting tun2sx."""
+    require("ss-server")
+    with Lab("t2sx-sskill") as lab, tempfile.TemporaryDirectory() as tmp:
+        bed = Testbed(lab, Path(tmp))
+        server = _start_ss_server(bed)
+        bed.proxy_args = ["--proxy", _ss_url()]
+        bed.start()
+        download = bed.client.spawn(
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.client",
+                "download",
+                "big.test",
+                "7003",
+                str(1 << 30),
+            ],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=str(ROOT),
+        )
+        # Kill only once bytes flow: the server has set up the relay.
+        bed.server.wait_established(SS_PORT)
+        server.kill()
+        server.wait(10)
+        lab.processes = [(p, a) for p, a in lab.processes if p is not server]
+        out, _ = download.communicate(timeout=30)
+        lab.stop(download)
+        ended = json.loads(out.splitlines()[-1])
+        assert ended.get("error") in ("ECONNRESET", "EPIPE") or ended.get("equal") is False, ended
+        # While the server is down a new flow is refused at once.
+        assert bed.client_tool("connect", "echo.test", 7001) == {"error": "ECONNREFUSED"}
+        _start_ss_server(bed)
+        assert bed.client_tool("download", "big.test", 7003, 1 << 20) == {
+            "received": 1 << 20,
+            "equal": True,
+        }
+        assert bed.proc is not None and bed.proc.poll() is None
+        bed.stop()
