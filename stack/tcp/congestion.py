@@ -4,11 +4,16 @@ Two pieces live here. `Scoreboard` records which octets above SND.UNA the
 peer has SACKed (RFC 6675 section 3). `Congestion` holds cwnd, ssthresh and
 the recovery state: slow start and congestion avoidance with appropriate
 byte counting (RFC 5681, RFC 3465 with L = 2), fast retransmit on three
-duplicate ACKs or when the scoreboard says the first segment is lost, and
-loss recovery driven by "pipe" (RFC 6675) so holes reported by SACK are
-retransmitted in one round trip. Peers without SACK get NewReno (RFC 6582):
-each duplicate ACK counts as one segment that left the network, and every
-partial ACK retransmits the new first unacknowledged segment.
+duplicate ACKs or when the scoreboard (or RACK) says the first segment is
+lost, and loss recovery driven by "pipe" (RFC 6675) so holes reported by
+SACK are retransmitted in one round trip. With SACK, Proportional Rate
+Reduction (RFC 6937, PRR-SSRB) sets cwnd on every ACK in recovery: the
+flight shrinks to ssthresh in step with what is delivered instead of
+halving at once and then sending nothing for half a round trip, and
+recovery ends with cwnd = ssthresh. Peers without SACK get NewReno
+(RFC 6582): each duplicate ACK counts as one segment that left the
+network, and every partial ACK retransmits the new first unacknowledged
+segment.
 
 Positions are unwrapped ints of our send sequence space.
 """
@@ -38,6 +43,10 @@ class Scoreboard:
 
     def __bool__(self) -> bool:
         return bool(self._starts)
+
+    def high(self) -> int:
+        """Return the end of the highest SACKed range, or 0."""
+        return self._ends[-1] if self._ends else 0
 
     def ranges(self) -> list[tuple[int, int]]:
         """Return the SACKed ranges as (left, right) pairs, lowest first."""
@@ -138,6 +147,11 @@ class Congestion:
         dupacks: duplicate ACKs since the last advance of SND.UNA.
         dup_credit: for peers without SACK, octets presumed delivered
             because duplicate ACKs arrived (each stands for one segment).
+        rack_lost: un-SACKed octets below this position are lost by time
+            (RACK, RFC 8985); 0 when RACK is not in use.
+        prr_delivered: octets delivered since recovery began (RFC 6937).
+        prr_out: octets sent since recovery began.
+        recover_fs: the flight when recovery began.
     """
 
     __slots__ = (
@@ -148,7 +162,12 @@ class Congestion:
         "high_rxt",
         "in_recovery",
         "mss",
+        "prr",
+        "prr_delivered",
+        "prr_out",
+        "rack_lost",
         "recover",
+        "recover_fs",
         "rexmit_head",
         "ssthresh",
     )
@@ -164,7 +183,18 @@ class Congestion:
         self.rexmit_head = False
         self.dupacks = 0
         self.dup_credit = 0
+        self.rack_lost = 0
+        self.prr = False
+        self.prr_delivered = self.prr_out = self.recover_fs = 0
         self._acked_accum = 0
+
+    def lost_below(self, sb: Scoreboard, unit: int) -> int:
+        """Return the position below which un-SACKed octets are lost.
+
+        By count (RFC 6675 IsLost, in packets of `unit` octets) or by time
+        (RACK), whichever reaches further.
+        """
+        return max(sb.lost_below((DUP_THRESH - 1) * unit), self.rack_lost)
 
     def on_ack(self, acked: int, una: int, flight: int) -> None:
         """SND.UNA advanced by `acked` octets to `una`; `flight` is what is left."""
@@ -175,7 +205,10 @@ class Congestion:
                 self.in_recovery = False
                 self.rexmit_head = False
                 self.dup_credit = 0
-                self.cwnd = min(self.ssthresh, max(flight, self.mss) + self.mss)
+                if self.prr:
+                    self.cwnd = self.ssthresh  # RFC 6937 section 3
+                else:
+                    self.cwnd = min(self.ssthresh, max(flight, self.mss) + self.mss)
             else:
                 # Partial acknowledgement: the new first segment is lost
                 # too, unless this recovery already resent it.
@@ -209,12 +242,18 @@ class Congestion:
             return False
         if self.dupacks < DUP_THRESH and not head_lost:
             return False
-        self.enter_recovery(una, snd_max)
+        self.enter_recovery(una, snd_max, sack)
         return True
 
-    def enter_recovery(self, una: int, snd_max: int) -> None:
-        """Start fast retransmit / fast recovery (RFC 6675 section 5 step 4)."""
+    def enter_recovery(self, una: int, snd_max: int, sack: bool) -> None:
+        """Start fast retransmit / fast recovery (RFC 6675 section 5 step 4).
+
+        With `sack`, PRR then sets cwnd on every ACK (`prr_ack`).
+        """
         flight = snd_max - una
+        self.prr = sack
+        self.prr_delivered = self.prr_out = 0
+        self.recover_fs = flight
         self.ssthresh = max(flight // 2, 2 * self.mss)
         self.cwnd = self.ssthresh
         self.in_recovery = True
@@ -222,6 +261,25 @@ class Congestion:
         self.high_rxt = una
         self.rexmit_head = True
         self._acked_accum = 0
+
+    def prr_ack(self, delivered: int, pipe: int) -> None:
+        """Set cwnd for an ACK in SACK recovery (RFC 6937 section 3, PRR-SSRB).
+
+        Args:
+            delivered: octets this ACK newly delivered (SND.UNA advance
+                plus the change in SACKed octets).
+            pipe: the octets in flight after this ACK.
+        """
+        self.prr_delivered += delivered
+        ssthresh = self.ssthresh
+        if pipe > ssthresh:
+            # Proportional: send ssthresh/RecoverFS of what is delivered.
+            sndcnt = -(-self.prr_delivered * ssthresh // self.recover_fs) - self.prr_out
+        else:
+            # Slow start back up to ssthresh, bounded by what is delivered.
+            limit = max(self.prr_delivered - self.prr_out, delivered) + self.mss
+            sndcnt = min(ssthresh - pipe, limit)
+        self.cwnd = pipe + max(sndcnt, 0)
 
     def on_rto(self, una: int, snd_max: int, first: bool) -> None:
         """The retransmission timer expired (RFC 5681 section 3.1, eq. 4).
@@ -240,4 +298,5 @@ class Congestion:
         self.recover = snd_max
         self.dupacks = 0
         self.dup_credit = 0
+        self.rack_lost = 0
         self._acked_accum = 0

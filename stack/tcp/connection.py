@@ -10,9 +10,10 @@ here reads a clock, draws a random number or does I/O.
 Incoming segments are processed in the order of RFC 9293 section 3.10.7.4
 (PAWS first, RFC 7323), with RFC 5961 hardening against blind RST, SYN and
 ACK injection. The receive side lives in `rcv`, the send side in `snd`,
-congestion control in `congestion`, deadlines in `timers` and what their
-expiry does in `expiry`, segment and header building in `output`, and
-every state change goes through the table in `state`.
+congestion control in `congestion`, time-based loss detection in `rack`,
+deadlines in `timers` and what their expiry does in `expiry`, segment and
+header building in `output`, and every state change goes through the table
+in `state`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from stack.tcp.events import (
     _Sentinel,
 )
 from stack.tcp.options import negotiate
+from stack.tcp.rack import Rack
 from stack.tcp.rcv import Receiver
 from stack.tcp.snd import Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
@@ -55,6 +57,7 @@ class _Counters:
         self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
         self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
         self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
+        self.rack_losses = 0
 
     def snapshot(self) -> TcpStatistics:
         return TcpStatistics(*(getattr(self, name) for name in TcpStatistics._fields))
@@ -84,6 +87,7 @@ class TcpConnection:
         "_neg",
         "_probe_due",
         "_probes_unanswered",
+        "_rack",
         "_rcv",
         "_reset_delivered",
         "_reset_seen",
@@ -137,6 +141,7 @@ class TcpConnection:
         self._snd = Sender(config.snd_buf, syn.window)  # a SYN's window is never scaled
         self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments)
         self._sb = Scoreboard()
+        self._rack = Rack()
         self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
         self._timers = Timers()
         self._timers.handshake = now + config.syn_received_timeout
@@ -392,6 +397,8 @@ class TcpConnection:
         self._probes_unanswered = 0
         blocks = hdr.options.sack_blocks
         new_sacked = 0
+        una_before = snd.una
+        sacked_before = self._sb.sacked
         if blocks and neg.sack and snd.max > snd.una:
             base = snd.una
             wire_base = (self._iss + base) & MASK
@@ -401,7 +408,8 @@ class TcpConnection:
             ]
             new_sacked = self._sb.update(rel, ack, snd.max)
             self._check_lost_retransmit()
-        if ack > snd.una:
+        advanced = ack > snd.una
+        if advanced:
             self._on_new_ack(hdr, ack, now)
         elif snd.max > snd.una and (
             new_sacked or (not plen and not hdr.flags & FIN and not window_changed and not blocks)
@@ -410,6 +418,40 @@ class TcpConnection:
             lost = self._sb.lost_below((DUP_THRESH - 1) * neg.snd_mss) if neg.sack else 0
             if cc.on_dupack(neg.sack, lost > snd.una, snd.una, snd.max):
                 self._rtt_seq = None
+        if neg.sack and (advanced or new_sacked):
+            delivered = snd.una - una_before + self._sb.sacked - sacked_before
+            self._rack_detect(now, delivered)
+
+    def _rack_detect(self, now: float, delivered: int = 0) -> None:
+        """Run RACK loss detection (RFC 8985) and act on what it finds.
+
+        Called after an ACK that delivered something (`delivered` octets)
+        and when the reordering timer fires. Octets RACK marks lost are
+        resent by the SACK recovery machinery (entered here, once per
+        window, as on a fast retransmit); a lost retransmission is resent
+        again: the head at once, a hole by lowering HighRxt to it. In
+        recovery, PRR then sets cwnd from what was delivered.
+        """
+        snd, cc, rack = self._snd, self._cc, self._rack
+        before = max(cc.lost_below(self._sb, self._neg.snd_mss), snd.una)
+        lost_rtx, deadline = rack.detect(snd.una, self._sb, now, before)
+        self._timers.rack = deadline
+        cc.rack_lost = rack.lost_end
+        sb = self._sb
+        if rack.lost_end > before and rack.lost_end - before > sb.sacked_in(before, rack.lost_end):
+            self._n.rack_losses += 1  # RACK found a loss DupThresh had not
+        if lost_rtx and cc.in_recovery:
+            self._n.rack_losses += len(lost_rtx)
+            for start in lost_rtx:
+                if start <= snd.una:
+                    cc.rexmit_head = True
+                else:
+                    cc.high_rxt = min(cc.high_rxt, start)
+        if not cc.in_recovery and rack.lost_end > snd.una >= cc.recover:
+            cc.enter_recovery(snd.una, snd.max, True)
+            self._rtt_seq = None
+        if cc.in_recovery:
+            cc.prr_ack(delivered, snd.pipe(cc, self._sb, True, self._neg.snd_mss))
 
     def _check_lost_retransmit(self) -> None:
         """Resend the head again when its fast retransmission was lost.

@@ -77,6 +77,7 @@ class TcpStatistics(NamedTuple):
     window_probes: int
     challenge_acks: int
     tail_loss_probes: int
+    rack_losses: int
 
 
 class DemuxStatistics(NamedTuple):

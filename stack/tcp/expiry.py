@@ -4,10 +4,11 @@
 module owns the reaction to each one expiring: TIME-WAIT ends, the
 handshake or idle limit gives up with an RST, the RTO retransmits the
 SYN-ACK or goes back N with a backed-off timer, a tail loss probe is armed
-for the next output, a delayed ACK falls due, and zero-window and
-keep-alive probes are counted until the peer has had `max_retries` or
-`keepalive_probes` chances. It only sets flags and deadlines on the
-connection; `output` turns them into segments.
+for the next output, RACK's reordering timer reruns loss detection, a
+delayed ACK falls due, and zero-window and keep-alive probes are counted
+until the peer has had `max_retries` or `keepalive_probes` chances. It
+only sets flags and deadlines on the connection; `output` turns them into
+segments.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def handle_timeout(conn: TcpConnection, now: float) -> None:
         _on_rto(conn, now)
         if conn._state is _S.CLOSED:
             return
+    if t.rack is not None and now >= t.rack:
+        t.rack = None
+        conn._rack_detect(now)
     if t.tlp is not None and now >= t.tlp:
         # Armed only with data in flight, and cleared by every ACK that
         # moves SND.UNA, so there is always a flight to probe here.
@@ -95,7 +99,8 @@ def _on_rto(conn: TcpConnection, now: float) -> None:
     conn._n.rto_timeouts += 1
     conn._cc.on_rto(snd.una, snd.max, conn._rtt.backoff == 0)
     conn._rtt.backoff += 1
-    t.tlp = None
+    t.tlp = t.rack = None
+    conn._rack.timeout()
     conn._tlp_used = True
     snd.nxt = snd.una  # go back N, skipping what was SACKed
     conn._rtt_seq = None

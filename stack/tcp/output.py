@@ -6,7 +6,8 @@ SACK retransmissions and the FIN as `snd` and `congestion` allow, a tail
 loss probe (RFC 8985), a zero-window or keep-alive probe, and a pure ACK.
 Every header is built here, so the advertised window, the timestamp and
 SACK options and the end of a pending delayed ACK stay in one place. It
-also arms the timers that sending starts (RTO, loss probe, persist).
+also arms the timers that sending starts (RTO, loss probe, persist) and
+records send times for RACK.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def segments_to_send(conn: TcpConnection, now: float) -> list[tuple[TcpHeader, b
         payload = snd.payload(start, length) if length else b""
         out.append((_header(conn, start, flags, now, blocks), payload))
         snd.sent(seg, cc)
+        if neg.sack:
+            end = start + length + fin
+            if not resend:
+                conn._rack.sent(end, now)
+            elif kind != NEW:
+                conn._rack.resent(start, end, now)
         if resend:
             n.retransmits += 1
             conn._rtt_seq = None  # Karn: no sample from a retransmission
@@ -117,14 +124,19 @@ def _tail_loss_probe(
 
     When the flight's last ACKs were lost (or its tail was), nothing else
     would move before the RTO. The probe draws an ACK, or a SACK that
-    starts fast recovery, within a few RTTs. A FIN tail is left to the RTO.
+    starts fast recovery, within a few RTTs. A FIN at the tail goes with
+    it: the end of every transfer is a tail.
     """
     conn._tlp_due = False
     snd = conn._snd
-    if snd.max <= snd.una or (snd.fin_at is not None and snd.max > snd.fin_at):
+    if snd.max <= snd.una:
         return
-    start = max(snd.una, snd.max - conn._neg.snd_mss)
-    out.append((_header(conn, start, ACK | PSH, now, blocks), snd.payload(start, snd.max - start)))
+    fin_at = snd.fin_at
+    fin = fin_at is not None and snd.max > fin_at
+    end = snd.max - fin
+    start = max(snd.una, end - conn._neg.snd_mss)
+    flags = ACK | (PSH if end > start else 0) | (FIN if fin else 0)
+    out.append((_header(conn, start, flags, now, blocks), snd.payload(start, end - start)))
     conn._n.retransmits += 1
     conn._n.tail_loss_probes += 1
     conn._rtt_seq = None

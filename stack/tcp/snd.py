@@ -7,7 +7,8 @@ from its front, which CPython's bytearray does without moving the rest.
 
 `Sender.next_segment` is the one place that decides the next segment:
 retransmissions of loss recovery first (the head on fast retransmit and
-NewReno partial ACKs, then SACK holes per RFC 6675 NextSeg), then the
+NewReno partial ACKs, then SACK holes per RFC 6675 NextSeg, lost by count
+or by RACK's clock), then the
 regular stream at SND.NXT (new data, or go-back-N after a timeout, skipping
 what the peer SACKed), limited by the peer's window, by cwnd minus pipe,
 and by sender-side silly window avoidance (RFC 9293 section 3.8.6.2.1).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from stack.tcp.congestion import DUP_THRESH, Congestion, Scoreboard
+from stack.tcp.congestion import Congestion, Scoreboard
 
 # Kinds of segment `next_segment` returns.
 NEW = 0  # first transmission (or a retransmission after a timeout)
@@ -139,7 +140,7 @@ class Sender:
             if cc.in_recovery:
                 # Lost octets not yet resent have left the network.
                 pos = max(cc.high_rxt, una)
-                lost = sb.lost_below((DUP_THRESH - 1) * mss)
+                lost = cc.lost_below(sb, mss)
                 if lost > pos:
                     pipe -= (lost - pos) - sb.sacked_in(pos, lost)
         return max(0, pipe - cc.dup_credit)
@@ -171,7 +172,7 @@ class Sender:
             budget = cc.cwnd - self.pipe(cc, sb, sack, unit)
             if sack and budget > 0:
                 pos = max(cc.high_rxt, una)
-                lost = sb.lost_below((DUP_THRESH - 1) * unit)
+                lost = cc.lost_below(sb, unit)
                 hole = sb.next_hole(pos)
                 if hole is not None and hole[0] < lost:
                     # A hole larger than the budget goes out in whole wire
@@ -236,6 +237,8 @@ class Sender:
     def sent(self, seg: Segment, cc: Congestion) -> None:
         """Record that `seg` went out."""
         end = seg.start + seg.length + seg.fin
+        if cc.in_recovery:
+            cc.prr_out += end - seg.start
         if seg.kind == NEW:
             self.nxt = end
             if end > self.max:

@@ -77,6 +77,7 @@ class Timers:
         time_wait: TIME-WAIT ends.
         handshake: SYN-RECEIVED gives up.
         tlp: a tail loss probe is due (RFC 8985 section 7).
+        rack: RACK's reordering timer (RFC 8985 section 6.3).
     """
 
     __slots__ = (
@@ -85,6 +86,7 @@ class Timers:
         "idle",
         "keepalive",
         "persist",
+        "rack",
         "rto",
         "time_wait",
         "tlp",
@@ -99,6 +101,7 @@ class Timers:
         self.time_wait: float | None = None
         self.handshake: float | None = None
         self.tlp: float | None = None
+        self.rack: float | None = None
 
     def earliest(self) -> float | None:
         """Return the nearest armed deadline, or None."""
@@ -112,6 +115,7 @@ class Timers:
             self.time_wait,
             self.handshake,
             self.tlp,
+            self.rack,
         ):
             if deadline is not None and (best is None or deadline < best):
                 best = deadline
@@ -120,4 +124,4 @@ class Timers:
     def clear(self) -> None:
         """Disarm every timer."""
         self.rto = self.delack = self.persist = self.keepalive = None
-        self.idle = self.time_wait = self.handshake = self.tlp = None
+        self.idle = self.time_wait = self.handshake = self.tlp = self.rack = None

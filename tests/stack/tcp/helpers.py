@@ -309,12 +309,13 @@ def run_transfer(
     server_cfg: TcpConfig | None = None,
     client_cfg: TcpConfig | None = None,
     time_limit: float = 600.0,
+    delay: float = 0.005,
 ) -> tuple[Endpoint, Endpoint, float]:
     """Transfer `a_data` client->server and `b_data` server->client; return ends and end time."""
     server_cfg = server_cfg or TcpConfig()
     client_cfg = client_cfg or TcpConfig()
     server, client = open_pair(server_cfg, client_cfg)
-    link = LossyLink(random.Random(seed), loss=loss, dup=dup, reorder=reorder)
+    link = LossyLink(random.Random(seed), loss=loss, dup=dup, reorder=reorder, delay=delay)
     ends = [Endpoint(server, b_data), Endpoint(client, a_data)]
     now = 0.0
     while now < time_limit:

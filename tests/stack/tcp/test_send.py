@@ -259,3 +259,93 @@ def test_scoreboard_ignores_new_ranges_beyond_its_cap_but_still_grows_known_ones
     assert sb.update([(1, 8)], 1, 100_000) == 3
     assert sb.ranges() == [(1, 8), *blocks[1:]]
     assert sb.sacked == 4 * _MAX_BLOCKS + 3
+
+
+def _sack_of(first: int, last: int) -> tuple[tuple[int, int], ...]:
+    return ((s(ISS1 + first * PAYLOAD), s(ISS1 + last * PAYLOAD)),)
+
+
+def test_limited_transmit_sends_one_new_segment_per_early_duplicate_ack() -> None:
+    # RFC 3042 through RFC 6675 pipe: an octet SACKed above SND.UNA has left
+    # the network, so each of the first two duplicate ACKs frees room for one
+    # new segment while cwnd stays as it is; the third starts fast retransmit.
+    conn, app = established()
+    conn.send(bytes(20 * PAYLOAD))
+    first = app.absorb(conn.segments_to_send(0.02))
+    assert [x.seq for x in first] == [s(ISS1 + i * PAYLOAD) for i in range(10)]
+    sent = []
+    for n in (2, 3):
+        conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, n)), 0.03)
+        sent.append([(x.seq, len(x.payload)) for x in app.absorb(conn.segments_to_send(0.03))])
+    assert sent == [[(s(ISS1 + 10 * PAYLOAD), PAYLOAD)], [(s(ISS1 + 11 * PAYLOAD), PAYLOAD)]]
+    assert conn._cc.cwnd == 10 * PAYLOAD and not conn._cc.in_recovery
+    conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, 4)), 0.03)
+    out = app.absorb(conn.segments_to_send(0.03))
+    assert [(x.seq, len(x.payload)) for x in out] == [(ISS1, PAYLOAD)]
+    st = conn.statistics()
+    assert (st.fast_retransmits, st.sack_retransmits, st.rto_timeouts) == (1, 0, 0)
+
+
+def test_limited_transmit_without_sack_counts_duplicate_acks() -> None:
+    conn, app = established(sack=False)
+    conn.send(bytes(20 * PAYLOAD))
+    assert len(app.absorb(conn.segments_to_send(0.02))) == 10
+    sent = []
+    for _ in range(2):
+        conn.segment_received(*app.seg(ack=ISS1), 0.03)
+        sent.append([x.seq for x in app.absorb(conn.segments_to_send(0.03))])
+    assert sent == [[s(ISS1 + 10 * PAYLOAD)], [s(ISS1 + 11 * PAYLOAD)]]
+    assert conn._cc.cwnd == 10 * PAYLOAD and not conn._cc.in_recovery
+
+
+def test_limited_transmit_waits_for_the_peers_window_and_for_data() -> None:
+    conn, app = established()
+    conn.send(bytes(10 * PAYLOAD))
+    assert len(app.absorb(conn.segments_to_send(0.02))) == 10
+    # Nothing unsent: a duplicate ACK sends nothing.
+    conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, 2)), 0.03)
+    assert app.absorb(conn.segments_to_send(0.03)) == []
+    # New data, but the peer's window ends at what is in flight.
+    conn.send(bytes(PAYLOAD))
+    window = (10 * PAYLOAD) >> 7  # the app's window scale is 7
+    conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, 3), window=window), 0.03)
+    assert app.absorb(conn.segments_to_send(0.03)) == []
+
+
+def test_an_ack_older_than_the_largest_window_draws_a_challenge_ack() -> None:
+    # RFC 5961 section 5.2: below SND.UNA - MAX.SND.WND it cannot be real.
+    conn, app = established(wscale=None, window=1000)
+    for i in range(2):
+        conn.send(bytes(PAYLOAD))
+        app.absorb(conn.segments_to_send(0.02 + i / 100))
+        conn.segment_received(*app.seg(ack=s(ISS1 + (i + 1) * PAYLOAD)), 0.025 + i / 100)
+    conn.segment_received(*app.seg(ack=s(ISS1 - 1000)), 0.05)
+    [challenge] = app.absorb(conn.segments_to_send(0.05))
+    assert (challenge.seq, challenge.flags, challenge.payload) == (
+        s(ISS1 + 2 * PAYLOAD),
+        ACK,
+        b"",
+    )
+    assert conn.statistics().challenge_acks == 1
+
+
+def test_after_a_timeout_go_back_n_skips_every_sacked_range() -> None:
+    conn, app = established()
+    conn.send(bytes(10 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(2, 3)), 0.03)
+    conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(5, 6) + _sack_of(2, 3)), 0.03)
+    assert app.absorb(conn.segments_to_send(0.03)) == []
+    conn.handle_timeout(0.22)  # the RTO (and RACK's timer, which it cancels)
+
+    def resent(now: float) -> list[int]:
+        return [s(x.seq - ISS1) // PAYLOAD for x in app.absorb(conn.segments_to_send(now))]
+
+    assert resent(0.22) == [0]
+    conn.segment_received(
+        *app.seg(ack=s(ISS1 + PAYLOAD), sack=_sack_of(5, 6) + _sack_of(2, 3)), 0.23
+    )
+    assert resent(0.23) == [1, 3]
+    conn.segment_received(*app.seg(ack=s(ISS1 + 3 * PAYLOAD), sack=_sack_of(5, 6)), 0.24)
+    assert resent(0.24) == [4, 6, 7]
+    assert conn.statistics().rto_timeouts == 1
