@@ -72,6 +72,8 @@ def make_settings(tun_fd: int, config: Settings | Mapping[str, Any] | None = Non
             raise ConfigError(f"{key}: pass the device as tun_fd, not in the config")
         if key not in names:
             raise ConfigError(f"{key}: unknown setting")
+        if key == "workers" and value != 1:
+            raise ConfigError("workers: an embedded tun2sx is one process on one TUN fd")
         values[key] = _convert(key, value)
     return Settings(tun_fd=tun_fd, **values)
 

@@ -285,6 +285,12 @@ async def serve(
         ConfigError: a setting is wrong.
         TunError: the device cannot be opened, or went away while serving.
     """
+    if settings.workers != 1:
+        # Several processes are the command line's business (tun2sx.workers);
+        # an embedder runs one engine on one TUN.
+        raise ConfigError(
+            f"workers: {settings.workers} needs the tun2sx command; serve() runs one process"
+        )
     fwmark = effective_fwmark(settings)
     socket_options = SocketOptions(
         fwmark=fwmark,

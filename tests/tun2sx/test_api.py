@@ -264,6 +264,7 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"no_such": 1}, "no_such: unknown setting"),
         ({"fake_ip_range": "10.0.0.300/8"}, "fake_ip_range:"),
         ({"dns_upstream": "1.1.1.1"}, "dns_upstream:"),
+        ({"workers": 2}, "workers:"),
     ],
 )
 def test_make_settings_rejects(config: dict[str, object], message: str) -> None:
