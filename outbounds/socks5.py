@@ -545,7 +545,10 @@ class Socks5Outbound:
                 event = conn.next_event_untrusted()
                 out = conn.data_to_send()
                 if out:
-                    await stream.send_all(out)
+                    # The handshake's receives yield; its sends need not.
+                    sent = stream.send_nowait(out)
+                    if sent < len(out):
+                        await stream.send_all(out[sent:])
                 if not isinstance(event, _NeedData):
                     return event
                 data = await stream.receive_some(4096)

@@ -167,6 +167,32 @@ class TcpStream(trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Queue what fits in the send buffer now, without a checkpoint.
+
+        For the splice, whose receives already yield: returns the bytes
+        taken; the rest goes with `send_all`.
+        """
+        with self._sending:
+            self._check_open()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called")
+            self._check_alive()
+            sent = self._conn.send(data)
+            if sent:
+                self._flusher.flush()
+            return sent
+
+    def send_eof_nowait(self) -> None:
+        """`send_eof` without the checkpoint (see `send_nowait`)."""
+        with self._sending:
+            self._check_open()
+            if not self._eof_sent:
+                self._eof_sent = True
+                self._check_alive()
+                self._conn.close()
+                self._flusher.flush()
+
     def _check_alive(self) -> None:
         if self._reset or self._conn.state in _DEAD_STATES:
             self._reset = True

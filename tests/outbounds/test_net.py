@@ -354,3 +354,48 @@ async def test_large_send_completes_across_partial_sends() -> None:
     assert received == b"head" + payload
     await client.aclose()
     await server.aclose()
+
+
+async def test_send_nowait_takes_what_fits_and_never_yields() -> None:
+    client, server = await _tcp_pair()
+    with trio.testing.assert_no_checkpoints():
+        assert client.send_nowait(b"hello") == 5
+        client.send_eof_nowait()
+        client.send_eof_nowait()  # idempotent, like send_eof
+    assert await _receive_until_eof(server) == b"hello"
+    with pytest.raises(trio.ClosedResourceError):
+        client.send_nowait(b"after eof")
+    # A full socket takes nothing (the caller falls back to send_all).
+    await _fill(server)
+    taken = 0
+    while (n := server.send_nowait(b"y" * 65536)) > 0:
+        taken += n
+    assert server.send_nowait(b"y") == 0
+    await client.aclose()
+    await server.aclose()
+
+
+async def _receive_until_eof(stream: TcpSocketStream) -> bytes:
+    got = b""
+    while chunk := await stream.receive_some():
+        got += chunk
+    return got
+
+
+async def test_send_nowait_is_busy_during_send_all_and_broken_after_reset() -> None:
+    client, server = await _tcp_pair()
+    await _fill(client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"more")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            client.send_nowait(b"x")
+        with pytest.raises(trio.BusyResourceError):
+            client.send_eof_nowait()
+        nursery.cancel_scope.cancel()
+    _reset(server)
+    # On loopback the RST has arrived by the time close() returns.
+    with pytest.raises(trio.BrokenResourceError) as info:
+        client.send_nowait(b"z")
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    await client.aclose()

@@ -81,3 +81,29 @@ async def test_reversed_pair_conformance(stream_maker: StreamMaker) -> None:
         return ours, kernel
 
     await trio.testing.check_half_closeable_stream(reversed_maker, None)
+
+
+async def _receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    got = b""
+    while chunk := await stream.receive_some():
+        got += chunk
+    return got
+
+
+async def test_send_nowait_queues_without_yielding(stream_maker: StreamMaker) -> None:
+    """The splice's checkpoint-free sends: what the send buffer takes goes
+    out in order, EOF follows, and misuse fails as send_all's would."""
+    kernel, ours = await stream_maker()
+    payload = bytes(range(256)) * 64
+    with trio.testing.assert_no_checkpoints():
+        assert ours.send_nowait(payload[:1000]) == 1000
+        assert ours.send_nowait(memoryview(payload)[1000:]) == len(payload) - 1000
+        ours.send_eof_nowait()
+        ours.send_eof_nowait()  # idempotent
+    assert await _receive_until_eof(kernel) == payload
+    with pytest.raises(trio.ClosedResourceError):
+        ours.send_nowait(b"after eof")
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        ours.send_eof_nowait()
+    await kernel.aclose()
