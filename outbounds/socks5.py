@@ -516,7 +516,7 @@ class Socks5Outbound:
         ok = False
         try:
             conn = Socks5ClientConnection(command, dest, self._username, self._password)
-            with trio.move_on_after(self.handshake_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout):
                 reply = await self._exchange(stream, conn, proxy)
                 if isinstance(reply, AuthFailed):
                     raise OutboundError(FailureReply.RESET, f"{proxy}: {reply.reason}")

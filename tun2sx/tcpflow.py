@@ -102,15 +102,18 @@ class TcpFlows:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
+        upstream = None
         try:
-            with trio.fail_after(engine.config.connect_timeout):
+            # A bare cancel scope rather than trio.fail_after (a generator
+            # context manager): this runs once per connection.
+            with trio.CancelScope(deadline=trio.current_time() + engine.config.connect_timeout):
                 upstream = await outbound.connect_tcp(dest)
         except OutboundError as exc:
             log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
             engine.counters["tcp_outbound_failed"] += 1
             self._fail(request, exc.reply)
             return
-        except trio.TooSlowError:
+        if upstream is None:
             log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
             engine.counters["tcp_outbound_failed"] += 1
             self._fail(request, FailureReply.HOST_UNREACHABLE)

@@ -32,10 +32,11 @@ from stack.tcp import (
     TcpConfig,
     TcpConnection,
 )
+from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
 from tun2sx import app
-from tun2sx.engine import Engine
+from tun2sx.engine import Engine, EngineConfig
 from tun2sx.router import Router
 from tun2sx.stats import respond
 from tun2sx.tun import TunDevice, TunError
@@ -220,3 +221,45 @@ async def test_a_deleted_device_ends_serve_with_one_tun_error(
     ):
         await app.serve(settings, device=device, handle_signals=False)
     assert device.statistics_rx_errors == 0
+
+
+class SilentOutbound:
+    """A proxy that accepts and then never answers: the connect hangs."""
+
+    name = "silent"
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def test_an_outbound_that_never_answers_ends_in_host_unreachable(
+    autojump_clock: trio.testing.MockClock, pair: tuple[int, trio.socket.SocketType]
+) -> None:
+    """The held SYN is answered at connect_timeout with ICMP host
+    unreachable quoting it, so the application's connect() fails then."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    config = EngineConfig(connect_timeout=3.0)
+    async with trio.open_nursery() as nursery:
+        stack = NetStack(NetStackConfig(tcp=CONFIG))
+        engine = Engine(device, stack, Router(SilentOutbound()), config=config)
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        start = trio.current_time()
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        with trio.fail_after(60):  # a hang fails the test instead of hanging it
+            packet = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
+        waited = trio.current_time() - start
+        stats = engine.statistics()
+        nursery.cancel_scope.cancel()
+    device.close()
+    assert isinstance(packet.l4, IcmpHeader), packet
+    assert (packet.l4.type, packet.l4.code) == (3, 1)  # host unreachable
+    assert (packet.src, packet.dst) == (REMOTE, APP)
+    assert waited == pytest.approx(3.0, abs=0.1)
+    assert stats["tcp_outbound_failed"] == 1
