@@ -34,7 +34,7 @@ from tests.e2e.testbed import (
     run_client_tool,
     start_far_side,
 )
-from tun2sx.lab import Lab, Namespace
+from tun2sx.lab import Lab, LabError, Namespace
 
 APP_ADDR = "10.201.0.1"
 IPERF_PORT = 5201
@@ -148,5 +148,8 @@ class LossyBed:
         argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
         if reverse:
             argv.append("-R")
-        out = self.app.run(argv, timeout=seconds + 60).stdout
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+        result = json.loads(self.app.run(argv, timeout=seconds + 60, check=False).stdout)
+        if "error" in result:
+            # iperf3 reports a failed run (its control connection, say) in the JSON.
+            raise LabError(f"iperf3 to {host} failed: {result['error']}")
+        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
