@@ -35,13 +35,14 @@ from collections.abc import Callable
 
 import attrs
 
-from tun2sx.app import Settings, effective_fwmark, routes
+from tun2sx.app import DEFAULT_MTU, Settings, effective_fwmark, routes
 from tun2sx.stats import parse_loopback_endpoint
 from tun2sx.tun import TunDevice, open_tun_queues
 
 log = logging.getLogger("tun2sx")
 
 ServeOne = Callable[[Settings, TunDevice, bool], int]
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
@@ -84,7 +85,7 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
     queues = open_tun_queues(
         settings.tun,
         count,
-        mtu=settings.mtu,
+        mtu=settings.mtu or DEFAULT_MTU,
         offload=settings.offload,
         addresses=settings.tun_addresses,
     )
@@ -101,16 +102,29 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
 
     try:
         with routes(settings, name, effective_fwmark(settings)):
-            old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            old = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
             try:
                 parent = os.getpid()
                 for index in range(count):
+                    if stopping:  # a signal came while starting: start no more
+                        break
                     sys.stdout.flush()
                     sys.stderr.flush()
-                    pid = os.fork()
-                    if pid == 0:  # pragma: no cover - the child's coverage is not collected
-                        os._exit(_child(settings, index, queues, serve_one, parent))
-                    children[pid] = index
+                    # Signals wait until the child has its own handlers:
+                    # the parent's would have it signal its siblings.
+                    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                    try:
+                        pid = os.fork()
+                        if pid == 0:  # pragma: no cover - the child's coverage is not collected
+                            os._exit(_child(settings, index, queues, serve_one, parent))
+                        children[pid] = index
+                    except OSError:
+                        stop(signal.SIGTERM, None)  # no half-started set
+                        _supervise(children, lambda: True, stop)
+                        raise
+                    finally:
+                        if os.getpid() == parent:
+                            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 # The children hold the queues now.
                 for queue in queues:
                     queue.close()
@@ -127,8 +141,9 @@ def _child(
     settings: Settings, index: int, queues: list[TunDevice], serve_one: ServeOne, parent: int
 ) -> int:
     """The worker process: keep its own queue, close the others, serve."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in _STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # A worker must not outlive the parent (killed with SIGKILL, say): it
     # would keep its queue, and the device, alive with nobody supervising.
     _die_with_parent()

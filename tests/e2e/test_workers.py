@@ -71,6 +71,12 @@ def test_names_resolved_by_one_worker_connect_through_any(bed: Testbed) -> None:
     assert all(s.get("tcp_unknown_fake_ip", 0) == 0 for s in per_worker)
 
 
+def test_the_device_is_multi_queue_with_the_usual_default_mtu(bed: Testbed) -> None:
+    link = bed.client_run(["ip", "-d", "link", "show", "tun0"]).stdout
+    assert "multi_queue" in link, link
+    assert " mtu 9000 " in link, link  # as with one process (--mtu not given)
+
+
 def test_udp_and_dns_work_on_every_worker(bed: Testbed) -> None:
     """DNS queries from many source ports spread over the workers; every
     one is answered, and the same name gets the same fake IP from both."""
