@@ -433,11 +433,13 @@ class FakeIpStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            db.execute("COMMIT")
         except BaseException:
+            # A failed COMMIT too: left open, the transaction would keep the
+            # write lock and stall every other worker.
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @staticmethod
     def _address(pool: _Pool, packed: bytes) -> IPAddress:
@@ -451,7 +453,10 @@ class FakeIpStore:
         if row is None:
             return None
         name: str = row[0]
-        self._touch_shared(packed, name, row[1])
+        # Recency only steers recycling: a write that found the file locked
+        # too long must not fail a lookup that has its answer.
+        with contextlib.suppress(sqlite3.OperationalError):
+            self._touch_shared(packed, name, row[1])
         return name
 
     def _touch_shared(self, packed: bytes, name: str, used: int) -> bool:

@@ -37,7 +37,7 @@ import attrs
 
 from tun2sx.app import DEFAULT_MTU, Settings, effective_fwmark, routes
 from tun2sx.stats import parse_loopback_endpoint
-from tun2sx.tun import TunDevice, open_tun_queues
+from tun2sx.tun import TunDevice, TunError, open_tun_queues
 
 log = logging.getLogger("tun2sx")
 
@@ -105,26 +105,37 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
             old = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
             try:
                 parent = os.getpid()
+                fork_error: OSError | None = None
                 for index in range(count):
-                    if stopping:  # a signal came while starting: start no more
-                        break
                     sys.stdout.flush()
                     sys.stderr.flush()
                     # Signals wait until the child has its own handlers:
                     # the parent's would have it signal its siblings.
                     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
                     try:
+                        # Checked with signals blocked: a stop that came
+                        # before this point has run its handler by now.
+                        if stopping:
+                            break
                         pid = os.fork()
                         if pid == 0:  # pragma: no cover - the child's coverage is not collected
-                            os._exit(_child(settings, index, queues, serve_one, parent))
+                            code = 1
+                            try:
+                                code = _child(settings, index, queues, serve_one, parent)
+                            finally:
+                                # Never return into the parent's code (its
+                                # cleanup would remove the routes).
+                                os._exit(code)
                         children[pid] = index
-                    except OSError:
-                        stop(signal.SIGTERM, None)  # no half-started set
-                        _supervise(children, lambda: True, stop)
-                        raise
+                    except OSError as exc:
+                        fork_error = exc
+                        break
                     finally:
-                        if os.getpid() == parent:
-                            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                if fork_error is not None:
+                    stop(signal.SIGTERM, None)  # no half-started set
+                    _supervise(children, lambda: True, stop)
+                    raise TunError(f"cannot start worker {len(children)}: {fork_error}")
                 # The children hold the queues now.
                 for queue in queues:
                     queue.close()
@@ -187,7 +198,9 @@ def _supervise(
             )
             stop(signal.SIGTERM, None)
             status = status or (code if code > 0 else 1)
-        elif code != 0 and code != -signal.SIGTERM:
+        elif code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            # A worker may end on the terminal's SIGINT (Ctrl-C reaches the
+            # whole process group) before its own handlers are in place.
             status = status or (code if code > 0 else 1)
     return status
 

@@ -116,3 +116,15 @@ def test_sigterm_stops_every_worker_cleanly(bed: Testbed) -> None:
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists()
     assert bed.log().count("tun2sx: stopped") == WORKERS
+
+
+def test_ctrl_c_to_the_process_group_stops_cleanly(bed: Testbed) -> None:
+    """The terminal's SIGINT reaches the parent and every worker at once."""
+    assert bed.proc is not None
+    workers = _workers_of(bed.proc.pid)
+    os.killpg(bed.proc.pid, signal.SIGINT)
+    assert bed.proc.wait(20) == 0
+    bed.stop()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists()
+    assert "stopping the others" not in bed.log()

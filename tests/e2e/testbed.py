@@ -110,6 +110,9 @@ class Tun2sxProcess:
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             pass_fds=tuple(pass_fds),
+            # Its own process group, as under a shell: a test can send it
+            # (and its workers) the terminal's Ctrl-C with killpg.
+            start_new_session=True,
         )
         self.ns.wait_link("tun0")
         self._wait_serving(offset)
