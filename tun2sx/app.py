@@ -14,7 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import attrs
 import trio
@@ -285,6 +285,24 @@ async def serve(
         ConfigError: a setting is wrong.
         TunError: the device cannot be opened, or went away while serving.
     """
+    if not handle_signals:
+        await _serve(settings, device, protect, shared_fake_ip, None, task_status)
+        return
+    # Open for the whole run, shutdown included: a second SIGINT/SIGTERM
+    # (Ctrl-C reaches every worker, and the parent relays SIGTERM too) is
+    # then absorbed instead of killing the process halfway through closing.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _serve(settings, device, protect, shared_fake_ip, signals, task_status)
+
+
+async def _serve(
+    settings: Settings,
+    device: TunDevice | None,
+    protect: Callable[[int], bool] | None,
+    shared_fake_ip: bool,
+    signals: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[Engine],
+) -> None:
     if settings.workers != 1:
         # Several processes are the command line's business (tun2sx.workers);
         # an embedder runs one engine on one TUN.
@@ -353,8 +371,8 @@ async def serve(
                             await nursery.start(serve_stats, engine, listeners)
                         if settings.stats_interval > 0:
                             nursery.start_soon(log_summaries, engine, settings.stats_interval)
-                        if handle_signals:
-                            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                        if signals is not None:
+                            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
                         task_status.started(engine)
                 except BaseExceptionGroup as group:
                     # The device going away ends the engine with a TunError
@@ -385,9 +403,8 @@ def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None
     return leaf
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
+        scope.cancel()
+        return
