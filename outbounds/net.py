@@ -387,6 +387,10 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
         """`send_eof` without the checkpoint (see `send_nowait`)."""
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending on this stream")
+        self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        # Idempotent, as the contract asks (a second shutdown may fail).
         if self._eof_sent:
             return
         try:
@@ -415,14 +419,7 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
         self._sending = True
         try:
             await trio.lowlevel.checkpoint()
-            # Idempotent, as the contract asks (a second shutdown may fail).
-            if self._eof_sent:
-                return
-            try:
-                self.socket.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                raise _stream_error(exc) from _cause(exc)
-            self._eof_sent = True
+            self._shutdown_write()
         finally:
             self._sending = False
 

@@ -79,25 +79,24 @@ class Namespace:
     def wait_listening(self, port: int, *, udp: bool = False, timeout: float = 10) -> None:
         """Poll until something listens on `port` here, or raise LabError."""
         flag = "-Hlun" if udp else "-Hltn"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.run(["ss", flag, f"sport = :{port}"], check=False).stdout
-            if out.strip():
-                return
-            time.sleep(0.05)
-        raise LabError(f"nothing listens on port {port} in {self.name} after {timeout} s")
+        self._wait_sockets([flag, f"sport = :{port}"], f"nothing listens on port {port}", timeout)
 
     def wait_established(self, port: int, *, timeout: float = 10) -> None:
         """Poll until a TCP connection to local `port` is established here."""
+        self._wait_sockets(
+            ["-Htn", "state", "established", f"sport = :{port}"],
+            f"no connection to port {port}",
+            timeout,
+        )
+
+    def _wait_sockets(self, ss_args: list[str], failure: str, timeout: float) -> None:
+        """Poll `ss ss_args` here until it lists a socket, or raise LabError."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.run(
-                ["ss", "-Htn", "state", "established", f"sport = :{port}"], check=False
-            ).stdout
-            if out.strip():
+            if self.run(["ss", *ss_args], check=False).stdout.strip():
                 return
             time.sleep(0.05)
-        raise LabError(f"no connection to port {port} in {self.name} after {timeout} s")
+        raise LabError(f"{failure} in {self.name} after {timeout} s")
 
     def wait_link(self, device: str, *, timeout: float = 10) -> None:
         """Poll until `device` exists here and is up, or raise LabError."""

@@ -156,11 +156,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
             parked = False
             while view:
                 self._check_open()
-                self._check_alive()
-                sent = self._conn.send(view)
+                sent = self._queue(view)
                 if sent:
                     view = view[sent:]
-                    self._flusher.flush()
                 else:
                     await self._lot.park()
                     parked = True
@@ -177,21 +175,29 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called")
-            self._check_alive()
-            sent = self._conn.send(data)
-            if sent:
-                self._flusher.flush()
-            return sent
+            return self._queue(data)
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""
         with self._sending:
             self._check_open()
-            if not self._eof_sent:
-                self._eof_sent = True
-                self._check_alive()
-                self._conn.close()
-                self._flusher.flush()
+            self._queue_eof()
+
+    def _queue(self, data: bytes | memoryview) -> int:
+        """Put what fits of `data` into the connection; let it go out."""
+        self._check_alive()
+        sent = self._conn.send(data)
+        if sent:
+            self._flusher.flush()
+        return sent
+
+    def _queue_eof(self) -> None:
+        """Close our direction (FIN after the queued data), once."""
+        if not self._eof_sent:
+            self._eof_sent = True
+            self._check_alive()
+            self._conn.close()
+            self._flusher.flush()
 
     def _check_alive(self) -> None:
         if self._reset or self._conn.state in _DEAD_STATES:
@@ -212,11 +218,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._check_open()
         with self._sending:
             await trio.lowlevel.checkpoint_if_cancelled()
-            if not self._eof_sent:
-                self._eof_sent = True
-                self._check_alive()
-                self._conn.close()
-                self._flusher.flush()
+            self._queue_eof()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     def abort(self) -> None:
