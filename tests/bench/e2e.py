@@ -33,24 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, iperf_gbps, rss_kib
 from tun2sx.lab import Lab, missing_capabilities
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def _iperf(bed: Testbed, host: str, seconds: float, reverse: bool) -> float:
-    argv = ["iperf3", "-c", host, "-p", "5201", "-t", str(seconds), "-J", "-O", "1"]
-    if reverse:
-        argv.append("-R")
-    out = bed.client.run(argv, timeout=seconds + 60).stdout
-    result = json.loads(out)
-    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+    return iperf_gbps(bed.client, host, 5201, seconds, reverse=reverse, omit=1)
 
 
 NGINX_PORT = 8090
@@ -110,7 +98,7 @@ def _hold(bed: Testbed, host: str, count: int, pid: int) -> tuple[int, int]:
     assert proc.stdout is not None and proc.stdin is not None
     line = proc.stdout.readline()
     status = json.loads(line)
-    rss = _rss_kib(pid)
+    rss = rss_kib(pid)
     proc.stdin.close()
     proc.wait(60)
     bed.lab.stop(proc)  # unregister it: a finished helper is not a failure
@@ -129,7 +117,7 @@ def run(seconds: float, connections: int, offload: bool, workers: int = 2) -> st
         bed.start(*([] if offload else ["--no-offload"]))
         assert bed.proc is not None
         pid = bed.proc.pid
-        idle_rss = _rss_kib(pid)
+        idle_rss = rss_kib(pid)
         name = "big.test"
         for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
             ours = _iperf(bed, name, seconds, reverse)

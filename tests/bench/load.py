@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, rss_kib
 from tun2sx.lab import Lab, missing_capabilities
 
 STATS_ADDR = "127.0.0.1:9077"
@@ -64,13 +64,6 @@ def start_bed(lab: Lab, tmp: Path) -> Testbed:
     bed.client.run(["sysctl", "-w", "net.ipv4.ip_local_port_range=10000 65000"])
     bed.start("--stats-listen", STATS_ADDR, "--stats-interval", "0")
     return bed
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def tun2sx_stats(bed: Testbed) -> dict[str, int]:

@@ -31,10 +31,11 @@ from tests.e2e.testbed import (
     FAR_SIDE_PORTS,
     SERVER_ADDR,
     Tun2sxProcess,
+    iperf_gbps,
     run_client_tool,
     start_far_side,
 )
-from tun2sx.lab import Lab, LabError, Namespace
+from tun2sx.lab import Lab, Namespace
 
 APP_ADDR = "10.201.0.1"
 IPERF_PORT = 5201
@@ -145,11 +146,4 @@ class LossyBed:
 
     def iperf(self, host: str, seconds: float, *, reverse: bool) -> float:
         """Single-stream iperf3 from the app namespace; received Gbit/s."""
-        argv = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
-        if reverse:
-            argv.append("-R")
-        result = json.loads(self.app.run(argv, timeout=seconds + 60, check=False).stdout)
-        if "error" in result:
-            # iperf3 reports a failed run (its control connection, say) in the JSON.
-            raise LabError(f"iperf3 to {host} failed: {result['error']}")
-        return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+        return iperf_gbps(self.app, host, IPERF_PORT, seconds, reverse=reverse)

@@ -10,21 +10,12 @@ proxy used.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.testbed import SERVER_ADDR, Testbed
+from tests.e2e.testbed import Testbed
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def dante(testbed: Testbed) -> Iterator[Testbed]:
-    testbed.stop()
-    testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-    testbed.start()
-    yield testbed
 
 
 def test_udp_echo_by_name_through_udp_associate(dante: Testbed) -> None:

@@ -31,22 +31,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, WHOAMI_PORT, Testbed
+from tests.e2e.testbed import ROOT, WHOAMI_NAMES, WHOAMI_PORT, Testbed, rss_kib
 
 pytestmark = pytest.mark.e2e
 
 FLOW_ENDS = ("eof", "ECONNRESET", "EPIPE")
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _fault_client(bed: Testbed, *args: object) -> subprocess.Popen[bytes]:
@@ -83,22 +75,12 @@ def _resolve(bed: Testbed, name: str) -> str:
     return fake
 
 
-@pytest.fixture(scope="module")
-def dante(testbed: Testbed) -> Iterator[Testbed]:
-    # Dante, not microsocks: a relay with blocking writes (microsocks)
-    # deadlocks on a full-duplex echo stream, which is not what is tested.
-    testbed.stop()
-    testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-    testbed.start()
-    yield testbed
-
-
 def test_syn_flood_from_spoofed_sources_leaves_room_for_real_flows(dante: Testbed) -> None:
     testbed = dante
     assert testbed.proc is not None
     pid = testbed.proc.pid
     fake = _resolve(testbed, "echo.test")
-    rss_before = _rss_kib(pid)
+    rss_before = rss_kib(pid)
     flood = _fault_client(testbed, "synflood", fake, 7001, 20_000)
     try:
         # While the flood runs (and after), a real client is served.
@@ -115,7 +97,7 @@ def test_syn_flood_from_spoofed_sources_leaves_room_for_real_flows(dante: Testbe
     assert again == {"received": 1_000_000, "equal": True}
     # 20,000 half-open attempts must not cost 20,000 flows' worth of memory:
     # the half-open cap bounds them (a flow with buffers is ~20 KiB or more).
-    assert _rss_kib(pid) - rss_before < 64 * 1024
+    assert rss_kib(pid) - rss_before < 64 * 1024
     assert testbed.proc.poll() is None
 
 

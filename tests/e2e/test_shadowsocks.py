@@ -16,14 +16,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import require
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, running_bed
 from tun2sx.lab import Lab
 
 pytestmark = pytest.mark.e2e
@@ -77,11 +76,16 @@ def test_shadowsocks_server_killed_mid_transfer_then_back() -> None:
     new flows fail fast while it is down, and work again once it is back,
     without restarting tun2sx."""
     require("ss-server")
-    with Lab("t2sx-sskill") as lab, tempfile.TemporaryDirectory() as tmp:
-        bed = Testbed(lab, Path(tmp))
-        server = _start_ss_server(bed)
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def make(lab: Lab, tmp: Path) -> Testbed:
+        bed = Testbed(lab, tmp)
+        servers.append(_start_ss_server(bed))
         bed.proxy_args = ["--proxy", _ss_url()]
-        bed.start()
+        return bed
+
+    with running_bed("t2sx-sskill", make) as bed:
+        [server] = servers
         download = bed.client.spawn(
             [
                 sys.executable,
@@ -100,9 +104,9 @@ def test_shadowsocks_server_killed_mid_transfer_then_back() -> None:
         bed.server.wait_established(SS_PORT)
         server.kill()
         server.wait(10)
-        lab.processes = [(p, a) for p, a in lab.processes if p is not server]
+        bed.lab.processes = [(p, a) for p, a in bed.lab.processes if p is not server]
         out, _ = download.communicate(timeout=30)
-        lab.stop(download)
+        bed.lab.stop(download)
         ended = json.loads(out.splitlines()[-1])
         assert ended.get("error") in ("ECONNRESET", "EPIPE") or ended.get("equal") is False, ended
         # While the server is down a new flow is refused at once.
@@ -113,4 +117,3 @@ def test_shadowsocks_server_killed_mid_transfer_then_back() -> None:
             "equal": True,
         }
         assert bed.proc is not None and bed.proc.poll() is None
-        bed.stop()

@@ -150,6 +150,36 @@ class Bed(Protocol):
 BedT = TypeVar("BedT", bound=Bed)
 
 
+def iperf_gbps(
+    ns: Namespace, host: str, port: int, seconds: float, *, reverse: bool, omit: int = 0
+) -> float:
+    """One single-stream iperf3 run from `ns`; the received Gbit/s.
+
+    Args:
+        omit: seconds at the start left out of the result (slow start).
+
+    Raises:
+        LabError: iperf3 reported a failed run (its control connection, say).
+    """
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"]
+    if omit:
+        argv += ["-O", str(omit)]
+    if reverse:
+        argv.append("-R")
+    result = json.loads(ns.run(argv, timeout=seconds + 60, check=False).stdout)
+    if "error" in result:
+        raise LabError(f"iperf3 to {host} failed: {result['error']}")
+    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process `pid`, KiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise LabError(f"no VmRSS for process {pid}")
+
+
 @contextlib.contextmanager
 def running_bed(prefix: str, make: Callable[[Lab, Path], BedT]) -> Iterator[BedT]:
     """A lab named `prefix`, the bed `make` builds in it, tun2sx started; all gone after."""
