@@ -50,6 +50,9 @@ class TcpConfig:
         window_scaling: offer window scaling when the peer does.
         sack: accept SACK-permitted from the peer.
         timestamps: accept timestamps from the peer.
+        loss_floor: on a loss, keep the window at or above twice the
+            measured bandwidth-delay product instead of always halving it
+            (SACK connections; see `congestion`). False: plain NewReno.
     """
 
     mss: int = 1460
@@ -75,6 +78,7 @@ class TcpConfig:
     window_scaling: bool = True
     sack: bool = True
     timestamps: bool = True
+    loss_floor: bool = True
 
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(TcpConfig):

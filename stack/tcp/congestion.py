@@ -15,6 +15,16 @@ recovery ends with cwnd = ssthresh. Peers without SACK get NewReno
 network, and every partial ACK retransmits the new first unacknowledged
 segment.
 
+Loss tolerance (SACK connections): a loss halves the window only down to
+twice the path's measured bandwidth-delay product: the highest delivery
+rate of the last ten round trips times the smallest RTT seen, the window
+BBR keeps. Random loss on a link that is not full (Wi-Fi, a lossy LAN hop)
+then costs a retransmission instead of half the rate, while a queue that
+overflows still brings a larger window down to that floor, and the floor
+follows the delivery rate down. This hop is the local one between the
+application and tun2sx; the long path to the server is the outbound
+socket's, under the kernel's own congestion control.
+
 Positions are unwrapped ints of our send sequence space.
 """
 
@@ -25,6 +35,8 @@ from bisect import bisect_right
 DUP_THRESH = 3
 _MAX_BLOCKS = 128  # bound on remembered SACK ranges (CPU and memory)
 _CWND_CAP = 1 << 30
+_BW_ROUNDS = 10  # delivery-rate samples the loss floor looks back over (as BBR)
+_FLOOR_GAIN = 2  # the loss floor in bandwidth-delay products (BBR's cwnd gain)
 
 
 class Scoreboard:
@@ -152,15 +164,25 @@ class Congestion:
         prr_delivered: octets delivered since recovery began (RFC 6937).
         prr_out: octets sent since recovery began.
         recover_fs: the flight when recovery began.
+        delivered: octets delivered (cumulatively ACKed or SACKed) so far.
+        min_rtt: the smallest RTT measured on a segment, None before the
+            first (kept up to date by the connection, from RACK).
     """
 
     __slots__ = (
         "_acked_accum",
+        "_loss_floor",
+        "_rates",
+        "_round_delivered",
+        "_round_end",
+        "_round_start",
         "cwnd",
+        "delivered",
         "dup_credit",
         "dupacks",
         "high_rxt",
         "in_recovery",
+        "min_rtt",
         "mss",
         "prr",
         "prr_delivered",
@@ -172,7 +194,7 @@ class Congestion:
         "ssthresh",
     )
 
-    def __init__(self, mss: int, initial_segments: int) -> None:
+    def __init__(self, mss: int, initial_segments: int, loss_floor: bool = True) -> None:
         self.mss = mss
         # RFC 6928 section 2.
         self.cwnd = min(initial_segments * mss, max(2 * mss, initial_segments * 1460))
@@ -187,6 +209,13 @@ class Congestion:
         self.prr = False
         self.prr_delivered = self.prr_out = self.recover_fs = 0
         self._acked_accum = 0
+        self._loss_floor = loss_floor
+        self.delivered = 0
+        self.min_rtt: float | None = None
+        self._rates: list[float] = []
+        self._round_end = 0
+        self._round_start = -1.0
+        self._round_delivered = 0
 
     def lost_below(self, sb: Scoreboard, unit: int) -> int:
         """Return the position below which un-SACKed octets are lost.
@@ -195,6 +224,44 @@ class Congestion:
         (RACK), whichever reaches further.
         """
         return max(sb.lost_below((DUP_THRESH - 1) * unit), self.rack_lost)
+
+    def on_delivered(self, delivered: int, high: int, snd_max: int, now: float) -> None:
+        """Count `delivered` newly ACKed or SACKed octets, sampling the rate.
+
+        A round trip ends when an octet sent after it began is delivered
+        (`high`, the highest delivered position, passes the SND.MAX of its
+        start); its delivery rate is what was delivered during it over its
+        length, never taken as shorter than min_rtt (ACKs bunched up by a
+        busy receiver or host would overstate the rate).
+        """
+        self.delivered += delivered
+        if high <= self._round_end:
+            return
+        if self._round_start >= 0:
+            elapsed = max(now - self._round_start, self.min_rtt or 0.0)
+            if elapsed > 0:
+                rates = self._rates
+                rates.append((self.delivered - self._round_delivered) / elapsed)
+                if len(rates) > _BW_ROUNDS:
+                    del rates[0]
+        self._round_end = snd_max
+        self._round_start = now
+        self._round_delivered = self.delivered
+
+    def loss_floor(self) -> int:
+        """Return the octets a loss never takes the window below (0: none yet)."""
+        if not self._loss_floor or not self._rates or self.min_rtt is None:
+            return 0
+        return int(_FLOOR_GAIN * max(self._rates) * self.min_rtt)
+
+    def _reduced(self, flight: int) -> int:
+        """Return ssthresh after a loss: half the flight, or the floor if higher.
+
+        The floor may exceed the flight (when the flight was cut short by a
+        loss or the application): recovery then ends with the window BBR
+        would keep, PRR having sent in step with deliveries until then.
+        """
+        return max(flight // 2, self.loss_floor(), 2 * self.mss)
 
     def on_ack(self, acked: int, una: int, flight: int) -> None:
         """SND.UNA advanced by `acked` octets to `una`; `flight` is what is left."""
@@ -254,7 +321,7 @@ class Congestion:
         self.prr = sack
         self.prr_delivered = self.prr_out = 0
         self.recover_fs = flight
-        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.ssthresh = self._reduced(flight)
         self.cwnd = self.ssthresh
         self.in_recovery = True
         self.recover = snd_max
@@ -291,7 +358,7 @@ class Congestion:
                 (backed-off) expiries keep ssthresh as it is.
         """
         if first:
-            self.ssthresh = max((snd_max - una) // 2, 2 * self.mss)
+            self.ssthresh = self._reduced(snd_max - una)
         self.cwnd = self.mss
         self.in_recovery = False
         self.rexmit_head = False

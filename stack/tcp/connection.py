@@ -105,8 +105,8 @@ class TcpConnection:
         "_synack_retransmitted",
         "_synack_time",
         "_timers",
+        "_tlp_count",
         "_tlp_due",
-        "_tlp_used",
         "_ts_recent",
         "key",
     )
@@ -139,7 +139,7 @@ class TcpConnection:
             config.rcv_buf, neg.rcv_mss, config.max_ooo_bytes, config.max_ooo_ranges
         )
         self._snd = Sender(config.snd_buf, syn.window)  # a SYN's window is never scaled
-        self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments)
+        self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments, config.loss_floor)
         self._sb = Scoreboard()
         self._rack = Rack()
         self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
@@ -152,7 +152,7 @@ class TcpConnection:
         self._synack_retransmitted = False
         self._tlp_due = False  # send a tail loss probe with the next output
         self._rxt_mark = 0  # SND.MAX when the head was last fast-retransmitted
-        self._tlp_used = False  # one probe per flight, until forward progress
+        self._tlp_count = 0  # probes sent for this flight, until forward progress
         self._synack_time = now
         self._ack_due = False
         self._probe_due = False
@@ -420,6 +420,7 @@ class TcpConnection:
                 self._rtt_seq = None
         if neg.sack and (advanced or new_sacked):
             delivered = snd.una - una_before + self._sb.sacked - sacked_before
+            self._cc.on_delivered(delivered, max(snd.una, self._sb.high()), snd.max, now)
             self._rack_detect(now, delivered)
 
     def _rack_detect(self, now: float, delivered: int = 0) -> None:
@@ -435,6 +436,7 @@ class TcpConnection:
         snd, cc, rack = self._snd, self._cc, self._rack
         before = max(cc.lost_below(self._sb, self._neg.snd_mss), snd.una)
         lost_rtx, deadline = rack.detect(snd.una, self._sb, now, before)
+        cc.min_rtt = rack.min_rtt
         self._timers.rack = deadline
         cc.rack_lost = rack.lost_end
         sb = self._sb
@@ -488,7 +490,7 @@ class TcpConnection:
         timers = self._timers
         timers.rto = None if snd.max == ack else now + self._rtt.rto()
         timers.tlp = None
-        self._tlp_used = False
+        self._tlp_count = 0
         self._rxt_mark = 0
         if not fin_was_acked and snd.fin_acked():
             self._state = next_state(self._state, Stimulus.ACK_OF_FIN)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from stack.tcp.state import Stimulus, TcpState, next_state
+from stack.tcp.timers import MAX_TAIL_PROBES
 
 if TYPE_CHECKING:
     from stack.tcp.connection import TcpConnection
@@ -48,7 +49,7 @@ def handle_timeout(conn: TcpConnection, now: float) -> None:
         # Armed only with data in flight, and cleared by every ACK that
         # moves SND.UNA, so there is always a flight to probe here.
         t.tlp = None
-        conn._tlp_used = True
+        conn._tlp_count += 1
         if conn._cc.in_recovery:
             conn._n.tail_loss_probes += 1
             # The flight went quiet in recovery: the head's
@@ -101,7 +102,7 @@ def _on_rto(conn: TcpConnection, now: float) -> None:
     conn._rtt.backoff += 1
     t.tlp = t.rack = None
     conn._rack.timeout()
-    conn._tlp_used = True
+    conn._tlp_count = MAX_TAIL_PROBES  # after a timeout, go-back-N; no probes
     snd.nxt = snd.una  # go back N, skipping what was SACKed
     conn._rtt_seq = None
     t.rto = now + conn._rtt.rto()

@@ -18,7 +18,7 @@ from stack.seq import MASK
 from stack.tcp.options import synack_options
 from stack.tcp.snd import HEAD, HOLE, NEW
 from stack.tcp.state import TcpState
-from stack.tcp.timers import probe_timeout
+from stack.tcp.timers import MAX_TAIL_PROBES, probe_timeout
 from stack.wire.tcp import ACK, FIN, NO_OPTIONS, PSH, SYN, TcpHeader, TcpOptions
 
 if TYPE_CHECKING:
@@ -92,10 +92,18 @@ def segments_to_send(conn: TcpConnection, now: float) -> list[tuple[TcpHeader, b
             t.rto = now + conn._rtt.rto()
     if conn._tlp_due:
         _tail_loss_probe(conn, now, out, blocks)
-    elif not conn._tlp_used and t.tlp is None and t.rto is not None and snd.max > snd.una:
+    if (
+        conn._tlp_count < MAX_TAIL_PROBES
+        and t.tlp is None
+        and t.rto is not None
+        and snd.max > snd.una
+    ):
         srtt = conn._rtt.srtt
         if srtt is not None:
-            pto = now + probe_timeout(srtt, snd.max - snd.una, neg.snd_mss)
+            # A second probe waits twice as long: when the first probe or
+            # its ACK was lost too (at 2 % loss, one probe in 25), it saves
+            # the 200 ms RTO that RFC 8985's single probe would leave.
+            pto = now + probe_timeout(srtt, snd.max - snd.una, neg.snd_mss) * (1 << conn._tlp_count)
             if pto < t.rto:
                 t.tlp = pto
     if snd.window_blocked() and not snd.fin_acked():

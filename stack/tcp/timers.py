@@ -16,6 +16,9 @@ _TLP_SLACK = 0.002  # Linux adds two ticks to 2*SRTT
 _WORST_DELAYED_ACK = 0.2  # RFC 8985 WCDelAckT, when one packet is in flight
 
 
+MAX_TAIL_PROBES = 2  # per flight, until forward progress (see output)
+
+
 def probe_timeout(srtt: float, flight: int, wire_mss: int) -> float:
     """Return the tail loss probe timeout (RFC 8985 section 7.2).
 

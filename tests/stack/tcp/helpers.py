@@ -218,7 +218,13 @@ def open_pair(
 
 
 class LossyLink:
-    """Two one-way paths with seeded loss, duplication, reordering and delay."""
+    """Two one-way paths with seeded loss, duplication, reordering and delay.
+
+    With `rate` (octets per second), each path is also a bottleneck: a
+    segment (payload plus 40 octets of headers) waits for those ahead of it
+    to be sent, and is dropped when more than `buffer` octets are queued
+    (tail drop, counted in `overflows`), as at a router with a full queue.
+    """
 
     def __init__(
         self,
@@ -228,25 +234,39 @@ class LossyLink:
         dup: float = 0.0,
         reorder: float = 0.0,
         delay: float = 0.005,
+        rate: float | None = None,
+        buffer: int = 64 * 1024,
     ) -> None:
         self.rng = rng
         self.loss = loss
         self.dup = dup
         self.reorder = reorder
         self.delay = delay
+        self.rate = rate
+        self.buffer = buffer
         self.queue: list[tuple[float, int, int, TcpHeader, bytes]] = []
         self.count = 0
         self.dropped = 0
+        self.overflows = 0
+        self._busy_until = [0.0, 0.0]
 
     def put(self, now: float, dst: int, hdr: TcpHeader, payload: bytes) -> None:
         """Send a segment towards endpoint `dst` (0 = server, 1 = client)."""
         rng = self.rng
+        start = now
+        if self.rate is not None:
+            size = len(payload) + 40
+            busy = max(now, self._busy_until[dst])
+            if (busy - now) * self.rate + size > self.buffer:
+                self.overflows += 1
+                return
+            start = self._busy_until[dst] = busy + size / self.rate
         if rng.random() < self.loss:
             self.dropped += 1
             return
         copies = 2 if rng.random() < self.dup else 1
         for _ in range(copies):
-            delay = self.delay
+            delay = self.delay + start - now
             if rng.random() < self.reorder:
                 delay += rng.random() * 4 * self.delay
             self.count += 1
@@ -310,12 +330,17 @@ def run_transfer(
     client_cfg: TcpConfig | None = None,
     time_limit: float = 600.0,
     delay: float = 0.005,
+    link: LossyLink | None = None,
 ) -> tuple[Endpoint, Endpoint, float]:
-    """Transfer `a_data` client->server and `b_data` server->client; return ends and end time."""
+    """Transfer `a_data` client->server and `b_data` server->client; return ends and end time.
+
+    `link` replaces the link built from `loss`, `dup`, `reorder` and `delay`.
+    """
     server_cfg = server_cfg or TcpConfig()
     client_cfg = client_cfg or TcpConfig()
     server, client = open_pair(server_cfg, client_cfg)
-    link = LossyLink(random.Random(seed), loss=loss, dup=dup, reorder=reorder, delay=delay)
+    if link is None:
+        link = LossyLink(random.Random(seed), loss=loss, dup=dup, reorder=reorder, delay=delay)
     ends = [Endpoint(server, b_data), Endpoint(client, a_data)]
     now = 0.0
     while now < time_limit:

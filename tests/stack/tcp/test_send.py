@@ -349,3 +349,18 @@ def test_after_a_timeout_go_back_n_skips_every_sacked_range() -> None:
     conn.segment_received(*app.seg(ack=s(ISS1 + 3 * PAYLOAD), sack=_sack_of(5, 6)), 0.24)
     assert resent(0.24) == [4, 6, 7]
     assert conn.statistics().rto_timeouts == 1
+
+
+def test_without_timestamps_data_round_trips_are_timed_too() -> None:
+    # Karn's algorithm: with no timestamp option, a first transmission's
+    # ACK is the RTT sample. A path that turns slow (10 ms at the
+    # handshake, 500 ms now) must not see probes and timeouts fire early.
+    conn, app = established(TcpConfig(mss=1000, rcv_buf=100_000, timestamps=False))
+    conn.send(b"a" * 100)
+    app.absorb(conn.segments_to_send(0.02))
+    conn.segment_received(*app.seg(ack=s(ISS1 + 100)), 0.52)
+    conn.send(b"b" * 100)
+    app.absorb(conn.segments_to_send(0.6))
+    srtt = 0.875 * 0.01 + 0.125 * 0.5  # RFC 6298 with the 0.5 s sample
+    # The tail loss probe for a lone packet: 2 * SRTT + 2 ms + 200 ms.
+    assert conn.next_deadline() == pytest.approx(0.6 + 2 * srtt + 0.202)

@@ -3,7 +3,9 @@
 When the last ACKs of a flight are lost, nothing arrives to clock the
 sender and only the RTO (200 ms at least) would move it; on a LAN that is
 hundreds of round trips. The probe resends the flight's last packet after
-about two smoothed RTTs, once per flight, outside loss recovery.
+about two smoothed RTTs, outside loss recovery; when that probe or its ACK
+is lost too, a second one follows after twice the wait, and only then the
+RTO.
 """
 
 from __future__ import annotations
@@ -33,13 +35,36 @@ def test_probe_resends_the_last_packet_after_two_rtts_when_acks_are_lost() -> No
     assert probe[0].payload == data[3 * PAYLOAD : 4 * PAYLOAD]
     stats = conn.statistics()
     assert (stats.tail_loss_probes, stats.retransmits, stats.rto_timeouts) == (1, 1, 0)
-    # One probe per flight: the next deadline is the RTO, armed at 0.02.
-    assert conn.next_deadline() == pytest.approx(0.02 + CFG.rto_min)
+    # A second probe is armed, twice as far out.
+    assert conn.next_deadline() == pytest.approx(0.02 + PTO + 2 * PTO)
     # The ACK the probe draws covers everything; no recovery, no timeout.
     conn.segment_received(*app.seg(ack=s(ISS1 + 4 * PAYLOAD)), 0.05)
     assert conn.segments_to_send(0.05) == []
     assert conn.statistics().rto_timeouts == 0
     assert conn.next_deadline() == pytest.approx(0.05 + 100.0 * 72)  # only the idle timer
+
+
+def test_when_the_probe_is_lost_too_a_second_one_goes_before_the_rto() -> None:
+    conn, app = established()
+    data = bytes(range(256)) * 20
+    conn.send(data[: 4 * PAYLOAD])
+    app.absorb(conn.segments_to_send(0.02))
+    first = 0.02 + PTO
+    conn.handle_timeout(first)
+    conn.segments_to_send(first)  # lost
+    second = first + 2 * PTO
+    assert conn.next_deadline() == pytest.approx(second)
+    conn.handle_timeout(second)
+    probe = app.absorb(conn.segments_to_send(second))
+    assert [(x.seq, x.payload) for x in probe] == [
+        (s(ISS1 + 3 * PAYLOAD), data[3 * PAYLOAD : 4 * PAYLOAD])
+    ]
+    # Two probes per flight: then only the RTO, armed at the first send.
+    assert conn.next_deadline() == pytest.approx(0.02 + CFG.rto_min)
+    conn.segment_received(*app.seg(ack=s(ISS1 + 4 * PAYLOAD)), second + SRTT)
+    assert conn.segments_to_send(second + SRTT) == []
+    stats = conn.statistics()
+    assert (stats.tail_loss_probes, stats.rto_timeouts) == (2, 0)
 
 
 def test_a_lone_packet_in_flight_waits_for_the_peers_delayed_ack_too() -> None:
