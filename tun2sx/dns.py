@@ -136,6 +136,40 @@ class DnsStatistics:
     store_errors: int = 0
 
 
+_U16 = struct.Struct("!H")
+_QTYPE_QCLASS = struct.Struct("!HH")
+_ANSWER_HEAD = struct.Struct("!HHHIH")  # name pointer, type, class, TTL, RDLENGTH
+_OPT_START = b"\x00\x00\x29"  # root owner name, type OPT (41)
+# Our OPT record: root name, type OPT, the UDP size we take, extended
+# RCODE 0, version 0, no flags, no options.
+_OUR_OPT = b"\x00" + struct.pack("!HHIH", _TYPE_OPT, _EDNS_UDP_SIZE, 0, 0)
+
+
+def _plain_name(data: bytes) -> tuple[list[bytes], int]:
+    """Read the question's name at offset 12 if every label is a host label.
+
+    Returns the labels and the offset just past the name, or ([], -1) when
+    the name is compressed, empty, too long or has another kind of label.
+    """
+    labels: list[bytes] = []
+    pos = _HEADER.size
+    end = len(data)
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            if not labels or pos - _HEADER.size > 254:
+                return [], -1
+            return labels, pos + 1
+        if length > 63:
+            return [], -1
+        label = data[pos + 1 : pos + 1 + length]
+        if len(label) != length or not _HOST_LABEL.fullmatch(label):
+            return [], -1
+        labels.append(label)
+        pos += 1 + length
+    return [], -1
+
+
 def _header_response(query_flags: int, qid: int, rcode: int) -> bytes:
     """A header-only response keeping the opcode, RD and CD of the query."""
     flags = _QR | _RA | (query_flags & (_OPCODE_MASK | _RD | _CD)) | rcode
@@ -236,11 +270,15 @@ class FakeDns:
     def _handle(self, data: bytes) -> DnsAnswer:
         if len(data) < _HEADER.size:
             raise BadDnsQuery("shorter than a DNS header")
-        qid, flags, qdcount, _an, _ns, _ar = _HEADER.unpack_from(data)
+        qid, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
         if flags & _QR:
             raise BadDnsQuery("a response, not a query")
         if flags & _OPCODE_MASK:
             return DnsReply(_header_response(flags, qid, RCODE_NOTIMP))
+        if qdcount == 1 and not ancount and not nscount and arcount <= 1:
+            plain = self._plain_answer(data, qid, flags, arcount)
+            if plain is not None:
+                return plain
         formerr = _header_response(flags, qid, RCODE_FORMERR)
         if qdcount != 1:
             raise BadDnsQuery(f"{qdcount} questions, expected 1", formerr)
@@ -268,6 +306,59 @@ class FakeDns:
         if qtype in self._empty_qtypes:
             return self._empty(record)
         return self._forward(data, name, qtype)
+
+    def _plain_answer(self, data: bytes, qid: int, flags: int, arcount: int) -> DnsReply | None:
+        """Answer a plain A/AAAA query for a fakeable name without dnslib.
+
+        Nearly every query an application sends is one question for a host
+        name, maybe with an EDNS OPT record; dnslib's parse and pack take
+        about 130 us of that, a dozen times the rest, and an application
+        that resolves per connection asks twice (A and AAAA). The response
+        is byte for byte what the general path builds (tests compare them);
+        anything else (compression, other types or classes, filtered names,
+        extra records, trailing bytes) returns None for the general path.
+        """
+        labels, end = _plain_name(data)
+        if end < 0 or end + 4 > len(data):
+            return None
+        qtype, qclass = _QTYPE_QCLASS.unpack_from(data, end)
+        if qclass != _CLASS_IN or (qtype != _TYPE_A and qtype != _TYPE_AAAA):
+            return None
+        question_end = end + 4
+        if arcount:
+            # Only a lone OPT record filling the rest of the message.
+            if data[question_end : question_end + 3] != _OPT_START or question_end + 11 > len(data):
+                return None
+            (rdlen,) = _U16.unpack_from(data, question_end + 9)
+            if question_end + 11 + rdlen != len(data):
+                return None
+        elif question_end != len(data):
+            return None
+        name = normalize_name(b".".join(labels).decode("ascii"))
+        if self._filter is not None and self._filter.matches(name):
+            return None
+        stats = self._stats
+        if qtype == _TYPE_A:
+            rdata = self.store.allocate(name, socket.AF_INET).packed
+        elif self.store.v6_enabled:
+            rdata = self.store.allocate(name, socket.AF_INET6).packed
+        else:
+            rdata = b""
+        reply_flags = _QR | _RA | (flags & (_RD | _CD))
+        parts = [
+            _HEADER.pack(qid, reply_flags, 1, 1 if rdata else 0, 0, arcount),
+            data[_HEADER.size : question_end],
+        ]
+        if rdata:
+            stats.fake_answers += 1
+            # The owner name points back at the question's (offset 12).
+            parts.append(_ANSWER_HEAD.pack(0xC00C, qtype, _CLASS_IN, self.ttl, len(rdata)))
+            parts.append(rdata)
+        else:
+            stats.empty_answers += 1
+        if arcount:
+            parts.append(_OUR_OPT)
+        return DnsReply(b"".join(parts))
 
     def _forward(self, data: bytes, name: str, qtype: int) -> DnsForward:
         self._stats.forwarded += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, TXT, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -311,3 +311,53 @@ def test_a_failing_fake_ip_table_answers_servfail_not_a_crash() -> None:
     response = reply_of(dns.handle_query_untrusted(query("a.example")))
     assert (response.header.rcode, response.rr) == (RCODE.SERVFAIL, [])
     assert dns.statistics().store_errors == 1
+
+
+_label = st.text("abcXYZ019_-", min_size=1, max_size=20)
+_odd_label = st.sampled_from(["a b", "é", "a.b", "*"])
+
+
+@st.composite
+def _queries(draw: st.DrawFn) -> bytes:
+    """Queries around the plain-query fast path: most take it, some must not."""
+    labels = draw(st.lists(_label | _odd_label if draw(st.booleans()) else _label, max_size=4))
+    qtype = getattr(QTYPE, draw(st.sampled_from(["A", "AAAA", "TXT"])))
+    # An explicit header: dnslib's default id comes from `random`.
+    q = DNSRecord(
+        DNSHeader(id=draw(st.integers(0, 0xFFFF))), q=DNSQuestion(".".join(labels) or ".", qtype)
+    )
+    q.header.rd = draw(st.integers(0, 1))
+    q.header.cd = draw(st.integers(0, 1))
+    q.header.ad = draw(st.integers(0, 1))
+    if draw(st.booleans()):
+        q.add_ar(
+            EDNS0(udp_len=draw(st.integers(512, 4096)), flags=draw(st.sampled_from(["", "do"])))
+        )
+    if draw(st.integers(0, 9)) == 0:
+        q.add_ar(RR("extra.example", QTYPE.TXT, rdata=TXT("x")))
+    data = bytes(q.pack())
+    if draw(st.integers(0, 9)) == 0:
+        data += b"\0"  # a trailing byte
+    return data
+
+
+class _GeneralPathOnly(FakeDns):
+    def _plain_answer(self, data: bytes, qid: int, flags: int, arcount: int) -> None:
+        return None
+
+
+@given(_queries(), st.booleans(), st.sampled_from([None, ["+.lan", "x*"]]))
+def test_plain_queries_are_answered_byte_for_byte_as_the_general_path(
+    data: bytes, v6: bool, patterns: list[str] | None
+) -> None:
+    answers = []
+    for kind in (FakeDns, _GeneralPathOnly):
+        store = FakeIpStore(v6_pool="fc00::/18" if v6 else None)
+        dns = kind(store, None if patterns is None else FakeIpFilter(patterns))
+        try:
+            answer: object = dns.handle_query_untrusted(data)
+        except BadDnsQuery as exc:
+            answer = ("bad", exc.formerr)
+        answers.append((answer, dns.statistics()))
+        store.close()
+    assert answers[0] == answers[1]
