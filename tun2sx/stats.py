@@ -20,7 +20,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Collection
+import socket
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 import trio
@@ -210,8 +211,8 @@ def _error(message: str) -> bytes:
     return json.dumps({"error": message}).encode() + b"\n"
 
 
-def respond(source: StatsSource, head: bytes, now: float) -> bytes:
-    """The whole response to one request head (pure: testable without sockets)."""
+def _checked(head: bytes) -> tuple[str, bool] | bytes:
+    """The path and HEAD-ness of a request we answer, or the error response."""
     try:
         method, path, headers = parse_request_head_untrusted(head)
     except BadRequest as exc:
@@ -226,15 +227,25 @@ def respond(source: StatsSource, head: bytes, now: float) -> bytes:
         )
     if "host" in headers and not _is_loopback_host(headers["host"]):
         return _response("403 Forbidden", _error("loopback hosts only"), head_only=head_only)
-    body: object
-    if path == "/stats":
-        body = source.statistics()
-    elif path == "/connections":
-        body = connections_json(source, now)
-    else:
+    if path not in ("/stats", "/connections"):
         return _response("404 Not Found", _error("try /stats or /connections"), head_only=head_only)
+    return path, head_only
+
+
+def _ok(body: object, head_only: bool) -> bytes:
     data = json.dumps(body, sort_keys=True).encode() + b"\n"
     return _response("200 OK", data, head_only=head_only)
+
+
+def respond(source: StatsSource, head: bytes, now: float) -> bytes:
+    """The whole response to one request head (pure: testable without sockets)."""
+    checked = _checked(head)
+    if isinstance(checked, bytes):
+        return checked
+    path, head_only = checked
+    if path == "/stats":
+        return _ok(source.statistics(), head_only)
+    return _ok(connections_json(source, now), head_only)
 
 
 async def read_request_head(stream: trio.abc.ReceiveStream) -> bytes | None:
@@ -251,7 +262,7 @@ async def read_request_head(stream: trio.abc.ReceiveStream) -> bytes | None:
     return bytes(buf[: buf.index(b"\r\n\r\n")])
 
 
-async def _handle(source: StatsSource, stream: trio.SocketStream) -> None:
+async def _handle(answer: Callable[[bytes], Awaitable[bytes]], stream: trio.SocketStream) -> None:
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
             head = await read_request_head(stream)
@@ -260,7 +271,7 @@ async def _handle(source: StatsSource, stream: trio.SocketStream) -> None:
                     _response("400 Bad Request", _error("incomplete request"), head_only=False)
                 )
                 return
-            await stream.send_all(respond(source, head, trio.current_time()))
+            await stream.send_all(await answer(head))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
@@ -299,8 +310,19 @@ async def serve_stats(
         task_status: told once accepting.
     """
 
+    async def answer(head: bytes) -> bytes:
+        return respond(source, head, trio.current_time())
+
+    await _serve(answer, listeners, task_status)
+
+
+async def _serve(
+    answer: Callable[[bytes], Awaitable[bytes]],
+    listeners: list[trio.SocketListener],
+    task_status: trio.TaskStatus[None],
+) -> None:
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle(source, stream)
+        await _handle(answer, stream)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -309,6 +331,94 @@ async def serve_stats(
     finally:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
+
+
+# -- the totals of several workers ------------------------------------------------
+
+WORKER_TIMEOUT = 5.0
+MAX_WORKER_RESPONSE = 64 * 1024 * 1024
+
+
+def merge_statistics(parts: list[dict[str, int]]) -> dict[str, int]:
+    """The workers' counters added up (every counter and gauge is a count)."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def merge_connections(parts: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The workers' flows in one list, oldest first, each with its worker."""
+    rows = [dict(row, worker=index) for index, part in enumerate(parts) for row in part]
+    rows.sort(key=lambda row: -row["age"])
+    return rows
+
+
+async def fetch_json(host: str, port: int, path: str) -> Any:
+    """GET `path` from a worker's endpoint on loopback; the JSON body.
+
+    Raises:
+        OSError: no connection.
+        ValueError: not a 200 response with a JSON body (or far too large).
+    """
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        literal = f"[{host}]" if ":" in host else host
+        request = f"GET {path} HTTP/1.1\r\nHost: {literal}\r\nConnection: close\r\n\r\n"
+        await stream.send_all(request.encode("ascii"))
+        buf = bytearray()
+        while data := await stream.receive_some(65536):
+            buf += data
+            if len(buf) > MAX_WORKER_RESPONSE:
+                raise ValueError("response too large")
+    finally:
+        await trio.aclose_forcefully(stream)
+    head, sep, body = bytes(buf).partition(b"\r\n\r\n")
+    if not sep or not head.startswith(b"HTTP/1.1 200 "):
+        status = head.partition(b"\r\n")[0].decode("ascii", "replace")
+        raise ValueError(f"answered {status!r}")
+    return json.loads(body)
+
+
+async def totals_response(head: bytes, workers: list[tuple[str, int]]) -> bytes:
+    """Answer one request with the sum over the workers' endpoints."""
+    checked = _checked(head)
+    if isinstance(checked, bytes):
+        return checked
+    path, head_only = checked
+    parts = []
+    for index, (host, port) in enumerate(workers):
+        try:
+            with trio.fail_after(WORKER_TIMEOUT):
+                parts.append(await fetch_json(host, port, path))
+        except (OSError, ValueError, trio.TooSlowError) as exc:
+            message = f"worker {index} (port {port}) did not answer: {exc or 'timeout'}"
+            return _response("503 Service Unavailable", _error(message), head_only=head_only)
+    if path == "/stats":
+        return _ok(merge_statistics(parts), head_only)
+    return _ok(merge_connections(parts), head_only)
+
+
+async def serve_totals(
+    sockets: list[socket.socket],
+    workers: list[tuple[str, int]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the workers' totals on already bound, listening `sockets`.
+
+    Args:
+        sockets: listening sockets (owned from now on).
+        workers: each worker's own endpoint, (host, port), by index.
+        task_status: told once accepting.
+    """
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+
+    async def answer(head: bytes) -> bytes:
+        return await totals_response(head, workers)
+
+    await _serve(answer, listeners, task_status)
 
 
 def _sockname(listener: trio.SocketListener) -> str:

@@ -16,11 +16,14 @@ would swallow the flows hashed to it). SIGINT/SIGTERM are passed on; if a
 worker dies on its own, the others are stopped and tun2sx exits with an
 error, rather than serve on with part of its flows gone.
 
-What differs from one process: each worker has its own statistics (the
-stats endpoint of worker i listens on the configured port + i), and a UDP
-application endpoint talking to several destinations may be served by
-several workers, each with its own outbound session (full-cone mapping
-holds per worker).
+Statistics: each worker counts its own flows. With a stats endpoint
+configured, the parent serves it (in a thread of its own, with its own trio
+run) and answers every request with the workers' totals, asking each
+worker's own endpoint on the following ports (worker i on port + 1 + i).
+
+What differs from one process: a UDP application endpoint talking to
+several destinations may be served by several workers, each with its own
+outbound session (full-cone mapping holds per worker).
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 from collections.abc import Callable
 
 import attrs
+import trio
 
 from tun2sx.app import DEFAULT_MTU, Settings, effective_fwmark, routes
-from tun2sx.stats import parse_loopback_endpoint
+from tun2sx.stats import parse_loopback_endpoint, serve_totals
 from tun2sx.tun import TunDevice, TunError, open_tun_queues
 
 log = logging.getLogger("tun2sx")
@@ -45,14 +51,12 @@ ServeOne = Callable[[Settings, TunDevice, bool], int]
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def worker_settings(settings: Settings, index: int) -> Settings:
+def worker_settings(settings: Settings, index: int, stats: _Totals | None) -> Settings:
     """What worker `index` runs with: no routes of its own (the parent set
     them), the same outbound mark, its own stats port."""
-    stats_listen = settings.stats_listen
-    if stats_listen is not None:
-        host, port = parse_loopback_endpoint(stats_listen)
-        if port:  # port 0 lets every worker pick a free one
-            port += index
+    stats_listen = None
+    if stats is not None:
+        host, port = stats.workers[index]
         stats_listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return attrs.evolve(
         settings,
@@ -61,6 +65,54 @@ def worker_settings(settings: Settings, index: int) -> Settings:
         stats_listen=stats_listen,
         workers=1,
     )
+
+
+class _Totals:
+    """The parent's stats endpoint: the workers' totals.
+
+    Bound before the workers start (a port in use fails tun2sx at once, not
+    a worker later); served from a thread once they run.
+    """
+
+    def __init__(self, listen: str, count: int) -> None:
+        host, port = parse_loopback_endpoint(listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self.socket = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise TunError(f"stats_listen: cannot listen on {listen}: {exc}") from exc
+        port = self.socket.getsockname()[1]
+        if port + count > 0xFFFF:
+            self.socket.close()
+            raise TunError(f"stats_listen: port {port} leaves no room for {count} worker ports")
+        self.workers = [(host, port + 1 + index) for index in range(count)]
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        log.info("stats endpoint (totals of the workers) on http://%s:%d/stats", host, port)
+
+    def start(self) -> None:
+        """Serve from a thread: the main thread waits for the workers."""
+        self._thread = threading.Thread(target=trio.run, args=(self._serve,), daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    async def _serve(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as self._scope:
+            self._started.set()
+            await serve_totals([self.socket], self.workers)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (also before `start`)."""
+        if self._thread is None:
+            self.socket.close()
+            return
+        if self._token is not None and self._scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+        self._thread.join(timeout=5)
 
 
 def run_workers(settings: Settings, serve_one: ServeOne) -> int:
@@ -100,7 +152,10 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
         for pid in children:
             _signal(pid, signal.SIGTERM)
 
+    totals: _Totals | None = None
     try:
+        if settings.stats_listen is not None:
+            totals = _Totals(settings.stats_listen, count)
         with routes(settings, name, effective_fwmark(settings)):
             old = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
             try:
@@ -121,7 +176,7 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
                         if pid == 0:  # pragma: no cover - the child's coverage is not collected
                             code = 1
                             try:
-                                code = _child(settings, index, queues, serve_one, parent)
+                                code = _child(settings, index, queues, serve_one, parent, totals)
                             finally:
                                 # Never return into the parent's code (its
                                 # cleanup would remove the routes).
@@ -139,17 +194,26 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
                 # The children hold the queues now.
                 for queue in queues:
                     queue.close()
+                if totals is not None:
+                    totals.start()
                 return _supervise(children, lambda: stopping, stop)
             finally:
                 for s, handler in old.items():
                     signal.signal(s, handler)
     finally:
+        if totals is not None:
+            totals.stop()
         for queue in queues:
             queue.close()
 
 
 def _child(
-    settings: Settings, index: int, queues: list[TunDevice], serve_one: ServeOne, parent: int
+    settings: Settings,
+    index: int,
+    queues: list[TunDevice],
+    serve_one: ServeOne,
+    parent: int,
+    totals: _Totals | None,
 ) -> int:
     """The worker process: keep its own queue, close the others, serve."""
     for s in _STOP_SIGNALS:
@@ -163,12 +227,14 @@ def _child(
     for other, queue in enumerate(queues):
         if other != index:
             queue.close()
+    if totals is not None:
+        totals.socket.close()  # the parent's to serve
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
         )
     try:
-        return serve_one(worker_settings(settings, index), queues[index], True)
+        return serve_one(worker_settings(settings, index, totals), queues[index], True)
     except BaseException:
         log.exception("worker %d failed", index)
         return 1

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import SERVER_ADDR, Testbed, require
-from tests.e2e.testbed import NAMES
+from tests.e2e.testbed import NAMES, ROOT
 from tun2sx.lab import Lab
 
 WORKERS = 2
@@ -46,9 +49,13 @@ def bed() -> Iterator[Testbed]:
                 testbed.stop()
 
 
+def _get(bed: Testbed, port: int, path: str) -> Any:
+    return json.loads(bed.client_run(["curl", "-sf", f"http://127.0.0.1:{port}{path}"]).stdout)
+
+
 def _stats(bed: Testbed, worker: int) -> dict[str, int]:
-    out = bed.client_run(["curl", "-sf", f"http://127.0.0.1:{STATS_PORT + worker}/stats"]).stdout
-    return json.loads(out)  # type: ignore[no-any-return]
+    """Worker `worker`'s own counters (its endpoint follows the totals')."""
+    return _get(bed, STATS_PORT + 1 + worker, "/stats")  # type: ignore[no-any-return]
 
 
 def _workers_of(pid: int) -> list[int]:
@@ -69,6 +76,35 @@ def test_names_resolved_by_one_worker_connect_through_any(bed: Testbed) -> None:
     assert all(n > 0 for n in started), started
     assert sum(started) >= len(EXTRA)
     assert all(s.get("tcp_unknown_fake_ip", 0) == 0 for s in per_worker)
+    # The configured endpoint answers with the totals of both.
+    totals = _get(bed, STATS_PORT, "/stats")
+    assert totals["tcp_flows_started"] == sum(started)
+    assert totals["bytes_down"] == sum(s["bytes_down"] for s in per_worker) > 0
+
+
+def test_the_totals_list_every_workers_live_flows(bed: Testbed) -> None:
+    """Flows held open on both workers show up in one /connections list."""
+    holder = bed.client.spawn(
+        [sys.executable, "-m", "tests.bench.netclient", "hold", "echo.test", "7001", "16"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=str(ROOT),
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert json.loads(holder.stdout.readline())["echoed"] == 16
+        rows = _get(bed, STATS_PORT, "/connections")
+        tcp = [row for row in rows if row["network"] == "tcp" and row["port"] == 7001]
+        # 16 flows hashed over two queues: both workers hold some.
+        assert len(tcp) == 16
+        assert {row["worker"] for row in tcp} == {0, 1}
+        ages = [row["age"] for row in rows]
+        assert ages == sorted(ages, reverse=True)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+        bed.lab.stop(holder)
 
 
 def test_the_device_is_multi_queue_with_the_usual_default_mtu(bed: Testbed) -> None:

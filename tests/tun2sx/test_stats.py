@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +27,9 @@ from tun2sx.stats import (
     read_request_head,
     respond,
     serve_stats,
+    serve_totals,
     summary_line,
+    totals_response,
 )
 from tun2sx.tcpflow import splice
 
@@ -191,6 +195,46 @@ async def test_endpoint_on_loopback(nursery: trio.Nursery) -> None:
         while data := await stream.receive_some():
             response += data
     assert split(response)[0] == "HTTP/1.1 200 OK"
+
+
+async def test_totals_add_up_the_workers_and_name_one_that_does_not_answer(
+    nursery: trio.Nursery,
+) -> None:
+    ports = []
+    for host, started, up in (("a.example", 5.0, 1), ("b.example", 2.0, 10)):
+        engine = FakeEngine()
+        engine.counters.update(tcp_flows=1, tcp_flows_started=3, bytes_up=up)
+        engine.flows = {flow(host, trio.current_time() - started, up, 0)}
+        listeners = await open_stats_listeners("127.0.0.1", 0)
+        await nursery.start(serve_stats, engine, listeners)
+        ports.append(listeners[0].socket.getsockname()[1])
+    front = socket.create_server(("127.0.0.1", 0))
+    front_port = front.getsockname()[1]
+    workers = [("127.0.0.1", port) for port in ports]
+    await nursery.start(functools.partial(serve_totals, [front], workers))
+    request = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    status, _, body = split(await http_get(front_port, request))
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body) == {
+        "tcp_flows": 2,
+        "tcp_flows_started": 6,
+        "bytes_up": 11,
+        "bytes_down": 0,
+    }
+    request = b"GET /connections HTTP/1.1\r\n\r\n"
+    rows = json.loads(split(await http_get(front_port, request))[2])
+    assert [(row["host"], row["worker"]) for row in rows] == [("a.example", 0), ("b.example", 1)]
+    # The same checks as one engine's endpoint.
+    forbidden = b"GET /stats HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    assert split(await http_get(front_port, forbidden))[0] == "HTTP/1.1 403 Forbidden"
+    # A worker that is gone: a 503 naming it, not a partial total.
+    gone = socket.create_server(("127.0.0.1", 0))
+    gone_port = gone.getsockname()[1]
+    gone.close()
+    response = await totals_response(request, [workers[0], ("127.0.0.1", gone_port)])
+    status, _, body = split(response)
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    assert f"worker 1 (port {gone_port}) did not answer" in json.loads(body)["error"]
 
 
 async def test_request_heads_are_bounded() -> None:
