@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import SERVER_ADDR, Testbed, require
-from tests.e2e.testbed import NAMES, ROOT
+from tests.e2e.testbed import NAMES, ROOT, children_of, running_bed
 from tun2sx.lab import Lab
 
 WORKERS = 2
@@ -31,22 +30,20 @@ STATS_PORT = 9190
 EXTRA = tuple(f"w{i}.test" for i in range(32))
 
 
+def _workers_bed(lab: Lab, tmp: Path) -> Testbed:
+    bed = Testbed(lab, tmp)
+    hosts = "127.0.0.1 localhost\n" + "".join(f"{SERVER_ADDR} {name}\n" for name in NAMES + EXTRA)
+    bed.server.write_etc("hosts", hosts)
+    bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+    return bed
+
+
 @pytest.fixture
 def bed() -> Iterator[Testbed]:
     require("danted", "curl", "dig")
-    with Lab("t2sx-workers") as lab, tempfile.TemporaryDirectory() as tmp:
-        testbed = Testbed(lab, Path(tmp))
-        hosts = "127.0.0.1 localhost\n" + "".join(
-            f"{SERVER_ADDR} {name}\n" for name in NAMES + EXTRA
-        )
-        testbed.server.write_etc("hosts", hosts)
-        testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-        testbed.start("--workers", str(WORKERS), "--stats-listen", f"127.0.0.1:{STATS_PORT}")
-        try:
-            yield testbed
-        finally:
-            if testbed.proc is not None:
-                testbed.stop()
+    args = ("--workers", str(WORKERS), "--stats-listen", f"127.0.0.1:{STATS_PORT}")
+    with running_bed("t2sx-workers", _workers_bed, *args) as testbed:
+        yield testbed
 
 
 def _get(bed: Testbed, port: int, path: str) -> Any:
@@ -56,10 +53,6 @@ def _get(bed: Testbed, port: int, path: str) -> Any:
 def _stats(bed: Testbed, worker: int) -> dict[str, int]:
     """Worker `worker`'s own counters (its endpoint follows the totals')."""
     return _get(bed, STATS_PORT + 1 + worker, "/stats")  # type: ignore[no-any-return]
-
-
-def _workers_of(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def test_names_resolved_by_one_worker_connect_through_any(bed: Testbed) -> None:
@@ -128,7 +121,7 @@ def test_udp_and_dns_work_on_every_worker(bed: Testbed) -> None:
 
 def test_a_dead_worker_stops_tun2sx_with_an_error(bed: Testbed) -> None:
     assert bed.proc is not None
-    workers = _workers_of(bed.proc.pid)
+    workers = children_of(bed.proc.pid)
     assert len(workers) == WORKERS
     os.kill(workers[0], signal.SIGKILL)
     code = bed.proc.wait(20)
@@ -147,7 +140,7 @@ def test_a_dead_worker_stops_tun2sx_with_an_error(bed: Testbed) -> None:
 
 def test_sigterm_stops_every_worker_cleanly(bed: Testbed) -> None:
     assert bed.proc is not None
-    workers = _workers_of(bed.proc.pid)
+    workers = children_of(bed.proc.pid)
     assert bed.stop() == 0
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists()
@@ -157,7 +150,7 @@ def test_sigterm_stops_every_worker_cleanly(bed: Testbed) -> None:
 def test_ctrl_c_to_the_process_group_stops_cleanly(bed: Testbed) -> None:
     """The terminal's SIGINT reaches the parent and every worker at once."""
     assert bed.proc is not None
-    workers = _workers_of(bed.proc.pid)
+    workers = children_of(bed.proc.pid)
     os.killpg(bed.proc.pid, signal.SIGINT)
     assert bed.proc.wait(20) == 0
     bed.stop()

@@ -142,7 +142,7 @@ class Bed(Protocol):
     @property
     def proc(self) -> subprocess.Popen[bytes] | None: ...
 
-    def start(self) -> None: ...
+    def start(self, *extra: str) -> None: ...
 
     def stop(self) -> int: ...
 
@@ -172,6 +172,14 @@ def iperf_gbps(
     return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
+def children_of(pid: int) -> list[int]:
+    """The PIDs of process `pid`'s children (none once it is gone)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of process `pid`, KiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -181,11 +189,12 @@ def rss_kib(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def running_bed(prefix: str, make: Callable[[Lab, Path], BedT]) -> Iterator[BedT]:
-    """A lab named `prefix`, the bed `make` builds in it, tun2sx started; all gone after."""
+def running_bed(prefix: str, make: Callable[[Lab, Path], BedT], *start_args: str) -> Iterator[BedT]:
+    """A lab named `prefix`, the bed `make` builds in it, tun2sx started with
+    `start_args` on top of the bed's own; all gone after."""
     with Lab(prefix) as lab, tempfile.TemporaryDirectory() as tmp:
         bed = make(lab, Path(tmp))
-        bed.start()
+        bed.start(*start_args)
         try:
             yield bed
         finally:
@@ -282,9 +291,7 @@ class Testbed:
         """SIGKILL Dante and its worker processes (by PID), as a crash would."""
         pids = [self.dante.pid]
         for pid in pids:  # grows while walking: children of children
-            children = Path(f"/proc/{pid}/task/{pid}/children")
-            if children.exists():
-                pids += [int(c) for c in children.read_text().split()]
+            pids += children_of(pid)
         self.lab.processes = [(p, a) for p, a in self.lab.processes if p is not self.dante]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
