@@ -56,6 +56,19 @@ class NetStackConfig:
     ttl: int = 64
 
 
+class GsoPacket(NamedTuple):
+    """A TCP super-segment to be cut into IP packets of at most `packet_size`
+    octets by the device (its MTU is larger than the application's)."""
+
+    data: bytes
+    packet_size: int
+
+
+# No segment's payload is cut below this (the stack's floor on a peer's MSS):
+# ACKs and other short segments skip the connection lookup.
+_MIN_MSS = 64
+
+
 class UdpDatagram(NamedTuple):
     """A UDP datagram from an application.
 
@@ -88,7 +101,7 @@ class NetStack:
     def __init__(self, config: NetStackConfig | None = None) -> None:
         self.config = config or NetStackConfig()
         self.tcp = TcpDemux(self.config.tcp)
-        self._out: list[bytes] = []
+        self._out: list[bytes | GsoPacket] = []
         self.counters: Counter[str] = Counter()
 
     def receive(
@@ -164,17 +177,28 @@ class NetStack:
         key = request.key
         return build_tcp_packet(key.app_addr, key.remote_addr, request.syn, b"")
 
-    def packets_to_send(self, now: float) -> list[bytes]:
+    def packets_to_send(self, now: float) -> list[bytes | GsoPacket]:
         """Every packet due now: TCP output of all connections plus queued
-        UDP and ICMP packets."""
+        UDP and ICMP packets.
+
+        A TCP super-segment (TcpConfig.gso_size) for an application whose
+        MSS is below the device's comes as a `GsoPacket` naming the packet
+        size to cut it into; every other packet is plain bytes.
+        """
         out = self._out
         self._out = []
         partial = self.config.partial_checksum
         ttl = self.config.ttl
+        connections = self.tcp.connections
         for key, hdr, payload in self.tcp.segments_to_send(now):
-            out.append(
-                build_tcp_packet(
-                    key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
-                )
+            packet = build_tcp_packet(
+                key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
             )
+            if len(payload) > _MIN_MSS:
+                conn = connections.get(key)
+                limit = None if conn is None else conn.packet_limit
+                if limit is not None and len(packet) > limit:
+                    out.append(GsoPacket(packet, limit))
+                    continue
+            out.append(packet)
         return out

@@ -31,6 +31,7 @@ import attrs
 import trio
 
 from outbounds.base import Destination
+from stack.netstack import GsoPacket
 from tun2sx.app import ConfigError, Settings, serve
 from tun2sx.engine import Engine
 from tun2sx.tun import RxPacket, TunDevice, adopt_tun
@@ -112,10 +113,10 @@ class _CountingTun(TunDevice):
         self.rx_bytes += sum(len(packet.data) for packet in batch)
         return batch
 
-    def write(self, packet: bytes | bytearray | memoryview) -> None:
+    def write(self, packet: bytes | bytearray | memoryview | GsoPacket) -> None:
         super().write(packet)
         self.tx_packets += 1
-        self.tx_bytes += len(packet)
+        self.tx_bytes += len(packet.data) if type(packet) is GsoPacket else len(packet)
 
     def counters(self) -> dict[str, int]:
         return {

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 
 import trio
 
+from stack.netstack import GsoPacket
+
 # ioctl numbers from <linux/if_tun.h> (_IOW('T', n, int) / _IOR('T', n, int)).
 TUNSETIFF = 0x400454CA
 SIOCGIFMTU = 0x8921
@@ -146,7 +148,7 @@ class TunDevice:
                 out.append(RxPacket(memoryview(raw), False))
         return out
 
-    def write(self, packet: bytes | bytearray | memoryview) -> None:
+    def write(self, packet: bytes | bytearray | memoryview | GsoPacket) -> None:
         """Write one IP packet; drops it if the kernel refuses.
 
         A full queue drops silently; a device that is down (EIO) or gone
@@ -155,14 +157,18 @@ class TunDevice:
         writing into it must not fail on its own.
 
         With offload on, a virtio-net header is prepended describing a
-        partial checksum and, for TCP segments larger than the MTU allows,
-        the GSO segment size.
+        partial checksum and, for TCP segments larger than the MTU allows
+        (or than a `GsoPacket`'s packet size), the GSO segment size.
         """
+        if type(packet) is GsoPacket:
+            data, size = packet
+        else:
+            data, size = packet, self.mtu  # type: ignore[assignment]
         try:
             if self.offload:
-                os.writev(self._fd, (_vnet_header_for(packet, self.mtu), packet))
+                os.writev(self._fd, (_vnet_header_for(data, size), data))
             else:
-                os.write(self._fd, packet)
+                os.write(self._fd, data)
         except BlockingIOError:
             # The device queue is full: the packet is lost like on a wire;
             # TCP retransmits and UDP never promised delivery.

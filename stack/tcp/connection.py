@@ -36,7 +36,7 @@ from stack.tcp.events import (
     TcpStatistics,
     _Sentinel,
 )
-from stack.tcp.options import negotiate
+from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
 from stack.tcp.rack import Rack
 from stack.tcp.rcv import Receiver
 from stack.tcp.snd import Sender
@@ -68,6 +68,9 @@ class TcpConnection:
 
     Attributes:
         key: the flow this connection serves.
+        packet_limit: the largest IP packet this application can take when
+            its MSS is below the device's (None otherwise): a GSO
+            super-segment must be cut into packets of this size.
     """
 
     __slots__ = (
@@ -109,6 +112,7 @@ class TcpConnection:
         "_tlp_due",
         "_ts_recent",
         "key",
+        "packet_limit",
     )
 
     def __init__(
@@ -133,7 +137,14 @@ class TcpConnection:
         self._iss = iss & MASK
         self._irs = syn.seq
         self._state = _S.SYN_RECEIVED
-        neg = self._neg = negotiate(syn.options, config, ipv6=len(key.app_addr) == 16)
+        ipv6 = len(key.app_addr) == 16
+        neg = self._neg = negotiate(syn.options, config, ipv6=ipv6)
+        # An application behind a link with a smaller MTU than the device's
+        # (a LAN behind a router) announced a smaller MSS: the device must
+        # cut our GSO super-segments at that size, not at its own MTU.
+        ts_len = TIMESTAMP_OPTION_LEN if neg.timestamps else 0
+        wire = neg.snd_mss + ts_len
+        self.packet_limit = wire + 20 + (40 if ipv6 else 20) if wire < config.mss else None
         self._syn_options = syn.options
         self._rcv = Receiver(
             config.rcv_buf, neg.rcv_mss, config.max_ooo_bytes, config.max_ooo_ranges

@@ -50,10 +50,10 @@ def segments_to_send(conn: TcpConnection, now: float) -> list[tuple[TcpHeader, b
     gso = conn._config.gso_size
     wire_mss = 0
     mss = neg.snd_mss
-    if gso is not None and gso > mss and mss >= neg.rcv_mss:
-        # The device cuts super-segments at its own MTU, not at this
-        # peer's MSS: a peer that announced less (an application behind
-        # a router with a smaller MTU) gets plain MSS-sized segments.
+    if gso is not None and gso > mss:
+        # Super-segments: the device cuts them into packets of this peer's
+        # MSS (at its own MTU, or at `packet_limit` when the peer announced
+        # less, which the runtime passes on with the packet).
         mss, wire_mss = gso, mss
     if blocks:
         mss -= _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks)

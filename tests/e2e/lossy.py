@@ -44,9 +44,11 @@ IPERF_PORT = 5201
 class LossyBed:
     """The four-namespace lossy lab; `set_loss` changes the drop rate."""
 
-    def __init__(self, lab: Lab, tmp: Path) -> None:
+    def __init__(self, lab: Lab, tmp: Path, *, mtu: int | None = 1500) -> None:
+        """Build the lab; tun2sx will run tun0 at `mtu` (None: its default)."""
         self.lab = lab
         self.tmp = tmp
+        self.mtu = mtu
         self.app: Namespace = lab.namespace("app")
         self.router: Namespace = lab.namespace("rtr")
         self.tunns: Namespace = lab.namespace("tun")
@@ -112,18 +114,18 @@ class LossyBed:
                     total += int(expr["counter"]["packets"])
         return total
 
-    def start(self, *extra: str, mtu: int = 1500) -> None:
+    def start(self, *extra: str) -> None:
         """Start tun2sx (Dante outbound) in the tun namespace; route into tun0.
 
-        The TUN's MTU defaults to the links' 1500, as a router deployment
-        would set it: the kernel then cuts tun2sx's 64 KB GSO segments into
-        packets the application's path can carry.
+        The TUN's MTU is the links' 1500 unless the bed was built with
+        another (or None: tun2sx's default 9000, larger than the
+        application's path, whose MSS then sets where the kernel cuts
+        tun2sx's 64 KB GSO segments).
         """
         args = [
             "--tun",
             "tun0",
-            "--mtu",
-            str(mtu),
+            *(["--mtu", str(self.mtu)] if self.mtu is not None else []),
             "--tun-address",
             "198.18.0.1/15",
             "--fake-ip-db",

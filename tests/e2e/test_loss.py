@@ -10,6 +10,7 @@ benchmark's business (`python -m tests.bench loss`), never asserted here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -46,6 +47,20 @@ def test_upload_by_name_is_exact_under_loss(lossy: LossyBed, per_mille: int) -> 
     result = lossy.app_tool("upload", "big.test", 7002, SIZE)
     assert result == {"sent": SIZE, "equal": True}
     assert lossy.dropped() > 0
+
+
+def test_an_application_behind_a_smaller_mtu_gets_exact_bytes_with_the_default_tun() -> None:
+    """tun2sx's default TUN MTU (9000) is larger than the application's
+    1500-byte path (a LAN behind a router): its GSO super-segments must be
+    cut at the application's MSS, or they are dropped as too big."""
+    require("danted", "nft", "ethtool", "iperf3")
+    with running_bed("t2sx-lan", functools.partial(LossyBed, mtu=None)) as bed:
+        link = bed.tunns.run(["ip", "link", "show", "tun0"]).stdout
+        assert " mtu 9000 " in link, link
+        bed.set_loss(5)
+        result = bed.app_tool("download", "big.test", 7003, SIZE)
+        assert result == {"received": SIZE, "equal": True}
+        assert bed.dropped() > 0
 
 
 def test_echo_both_directions_at_once_under_loss(lossy: LossyBed) -> None:

@@ -29,8 +29,8 @@ from fuzz.netstack_input import (
     raw_tcp_packet,
 )
 from fuzz.netstack_input import TestOneInput as fuzz_one_input
-from stack.netstack import NetStack
-from stack.tcp import NEED_DATA, DataReceived, TcpConnection, TcpState
+from stack.netstack import GsoPacket, NetStack, NetStackConfig
+from stack.tcp import NEED_DATA, DataReceived, FlowKey, TcpConfig, TcpConnection, TcpState
 from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader, TcpOptions
 
@@ -177,3 +177,36 @@ def test_handle_timeout_names_only_the_connections_it_ran() -> None:
     assert deadline is not None
     assert stack.tcp.handle_timeout(deadline / 2) == []
     assert stack.tcp.handle_timeout(deadline) == [live]
+
+
+def _gso_flow(app_mss: int) -> tuple[NetStack, TcpConnection]:
+    """A flow on a 9000-byte device with GSO, from an application with `app_mss`."""
+    stack = NetStack(NetStackConfig(tcp=TcpConfig(mss=8960, gso_size=60000)))
+    key = FlowKey(APP, APP_PORT, REMOTE, REMOTE_PORT)
+    options = TcpOptions(mss=app_mss, wscale=7, sack_permitted=True, timestamp=(1, 0))
+    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=options)
+    stack.receive(memoryview(build_tcp_packet(APP, REMOTE, syn)), 0.0)
+    conn = stack.tcp.accept(key, ISS, 0.0)
+    stack.packets_to_send(0.0)
+    ack = TcpHeader(*PORTS, (APP_ISN + 1) & 0xFFFFFFFF, ACK_NO, ACK, 4096, options=TS)
+    stack.receive(memoryview(build_tcp_packet(APP, REMOTE, ack)), 0.0)
+    assert conn.state is TcpState.ESTABLISHED
+    return stack, conn
+
+
+def test_a_super_segment_for_an_application_behind_a_smaller_mtu_names_its_packet_size() -> None:
+    stack, conn = _gso_flow(1460)
+    conn.send(bytes(40_000))
+    [out] = stack.packets_to_send(0.01)
+    assert isinstance(out, GsoPacket)
+    assert out.packet_size == 1500
+    packet = parse_packet_untrusted(memoryview(out.data))
+    assert len(packet.payload) == 10 * (1460 - 12)  # the initial window, in one
+
+    # An application whose MSS reaches the device's: plain packets, which
+    # the device cuts at its own MTU.
+    stack, conn = _gso_flow(8960)
+    conn.send(bytes(40_000))
+    packets = stack.packets_to_send(0.01)
+    assert all(type(p) is bytes for p in packets)
+    assert max(len(p) for p in packets) > 9000  # type: ignore[arg-type]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from stack.netstack import GsoPacket
 from stack.wire.packet import build_icmp_packet, build_tcp_packet, build_udp_packet
 from stack.wire.tcp import ACK, TcpHeader, TcpOptions
 from tun2sx.tun import (
@@ -9,6 +12,7 @@ from tun2sx.tun import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VNET_HDR,
+    TunDevice,
     _vnet_header_for,
 )
 
@@ -49,3 +53,19 @@ def test_udp_and_icmp() -> None:
     )
     ping = build_icmp_packet(V4A, V4B, 0, 0, 0x10001, b"abc")
     assert _vnet_header_for(ping, 1500) == bytes(VNET_HDR.size)
+
+
+def test_a_gso_packet_is_cut_at_its_packet_size_not_the_devices_mtu() -> None:
+    read_end, write_end = os.pipe()
+    device = TunDevice(write_end, name="tun0", mtu=9000, offload=True)
+    try:
+        pkt = build_tcp_packet(V4A, V4B, HDR, b"z" * 30000, partial_checksum=True)
+        device.write(GsoPacket(pkt, 1500))
+        written = os.read(read_end, 65536)
+    finally:
+        device.close()
+        os.close(read_end)
+    header, packet = written[: VNET_HDR.size], written[VNET_HDR.size :]
+    _flags, gso, hdr_len, gso_size, _start, _offset = VNET_HDR.unpack(header)
+    assert (gso, hdr_len, gso_size) == (VIRTIO_NET_HDR_GSO_TCPV4, 52, 1500 - 52)
+    assert packet == pkt

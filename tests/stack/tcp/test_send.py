@@ -164,18 +164,21 @@ def test_fin_is_retransmitted_when_lost() -> None:
     assert fin.flags == again.flags == ACK | FIN and fin.seq == again.seq
 
 
-def test_gso_super_segments_only_when_the_peer_takes_the_devices_packet_size() -> None:
-    # The device cuts GSO segments at its MTU (config.mss + 60), not at this
-    # peer's MSS: a peer behind a 1500-byte link must get MSS-sized segments.
-    cfg = TcpConfig(mss=8940, gso_size=60000, rcv_buf=200_000, snd_buf=200_000)
+def test_gso_super_segments_name_the_packet_size_of_a_peer_behind_a_smaller_mtu() -> None:
+    # A peer behind a 1500-byte link (MSS 1460) on a 9000-byte device still
+    # gets super-segments, cut by the device at 1500-byte packets (the
+    # runtime passes `packet_limit` on), in whole packets of its MSS.
+    cfg = TcpConfig(mss=8960, gso_size=60000, rcv_buf=200_000, snd_buf=200_000)
     small, app = established(cfg, mss=1460)
+    assert small.packet_limit == 20 + 20 + 1460
     small.send(bytes(50_000))
-    sizes = {len(x.payload) for x in app.absorb(small.segments_to_send(0.02))}
-    assert sizes == {1460 - 12}
+    segs = app.absorb(small.segments_to_send(0.02))
+    assert len(segs) == 1 and len(segs[0].payload) == 10 * (1460 - 12)  # the initial cwnd
     big, app = established(cfg, mss=8960)
+    assert big.packet_limit is None  # the device's own MTU cuts right
     big.send(bytes(50_000))
     segs = app.absorb(big.segments_to_send(0.02))
-    assert max(len(x.payload) for x in segs) > 8940
+    assert max(len(x.payload) for x in segs) > 8960
 
 
 def test_gso_super_segment_is_cut_to_the_peers_window() -> None:
