@@ -23,9 +23,13 @@ host, tests inside their own namespace).
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
+
+log = logging.getLogger("tun2sx")
 
 __all__ = ["DEFAULT_PRIORITY", "DEFAULT_TABLE", "AutoRoute", "AutoRouteError", "auto_route"]
 
@@ -129,6 +133,15 @@ class AutoRoute:
                 self.undo()
                 raise
             self.applied += 1
+        for dev in strict_reverse_path_filters():
+            log.warning(
+                "auto-route: reverse-path filtering is strict on %s (rp_filter=1): replies to"
+                " tun2sx's own sockets arrive there while the route back to their source is"
+                " the TUN, so the kernel drops them; make it loose: sysctl -w"
+                " net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2",
+                dev,
+                dev,
+            )
 
     def undo(self) -> None:
         """Revert the applied changes, newest first; idempotent.
@@ -190,6 +203,40 @@ def auto_route(
         ValueError: fwmark, table or priority out of range.
     """
     return AutoRoute(device, fwmark=fwmark, table=table, priority=priority, ipv6=ipv6)
+
+
+def strict_reverse_path_filters(conf: Path = Path("/proc/sys/net/ipv4/conf")) -> list[str]:
+    """The devices with an IPv4 default route whose reverse-path filter is strict.
+
+    The kernel applies the larger of `all` and the device's own setting; 1
+    (strict) drops a packet whose source is routed back through another
+    device, as the replies to tun2sx's marked sockets are under auto-route.
+    Devices are read from the main table (`ip -4 route show default`).
+    """
+    try:
+        routes = subprocess.run(
+            ["ip", "-4", "-o", "route", "show", "default"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout
+        every = int((conf / "all" / "rp_filter").read_text())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+    strict = []
+    for line in routes.splitlines():
+        words = line.split()
+        if "dev" not in words[:-1]:
+            continue
+        dev = words[words.index("dev") + 1]
+        try:
+            own = int((conf / dev / "rp_filter").read_text())
+        except (OSError, ValueError):
+            continue
+        if max(every, own) == 1 and dev not in strict:
+            strict.append(dev)
+    return strict
 
 
 def _ip(argv: Sequence[str], *, tolerate: Sequence[str] = ()) -> None:

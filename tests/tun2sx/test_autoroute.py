@@ -13,6 +13,7 @@ so the `ip` commands auto_route runs act there.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -157,6 +158,27 @@ def test_traffic_goes_through_tun2sx_and_its_marked_sockets_bypass_it(bed: Bed) 
             handle.stop()
             assert handle.wait(10)
     assert handle.error is None
+
+
+def test_a_strict_reverse_path_filter_is_named_with_the_fix(
+    bed: Bed, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Loose (the bed's setting): nothing to say.
+    with caplog.at_level(logging.WARNING), inside(bed.client), auto_route("tun0", fwmark=MARK):
+        pass
+    assert "rp_filter" not in caplog.text
+    # Strict on the device holding the default route (the kernel takes the
+    # larger of `all` and the device's value): replies to the marked
+    # sockets would be dropped, and the log says how to fix it.
+    keys = [f"net.ipv4.conf.{name}.rp_filter" for name in ("all", bed.veth)]
+    bed.client.run(["sysctl", "-qw", *(f"{key}=1" for key in keys)])
+    try:
+        with caplog.at_level(logging.WARNING), inside(bed.client), auto_route("tun0", fwmark=MARK):
+            pass
+    finally:
+        bed.client.run(["sysctl", "-qw", *(f"{key}=2" for key in keys)])
+    assert f"reverse-path filtering is strict on {bed.veth} (rp_filter=1)" in caplog.text
+    assert f"net.ipv4.conf.{bed.veth}.rp_filter=2" in caplog.text
 
 
 def test_body_error_still_undoes(bed: Bed) -> None:
