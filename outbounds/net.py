@@ -197,32 +197,51 @@ async def open_tcp(host: str | IPAddress, port: int, opts: SocketOptions) -> Tcp
             (HOST_UNREACHABLE), with a message naming `host:port`.
     """
     endpoint = format_endpoint(host, port)
-    last_error: OutboundError | None = None
-    # A bare cancel scope: trio.move_on_after is a generator context
-    # manager, a measurable cost once per connection.
-    with trio.CancelScope(deadline=trio.current_time() + opts.connect_timeout) as scope:
-        for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
-            try:
-                sock = _connectable_socket(family, opts)
-            except OSError as exc:
-                last_error = error_from_oserror(exc, f"connecting to {endpoint}")
-                continue
-            try:
-                await _connect(sock, sockaddr)
-            except OSError as exc:
-                sock.close()
-                last_error = error_from_oserror(exc, f"connecting to {endpoint}")
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            return TcpSocketStream(sock)
-    if last_error is not None and not scope.cancelled_caught:
+    deadline = trio.current_time() + opts.connect_timeout
+    if trio.current_effective_deadline() < deadline:
+        # An enclosing deadline comes first, so ours could never fire: no
+        # scope of our own (a measurable cost once per connection).
+        stream, last_error = await _connect_first(host, port, opts, endpoint)
+        timed_out = False
+    else:
+        # A bare cancel scope: trio.move_on_after is a generator context
+        # manager, a measurable cost once per connection.
+        stream = last_error = None
+        with trio.CancelScope(deadline=deadline) as scope:
+            stream, last_error = await _connect_first(host, port, opts, endpoint)
+        timed_out = scope.cancelled_caught
+    if stream is not None:
+        return stream
+    if last_error is not None and not timed_out:
         raise last_error
     raise OutboundError(
         FailureReply.HOST_UNREACHABLE,
         f"connecting to {endpoint} timed out after {_seconds(opts.connect_timeout)}",
     )
+
+
+async def _connect_first(
+    host: str | IPAddress, port: int, opts: SocketOptions, endpoint: str
+) -> tuple[TcpSocketStream | None, OutboundError | None]:
+    """Try each address of `host` in order; the stream, or the last error."""
+    last_error: OutboundError | None = None
+    for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
+        try:
+            sock = _connectable_socket(family, opts)
+        except OSError as exc:
+            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            continue
+        try:
+            await _connect(sock, sockaddr)
+        except OSError as exc:
+            sock.close()
+            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return TcpSocketStream(sock), None
+    return None, last_error
 
 
 def _connectable_socket(family: socket.AddressFamily, opts: SocketOptions) -> socket.socket:
@@ -324,6 +343,47 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
                     raise _stream_error(exc) from _cause(exc)
         finally:
             self._receiving = False
+
+    async def receive_after_wait(self, max_bytes: int) -> bytes:
+        """`receive_some` for an answer that cannot have come yet.
+
+        Right after sending a request (a proxy handshake's), a first recv
+        only fails: this waits for the socket to be readable first, which
+        is the checkpoint, and saves that system call and its exception.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is currently receiving on this stream")
+        sock = self.socket
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("socket was already closed")
+        self._receiving = True
+        try:
+            while True:
+                await _wait_readable(sock)
+                try:
+                    return sock.recv(max_bytes)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _stream_error(exc) from _cause(exc)
+        finally:
+            self._receiving = False
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What the socket has now, without a checkpoint: None when nothing.
+
+        b"" is EOF, as from `receive_some`. For a copy loop that just got
+        data and asks whether the EOF came with it: then both go on
+        together, without a trip through the scheduler for the EOF.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is currently receiving on this stream")
+        try:
+            return self.socket.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from _cause(exc)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent:

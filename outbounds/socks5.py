@@ -475,7 +475,15 @@ class Socks5Outbound:
             means the destination is unreachable.
     """
 
-    __slots__ = ("_password", "_server", "_username", "handshake_timeout", "name", "socket_options")
+    __slots__ = (
+        "_label",
+        "_password",
+        "_server",
+        "_username",
+        "handshake_timeout",
+        "name",
+        "socket_options",
+    )
 
     def __init__(
         self,
@@ -495,6 +503,7 @@ class Socks5Outbound:
         self.socket_options = socket_options or SocketOptions()
         self.handshake_timeout = handshake_timeout
         self.name = f"socks5 {self._server}"
+        self._label = f"SOCKS5 proxy {self._server}"  # for messages
 
     @classmethod
     def from_url(cls, url: str, socket_options: SocketOptions | None = None) -> Socks5Outbound:
@@ -508,7 +517,7 @@ class Socks5Outbound:
         self, command: Command, dest: Destination
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
-        proxy = f"SOCKS5 proxy {self._server}"
+        proxy = self._label
         try:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
@@ -516,20 +525,29 @@ class Socks5Outbound:
         ok = False
         try:
             conn = Socks5ClientConnection(command, dest, self._username, self._password)
-            with trio.CancelScope(deadline=trio.current_time() + self.handshake_timeout):
-                reply = await self._exchange(stream, conn, proxy)
-                if isinstance(reply, AuthFailed):
-                    raise OutboundError(FailureReply.RESET, f"{proxy}: {reply.reason}")
-                if not reply.succeeded:
+            deadline = trio.current_time() + self.handshake_timeout
+            result: Socks5Reply | AuthFailed | None = None
+            if trio.current_effective_deadline() < deadline:
+                # An enclosing deadline comes first, so ours could never
+                # fire: no scope of our own (a cost once per connection).
+                result = await self._exchange(stream, conn, proxy)
+            else:
+                with trio.CancelScope(deadline=deadline):
+                    result = await self._exchange(stream, conn, proxy)
+                if result is None:
                     raise OutboundError(
-                        reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
+                        FailureReply.HOST_UNREACHABLE,
+                        f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
                     )
-                ok = True
-                return stream, reply, conn.trailing_data
-            raise OutboundError(
-                FailureReply.HOST_UNREACHABLE,
-                f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
-            )
+            if isinstance(result, AuthFailed):
+                raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
+            reply = result
+            if not reply.succeeded:
+                raise OutboundError(
+                    reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
+                )
+            ok = True
+            return stream, reply, conn.trailing_data
         finally:
             if not ok:
                 await trio.aclose_forcefully(stream)
@@ -551,7 +569,8 @@ class Socks5Outbound:
                         await stream.send_all(out[sent:])
                 if not isinstance(event, _NeedData):
                     return event
-                data = await stream.receive_some(4096)
+                # The proxy answers what we just sent: it is not there yet.
+                data = await stream.receive_after_wait(4096)
             except Socks5ProtocolError as exc:
                 raise OutboundError(
                     FailureReply.RESET, f"{proxy} broke the protocol: {exc}"

@@ -128,6 +128,7 @@ class Engine:
         self.flows: set[FlowInfo] = set()
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
+        self._flush_deferred = False  # the read loop flushes at the end of its batch
         self.tcp = TcpFlows(self, tcp_handler)
         self.udp = UdpFlows(self)
 
@@ -167,8 +168,14 @@ class Engine:
                     self.tcp.start(event)
                 elif type(event) is UdpDatagram:
                     self.udp.datagram(event)
+            # Woken streams may take data out (the splice does, right in
+            # `wake`), which flushes: one flush after all of them instead.
+            self._flush_deferred = True
+            try:
+                self._wake(touched)
+            finally:
+                self._flush_deferred = False
             self.flush()
-            self._wake(touched)
 
     def reset_all(self) -> None:
         """Send an RST on every TCP flow: the engine is going away.
@@ -183,6 +190,8 @@ class Engine:
 
     def flush(self) -> None:
         """Write every packet the stack has ready, and re-arm the timer."""
+        if self._flush_deferred:
+            return
         write = self.device.write
         for packet in self.stack.packets_to_send(trio.current_time()):
             write(packet)

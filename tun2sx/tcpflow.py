@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -45,13 +45,27 @@ _ICMP_FOR_REPLY = {
 
 def describe(key: FlowKey) -> str:
     """`app:port -> dst:port`, for log lines."""
-    app = socket.inet_ntop(
-        socket.AF_INET if len(key.app_addr) == 4 else socket.AF_INET6, key.app_addr
-    )
-    dst = socket.inet_ntop(
-        socket.AF_INET if len(key.remote_addr) == 4 else socket.AF_INET6, key.remote_addr
-    )
-    return f"{app}:{key.app_port} -> {dst}:{key.remote_port}"
+    app = _endpoint(key.app_addr, key.app_port)
+    return f"{app} -> {_endpoint(key.remote_addr, key.remote_port)}"
+
+
+def _endpoint(addr: bytes, port: int) -> str:
+    family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, addr)}:{port}"
+
+
+_isns: list[int] = []
+
+
+def _random_isn() -> int:
+    """A random initial sequence number (RFC 6528: unpredictable).
+
+    From the system's CSPRNG like `secrets.randbits`, but drawn 256 at a
+    time: one system call per connection is a measurable cost.
+    """
+    if not _isns:
+        _isns.extend(struct.unpack("256I", os.urandom(1024)))
+    return _isns.pop()
 
 
 TcpHandler = Callable[[TcpStream, trio.abc.HalfCloseableStream], Awaitable[None]]
@@ -127,7 +141,7 @@ class TcpFlows:
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
-        app = describe(key).partition(" -> ")[0]
+        app = _endpoint(key.app_addr, key.app_port)
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
         try:
             if self._handler is None:
@@ -143,7 +157,7 @@ class TcpFlows:
 
     def _accept(self, request: ConnectionRequest) -> TcpStream:
         engine = self._engine
-        conn = engine.stack.tcp.accept(request.key, secrets.randbits(32), trio.current_time())
+        conn = engine.stack.tcp.accept(request.key, _random_isn(), trio.current_time())
         stream = TcpStream(engine, conn)
         engine.streams[request.key] = stream
         engine.flush()
@@ -202,49 +216,297 @@ async def splice(
     gets an RST, the outbound socket is closed with SO_LINGER 0 when it is a
     plain socket, so both ends learn the flow failed rather than ended.
     """
-    broken = False
+    await _Splice(app, upstream, bufsize, info).run()
 
-    async def pump(
-        src: trio.abc.ReceiveStream,
-        dst: trio.abc.HalfCloseableStream,
-        cancel: trio.CancelScope,
-        up: bool,
+
+class _Splice:
+    """One flow's two copy directions, in as few task steps as they allow.
+
+    A short flow spends most of its CPU on trips through trio's scheduler,
+    so the outbound-to-application direction (the download) runs in the
+    flow's own task, and the application-to-outbound one (the upload),
+    when both streams can move bytes without waiting (a `TcpStream`
+    towards an outbound with `send_nowait`), runs from the engine's
+    wake-ups: the engine calls `_upload` right after the segments that
+    brought the data, and it goes straight out. No second task, no
+    nursery.
+
+    Only when the outbound does not take everything at once (its buffer is
+    full) does the upload get a task of its own, which waits for room and
+    from then on reads the application itself: not reading is what closes
+    the application's window. The flow's task opens the nursery for it,
+    and the download goes on there. Streams that cannot send without
+    waiting get the two tasks from the start.
+    """
+
+    __slots__ = (
+        "app",
+        "broken",
+        "bufsize",
+        "carried",
+        "carried_end",
+        "download_done",
+        "error",
+        "info",
+        "pending",
+        "receiving",
+        "scope",
+        "upload",
+        "upstream",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        app: TcpStream,
+        upstream: trio.abc.HalfCloseableStream,
+        bufsize: int,
+        info: FlowInfo | None,
     ) -> None:
-        nonlocal broken
-        # Streams that can send without a checkpoint do so first: every
-        # receive here already yields, and a short flow spends a good part
-        # of its CPU on trips through the scheduler.
-        send_nowait = getattr(dst, "send_nowait", None)
-        send_eof_nowait = getattr(dst, "send_eof_nowait", None)
+        self.app = app
+        self.upstream = upstream
+        self.bufsize = bufsize
+        self.info = info
+        self.upload = _UPLOAD_IN_WAKE
+        self.broken = False
+        self.download_done = False
+        self.receiving = False  # the download waits in the outbound's receive
+        # Read by the download, not yet passed on, and what follows it.
+        self.carried: list[bytes | bytearray | memoryview] = []
+        self.carried_end: object = None  # None, _EOF, or the outbound's reset
+        self.pending: memoryview | None = None  # what the upload task sends first
+        self.error: Exception | None = None  # a bug met in `_upload`
+        self.scope: trio.CancelScope | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+
+    async def run(self) -> None:
+        app = self.app
+        if (
+            type(app) is TcpStream
+            and hasattr(self.upstream, "send_nowait")
+            and hasattr(self.upstream, "send_eof_nowait")
+        ):
+            with trio.CancelScope() as self.scope:
+                app.set_wake_callback(self._upload)
+                try:
+                    # Data may have come with the handshake's last ACK.
+                    self._upload()
+                    await self._download(fast=True)
+                    await self._wait_upload()
+                finally:
+                    app.set_wake_callback(None)
+        else:
+            self.upload = _UPLOAD_IN_TASK
+        if self.upload is _UPLOAD_IN_TASK and not self.broken:
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                nursery.start_soon(self._upload_task, self.pending)
+                self.pending = None
+                if not self.download_done:
+                    await self._download(fast=False)
+        if self.broken:
+            app.abort()
+            _reset_socket(self.upstream)
+        if self.error is not None:
+            raise self.error
+
+    def _break(self) -> None:
+        """One side failed: stop both directions (the caller resets both)."""
+        self.broken = True
+        self.app.set_wake_callback(None)
+        assert self.scope is not None
+        self.scope.cancel()
+
+    async def _wait_upload(self) -> None:
+        """Wait until `_upload` has passed the application's EOF on, or handed over."""
+        if self.upload is not _UPLOAD_IN_WAKE or self.broken:
+            return
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _upload(self) -> None:
+        """Application to outbound, in the engine's task; never waits."""
+        if self.upload is not _UPLOAD_IN_WAKE:
+            return
+        app = self.app
+        upstream: Any = self.upstream
         try:
             while True:
-                data = await src.receive_some(bufsize)
+                data = app.receive_nowait(self.bufsize)
+                if data is None:
+                    return
+                if not data:
+                    upstream.send_eof_nowait()
+                    self._leave_wake(_UPLOAD_DONE)
+                    return
+                sent = upstream.send_nowait(data)
+                if self.info is not None:
+                    self.info.bytes_up += sent
+                if sent < len(data):
+                    self.pending = memoryview(data)[sent:]
+                    self._leave_wake(_UPLOAD_IN_TASK)
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+        except Exception as exc:
+            # Raised here, in the engine's task, it would end every flow:
+            # the flow's own task raises it instead, and resets this flow.
+            self.error = exc
+            self._break()
+
+    def _leave_wake(self, upload: str) -> None:
+        """The upload is done, or needs its task: tell the flow's task."""
+        self.upload = upload
+        self.app.set_wake_callback(None)
+        if self.waiter is not None:
+            trio.lowlevel.reschedule(self.waiter)
+            self.waiter = None
+        elif upload is _UPLOAD_IN_TASK and self.receiving:
+            # Out of the download's wait (nothing was read yet) to start the
+            # upload task; a download busy sending sees `upload` next round.
+            assert self.scope is not None
+            self.scope.cancel()
+
+    async def _upload_task(self, pending: memoryview | None) -> None:
+        app, upstream, info = self.app, self.upstream, self.info
+        send_nowait = getattr(upstream, "send_nowait", None)
+        send_eof_nowait = getattr(upstream, "send_eof_nowait", None)
+        try:
+            if pending is not None:
+                await upstream.send_all(pending)
+                if info is not None:
+                    info.bytes_up += len(pending)
+            while True:
+                data = await app.receive_some(self.bufsize)
                 if not data:
                     break
+                # The receive yielded already: send without another trip
+                # through the scheduler where the stream allows.
                 sent = 0 if send_nowait is None else send_nowait(data)
                 if sent < len(data):
-                    await dst.send_all(memoryview(data)[sent:] if sent else data)
-                # Counted once sent, per chunk of up to `bufsize`: cheap.
+                    await upstream.send_all(memoryview(data)[sent:] if sent else data)
                 if info is not None:
-                    if up:
-                        info.bytes_up += len(data)
-                    else:
-                        info.bytes_down += len(data)
+                    info.bytes_up += len(data)
             if send_eof_nowait is None:
-                await dst.send_eof()
+                await upstream.send_eof()
             else:
                 send_eof_nowait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            broken = True
-            cancel.cancel()
+            self._break()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, app, upstream, nursery.cancel_scope, True)
-        # The other direction runs in this task: one task spawn less per flow.
-        await pump(upstream, app, nursery.cancel_scope, False)
-    if broken:
-        app.abort()
-        _reset_socket(upstream)
+    async def _download(self, *, fast: bool) -> None:
+        """Outbound to application, in the flow's task.
+
+        With `fast` (the upload runs in wake-ups), it returns early, the
+        download not done, as soon as the upload needs its own task, and
+        before it would wait for the application to take data: the upload
+        must not wait behind that (an application that writes everything
+        before it reads would never read). What it holds by then, data not
+        yet passed on and what follows it (the outbound's EOF or reset),
+        stays in `carried` and `carried_end` for the call without `fast`.
+        """
+        app, upstream, info = self.app, self.upstream, self.info
+        bufsize = self.bufsize
+        send_nowait = getattr(app, "send_nowait", None)
+        send_eof_nowait = getattr(app, "send_eof_nowait", None)
+        # Only a `TcpStream` takes the EOF along with data.
+        receive_nowait = None
+        if type(app) is TcpStream:
+            receive_nowait = getattr(upstream, "receive_nowait", None)
+        # At the start the application has sent nothing yet, so there is
+        # rarely an answer: wait before the first recv rather than after.
+        receive = getattr(upstream, "receive_after_wait", upstream.receive_some)
+        backlog, end = self.carried, self.carried_end
+        self.carried, self.carried_end = [], None
+        try:
+            while True:
+                if backlog:
+                    data = backlog.pop(0)
+                elif end is not None:
+                    break
+                else:
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        return
+                    self.receiving = True
+                    try:
+                        data = await receive(bufsize)
+                    finally:
+                        self.receiving = False
+                    receive = upstream.receive_some
+                    if not data:
+                        end = _EOF
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        # The scope may be cancelled now (see `_leave_wake`):
+                        # a send here could lose the data half sent.
+                        self.carried = [data] if data else []
+                        self.carried_end = end
+                        return
+                    if not data:
+                        break
+                if receive_nowait is not None and not backlog and end is None:
+                    # A short response usually has its EOF right behind it:
+                    # then the FIN leaves with the data, in one segment, and
+                    # the EOF costs no trip through the scheduler. A reset
+                    # behind it ends the flow only once the data is passed on.
+                    try:
+                        ahead = receive_nowait(bufsize)
+                    except trio.BrokenResourceError as exc:
+                        end = exc
+                    else:
+                        if ahead is not None:
+                            if ahead:
+                                backlog.append(ahead)
+                            else:
+                                end = _EOF
+                last = end is _EOF and not backlog
+                if last:
+                    assert send_nowait is not None  # `app` is a TcpStream
+                    sent = send_nowait(data, eof=True)
+                else:
+                    sent = 0 if send_nowait is None else send_nowait(data)
+                if sent < len(data):
+                    rest = memoryview(data)[sent:] if sent else data
+                    if fast and self.upload is not _UPLOAD_DONE:
+                        # The application's window is shut: hand the upload
+                        # to its task before waiting for the application.
+                        if info is not None:
+                            info.bytes_down += sent
+                        self.carried = [rest, *backlog]
+                        self.carried_end = end
+                        if self.upload is _UPLOAD_IN_WAKE:
+                            self._leave_wake(_UPLOAD_IN_TASK)
+                        return
+                    await app.send_all(rest)
+                if info is not None:
+                    info.bytes_down += len(data)
+                if backlog:
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        self.carried = backlog
+                        self.carried_end = end
+                        return
+                    # Read without waiting: yield here, as a receive would.
+                    await trio.lowlevel.checkpoint()
+            if isinstance(end, Exception):
+                raise end
+            if send_eof_nowait is None:
+                await app.send_eof()
+            else:
+                send_eof_nowait()  # a no-op when the FIN went with the data
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+        self.download_done = True
+
+
+# Where the upload runs: in the engine's wake-ups, in a task, or finished.
+_UPLOAD_IN_WAKE = "in wake"
+_UPLOAD_IN_TASK = "in task"
+_UPLOAD_DONE = "done"
+_EOF = "eof"  # `carried_end`: the outbound's EOF follows what is carried
 
 
 def _reset_socket(stream: trio.abc.Stream) -> None:

@@ -16,6 +16,7 @@ socket with unread data does.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -75,6 +76,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._receiving = _ConflictDetector("another task is receiving")
         self._sending = _ConflictDetector("another task is sending")
+        self._on_wake: Callable[[], None] | None = None
 
     @property
     def connection(self) -> TcpConnection:
@@ -90,6 +92,17 @@ class TcpStream(trio.abc.HalfCloseableStream):
         if self._closed and not self._reset and self._has_unread():
             self.abort()
         self._lot.unpark_all()
+        if self._on_wake is not None:
+            self._on_wake()
+
+    def set_wake_callback(self, callback: Callable[[], None] | None) -> None:
+        """Have every `wake` call `callback` too (None: stop).
+
+        It runs in the engine's task, synchronously, after the segments
+        that woke the stream: the splice moves application data on from
+        there instead of keeping a task parked for it.
+        """
+        self._on_wake = callback
 
     @property
     def finished(self) -> bool:
@@ -108,43 +121,63 @@ class TcpStream(trio.abc.HalfCloseableStream):
         self._check_open()
         with self._receiving:
             await trio.lowlevel.checkpoint_if_cancelled()
-            parked = False
+            data = self._take(max_bytes)
+            if data is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
             while True:
-                self._check_open()
-                if self._rbuf:
-                    if max_bytes is None or max_bytes >= len(self._rbuf):
-                        data = bytes(self._rbuf)
-                        self._rbuf = memoryview(b"")
-                    else:
-                        data = bytes(self._rbuf[:max_bytes])
-                        self._rbuf = self._rbuf[max_bytes:]
-                    if not parked:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                # Parking is a checkpoint: like trio's own sockets, a call
+                # that blocked does not yield a second time.
+                await self._lot.park()
+                data = self._take(max_bytes)
+                if data is not None:
                     return data
-                if self._eof:
-                    if not parked:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                    return b""
-                if self._reset:
-                    raise trio.BrokenResourceError("connection reset by the application")
-                event = self._conn.next_event()
-                if type(event) is DataReceived:
-                    self._rbuf = memoryview(event.data)
-                    # Taking data out reopens the window: let the ACK go.
-                    self._flusher.flush()
-                elif type(event) is EofReceived:
-                    self._eof = True
-                elif type(event) is ConnectionReset:
-                    self._reset = True
-                elif type(event) is Closed:
-                    if not self._eof:
-                        self._reset = True
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What `receive_some` would return now, without a checkpoint.
+
+        For the splice, which calls it from `wake`: the data, b"" at the
+        application's EOF, or None when nothing has come yet.
+
+        Raises:
+            trio.BrokenResourceError: the connection was reset.
+            trio.ClosedResourceError: the stream was closed.
+        """
+        self._check_open()
+        with self._receiving:
+            return self._take(max_bytes)
+
+    def _take(self, max_bytes: int | None) -> bytes | None:
+        """Take in-order data out of the connection; b"" at EOF, None if none yet."""
+        while True:
+            self._check_open()
+            if self._rbuf:
+                if max_bytes is None or max_bytes >= len(self._rbuf):
+                    data = bytes(self._rbuf)
+                    self._rbuf = memoryview(b"")
                 else:
-                    assert event is NEED_DATA
-                    # Parking is a checkpoint: like trio's own sockets, a
-                    # call that blocked does not yield a second time.
-                    await self._lot.park()
-                    parked = True
+                    data = bytes(self._rbuf[:max_bytes])
+                    self._rbuf = self._rbuf[max_bytes:]
+                return data
+            if self._eof:
+                return b""
+            if self._reset:
+                raise trio.BrokenResourceError("connection reset by the application")
+            event = self._conn.next_event()
+            if type(event) is DataReceived:
+                self._rbuf = memoryview(event.data)
+                # Taking data out reopens the window: let the ACK go.
+                self._flusher.flush()
+            elif type(event) is EofReceived:
+                self._eof = True
+            elif type(event) is ConnectionReset:
+                self._reset = True
+            elif type(event) is Closed:
+                if not self._eof:
+                    self._reset = True
+            else:
+                assert event is NEED_DATA
+                return None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
@@ -165,17 +198,27 @@ class TcpStream(trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_nowait(self, data: bytes | memoryview) -> int:
+    def send_nowait(self, data: bytes | memoryview, *, eof: bool = False) -> int:
         """Queue what fits in the send buffer now, without a checkpoint.
 
         For the splice, whose receives already yield: returns the bytes
-        taken; the rest goes with `send_all`.
+        taken; the rest goes with `send_all`. With `eof`, and when all of
+        `data` fits, the FIN is queued too, so that it leaves in the
+        same segment as the data's end.
         """
         with self._sending:
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called")
-            return self._queue(data)
+            self._check_alive()
+            sent = self._conn.send(data)
+            if eof and sent == len(data):
+                self._eof_sent = True
+                self._conn.close()
+            elif not sent:
+                return 0
+            self._flusher.flush()
+            return sent
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""

@@ -399,3 +399,102 @@ async def test_send_nowait_is_busy_during_send_all_and_broken_after_reset() -> N
         client.send_nowait(b"z")
     assert isinstance(info.value.__cause__, ConnectionResetError)
     await client.aclose()
+
+
+async def test_receive_nowait_reports_nothing_data_and_eof_without_yielding() -> None:
+    client, server = await _tcp_pair()
+    with trio.testing.assert_no_checkpoints():
+        assert client.receive_nowait(100) is None
+    await server.send_all(b"reply")
+    await server.send_eof()
+    await trio.testing.wait_all_tasks_blocked()  # loopback: delivered already
+    with trio.testing.assert_no_checkpoints():
+        assert client.receive_nowait(3) == b"rep"
+        assert client.receive_nowait(100) == b"ly"
+        assert client.receive_nowait(100) == b""
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_receive_nowait_is_busy_while_receiving_and_broken_after_reset() -> None:
+    client, server = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.receive_some)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(trio.BusyResourceError):
+            client.receive_nowait(1)
+        with pytest.raises(trio.BusyResourceError):
+            await client.receive_after_wait(1)
+        nursery.cancel_scope.cancel()
+    _reset(server)
+    with pytest.raises(trio.BrokenResourceError) as info:
+        client.receive_nowait(1)
+    assert isinstance(info.value.__cause__, ConnectionResetError)
+    await client.aclose()
+
+
+async def test_receive_after_wait_waits_then_reads() -> None:
+    client, server = await _tcp_pair()
+
+    async def answer() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        await server.send_all(b"answer")
+        await server.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer)
+        assert await client.receive_after_wait(100) == b"answer"
+    assert await client.receive_after_wait(100) == b""
+    # Data already there: the wait ends at once.
+    await client.send_all(b"x")
+    assert await server.receive_after_wait(100) == b"x"
+    client.close_now()
+    with pytest.raises(trio.ClosedResourceError):
+        await client.receive_after_wait(1)
+    await server.aclose()
+
+
+async def test_receive_after_wait_is_woken_by_a_close_and_a_reset() -> None:
+    client, server = await _tcp_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reset_when_blocked, server)
+        with pytest.raises(trio.BrokenResourceError):
+            await client.receive_after_wait(1)
+
+    await client.aclose()
+    client, server = await _tcp_pair()
+
+    async def close_when_blocked() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        client.close_now()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close_when_blocked)
+        with pytest.raises(trio.ClosedResourceError):
+            await client.receive_after_wait(1)
+    await server.aclose()
+
+
+async def test_an_earlier_enclosing_deadline_wins_over_the_connect_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Under a caller's earlier deadline the caller's scope ends the connect."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", port))
+                fillers.append(s)
+            with trio.move_on_after(1) as scope:
+                await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
+            assert scope.cancelled_caught
+            assert trio.current_time() == pytest.approx(1)
+        finally:
+            for s in fillers:
+                s.close()

@@ -143,6 +143,21 @@ async def test_silent_proxy_times_out(
     assert info.value.reply is FailureReply.HOST_UNREACHABLE
 
 
+async def test_an_earlier_enclosing_deadline_ends_a_silent_handshake(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """The caller's scope, not the handshake timeout, ends it; the socket closes."""
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        assert await stream.receive_some() == b""  # the dialer gave up and closed
+
+    proxy = await start_fake_proxy(nursery, script)
+    with trio.move_on_after(1) as scope:
+        await proxy.connect_tcp(TARGET)
+    assert scope.cancelled_caught
+    assert trio.current_time() == pytest.approx(1)
+
+
 async def test_proxy_down_names_the_proxy() -> None:
     port = free_port()
     proxy = Socks5Outbound("127.0.0.1", port, socket_options=SocketOptions(connect_timeout=5))

@@ -7,6 +7,8 @@ exercises the stream, the engine and the sans-I/O connection together.
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -107,3 +109,56 @@ async def test_send_nowait_queues_without_yielding(stream_maker: StreamMaker) ->
     with pytest.raises(trio.ClosedResourceError):
         ours.send_eof_nowait()
     await kernel.aclose()
+
+
+async def test_send_nowait_with_eof_sends_the_fin_with_the_data(stream_maker: StreamMaker) -> None:
+    kernel, ours = await stream_maker()
+    with trio.testing.assert_no_checkpoints():
+        assert ours.send_nowait(b"response", eof=True) == len(b"response")
+    assert await _receive_until_eof(kernel) == b"response"
+    with pytest.raises(trio.ClosedResourceError):
+        ours.send_nowait(b"after eof")
+    ours.send_eof_nowait()  # already sent: nothing more
+    await ours.aclose()
+    await kernel.aclose()
+
+
+async def test_receive_nowait_and_the_wake_callback(stream_maker: StreamMaker) -> None:
+    """What the splice's upload uses: data, EOF and reset, never a checkpoint."""
+    kernel, ours = await stream_maker()
+    wakes = trio.lowlevel.ParkingLot()
+    ours.set_wake_callback(wakes.unpark_all)
+    with trio.testing.assert_no_checkpoints():
+        assert ours.receive_nowait(100) is None
+    await kernel.send_all(b"request")
+    got = b""
+    while len(got) < 7:
+        with trio.testing.assert_no_checkpoints():
+            chunk = ours.receive_nowait(4)
+        if chunk is None:
+            await wakes.park()
+        else:
+            got += chunk
+    assert got == b"request"
+    await kernel.send_eof()
+    while (chunk := ours.receive_nowait(100)) is None:
+        await wakes.park()
+    assert chunk == b""
+    ours.set_wake_callback(None)
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        ours.receive_nowait(1)
+    await kernel.aclose()
+
+
+async def test_receive_nowait_after_a_reset_is_broken(stream_maker: StreamMaker) -> None:
+    kernel, ours = await stream_maker()
+    kernel.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    woken = trio.Event()
+    ours.set_wake_callback(woken.set)
+    await kernel.aclose()
+    await woken.wait()
+    with pytest.raises(trio.BrokenResourceError):
+        ours.receive_nowait(1)
+    ours.set_wake_callback(None)
+    await ours.aclose()
