@@ -166,7 +166,14 @@ def iperf_gbps(
         argv += ["-O", str(omit)]
     if reverse:
         argv.append("-R")
-    result = json.loads(ns.run(argv, timeout=seconds + 60, check=False).stdout)
+    for attempt in range(5):
+        result = json.loads(ns.run(argv, timeout=seconds + 60, check=False).stdout)
+        # The server is still finishing the previous run (back to back, the
+        # last of its data may still be draining through a proxy): it
+        # refuses at once; ask again shortly.
+        if "server is busy" not in str(result.get("error", "")):
+            break
+        time.sleep(0.5 * (attempt + 1))
     if "error" in result:
         raise LabError(f"iperf3 to {host} failed: {result['error']}")
     return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
