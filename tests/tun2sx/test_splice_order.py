@@ -2,8 +2,8 @@
 
 The splice moves the application's bytes on from the engine's wake-ups
 and the outbound's from the flow's task, handing the upload to a task of
-its own only when the outbound's buffer fills. Two orders of events that
-broke that: an application that writes everything before it reads (the
+its own only when the outbound's buffer fills (a short exchange must need
+no such task: that is the point). Two orders of events that broke that: an application that writes everything before it reads (the
 download must not wait for it while the upload has no task), and a server
 that answers and then resets (the answer reaches the application first).
 No root needed: the application is a `TcpConnection` of our own stack
@@ -179,3 +179,42 @@ async def test_an_answer_followed_by_a_reset_reaches_the_application_first(
                 )
         assert received == answer
         assert ConnectionReset in events
+
+
+class _SpawnCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def test_a_short_exchange_needs_no_upload_task(
+    lab: tuple[AppSide, trio.MemoryReceiveChannel[trio.SocketStream]],
+) -> None:
+    """The point of the wake-driven upload: a request and its answer move
+    with one task per flow, no second one for the upload."""
+    side, accepted = lab
+
+    async def server() -> None:
+        stream = await accepted.receive()
+        request = b""
+        while not request.endswith(b"\r\n\r\n"):
+            request += await stream.receive_some(100)
+        await stream.send_all(b"HTTP/1.0 200 OK\r\n\r\nhi")
+        await stream.aclose()
+
+    spawned = _SpawnCounter()
+    trio.lowlevel.add_instrument(spawned)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with trio.fail_after(10):
+                received, _ = await exchange(
+                    side, b"GET / HTTP/1.0\r\n\r\n", read_while_sending=True, close=True
+                )
+    finally:
+        trio.lowlevel.remove_instrument(spawned)
+    assert received == b"HTTP/1.0 200 OK\r\n\r\nhi"
+    flow_tasks = [name for name in spawned.names if "tcpflow" in name]
+    assert flow_tasks and not [name for name in flow_tasks if "_upload_task" in name]
