@@ -3,11 +3,12 @@
 The splice moves the application's bytes on from the engine's wake-ups
 and the outbound's from the flow's task, handing the upload to a task of
 its own only when the outbound's buffer fills (a short exchange must need
-no such task: that is the point). Two orders of events that broke that: an application that writes everything before it reads (the
-download must not wait for it while the upload has no task), and a server
-that answers and then resets (the answer reaches the application first).
-No root needed: the application is a `TcpConnection` of our own stack
-behind a SOCK_SEQPACKET pair (tests/tun2sx/test_engine_faults.py).
+no such task: that is the point). Two orders of events that broke that:
+an application that writes everything before it reads (the download must
+not wait for it while the upload has no task), and a server that answers
+and then resets (the answer reaches the application first). No root
+needed: the application is a `TcpConnection` of our own stack behind a
+SOCK_SEQPACKET pair (tests/tun2sx/test_engine_faults.py).
 """
 
 from __future__ import annotations
