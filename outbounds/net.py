@@ -324,23 +324,14 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
         try:
             await _checkpoint_if_cancelled()
             try:
-                data = sock.recv(max_bytes)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
+                data = _recv_now(sock, max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await _cancel_shielded_checkpoint()
-                raise _stream_error(exc) from _cause(exc)
-            else:
+                raise
+            if data is not None:
                 await _cancel_shielded_checkpoint()
                 return data
-            while True:
-                await _wait_readable(sock)
-                try:
-                    return sock.recv(max_bytes)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise _stream_error(exc) from _cause(exc)
+            return await _recv_when_readable(sock, max_bytes)
         finally:
             self._receiving = False
 
@@ -358,14 +349,7 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("socket was already closed")
         self._receiving = True
         try:
-            while True:
-                await _wait_readable(sock)
-                try:
-                    return sock.recv(max_bytes)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    raise _stream_error(exc) from _cause(exc)
+            return await _recv_when_readable(sock, max_bytes)
         finally:
             self._receiving = False
 
@@ -378,12 +362,7 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is currently receiving on this stream")
-        try:
-            return self.socket.recv(max_bytes)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            raise _stream_error(exc) from _cause(exc)
+        return _recv_now(self.socket, max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent:
@@ -400,12 +379,10 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
                 return
             await _checkpoint_if_cancelled()
             try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
+                sent = _send_now(sock, data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await _cancel_shielded_checkpoint()
-                raise _stream_error(exc) from _cause(exc)
+                raise
             size = len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
             if sent == size:
                 await _cancel_shielded_checkpoint()
@@ -415,12 +392,7 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
             with memoryview(data) as view, view.cast("B") as octets:
                 while sent < len(octets):
                     await _wait_writable(sock)
-                    try:
-                        sent += sock.send(octets[sent:])
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:
-                        raise _stream_error(exc) from _cause(exc)
+                    sent += _send_now(sock, octets[sent:])
         finally:
             self._sending = False
 
@@ -436,12 +408,7 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("can't send data after sending EOF")
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending on this stream")
-        try:
-            return self.socket.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise _stream_error(exc) from _cause(exc)
+        return _send_now(self.socket, data)
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""
@@ -501,6 +468,35 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
             if self._receiving or self._sending:
                 trio.lowlevel.notify_closing(sock)
             sock.close()
+
+
+def _recv_now(sock: socket.socket, max_bytes: int) -> bytes | None:
+    """One non-blocking recv: the data (b"" at EOF), None when there is none yet."""
+    try:
+        return sock.recv(max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _stream_error(exc) from _cause(exc)
+
+
+async def _recv_when_readable(sock: socket.socket, max_bytes: int) -> bytes:
+    """Wait (the checkpoint) until a recv returns something, and return it."""
+    while True:
+        await _wait_readable(sock)
+        data = _recv_now(sock, max_bytes)
+        if data is not None:
+            return data
+
+
+def _send_now(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
+    """One non-blocking send: the bytes the socket took (0 when its buffer is full)."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise _stream_error(exc) from _cause(exc)
 
 
 def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
