@@ -20,29 +20,13 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from outbounds.base import Destination, UdpSession
-from outbounds.net import SocketOptions, open_tcp
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import NEED_DATA, ConnectionReset, DataReceived, EofReceived
 from tests.tun2sx.test_engine_faults import CONFIG, AppSide
+from tests.tun2sx.test_splice import LoopbackOutbound
 from tun2sx.engine import Engine, EngineConfig
 from tun2sx.router import Router
 from tun2sx.tun import TunDevice
-
-
-class LoopbackOutbound:
-    """Connects every flow to one local listener."""
-
-    name = "loopback"
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
-        return await open_tcp("127.0.0.1", self.port, SocketOptions())
-
-    async def open_udp(self) -> UdpSession:
-        raise NotImplementedError
 
 
 async def exchange(
