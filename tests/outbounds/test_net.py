@@ -9,7 +9,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
@@ -123,8 +123,9 @@ async def test_bad_interface_is_refused() -> None:
         await open_tcp(LOCALHOST, 9, opts)
 
 
-async def test_connect_timeout(autojump_clock: trio.abc.Clock) -> None:
-    """A listener whose accept queue is full stops answering SYNs: a timeout."""
+@contextlib.contextmanager
+def _unanswered_port() -> Iterator[int]:
+    """A loopback port whose listener's accept queue is full: SYNs go unanswered."""
     with socket.socket() as full:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
@@ -138,12 +139,18 @@ async def test_connect_timeout(autojump_clock: trio.abc.Clock) -> None:
                 with contextlib.suppress(BlockingIOError):
                     s.connect(("127.0.0.1", port))
                 fillers.append(s)
-            with pytest.raises(OutboundError, match="timed out") as info:
-                await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
-            assert info.value.reply is FailureReply.HOST_UNREACHABLE
+            yield port
         finally:
             for s in fillers:
                 s.close()
+
+
+async def test_connect_timeout(autojump_clock: trio.abc.Clock) -> None:
+    """A listener whose accept queue is full stops answering SYNs: a timeout."""
+    with _unanswered_port() as port:
+        with pytest.raises(OutboundError, match="timed out") as info:
+            await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
+        assert info.value.reply is FailureReply.HOST_UNREACHABLE
 
 
 async def test_prefixed_stream_replays_then_reads() -> None:
@@ -479,22 +486,8 @@ async def test_an_earlier_enclosing_deadline_wins_over_the_connect_timeout(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """Under a caller's earlier deadline the caller's scope ends the connect."""
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        port = full.getsockname()[1]
-        fillers = []
-        try:
-            for _ in range(8):
-                s = socket.socket()
-                s.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    s.connect(("127.0.0.1", port))
-                fillers.append(s)
-            with trio.move_on_after(1) as scope:
-                await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
-            assert scope.cancelled_caught
-            assert trio.current_time() == pytest.approx(1)
-        finally:
-            for s in fillers:
-                s.close()
+    with _unanswered_port() as port:
+        with trio.move_on_after(1) as scope:
+            await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
+        assert scope.cancelled_caught
+        assert trio.current_time() == pytest.approx(1)
