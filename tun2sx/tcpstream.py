@@ -210,15 +210,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called")
-            self._check_alive()
-            sent = self._conn.send(data)
-            if eof and sent == len(data):
-                self._eof_sent = True
-                self._conn.close()
-            elif not sent:
-                return 0
-            self._flusher.flush()
-            return sent
+            return self._queue(data, eof=eof)
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""
@@ -226,12 +218,20 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._check_open()
             self._queue_eof()
 
-    def _queue(self, data: bytes | memoryview) -> int:
-        """Put what fits of `data` into the connection; let it go out."""
+    def _queue(self, data: bytes | memoryview, *, eof: bool = False) -> int:
+        """Put what fits of `data` into the connection; let it go out.
+
+        With `eof`, when all of `data` fits, the FIN is queued behind it
+        (one flush for both).
+        """
         self._check_alive()
         sent = self._conn.send(data)
-        if sent:
-            self._flusher.flush()
+        if eof and sent == len(data):
+            self._eof_sent = True
+            self._conn.close()
+        elif not sent:
+            return 0
+        self._flusher.flush()
         return sent
 
     def _queue_eof(self) -> None:
