@@ -190,11 +190,13 @@ class NetStack:
         partial = self.config.partial_checksum
         ttl = self.config.ttl
         connections = self.tcp.connections
+        # Without GSO no segment is longer than its peer's MSS: no lookup.
+        gso = self.config.tcp.gso_size is not None
         for key, hdr, payload in self.tcp.segments_to_send(now):
             packet = build_tcp_packet(
                 key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
             )
-            if len(payload) > _MIN_MSS:
+            if gso and len(payload) > _MIN_MSS:
                 conn = connections.get(key)
                 limit = None if conn is None else conn.packet_limit
                 if limit is not None and len(packet) > limit:
