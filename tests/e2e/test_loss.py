@@ -22,11 +22,12 @@ from tests.e2e.testbed import running_bed
 pytestmark = pytest.mark.e2e
 
 SIZE = 8 * 1024 * 1024
+NEEDS = ("danted", "nft", "ethtool", "iperf3")  # the lossy lab's programs
 
 
 @pytest.fixture(scope="module")
 def lossy() -> Iterator[LossyBed]:
-    require("danted", "nft", "ethtool", "iperf3")
+    require(*NEEDS)
     with running_bed("t2sx-loss", LossyBed) as bed:
         yield bed
 
@@ -53,7 +54,7 @@ def test_an_application_behind_a_smaller_mtu_gets_exact_bytes_with_the_default_t
     """tun2sx's default TUN MTU (9000) is larger than the application's
     1500-byte path (a LAN behind a router): its GSO super-segments must be
     cut at the application's MSS, or they are dropped as too big."""
-    require("danted", "nft", "ethtool", "iperf3")
+    require(*NEEDS)
     with running_bed("t2sx-lan", functools.partial(LossyBed, mtu=None)) as bed:
         link = bed.tunns.run(["ip", "link", "show", "tun0"]).stdout
         assert " mtu 9000 " in link, link
