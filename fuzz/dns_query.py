@@ -24,8 +24,15 @@ from pathlib import Path
 
 from dnslib import EDNS0, QTYPE, DNSRecord
 
-from tun2sx.dns import BadDnsQuery, DnsForward, DnsReply, DnsTcpFramer, FakeDns, truncate_for_udp
-from tun2sx.fakeip import FakeIpFilter, FakeIpStore, normalize_name
+from tun2sx.naming.dns import (
+    BadDnsQuery,
+    DnsForward,
+    DnsReply,
+    DnsTcpFramer,
+    FakeDns,
+    truncate_for_udp,
+)
+from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, normalize_name
 
 _STORE = FakeIpStore(v4_pool="10.99.0.0/28", v6_pool="fd00::/124", reserved=["10.99.0.1"])
 _DNS = FakeDns(_STORE, FakeIpFilter(["+.lan", "*.corp.example", "time?.example"]))

@@ -6,8 +6,8 @@ configuration, the CLI and the embedding entry point. Outbound protocols live
 in the separate `outbounds` package.
 """
 
-from tun2sx.api import Protect, Tun2sx, make_settings, run, run_async, start
-from tun2sx.app import ConfigError, Settings
+from tun2sx.control.api import Protect, Tun2sx, make_settings, run, run_async, start
+from tun2sx.control.app import ConfigError, Settings
 
 __all__ = [
     "ConfigError",

@@ -2,6 +2,6 @@
 
 import sys
 
-from tun2sx.cli import main
+from tun2sx.control.cli import main
 
 sys.exit(main())

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, iperf_gbps, rss_kib
-from tun2sx.lab import Lab, missing_capabilities
+from tun2sx.lab.netns import Lab, missing_capabilities
 
 
 def _iperf(bed: Testbed, host: str, seconds: float, reverse: bool) -> float:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, rss_kib
-from tun2sx.lab import Lab, missing_capabilities
+from tun2sx.lab.netns import Lab, missing_capabilities
 
 STATS_ADDR = "127.0.0.1:9077"
 NOFILE = 65536

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tests.e2e.lossy import LossyBed
 from tests.e2e.testbed import SERVER_ADDR
-from tun2sx.lab import Lab, LabError, missing_capabilities
+from tun2sx.lab.netns import Lab, LabError, missing_capabilities
 
 RATES = (0, 5, 20)  # per mille, each way
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.testbed import SERVER_ADDR, Testbed, running_bed
-from tun2sx.lab import missing_capabilities
+from tun2sx.lab.netns import missing_capabilities
 
 __all__ = ["SERVER_ADDR", "Testbed", "require"]
 

@@ -35,7 +35,7 @@ from tests.e2e.testbed import (
     run_client_tool,
     start_far_side,
 )
-from tun2sx.lab import Lab, Namespace
+from tun2sx.lab.netns import Lab, Namespace
 
 APP_ADDR = "10.201.0.1"
 IPERF_PORT = 5201

@@ -23,7 +23,7 @@ import pytest
 
 from tests.e2e.conftest import require
 from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, running_bed
-from tun2sx.lab import Lab
+from tun2sx.lab.netns import Lab
 
 SIZE = 16 * 1024 * 1024
 BURST = 40

@@ -20,7 +20,7 @@ import pytest
 from tests.bench.load import dns_burst, final_stats, raise_nofile, start_bed, tcp_load
 from tests.e2e.conftest import require
 from tests.e2e.testbed import Testbed
-from tun2sx.lab import Lab
+from tun2sx.lab.netns import Lab
 
 CONNECTIONS = 1000
 SIZE = 8192

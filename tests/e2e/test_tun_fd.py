@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.testbed import SERVER_ADDR, Testbed
-from tun2sx.lab import inside
-from tun2sx.tun import open_tun
+from tun2sx.dataplane.tun import open_tun
+from tun2sx.lab.netns import inside
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ import pytest
 
 from tests.e2e.conftest import SERVER_ADDR, Testbed, require
 from tests.e2e.testbed import NAMES, ROOT, children_of, running_bed
-from tun2sx.lab import Lab
+from tun2sx.lab.netns import Lab
 
 WORKERS = 2
 STATS_PORT = 9190

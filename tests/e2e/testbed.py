@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from tun2sx.lab import Lab, LabError, Namespace
+from tun2sx.lab.netns import Lab, LabError, Namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_ADDR = "10.200.0.2"

@@ -27,7 +27,7 @@ from outbounds.base import Destination
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from tests.e2e.conftest import require
-from tun2sx.lab import Lab, Namespace, inside
+from tun2sx.lab.netns import Lab, Namespace, inside
 
 pytestmark = pytest.mark.e2e
 

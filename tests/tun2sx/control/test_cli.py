@@ -1,0 +1,63 @@
+"""The command line: bad values give one line naming the flag, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tun2sx.control.cli import build_parser, main, parse_endpoint, settings_from_args
+
+
+def test_endpoint_parsing() -> None:
+    assert str(parse_endpoint("127.0.0.1:1080", "--socks")) == "127.0.0.1:1080"
+    assert str(parse_endpoint("[::1]:53", "--dns-upstream")) == "[::1]:53"
+    assert str(parse_endpoint("proxy.lan:1080", "--socks")) == "proxy.lan:1080"
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--tun", "tunx", "--socks", "127.0.0.1"], "--socks"),
+        (["--tun", "tunx", "--socks", "127.0.0.1:99999"], "--socks"),
+        (["--tun", "tunx", "--proxy", "http://x:1"], "--proxy"),
+        (["--tun", "tunx", "--proxy", "socks5://h"], "--proxy"),
+        (["--tun", "tunx"], "outbound"),
+        (["--socks", "1.2.3.4:5"], "--tun"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--mtu", "100"], "--mtu"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--tun-address", "x/1"], "--tun-address"),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "300.0.0.0/8"],
+            "--fake-ip-range",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "fc00::/18"],
+            "--fake-ip-range",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range6", "10.0.0.0/8"],
+            "--fake-ip-range6",
+        ),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--dns-upstream", "nope"], "--dns-upstream"),
+        (["--tun", "tunx", "--socks", "1.2.3.4:5", "--udp-timeout", "0"], "--udp-timeout"),
+    ],
+)
+def test_bad_values_name_the_flag(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("tun2sx: ")
+    assert field in err
+
+
+def test_settings_from_flags() -> None:
+    parser = build_parser()
+    settings = settings_from_args(
+        parser.parse_args(["--tun", "t0", "--socks", "127.0.0.1:1080", "--fake-ip-range6", "none"])
+    )
+    assert settings.outbound == "socks5://127.0.0.1:1080"
+    assert settings.fake_ip_range6 is None
+    v6 = settings_from_args(parser.parse_args(["--tun", "t0", "--socks", "[::1]:1080"]))
+    assert v6.outbound == "socks5://[::1]:1080"
+    direct = settings_from_args(parser.parse_args(["--tun", "t0", "--proxy", "direct://"]))
+    assert direct.outbound == "direct://"

@@ -1,0 +1,253 @@
+"""The TOML config and the CLI over it: every key lands, every mistake is one line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from outbounds.base import Destination
+from outbounds.net import SocketOptions
+from tun2sx.control.app import DEFAULT_AUTO_ROUTE_FWMARK, ConfigError, Settings, build_router
+from tun2sx.control.cli import build_parser, main, settings_from_args
+from tun2sx.control.config import load_config, settings_from_mapping
+
+DOCS = Path(__file__).parents[3] / "docs" / "config.md"
+
+
+def documented_example() -> str:
+    match = re.search(r"## Full example\n\n```toml\n(.*?)```", DOCS.read_text(), re.S)
+    assert match is not None
+    return match.group(1)
+
+
+def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "tun2sx.toml"
+    path.write_text(documented_example())
+    settings = load_config(path)
+    assert settings == Settings(
+        tun="tun0",
+        mtu=9000,
+        tun_addresses=("198.18.0.1/15",),
+        offload=True,
+        outbound="proxy",
+        fwmark=0x2022,
+        fake_ip=True,
+        fake_ip_range=ipaddress.IPv4Network("198.18.0.0/15"),
+        fake_ip_range6=ipaddress.IPv6Network("fc00::/18"),
+        fake_ip_db="/var/lib/tun2sx/fakeip.sqlite",
+        fake_ip_filter=("+.lan", "*.ntp.example.com"),
+        dns_upstream=Destination(ipaddress.IPv4Address("1.1.1.1"), 53),
+        dns_hijack=True,
+        udp_timeout=60.0,
+        connect_timeout=10.0,
+        outbounds=(
+            ("proxy", "socks5://127.0.0.1:1080"),
+            ("backup", "socks5://user:secret@10.0.0.2:1080"),
+        ),
+        rules=tuple(tomllib.loads(documented_example())["rules"]),
+        stats_listen="127.0.0.1:9090",
+        stats_interval=300.0,
+        auto_route=False,
+        workers=1,
+    )
+    router = build_router(settings, SocketOptions())
+    route = router.name_of
+    assert route(router.route(Destination("nas.lan", 445), "tcp")) == "DIRECT"
+    assert route(router.route(Destination("www.example.org", 443), "tcp")) == "backup"
+    assert route(router.route(Destination("x.tracker.net", 443), "tcp")) == "REJECT"
+    assert route(router.route(Destination("example.com", 53), "udp")) == "backup"
+    assert route(router.route(Destination("example.com", 443), "tcp")) == "proxy"
+    addr = Destination(ipaddress.IPv4Address("192.168.1.5"), 22)
+    assert route(router.route(addr, "tcp")) == "DIRECT"
+
+
+def test_omitted_keys_keep_their_defaults() -> None:
+    settings = settings_from_mapping({"outbound": "socks5://127.0.0.1:1080"})
+    assert settings == Settings(outbound="socks5://127.0.0.1:1080")
+    assert settings_from_mapping({"dns": {"fake_ip_range6": "none"}, "outbound": "DIRECT"})
+    assert settings_from_mapping({"dns": {"fake_ip_range6": False}, "outbound": "DIRECT"}) == (
+        Settings(outbound="DIRECT", fake_ip_range6=None)
+    )
+
+
+def test_match_rule_makes_outbound_optional() -> None:
+    settings = settings_from_mapping(
+        {"rules": ["MATCH,p"], "outbounds": {"p": {"url": "socks5://h:1"}}}
+    )
+    assert settings.outbound == "REJECT"
+    assert settings_from_mapping({}, require_outbound=False).outbound == "direct://"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ('outbund = "DIRECT"', "outbund: unknown key"),
+        ('outbound = "DIRECT"\n[tun]\nnmae = "x"', "tun.nmae: unknown key"),
+        ('outbound = "DIRECT"\n[dns]\nfake_ip = "yes"', "dns.fake_ip: expected true or false"),
+        ('outbound = "DIRECT"\n[tun]\nmtu = true', "tun.mtu: expected an integer, got a boolean"),
+        ('outbound = "DIRECT"\n[tun]\nmtu = 100', "mtu: 100 is not between"),
+        ('outbound = "DIRECT"\n[tun]\nname = "t"\nfd = 3', "tun: set name or fd"),
+        ('outbound = "DIRECT"\n[tun]\naddresses = ["x/1"]', "tun.addresses[0]:"),
+        ('outbound = "DIRECT"\n[tun]\naddresses = "1.2.3.4/8"', "tun.addresses: expected a list"),
+        ('outbound = "DIRECT"\ntun = 3', "tun: expected a table"),
+        ('outbound = "DIRECT"\nfwmark = 0', "fwmark: 0 is not a 32-bit mark"),
+        ('outbound = "DIRECT"\nudp_timeout = -1', "udp_timeout: must not be negative"),
+        ('outbound = "DIRECT"\nconnect_timeout = 0', "connect_timeout: must be positive"),
+        ('outbound = "DIRECT"\n[dns]\nfake_ip_range = "fc00::/18"', "dns.fake_ip_range: fc00"),
+        ('outbound = "DIRECT"\n[dns]\nfake_ip_range6 = "10.0.0.0/8"', "dns.fake_ip_range6:"),
+        ('outbound = "DIRECT"\n[dns]\nupstream = "nope"', "dns.upstream: expected HOST:PORT"),
+        ('outbound = "DIRECT"\n[dns]\nupstream = "h:x"', "dns.upstream:"),
+        ('outbound = "DIRECT"\n[stats]\nlisten = "0.0.0.0:9090"', "stats_listen: 0.0.0.0 is not"),
+        ('outbound = "DIRECT"\n[stats]\nlisten = "x:9090"', "stats_listen:"),
+        ('outbound = "DIRECT"\n[stats]\nports = 1', "stats.ports: unknown key"),
+        ('outbound = "DIRECT"\nrules = "MATCH,DIRECT"', "rules: expected a list"),
+        ('outbound = "DIRECT"\nworkers = 0', "workers: must be at least 1"),
+        ('outbound = "DIRECT"\nworkers = "many"', 'workers: expected a number or "auto"'),
+        ('outbound = "DIRECT"\nworkers = 1000', "workers: 1000 is not between 1 and 256"),
+        ('outbound = "DIRECT"\nworkers = 2\n[tun]\nfd = 3', "workers: an adopted TUN fd"),
+        (
+            'outbound = "DIRECT"\nworkers = 2\n[dns]\nfake_ip_db = ":memory:"',
+            "workers: share the fake-IP table",
+        ),
+        ('outbound = "DIRECT"\nrules = [1]', "rules[0]: expected a string"),
+        (
+            'outbound = "DIRECT"\nrules = ["MATCH,DIRECT", "DOMAIN,x,prxy"]',
+            "rules[1] 'DOMAIN,x,prxy': unknown outbound 'prxy'",
+        ),
+        ("rules = []", "outbound: required"),
+        ('outbound = "prxy"', "outbound: "),
+        ("outbound = 1", "outbound: expected a string"),
+        ('outbound = "DIRECT"\n[outbounds.p]\nuri = "x"', "outbounds.p.uri: unknown key"),
+        ('outbound = "DIRECT"\n[outbounds.p]', "outbounds.p.url: required"),
+        ('outbound = "DIRECT"\n[outbounds.p]\nurl = "http://x:1"', "outbounds.p.url:"),
+        ('outbound = "DIRECT"\n[outbounds.DIRECT]\nurl = "direct://"', "outbounds.DIRECT:"),
+        ('outbound = "DIRECT"\n[outbounds."a b"]\nurl = "direct://"', "outbounds: 'a b'"),
+        ('outbound = "DIRECT"\noutbounds = 1', "outbounds: expected a table"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, document: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(document + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(tmp_path / "missing.toml")
+    path = tmp_path / "broken.toml"
+    path.write_text("outbound = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+# -- the CLI over a file -------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tun2sx.toml"
+    path.write_text(
+        'outbound = "proxy"\nrules = ["DOMAIN-SUFFIX,lan,DIRECT"]\n'
+        '[outbounds.proxy]\nurl = "socks5://127.0.0.1:1080"\n'
+        '[tun]\nname = "tunf"\nmtu = 1500\n'
+        '[dns]\nfake_ip_range6 = "none"\nupstream = "9.9.9.9:53"\n'
+    )
+    return path
+
+
+def from_argv(*argv: str) -> Settings:
+    return settings_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_flags_override_the_file(config_file: Path) -> None:
+    base = from_argv("--config", str(config_file))
+    assert (base.tun, base.mtu, base.outbound) == ("tunf", 1500, "proxy")
+    assert base.fake_ip_range6 is None
+    assert base.rules == ("DOMAIN-SUFFIX,lan,DIRECT",)
+    over = from_argv(
+        "--config",
+        str(config_file),
+        "--tun-fd",
+        "7",
+        "--socks",
+        "10.0.0.1:1080",
+        "--dns-upstream",
+        "8.8.8.8:53",
+        "--no-fake-ip",
+        "--stats-listen",
+        "[::1]:9091",
+    )
+    assert (over.tun, over.tun_fd, over.mtu) == (None, 7, 1500)
+    assert over.outbound == "socks5://10.0.0.1:1080"
+    assert str(over.dns_upstream) == "8.8.8.8:53"
+    assert over.fake_ip is False
+    assert over.stats_listen == "[::1]:9091"
+    # What no flag touched stays as the file says.
+    assert over.outbounds == (("proxy", "socks5://127.0.0.1:1080"),)
+    assert over.fake_ip_range6 is None
+
+
+def test_flags_alone_give_the_same_defaults_as_settings() -> None:
+    assert from_argv("--tun", "t0", "--proxy", "direct://") == Settings(
+        tun="t0", outbound="direct://"
+    )
+
+
+def test_auto_route_flag(config_file: Path) -> None:
+    settings = from_argv("--config", str(config_file), "--auto-route")
+    assert settings.auto_route is True
+    assert settings.fwmark is None  # serve defaults it; see test_stats' serve test
+    assert DEFAULT_AUTO_ROUTE_FWMARK == 0x2022
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["--stats-listen", "192.0.2.1:9090"], "--stats-listen"),
+        (["--stats-interval", "-1"], "--stats-interval"),
+        (["--connect-timeout", "0"], "--connect-timeout"),
+        (["--proxy", "bogus"], "--proxy"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "two"], "--workers"),
+    ],
+)
+def test_bad_new_flags_name_the_flag(
+    config_file: Path, extra: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(config_file), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"tun2sx: {field}: ")
+
+
+def test_bad_file_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('rules = ["DOMAIN,x,prxy", "MATCH,DIRECT"]\n[tun]\nname = "t"\n')
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tun2sx: {path}: rules[0] 'DOMAIN,x,prxy': unknown outbound 'prxy'"
+
+
+def test_file_without_a_device_needs_a_flag(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('outbound = "DIRECT"\n')
+    with pytest.raises(ConfigError, match="a TUN device is required"):
+        from_argv("--config", str(path))
+    assert from_argv("--config", str(path), "--tun", "t1").tun == "t1"
+
+
+def test_workers_auto_is_one_per_usable_cpu(config_file: Path) -> None:
+    assert from_argv("--config", str(config_file), "--workers", "auto").workers == len(
+        os.sched_getaffinity(0)
+    )
+    assert from_argv("--config", str(config_file), "--workers", "3").workers == 3

@@ -1,0 +1,412 @@
+"""Statistics: the loopback endpoint, the summary line, per-flow accounting, wiring."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from outbounds.base import Destination
+from stack.netstack import NetStack, NetStackConfig
+from tun2sx.control import app
+from tun2sx.control.stats import (
+    MAX_REQUEST_HEAD,
+    log_summaries,
+    open_stats_listeners,
+    parse_loopback_endpoint,
+    read_request_head,
+    respond,
+    serve_stats,
+    serve_totals,
+    summary_line,
+    totals_response,
+)
+from tun2sx.dataplane.context import FlowInfo
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.splice import splice
+from tun2sx.naming.router import Router
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.flows: set[FlowInfo] = set()
+        self.counters = {"tcp_flows": 0, "tcp_flows_started": 0, "bytes_up": 0, "bytes_down": 0}
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+def flow(host: str, started: float, up: int = 0, down: int = 0) -> FlowInfo:
+    info = FlowInfo("tcp", "10.0.0.2:40000", Destination.parse_host(host, 443), "proxy", started)
+    info.bytes_up, info.bytes_down = up, down
+    return info
+
+
+# -- addresses -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+        ("127.8.0.1:0", ("127.8.0.1", 0)),
+        ("[::1]:9090", ("::1", 9090)),
+        ("localhost:80", ("127.0.0.1", 80)),
+    ],
+)
+def test_loopback_endpoints(value: str, expected: tuple[str, int]) -> None:
+    assert parse_loopback_endpoint(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0.0.0.0:9090", "not a loopback address"),
+        ("[::]:9090", "not a loopback address"),
+        ("192.168.1.1:9090", "not a loopback address"),
+        ("example.com:9090", "not an IP address or localhost"),
+        ("9090", "expected HOST:PORT"),
+        ("127.0.0.1:x", "bad port"),
+        ("127.0.0.1:70000", "outside"),
+    ],
+)
+def test_non_loopback_is_refused(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_loopback_endpoint(value)
+
+
+# -- responses, without sockets ----------------------------------------------------
+
+
+def split(response: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return status, headers, body
+
+
+def test_routes_and_errors() -> None:
+    engine = FakeEngine()
+    engine.counters["tcp_flows"] = 2
+    engine.flows = {flow("b.example", 5.0, 10, 20), flow("10.1.1.1", 2.0)}
+    status, headers, body = split(respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 9))
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(body)
+    assert json.loads(body)["tcp_flows"] == 2
+    status, _, body = split(respond(engine, b"GET /connections?x=1 HTTP/1.0", 10.0))
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body) == [
+        {
+            "network": "tcp",
+            "app": "10.0.0.2:40000",
+            "host": "10.1.1.1",
+            "port": 443,
+            "outbound": "proxy",
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "age": 8.0,
+        },
+        {
+            "network": "tcp",
+            "app": "10.0.0.2:40000",
+            "host": "b.example",
+            "port": 443,
+            "outbound": "proxy",
+            "bytes_up": 10,
+            "bytes_down": 20,
+            "age": 5.0,
+        },
+    ]
+    head_only = respond(engine, b"HEAD /stats HTTP/1.1", 0)
+    status, headers, body = split(head_only)
+    assert (status, body) == ("HTTP/1.1 200 OK", b"")
+    assert int(headers["Content-Length"]) > 0
+    assert split(respond(engine, b"GET /admin HTTP/1.1", 0))[0] == "HTTP/1.1 404 Not Found"
+    status, headers, _ = split(respond(engine, b"POST /stats HTTP/1.1", 0))
+    assert status == "HTTP/1.1 405 Method Not Allowed"
+    assert headers["Allow"] == "GET, HEAD"
+    for bad in (
+        b"GET /stats",
+        b"GET /stats SPDY/3",
+        b"\xff /stats HTTP/1.1",
+        b"GET / HTTP/1.1\r\nx",
+    ):
+        assert split(respond(engine, bad, 0))[0] == "HTTP/1.1 400 Bad Request"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:9090", True),
+        ("localhost", True),
+        ("[::1]:9090", True),
+        ("::1", True),
+        ("evil.example:9090", False),
+        ("evil.example", False),
+        ("[2001:db8::1]:80", False),
+    ],
+)
+def test_rebinding_host_headers_are_refused(host: str, allowed: bool) -> None:
+    request = f"GET /stats HTTP/1.1\r\nHost: {host}".encode()
+    status = split(respond(FakeEngine(), request, 0))[0]
+    assert status == ("HTTP/1.1 200 OK" if allowed else "HTTP/1.1 403 Forbidden")
+
+
+# -- the endpoint over loopback ----------------------------------------------------
+
+
+async def http_get(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        chunks = []
+        while data := await stream.receive_some():
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+async def test_endpoint_on_loopback(nursery: trio.Nursery) -> None:
+    engine = FakeEngine()
+    engine.flows = {flow("www.example.com", trio.current_time(), 3, 4)}
+    listeners = await open_stats_listeners("127.0.0.1", 0)
+    await nursery.start(serve_stats, engine, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    status, _, body = split(await http_get(port, b"GET /connections HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == "HTTP/1.1 403 Forbidden"
+    request = b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    status, _, body = split(await http_get(port, request))
+    assert status == "HTTP/1.1 200 OK"
+    (entry,) = json.loads(body)
+    assert (entry["host"], entry["bytes_up"], entry["bytes_down"]) == ("www.example.com", 3, 4)
+    # Split over several writes, as TCP may deliver it.
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /sta")
+        await stream.send_all(b"ts HTTP/1.1\r\n\r\n")
+        response = b""
+        while data := await stream.receive_some():
+            response += data
+    assert split(response)[0] == "HTTP/1.1 200 OK"
+
+
+async def test_totals_add_up_the_workers_and_name_one_that_does_not_answer(
+    nursery: trio.Nursery,
+) -> None:
+    ports = []
+    for host, started, up in (("a.example", 5.0, 1), ("b.example", 2.0, 10)):
+        engine = FakeEngine()
+        engine.counters.update(tcp_flows=1, tcp_flows_started=3, bytes_up=up)
+        engine.flows = {flow(host, trio.current_time() - started, up, 0)}
+        listeners = await open_stats_listeners("127.0.0.1", 0)
+        await nursery.start(serve_stats, engine, listeners)
+        ports.append(listeners[0].socket.getsockname()[1])
+    front = socket.create_server(("127.0.0.1", 0))
+    front_port = front.getsockname()[1]
+    workers = [("127.0.0.1", port) for port in ports]
+    await nursery.start(functools.partial(serve_totals, [front], workers))
+    request = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    status, _, body = split(await http_get(front_port, request))
+    assert status == "HTTP/1.1 200 OK"
+    assert json.loads(body) == {
+        "tcp_flows": 2,
+        "tcp_flows_started": 6,
+        "bytes_up": 11,
+        "bytes_down": 0,
+    }
+    request = b"GET /connections HTTP/1.1\r\n\r\n"
+    rows = json.loads(split(await http_get(front_port, request))[2])
+    assert [(row["host"], row["worker"]) for row in rows] == [("a.example", 0), ("b.example", 1)]
+    # The same checks as one engine's endpoint.
+    forbidden = b"GET /stats HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    assert split(await http_get(front_port, forbidden))[0] == "HTTP/1.1 403 Forbidden"
+    # A worker that is gone: a 503 naming it, not a partial total.
+    gone = socket.create_server(("127.0.0.1", 0))
+    gone_port = gone.getsockname()[1]
+    gone.close()
+    response = await totals_response(request, [workers[0], ("127.0.0.1", gone_port)])
+    status, _, body = split(response)
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    assert f"worker 1 (port {gone_port}) did not answer" in json.loads(body)["error"]
+
+
+async def test_request_heads_are_bounded() -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    endless = b"GET /stats HTTP/1.1\r\nX: " + b"a" * 20000
+    await send.send_all(endless)
+    assert await read_request_head(receive) is None
+    await send.aclose()
+    left = 0
+    while data := await receive.receive_some():
+        left += len(data)
+    # Stopped reading soon after the limit instead of buffering everything.
+    assert len(endless) - left <= MAX_REQUEST_HEAD + 4096
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    await send.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nignored")
+    assert await read_request_head(receive) == b"GET / HTTP/1.1\r\nHost: a"
+    await send.send_all(b"GET / HTTP/1.1\r\n")
+    await send.aclose()
+    assert await read_request_head(receive) is None
+
+
+async def test_listeners_refuse_other_addresses() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        await open_stats_listeners("0.0.0.0", 0)
+
+
+# -- the summary line -------------------------------------------------------------
+
+
+def test_summary_line_totals_and_deltas() -> None:
+    before = {"tcp_flows_started": 10, "bytes_up": 1024, "bytes_down": 0, "udp_queue_drops": 1}
+    now = {
+        "tcp_flows": 3,
+        "tcp_flows_started": 15,
+        "udp_sessions": 1,
+        "udp_sessions_started": 2,
+        "bytes_up": 3072,
+        "bytes_down": 5 * 1024 * 1024,
+        "udp_queue_drops": 4,
+        "dns_forward_drops": 1,
+    }
+    assert summary_line(now, before) == (
+        "tcp 3 open (+5), udp 1 open (+2), up 3.0 KiB (+2.0 KiB), "
+        "down 5.0 MiB (+5.0 MiB), drops 5 (+4)"
+    )
+
+
+async def test_summary_is_logged_every_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tun2sx.stats")
+    engine = FakeEngine()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log_summaries, engine, 60.0)
+        await trio.sleep(59)
+        assert caplog.messages == []
+        engine.counters["tcp_flows_started"] = 7
+        await trio.sleep(2)
+        assert len(caplog.messages) == 1
+        assert "(+7)" in caplog.messages[0]
+        await trio.sleep(120)
+        nursery.cancel_scope.cancel()
+    assert len(caplog.messages) == 3
+    assert "tcp 0 open (+0)" in caplog.messages[2]
+
+
+# -- accounting --------------------------------------------------------------------
+
+
+class IdleDevice:
+    name = "fake0"
+    mtu = 1500
+    offload = False
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def read_batch(self, limit: int = 256) -> list[Any]:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    def write(self, packet: bytes) -> None:
+        raise AssertionError("nothing should be sent")
+
+    def fileno(self) -> int:
+        return -1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_splice_counts_bytes_each_way() -> None:
+    engine = Engine(IdleDevice(), NetStack(NetStackConfig()), Router(None))  # type: ignore[arg-type]
+    dest = Destination("a.test", 80)
+    info = engine.open_flow("tcp", "10.0.0.2:1", dest, "proxy")
+    app_side, app_peer = trio.testing.memory_stream_pair()
+    up_side, up_peer = trio.testing.memory_stream_pair()
+
+    async def peers() -> None:
+        await app_peer.send_all(b"x" * 1000)
+        await app_peer.send_eof()
+        await up_peer.send_all(b"y" * 3000)
+        await up_peer.send_eof()
+        assert await up_peer.receive_some() == b"x" * 1000
+        assert await app_peer.receive_some() == b"y" * 3000
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peers)
+        await splice(app_side, up_side, 65536, info)  # type: ignore[arg-type]
+    assert (info.bytes_up, info.bytes_down) == (1000, 3000)
+    stats = engine.statistics()
+    assert (stats["bytes_up"], stats["bytes_down"]) == (1000, 3000)
+    engine.close_flow(info)
+    assert engine.flows == set()
+    stats = engine.statistics()
+    assert (stats["bytes_up"], stats["bytes_down"]) == (1000, 3000)
+
+
+# -- serve wiring: auto-route and the stats endpoint ---------------------------------
+
+
+async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, object]] = []
+
+    @contextlib.contextmanager
+    def fake_auto_route(device: str, *, fwmark: int) -> Iterator[None]:
+        calls.append(("enter", (device, fwmark)))
+        try:
+            yield
+        finally:
+            calls.append(("exit", device))
+
+    import tun2sx.control.autoroute
+
+    monkeypatch.setattr(tun2sx.control.autoroute, "auto_route", fake_auto_route)
+    opened: list[trio.SocketListener] = []
+
+    async def recording_listeners(host: str, port: int) -> list[trio.SocketListener]:
+        listeners = await open_stats_listeners(host, port)
+        opened.extend(listeners)
+        return listeners
+
+    monkeypatch.setattr(app, "open_stats_listeners", recording_listeners)
+    settings = app.Settings(
+        auto_route=True,
+        stats_listen="127.0.0.1:0",
+        fake_ip_db=":memory:",
+        outbounds={"p": "socks5://127.0.0.1:1"},
+        rules=("DOMAIN,a.test,p",),
+    )
+    device = IdleDevice()
+    async with trio.open_nursery() as nursery:
+        engine = await nursery.start(
+            lambda task_status: app.serve(
+                settings, device=device, handle_signals=False, task_status=task_status
+            )
+        )
+        assert calls == [("enter", ("fake0", app.DEFAULT_AUTO_ROUTE_FWMARK))]
+        assert engine.router.name_of(engine.router.route(Destination("a.test", 1), "tcp")) == "p"
+        port = opened[0].socket.getsockname()[1]
+        status, _, body = split(await http_get(port, b"GET /stats HTTP/1.1\r\n\r\n"))
+        assert status == "HTTP/1.1 200 OK"
+        assert json.loads(body)["tcp_flows"] == 0
+        nursery.cancel_scope.cancel()
+    assert calls[-1] == ("exit", "fake0")
+    assert device.closed
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_serve_refuses_a_public_stats_address() -> None:
+    settings = app.Settings(stats_listen="0.0.0.0:9090", fake_ip_db=":memory:")
+    with pytest.raises(app.ConfigError, match=r"^stats_listen: 0\.0\.0\.0 is not a loopback"):
+        await app.serve(settings, device=IdleDevice(), handle_signals=False)  # type: ignore[arg-type]

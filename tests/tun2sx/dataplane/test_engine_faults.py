@@ -1,0 +1,266 @@
+"""The engine over a TUN whose reads fail: flows survive, errors are counted.
+
+The device is a real `TunDevice` whose kernel side is a SOCK_SEQPACKET
+socketpair (one message per packet, like a TUN) and whose read system call
+fails now and then: EIO before the packet is taken, or EFAULT after the
+kernel dequeued it (that packet is lost, as the kernel's would be). On the
+far end of the pair the application is the stack's own `TcpConnection`,
+opened from the engine's SYN-ACK (TCP is symmetric once established), so it
+retransmits what the faults lose. The outbound echoes. No root needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from outbounds.base import Destination, UdpSession
+from stack.netstack import NetStack, NetStackConfig
+from stack.tcp import (
+    NEED_DATA,
+    Closed,
+    DataReceived,
+    EofReceived,
+    FlowKey,
+    TcpConfig,
+    TcpConnection,
+)
+from stack.wire.icmp import IcmpHeader
+from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
+from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
+from tun2sx.control import app
+from tun2sx.control.stats import respond
+from tun2sx.dataplane.context import EngineConfig
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.tun import TunDevice, TunError
+from tun2sx.naming.router import Router
+
+APP = socket.inet_aton("10.0.0.2")
+REMOTE = socket.inet_aton("198.51.100.7")
+APP_PORT, REMOTE_PORT = 40000, 7
+APP_ISN = 0xFFFFF000
+CONFIG = TcpConfig(mss=1400)
+
+
+class FaultyTun(TunDevice):
+    """A TunDevice over one end of a socketpair whose reads fail by a seeded plan.
+
+    Attributes:
+        injected: how many reads were made to fail.
+        gone: once set, every read fails as on a deleted TUN (EBADFD).
+    """
+
+    def __init__(self, fd: int, seed: int, *, eio: float = 0.0, lost: float = 0.0) -> None:
+        super().__init__(fd, name="fake0", mtu=1500, offload=False)
+        self._rng = random.Random(seed)
+        self._eio = eio
+        self._lost = lost
+        self.injected = 0
+        self.gone = False
+
+    def _read_packet(self, fd: int, size: int) -> bytes:
+        if self.gone:
+            raise OSError(errno.EBADFD, os.strerror(errno.EBADFD))
+        roll = self._rng.random()
+        if roll < self._eio:
+            self.injected += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        packet = os.read(fd, size)  # BlockingIOError when the queue is empty
+        if roll < self._eio + self._lost:
+            self.injected += 1
+            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        return packet
+
+
+class EchoOutbound:
+    """Connects every flow to an in-memory echo (EOF answered with EOF)."""
+
+    name = "echo"
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.destinations: list[Destination] = []
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        self.destinations.append(dest)
+        ours, theirs = trio.testing.memory_stream_pair()
+
+        async def echo() -> None:
+            while data := await theirs.receive_some():
+                await theirs.send_all(data)
+            await theirs.send_eof()
+
+        self._nursery.start_soon(echo)
+        return ours
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+class AppSide:
+    """The application behind the TUN: IP packets in and out of the socketpair."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def send(self, hdr: TcpHeader, payload: bytes | bytearray | memoryview = b"") -> None:
+        await self.sock.send(build_tcp_packet(APP, REMOTE, hdr, payload))
+
+    async def receive(self) -> tuple[TcpHeader, bytes]:
+        packet = parse_packet_untrusted(memoryview(await self.sock.recv(70000)))
+        assert isinstance(packet.l4, TcpHeader), packet
+        assert (packet.src, packet.dst) == (REMOTE, APP)
+        return packet.l4, bytes(packet.payload)
+
+    async def handshake(self) -> TcpConnection:
+        """SYN until the engine answers (faults eat some); then the app's connection."""
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        while True:
+            await self.send(syn)
+            with trio.move_on_after(1.0):
+                synack, _ = await self.receive()
+                break
+        assert synack.flags == SYN | ACK and synack.ack == APP_ISN + 1, synack
+        now = trio.current_time()
+        # The app's side, opened from the SYN-ACK seen as a SYN; its own
+        # SYN-ACK is dropped and the engine's ACK of it is made up here.
+        mirror = FlowKey(REMOTE, REMOTE_PORT, APP, APP_PORT)
+        conn = TcpConnection(mirror, synack._replace(flags=SYN, ack=0), APP_ISN, now, CONFIG)
+        conn.segments_to_send(now)
+        iss_next = (synack.seq + 1) & 0xFFFFFFFF
+        conn.segment_received(
+            TcpHeader(REMOTE_PORT, APP_PORT, iss_next, APP_ISN + 1, ACK, synack.window), b"", now
+        )
+        # Our ACK of the SYN-ACK; if a fault eats it, the first data segment
+        # (or the app's answer to a repeated SYN-ACK) completes the handshake.
+        await self.send(TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN + 1, iss_next, ACK, 65535))
+        return conn
+
+    async def echo(self, payload: bytes) -> bytes:
+        """Send `payload`, close, and return everything received until EOF and Closed."""
+        conn = await self.handshake()
+        sent = 0
+        received = bytearray()
+        events: set[type] = set()
+        while not {EofReceived, Closed} <= events:
+            now = trio.current_time()
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                conn.handle_timeout(now)
+            while sent < len(payload) and (n := conn.send(memoryview(payload)[sent:])):
+                sent += n
+            if sent == len(payload) and Closed not in events:
+                conn.close()
+            while (event := conn.next_event()) is not NEED_DATA:
+                events.add(type(event))
+                if isinstance(event, DataReceived):
+                    received += event.data
+            for hdr, data in conn.segments_to_send(now):
+                await self.send(hdr, data)
+            wait = conn.next_deadline()
+            with trio.move_on_at(wait if wait is not None else now + 60):
+                hdr, data = await self.receive()
+                conn.segment_received(hdr, data, trio.current_time())
+        return bytes(received)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[int, trio.socket.SocketType]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = ours.detach()  # the device owns and closes it
+    with trio.socket.from_stdlib_socket(theirs) as app_sock:
+        yield fd, app_sock
+
+
+async def test_a_flow_through_failing_reads_is_exact_and_the_errors_are_counted(
+    autojump_clock: trio.testing.MockClock, pair: tuple[int, trio.socket.SocketType]
+) -> None:
+    fd, app_sock = pair
+    device = FaultyTun(fd, seed=6, eio=0.08, lost=0.08)
+    payload = random.Random(1).randbytes(300_000)
+    async with trio.open_nursery() as nursery:
+        outbound = EchoOutbound(nursery)
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(outbound))
+        await nursery.start(engine.run)
+        received = await AppSide(app_sock).echo(payload)
+        stats = engine.statistics()
+        nursery.cancel_scope.cancel()
+    device.close()
+    assert outbound.destinations == [Destination.parse_host("198.51.100.7", REMOTE_PORT)]
+    assert received == payload
+    assert (stats["bytes_up"], stats["bytes_down"]) == (len(payload), len(payload))
+    # Every failed read is counted once, and the flow really went through
+    # dozens of them (300 kB is over 200 segments from the application).
+    assert device.injected >= 20
+    assert device.statistics_rx_errors == device.injected
+    assert stats["tun_rx_errors"] == device.injected
+    # ... and the operator sees them on the stats endpoint.
+    body = respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 0).partition(b"\r\n\r\n")[2]
+    assert b'"tun_rx_errors": %d' % device.injected in body
+
+
+async def test_a_deleted_device_ends_serve_with_one_tun_error(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    fd, app_sock = pair
+    device = FaultyTun(fd, seed=0)
+    device.gone = True
+    await app_sock.send(b"\x45")  # readable: the first read finds the device gone
+    settings = app.Settings(fake_ip_db=":memory:", stats_interval=0, outbound="direct://")
+    # A TunError wrapped in the nurseries' exception groups would reach the
+    # command line as a traceback; serve hands it over bare.
+    with (
+        trio.fail_after(10),  # before the fix, reads failed (and were counted) for ever
+        pytest.raises(TunError, match=r"^TUN device fake0 is gone \(deleted or closed\): "),
+    ):
+        await app.serve(settings, device=device, handle_signals=False)
+    assert device.statistics_rx_errors == 0
+
+
+class SilentOutbound:
+    """A proxy that accepts and then never answers: the connect hangs."""
+
+    name = "silent"
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def test_an_outbound_that_never_answers_ends_in_host_unreachable(
+    autojump_clock: trio.testing.MockClock, pair: tuple[int, trio.socket.SocketType]
+) -> None:
+    """The held SYN is answered at connect_timeout with ICMP host
+    unreachable quoting it, so the application's connect() fails then."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    config = EngineConfig(connect_timeout=3.0)
+    async with trio.open_nursery() as nursery:
+        stack = NetStack(NetStackConfig(tcp=CONFIG))
+        engine = Engine(device, stack, Router(SilentOutbound()), config=config)
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        start = trio.current_time()
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        with trio.fail_after(60):  # a hang fails the test instead of hanging it
+            packet = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
+        waited = trio.current_time() - start
+        stats = engine.statistics()
+        nursery.cancel_scope.cancel()
+    device.close()
+    assert isinstance(packet.l4, IcmpHeader), packet
+    assert (packet.l4.type, packet.l4.code) == (3, 1)  # host unreachable
+    assert (packet.src, packet.dst) == (REMOTE, APP)
+    assert waited == pytest.approx(3.0, abs=0.1)
+    assert stats["tcp_outbound_failed"] == 1

@@ -1,0 +1,71 @@
+"""TUN helpers that need no device: the virtio-net header we write."""
+
+from __future__ import annotations
+
+import os
+
+from stack.netstack import GsoPacket
+from stack.wire.packet import build_icmp_packet, build_tcp_packet, build_udp_packet
+from stack.wire.tcp import ACK, TcpHeader, TcpOptions
+from tun2sx.dataplane.tun import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VNET_HDR,
+    TunDevice,
+    _vnet_header_for,
+)
+
+V4A, V4B = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+V6A, V6B = bytes(15) + b"\x01", bytes(15) + b"\x02"
+HDR = TcpHeader(80, 40000, 1, 2, ACK, 100, options=TcpOptions(timestamp=(1, 2)))
+
+
+def test_small_tcp_segment_needs_checksum_only() -> None:
+    pkt = build_tcp_packet(V4A, V4B, HDR, b"x" * 100, partial_checksum=True)
+    flags, gso, hdr_len, _gso_size, start, offset = VNET_HDR.unpack(_vnet_header_for(pkt, 1500))
+    assert (flags, gso, start, offset) == (VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 20, 16)
+    assert hdr_len == 20 + 32
+
+
+def test_large_tcp_segment_is_cut_by_the_kernel() -> None:
+    for src, dst, ip_len, gso_type in (
+        (V4A, V4B, 20, VIRTIO_NET_HDR_GSO_TCPV4),
+        (V6A, V6B, 40, VIRTIO_NET_HDR_GSO_TCPV6),
+    ):
+        pkt = build_tcp_packet(src, dst, HDR, b"y" * 30000, partial_checksum=True)
+        flags, gso, hdr_len, gso_size, start, offset = VNET_HDR.unpack(_vnet_header_for(pkt, 1500))
+        assert gso == gso_type
+        assert hdr_len == ip_len + 32
+        assert gso_size == 1500 - ip_len - 32
+        assert (flags, start, offset) == (VIRTIO_NET_HDR_F_NEEDS_CSUM, ip_len, 16)
+
+
+def test_udp_and_icmp() -> None:
+    udp = build_udp_packet(V4A, V4B, 53, 4000, b"q", partial_checksum=True)
+    assert VNET_HDR.unpack(_vnet_header_for(udp, 1500)) == (
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        0,
+        0,
+        0,
+        20,
+        6,
+    )
+    ping = build_icmp_packet(V4A, V4B, 0, 0, 0x10001, b"abc")
+    assert _vnet_header_for(ping, 1500) == bytes(VNET_HDR.size)
+
+
+def test_a_gso_packet_is_cut_at_its_packet_size_not_the_devices_mtu() -> None:
+    read_end, write_end = os.pipe()
+    device = TunDevice(write_end, name="tun0", mtu=9000, offload=True)
+    try:
+        pkt = build_tcp_packet(V4A, V4B, HDR, b"z" * 30000, partial_checksum=True)
+        device.write(GsoPacket(pkt, 1500))
+        written = os.read(read_end, 65536)
+    finally:
+        device.close()
+        os.close(read_end)
+    header, packet = written[: VNET_HDR.size], written[VNET_HDR.size :]
+    _flags, gso, hdr_len, gso_size, _start, _offset = VNET_HDR.unpack(header)
+    assert (gso, hdr_len, gso_size) == (VIRTIO_NET_HDR_GSO_TCPV4, 52, 1500 - 52)
+    assert packet == pkt

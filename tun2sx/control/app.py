@@ -1,0 +1,419 @@
+"""The application: from `Settings` to a running engine, and back down.
+
+`Settings` is the whole configuration as one checked value; the command
+line builds it from a config file and flags, the embedding API from its
+arguments. `serve` opens (or adopts) the TUN, builds the fake-IP store, DNS,
+router, stack and engine, sets up routes when asked, runs the engine and
+the statistics until cancelled or signalled, and releases everything on
+the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+
+import attrs
+import trio
+
+from outbounds.base import Destination, Outbound
+from outbounds.direct import DirectOutbound
+from outbounds.net import SocketOptions
+from outbounds.url import parse_outbound_url
+from stack.netstack import NetStack, NetStackConfig
+from stack.tcp import TcpConfig
+from tun2sx.control.stats import (
+    log_summaries,
+    open_stats_listeners,
+    parse_loopback_endpoint,
+    serve_stats,
+)
+from tun2sx.dataplane.context import EngineConfig
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.tun import TunDevice, TunError, adopt_tun, open_tun
+from tun2sx.naming.dns import FakeDns
+from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore
+from tun2sx.naming.router import (
+    BUILTIN_TARGETS,
+    DIRECT,
+    REJECT,
+    Router,
+    RuleError,
+    RuleSet,
+    parse_rules,
+)
+
+log = logging.getLogger("tun2sx")
+
+DEFAULT_MTU = 9000
+GSO_SIZE = 64000
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+DEFAULT_POOL4 = ipaddress.IPv4Network("198.18.0.0/15")
+DEFAULT_POOL6 = ipaddress.IPv6Network("fc00::/18")
+# The mark outbound sockets carry under auto_route when no fwmark is set:
+# without one, the routes would send tun2sx's own traffic back into the TUN.
+DEFAULT_AUTO_ROUTE_FWMARK = 0x2022
+DEFAULT_STATS_INTERVAL = 300.0
+# The kernel's limit on the queues of one TUN (MAX_TAP_QUEUES).
+MAX_WORKERS = 256
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _pairs(value: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(name), str(url)) for name, url in items)
+
+
+@attrs.frozen
+class Settings:
+    """Everything tun2sx needs to run (see docs/usage.md for each field).
+
+    Attributes:
+        tun: TUN device name to open (created if missing), or None.
+        tun_fd: an already-open TUN fd to adopt, or None.
+        mtu: MTU to set (None: DEFAULT_MTU for an opened device, 1500 for
+            an adopted one).
+        tun_addresses: CIDRs to add to an opened device.
+        offload: virtio-net header with checksum/TSO offload.
+        outbound: the default outbound (when no rule matches): a URL, the
+            name of one of `outbounds`, DIRECT or REJECT.
+        outbounds: named outbounds, (name, URL) pairs, for the rules.
+        rules: Clash-style rule strings (see tun2sx.naming.router), first match wins.
+        fwmark: SO_MARK for every outbound socket.
+        interface: SO_BINDTODEVICE for every outbound socket.
+        fake_ip: answer DNS with fake IPs.
+        fake_ip_range / fake_ip_range6: the pools (v6 None: no AAAA).
+        fake_ip_db: SQLite file of the fake-IP table (":memory:": none).
+        fake_ip_filter: names resolved for real instead.
+        dns_upstream: resolver for what is not answered with a fake IP.
+        dns_hijack: answer every port-53 query ourselves.
+        udp_timeout: UDP session idle timeout, seconds.
+        connect_timeout: outbound connect timeout, seconds.
+        stats_listen: loopback HOST:PORT of the stats endpoint, or None (off).
+        stats_interval: seconds between summary log lines (0: none).
+        auto_route: route the namespace's traffic into the TUN while
+            serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
+        workers: processes serving a multi-queue TUN, one queue each
+            (tun2sx.control.workers); 1 is a single process.
+    """
+
+    tun: str | None = None
+    tun_fd: int | None = None
+    mtu: int | None = None
+    tun_addresses: tuple[str, ...] = ()
+    offload: bool = True
+    outbound: str = "direct://"
+    fwmark: int | None = None
+    interface: str | None = None
+    fake_ip: bool = True
+    fake_ip_range: IPNetwork = DEFAULT_POOL4
+    fake_ip_range6: IPNetwork | None = DEFAULT_POOL6
+    fake_ip_db: str = "/var/lib/tun2sx/fakeip.sqlite"
+    fake_ip_filter: tuple[str, ...] = ()
+    dns_upstream: Destination = attrs.field(
+        factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
+    )
+    dns_hijack: bool = True
+    udp_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    outbounds: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
+    rules: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    stats_listen: str | None = None
+    stats_interval: float = DEFAULT_STATS_INTERVAL
+    auto_route: bool = False
+    workers: int = 1
+
+
+def effective_fwmark(settings: Settings) -> int | None:
+    """The outbound sockets' mark: as set, or a default under auto_route."""
+    if settings.fwmark is None and settings.auto_route:
+        return DEFAULT_AUTO_ROUTE_FWMARK
+    return settings.fwmark
+
+
+def open_device(settings: Settings) -> TunDevice:
+    """Open or adopt the TUN device the settings name."""
+    if settings.tun_fd is not None:
+        return adopt_tun(settings.tun_fd, mtu=settings.mtu)
+    if not settings.tun:
+        raise ConfigError("a TUN device is required: tun (name) or tun_fd")
+    return open_tun(
+        settings.tun,
+        mtu=settings.mtu or DEFAULT_MTU,
+        offload=settings.offload,
+        addresses=settings.tun_addresses,
+    )
+
+
+def build_outbounds(settings: Settings, socket_options: SocketOptions) -> dict[str, Outbound]:
+    """Every named outbound, plus DIRECT.
+
+    Raises:
+        ConfigError: a reserved or repeated name, or a bad URL.
+    """
+    named: dict[str, Outbound] = {DIRECT: DirectOutbound(socket_options=socket_options)}
+    for name, url in settings.outbounds:
+        if not name or "," in name or any(ch.isspace() for ch in name):
+            raise ConfigError(f"outbounds: {name!r} is not a usable name (no commas or spaces)")
+        if name.upper() in BUILTIN_TARGETS:
+            raise ConfigError(f"outbounds.{name}: {name} is built in and cannot be redefined")
+        if name in named:
+            raise ConfigError(f"outbounds.{name}: defined twice")
+        try:
+            named[name] = parse_outbound_url(url, socket_options)
+        except ValueError as exc:
+            raise ConfigError(f"outbounds.{name}.url: {exc}") from exc
+    return named
+
+
+def build_router(settings: Settings, socket_options: SocketOptions) -> Router:
+    """The router: named outbounds, DIRECT, the rules and the default.
+
+    Raises:
+        ConfigError: a bad outbound or rule; the message names it.
+    """
+    named = build_outbounds(settings, socket_options)
+    try:
+        rules = parse_rules(settings.rules, named.keys())
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
+    default: Outbound | None
+    if settings.outbound == REJECT:
+        default, default_name = None, None
+    elif settings.outbound in named:
+        default, default_name = named[settings.outbound], settings.outbound
+    else:
+        try:
+            default = parse_outbound_url(settings.outbound, socket_options)
+        except ValueError as exc:
+            names = ", ".join(named)
+            raise ConfigError(f"outbound: {exc}; or name one of: {names}, REJECT") from exc
+        default_name = None
+    return Router(default, RuleSet(rules), named, default_name=default_name)
+
+
+def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
+    if settings.stats_interval < 0:
+        raise ConfigError("stats_interval: must not be negative")
+    if settings.stats_listen is None:
+        return None
+    try:
+        return parse_loopback_endpoint(settings.stats_listen)
+    except ValueError as exc:
+        raise ConfigError(f"stats_listen: {exc}") from exc
+
+
+def check_settings(settings: Settings) -> None:
+    """Check what `serve` would refuse, without opening anything.
+
+    Raises:
+        ConfigError: the message names the field.
+    """
+    build_router(settings, SocketOptions())
+    _stats_endpoint(settings)
+    if settings.udp_timeout <= 0:
+        raise ConfigError("udp_timeout: must be positive")
+    if settings.connect_timeout <= 0:
+        raise ConfigError("connect_timeout: must be positive")
+    if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
+        raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers: {settings.workers} is not between 1 and {MAX_WORKERS}")
+    if settings.workers > 1:
+        if settings.tun_fd is not None:
+            raise ConfigError("workers: an adopted TUN fd is one queue; workers need tun (a name)")
+        if settings.fake_ip and settings.fake_ip_db == ":memory:":
+            raise ConfigError("workers: share the fake-IP table, so fake_ip_db needs a file")
+
+
+@contextlib.contextmanager
+def routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterator[None]:
+    """The auto_route context when asked for; nothing otherwise."""
+    if not settings.auto_route:
+        yield
+        return
+    assert fwmark is not None  # effective_fwmark always gives one under auto_route
+    # Imported here: only a run that changes routes needs it.
+    from tun2sx.control.autoroute import auto_route
+
+    log.info("tun2sx: routing traffic into %s (outbound sockets marked %#x)", device_name, fwmark)
+    with auto_route(device_name, fwmark=fwmark):
+        yield
+
+
+def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
+    v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
+    # The first addresses of each pool are kept for the gateway and the
+    # DNS server users point their resolver at (198.18.0.1, .2, ...).
+    reserved: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
+        net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)
+    ]
+    reserved += [ipaddress.ip_interface(cidr).ip for cidr in settings.tun_addresses]
+    store = FakeIpStore(
+        path=settings.fake_ip_db,
+        v4_pool=str(v4),
+        v6_pool=None if v6 is None else str(v6),
+        reserved=tuple(reserved),
+        shared=shared,
+    )
+    return store, FakeDns(store, FakeIpFilter(settings.fake_ip_filter))
+
+
+async def serve(
+    settings: Settings,
+    *,
+    device: TunDevice | None = None,
+    protect: Callable[[int], bool] | None = None,
+    handle_signals: bool = True,
+    shared_fake_ip: bool = False,
+    task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run tun2sx until cancelled (or SIGINT/SIGTERM when `handle_signals`).
+
+    Args:
+        settings: the configuration.
+        device: a device to use instead of opening the one settings name.
+        protect: called with every outbound socket's fd before it connects
+            (Android's VpnService.protect), so it bypasses the TUN.
+        handle_signals: stop on SIGINT/SIGTERM (only in the main thread).
+        shared_fake_ip: other processes (workers) use the same fake-IP
+            table at the same time.
+        task_status: receives the running `Engine` once serving.
+
+    Raises:
+        ConfigError: a setting is wrong.
+        TunError: the device cannot be opened, or went away while serving.
+    """
+    if not handle_signals:
+        await _serve(settings, device, protect, shared_fake_ip, None, task_status)
+        return
+    # Open for the whole run, shutdown included: a second SIGINT/SIGTERM
+    # (Ctrl-C reaches every worker, and the parent relays SIGTERM too) is
+    # then absorbed instead of killing the process halfway through closing.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await _serve(settings, device, protect, shared_fake_ip, signals, task_status)
+
+
+async def _serve(
+    settings: Settings,
+    device: TunDevice | None,
+    protect: Callable[[int], bool] | None,
+    shared_fake_ip: bool,
+    signals: AsyncIterator[int] | None,
+    task_status: trio.TaskStatus[Engine],
+) -> None:
+    if settings.workers != 1:
+        # Several processes are the command line's business (tun2sx.control.workers);
+        # an embedder runs one engine on one TUN.
+        raise ConfigError(
+            f"workers: {settings.workers} needs the tun2sx command; serve() runs one process"
+        )
+    fwmark = effective_fwmark(settings)
+    socket_options = SocketOptions(
+        fwmark=fwmark,
+        interface=settings.interface,
+        protect=protect,
+        connect_timeout=settings.connect_timeout,
+    )
+    router = build_router(settings, socket_options)
+    stats_endpoint = _stats_endpoint(settings)
+    store = dns = None
+    if settings.fake_ip:
+        store, dns = _fake_ip_store(settings, shared_fake_ip)
+    try:
+        if device is None:
+            device = open_device(settings)
+        mss = max(536, device.mtu - 60)
+        stack = NetStack(
+            NetStackConfig(
+                # With offload the kernel cuts our 64 KB segments (GSO): one
+                # Python iteration then moves 64 KB instead of one MTU.
+                tcp=TcpConfig(mss=mss, gso_size=GSO_SIZE if device.offload else None),
+                partial_checksum=device.offload,
+            )
+        )
+        engine = Engine(
+            device,
+            stack,
+            router,
+            fakeip=store,
+            dns=dns,
+            config=EngineConfig(
+                connect_timeout=settings.connect_timeout,
+                udp_idle_timeout=settings.udp_timeout,
+                dns_hijack=settings.dns_hijack,
+                dns_upstream=settings.dns_upstream,
+            ),
+        )
+        log.info(
+            "tun2sx: serving %s (mtu %d, offload %s) via %r, %d rules",
+            device.name,
+            device.mtu,
+            "on" if device.offload else "off",
+            router.default,
+            len(router.rules.rules),
+        )
+        try:
+            with routes(settings, device.name, fwmark):
+                # Bound before the nursery, so a busy port is a plain
+                # ConfigError rather than an exception group.
+                listeners = []
+                if stats_endpoint is not None:
+                    try:
+                        listeners = await open_stats_listeners(*stats_endpoint)
+                    except OSError as exc:
+                        raise ConfigError(f"stats_listen: {exc}") from exc
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(engine.run)
+                        if listeners:
+                            await nursery.start(serve_stats, engine, listeners)
+                        if settings.stats_interval > 0:
+                            nursery.start_soon(log_summaries, engine, settings.stats_interval)
+                        if signals is not None:
+                            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+                        task_status.started(engine)
+                except BaseExceptionGroup as group:
+                    # The device going away ends the engine with a TunError
+                    # wrapped in the nurseries' groups: hand it over bare,
+                    # so the caller can report one line instead of a trace.
+                    gone = _only_tun_error(group)
+                    if gone is None:
+                        raise
+                    raise gone from gone.__cause__
+        finally:
+            log.info("tun2sx: stopped; %s", engine.statistics())
+    finally:
+        if device is not None:
+            device.close()
+        if store is not None:
+            store.close()
+
+
+def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None:
+    """The TunError in `group` when nothing else is in it, else None."""
+    matched, rest = group.split(TunError)
+    if matched is None or rest is not None:
+        return None
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, TunError)
+    return leaf
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
+        scope.cancel()
+        return

@@ -1,0 +1,307 @@
+"""The `tun2sx` command line: parse flags, build the pieces, serve.
+
+    tun2sx --tun tun0 --socks 127.0.0.1:1080
+    tun2sx --tun-fd 3 --proxy socks5://user:pass@10.0.0.1:1080
+    tun2sx --config /etc/tun2sx.toml --auto-route
+    tun2sx demo
+
+Flags are the quick path; a TOML file (`--config`, see tun2sx.control.config) holds
+named outbounds and rules. A flag given on the command line overrides the
+file's value, so flags default to None here and only the ones given are
+applied. A bad value ends the program with one line naming the flag or key;
+nothing starts half-configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import logging
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from outbounds.base import Destination
+from outbounds.url import parse_outbound_url
+from tun2sx.control.app import (
+    DEFAULT_AUTO_ROUTE_FWMARK,
+    DEFAULT_MTU,
+    DEFAULT_STATS_INTERVAL,
+    ConfigError,
+    Settings,
+    check_settings,
+    serve,
+)
+from tun2sx.control.autoroute import AutoRouteError
+from tun2sx.control.config import load_config, parse_workers
+from tun2sx.control.stats import parse_loopback_endpoint
+from tun2sx.dataplane.tun import TunDevice, TunError
+
+log = logging.getLogger("tun2sx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tun2sx",
+        description="Proxy everything routed into a TUN device through SOCKS5 or direct.",
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML config file (docs/config.md); flags override it"
+    )
+    tun = p.add_mutually_exclusive_group()
+    tun.add_argument("--tun", metavar="NAME", help="TUN device to open (created if missing)")
+    tun.add_argument("--tun-fd", metavar="N", type=int, help="adopt an already-open TUN fd")
+    p.add_argument("--mtu", type=int, help=f"set the TUN MTU (default {DEFAULT_MTU} on --tun)")
+    p.add_argument(
+        "--tun-address",
+        metavar="CIDR",
+        action="append",
+        help="add an address to the TUN (repeatable), e.g. 198.18.0.1/15",
+    )
+    p.add_argument("--no-offload", action="store_true", help="no virtio-net header / TSO offload")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy without authentication")
+    out.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="outbound URL: socks5://[user:pass@]host:port, ss://..., or direct://",
+    )
+    p.add_argument("--fwmark", type=lambda s: int(s, 0), help="SO_MARK for outbound sockets")
+    p.add_argument("--interface", help="bind outbound sockets to this interface")
+    p.add_argument(
+        "--auto-route",
+        action="store_true",
+        help="route this host's traffic into the TUN while running "
+        f"(outbound sockets get --fwmark, default {DEFAULT_AUTO_ROUTE_FWMARK:#x})",
+    )
+    p.add_argument("--fake-ip-range", help="IPv4 fake-IP pool (default 198.18.0.0/15)")
+    p.add_argument(
+        "--fake-ip-range6", help="IPv6 fake-IP pool (default fc00::/18), or 'none' for no AAAA"
+    )
+    p.add_argument(
+        "--fake-ip-db",
+        help="where the fake-IP table persists (default /var/lib/tun2sx/fakeip.sqlite; "
+        "':memory:' to not persist)",
+    )
+    p.add_argument(
+        "--fake-ip-filter",
+        action="append",
+        metavar="PATTERN",
+        help="names resolved for real instead (+.lan, *.example.com, exact); repeatable",
+    )
+    p.add_argument("--no-fake-ip", action="store_true", help="no fake-IP DNS at all")
+    p.add_argument(
+        "--dns-upstream",
+        metavar="HOST:PORT",
+        help="resolver for queries not answered with a fake IP, reached through the "
+        "outbound (default 1.1.1.1:53)",
+    )
+    p.add_argument("--no-dns-hijack", action="store_true", help="do not answer port 53 ourselves")
+    p.add_argument("--udp-timeout", type=float, help="UDP session idle timeout (s, default 60)")
+    p.add_argument("--connect-timeout", type=float, help="outbound connect timeout (s, default 10)")
+    p.add_argument(
+        "--stats-listen",
+        metavar="HOST:PORT",
+        help="serve read-only JSON stats on this loopback address (off by default)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        metavar="S",
+        help=f"seconds between summary log lines (default {DEFAULT_STATS_INTERVAL:g}; 0: none)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help='processes serving a multi-queue TUN, one core each ("auto": one per CPU; default 1)',
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def parse_endpoint(value: str, field: str) -> Destination:
+    """`host:port` or `[v6]:port` to a Destination; ConfigError names `field`."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{field}: expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+        return Destination.parse_host(host, port)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+
+
+def outbound_url(args: argparse.Namespace) -> str | None:
+    """The default outbound's URL from --socks or --proxy (None: neither given)."""
+    if args.socks:
+        dest = parse_endpoint(args.socks, "--socks")
+        host = f"[{dest.host}]" if ":" in str(dest.host) else str(dest.host)
+        return f"socks5://{host}:{dest.port}"
+    if args.proxy:
+        return str(args.proxy)
+    return None
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields the given flags set, each checked; ConfigError names the flag."""
+    values: dict[str, Any] = {}
+    url = outbound_url(args)
+    if url is not None:
+        field = "--socks" if args.socks else "--proxy"
+        try:
+            parse_outbound_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{field}: {exc}") from exc
+        values["outbound"] = url
+    # The two ways of naming the device exclude each other across file and flags.
+    if args.tun is not None:
+        values.update(tun=args.tun, tun_fd=None)
+    if args.tun_fd is not None:
+        values.update(tun=None, tun_fd=args.tun_fd)
+    if args.mtu is not None:
+        if not 576 <= args.mtu <= 65535:
+            raise ConfigError(f"--mtu: {args.mtu} is not between 576 and 65535")
+        values["mtu"] = args.mtu
+    if args.tun_address is not None:
+        for cidr in args.tun_address:
+            try:
+                ipaddress.ip_interface(cidr)
+            except ValueError as exc:
+                raise ConfigError(f"--tun-address: {exc}") from exc
+        values["tun_addresses"] = tuple(args.tun_address)
+    if args.dns_upstream is not None:
+        values["dns_upstream"] = parse_endpoint(args.dns_upstream, "--dns-upstream")
+    if args.fake_ip_range is not None:
+        values["fake_ip_range"] = _network(args.fake_ip_range, "--fake-ip-range", 4)
+    if args.fake_ip_range6 is not None:
+        values["fake_ip_range6"] = (
+            None
+            if args.fake_ip_range6 == "none"
+            else _network(args.fake_ip_range6, "--fake-ip-range6", 6)
+        )
+    for flag, field in (("--udp-timeout", "udp_timeout"), ("--connect-timeout", "connect_timeout")):
+        value = getattr(args, field)
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"{flag}: must be positive")
+            values[field] = value
+    if args.stats_interval is not None:
+        if args.stats_interval < 0:
+            raise ConfigError("--stats-interval: must not be negative")
+        values["stats_interval"] = args.stats_interval
+    if args.stats_listen is not None:
+        try:
+            parse_loopback_endpoint(args.stats_listen)
+        except ValueError as exc:
+            raise ConfigError(f"--stats-listen: {exc}") from exc
+        values["stats_listen"] = args.stats_listen
+    for field in ("fwmark", "interface", "fake_ip_db"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    if args.fake_ip_filter is not None:
+        values["fake_ip_filter"] = tuple(args.fake_ip_filter)
+    if args.workers is not None:
+        values["workers"] = parse_workers("--workers", args.workers)
+    # Switches only ever turn a feature off (or auto-route on), so only a
+    # given switch overrides the file.
+    for flag, field, value in (
+        (args.no_offload, "offload", False),
+        (args.no_fake_ip, "fake_ip", False),
+        (args.no_dns_hijack, "dns_hijack", False),
+        (args.auto_route, "auto_route", True),
+    ):
+        if flag:
+            values[field] = value
+    return values
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The config file (if any) with the given flags over it, all checked.
+
+    Raises:
+        ConfigError: one line naming the flag, or the file and its key.
+    """
+    values = _flag_values(args)
+    if args.config is not None:
+        base = load_config(args.config, require_outbound="outbound" not in values)
+    else:
+        if "outbound" not in values:
+            raise ConfigError(
+                "an outbound is required: --socks HOST:PORT, --proxy URL or --config FILE"
+            )
+        base = Settings()
+    settings = attrs.evolve(base, **values)
+    if settings.tun_fd is None and not settings.tun:
+        raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N (or [tun] name)")
+    # Flags are checked above one by one; this catches what only the
+    # combination decides (a rule naming an outbound, the default's name).
+    check_settings(settings)
+    return settings
+
+
+def _network(value: str, field: str, version: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        net = ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+    if net.version != version:
+        raise ConfigError(f"{field}: {value} is not an IPv{version} network")
+    return net
+
+
+def raise_fd_limit() -> None:
+    """Every proxied flow holds an outbound socket: lift the soft fd limit
+    to the hard one, so the default 1024 does not cap the flow count."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from tun2sx.lab.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"tun2sx: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        from tun2sx.control.workers import run_workers
+
+        return _reporting_errors(lambda: run_workers(settings, serve_worker))
+    return _reporting_errors(lambda: trio.run(serve, settings))
+
+
+def serve_worker(settings: Settings, device: TunDevice, shared_fake_ip: bool) -> int:
+    """One worker process of `--workers N`: serve one queue to the end."""
+    return _reporting_errors(
+        lambda: trio.run(
+            functools.partial(serve, settings, device=device, shared_fake_ip=shared_fake_ip)
+        )
+    )
+
+
+def _reporting_errors(run: Callable[[], int | None]) -> int:
+    """Run, turning the errors a user can act on into one line and a status."""
+    try:
+        return run() or 0
+    except ConfigError as exc:
+        print(f"tun2sx: {exc}", file=sys.stderr)
+        return 2
+    except (TunError, AutoRouteError) as exc:
+        print(f"tun2sx: {exc}", file=sys.stderr)
+        return 1

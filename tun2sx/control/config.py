@@ -1,0 +1,284 @@
+"""The TOML config file: from a file to a checked `Settings`.
+
+The file holds what flags cannot say comfortably: several named outbounds
+and a rule list. Every `Settings` field has a place in it (docs/config.md
+has the schema and a full example):
+
+    outbound = "proxy"                 # default: a name, DIRECT, REJECT or a URL
+    rules = ["DOMAIN-SUFFIX,lan,DIRECT", "MATCH,proxy"]
+    [outbounds.proxy]
+    url = "socks5://127.0.0.1:1080"
+    [tun] / [dns] / [stats]            # device, fake-IP DNS, statistics
+
+A file is read whole and checked whole before anything starts: an unknown
+key is an error (a typo must not silently leave a default in place), and
+every error is one line naming the key, e.g.
+``rules[3] 'DOMAIN,x,prxy': unknown outbound 'prxy'``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from outbounds.base import Destination
+from tun2sx.control.app import ConfigError, Settings, check_settings
+
+# key in its table -> Settings field; None marks a sub-table handled apart.
+_TOP: dict[str, str | None] = {
+    "outbound": "outbound",
+    "fwmark": "fwmark",
+    "interface": "interface",
+    "connect_timeout": "connect_timeout",
+    "udp_timeout": "udp_timeout",
+    "auto_route": "auto_route",
+    "workers": "workers",
+    "rules": "rules",
+    "outbounds": None,
+    "tun": None,
+    "dns": None,
+    "stats": None,
+}
+_TUN = {"name": "tun", "fd": "tun_fd", "mtu": "mtu", "addresses": "tun_addresses"}
+_TUN |= {"offload": "offload"}
+_DNS = {
+    "fake_ip": "fake_ip",
+    "fake_ip_range": "fake_ip_range",
+    "fake_ip_range6": "fake_ip_range6",
+    "fake_ip_db": "fake_ip_db",
+    "fake_ip_filter": "fake_ip_filter",
+    "upstream": "dns_upstream",
+    "hijack": "dns_hijack",
+}
+_STATS = {"listen": "stats_listen", "interval": "stats_interval"}
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _boolean(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _integer(key: str, value: object) -> int:
+    # TOML booleans are Python ints; `mtu = true` must not become 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {_type_name(value)}")
+    return value
+
+
+def _seconds(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)}")
+    if value < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return float(value)
+
+
+def _strings(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of strings, got {_type_name(value)}")
+    return tuple(_string(f"{key}[{i}]", item) for i, item in enumerate(value))
+
+
+def parse_workers(key: str, value: object) -> int:
+    """A worker count: a positive integer, or "auto" for one per usable CPU."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f'{key}: expected a number or "auto", got {value!r}') from None
+    count = _integer(key, value)
+    if count < 1:
+        raise ConfigError(f"{key}: must be at least 1")
+    return count
+
+
+def _fwmark(key: str, value: object) -> int:
+    mark = _integer(key, value)
+    if not 0 < mark < 1 << 32:
+        raise ConfigError(f"{key}: {mark} is not a 32-bit mark (1..0xffffffff)")
+    return mark
+
+
+def _network(version: int) -> Callable[[str, object], object]:
+    def convert(key: str, value: object) -> object:
+        if version == 6 and (value is False or value == "none"):
+            return None
+        text = _string(key, value)
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        if net.version != version:
+            raise ConfigError(f"{key}: {text} is not an IPv{version} network")
+        return net
+
+    return convert
+
+
+def _addresses(key: str, value: object) -> tuple[str, ...]:
+    cidrs = _strings(key, value)
+    for i, cidr in enumerate(cidrs):
+        try:
+            ipaddress.ip_interface(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]: {exc}") from None
+    return cidrs
+
+
+def _endpoint(key: str, value: object) -> Destination:
+    text = _string(key, value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    try:
+        return Destination.parse_host(host.strip("[]"), int(port))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+_CONVERT: dict[str, Callable[[str, object], object]] = {
+    "tun": _string,
+    "tun_fd": _integer,
+    "mtu": _integer,
+    "tun_addresses": _addresses,
+    "offload": _boolean,
+    "outbound": _string,
+    "fwmark": _fwmark,
+    "interface": _string,
+    "fake_ip": _boolean,
+    "fake_ip_range": _network(4),
+    "fake_ip_range6": _network(6),
+    "fake_ip_db": _string,
+    "fake_ip_filter": _strings,
+    "dns_upstream": _endpoint,
+    "dns_hijack": _boolean,
+    "udp_timeout": _seconds,
+    "connect_timeout": _seconds,
+    "rules": _strings,
+    "stats_listen": _string,
+    "stats_interval": _seconds,
+    "auto_route": _boolean,
+    "workers": parse_workers,
+}
+
+
+def _table(key: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table, got {_type_name(value)}")
+    return value
+
+
+def _read_table(
+    table: Mapping[str, Any], fields: Mapping[str, str | None], prefix: str, out: dict[str, Any]
+) -> None:
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{name}: unknown key (known here: {known})")
+        field = fields[key]
+        if field is not None:
+            out[field] = _CONVERT[field](name, value)
+
+
+def _read_outbounds(value: object) -> tuple[tuple[str, str], ...]:
+    outbounds = []
+    for name, spec in _table("outbounds", value).items():
+        table = _table(f"outbounds.{name}", spec)
+        for key in table:
+            if key != "url":
+                raise ConfigError(f"outbounds.{name}.{key}: unknown key (known here: url)")
+        if "url" not in table:
+            raise ConfigError(f"outbounds.{name}.url: required, e.g. socks5://host:port")
+        outbounds.append((name, _string(f"outbounds.{name}.url", table["url"])))
+    return tuple(outbounds)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], *, base: Settings | None = None, require_outbound: bool = True
+) -> Settings:
+    """Build and check `Settings` from a parsed TOML document.
+
+    Args:
+        data: the document, as `tomllib` returns it.
+        base: values for the keys the document does not set (defaults).
+        require_outbound: the document must name the default outbound,
+            unless its rules end in a MATCH rule. False when the caller
+            sets it (``--socks`` / ``--proxy``).
+
+    Returns:
+        The settings, checked as `serve` would check them.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    values: dict[str, Any] = {}
+    _read_table(data, _TOP, "", values)
+    for section, fields in (("tun", _TUN), ("dns", _DNS), ("stats", _STATS)):
+        if section in data:
+            _read_table(_table(section, data[section]), dict(fields), f"{section}.", values)
+    if "outbounds" in data:
+        values["outbounds"] = _read_outbounds(data["outbounds"])
+    if "outbound" not in values and require_outbound:
+        rules = values.get("rules", ())
+        assert isinstance(rules, tuple)
+        if not any(rule.strip().upper().startswith("MATCH,") for rule in rules):
+            raise ConfigError(
+                "outbound: required (a name from [outbounds], DIRECT, REJECT or a URL), "
+                "unless a MATCH rule ends the rules"
+            )
+        # Never used: the MATCH rule decides every flow no other rule took.
+        values["outbound"] = "REJECT"
+    settings = attrs.evolve(base or Settings(), **values)
+    if settings.tun is not None and settings.tun_fd is not None:
+        raise ConfigError("tun: set name or fd, not both")
+    check_settings(settings)
+    return settings
+
+
+def load_config(
+    path: str | Path, *, base: Settings | None = None, require_outbound: bool = True
+) -> Settings:
+    """Read a TOML config file into checked `Settings`.
+
+    Args:
+        path: the file.
+        base: values for what the file does not set.
+        require_outbound: see `settings_from_mapping`.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, or a bad value; one line
+            starting with the file's name.
+    """
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return settings_from_mapping(data, base=base, require_outbound=require_outbound)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,122 @@
+"""What a flow may use of the engine that runs it.
+
+The engine owns the TUN, the stack, the streams table and the nursery; a
+flow (`tcpflow`, `udpflow`, `dnsserve`) gets a `FlowContext`, the narrow
+view it needs: the settings, the counters, the stack to send with, the
+router, a way to flush and to start tasks, and the bookkeeping of live
+flows. The flow modules import this module, never the engine, so the
+engine can import them without a circle.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from outbounds.base import Destination
+
+if TYPE_CHECKING:
+    import trio
+
+    from stack.netstack import NetStack
+    from tun2sx.dataplane.tcpstream import TcpStream
+    from tun2sx.naming.dns import FakeDns
+    from tun2sx.naming.router import Router
+
+
+@attrs.frozen
+class EngineConfig:
+    """Runtime knobs of the engine (the stack's own are in NetStackConfig).
+
+    Attributes:
+        connect_timeout: how long a flow's SYN is held while the outbound
+            connects; then the application gets an ICMP host unreachable.
+        udp_idle_timeout: a UDP session ends after this long without traffic.
+        dns_hijack: answer every DNS query (port 53, UDP and TCP) ourselves.
+        dns_upstream: where queries that are not answered with a fake IP
+            go, through the outbound, over TCP.
+        splice_buffer: bytes read at once from either side of a flow.
+        max_dns_forwards: concurrent upstream DNS queries; more are dropped.
+    """
+
+    connect_timeout: float = 10.0
+    udp_idle_timeout: float = 60.0
+    dns_hijack: bool = True
+    dns_upstream: Destination = attrs.field(
+        factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
+    )
+    splice_buffer: int = 256 * 1024
+    max_dns_forwards: int = 256
+
+
+class FlowInfo:
+    """What the stats endpoint shows of one live flow; the flow keeps it current.
+
+    Attributes:
+        network: "tcp" or "udp".
+        app: the application's endpoint, ``addr:port``.
+        destination: where the flow goes (a host name when it came through
+            a fake IP).
+        outbound: the name of the outbound carrying it.
+        started: trio time the flow was connected.
+        bytes_up: bytes from the application to the outbound.
+        bytes_down: bytes from the outbound to the application.
+    """
+
+    __slots__ = ("app", "bytes_down", "bytes_up", "destination", "network", "outbound", "started")
+
+    def __init__(
+        self, network: str, app: str, destination: Destination, outbound: str, started: float
+    ) -> None:
+        self.network = network
+        self.app = app
+        self.destination = destination
+        self.outbound = outbound
+        self.started = started
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+
+class FlowContext(Protocol):
+    """The engine as its flows see it.
+
+    Attributes:
+        config: the engine's settings.
+        counters: event counters shown by the statistics.
+        stack: the sans-I/O stack, to accept, refuse and send with.
+        router: picks the outbound for a destination.
+        dns: the fake-IP DNS answerer, or None when it is off.
+        streams: the live TCP streams by flow key; a flow adds its stream
+            when it accepts and removes it once finished.
+    """
+
+    config: EngineConfig
+    counters: Counter[str]
+    stack: NetStack
+    router: Router
+    dns: FakeDns | None
+    streams: dict[object, TcpStream]
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where flows start their tasks."""
+        ...
+
+    def flush(self) -> None:
+        """Write what the stack has ready for the applications."""
+        ...
+
+    def destination_for(self, addr: bytes, port: int) -> Destination | None:
+        """What an application's destination address means (None: unknown fake IP)."""
+        ...
+
+    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+        """Register a connected flow for the statistics."""
+        ...
+
+    def close_flow(self, info: FlowInfo) -> None:
+        """Forget a flow, keeping its bytes in the totals."""
+        ...

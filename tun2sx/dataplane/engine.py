@@ -1,0 +1,224 @@
+"""The engine: the trio side of the stack, and the owner of every flow task.
+
+One reader task drains the TUN in batches and feeds the sans-I/O `NetStack`;
+after each batch it writes every packet the stack produced (so ACKs for a
+whole batch go out together) and wakes the streams whose connections
+changed. One timer task sleeps until the stack's next deadline; the deadline
+is a cancel scope that anything can pull earlier. Every TCP flow and UDP
+session is a task tree under the engine's nursery, so nothing outlives it,
+and a flow's failure ends that flow alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import math
+import sqlite3
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import trio
+
+from outbounds.base import Destination
+from stack.netstack import NetStack, UdpDatagram
+from stack.tcp import ConnectionRequest, TcpConnection
+from tun2sx.dataplane.context import EngineConfig, FlowInfo
+from tun2sx.dataplane.dnsserve import DnsServer
+from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
+from tun2sx.dataplane.udpflow import UdpFlows
+
+if TYPE_CHECKING:
+    from tun2sx.dataplane.tcpstream import TcpStream
+    from tun2sx.dataplane.tun import TunDevice
+    from tun2sx.naming.dns import FakeDns
+    from tun2sx.naming.fakeip import FakeIpStore
+    from tun2sx.naming.router import Router
+
+log = logging.getLogger("tun2sx")
+
+
+class Engine:
+    """Drives a `NetStack` from a TUN device and runs the flows.
+
+    Args:
+        device: the TUN device (or anything with `read_batch` and `write`).
+        stack: the sans-I/O network stack.
+        router: picks the outbound for each destination.
+        fakeip: the fake-IP store, or None when fake-IP DNS is off.
+        dns: the fake-IP DNS answerer, or None.
+        config: engine settings.
+        tcp_handler: what runs a connected flow; by default `splice`, which
+            copies both ways. Tests and embedders may run their own.
+    """
+
+    def __init__(
+        self,
+        device: TunDevice,
+        stack: NetStack,
+        router: Router,
+        *,
+        fakeip: FakeIpStore | None = None,
+        dns: FakeDns | None = None,
+        config: EngineConfig | None = None,
+        tcp_handler: TcpHandler | None = None,
+    ) -> None:
+        self.device = device
+        self.stack = stack
+        self.router = router
+        self.fakeip = fakeip
+        self.dns = dns
+        self.config = config or EngineConfig()
+        self.streams: dict[object, TcpStream] = {}
+        self.counters: Counter[str] = Counter()
+        self.flows: set[FlowInfo] = set()
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope = trio.CancelScope()
+        self._flush_deferred = False  # the read loop flushes at the end of its batch
+        self.dns_server = DnsServer(self)
+        self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
+        self.udp = UdpFlows(self, self.dns_server)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "engine is not running"
+        return self._nursery
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Reports readiness through `task_status`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timer_loop)
+            task_status.started()
+            try:
+                await self._read_loop()
+            finally:
+                self.reset_all()
+                nursery.cancel_scope.cancel()
+
+    # -- packets -----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        device = self.device
+        stack = self.stack
+        while True:
+            batch = await device.read_batch()
+            now = trio.current_time()
+            touched: set[TcpConnection] = set()
+            for rx in batch:
+                event = stack.receive(rx.data, now, checksum_trusted=rx.checksum_trusted)
+                if event is None:
+                    continue
+                if type(event) is TcpConnection:
+                    touched.add(event)
+                elif type(event) is ConnectionRequest:
+                    self.tcp.start(event)
+                elif type(event) is UdpDatagram:
+                    self.udp.datagram(event)
+            # Woken streams may take data out (the splice does, right in
+            # `wake`), which flushes: one flush after all of them instead.
+            self._flush_deferred = True
+            try:
+                self._wake(touched)
+            finally:
+                self._flush_deferred = False
+            self.flush()
+
+    def reset_all(self) -> None:
+        """Send an RST on every TCP flow: the engine is going away.
+
+        Without it applications retransmit into a TUN that no longer answers
+        until their own timeouts (minutes): a hang.
+        """
+        for conn in list(self.stack.tcp.connections.values()):
+            conn.abort()
+        with contextlib.suppress(OSError):  # the device may already be gone
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every packet the stack has ready, and re-arm the timer."""
+        if self._flush_deferred:
+            return
+        write = self.device.write
+        for packet in self.stack.packets_to_send(trio.current_time()):
+            write(packet)
+        deadline = self.stack.tcp.next_deadline()
+        if deadline is not None and deadline < self._timer_scope.deadline:
+            self._timer_scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.stack.tcp.next_deadline()
+            with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = trio.CancelScope()
+            fired = self.stack.tcp.handle_timeout(trio.current_time())
+            self.flush()
+            # Timers can retransmit, reset or close: the streams of the
+            # connections whose timers ran re-check (only those can have
+            # changed; walking every stream per timer is quadratic in flows).
+            self._wake(fired)
+
+    def _wake(self, conns: Iterable[TcpConnection]) -> None:
+        """Wake the streams of `conns`; forget those that are finished."""
+        streams = self.streams
+        for conn in conns:
+            stream = streams.get(conn.key)
+            if stream is not None:
+                stream.wake()
+                if stream.finished:
+                    del streams[conn.key]
+
+    # -- destinations --------------------------------------------------------
+
+    def destination_for(self, addr: bytes, port: int) -> Destination | None:
+        """Map an address an application used back to what to connect to.
+
+        A fake IP becomes its host name; an address in the fake pool that
+        the store does not know gives None (the caller fails the flow fast,
+        instead of letting it hang); any other address stays as it is.
+        """
+        ip = ipaddress.ip_address(addr)
+        if self.fakeip is not None and self.fakeip.contains(ip):
+            try:
+                name = self.fakeip.lookup_ip(ip)
+            except sqlite3.Error as exc:
+                # The shared table's file was locked too long, or failed:
+                # this flow fails fast like an unknown fake IP; others go on.
+                self.counters["fakeip_store_errors"] += 1
+                log.warning("fake-IP table lookup of %s failed: %s", ip, exc)
+                return None
+            if name is None:
+                return None
+            return Destination(name, port)
+        return Destination(ip, port)
+
+    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+        """Register a connected flow for the statistics; `close_flow` it at the end."""
+        info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        self.flows.add(info)
+        return info
+
+    def close_flow(self, info: FlowInfo) -> None:
+        """Forget a flow, keeping its bytes in the totals."""
+        self.flows.discard(info)
+        self.counters["bytes_up"] += info.bytes_up
+        self.counters["bytes_down"] += info.bytes_down
+
+    def statistics(self) -> dict[str, int]:
+        """A snapshot of counters: flows, bytes, drops, errors."""
+        stats: dict[str, int] = dict(self.stack.counters)
+        stats.update(self.counters)
+        # Live flows' bytes are not in the counters until they end.
+        stats["bytes_up"] = self.counters["bytes_up"] + sum(f.bytes_up for f in self.flows)
+        stats["bytes_down"] = self.counters["bytes_down"] + sum(f.bytes_down for f in self.flows)
+        stats["tcp_flows"] = len(self.streams)
+        stats["tcp_connections"] = len(self.stack.tcp.connections)
+        stats["udp_sessions"] = len(self.udp.sessions)
+        # Failed TUN reads and writes (each lost a packet); a stand-in device may not count.
+        stats["tun_rx_errors"] = getattr(self.device, "statistics_rx_errors", 0)
+        stats["tun_tx_errors"] = getattr(self.device, "statistics_tx_errors", 0)
+        return stats

@@ -1,0 +1,335 @@
+"""The splice: copying bytes both ways between an application's TCP flow and its outbound.
+
+What it owns: one flow's two copy directions and how they hand over to each
+other (in the engine's wake-ups, in the flow's task, or in a task of their
+own), and the byte counts of the flow's `FlowInfo`. Half-close is kept: the
+application's FIN becomes `send_eof` on the outbound and the outbound's EOF
+our FIN. A break on either side resets the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tun2sx.dataplane.tcpstream import TcpStream
+
+if TYPE_CHECKING:
+    from tun2sx.dataplane.context import FlowInfo
+
+
+async def splice(
+    app: TcpStream,
+    upstream: trio.abc.HalfCloseableStream,
+    bufsize: int,
+    info: FlowInfo | None = None,
+) -> None:
+    """Copy both ways until both sides have sent EOF, or either breaks.
+
+    A break on one side (reset, error) resets the other: the application
+    gets an RST, the outbound socket is closed with SO_LINGER 0 when it is a
+    plain socket, so both ends learn the flow failed rather than ended.
+    """
+    await _Splice(app, upstream, bufsize, info).run()
+
+
+class _Splice:
+    """One flow's two copy directions, in as few task steps as they allow.
+
+    A short flow spends most of its CPU on trips through trio's scheduler,
+    so the outbound-to-application direction (the download) runs in the
+    flow's own task, and the application-to-outbound one (the upload),
+    when both streams can move bytes without waiting (a `TcpStream`
+    towards an outbound with `send_nowait`), runs from the engine's
+    wake-ups: the engine calls `_upload` right after the segments that
+    brought the data, and it goes straight out. No second task, no
+    nursery.
+
+    Only when the outbound does not take everything at once (its buffer is
+    full) does the upload get a task of its own, which waits for room and
+    from then on reads the application itself: not reading is what closes
+    the application's window. The flow's task opens the nursery for it,
+    and the download goes on there. Streams that cannot send without
+    waiting get the two tasks from the start.
+    """
+
+    __slots__ = (
+        "app",
+        "broken",
+        "bufsize",
+        "carried",
+        "carried_end",
+        "download_done",
+        "error",
+        "info",
+        "pending",
+        "receiving",
+        "scope",
+        "upload",
+        "upstream",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        app: TcpStream,
+        upstream: trio.abc.HalfCloseableStream,
+        bufsize: int,
+        info: FlowInfo | None,
+    ) -> None:
+        self.app = app
+        self.upstream = upstream
+        self.bufsize = bufsize
+        self.info = info
+        self.upload = _UPLOAD_IN_WAKE
+        self.broken = False
+        self.download_done = False
+        self.receiving = False  # the download waits in the outbound's receive
+        # Read by the download, not yet passed on, and what follows it.
+        self.carried: list[bytes | bytearray | memoryview] = []
+        self.carried_end: object = None  # None, _EOF, or the outbound's reset
+        self.pending: memoryview | None = None  # what the upload task sends first
+        self.error: Exception | None = None  # a bug met in `_upload`
+        self.scope: trio.CancelScope | None = None
+        self.waiter: trio.lowlevel.Task | None = None
+
+    async def run(self) -> None:
+        app = self.app
+        if (
+            type(app) is TcpStream
+            and hasattr(self.upstream, "send_nowait")
+            and hasattr(self.upstream, "send_eof_nowait")
+        ):
+            with trio.CancelScope() as self.scope:
+                app.set_wake_callback(self._upload)
+                try:
+                    # Data may have come with the handshake's last ACK.
+                    self._upload()
+                    await self._download(fast=True)
+                    await self._wait_upload()
+                finally:
+                    app.set_wake_callback(None)
+        else:
+            self.upload = _UPLOAD_IN_TASK
+        if self.upload is _UPLOAD_IN_TASK and not self.broken:
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                nursery.start_soon(self._upload_task, self.pending)
+                self.pending = None
+                if not self.download_done:
+                    await self._download(fast=False)
+        if self.broken:
+            app.abort()
+            _reset_socket(self.upstream)
+        if self.error is not None:
+            raise self.error
+
+    def _break(self) -> None:
+        """One side failed: stop both directions (the caller resets both)."""
+        self.broken = True
+        self.app.set_wake_callback(None)
+        assert self.scope is not None
+        self.scope.cancel()
+
+    async def _wait_upload(self) -> None:
+        """Wait until `_upload` has passed the application's EOF on, or handed over."""
+        if self.upload is not _UPLOAD_IN_WAKE or self.broken:
+            return
+        self.waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _upload(self) -> None:
+        """Application to outbound, in the engine's task; never waits."""
+        if self.upload is not _UPLOAD_IN_WAKE:
+            return
+        app = self.app
+        upstream: Any = self.upstream
+        try:
+            while True:
+                data = app.receive_nowait(self.bufsize)
+                if data is None:
+                    return
+                if not data:
+                    upstream.send_eof_nowait()
+                    self._leave_wake(_UPLOAD_DONE)
+                    return
+                sent = upstream.send_nowait(data)
+                if self.info is not None:
+                    self.info.bytes_up += sent
+                if sent < len(data):
+                    self.pending = memoryview(data)[sent:]
+                    self._leave_wake(_UPLOAD_IN_TASK)
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+        except Exception as exc:
+            # Raised here, in the engine's task, it would end every flow:
+            # the flow's own task raises it instead, and resets this flow.
+            self.error = exc
+            self._break()
+
+    def _leave_wake(self, upload: str) -> None:
+        """The upload is done, or needs its task: tell the flow's task."""
+        self.upload = upload
+        self.app.set_wake_callback(None)
+        if self.waiter is not None:
+            trio.lowlevel.reschedule(self.waiter)
+            self.waiter = None
+        elif upload is _UPLOAD_IN_TASK and self.receiving:
+            # Out of the download's wait (nothing was read yet) to start the
+            # upload task; a download busy sending sees `upload` next round.
+            assert self.scope is not None
+            self.scope.cancel()
+
+    async def _upload_task(self, pending: memoryview | None) -> None:
+        app, upstream, info = self.app, self.upstream, self.info
+        send_nowait = getattr(upstream, "send_nowait", None)
+        send_eof_nowait = getattr(upstream, "send_eof_nowait", None)
+        try:
+            if pending is not None:
+                await upstream.send_all(pending)
+                if info is not None:
+                    info.bytes_up += len(pending)
+            while True:
+                data = await app.receive_some(self.bufsize)
+                if not data:
+                    break
+                # The receive yielded already: send without another trip
+                # through the scheduler where the stream allows.
+                sent = 0 if send_nowait is None else send_nowait(data)
+                if sent < len(data):
+                    await upstream.send_all(memoryview(data)[sent:] if sent else data)
+                if info is not None:
+                    info.bytes_up += len(data)
+            if send_eof_nowait is None:
+                await upstream.send_eof()
+            else:
+                send_eof_nowait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+
+    async def _download(self, *, fast: bool) -> None:
+        """Outbound to application, in the flow's task.
+
+        With `fast` (the upload runs in wake-ups), it returns early, the
+        download not done, as soon as the upload needs its own task, and
+        before it would wait for the application to take data: the upload
+        must not wait behind that (an application that writes everything
+        before it reads would never read). What it holds by then, data not
+        yet passed on and what follows it (the outbound's EOF or reset),
+        stays in `carried` and `carried_end` for the call without `fast`.
+        """
+        app, upstream, info = self.app, self.upstream, self.info
+        bufsize = self.bufsize
+        send_nowait = getattr(app, "send_nowait", None)
+        send_eof_nowait = getattr(app, "send_eof_nowait", None)
+        # Only a `TcpStream` takes the EOF along with data.
+        receive_nowait = None
+        if type(app) is TcpStream:
+            receive_nowait = getattr(upstream, "receive_nowait", None)
+        # At the start the application has sent nothing yet, so there is
+        # rarely an answer: wait before the first recv rather than after.
+        receive = getattr(upstream, "receive_after_wait", upstream.receive_some)
+        backlog, end = self.carried, self.carried_end
+        self.carried, self.carried_end = [], None
+        try:
+            while True:
+                if backlog:
+                    data = backlog.pop(0)
+                elif end is not None:
+                    break
+                else:
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        return
+                    self.receiving = True
+                    try:
+                        data = await receive(bufsize)
+                    finally:
+                        self.receiving = False
+                    receive = upstream.receive_some
+                    if not data:
+                        end = _EOF
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        # The scope may be cancelled now (see `_leave_wake`):
+                        # a send here could lose the data half sent.
+                        self.carried = [data] if data else []
+                        self.carried_end = end
+                        return
+                    if not data:
+                        break
+                if receive_nowait is not None and not backlog and end is None:
+                    # A short response usually has its EOF right behind it:
+                    # then the FIN leaves with the data, in one segment, and
+                    # the EOF costs no trip through the scheduler. A reset
+                    # behind it ends the flow only once the data is passed on.
+                    try:
+                        ahead = receive_nowait(bufsize)
+                    except trio.BrokenResourceError as exc:
+                        end = exc
+                    else:
+                        if ahead is not None:
+                            if ahead:
+                                backlog.append(ahead)
+                            else:
+                                end = _EOF
+                last = end is _EOF and not backlog
+                if last:
+                    assert send_nowait is not None  # `app` is a TcpStream
+                    sent = send_nowait(data, eof=True)
+                else:
+                    sent = 0 if send_nowait is None else send_nowait(data)
+                if sent < len(data):
+                    rest = memoryview(data)[sent:] if sent else data
+                    if fast and self.upload is not _UPLOAD_DONE:
+                        # The application's window is shut: hand the upload
+                        # to its task before waiting for the application.
+                        if info is not None:
+                            info.bytes_down += sent
+                        self.carried = [rest, *backlog]
+                        self.carried_end = end
+                        if self.upload is _UPLOAD_IN_WAKE:
+                            self._leave_wake(_UPLOAD_IN_TASK)
+                        return
+                    await app.send_all(rest)
+                if info is not None:
+                    info.bytes_down += len(data)
+                if backlog:
+                    if fast and self.upload is _UPLOAD_IN_TASK:
+                        self.carried = backlog
+                        self.carried_end = end
+                        return
+                    # Read without waiting: yield here, as a receive would.
+                    await trio.lowlevel.checkpoint()
+            if isinstance(end, Exception):
+                raise end
+            if send_eof_nowait is None:
+                await app.send_eof()
+            else:
+                send_eof_nowait()  # a no-op when the FIN went with the data
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+        self.download_done = True
+
+
+# Where the upload runs: in the engine's wake-ups, in a task, or finished.
+_UPLOAD_IN_WAKE = "in wake"
+_UPLOAD_IN_TASK = "in task"
+_UPLOAD_DONE = "done"
+_EOF = "eof"  # `carried_end`: the outbound's EOF follows what is carried
+
+
+def _reset_socket(stream: trio.abc.Stream) -> None:
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        # Close with RST instead of FIN so the far side sees a failure.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

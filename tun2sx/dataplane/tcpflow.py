@@ -1,0 +1,206 @@
+"""TCP flows: from an application's SYN to a spliced, proxied connection.
+
+The application's SYN is held, unanswered, while the outbound connects, so
+that what the outbound learns reaches the application as the right error:
+a refused connection becomes an RST, an unreachable host or network an ICMP
+destination unreachable, never a completed handshake followed by a silent
+reset. Only when the outbound is connected does the stack answer SYN-ACK.
+
+Then `splice` copies both ways. A flow to port 53 is served by the DNS
+server instead, when DNS hijack is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from outbounds.base import FailureReply, OutboundError
+from outbounds.net import close_now
+from stack.errors import LocalProtocolError
+from stack.tcp import ConnectionRequest, FlowKey
+from tun2sx.dataplane.splice import splice
+from tun2sx.dataplane.tcpstream import TcpStream
+
+if TYPE_CHECKING:
+    from tun2sx.dataplane.context import FlowContext
+    from tun2sx.dataplane.dnsserve import DnsServer
+
+log = logging.getLogger("tun2sx.tcp")
+
+# ICMP codes per failure, (v4 type/code, v6 type/code).
+_ICMP_FOR_REPLY = {
+    FailureReply.HOST_UNREACHABLE: ((3, 1), (1, 3)),
+    FailureReply.NET_UNREACHABLE: ((3, 0), (1, 0)),
+    FailureReply.PORT_UNREACHABLE: ((3, 3), (1, 4)),
+    FailureReply.ADMIN_PROHIBITED: ((3, 13), (1, 1)),
+}
+
+
+def describe(key: FlowKey) -> str:
+    """`app:port -> dst:port`, for log lines."""
+    app = _endpoint(key.app_addr, key.app_port)
+    return f"{app} -> {_endpoint(key.remote_addr, key.remote_port)}"
+
+
+def _endpoint(addr: bytes, port: int) -> str:
+    family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+    return f"{socket.inet_ntop(family, addr)}:{port}"
+
+
+_isns: list[int] = []
+
+
+def _random_isn() -> int:
+    """A random initial sequence number (RFC 6528: unpredictable).
+
+    From the system's CSPRNG like `secrets.randbits`, but drawn 256 at a
+    time: one system call per connection is a measurable cost.
+    """
+    if not _isns:
+        _isns.extend(struct.unpack("256I", os.urandom(1024)))
+    return _isns.pop()
+
+
+TcpHandler = Callable[[TcpStream, trio.abc.HalfCloseableStream], Awaitable[None]]
+
+
+class TcpFlows:
+    """Starts and runs the TCP flows of one engine."""
+
+    def __init__(
+        self, engine: FlowContext, dns_server: DnsServer, handler: TcpHandler | None = None
+    ) -> None:
+        self._engine = engine
+        self._dns_server = dns_server
+        self._handler = handler
+
+    def start(self, request: ConnectionRequest) -> None:
+        """A new SYN: run its flow as a task of the engine."""
+        self._engine.nursery.start_soon(self._run_guarded, request)
+
+    async def _run_guarded(self, request: ConnectionRequest) -> None:
+        engine = self._engine
+        engine.counters["tcp_flows_started"] += 1
+        try:
+            await self._run(request)
+        except Exception:
+            # A bug in one flow must not take the others down: log it loudly
+            # and reset this flow only.
+            engine.counters["tcp_flow_errors"] += 1
+            log.exception("TCP %s: flow failed", describe(request.key))
+            stream = engine.streams.pop(request.key, None)
+            if stream is not None:
+                stream.abort()
+
+    async def _run(self, request: ConnectionRequest) -> None:
+        engine = self._engine
+        key = request.key
+        if engine.config.dns_hijack and engine.dns is not None and key.remote_port == 53:
+            await self._serve_dns(request)
+            return
+        dest = engine.destination_for(key.remote_addr, key.remote_port)
+        if dest is None:
+            log.warning(
+                "TCP %s: fake IP has no host name (mapping lost or never handed out); resetting",
+                describe(key),
+            )
+            engine.counters["tcp_unknown_fake_ip"] += 1
+            self._fail(request, FailureReply.RESET)
+            return
+        outbound = engine.router.route(dest, "tcp")
+        if outbound is None:
+            log.info("TCP %s (%s): rejected by rule", describe(key), dest)
+            self._fail(request, FailureReply.RESET)
+            return
+        upstream = None
+        try:
+            # A bare cancel scope rather than trio.fail_after (a generator
+            # context manager): this runs once per connection.
+            with trio.CancelScope(deadline=trio.current_time() + engine.config.connect_timeout):
+                upstream = await outbound.connect_tcp(dest)
+        except OutboundError as exc:
+            log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
+            engine.counters["tcp_outbound_failed"] += 1
+            self._fail(request, exc.reply)
+            return
+        if upstream is None:
+            log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
+            engine.counters["tcp_outbound_failed"] += 1
+            self._fail(request, FailureReply.HOST_UNREACHABLE)
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            # describe() formats two addresses: not worth it per flow unless shown.
+            log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
+        try:
+            stream = self._accept(request)
+        except (KeyError, LocalProtocolError):
+            # The pending SYN expired (or was flushed) while we dialled.
+            await trio.aclose_forcefully(upstream)
+            return
+        app = _endpoint(key.app_addr, key.app_port)
+        info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
+        try:
+            if self._handler is None:
+                await splice(stream, upstream, engine.config.splice_buffer, info)
+            else:
+                await self._handler(stream, upstream)
+        finally:
+            engine.close_flow(info)
+            if not close_now(upstream):
+                await trio.aclose_forcefully(upstream)
+            stream.close_now()
+            self._forget(key, stream)
+
+    def _accept(self, request: ConnectionRequest) -> TcpStream:
+        engine = self._engine
+        conn = engine.stack.tcp.accept(request.key, _random_isn(), trio.current_time())
+        stream = TcpStream(engine, conn)
+        engine.streams[request.key] = stream
+        engine.flush()
+        return stream
+
+    def _fail(self, request: ConnectionRequest, reply: FailureReply) -> None:
+        """Answer a held SYN with the error the outbound reported."""
+        engine = self._engine
+        now = trio.current_time()
+        codes = _ICMP_FOR_REPLY.get(reply)
+        if codes is None:
+            engine.stack.tcp.refuse(request.key, now)
+        else:
+            v4, v6 = codes
+            type_, code = v4 if len(request.key.app_addr) == 4 else v6
+            engine.stack.tcp.forget_pending(request.key)
+            engine.stack.send_icmp_error(
+                engine.stack.rebuild_syn(request), request.key.remote_addr, type_, code
+            )
+        engine.flush()
+
+    async def _serve_dns(self, request: ConnectionRequest) -> None:
+        """DNS over TCP to port 53: answered by the fake-IP DNS, locally."""
+        stream = self._accept(request)
+        try:
+            await self._dns_server.serve_stream(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+            self._forget(request.key, stream)
+
+    def _forget(self, key: FlowKey, stream: TcpStream) -> None:
+        """Drop a closed stream whose connection is already gone.
+
+        The engine forgets a stream when a packet or timer touches its
+        connection after the flow closed it; when the connection died
+        first (the application's last ACK came while the outbound was
+        still closing), nothing will touch it again, so the flow does it.
+        """
+        streams = self._engine.streams
+        if stream.finished and streams.get(key) is stream:
+            del streams[key]
