@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import errno
 import ipaddress
+from abc import abstractmethod
 from typing import Protocol, TypeAlias
 
 import attrs
@@ -30,6 +31,7 @@ __all__ = [
     "Destination",
     "FailureReply",
     "IPAddress",
+    "NowaitStream",
     "Outbound",
     "OutboundError",
     "UdpSession",
@@ -163,6 +165,58 @@ def reply_for_oserror(exc: OSError) -> FailureReply:
     return _ERRNO_REPLIES.get(exc.errno, FailureReply.RESET)
 
 
+class NowaitStream(trio.abc.HalfCloseableStream):
+    """A stream that can also move bytes without a trip through the scheduler.
+
+    A short flow spends most of its CPU in trio's scheduler, and trio's rule
+    that every async stream call is a checkpoint costs one trip per call. A
+    copy loop whose receives already yield (the splice, a proxy handshake)
+    uses these calls instead, none of which checkpoints or waits. Both ends
+    of a spliced flow implement them: the application's `TcpStream` and the
+    outbounds' streams. The splice takes its fast path only when both ends
+    are `NowaitStream`s, and checks that once per flow.
+
+    When a send or receive cannot be done without waiting, the call says
+    so (0 bytes taken, None received) and the caller falls back to the
+    awaiting call.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> int:
+        """Take what fits now; return the bytes taken (the rest goes with `send_all`).
+
+        With `eof`, when all of `data` was taken, the EOF is sent behind it,
+        so that a last piece of data and the end can leave together.
+        """
+
+    @abstractmethod
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What has arrived already: None when nothing has, b"" at EOF."""
+
+    @abstractmethod
+    def send_eof_nowait(self) -> None:
+        """`send_eof` without a checkpoint (after `send_nowait` took everything)."""
+
+    @abstractmethod
+    def close_now(self) -> None:
+        """Close at once, without a checkpoint; idempotent.
+
+        For a flow that is over anyway: `trio.aclose_forcefully` costs a
+        cancelled checkpoint (an exception raised and caught) per stream.
+        """
+
+    async def receive_after_wait(self, max_bytes: int) -> bytes | bytearray:
+        """`receive_some` for an answer that cannot have come yet.
+
+        A stream over a socket waits for readability before its first recv,
+        saving a system call that could only fail; by default the same as
+        `receive_some`.
+        """
+        return await self.receive_some(max_bytes)
+
+
 class UdpSession(Protocol):
     """A datagram association through an outbound.
 
@@ -189,7 +243,11 @@ class Outbound(Protocol):
     name: str
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
-        """Open a TCP stream to `dest`. Raises `OutboundError`."""
+        """Open a TCP stream to `dest`. Raises `OutboundError`.
+
+        The outbounds here return `NowaitStream`s, which the splice drives
+        without extra scheduler trips; any other stream works too, slower.
+        """
         ...
 
     async def open_udp(self) -> UdpSession:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .base import FailureReply, IPAddress, OutboundError, reply_for_oserror
+from .base import FailureReply, IPAddress, NowaitStream, OutboundError, reply_for_oserror
 
 __all__ = [
     "PrefixedStream",
@@ -283,7 +283,7 @@ def _seconds(value: float) -> str:
     return f"{value:g}s" if math.isfinite(value) else "forever"
 
 
-class TcpSocketStream(trio.abc.HalfCloseableStream):
+class TcpSocketStream(NowaitStream):
     """`trio.abc.HalfCloseableStream` over a connected, non-blocking TCP socket.
 
     Keeps `trio.SocketStream`'s contract: an operation that completes
@@ -396,19 +396,23 @@ class TcpSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> int:
         """Send what the socket takes now, without a checkpoint; bytes sent.
 
         For a copy loop whose receives already yield (tun2sx's splice, a
         proxy handshake): skipping the send's own trip through the
         scheduler is a measurable share of a short flow. The rest, if any,
-        goes with `send_all`.
+        goes with `send_all`. With `eof` and everything sent, the write
+        side is shut down too.
         """
         if self._eof_sent:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending on this stream")
-        return _send_now(self.socket, data)
+        sent = _send_now(self.socket, data)
+        if eof and sent == len(data):
+            self._shutdown_write()
+        return sent
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""
@@ -511,7 +515,7 @@ def _cause(exc: OSError) -> OSError | None:
     return None if exc.errno == errno.EBADF else exc
 
 
-class PrefixedStream(trio.abc.HalfCloseableStream):
+class PrefixedStream(NowaitStream):
     """A stream that first returns bytes read ahead during a proxy handshake.
 
     Handshake codecs may read past their last message (TCP has no message
@@ -524,22 +528,39 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     __slots__ = ("_prefix", "inner")
 
-    def __init__(self, inner: TcpSocketStream | trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, inner: NowaitStream, prefix: bytes) -> None:
         self.inner = inner
         self._prefix = prefix
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    def _take_prefix(self, max_bytes: int | None) -> bytes:
+        n = len(self._prefix) if max_bytes is None else max_bytes
+        if n < 1:
+            raise ValueError("max_bytes must be >= 1")
+        chunk, self._prefix = self._prefix[:n], self._prefix[n:]
+        return chunk
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            if n < 1:
-                raise ValueError("max_bytes must be >= 1")
-            chunk, self._prefix = self._prefix[:n], self._prefix[n:]
-            return chunk
+            return self._take_prefix(max_bytes)
         return await self.inner.receive_some(max_bytes)
+
+    async def receive_after_wait(self, max_bytes: int) -> bytes | bytearray:
+        if self._prefix:
+            await trio.lowlevel.checkpoint()
+            return self._take_prefix(max_bytes)
+        return await self.inner.receive_after_wait(max_bytes)
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        if self._prefix:
+            return self._take_prefix(max_bytes)
+        return self.inner.receive_nowait(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
+
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> int:
+        return self.inner.send_nowait(data, eof=eof)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -547,36 +568,16 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     async def send_eof(self) -> None:
         await self.inner.send_eof()
 
+    def send_eof_nowait(self) -> None:
+        self.inner.send_eof_nowait()
+
     async def aclose(self) -> None:
         self._prefix = b""
         await self.inner.aclose()
 
     def close_now(self) -> None:
         self._prefix = b""
-        close_now(self.inner)
-
-
-def close_now(stream: trio.abc.AsyncResource) -> bool:
-    """Close `stream` at once, without a checkpoint, where it allows that.
-
-    For a flow that is over anyway, `trio.aclose_forcefully` costs a
-    cancelled checkpoint (an exception raised and caught) per stream; a
-    socket needs no more than `close()`. Streams opt in with a
-    `close_now()` method (`TcpSocketStream` and the streams over it).
-
-    Returns:
-        False when the stream has no synchronous close: await
-        `trio.aclose_forcefully` then.
-    """
-    close = getattr(stream, "close_now", None)
-    if close is not None:
-        close()
-        return True
-    # After the attribute: isinstance against an ABC is the slower test.
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()
-        return True
-    return False
+        self.inner.close_now()
 
 
 def open_udp_socket(family: socket.AddressFamily, opts: SocketOptions) -> trio.socket.SocketType:

@@ -20,7 +20,6 @@ from outbounds.net import (
     PrefixedStream,
     SocketOptions,
     TcpSocketStream,
-    close_now,
     open_tcp,
     open_udp_socket,
 )
@@ -153,9 +152,15 @@ async def test_connect_timeout(autojump_clock: trio.abc.Clock) -> None:
         assert info.value.reply is FailureReply.HOST_UNREACHABLE
 
 
+def _socketpair() -> tuple[TcpSocketStream, TcpSocketStream]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return TcpSocketStream(a), TcpSocketStream(b)
+
+
 async def test_prefixed_stream_replays_then_reads() -> None:
-    a, b = trio.socket.socketpair()
-    inner, peer = trio.SocketStream(a), trio.SocketStream(b)
+    inner, peer = _socketpair()
     stream = PrefixedStream(inner, b"hello")
     assert await stream.receive_some(2) == b"he"
     assert await stream.receive_some() == b"llo"
@@ -169,8 +174,27 @@ async def test_prefixed_stream_replays_then_reads() -> None:
 
 
 async def _socketpair_streams() -> tuple[PrefixedStream, PrefixedStream]:
-    a, b = trio.socket.socketpair()
-    return PrefixedStream(trio.SocketStream(a), b""), PrefixedStream(trio.SocketStream(b), b"")
+    a, b = _socketpair()
+    return PrefixedStream(a, b""), PrefixedStream(b, b"")
+
+
+async def test_prefixed_stream_replays_first_without_waiting_too() -> None:
+    """The calls that do not wait see the bytes read ahead first, as receive_some does."""
+    inner, peer = _socketpair()
+    stream = PrefixedStream(inner, b"early")
+    with trio.testing.assert_no_checkpoints():
+        assert stream.receive_nowait(3) == b"ear"
+        assert stream.receive_nowait(100) == b"ly"
+        assert stream.receive_nowait(100) is None
+        assert stream.send_nowait(b"req", eof=True) == 3
+    assert await peer.receive_some() == b"req"
+    assert await peer.receive_some() == b""  # the EOF went with the data
+    await peer.send_all(b"answer")
+    assert await PrefixedStream(inner, b"<").receive_after_wait(100) == b"<"
+    assert await stream.receive_after_wait(100) == b"answer"
+    stream.close_now()
+    assert inner.socket.fileno() == -1
+    peer.close_now()
 
 
 async def test_prefixed_stream_conformance() -> None:
@@ -216,7 +240,8 @@ async def test_tcp_stream_conformance() -> None:
 async def test_tcp_stream_over_open_tcp_is_nodelay_and_closes_at_once() -> None:
     client, server = await _tcp_pair()
     assert client.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    assert close_now(client) and close_now(server)
+    client.close_now()
+    server.close_now()
     assert client.socket.fileno() == server.socket.fileno() == -1
     client.close_now()  # idempotent
 
@@ -380,6 +405,27 @@ async def test_send_nowait_takes_what_fits_and_never_yields() -> None:
     assert server.send_nowait(b"y") == 0
     await client.aclose()
     await server.aclose()
+
+
+async def test_send_nowait_with_eof_shuts_down_only_when_all_was_taken() -> None:
+    client, server = await _tcp_pair()
+    await _fill(client)
+    assert client.send_nowait(b"x" * 65536, eof=True) < 65536
+    got = []
+
+    async def drain() -> None:
+        got.append(await _receive_until_eof(server))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await client.send_all(b"tail")  # the write side is still open
+        await client.send_eof()
+    assert got[0].endswith(b"tail")
+    other, peer = await _tcp_pair()
+    assert other.send_nowait(b"last", eof=True) == 4
+    assert await _receive_until_eof(peer) == b"last"
+    for stream in (client, server, other, peer):
+        stream.close_now()
 
 
 async def _receive_until_eof(stream: TcpSocketStream) -> bytes:

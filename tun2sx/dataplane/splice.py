@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
+from outbounds.base import NowaitStream
 from tun2sx.dataplane.tcpstream import TcpStream
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 
 async def splice(
-    app: TcpStream,
+    app: trio.abc.HalfCloseableStream,
     upstream: trio.abc.HalfCloseableStream,
     bufsize: int,
     info: FlowInfo | None = None,
@@ -72,16 +73,19 @@ class _Splice:
         "upload",
         "upstream",
         "waiter",
+        "woken_by",
     )
 
     def __init__(
         self,
-        app: TcpStream,
+        app: trio.abc.HalfCloseableStream,
         upstream: trio.abc.HalfCloseableStream,
         bufsize: int,
         info: FlowInfo | None,
     ) -> None:
         self.app = app
+        # The application's stream while the upload runs in its wake-ups.
+        self.woken_by: TcpStream | None = None
         self.upstream = upstream
         self.bufsize = bufsize
         self.info = info
@@ -99,12 +103,9 @@ class _Splice:
 
     async def run(self) -> None:
         app = self.app
-        if (
-            type(app) is TcpStream
-            and hasattr(self.upstream, "send_nowait")
-            and hasattr(self.upstream, "send_eof_nowait")
-        ):
+        if type(app) is TcpStream and isinstance(self.upstream, NowaitStream):
             with trio.CancelScope() as self.scope:
+                self.woken_by = app
                 app.set_wake_callback(self._upload)
                 try:
                     # Data may have come with the handshake's last ACK.
@@ -113,6 +114,7 @@ class _Splice:
                     await self._wait_upload()
                 finally:
                     app.set_wake_callback(None)
+                    self.woken_by = None
         else:
             self.upload = _UPLOAD_IN_TASK
         if self.upload is _UPLOAD_IN_TASK and not self.broken:
@@ -123,7 +125,8 @@ class _Splice:
                 if not self.download_done:
                     await self._download(fast=False)
         if self.broken:
-            app.abort()
+            if isinstance(app, TcpStream):
+                app.abort()
             _reset_socket(self.upstream)
         if self.error is not None:
             raise self.error
@@ -131,7 +134,8 @@ class _Splice:
     def _break(self) -> None:
         """One side failed: stop both directions (the caller resets both)."""
         self.broken = True
-        self.app.set_wake_callback(None)
+        if self.woken_by is not None:
+            self.woken_by.set_wake_callback(None)
         assert self.scope is not None
         self.scope.cancel()
 
@@ -151,8 +155,9 @@ class _Splice:
         """Application to outbound, in the engine's task; never waits."""
         if self.upload is not _UPLOAD_IN_WAKE:
             return
-        app = self.app
-        upstream: Any = self.upstream
+        app, upstream = self.woken_by, self.upstream
+        # `run` chose this path for these two.
+        assert app is not None and isinstance(upstream, NowaitStream)
         try:
             while True:
                 data = app.receive_nowait(self.bufsize)
@@ -180,7 +185,8 @@ class _Splice:
     def _leave_wake(self, upload: str) -> None:
         """The upload is done, or needs its task: tell the flow's task."""
         self.upload = upload
-        self.app.set_wake_callback(None)
+        if self.woken_by is not None:
+            self.woken_by.set_wake_callback(None)
         if self.waiter is not None:
             trio.lowlevel.reschedule(self.waiter)
             self.waiter = None
@@ -192,8 +198,7 @@ class _Splice:
 
     async def _upload_task(self, pending: memoryview | None) -> None:
         app, upstream, info = self.app, self.upstream, self.info
-        send_nowait = getattr(upstream, "send_nowait", None)
-        send_eof_nowait = getattr(upstream, "send_eof_nowait", None)
+        nowait = upstream if isinstance(upstream, NowaitStream) else None
         try:
             if pending is not None:
                 await upstream.send_all(pending)
@@ -205,15 +210,15 @@ class _Splice:
                     break
                 # The receive yielded already: send without another trip
                 # through the scheduler where the stream allows.
-                sent = 0 if send_nowait is None else send_nowait(data)
+                sent = 0 if nowait is None else nowait.send_nowait(data)
                 if sent < len(data):
                     await upstream.send_all(memoryview(data)[sent:] if sent else data)
                 if info is not None:
                     info.bytes_up += len(data)
-            if send_eof_nowait is None:
+            if nowait is None:
                 await upstream.send_eof()
             else:
-                send_eof_nowait()
+                nowait.send_eof_nowait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._break()
 
@@ -230,15 +235,15 @@ class _Splice:
         """
         app, upstream, info = self.app, self.upstream, self.info
         bufsize = self.bufsize
-        send_nowait = getattr(app, "send_nowait", None)
-        send_eof_nowait = getattr(app, "send_eof_nowait", None)
-        # Only a `TcpStream` takes the EOF along with data.
+        app_nowait = app if isinstance(app, NowaitStream) else None
+        up_nowait = upstream if isinstance(upstream, NowaitStream) else None
+        # Looking ahead for the EOF pays only when it can go with the data.
         receive_nowait = None
-        if type(app) is TcpStream:
-            receive_nowait = getattr(upstream, "receive_nowait", None)
+        if app_nowait is not None and up_nowait is not None:
+            receive_nowait = up_nowait.receive_nowait
         # At the start the application has sent nothing yet, so there is
         # rarely an answer: wait before the first recv rather than after.
-        receive = getattr(upstream, "receive_after_wait", upstream.receive_some)
+        receive = upstream.receive_some if up_nowait is None else up_nowait.receive_after_wait
         backlog, end = self.carried, self.carried_end
         self.carried, self.carried_end = [], None
         try:
@@ -281,12 +286,10 @@ class _Splice:
                                 backlog.append(ahead)
                             else:
                                 end = _EOF
-                last = end is _EOF and not backlog
-                if last:
-                    assert send_nowait is not None  # `app` is a TcpStream
-                    sent = send_nowait(data, eof=True)
+                if app_nowait is None:
+                    sent = 0
                 else:
-                    sent = 0 if send_nowait is None else send_nowait(data)
+                    sent = app_nowait.send_nowait(data, eof=end is _EOF and not backlog)
                 if sent < len(data):
                     rest = memoryview(data)[sent:] if sent else data
                     if fast and self.upload is not _UPLOAD_DONE:
@@ -311,10 +314,10 @@ class _Splice:
                     await trio.lowlevel.checkpoint()
             if isinstance(end, Exception):
                 raise end
-            if send_eof_nowait is None:
+            if app_nowait is None:
                 await app.send_eof()
             else:
-                send_eof_nowait()  # a no-op when the FIN went with the data
+                app_nowait.send_eof_nowait()  # a no-op when the FIN went with the data
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._break()
         self.download_done = True

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from outbounds.base import FailureReply, OutboundError
-from outbounds.net import close_now
+from outbounds.base import FailureReply, NowaitStream, OutboundError
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.dataplane.splice import splice
@@ -153,7 +152,9 @@ class TcpFlows:
                 await self._handler(stream, upstream)
         finally:
             engine.close_flow(info)
-            if not close_now(upstream):
+            if isinstance(upstream, NowaitStream):
+                upstream.close_now()
+            else:
                 await trio.aclose_forcefully(upstream)
             stream.close_now()
             self._forget(key, stream)

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import trio
 
+from outbounds.base import NowaitStream
 from stack.tcp import (
     NEED_DATA,
     Closed,
@@ -62,7 +63,7 @@ class _ConflictDetector:
         self._busy = False
 
 
-class TcpStream(trio.abc.HalfCloseableStream):
+class TcpStream(NowaitStream):
     """The application side of a proxied TCP flow."""
 
     def __init__(self, flusher: Flusher, conn: TcpConnection) -> None:
@@ -198,7 +199,7 @@ class TcpStream(trio.abc.HalfCloseableStream):
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def send_nowait(self, data: bytes | memoryview, *, eof: bool = False) -> int:
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, eof: bool = False) -> int:
         """Queue what fits in the send buffer now, without a checkpoint.
 
         For the splice, whose receives already yield: returns the bytes
@@ -210,6 +211,8 @@ class TcpStream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called")
+            if isinstance(data, bytearray):
+                data = bytes(data)
             return self._queue(data, eof=eof)
 
     def send_eof_nowait(self) -> None:
