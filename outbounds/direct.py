@@ -1,9 +1,11 @@
 """The direct outbound: flows leave through the host's own network.
 
 Used for destinations the rules send around the proxy (LAN, captive portals,
-NTP). It is the only outbound that resolves names itself, with the system
-resolver through trio's `getaddrinfo`: every other outbound hands the name to
-the remote side. Its sockets come from `outbounds.net`, so the fwmark,
+NTP). It is the only outbound that resolves names itself: with its own
+`DirectResolver` when it has one (tun2sx always gives it one, since the
+system resolver is usually tun2sx's fake-IP DNS), else with the system
+resolver through trio's `getaddrinfo`. Every other outbound hands the name
+to the remote side. Its sockets come from `outbounds.net`, so the fwmark,
 interface binding or `protect(fd)` keep them out of the TUN; without those, a
 direct flow in a whole-system TUN setup would loop straight back into tun2sx.
 """
@@ -11,15 +13,101 @@ direct flow in a whole-system TUN setup would loop straight back into tun2sx.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
+from collections.abc import Sequence
 
 import attrs
 import trio
 
-from .base import Destination, FailureReply, OutboundError
-from .net import SocketOptions, error_from_oserror, open_tcp, open_udp_socket, resolve
+from .base import Destination, FailureReply, IPAddress, OutboundError
+from .net import (
+    SocketOptions,
+    TcpSocketStream,
+    error_from_oserror,
+    open_tcp,
+    open_udp_socket,
+    resolve,
+    sockaddr_of,
+)
+from .resolver import DirectResolver
 
-__all__ = ["DirectOutbound", "DirectUdpSession", "DirectUdpStatistics"]
+__all__ = ["DirectOutbound", "DirectUdpSession", "DirectUdpStatistics", "connect_staggered"]
+
+# RFC 8305's recommended wait before the next address is tried.
+ATTEMPT_DELAY = 0.25
+
+
+def _interleaved(addresses: Sequence[IPAddress]) -> list[IPAddress]:
+    """IPv4 first, then the families alternate (RFC 8305 section 4)."""
+    v4 = [a for a in addresses if a.version == 4]
+    v6 = [a for a in addresses if a.version == 6]
+    ordered: list[IPAddress] = []
+    for pair in itertools.zip_longest(v4, v6):
+        ordered += [a for a in pair if a is not None]
+    return ordered
+
+
+async def connect_staggered(
+    addresses: Sequence[IPAddress],
+    port: int,
+    options: SocketOptions,
+    *,
+    delay: float = ATTEMPT_DELAY,
+) -> TcpSocketStream:
+    """Connect to the first of `addresses` that answers (happy eyeballs).
+
+    Addresses are tried IPv4 first, the families alternating; the next
+    attempt starts when the one before failed or after `delay` seconds,
+    whichever comes first, and the first connection wins (the others are
+    closed). One dead address then costs `delay`, not the whole timeout.
+
+    Raises:
+        OutboundError: Every attempt failed (the last error), or none
+            connected within `options.connect_timeout` (HOST_UNREACHABLE).
+    """
+    ordered = _interleaved(addresses)
+    if len(ordered) == 1:
+        return await open_tcp(ordered[0], port, options)
+    winner: TcpSocketStream | None = None
+    errors: list[OutboundError] = []
+
+    async def attempt(address: IPAddress, failed: trio.Event, nursery: trio.Nursery) -> None:
+        nonlocal winner
+        try:
+            stream = await open_tcp(address, port, options)
+        except OutboundError as exc:
+            errors.append(exc)
+            failed.set()
+            return
+        if winner is None:
+            winner = stream
+            nursery.cancel_scope.cancel()
+        else:
+            stream.close_now()
+
+    try:
+        with trio.move_on_after(options.connect_timeout):
+            async with trio.open_nursery() as nursery:
+                for address in ordered:
+                    failed = trio.Event()
+                    nursery.start_soon(attempt, address, failed, nursery)
+                    with trio.move_on_after(delay):
+                        await failed.wait()
+    except BaseException:
+        # Cancelled from outside just as one connected: nobody gets it.
+        if winner is not None:
+            winner.close_now()
+        raise
+    if winner is not None:
+        return winner
+    if len(errors) == len(ordered):
+        raise errors[-1]
+    raise OutboundError(
+        FailureReply.HOST_UNREACHABLE,
+        f"connecting to {', '.join(map(str, ordered))} port {port} timed out "
+        f"after {options.connect_timeout:g}s",
+    )
 
 
 class DirectOutbound:
@@ -27,16 +115,25 @@ class DirectOutbound:
 
     Args:
         socket_options: Loop avoidance and the connect timeout.
+        resolver: Resolves host names; None: the system resolver.
     """
 
-    __slots__ = ("name", "socket_options")
+    __slots__ = ("name", "resolver", "socket_options")
 
-    def __init__(self, *, socket_options: SocketOptions | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        socket_options: SocketOptions | None = None,
+        resolver: DirectResolver | None = None,
+    ) -> None:
         self.socket_options = socket_options or SocketOptions()
+        self.resolver = resolver
         self.name = "direct"
 
     def __repr__(self) -> str:
-        return "<DirectOutbound>"
+        if self.resolver is None:
+            return "<DirectOutbound>"
+        return f"<DirectOutbound resolving with {self.resolver!r}>"
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
         """Connect to `dest`, trying each resolved address in order.
@@ -45,6 +142,9 @@ class DirectOutbound:
             OutboundError: The name does not resolve (HOST_UNREACHABLE), or the
                 connect failed (mapped from the OS error) or timed out.
         """
+        if self.resolver is not None and isinstance(dest.host, str):
+            addresses = await self.resolver.resolve(dest.host)
+            return await connect_staggered(addresses, dest.port, self.socket_options)
         return await open_tcp(dest.host, dest.port, self.socket_options)
 
     async def open_udp(self) -> DirectUdpSession:
@@ -59,7 +159,9 @@ class DirectOutbound:
         try:
             sock = open_udp_socket(socket.AF_INET6, self.socket_options)
             await sock.bind(("::", 0))
-            return DirectUdpSession(sock, dual_stack=True, options=self.socket_options)
+            return DirectUdpSession(
+                sock, dual_stack=True, options=self.socket_options, resolver=self.resolver
+            )
         except OutboundError as exc:
             if exc.reply is not FailureReply.NET_UNREACHABLE:
                 raise
@@ -72,7 +174,9 @@ class DirectOutbound:
         except OSError as exc:
             sock.close()
             raise error_from_oserror(exc, "binding a UDP socket") from exc
-        return DirectUdpSession(sock, dual_stack=False, options=self.socket_options)
+        return DirectUdpSession(
+            sock, dual_stack=False, options=self.socket_options, resolver=self.resolver
+        )
 
 
 @attrs.define(slots=True)
@@ -89,12 +193,18 @@ class DirectUdpSession:
     STUN expect; the runtime decides whether to filter.
     """
 
-    __slots__ = ("_closed", "_dual_stack", "_options", "_sock", "_stats")
+    __slots__ = ("_closed", "_dual_stack", "_options", "_resolver", "_sock", "_stats")
 
     def __init__(
-        self, sock: trio.socket.SocketType, *, dual_stack: bool, options: SocketOptions
+        self,
+        sock: trio.socket.SocketType,
+        *,
+        dual_stack: bool,
+        options: SocketOptions,
+        resolver: DirectResolver | None = None,
     ) -> None:
         self._sock = sock
+        self._resolver = resolver
         self._dual_stack = dual_stack
         self._options = options
         self._closed = False
@@ -119,7 +229,11 @@ class DirectUdpSession:
             OutboundError: The name did not resolve, or the send failed.
         """
         try:
-            candidates = await resolve(dest.host, dest.port, socket.SOCK_DGRAM)
+            if self._resolver is not None and isinstance(dest.host, str):
+                addresses = await self._resolver.resolve(dest.host)
+                candidates = [sockaddr_of(address, dest.port) for address in addresses]
+            else:
+                candidates = await resolve(dest.host, dest.port, socket.SOCK_DGRAM)
         except OutboundError:
             self._stats.unresolved += 1
             raise

@@ -45,6 +45,7 @@ __all__ = [
     "open_tcp",
     "open_udp_socket",
     "resolve",
+    "sockaddr_of",
 ]
 
 # Linux values; the names exist in the socket module on Linux builds, but the
@@ -141,6 +142,13 @@ def _prepare(sock: socket.socket | trio.socket.SocketType, opts: SocketOptions) 
         )
 
 
+def sockaddr_of(address: IPAddress, port: int) -> tuple[socket.AddressFamily, tuple[object, ...]]:
+    """The family and socket address of an IP address and port."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return socket.AF_INET, (str(address), port)
+    return socket.AF_INET6, (str(address), port, 0, 0)
+
+
 async def resolve(
     host: str | IPAddress, port: int, kind: socket.SocketKind
 ) -> list[tuple[socket.AddressFamily, tuple[object, ...]]]:
@@ -157,10 +165,8 @@ async def resolve(
     Raises:
         OutboundError: HOST_UNREACHABLE when the name does not resolve.
     """
-    if isinstance(host, ipaddress.IPv4Address):
-        return [(socket.AF_INET, (str(host), port))]
-    if isinstance(host, ipaddress.IPv6Address):
-        return [(socket.AF_INET6, (str(host), port, 0, 0))]
+    if not isinstance(host, str):
+        return [sockaddr_of(host, port)]
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=kind)
     except socket.gaierror as exc:

@@ -13,14 +13,20 @@ from __future__ import annotations
 from outbounds.base import Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
+from outbounds.resolver import DirectResolver
 from outbounds.shadowsocks import parse_shadowsocks_url
 from outbounds.socks5 import parse_socks5_url
 
 SCHEMES = ("socks5", "socks5h", "ss", "direct")
 
 
-def parse_outbound_url(url: str, socket_options: SocketOptions | None = None) -> Outbound:
-    """Build the outbound a URL names.
+def parse_outbound_url(
+    url: str,
+    socket_options: SocketOptions | None = None,
+    *,
+    resolver: DirectResolver | None = None,
+) -> Outbound:
+    """Build the outbound a URL names; `direct://` resolves names with `resolver`.
 
     Raises:
         ValueError: unknown scheme or a malformed URL.
@@ -30,7 +36,7 @@ def parse_outbound_url(url: str, socket_options: SocketOptions | None = None) ->
         raise ValueError(f"not a URL: {url!r} (expected scheme://...)")
     scheme = scheme.lower()
     if scheme == "direct":
-        return DirectOutbound(socket_options=socket_options or SocketOptions())
+        return DirectOutbound(socket_options=socket_options or SocketOptions(), resolver=resolver)
     if scheme in ("socks5", "socks5h"):
         return parse_socks5_url(url, socket_options)
     if scheme == "ss":

@@ -33,6 +33,7 @@ import trio
 from outbounds.base import Destination
 from stack.netstack import GsoPacket
 from tun2sx.control.app import ConfigError, Settings, serve
+from tun2sx.control.config import nameservers
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import RxPacket, TunDevice, adopt_tun
 
@@ -80,6 +81,9 @@ def make_settings(tun_fd: int, config: Settings | Mapping[str, Any] | None = Non
 
 
 def _convert(key: str, value: Any) -> Any:
+    if key == "direct_dns" and value is not None and not isinstance(value, tuple):
+        # "ADDRESS[:PORT]" strings, as in the config file; errors name the item.
+        return nameservers(key, value)
     try:
         if key in _NETWORK_FIELDS and isinstance(value, str):
             return ipaddress.ip_network(value)

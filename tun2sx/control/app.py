@@ -22,9 +22,16 @@ import trio
 from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
+from outbounds.resolver import DirectResolver
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
+from tun2sx.control.directdns import (
+    build_direct_resolver,
+    excluded_networks,
+    inside,
+    warn_without_direct_dns,
+)
 from tun2sx.control.stats import (
     log_summaries,
     open_stats_listeners,
@@ -96,6 +103,8 @@ class Settings:
         fake_ip_db: SQLite file of the fake-IP table (":memory:": none).
         fake_ip_filter: names resolved for real instead.
         dns_upstream: resolver for what is not answered with a fake IP.
+        direct_dns: servers the direct outbound resolves host names with
+            (None: the nameservers of /etc/resolv.conf that are not tun2sx).
         dns_hijack: answer every port-53 query ourselves.
         udp_timeout: UDP session idle timeout, seconds.
         connect_timeout: outbound connect timeout, seconds.
@@ -124,6 +133,7 @@ class Settings:
         factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
     )
     dns_hijack: bool = True
+    direct_dns: tuple[Destination, ...] | None = None
     udp_timeout: float = 60.0
     connect_timeout: float = 10.0
     outbounds: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
@@ -155,13 +165,17 @@ def open_device(settings: Settings) -> TunDevice:
     )
 
 
-def build_outbounds(settings: Settings, socket_options: SocketOptions) -> dict[str, Outbound]:
-    """Every named outbound, plus DIRECT.
+def build_outbounds(
+    settings: Settings, socket_options: SocketOptions, resolver: DirectResolver | None = None
+) -> dict[str, Outbound]:
+    """Every named outbound, plus DIRECT; direct ones resolve with `resolver`.
 
     Raises:
         ConfigError: a reserved or repeated name, or a bad URL.
     """
-    named: dict[str, Outbound] = {DIRECT: DirectOutbound(socket_options=socket_options)}
+    named: dict[str, Outbound] = {
+        DIRECT: DirectOutbound(socket_options=socket_options, resolver=resolver)
+    }
     for name, url in settings.outbounds:
         if not name or "," in name or any(ch.isspace() for ch in name):
             raise ConfigError(f"outbounds: {name!r} is not a usable name (no commas or spaces)")
@@ -170,19 +184,21 @@ def build_outbounds(settings: Settings, socket_options: SocketOptions) -> dict[s
         if name in named:
             raise ConfigError(f"outbounds.{name}: defined twice")
         try:
-            named[name] = parse_outbound_url(url, socket_options)
+            named[name] = parse_outbound_url(url, socket_options, resolver=resolver)
         except ValueError as exc:
             raise ConfigError(f"outbounds.{name}.url: {exc}") from exc
     return named
 
 
-def build_router(settings: Settings, socket_options: SocketOptions) -> Router:
+def build_router(
+    settings: Settings, socket_options: SocketOptions, resolver: DirectResolver | None = None
+) -> Router:
     """The router: named outbounds, DIRECT, the rules and the default.
 
     Raises:
         ConfigError: a bad outbound or rule; the message names it.
     """
-    named = build_outbounds(settings, socket_options)
+    named = build_outbounds(settings, socket_options, resolver)
     try:
         rules = parse_rules(settings.rules, named.keys())
     except RuleError as exc:
@@ -194,7 +210,7 @@ def build_router(settings: Settings, socket_options: SocketOptions) -> Router:
         default, default_name = named[settings.outbound], settings.outbound
     else:
         try:
-            default = parse_outbound_url(settings.outbound, socket_options)
+            default = parse_outbound_url(settings.outbound, socket_options, resolver=resolver)
         except ValueError as exc:
             names = ", ".join(named)
             raise ConfigError(f"outbound: {exc}; or name one of: {names}, REJECT") from exc
@@ -221,6 +237,13 @@ def check_settings(settings: Settings) -> None:
     """
     build_router(settings, SocketOptions())
     _stats_endpoint(settings)
+    for server in settings.direct_dns or ():
+        network = inside(server, _excluded(settings))
+        if network is not None:
+            raise ConfigError(
+                f"direct_dns: {server} is in {network}, which is tun2sx itself "
+                "(a fake-IP pool or the TUN's network)"
+            )
     if settings.udp_timeout <= 0:
         raise ConfigError("udp_timeout: must be positive")
     if settings.connect_timeout <= 0:
@@ -249,6 +272,11 @@ def routes(settings: Settings, device_name: str, fwmark: int | None) -> Iterator
     log.info("tun2sx: routing traffic into %s (outbound sockets marked %#x)", device_name, fwmark)
     with auto_route(device_name, fwmark=fwmark):
         yield
+
+
+def _excluded(settings: Settings) -> list[IPNetwork]:
+    pools = (settings.fake_ip_range, settings.fake_ip_range6)
+    return excluded_networks(settings.fake_ip, pools, settings.tun_addresses)
 
 
 def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
@@ -325,7 +353,10 @@ async def _serve(
         protect=protect,
         connect_timeout=settings.connect_timeout,
     )
-    router = build_router(settings, socket_options)
+    resolver = build_direct_resolver(settings.direct_dns, _excluded(settings), socket_options)
+    router = build_router(settings, socket_options, resolver)
+    if settings.fake_ip:
+        warn_without_direct_dns(resolver, router)
     stats_endpoint = _stats_endpoint(settings)
     store = dns = None
     if settings.fake_ip:

@@ -38,7 +38,7 @@ from tun2sx.control.app import (
     serve,
 )
 from tun2sx.control.autoroute import AutoRouteError
-from tun2sx.control.config import load_config, parse_workers
+from tun2sx.control.config import load_config, nameservers, parse_workers
 from tun2sx.control.stats import parse_loopback_endpoint
 from tun2sx.dataplane.tun import TunDevice, TunError
 
@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "outbound (default 1.1.1.1:53)",
     )
     p.add_argument("--no-dns-hijack", action="store_true", help="do not answer port 53 ourselves")
+    p.add_argument(
+        "--direct-dns",
+        metavar="ADDR[:PORT],...",
+        action="append",
+        help="DNS servers the DIRECT outbound resolves host names with, asked directly "
+        "(default: the nameservers of /etc/resolv.conf that are not tun2sx itself); repeatable",
+    )
     p.add_argument("--udp-timeout", type=float, help="UDP session idle timeout (s, default 60)")
     p.add_argument("--connect-timeout", type=float, help="outbound connect timeout (s, default 10)")
     p.add_argument(
@@ -178,6 +185,8 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         values["tun_addresses"] = tuple(args.tun_address)
     if args.dns_upstream is not None:
         values["dns_upstream"] = parse_endpoint(args.dns_upstream, "--dns-upstream")
+    if args.direct_dns is not None:
+        values["direct_dns"] = nameservers("--direct-dns", ",".join(args.direct_dns))
     if args.fake_ip_range is not None:
         values["fake_ip_range"] = _network(args.fake_ip_range, "--fake-ip-range", 4)
     if args.fake_ip_range6 is not None:

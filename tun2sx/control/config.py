@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from outbounds.base import Destination
+from outbounds.resolver import parse_nameserver
 from tun2sx.control.app import ConfigError, Settings, check_settings
 
 # key in its table -> Settings field; None marks a sub-table handled apart.
@@ -55,6 +56,7 @@ _DNS = {
     "fake_ip_filter": "fake_ip_filter",
     "upstream": "dns_upstream",
     "hijack": "dns_hijack",
+    "direct": "direct_dns",
 }
 _STATS = {"listen": "stats_listen", "interval": "stats_interval"}
 
@@ -157,6 +159,24 @@ def _endpoint(key: str, value: object) -> Destination:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def nameservers(key: str, value: object) -> tuple[Destination, ...]:
+    """DNS servers: a list of `ADDRESS[:PORT]`, or one string of them, comma-separated."""
+    items = [(key, value)] if isinstance(value, str) else None
+    if items is None:
+        items = [(f"{key}[{i}]", item) for i, item in enumerate(_strings(key, value))]
+    servers = []
+    for name, item in items:
+        assert isinstance(item, str)
+        for text in item.split(","):
+            try:
+                servers.append(parse_nameserver(text))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    if not servers:
+        raise ConfigError(f"{key}: expected at least one server, e.g. 192.168.1.1")
+    return tuple(servers)
+
+
 _CONVERT: dict[str, Callable[[str, object], object]] = {
     "tun": _string,
     "tun_fd": _integer,
@@ -173,6 +193,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "fake_ip_filter": _strings,
     "dns_upstream": _endpoint,
     "dns_hijack": _boolean,
+    "direct_dns": nameservers,
     "udp_timeout": _seconds,
     "connect_timeout": _seconds,
     "rules": _strings,

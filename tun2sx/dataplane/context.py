@@ -21,10 +21,12 @@ from outbounds.base import Destination
 if TYPE_CHECKING:
     import trio
 
+    from outbounds.base import Outbound
     from stack.netstack import NetStack
     from tun2sx.dataplane.tcpstream import TcpStream
     from tun2sx.naming.dns import FakeDns
-    from tun2sx.naming.router import Router
+    from tun2sx.naming.realnames import RealNames
+    from tun2sx.naming.router import Network, Router
 
 
 @attrs.frozen
@@ -89,6 +91,8 @@ class FlowContext(Protocol):
         stack: the sans-I/O stack, to accept, refuse and send with.
         router: picks the outbound for a destination.
         dns: the fake-IP DNS answerer, or None when it is off.
+        real_names: which name each real address was answered for (DNS
+            answers forwarded upstream record here; routing reads it).
         streams: the live TCP streams by flow key; a flow adds its stream
             when it accepts and removes it once finished.
     """
@@ -98,6 +102,7 @@ class FlowContext(Protocol):
     stack: NetStack
     router: Router
     dns: FakeDns | None
+    real_names: RealNames
     streams: dict[object, TcpStream]
 
     @property
@@ -111,6 +116,10 @@ class FlowContext(Protocol):
 
     def destination_for(self, addr: bytes, port: int) -> Destination | None:
         """What an application's destination address means (None: unknown fake IP)."""
+        ...
+
+    def route(self, dest: Destination, network: Network) -> Outbound | None:
+        """The outbound for a flow (None: rejected by rule)."""
         ...
 
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:

@@ -93,11 +93,13 @@ class DnsServer:
         if outbound is None:
             return FakeDns.servfail(query)
         try:
-            return await forward_query(query, upstream, outbound)
+            response = await forward_query(query, upstream, outbound)
         except DnsUpstreamError as exc:
             engine.counters["dns_forward_failures"] += 1
             log.info("DNS upstream %s via %s: %s", upstream, outbound.name, exc)
             return FakeDns.servfail(query)
+        engine.real_names.record_response_untrusted(response, trio.current_time())
+        return response
 
     async def serve_stream(self, stream: TcpStream) -> None:
         """Answer length-prefixed DNS queries on one TCP connection."""

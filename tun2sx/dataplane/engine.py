@@ -29,13 +29,15 @@ from tun2sx.dataplane.context import EngineConfig, FlowInfo
 from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
+from tun2sx.naming.realnames import RealNames
 
 if TYPE_CHECKING:
+    from outbounds.base import Outbound
     from tun2sx.dataplane.tcpstream import TcpStream
     from tun2sx.dataplane.tun import TunDevice
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.fakeip import FakeIpStore
-    from tun2sx.naming.router import Router
+    from tun2sx.naming.router import Network, Router
 
 log = logging.getLogger("tun2sx")
 
@@ -71,6 +73,8 @@ class Engine:
         self.fakeip = fakeip
         self.dns = dns
         self.config = config or EngineConfig()
+        # Names of real addresses from upstream answers (fake-IP-filtered names).
+        self.real_names = RealNames()
         self.streams: dict[object, TcpStream] = {}
         self.counters: Counter[str] = Counter()
         self.flows: set[FlowInfo] = set()
@@ -195,6 +199,14 @@ class Engine:
                 return None
             return Destination(name, port)
         return Destination(ip, port)
+
+    def route(self, dest: Destination, network: Network) -> Outbound | None:
+        """The router's choice for a flow; a real address that a DNS answer
+        gave for a name is matched by that name too (tun2sx.naming.realnames)."""
+        name = None
+        if not isinstance(dest.host, str):
+            name = self.real_names.name_for(dest.host, trio.current_time())
+        return self.router.route(dest, network, name)
 
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""

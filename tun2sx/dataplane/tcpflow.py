@@ -113,7 +113,7 @@ class TcpFlows:
             engine.counters["tcp_unknown_fake_ip"] += 1
             self._fail(request, FailureReply.RESET)
             return
-        outbound = engine.router.route(dest, "tcp")
+        outbound = engine.route(dest, "tcp")
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)

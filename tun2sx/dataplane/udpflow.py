@@ -95,7 +95,7 @@ class UdpFlows:
                 dest = self._destination(session, first[0], first[1])
                 if dest is None:
                     return
-                outbound = engine.router.route(dest, "udp")
+                outbound = engine.route(dest, "udp")
                 if outbound is None:
                     self._unreachable(session, first, 13, 1)
                     return

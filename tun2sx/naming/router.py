@@ -221,8 +221,14 @@ class RuleSet:
         elif self._match == _NO_MATCH:
             self._match = position
 
-    def first_match(self, dest: Destination, network: Network) -> int | None:
-        """The position of the first rule matching, or None."""
+    def first_match(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> int | None:
+        """The position of the first rule matching, or None.
+
+        `name` is the host name an address destination was answered for
+        (tun2sx.naming.realnames): domain rules then match it, IP rules the address.
+        """
         best = min(
             self._match,
             self._networks.get(network, _NO_MATCH),
@@ -238,6 +244,8 @@ class RuleSet:
         if isinstance(host, str):
             best = self._match_name(_normalise_name(host), best)
         else:
+            if name is not None:
+                best = self._match_name(_normalise_name(name), best)
             bits = 32 if host.version == 4 else 128
             number = int(host)
             by_len = self._cidrs[host.version]
@@ -298,17 +306,19 @@ class Router:
         if default is not None and default_name is not None:
             self._names.setdefault(id(default), default_name)
 
-    def route(self, dest: Destination, network: Network) -> Outbound | None:
+    def route(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> Outbound | None:
         """The outbound for `dest`, or None when a REJECT rule (or a None
-        default) refuses it."""
-        position = self.rules.first_match(dest, network)
+        default) refuses it; `name` as in `RuleSet.first_match`."""
+        position = self.rules.first_match(dest, network, name)
         if position is None:
             return self.default
         return self._targets[position]
 
-    def rule_for(self, dest: Destination, network: Network) -> Rule | None:
+    def rule_for(self, dest: Destination, network: Network, name: str | None = None) -> Rule | None:
         """The rule that decides `dest`, or None when the default does."""
-        position = self.rules.first_match(dest, network)
+        position = self.rules.first_match(dest, network, name)
         return None if position is None else self.rules.rules[position]
 
     def name_of(self, outbound: Outbound | None) -> str:
