@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -112,19 +113,34 @@ Row = tuple[str, dict[str, str]]
 def _reason(exc: BaseException, limit: int = 160) -> str:
     """One short Markdown-safe line saying why a measure failed."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    # The lab's command prefix says nothing the column does not.
+    text = re.sub(r"ip netns exec \S+ ", "", text)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text.replace("|", "\\|")
 
 
+class FarSideDown(LabError):
+    """A server every column needs (Dante, iperf3, nginx) has exited."""
+
+
 def measure_row(
-    table: list[Row], columns: list[Column], label: str, fn: Callable[[Column], str]
+    table: list[Row],
+    columns: list[Column],
+    label: str,
+    fn: Callable[[Column], str],
+    far_side: Sequence[subprocess.Popen[bytes]] = (),
 ) -> None:
     """Measure `fn` on each column in turn and append the row to `table`.
 
     Any error in one cell becomes `failed: reason` there: one peer's bad
     moment (an iperf3 error, a crash) must not cost the rest of a slow run.
+    But when one of the `far_side` servers has exited, no column can be
+    measured any more: raises FarSideDown, and the run ends (cleaning up).
     """
+    for proc in far_side:
+        if proc.poll() is not None:
+            raise FarSideDown(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}")
     cells = {}
     for col in columns:
         if col.failure is None and (gone := col.exited()) is not None:
@@ -140,12 +156,13 @@ def measure_row(
     print(f"bench e2e: {label}: {cells}", file=sys.stderr, flush=True)
 
 
-def _start_nginx(server: Namespace, tmp: Path) -> None:
+def _start_nginx(server: Namespace, tmp: Path) -> subprocess.Popen[bytes]:
     """A C HTTP server answering one byte and closing: the peer of `_ab`."""
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, addr=SERVER_ADDR, port=NGINX_PORT))
-    server.spawn(["nginx", "-c", str(conf)])
+    proc = server.spawn(["nginx", "-c", str(conf)])
     server.wait_listening(NGINX_PORT)
+    return proc
 
 
 def _ab(ns: Namespace, host: str, requests: int, concurrency: int) -> tuple[float, int]:
@@ -189,9 +206,11 @@ def _hold(col: Column, count: int, timeout: float = 180) -> str:
         # The tool answers once all are open, or dies; a wedged peer must not
         # hang the run.
         ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline() if ready else b""
+        if not ready:
+            raise LabError(f"hold: no report within {timeout} s")
+        line = proc.stdout.readline()
         if not line:
-            raise LabError(f"hold: no report within {timeout} s (exit {proc.poll()})")
+            raise LabError(f"hold: exited with status {proc.wait(10)} before its report")
         status = json.loads(line)
         rss = rss_kib(col.pid())
         proc.stdin.close()
@@ -358,11 +377,11 @@ def run(
         lab = stack.enter_context(Lab("t2sx-bench"))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         bed = Testbed(lab, tmp)
-        bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
+        iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
         bed.verbosity = []
-        _start_nginx(bed.server, tmp)
+        nginx = _start_nginx(bed.server, tmp)
 
         columns: list[Column] = []
         for key in (k for k in COLUMNS if k in only):
@@ -382,49 +401,50 @@ def run(
                 columns.append(col)
                 modes[key] = _tun_mode(col.ns) if col.failure is None else "-"
 
-        for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
-            measure_row(table, columns, label, lambda c, r=reverse: _iperf(c, seconds, r))
-        measure_row(table, columns, "connections/s (8 Python threads)", lambda c: _cps(c, seconds))
-        measure_row(
-            table,
-            columns,
-            "connections/s (ab -c 8 to nginx, one request each)",
-            lambda c: _ab_cell(c, requests),
-        )
-        measure_row(table, columns, "latency p50 / p99 ms, 64 B round trip, idle", _latency)
-        measure_row(
-            table,
-            columns,
-            "latency p50 / p99 ms, 64 B round trip, beside an iperf3 download",
-            lambda c: _latency_under_download(c, seconds),
-        )
-        # UDP rows join here: tests/bench/udp.py measures the same `columns`
-        # (each column's namespace and hosts) and appends its rows to
-        # `table` through `measure_row`, like the TCP rows above.
-        measure_row(
-            table,
-            columns,
-            "RSS MiB, idle",
-            lambda c: "-" if c.idle_rss_kib is None else f"{c.idle_rss_kib / 1024:.1f}",
-        )
-        measure_row(
-            table,
-            columns,
-            f"RSS MiB, {connections} open connections",
-            lambda c: "-" if c.pid is None else _hold(c, connections),
-        )
-        tun2sx_col = next((c for c in columns if c.key == TUN2SX), None)
-        if workers > 1 and tun2sx_col is not None and tun2sx_col.failure is None:
-            # The same connection test with one process per queue; the other
-            # columns have no such mode.
-            bed.stop()
-            cells = {c.key: "-" for c in columns}
-            try:
-                bed.start("--workers", str(workers), *t2sx_args)
-                cells[TUN2SX] = _ab_cell(tun2sx_col, requests)
-            except Exception as exc:  # reported in its cell, like measure_row's
-                cells[TUN2SX] = f"failed: {_reason(exc)}"
-            table.append((f"connections/s (ab -c 8 to nginx), tun2sx --workers {workers}", cells))
+        stopped = None
+        try:
+            row = functools.partial(measure_row, table, columns, far_side=(bed.dante, iperf, nginx))
+            for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
+                row(label, lambda c, r=reverse: _iperf(c, seconds, r))
+            row("connections/s (8 Python threads)", lambda c: _cps(c, seconds))
+            row(
+                "connections/s (ab -c 8 to nginx, one request each)",
+                lambda c: _ab_cell(c, requests),
+            )
+            row("latency p50 / p99 ms, 64 B round trip, idle", _latency)
+            row(
+                "latency p50 / p99 ms, 64 B round trip, beside an iperf3 download",
+                lambda c: _latency_under_download(c, seconds),
+            )
+            # UDP rows join here: tests/bench/udp.py measures the same `columns`
+            # (each column's namespace and hosts) and adds its rows with `row`,
+            # like the TCP rows above.
+            row(
+                "RSS MiB, idle",
+                lambda c: "-" if c.idle_rss_kib is None else f"{c.idle_rss_kib / 1024:.1f}",
+            )
+            row(
+                f"RSS MiB, {connections} open connections",
+                lambda c: "-" if c.pid is None else _hold(c, connections),
+            )
+            tun2sx_col = next((c for c in columns if c.key == TUN2SX), None)
+            if workers > 1 and tun2sx_col is not None and tun2sx_col.failure is None:
+                # The same connection test with one process per queue; the other
+                # columns have no such mode.
+                bed.stop()
+                cells = {c.key: "-" for c in columns}
+                try:
+                    bed.start("--workers", str(workers), *t2sx_args)
+                    cells[TUN2SX] = _ab_cell(tun2sx_col, requests)
+                except Exception as exc:  # reported in its cell, like measure_row's
+                    cells[TUN2SX] = f"failed: {_reason(exc)}"
+                table.append(
+                    (f"connections/s (ab -c 8 to nginx), tun2sx --workers {workers}", cells)
+                )
+
+        except FarSideDown as exc:
+            # What was measured so far is still worth printing.
+            stopped = _reason(exc)
 
     keys = [c.key for c in columns]
     lines = [
@@ -437,6 +457,8 @@ def run(
         "|---|" + "---|" * len(keys),
         *(f"| {label} | " + " | ".join(cells[k] for k in keys) + " |" for label, cells in table),
     ]
+    if stopped is not None:
+        lines += ["", f"Run stopped early: {stopped}."]
     return "\n".join(lines)
 
 
@@ -473,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench e2e: needs {', '.join(missing)}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-    print(
-        run(
+    try:
+        table = run(
             args.seconds,
             args.connections,
             not args.no_offload,
@@ -483,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
             requests=args.requests,
             only=only,
         )
-    )
+    except KeyboardInterrupt:
+        # run()'s context managers have already ended the lab's processes
+        # and deleted its namespaces on the way out.
+        print("bench e2e: interrupted", file=sys.stderr)
+        return 130
+    print(table)
     return 0
 
 
