@@ -275,14 +275,32 @@ def _ab_cell(col: Column, requests: int) -> str:
     return f"{rate:.0f}" + (f" ({failed} failed)" if failed else "")
 
 
-def _tun_mode(ns: Namespace) -> str:
-    """tun0's MTU and virtio-net header as the kernel reports them."""
-    out = ns.run(["ip", "-d", "link", "show", "tun0"], check=False).stdout
+def _path_mode(col: Column) -> str:
+    """The device the column's traffic takes, as the kernel reports it.
+
+    Its MTU, whether it carries the virtio-net header (offload), and the
+    MSS a client connection through it ends up with: proof that `--mtu`
+    reached the device and the client's route.
+    """
+    route = col.ns.run(["ip", "-o", "route", "get", SERVER_ADDR], check=False).stdout
+    if col.key != KERNEL:
+        dev = "tun0"
+    elif found := re.search(r"\bdev (\S+)", route):
+        dev = found.group(1)
+    else:
+        return f"no route to {SERVER_ADDR}"
+    out = col.ns.run(["ip", "-d", "link", "show", dev], check=False).stdout
     mtu = re.search(r"\bmtu (\d+)", out)
-    vnet = re.search(r"vnet_hdr (on|off)", out)
     if mtu is None:
-        return "no tun0"
-    return f"mtu {mtu.group(1)}, vnet_hdr {vnet.group(1) if vnet else '?'}"
+        return f"no {dev}"
+    parts = [f"{'veth' if col.key == KERNEL else dev} mtu {mtu.group(1)}"]
+    if vnet := re.search(r"vnet_hdr (on|off)", out):
+        parts.append(f"vnet_hdr {vnet.group(1)}")
+    try:
+        parts.append(f"client MSS {_tool(col.ns, 'mss', col.echo_host, ECHO_PORT)['mss']}")
+    except (LabError, ValueError, KeyError) as exc:
+        parts.append(f"client MSS failed: {_reason(exc)}")
+    return ", ".join(parts)
 
 
 def _machine() -> str:
@@ -386,20 +404,16 @@ def run(
         columns: list[Column] = []
         for key in (k for k in COLUMNS if k in only):
             if key == KERNEL:
-                columns.append(
-                    Column(KERNEL, bed.client, SERVER_ADDR, SERVER_ADDR, http_host=SERVER_ADDR)
-                )
-                modes[key] = "veth mtu 1500"
+                col = Column(KERNEL, bed.client, SERVER_ADDR, SERVER_ADDR, http_host=SERVER_ADDR)
             elif key == TUN2SX:
-                columns.append(stack.enter_context(_tun2sx_column(bed, t2sx_args)))
-                modes[key] = _tun_mode(bed.client)
+                col = stack.enter_context(_tun2sx_column(bed, t2sx_args))
             else:
                 index = 1 + list(SINGBOX).index(key)
                 col, peer = _singbox_column(key, lab, bed.server, tmp, tun_mtu, index)
                 if peer is not None:
                     stack.callback(peer.stop)
-                columns.append(col)
-                modes[key] = _tun_mode(col.ns) if col.failure is None else "-"
+            columns.append(col)
+            modes[key] = _path_mode(col) if col.failure is None else "-"
 
         stopped = None
         try:
@@ -451,7 +465,7 @@ def run(
         f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), "
         f"MTU {tun_mtu}; {singbox.version()}",
         "",
-        "TUN as the kernel sees it: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
+        "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
         "",
         "| measure | " + " | ".join(TITLES[k] for k in keys) + " |",
         "|---|" + "---|" * len(keys),

@@ -3,6 +3,7 @@
     python -m tests.bench.netclient cps HOST PORT SECONDS WORKERS
     python -m tests.bench.netclient latency HOST PORT ROUNDS [SECONDS]
     python -m tests.bench.netclient hold HOST PORT COUNT   # then waits for stdin EOF
+    python -m tests.bench.netclient mss HOST PORT
 
 Each prints one JSON line. The servers are those of tests/e2e/servers.py
 (7001 is the echo server).
@@ -97,6 +98,19 @@ def hold(host: str, port: int, count: int) -> None:
         sock.close()
 
 
+def mss(host: str, port: int) -> dict[str, int]:
+    """The MSS the client's kernel uses on a connection (TCP_MAXSEG).
+
+    It follows the MTU of the route the connection takes (the TUN's, for
+    a proxied path) and the options in use, so it shows what segment size
+    the proxy really receives.
+    """
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"m")
+        sock.recv(1)
+        return {"mss": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)}
+
+
 def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
     if cmd == "cps":
@@ -104,6 +118,8 @@ def main() -> None:
     elif cmd == "latency":
         seconds = float(rest[1]) if len(rest) > 1 else None
         print(json.dumps(latency(host, int(port), int(rest[0]), seconds)))
+    elif cmd == "mss":
+        print(json.dumps(mss(host, int(port))))
     elif cmd == "hold":
         hold(host, int(port), int(rest[0]))
     else:
