@@ -140,7 +140,8 @@ def measure_row(
     """
     for proc in far_side:
         if proc.poll() is not None:
-            raise FarSideDown(f"{' '.join(map(str, proc.args))} exited with {proc.returncode}")
+            argv = proc.args if isinstance(proc.args, list) else [proc.args]
+            raise FarSideDown(f"{' '.join(map(str, argv))} exited with {proc.returncode}")
     cells = {}
     for col in columns:
         if col.failure is None and (gone := col.exited()) is not None:
@@ -310,7 +311,11 @@ def _machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    try:
+        uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout
+    except OSError:  # no procps: the kernel's own numbers say the same
+        uptime = "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    uptime = uptime.strip()
     return f"nproc {os.cpu_count()}, {model}, kernel {os.uname().release}; uptime: {uptime}"
 
 
@@ -419,7 +424,7 @@ def run(
         try:
             row = functools.partial(measure_row, table, columns, far_side=(bed.dante, iperf, nginx))
             for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
-                row(label, lambda c, r=reverse: _iperf(c, seconds, r))
+                row(label, functools.partial(_iperf, seconds=seconds, reverse=reverse))
             row("connections/s (8 Python threads)", lambda c: _cps(c, seconds))
             row(
                 "connections/s (ab -c 8 to nginx, one request each)",
@@ -462,8 +467,8 @@ def run(
 
     keys = [c.key for c in columns]
     lines = [
-        f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), "
-        f"MTU {tun_mtu}; {singbox.version()}",
+        f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), MTU {tun_mtu}"
+        + (f"; {singbox.version()}" if any(k in SINGBOX for k in keys) else ""),
         "",
         "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
         "",
