@@ -103,6 +103,7 @@ class Column:
     # Why the path could not be measured at all (its peer did not start).
     failure: str | None = None
     idle_rss_kib: int | None = None
+    reported: bool = False  # `failure` is already in a cell of the table
     # Liveness check for a peer process: a reason once it has exited.
     exited: Callable[[], str | None] = field(default=lambda: None)
 
@@ -147,7 +148,9 @@ def measure_row(
         if col.failure is None and (gone := col.exited()) is not None:
             col.failure = gone
         if col.failure is not None:
-            cells[col.key] = f"failed: {col.failure}"
+            # The reason once; later rows only point at it.
+            cells[col.key] = "failed: see above" if col.reported else f"failed: {col.failure}"
+            col.reported = True
             continue
         try:
             cells[col.key] = fn(col)
@@ -320,11 +323,14 @@ def _machine() -> str:
 
 
 def _exited(
-    proc: Callable[[], subprocess.Popen[bytes] | None], what: str
+    lab: Lab, proc: Callable[[], subprocess.Popen[bytes] | None], what: str
 ) -> Callable[[], str | None]:
     def check() -> str | None:
         p = proc()
         if p is not None and p.poll() is not None:
+            # Forget it, or the lab's own checks (run while starting tun2sx
+            # again for --workers) would fail on this peer's exit.
+            lab.stop(p)
             return f"{what} exited with status {p.returncode}"
         return None
 
@@ -346,7 +352,7 @@ def _tun2sx_column(bed: Testbed, args: list[str]) -> Iterator[Column]:
     assert bed.proc is not None
     pid = bed.proc.pid
     col.pid = lambda: pid
-    col.exited = _exited(lambda: bed.proc, "tun2sx")
+    col.exited = _exited(bed.lab, lambda: bed.proc, "tun2sx")
     col.idle_rss_kib = rss_kib(pid)
     # ab connects to an address: resolve the name through the fake-IP DNS once.
     fake = bed.client.run(["dig", "+short", "www.test"], check=False).stdout.strip()
@@ -375,7 +381,7 @@ def _singbox_column(
     assert peer.proc is not None
     pid = peer.proc.pid
     col.pid = lambda: pid
-    col.exited = _exited(lambda: peer.proc, f"sing-box {stack}")
+    col.exited = _exited(lab, lambda: peer.proc, f"sing-box {stack}")
     col.idle_rss_kib = rss_kib(pid)
     return col, peer
 

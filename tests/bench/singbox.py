@@ -134,15 +134,17 @@ class SingBox:
             )
         try:
             self.ns.wait_link("tun0", timeout=timeout)
+            ns = self.ns
+            table = str(TUN_TABLE)
+            ns.run(["ip", "route", "replace", f"{SERVER_ADDR}/32", "dev", "tun0", "table", table])
+            ns.run(["ip", "rule", "add", "fwmark", str(MARK), "lookup", "main", "pref", "100"])
+            ns.run(["ip", "rule", "add", "lookup", table, "pref", "110"])
+            self._wait_proxying(timeout)
         except LabError as exc:
+            # Ended and forgotten here: a dead peer left registered would
+            # fail the lab's checks while other columns start.
+            self.stop()
             raise LabError(f"{exc}; log: {self.log_tail()}") from exc
-        ns = self.ns
-        ns.run(
-            ["ip", "route", "replace", f"{SERVER_ADDR}/32", "dev", "tun0", "table", str(TUN_TABLE)]
-        )
-        ns.run(["ip", "rule", "add", "fwmark", str(MARK), "lookup", "main", "pref", "100"])
-        ns.run(["ip", "rule", "add", "lookup", str(TUN_TABLE), "pref", "110"])
-        self._wait_proxying(timeout)
 
     def _wait_proxying(self, timeout: float) -> None:
         """Poll with one echo round trip through the TUN until it works."""
@@ -166,9 +168,9 @@ class SingBox:
             if result.returncode == 0:
                 return
             if self.proc is not None and self.proc.poll() is not None:
-                raise LabError(f"sing-box exited with {self.proc.returncode}: {self.log_tail()}")
+                raise LabError(f"sing-box exited with {self.proc.returncode}")
             if time.monotonic() > deadline:
-                raise LabError(f"no echo through sing-box after {timeout} s: {self.log_tail()}")
+                raise LabError(f"no echo through sing-box after {timeout} s")
             time.sleep(0.2)
 
     def log_tail(self, chars: int = 300) -> str:
