@@ -1,8 +1,9 @@
 """Load generators the end-to-end benchmark runs inside the client namespace.
 
     python -m tests.bench.netclient cps HOST PORT SECONDS WORKERS
-    python -m tests.bench.netclient latency HOST PORT ROUNDS
+    python -m tests.bench.netclient latency HOST PORT ROUNDS [SECONDS]
     python -m tests.bench.netclient hold HOST PORT COUNT   # then waits for stdin EOF
+    python -m tests.bench.netclient mss HOST PORT
 
 Each prints one JSON line. The servers are those of tests/e2e/servers.py
 (7001 is the echo server).
@@ -50,13 +51,21 @@ def cps(host: str, port: int, seconds: float, workers: int) -> dict[str, float]:
     return {"cps": sum(counts) / elapsed, "failures": sum(failures)}
 
 
-def latency(host: str, port: int, rounds: int) -> dict[str, float]:
-    """Round trips of 64 bytes on one connection: p50 and p99 in ms."""
+def latency(host: str, port: int, rounds: int, seconds: float | None = None) -> dict[str, float]:
+    """Round trips of 64 bytes on one connection: p50 and p99 in ms.
+
+    With `seconds`, stops after that long even if fewer than `rounds` were
+    done: under a bulk transfer a round trip can take milliseconds, and the
+    transfer must still be running when the last one is timed.
+    """
     samples = []
+    stop = None if seconds is None else time.monotonic() + seconds
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         msg = b"p" * 64
         for _ in range(rounds):
+            if stop is not None and time.monotonic() > stop:
+                break
             t0 = time.perf_counter()
             sock.sendall(msg)
             got = b""
@@ -66,7 +75,8 @@ def latency(host: str, port: int, rounds: int) -> dict[str, float]:
     samples.sort()
     return {
         "p50_ms": statistics.median(samples),
-        "p99_ms": samples[int(len(samples) * 0.99) - 1],
+        "p99_ms": samples[max(0, int(len(samples) * 0.99) - 1)],
+        "rounds": len(samples),
     }
 
 
@@ -88,12 +98,28 @@ def hold(host: str, port: int, count: int) -> None:
         sock.close()
 
 
+def mss(host: str, port: int) -> dict[str, int]:
+    """The MSS the client's kernel uses on a connection (TCP_MAXSEG).
+
+    It follows the MTU of the route the connection takes (the TUN's, for
+    a proxied path) and the options in use, so it shows what segment size
+    the proxy really receives.
+    """
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"m")
+        sock.recv(1)
+        return {"mss": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)}
+
+
 def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
     if cmd == "cps":
         print(json.dumps(cps(host, int(port), float(rest[0]), int(rest[1]))))
     elif cmd == "latency":
-        print(json.dumps(latency(host, int(port), int(rest[0]))))
+        seconds = float(rest[1]) if len(rest) > 1 else None
+        print(json.dumps(latency(host, int(port), int(rest[0]), seconds)))
+    elif cmd == "mss":
+        print(json.dumps(mss(host, int(port))))
     elif cmd == "hold":
         hold(host, int(port), int(rest[0]))
     else:
