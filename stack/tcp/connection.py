@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stack.errors import LocalProtocolError
-from stack.seq import MASK, seq_diff, seq_ge, seq_lt
+from stack.seq import MASK, seq_diff, seq_lt
 from stack.tcp.config import TcpConfig
 from stack.tcp.events import (
     NEED_DATA,
@@ -39,9 +39,9 @@ from stack.tcp.events import (
     _Sentinel,
 )
 from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
-from stack.tcp.output import Output, SegmentList
+from stack.tcp.output import Output
 from stack.tcp.rcv import Receiver
-from stack.tcp.snd import Sender
+from stack.tcp.snd import SegmentList, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
 from stack.tcp.timers import Timers
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
@@ -298,10 +298,8 @@ class TcpConnection:
             return
         if not flags & ACK:
             return
-        # TS.Recent follows the segments that reach the left window edge
-        # (RFC 7323 section 4.3); the receiver keeps it for our echoes.
-        if ts is not None and seq_ge(ts[0], rcv.ts_recent) and seq <= rcv.last_ack_sent:
-            rcv.ts_recent = ts[0]
+        if ts is not None:
+            rcv.note_timestamp(ts[0], seq)
         una = snd.una
         ack = una + seq_diff(hdr.ack, (self._iss + una) & MASK)
         if una == 0:

@@ -25,8 +25,6 @@ from stack.tcp.options import Negotiated, synack_options
 from stack.tcp.rcv import Receiver
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpHeader, TcpOptions
 
-SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
-
 _SACK_BLOCK_LEN = 8
 _SACK_OPTION_BASE = 4  # NOP NOP kind length
 

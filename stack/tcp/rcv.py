@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from stack.seq import MASK
+from stack.seq import MASK, seq_ge
 from stack.tcp.config import TcpConfig
 from stack.tcp.events import Counters
 from stack.tcp.options import Negotiated
@@ -142,6 +142,16 @@ class Receiver:
         self.adv = max(self.adv, self.nxt + (raw << shift))
         self.max_window = max(self.max_window, self.adv - self.nxt)
         return raw
+
+    def note_timestamp(self, tsval: int, seq: int) -> None:
+        """Take the TSval of an acceptable segment at position `seq` (RFC 7323 4.3).
+
+        TS.Recent follows only segments that reach the left window edge as
+        our last ACK stated it, so a delayed ACK echoes the earliest
+        unacknowledged segment's timestamp.
+        """
+        if seq <= self.last_ack_sent and seq_ge(tsval, self.ts_recent):
+            self.ts_recent = tsval
 
     def ack_segment(self, shift: int) -> int:
         """Return the window field of a segment leaving now, which ACKs all received.

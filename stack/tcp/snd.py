@@ -7,7 +7,8 @@ the state of our SYN-ACK, of tail loss probes and of zero-window probes, as
 gVisor's `sender` owns its fields. The connection hands it every acceptable
 ACK (`establish`, `on_ack`), tells it when one of its deadlines passed
 (`on_rto`, `on_tlp`, `on_rack_timer`, `on_persist`), and asks it for its
-segments (`output`); headers are built by the `output.Output` it is given.
+segments (`output`); their headers come from the `HeaderWriter` it is
+given (`output.Output`).
 It arms and clears its own deadlines (RTO, tail loss probe, persist,
 RACK's reordering timer) in the connection's shared `timers.Timers`.
 
@@ -26,7 +27,7 @@ avoidance (RFC 9293 section 3.8.6.2.1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 from stack.seq import MASK, seq_diff
 from stack.tcp.config import TcpConfig
@@ -38,13 +39,23 @@ from stack.tcp.sndbuf import SendBuffer
 from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeout
 from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
 
-if TYPE_CHECKING:
-    from stack.tcp.output import Output, SegmentList
+SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
 
 # Kinds of segment `next_segment` returns.
 NEW = 0  # first transmission (or a retransmission after a timeout)
 HEAD = 1  # fast retransmit of the first unacknowledged segment
 HOLE = 2  # retransmission of a SACK hole during recovery
+
+
+class HeaderWriter(Protocol):
+    """What the sender needs of `output.Output`: headers, and their option length."""
+
+    @property
+    def sack_len(self) -> int:
+        """Octets of SACK option on this output's headers."""
+
+    def header(self, seq: int, flags: int) -> TcpHeader:
+        """Return the header of a segment at send position `seq`."""
 
 
 class Segment(NamedTuple):
@@ -319,7 +330,7 @@ class Sender:
             cc.enter_recovery(una, self.max, True)
             self._rtt_seq = None
         if cc.in_recovery:
-            cc.prr_ack(delivered, self.pipe(self._mss))
+            cc.prr_ack(delivered, cc.pipe(sb, una, self.nxt, self._mss))
 
     def _check_lost_retransmit(self) -> None:
         """Resend the head again when its fast retransmission was lost.
@@ -406,7 +417,7 @@ class Sender:
 
     # ---------------------------------------------------------------- output
 
-    def output(self, now: float, writer: Output, out: SegmentList) -> None:
+    def output(self, now: float, writer: HeaderWriter, out: SegmentList) -> None:
         """Append every segment due now to `out`: data, retransmissions, probes.
 
         Also arms the timers sending starts (RTO, tail loss probe, persist)
@@ -486,7 +497,7 @@ class Sender:
             self.probe_due = False
             out.append((header(self.una - 1, ACK), b""))
 
-    def _tail_loss_probe(self, writer: Output, out: SegmentList) -> None:
+    def _tail_loss_probe(self, writer: HeaderWriter, out: SegmentList) -> None:
         """Resend the last packet of the flight (RFC 8985 section 7.3).
 
         When the flight's last ACKs were lost (or its tail was), nothing else
@@ -515,25 +526,6 @@ class Sender:
         """
         return self.max == self.una and self.nxt < self._buf.end and self.una + self.wnd <= self.nxt
 
-    def pipe(self, mss: int) -> int:
-        """Return the octets presumed in the network (RFC 6675 SetPipe).
-
-        `mss` is the size of the packets on the wire (what IsLost counts in).
-        """
-        una = self.una
-        pipe = self.nxt - una
-        sb = self._sb
-        if sb:
-            cc = self._cc
-            pipe -= sb.sacked_in(una, self.nxt)
-            if cc.in_recovery:
-                # Lost octets not yet resent have left the network.
-                pos = max(cc.high_rxt, una)
-                lost = cc.lost_below(sb, mss)
-                if lost > pos:
-                    pipe -= (lost - pos) - sb.sacked_in(pos, lost)
-        return max(0, pipe - self._cc.dup_credit)
-
     def next_segment(self, mss: int, wire_mss: int = 0) -> Segment | None:
         """Choose the next segment to send, or None if nothing may go now.
 
@@ -555,7 +547,7 @@ class Sender:
                 head = sb.next_hole(una) if sb else None
                 head_end = head[1] if head is not None and head[0] == una else self.max
                 return self._cut(una, head_end, mss, HEAD)
-            budget = cc.cwnd - self.pipe(unit)
+            budget = cc.cwnd - cc.pipe(sb, una, self.nxt, unit)
             if self._sack and budget > 0:
                 pos = max(cc.high_rxt, una)
                 lost = cc.lost_below(sb, unit)
@@ -569,12 +561,12 @@ class Sender:
                         return seg
                     return None
         else:
-            budget = cc.cwnd - self.pipe(unit)
+            budget = cc.cwnd - cc.pipe(sb, una, self.nxt, unit)
         start = self.nxt
         limit = None
         if start < self.max and sb:
             # Resending after a timeout: skip what the peer already holds.
-            start, limit = _skip_sacked(sb, start)
+            start, limit = sb.skip_sacked(start)
             self.nxt = start
         if start >= self.max:
             limit = None
@@ -624,13 +616,3 @@ class Sender:
                 cc.rexmit_head = False
             if end > cc.high_rxt:
                 cc.high_rxt = end
-
-
-def _skip_sacked(sb: Scoreboard, pos: int) -> tuple[int, int | None]:
-    for left, right in sb.ranges():
-        if right <= pos:
-            continue
-        if left > pos:
-            return pos, left
-        pos = right
-    return pos, None
