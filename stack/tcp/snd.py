@@ -8,9 +8,9 @@ gVisor's `sender` owns its fields. The connection hands it every acceptable
 ACK (`establish`, `on_ack`), tells it when one of its deadlines passed
 (`on_rto`, `on_tlp`, `on_rack_timer`, `on_persist`), and asks it for its
 segments (`output`); their headers come from the `HeaderWriter` it is
-given (`output.Output`).
-It arms and clears its own deadlines (RTO, tail loss probe, persist,
-RACK's reordering timer) in the connection's shared `timers.Timers`.
+given (`output.Output`). It arms and clears its own deadlines (RTO, tail
+loss probe, persist, RACK's reordering timer) in the connection's shared
+`timers.Timers`.
 
 Positions are unwrapped ints counted from our ISN (the SYN is 0, the first
 data octet 1); only SACK blocks and the timestamp echo arrive as wire
