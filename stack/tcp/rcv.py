@@ -372,7 +372,3 @@ class Receiver:
             if block not in blocks:
                 blocks.append(block)
         return blocks[:limit]
-
-    def has_out_of_order(self) -> bool:
-        """Return True if any out-of-order range is held."""
-        return bool(self._starts)

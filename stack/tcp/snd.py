@@ -165,11 +165,6 @@ class Sender:
 
     # ------------------------------------------------------------ the buffer
 
-    @property
-    def data_end(self) -> int:
-        """Return the position after the last queued data octet."""
-        return self._buf.end
-
     def space(self) -> int:
         """Return how many bytes `queue` would accept now."""
         # Only asked before close(): the connection refuses send() after it.
@@ -186,10 +181,6 @@ class Sender:
     def fin_acked(self) -> bool:
         """Return True once the peer acknowledged our FIN."""
         return self.fin_at is not None and self.una > self.fin_at
-
-    def in_flight(self) -> bool:
-        """Return True while anything sent is unacknowledged."""
-        return self.max > self.una
 
     # -------------------------------------------------------------- the ACKs
 
