@@ -132,6 +132,17 @@ class Scoreboard:
             return None
         return pos, starts[i]
 
+    def skip_sacked(self, pos: int) -> tuple[int, int | None]:
+        """Return the first un-SACKed position at or after `pos`, and the
+        start of the SACKed range above it (None if there is none)."""
+        for left, right in zip(self._starts, self._ends, strict=True):
+            if right <= pos:
+                continue
+            if left > pos:
+                return pos, left
+            pos = right
+        return pos, None
+
     def lost_below(self, threshold: int) -> int:
         """Return the position below which un-SACKed octets count as lost.
 
@@ -224,6 +235,26 @@ class Congestion:
         (RACK), whichever reaches further.
         """
         return max(sb.lost_below((DUP_THRESH - 1) * unit), self.rack_lost)
+
+    def pipe(self, sb: Scoreboard, una: int, nxt: int, unit: int) -> int:
+        """Return the octets presumed in the network (RFC 6675 SetPipe).
+
+        Args:
+            sb: the scoreboard.
+            una: SND.UNA.
+            nxt: SND.NXT.
+            unit: the size of the packets on the wire (what IsLost counts in).
+        """
+        pipe = nxt - una
+        if sb:
+            pipe -= sb.sacked_in(una, nxt)
+            if self.in_recovery:
+                # Lost octets not yet resent have left the network.
+                pos = max(self.high_rxt, una)
+                lost = self.lost_below(sb, unit)
+                if lost > pos:
+                    pipe -= (lost - pos) - sb.sacked_in(pos, lost)
+        return max(0, pipe - self.dup_credit)
 
     def on_delivered(self, delivered: int, high: int, snd_max: int, now: float) -> None:
         """Count `delivered` newly ACKed or SACKed octets, sampling the rate.

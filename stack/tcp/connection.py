@@ -7,28 +7,30 @@ collects segments for the application (`segments_to_send`), events for the
 outbound (`next_event`) and the next deadline (`next_deadline`). Nothing
 here reads a clock, draws a random number or does I/O.
 
-Incoming segments are processed in the order of RFC 9293 section 3.10.7.4
-(PAWS first, RFC 7323), with RFC 5961 hardening against blind RST, SYN and
-ACK injection. The receive side lives in `rcv`, the send side in `snd`,
-congestion control in `congestion`, time-based loss detection in `rack`,
-deadlines in `timers` and what their expiry does in `expiry`, segment and
-header building in `output`, and every state change goes through the table
-in `state`.
+The connection is the coordinator: it owns the RFC 9293 state (every change
+goes through the table in `state`), the events owed to the runtime and the
+connection-wide timers (handshake, idle, keep-alive, TIME-WAIT), and it
+dispatches each segment in the order of RFC 9293 section 3.10.7.4 (PAWS
+first, RFC 7323), with RFC 5961 hardening against blind RST, SYN and ACK
+injection. The parts own the rest, as gVisor's `sender` and `receiver` do:
+`snd.Sender` the send side (buffer, ACK processing, congestion control and
+loss recovery, retransmission and probe timers), `rcv.Receiver` the
+receive side (reassembly, window, SACK blocks, TS.Recent, when to ACK),
+`timers.Timers` the deadlines, and `output.Output` the headers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from stack.errors import LocalProtocolError
-from stack.seq import MASK, seq_diff, seq_ge, seq_lt
-from stack.tcp import expiry as _expiry
-from stack.tcp import output as _output
-from stack.tcp import rcv as _rcv
+from stack.seq import MASK, seq_diff, seq_lt
 from stack.tcp.config import TcpConfig
-from stack.tcp.congestion import DUP_THRESH, Congestion, Scoreboard
 from stack.tcp.events import (
     NEED_DATA,
     Closed,
     ConnectionReset,
+    Counters,
     DataReceived,
     EofReceived,
     Event,
@@ -37,30 +39,16 @@ from stack.tcp.events import (
     _Sentinel,
 )
 from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
-from stack.tcp.rack import Rack
+from stack.tcp.output import Output
 from stack.tcp.rcv import Receiver
-from stack.tcp.snd import Sender
+from stack.tcp.snd import SegmentList, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
-from stack.tcp.timers import RttEstimator, Timers
+from stack.tcp.timers import Timers
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
 
 _S = TcpState
-_ESTABLISHED = _S.ESTABLISHED
+_CLOSED = _S.CLOSED
 _RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
-
-
-class _Counters:
-    __slots__ = TcpStatistics._fields
-
-    def __init__(self) -> None:
-        self.segments_in = self.segments_out = self.bytes_in = self.bytes_out = 0
-        self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
-        self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
-        self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
-        self.rack_losses = 0
-
-    def snapshot(self) -> TcpStatistics:
-        return TcpStatistics(*(getattr(self, name) for name in TcpStatistics._fields))
 
 
 class TcpConnection:
@@ -75,48 +63,34 @@ class TcpConnection:
 
     __slots__ = (
         "_aborted",
-        "_ack_due",
-        "_cc",
         "_closed_delivered",
         "_config",
-        "_dirty",
         "_eof_delivered",
-        "_heap_at",
         "_irs",
         "_iss",
         "_keepalive_sent",
-        "_last_ack_sent",
         "_n",
-        "_neg",
-        "_probe_due",
-        "_probes_unanswered",
-        "_rack",
+        "_on_change",
+        "_out",
         "_rcv",
         "_reset_delivered",
         "_reset_seen",
-        "_retries",
-        "_rst_out",
-        "_rtt",
-        "_rtt_seq",
-        "_rtt_time",
-        "_rxt_mark",
-        "_sb",
         "_snd",
         "_state",
-        "_syn_options",
-        "_synack_due",
-        "_synack_retransmitted",
-        "_synack_time",
         "_timers",
-        "_tlp_count",
-        "_tlp_due",
-        "_ts_recent",
+        "_ts",
         "key",
         "packet_limit",
     )
 
     def __init__(
-        self, key: FlowKey, syn: TcpHeader, iss: int, now: float, config: TcpConfig
+        self,
+        key: FlowKey,
+        syn: TcpHeader,
+        iss: int,
+        now: float,
+        config: TcpConfig,
+        on_change: Callable[[TcpConnection], object] | None = None,
     ) -> None:
         """Open passively from the application's SYN; a SYN-ACK is queued.
 
@@ -126,6 +100,12 @@ class TcpConnection:
             iss: our initial sequence number (random, chosen by the caller).
             now: the current time in seconds.
             config: the stack's configuration.
+            on_change: called with this connection when a call from the
+                runtime (`send`, `close`, `abort`, or `next_event` freeing
+                window) left it with output to collect; the demux passes
+                one so it never has to scan idle connections. Calls the
+                demux makes itself (`segment_received`, `handle_timeout`)
+                do not notify.
 
         Raises:
             LocalProtocolError: `syn` is not a plain SYN.
@@ -133,54 +113,34 @@ class TcpConnection:
         if syn.flags & (SYN | ACK | RST | FIN) != SYN:
             raise LocalProtocolError("a connection opens only from a plain SYN")
         self.key = key
+        self._on_change = on_change
         self._config = config
-        self._iss = iss & MASK
+        self._iss = iss = iss & MASK
         self._irs = syn.seq
         self._state = _S.SYN_RECEIVED
         ipv6 = len(key.app_addr) == 16
-        neg = self._neg = negotiate(syn.options, config, ipv6=ipv6)
+        neg = negotiate(syn.options, config, ipv6=ipv6)
+        self._ts = neg.timestamps
         # An application behind a link with a smaller MTU than the device's
         # (a LAN behind a router) announced a smaller MSS: the device must
         # cut our GSO super-segments at that size, not at its own MTU.
         ts_len = TIMESTAMP_OPTION_LEN if neg.timestamps else 0
         wire = neg.snd_mss + ts_len
         self.packet_limit = wire + 20 + (40 if ipv6 else 20) if wire < config.mss else None
-        self._syn_options = syn.options
-        self._rcv = Receiver(
-            config.rcv_buf, neg.rcv_mss, config.max_ooo_bytes, config.max_ooo_ranges
-        )
-        self._snd = Sender(config.snd_buf, syn.window)  # a SYN's window is never scaled
-        self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments, config.loss_floor)
-        self._sb = Scoreboard()
-        self._rack = Rack()
-        self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
-        self._timers = Timers()
-        self._timers.handshake = now + config.syn_received_timeout
+        timers = self._timers = Timers()
+        timers.handshake = now + config.syn_received_timeout
+        n = self._n = Counters()
         ts = syn.options.timestamp
-        self._ts_recent = ts[0] if ts is not None and neg.timestamps else 0
-        self._last_ack_sent = 1
-        self._synack_due = True
-        self._synack_retransmitted = False
-        self._tlp_due = False  # send a tail loss probe with the next output
-        self._rxt_mark = 0  # SND.MAX when the head was last fast-retransmitted
-        self._tlp_count = 0  # probes sent for this flight, until forward progress
-        self._synack_time = now
-        self._ack_due = False
-        self._probe_due = False
-        self._rst_out: TcpHeader | None = None
-        self._rtt_seq: int | None = None
-        self._rtt_time = 0.0
-        self._retries = 0
-        self._probes_unanswered = 0
+        ts_recent = ts[0] if ts is not None and neg.timestamps else 0
+        self._rcv = Receiver(config, neg, syn.seq, ts_recent, timers, n)
+        self._snd = Sender(config, neg, iss, syn.window, timers, n, now)
+        self._out = Output(key, iss, syn.seq, neg, syn.options, config, self._rcv)
         self._keepalive_sent = 0
         self._reset_seen = False
         self._reset_delivered = False
         self._eof_delivered = False
         self._closed_delivered = False
         self._aborted = False
-        self._dirty: set[TcpConnection] | None = None
-        self._heap_at: float | None = None  # owned by the demux
-        self._n = _Counters()
 
     # ----------------------------------------------------------------- queries
 
@@ -236,13 +196,14 @@ class TcpConnection:
 
     def abort(self) -> None:
         """Reset the connection now: an RST is queued and it closes."""
-        if self._state is _S.CLOSED:
+        if self._state is _CLOSED:
             return
         if self._state is not _S.TIME_WAIT:
-            self._queue_rst()
+            self._out.queue_rst(self._snd.max)
         self._aborted = True
         self._rcv.discard()
         self._to_closed()
+        self._changed()
 
     def next_event(self) -> Event | _Sentinel:
         """Return the next event for the runtime, or NEED_DATA.
@@ -260,7 +221,7 @@ class TcpConnection:
             if rcv.ready:
                 data = rcv.take()
                 if self._state in _RECEIVING_DATA and rcv.window_update_due():
-                    self._ack_due = True
+                    rcv.ack_due = True
                     self._changed()
                 return DataReceived(data)
             if rcv.fin_received and not self._eof_delivered:
@@ -282,27 +243,24 @@ class TcpConnection:
             now: the current time in seconds.
         """
         state = self._state
-        if state is _S.CLOSED:
+        if state is _CLOSED:
             return
         n = self._n
         n.segments_in += 1
-        self._changed()
         flags = hdr.flags
         rcv = self._rcv
         snd = self._snd
-        neg = self._neg
-        opts = hdr.options
         plen = len(payload)
-        seq = rcv.nxt + seq_diff(hdr.seq, (self._irs + rcv.nxt) & MASK)
+        nxt = rcv.nxt
+        seq = nxt + seq_diff(hdr.seq, (self._irs + nxt) & MASK)
         # PAWS (RFC 7323 section 5.3): an old timestamp marks an old segment.
-        ts = opts.timestamp if neg.timestamps else None
-        if ts is not None and not flags & RST and seq_lt(ts[0], self._ts_recent):
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and not flags & RST and seq_lt(ts[0], rcv.ts_recent):
             n.paws_drops += 1
             self._send_ack()
             return
         # Acceptability test (RFC 9293 section 3.10.7.4, first check).
         wnd = rcv.window()
-        nxt = rcv.nxt
         seg_len = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
         if seg_len == 0:
             ok = seq == nxt if wnd <= 0 else nxt <= seq < nxt + wnd
@@ -340,252 +298,142 @@ class TcpConnection:
             return
         if not flags & ACK:
             return
-        if ts is not None and seq_ge(ts[0], self._ts_recent) and seq <= self._last_ack_sent:
-            self._ts_recent = ts[0]
-        ack = snd.una + seq_diff(hdr.ack, (self._iss + snd.una) & MASK)
-        if snd.una == 0:
+        if ts is not None:
+            rcv.note_timestamp(ts[0], seq)
+        una = snd.una
+        ack = una + seq_diff(hdr.ack, (self._iss + una) & MASK)
+        if una == 0:
             if not 0 < ack <= snd.max:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><RST>.
-                key = self.key
-                self._rst_out = TcpHeader(key.remote_port, key.app_port, hdr.ack, 0, RST, 0)
+                self._out.queue_rst_for_ack(hdr.ack)
                 return
-            self._establish(hdr, seq, ack, now)
+            snd.establish(hdr, seq, ack, now)
+            self._timers.handshake = None
+            self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
         elif ack > snd.max:
             self._send_ack()
             return
-        elif ack < snd.una - snd.max_wnd:
+        elif ack < una - snd.max_wnd:
             # RFC 5961 section 5.2: far too old to be a real acknowledgement.
             n.challenge_acks += 1
             self._send_ack()
             return
-        else:
-            self._process_ack(hdr, seq, ack, plen, now)
-            if self._state is _S.CLOSED:
+        elif snd.on_ack(hdr, seq, ack, plen, now):
+            self._state = state = next_state(self._state, Stimulus.ACK_OF_FIN)
+            if state is _S.TIME_WAIT:
+                self._enter_time_wait(now)
+            elif state is _CLOSED:
+                self._to_closed()
                 return
-        _expiry.rearm_idle(self, now)
+        self._rearm_idle(now)
         if ack_only or not (plen or flags & FIN):
             return
         if self._state in _RECEIVING_DATA:
-            self._receive_data(seq, payload, bool(flags & FIN), now)
+            if rcv.data_received(seq, payload, bool(flags & FIN), now):
+                self._fin_received(now)
         else:
             # Data past the peer's FIN: nothing can be taken; just ACK.
             self._send_ack()
 
-    def _establish(self, hdr: TcpHeader, seq: int, ack: int, now: float) -> None:
-        snd = self._snd
-        snd.ack(ack)
-        snd.wnd = hdr.window << self._neg.snd_wscale
-        snd.max_wnd = max(snd.max_wnd, snd.wnd)
-        snd.wl1 = seq
-        snd.wl2 = ack
-        timers = self._timers
-        timers.handshake = None
-        timers.rto = None
-        self._retries = 0
-        ts = hdr.options.timestamp if self._neg.timestamps else None
-        if ts is not None and ts[1]:
-            self._rtt_sample_ts(ts[1], now)
-        elif not self._synack_retransmitted:
-            self._rtt.sample(now - self._synack_time)
+    def _fin_received(self, now: float) -> None:
+        self._state = state = next_state(self._state, Stimulus.FIN_RECEIVED)
+        if state is _S.CLOSE_WAIT:
+            # As in Linux, the FIN's ACK is a delayed ACK: a program that
+            # closes in turn sends it with its own FIN, one packet instead
+            # of two (and a TUN write costs as much as a packet).
+            self._rcv.ack_later(now)
         else:
-            self._rtt.backoff = 0
-        self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
-
-    def _process_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> None:
-        snd = self._snd
-        neg = self._neg
-        window = hdr.window << neg.snd_wscale
-        window_changed = False
-        if snd.wl1 < seq or (snd.wl1 == seq and snd.wl2 <= ack):
-            window_changed = window != snd.wnd
-            snd.wnd = window
-            snd.wl1 = seq
-            snd.wl2 = ack
-            if window > snd.max_wnd:
-                snd.max_wnd = window
-            if window:
-                self._timers.persist = None
-        self._probes_unanswered = 0
-        blocks = hdr.options.sack_blocks
-        new_sacked = 0
-        una_before = snd.una
-        sacked_before = self._sb.sacked
-        if blocks and neg.sack and snd.max > snd.una:
-            base = snd.una
-            wire_base = (self._iss + base) & MASK
-            rel = [
-                (base + seq_diff(left, wire_base), base + seq_diff(right, wire_base))
-                for left, right in blocks
-            ]
-            new_sacked = self._sb.update(rel, ack, snd.max)
-            self._check_lost_retransmit()
-        advanced = ack > snd.una
-        if advanced:
-            self._on_new_ack(hdr, ack, now)
-        elif snd.max > snd.una and (
-            new_sacked or (not plen and not hdr.flags & FIN and not window_changed and not blocks)
-        ):
-            cc = self._cc
-            lost = self._sb.lost_below((DUP_THRESH - 1) * neg.snd_mss) if neg.sack else 0
-            if cc.on_dupack(neg.sack, lost > snd.una, snd.una, snd.max):
-                self._rtt_seq = None
-        if neg.sack and (advanced or new_sacked):
-            delivered = snd.una - una_before + self._sb.sacked - sacked_before
-            self._cc.on_delivered(delivered, max(snd.una, self._sb.high()), snd.max, now)
-            self._rack_detect(now, delivered)
-
-    def _rack_detect(self, now: float, delivered: int = 0) -> None:
-        """Run RACK loss detection (RFC 8985) and act on what it finds.
-
-        Called after an ACK that delivered something (`delivered` octets)
-        and when the reordering timer fires. Octets RACK marks lost are
-        resent by the SACK recovery machinery (entered here, once per
-        window, as on a fast retransmit); a lost retransmission is resent
-        again: the head at once, a hole by lowering HighRxt to it. In
-        recovery, PRR then sets cwnd from what was delivered.
-        """
-        snd, cc, rack = self._snd, self._cc, self._rack
-        before = max(cc.lost_below(self._sb, self._neg.snd_mss), snd.una)
-        lost_rtx, deadline = rack.detect(snd.una, self._sb, now, before)
-        cc.min_rtt = rack.min_rtt
-        self._timers.rack = deadline
-        cc.rack_lost = rack.lost_end
-        sb = self._sb
-        if rack.lost_end > before and rack.lost_end - before > sb.sacked_in(before, rack.lost_end):
-            self._n.rack_losses += 1  # RACK found a loss DupThresh had not
-        if lost_rtx and cc.in_recovery:
-            self._n.rack_losses += len(lost_rtx)
-            for start in lost_rtx:
-                if start <= snd.una:
-                    cc.rexmit_head = True
-                else:
-                    cc.high_rxt = min(cc.high_rxt, start)
-        if not cc.in_recovery and rack.lost_end > snd.una >= cc.recover:
-            cc.enter_recovery(snd.una, snd.max, True)
-            self._rtt_seq = None
-        if cc.in_recovery:
-            cc.prr_ack(delivered, snd.pipe(cc, self._sb, True, self._neg.snd_mss))
-
-    def _check_lost_retransmit(self) -> None:
-        """Resend the head again when its fast retransmission was lost.
-
-        Only an RTO would notice otherwise (RFC 6675 has no rule for it):
-        the head stays unacknowledged while packets sent after its
-        retransmission are SACKed. DupThresh of them arriving is taken as
-        the retransmission being lost, as RACK (RFC 8985) would judge by time.
-        """
-        cc = self._cc
-        mark = self._rxt_mark
-        if not mark or not cc.in_recovery or cc.rexmit_head:
-            return
-        if self._sb.sacked_in(mark, self._snd.max) >= DUP_THRESH * self._neg.snd_mss:
-            cc.rexmit_head = True
-            self._rxt_mark = 0
-
-    def _on_new_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
-        snd = self._snd
-        fin_was_acked = snd.fin_acked()
-        acked = ack - snd.una
-        snd.ack(ack)
-        self._sb.ack(ack)
-        ts = hdr.options.timestamp if self._neg.timestamps else None
-        if ts is not None and ts[1]:
-            self._rtt_sample_ts(ts[1], now)
-        elif self._rtt_seq is not None and ack >= self._rtt_seq:
-            self._rtt.sample(now - self._rtt_time)
-            self._rtt_seq = None
-        # Forward progress ends any backoff, as in Linux.
-        self._rtt.backoff = 0
-        self._retries = 0
-        self._cc.on_ack(acked, ack, snd.max - ack)
-        timers = self._timers
-        timers.rto = None if snd.max == ack else now + self._rtt.rto()
-        timers.tlp = None
-        self._tlp_count = 0
-        self._rxt_mark = 0
-        if not fin_was_acked and snd.fin_acked():
-            self._state = next_state(self._state, Stimulus.ACK_OF_FIN)
-            if self._state is _S.TIME_WAIT:
-                self._enter_time_wait(now)
-            elif self._state is _S.CLOSED:
-                self._to_closed()
-
-    def _rtt_sample_ts(self, tsecr: int, now: float) -> None:
-        rtt_ms = (self._ts_now(now) - tsecr) & MASK
-        if rtt_ms < 0x80000000:
-            self._rtt.sample(rtt_ms / 1000)
-
-    def _receive_data(self, seq: int, payload: bytes | memoryview, fin: bool, now: float) -> None:
-        rcv = self._rcv
-        n = self._n
-        before = rcv.nxt
-        result = rcv.receive(seq, payload, fin)
-        n.bytes_in += rcv.nxt - before - (1 if result & _rcv.FIN_REACHED else 0)
-        if result & (_rcv.OUT_OF_ORDER | _rcv.HOLE_FILLED) or rcv.has_out_of_order():
-            # RFC 5681 section 4.2: segments out of order, or filling all
-            # or part of a gap, are acknowledged at once (that drives the
-            # peer's fast retransmit and keeps its SACK scoreboard fresh).
-            if result & _rcv.OUT_OF_ORDER:
-                n.ooo_segments += 1
             self._send_ack()
-        elif not result & _rcv.ADVANCED:
-            self._send_ack()  # nothing fitted in the window
-        elif rcv.unacked >= 2 * self._neg.rcv_mss:
-            self._send_ack()
-        elif self._timers.delack is None:
-            self._timers.delack = now + self._config.delayed_ack
-        if result & _rcv.FIN_REACHED:
-            self._state = next_state(self._state, Stimulus.FIN_RECEIVED)
-            if self._state is _S.CLOSE_WAIT:
-                # As in Linux, the FIN's ACK is a delayed ACK: a program
-                # that closes in turn sends it with its own FIN, one packet
-                # instead of two (and a TUN write costs as much as a packet).
-                if self._timers.delack is None:
-                    self._timers.delack = now + self._config.delayed_ack
-            else:
-                self._send_ack()
-            if self._state is _S.TIME_WAIT:
-                self._enter_time_wait(now)
+        if state is _S.TIME_WAIT:
+            self._enter_time_wait(now)
+
+    def _rearm_idle(self, now: float) -> None:
+        config = self._config
+        if config.idle_timeout is not None:
+            self._timers.idle = now + config.idle_timeout
+        if config.keepalive_time is not None:
+            self._timers.keepalive = now + config.keepalive_time
+            self._keepalive_sent = 0
 
     # ------------------------------------------------------------------- time
 
     def handle_timeout(self, now: float) -> None:
-        """Run every timer whose deadline is at or before `now`."""
-        _expiry.handle_timeout(self, now)
+        """Run every timer whose deadline is at or before `now`.
+
+        The connection's own deadlines (TIME-WAIT, handshake, idle,
+        keep-alive) are handled here; the sender's and the receiver's are
+        handed to them.
+        """
+        state = self._state
+        if state is _CLOSED:
+            return
+        t = self._timers
+        if t.time_wait is not None and now >= t.time_wait:
+            self._state = next_state(state, Stimulus.TIME_WAIT_EXPIRED)
+            self._to_closed()
+            return
+        if (t.handshake is not None and now >= t.handshake) or (
+            t.idle is not None and now >= t.idle
+        ):
+            self._give_up()
+            return
+        snd = self._snd
+        if t.rto is not None and now >= t.rto and not snd.on_rto(now):
+            self._give_up()
+            return
+        if t.rack is not None and now >= t.rack:
+            snd.on_rack_timer(now)
+        if t.tlp is not None and now >= t.tlp:
+            snd.on_tlp()
+        if t.delack is not None and now >= t.delack:
+            self._rcv.on_delack()
+        if t.persist is not None and now >= t.persist and not snd.on_persist(now):
+            self._give_up()
+            return
+        if t.keepalive is not None and now >= t.keepalive:
+            if self._keepalive_sent >= self._config.keepalive_probes:
+                self._give_up()
+                return
+            self._keepalive_sent += 1
+            snd.probe_due = True
+            t.keepalive = now + self._config.keepalive_interval
 
     # ----------------------------------------------------------------- output
 
-    def segments_to_send(self, now: float) -> list[tuple[TcpHeader, bytes | bytearray]]:
+    def segments_to_send(self, now: float) -> SegmentList:
         """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
-        return _output.segments_to_send(self, now)
-
-    def _ts_now(self, now: float) -> int:
-        # The ISN doubles as the random timestamp offset (RFC 7323 5.4).
-        return (int(now * 1000) + self._iss) & MASK
+        out: SegmentList = []
+        writer = self._out
+        rst = writer.take_rst()
+        if rst is not None:
+            out.append((rst, b""))
+        snd = self._snd
+        if self._state is _CLOSED:
+            pass
+        elif snd.una == 0:
+            # Before the handshake completes, the SYN-ACK is our only segment.
+            if snd.synack_due:
+                out.append((writer.synack(now), b""))
+                snd.synack_sent(now)
+        else:
+            writer.begin(now)
+            snd.output(now, writer, out)
+            if self._rcv.ack_due:
+                out.append((writer.header(snd.nxt, ACK), b""))
+        self._n.segments_out += len(out)
+        return out
 
     # ---------------------------------------------------------------- helpers
 
     def _changed(self) -> None:
-        if self._dirty is not None:
-            self._dirty.add(self)
+        if self._on_change is not None:
+            self._on_change(self)
 
     def _send_ack(self) -> None:
         if self._snd.una == 0:
-            self._synack_due = True  # before the handshake, the SYN-ACK is the ACK
+            self._snd.synack_due = True  # before the handshake, the SYN-ACK is the ACK
         else:
-            self._ack_due = True
-
-    def _queue_rst(self) -> None:
-        # SND.MAX: the peer has taken everything sent, or the RST lands in
-        # its window and draws a challenge ACK at worst (RFC 5961).
-        self._rst_out = TcpHeader(
-            self.key.remote_port,
-            self.key.app_port,
-            (self._iss + self._snd.max) & MASK,
-            (self._irs + self._rcv.nxt) & MASK,
-            RST | ACK,
-            0,
-        )
+            self._rcv.ack_due = True
 
     def _reset(self) -> None:
         self._reset_seen = self._state is not _S.TIME_WAIT
@@ -593,7 +441,7 @@ class TcpConnection:
         self._to_closed()
 
     def _give_up(self) -> None:
-        self._queue_rst()
+        self._out.queue_rst(self._snd.max)
         self._reset()
 
     def _enter_time_wait(self, now: float) -> None:
@@ -601,8 +449,8 @@ class TcpConnection:
         self._timers.time_wait = now + self._config.time_wait
 
     def _to_closed(self) -> None:
-        if self._state is not _S.CLOSED:
+        if self._state is not _CLOSED:
             self._state = next_state(self._state, Stimulus.RESET)
         self._timers.clear()
-        self._ack_due = self._probe_due = self._synack_due = False
-        self._changed()
+        self._rcv.ack_due = False
+        self._snd.probe_due = self._snd.synack_due = False

@@ -7,12 +7,16 @@ go to their `TcpConnection`; anything else gets an RST built by the rules
 of RFC 9293 section 3.10.7.1 (never an RST in reply to an RST).
 
 It is built for many flows: connections that may have output are kept in a
-dirty set (a connection adds itself when the runtime calls `send`, `close`,
-`abort` or takes data), so `segments_to_send` never scans idle flows; and
-deadlines live in a heap with lazy invalidation: an entry is pushed only
-when a connection's deadline moves earlier, entries that no longer match
-are skipped when popped, and a deadline that moved later simply costs one
-early wake-up.
+dirty set, so `segments_to_send` never scans idle flows. The demux adds a
+connection itself after every segment and timer it hands over; for the
+runtime's own calls (`send`, `close`, `abort`, taking data) each connection
+gets a callable from the demux at `accept` and calls it. Deadlines live in
+a heap with lazy invalidation: the demux records the deadline it scheduled
+each connection for, an entry is pushed only when a connection's deadline
+moves earlier, entries that no longer match the record are skipped when
+popped, and a deadline that moved later simply costs one early wake-up.
+Both the set and the record are the demux's alone: a connection knows
+neither.
 
 Caps: when pending SYNs plus SYN-RECEIVED connections reach
 `max_half_open`, new SYNs are dropped silently (the application retries
@@ -52,6 +56,7 @@ class TcpDemux:
         "_heap",
         "_pending",
         "_rsts",
+        "_scheduled",
         "_tiebreak",
     )
 
@@ -67,6 +72,8 @@ class TcpDemux:
         self._half_open: set[TcpConnection] = set()
         self._dirty: set[TcpConnection] = set()
         self._heap: list[tuple[float, int, TcpConnection]] = []
+        # The deadline each connection's live heap entry is for.
+        self._scheduled: dict[TcpConnection, float] = {}
         self._tiebreak = itertools.count()
         self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray]] = []
         self._counters = {
@@ -87,6 +94,7 @@ class TcpDemux:
             connections=len(self._connections),
             pending=len(self._pending),
             half_open=self._half_open_count(),
+            deadline_entries=len(self._heap),
             **self._counters,
         )
 
@@ -108,6 +116,7 @@ class TcpDemux:
                 self._drop(conn)
             else:
                 conn.segment_received(hdr, payload, now)
+                self._dirty.add(conn)
                 return conn
         if key in self._pending:
             if control == SYN:
@@ -140,8 +149,7 @@ class TcpDemux:
             LocalProtocolError: no SYN is pending for `key`.
         """
         syn = self._pop_pending(key)
-        conn = TcpConnection(key, syn, iss, now, self._config)
-        conn._dirty = self._dirty
+        conn = TcpConnection(key, syn, iss, now, self._config, self._changed)
         self._connections[key] = conn
         self._half_open.add(conn)
         self._dirty.add(conn)
@@ -187,7 +195,8 @@ class TcpDemux:
             if conn.state is not TcpState.CLOSED:
                 self._schedule(conn)
         heap = self._heap
-        while heap and heap[0][2]._heap_at != heap[0][0]:
+        scheduled = self._scheduled
+        while heap and scheduled.get(heap[0][2]) != heap[0][0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -201,37 +210,47 @@ class TcpDemux:
             traffic).
         """
         heap = self._heap
+        scheduled = self._scheduled
+        dirty = self._dirty
         fired = []
         while heap and heap[0][0] <= now:
             deadline, _, conn = heapq.heappop(heap)
-            if conn._heap_at != deadline:
+            if scheduled.get(conn) != deadline:
                 continue  # stale entry
-            conn._heap_at = None
-            conn.handle_timeout(now)  # marks the connection dirty
+            del scheduled[conn]
+            conn.handle_timeout(now)
+            dirty.add(conn)
             fired.append(conn)
         if len(heap) > 2 * len(self._connections) + 64:
-            self._heap = [entry for entry in heap if entry[2]._heap_at == entry[0]]
+            self._heap = [entry for entry in heap if scheduled.get(entry[2]) == entry[0]]
             heapq.heapify(self._heap)
         return fired
 
     # ---------------------------------------------------------------- helpers
 
+    def _changed(self, conn: TcpConnection) -> None:
+        # A connection dropped here (closed, or a TIME-WAIT replaced by a
+        # new incarnation of its flow) may still be called by its stream:
+        # it must not come back.
+        if self._connections.get(conn.key) is conn:
+            self._dirty.add(conn)
+
     def _schedule(self, conn: TcpConnection) -> None:
         deadline = conn.next_deadline()
+        scheduled = self._scheduled
         if deadline is None:
-            conn._heap_at = None
-        elif conn._heap_at is None or deadline < conn._heap_at:
-            conn._heap_at = deadline
-            heapq.heappush(self._heap, (deadline, next(self._tiebreak), conn))
+            scheduled.pop(conn, None)
+        else:
+            at = scheduled.get(conn)
+            if at is None or deadline < at:
+                scheduled[conn] = deadline
+                heapq.heappush(self._heap, (deadline, next(self._tiebreak), conn))
 
     def _drop(self, conn: TcpConnection) -> None:
-        # accept() listed it and nothing else unlists it: a dropped connection
-        # can no longer mark itself dirty, so it never comes back here.
         del self._connections[conn.key]
         self._half_open.discard(conn)
         self._dirty.discard(conn)
-        conn._heap_at = None
-        conn._dirty = None
+        self._scheduled.pop(conn, None)
 
     def _pop_pending(self, key: FlowKey) -> TcpHeader:
         try:

@@ -80,12 +80,35 @@ class TcpStatistics(NamedTuple):
     rack_losses: int
 
 
+class Counters:
+    """The live counters of one connection, shared by its parts.
+
+    Plain data with the fields of `TcpStatistics`: the sender, the receiver
+    and the connection each count what they see, and `snapshot` is what
+    `TcpConnection.statistics` returns.
+    """
+
+    __slots__ = TcpStatistics._fields
+
+    def __init__(self) -> None:
+        self.segments_in = self.segments_out = self.bytes_in = self.bytes_out = 0
+        self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
+        self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
+        self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
+        self.rack_losses = 0
+
+    def snapshot(self) -> TcpStatistics:
+        """Return the counters as an immutable `TcpStatistics`."""
+        return TcpStatistics(*(getattr(self, name) for name in TcpStatistics._fields))
+
+
 class DemuxStatistics(NamedTuple):
     """Counters of the demultiplexer (a snapshot)."""
 
     connections: int
     pending: int
     half_open: int
+    deadline_entries: int  # in the deadline heap, stale ones included
     connection_requests: int
     resets_sent: int
     syn_dropped_half_open: int

@@ -1,8 +1,18 @@
-"""The receive side: reassembly, the out-of-order queue, window and SACK blocks.
+"""The receive side: reassembly, window, SACK blocks, and when to acknowledge.
+
+`Receiver` owns the receive sequence space and everything our ACKs say
+about it, as gVisor's `receiver` does: the in-order and out-of-order data,
+the window we advertise, the SACK blocks, the timestamp to echo
+(TS.Recent, RFC 7323) and the ACK policy (at once for out-of-order and
+gap-filling data, every second full segment, else after the delayed-ACK
+time, whose deadline it keeps in the connection's `timers.Timers`). Every
+segment that leaves carries an ACK; `output.Output` asks `ack_segment` for
+its window field, which also records that everything received so far is
+acknowledged.
 
 Positions are unwrapped ints counted from the peer's ISN (its SYN is 0, its
 first data octet 1), so no comparison here needs modular arithmetic; the
-connection converts wire values with `stack.seq.unwrap` before calling in.
+connection converts wire values before calling in.
 
 In-order bytes wait in `ready` until `next_event` takes them; the window we
 advertise is what `rcv_buf` has left, so an outbound that falls behind
@@ -14,6 +24,12 @@ what SACK blocks report (RFC 2018).
 from __future__ import annotations
 
 from bisect import bisect_right
+
+from stack.seq import MASK, seq_ge
+from stack.tcp.config import TcpConfig
+from stack.tcp.events import Counters
+from stack.tcp.options import Negotiated
+from stack.tcp.timers import Timers
 
 # Bits of the value `Receiver.receive` returns.
 ADVANCED = 1  # new in-order bytes (or the FIN) were accepted
@@ -33,28 +49,59 @@ class Receiver:
         ready: in-order bytes not yet handed to the runtime.
         fin_received: the FIN is in sequence (after all data).
         unacked: in-order bytes accepted since our last ACK.
+        ack_due: an ACK must go out with the next output.
+        ts_recent: the peer's timestamp to echo (TS.Recent).
+        last_ack_sent: RCV.NXT as our last ACK stated it (Last.ACK.sent).
     """
 
     __slots__ = (
+        "_ack_every",
         "_datas",
+        "_delayed_ack",
         "_fin_at",
+        "_irs",
         "_max_ooo_bytes",
         "_max_ooo_ranges",
+        "_n",
         "_recent",
+        "_sack_limit",
         "_starts",
         "_threshold",
+        "_timers",
+        "ack_due",
         "adv",
         "fin_received",
+        "last_ack_sent",
         "max_window",
         "nxt",
         "ooo_bytes",
         "rcv_buf",
         "ready",
         "ready_len",
+        "ts_recent",
         "unacked",
     )
 
-    def __init__(self, rcv_buf: int, rcv_mss: int, max_ooo_bytes: int, max_ooo_ranges: int):
+    def __init__(
+        self,
+        config: TcpConfig,
+        neg: Negotiated,
+        irs: int,
+        ts_recent: int,
+        timers: Timers,
+        counters: Counters,
+    ) -> None:
+        rcv_buf = config.rcv_buf
+        self._irs = irs
+        self._timers = timers
+        self._n = counters
+        self._delayed_ack = config.delayed_ack
+        self._ack_every = 2 * neg.rcv_mss
+        # RFC 2018: as many blocks as fit beside the timestamp option.
+        self._sack_limit = (3 if neg.timestamps else 4) if neg.sack else 0
+        self.ack_due = False
+        self.ts_recent = ts_recent
+        self.last_ack_sent = 1
         self.nxt = 1
         self.adv = 1
         self.max_window = 0
@@ -71,12 +118,12 @@ class Receiver:
         self._datas: list[bytearray] = []
         self._fin_at: int | None = None
         self._recent: list[int] = []
-        self._max_ooo_bytes = max_ooo_bytes
-        self._max_ooo_ranges = max_ooo_ranges
+        self._max_ooo_bytes = config.max_ooo_bytes
+        self._max_ooo_ranges = config.max_ooo_ranges
         # RFC 9293 section 3.8.6.2.2: move the right edge in steps of at
         # least min(buffer / 2, MSS), so the sender is not lured into
         # sending tiny segments.
-        self._threshold = min(rcv_buf // 2, rcv_mss)
+        self._threshold = min(rcv_buf // 2, neg.rcv_mss)
 
     def window(self) -> int:
         """Return the receive window now in force (RCV.WND)."""
@@ -95,6 +142,74 @@ class Receiver:
         self.adv = max(self.adv, self.nxt + (raw << shift))
         self.max_window = max(self.max_window, self.adv - self.nxt)
         return raw
+
+    def note_timestamp(self, tsval: int, seq: int) -> None:
+        """Take the TSval of an acceptable segment at position `seq` (RFC 7323 4.3).
+
+        TS.Recent follows only segments that reach the left window edge as
+        our last ACK stated it, so a delayed ACK echoes the earliest
+        unacknowledged segment's timestamp.
+        """
+        if seq <= self.last_ack_sent and seq_ge(tsval, self.ts_recent):
+            self.ts_recent = tsval
+
+    def ack_segment(self, shift: int) -> int:
+        """Return the window field of a segment leaving now, which ACKs all received.
+
+        Any segment we send acknowledges RCV.NXT, so whatever ACK was owed
+        (at once or delayed) is paid by it.
+        """
+        self.ack_due = False
+        self._timers.delack = None
+        self.unacked = 0
+        self.last_ack_sent = self.nxt
+        return self.advertise(shift)
+
+    def wire_sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """Return the SACK blocks for our next segments, as wire values (or none)."""
+        if not self._sack_limit or not self._starts:
+            return ()
+        irs = self._irs
+        return tuple(
+            ((irs + left) & MASK, (irs + right) & MASK)
+            for left, right in self.sack_blocks(self._sack_limit)
+        )
+
+    def ack_later(self, now: float) -> None:
+        """Owe an ACK within the delayed-ACK time (unless one is owed already)."""
+        if self._timers.delack is None:
+            self._timers.delack = now + self._delayed_ack
+
+    def on_delack(self) -> None:
+        """The delayed-ACK timer fired."""
+        self._timers.delack = None
+        self.ack_due = True
+
+    def data_received(self, seq: int, data: bytes | memoryview, fin: bool, now: float) -> bool:
+        """Take an acceptable segment's data and FIN, and decide when to ACK it.
+
+        Returns:
+            True when the peer's FIN is now in sequence (the ACK for it is
+            left to the caller: it depends on the state it leads to).
+        """
+        before = self.nxt
+        result = self.receive(seq, data, fin)
+        n = self._n
+        n.bytes_in += self.nxt - before - (1 if result & FIN_REACHED else 0)
+        if result & (OUT_OF_ORDER | HOLE_FILLED) or self._starts:
+            # RFC 5681 section 4.2: segments out of order, or filling all
+            # or part of a gap, are acknowledged at once (that drives the
+            # peer's fast retransmit and keeps its SACK scoreboard fresh).
+            if result & OUT_OF_ORDER:
+                n.ooo_segments += 1
+            self.ack_due = True
+        elif not result & ADVANCED:
+            self.ack_due = True  # nothing fitted in the window
+        elif self.unacked >= self._ack_every:
+            self.ack_due = True
+        elif self._timers.delack is None:
+            self._timers.delack = now + self._delayed_ack
+        return bool(result & FIN_REACHED)
 
     def window_update_due(self) -> bool:
         """Return True if freed buffer space deserves a window update now.
@@ -257,7 +372,3 @@ class Receiver:
             if block not in blocks:
                 blocks.append(block)
         return blocks[:limit]
-
-    def has_out_of_order(self) -> bool:
-        """Return True if any out-of-order range is held."""
-        return bool(self._starts)

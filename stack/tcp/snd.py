@@ -1,29 +1,61 @@
-"""The send side: the send buffer, send sequence space, and what to send next.
+"""The send side of one connection: what the peer's ACKs mean and what leaves next.
+
+`Sender` owns our send sequence space (SND.UNA, SND.NXT, SND.MAX, the
+peer's window), the send buffer, congestion control and loss recovery
+(`congestion`), the SACK scoreboard, RACK (`rack`), the RTT estimator and
+the state of our SYN-ACK, of tail loss probes and of zero-window probes, as
+gVisor's `sender` owns its fields. The connection hands it every acceptable
+ACK (`establish`, `on_ack`), tells it when one of its deadlines passed
+(`on_rto`, `on_tlp`, `on_rack_timer`, `on_persist`), and asks it for its
+segments (`output`); their headers come from the `HeaderWriter` it is
+given (`output.Output`). It arms and clears its own deadlines (RTO, tail
+loss probe, persist, RACK's reordering timer) in the connection's shared
+`timers.Timers`.
 
 Positions are unwrapped ints counted from our ISN (the SYN is 0, the first
-data octet 1). The buffer holds every octet from SND.UNA (or the first data
-octet) up to the last one the runtime queued; acknowledged octets are cut
-from its front, which CPython's bytearray does without moving the rest.
+data octet 1); only SACK blocks and the timestamp echo arrive as wire
+values.
 
-`Sender.next_segment` is the one place that decides the next segment:
+`next_segment` is the one place that decides the next segment:
 retransmissions of loss recovery first (the head on fast retransmit and
 NewReno partial ACKs, then SACK holes per RFC 6675 NextSeg, lost by count
-or by RACK's clock), then the
-regular stream at SND.NXT (new data, or go-back-N after a timeout, skipping
-what the peer SACKed), limited by the peer's window, by cwnd minus pipe,
-and by sender-side silly window avoidance (RFC 9293 section 3.8.6.2.1).
+or by RACK's clock), then the regular stream at SND.NXT (new data, or
+go-back-N after a timeout, skipping what the peer SACKed), limited by the
+peer's window, by cwnd minus pipe, and by sender-side silly window
+avoidance (RFC 9293 section 3.8.6.2.1).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
-from stack.tcp.congestion import Congestion, Scoreboard
+from stack.seq import MASK, seq_diff
+from stack.tcp.config import TcpConfig
+from stack.tcp.congestion import DUP_THRESH, Congestion, Scoreboard
+from stack.tcp.events import Counters
+from stack.tcp.options import Negotiated
+from stack.tcp.rack import Rack
+from stack.tcp.sndbuf import SendBuffer
+from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeout
+from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
+
+SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
 
 # Kinds of segment `next_segment` returns.
 NEW = 0  # first transmission (or a retransmission after a timeout)
 HEAD = 1  # fast retransmit of the first unacknowledged segment
 HOLE = 2  # retransmission of a SACK hole during recovery
+
+
+class HeaderWriter(Protocol):
+    """What the sender needs of `output.Output`: headers, and their option length."""
+
+    @property
+    def sack_len(self) -> int:
+        """Octets of SACK option on this output's headers."""
+
+    def header(self, seq: int, flags: int) -> TcpHeader:
+        """Return the header of a segment at send position `seq`."""
 
 
 class Segment(NamedTuple):
@@ -36,10 +68,10 @@ class Segment(NamedTuple):
 
 
 class Sender:
-    """Send sequence space and buffer of one connection.
+    """Send sequence space, buffer and loss recovery of one connection.
 
     Attributes:
-        una: oldest unacknowledged position (SND.UNA).
+        una: oldest unacknowledged position (SND.UNA); 0 until our SYN is ACKed.
         nxt: next position of the regular stream (SND.NXT).
         max: highest position sent so far plus one.
         wnd: the peer's window, scaled (SND.WND).
@@ -47,113 +79,448 @@ class Sender:
         wl2: acknowledgement number of that segment.
         max_wnd: the largest window the peer ever offered.
         fin_at: position of our FIN once close() queued it.
+        synack_due: the SYN-ACK must be (re)sent with the next output.
+        probe_due: a zero-window or keep-alive probe goes with the next output.
     """
 
     __slots__ = (
         "_buf",
-        "_buf_start",
-        "_cap",
+        "_cc",
+        "_gso",
+        "_iss",
+        "_max_retries",
+        "_mss",
+        "_n",
+        "_probes_unanswered",
+        "_rack",
+        "_retries",
+        "_rtt",
+        "_rtt_seq",
+        "_rtt_time",
+        "_rxt_mark",
+        "_sack",
+        "_sb",
+        "_synack_retransmitted",
+        "_synack_time",
+        "_timers",
+        "_tlp_count",
+        "_tlp_due",
+        "_ts",
+        "_wscale",
         "fin_at",
         "max",
         "max_wnd",
         "nxt",
+        "probe_due",
+        "synack_due",
         "una",
         "wl1",
         "wl2",
         "wnd",
     )
 
-    def __init__(self, snd_buf: int, wnd: int) -> None:
+    def __init__(
+        self,
+        config: TcpConfig,
+        neg: Negotiated,
+        iss: int,
+        wnd: int,
+        timers: Timers,
+        counters: Counters,
+        now: float,
+    ) -> None:
         self.una = 0
         self.nxt = 1
         self.max = 1
-        self.wnd = wnd
+        self.wnd = wnd  # from the SYN, whose window is never scaled
         self.wl1 = 0
         self.wl2 = 0
         self.max_wnd = wnd
         self.fin_at: int | None = None
-        self._buf = bytearray()
-        self._buf_start = 1
-        self._cap = snd_buf
+        self.synack_due = True
+        self.probe_due = False
+        self._buf = SendBuffer(config.snd_buf)
+        self._iss = iss
+        self._mss = neg.snd_mss
+        self._sack = neg.sack
+        self._ts = neg.timestamps
+        self._wscale = neg.snd_wscale
+        self._gso = config.gso_size
+        self._max_retries = config.max_retries
+        self._cc = Congestion(neg.snd_mss, config.initial_cwnd_segments, config.loss_floor)
+        self._sb = Scoreboard()
+        self._rack = Rack()
+        self._rtt = RttEstimator(config.rto_initial, config.rto_min, config.rto_max)
+        self._timers = timers
+        self._n = counters
+        self._synack_retransmitted = False
+        self._synack_time = now
+        self._tlp_due = False  # send a tail loss probe with the next output
+        self._tlp_count = 0  # probes sent for this flight, until forward progress
+        self._rxt_mark = 0  # SND.MAX when the head was last fast-retransmitted
+        self._rtt_seq: int | None = None  # Karn's timed segment (no timestamps)
+        self._rtt_time = 0.0
+        self._retries = 0  # consecutive RTO expiries
+        self._probes_unanswered = 0
 
-    @property
-    def data_end(self) -> int:
-        """Return the position after the last queued data octet."""
-        return self._buf_start + len(self._buf)
+    # ------------------------------------------------------------ the buffer
 
     def space(self) -> int:
         """Return how many bytes `queue` would accept now."""
         # Only asked before close(): the connection refuses send() after it.
-        return max(0, self._cap - len(self._buf))
+        return self._buf.space()
 
     def queue(self, data: bytes | memoryview) -> int:
         """Append as much of `data` as the buffer takes; return the count."""
-        n = min(len(data), self.space())
-        if n:
-            self._buf += data[:n]
-        return n
+        return self._buf.queue(data)
 
     def queue_fin(self) -> None:
         """Place our FIN after the last queued octet."""
-        self.fin_at = self.data_end
+        self.fin_at = self._buf.end
 
     def fin_acked(self) -> bool:
         """Return True once the peer acknowledged our FIN."""
         return self.fin_at is not None and self.una > self.fin_at
 
-    def ack(self, ack: int) -> None:
-        """Advance SND.UNA to `ack` and drop acknowledged octets."""
+    # -------------------------------------------------------------- the ACKs
+
+    def establish(self, hdr: TcpHeader, seq: int, ack: int, now: float) -> None:
+        """Take the ACK of our SYN-ACK (`ack` unwrapped, at least 1)."""
+        self._advance(ack)
+        self.wnd = hdr.window << self._wscale
+        self.max_wnd = max(self.max_wnd, self.wnd)
+        self.wl1 = seq
+        self.wl2 = ack
+        self._timers.rto = None
+        self._retries = 0
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and ts[1]:
+            self._sample_ts(ts[1], now)
+        elif not self._synack_retransmitted:
+            self._rtt.sample(now - self._synack_time)
+        else:
+            self._rtt.backoff = 0
+
+    def on_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> bool:
+        """Take an acceptable ACK after the handshake.
+
+        Args:
+            hdr: the segment's header (window, SACK blocks, timestamps).
+            seq: its unwrapped sequence number (for the window update rule).
+            ack: its unwrapped acknowledgement, within [SND.UNA - MAX.SND.WND, SND.MAX].
+            plen: its payload length (a segment with data is no dupACK).
+            now: the current time.
+
+        Returns:
+            True when this ACK is the first to cover our FIN.
+        """
+        window = hdr.window << self._wscale
+        window_changed = False
+        if self.wl1 < seq or (self.wl1 == seq and self.wl2 <= ack):
+            window_changed = window != self.wnd
+            self.wnd = window
+            self.wl1 = seq
+            self.wl2 = ack
+            if window > self.max_wnd:
+                self.max_wnd = window
+            if window:
+                self._timers.persist = None
+        self._probes_unanswered = 0
+        blocks = hdr.options.sack_blocks
+        sack = self._sack
+        sb = self._sb
+        una = self.una
+        new_sacked = 0
+        sacked_before = sb.sacked
+        if blocks and sack and self.max > una:
+            wire_base = (self._iss + una) & MASK
+            rel = [
+                (una + seq_diff(left, wire_base), una + seq_diff(right, wire_base))
+                for left, right in blocks
+            ]
+            new_sacked = sb.update(rel, ack, self.max)
+            self._check_lost_retransmit()
+        fin_acked = False
+        advanced = ack > una
+        if advanced:
+            fin_acked = self._new_ack(hdr, ack, now)
+        elif self.max > una and (
+            new_sacked or (not plen and not hdr.flags & FIN and not window_changed and not blocks)
+        ):
+            lost = sb.lost_below((DUP_THRESH - 1) * self._mss) if sack else 0
+            if self._cc.on_dupack(sack, lost > una, una, self.max):
+                self._rtt_seq = None
+        if sack and (advanced or new_sacked):
+            delivered = self.una - una + sb.sacked - sacked_before
+            self._cc.on_delivered(delivered, max(self.una, sb.high()), self.max, now)
+            self._rack_detect(now, delivered)
+        return fin_acked
+
+    def _advance(self, ack: int) -> None:
         self.una = ack
-        cut = min(ack, self.data_end) - self._buf_start
-        if cut > 0:
-            del self._buf[:cut]
-            self._buf_start += cut
+        self._buf.release(ack)
         if self.nxt < ack:
             self.nxt = ack
 
-    def payload(self, start: int, length: int) -> bytearray:
-        """Return `length` octets of the stream from position `start`.
+    def _new_ack(self, hdr: TcpHeader, ack: int, now: float) -> bool:
+        fin_was_acked = self.fin_acked()
+        acked = ack - self.una
+        self._advance(ack)
+        self._sb.ack(ack)
+        rtt = self._rtt
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and ts[1]:
+            self._sample_ts(ts[1], now)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            rtt.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        # Forward progress ends any backoff, as in Linux.
+        rtt.backoff = 0
+        self._retries = 0
+        self._cc.on_ack(acked, ack, self.max - ack)
+        timers = self._timers
+        timers.rto = None if self.max == ack else now + rtt.rto()
+        timers.tlp = None
+        self._tlp_count = 0
+        self._rxt_mark = 0
+        return not fin_was_acked and self.fin_acked()
 
-        A bytearray slice: one copy (a `bytes()` around it made a second one
-        of up to 64 KB per segment).
+    def _sample_ts(self, tsecr: int, now: float) -> None:
+        # Our TSval clock: milliseconds plus the ISN as offset (RFC 7323 5.4).
+        rtt_ms = ((int(now * 1000) + self._iss) - tsecr) & MASK
+        if rtt_ms < 0x80000000:
+            self._rtt.sample(rtt_ms / 1000)
+
+    def _rack_detect(self, now: float, delivered: int = 0) -> None:
+        """Run RACK loss detection (RFC 8985) and act on what it finds.
+
+        Called after an ACK that delivered something (`delivered` octets)
+        and when the reordering timer fires. Octets RACK marks lost are
+        resent by the SACK recovery machinery (entered here, once per
+        window, as on a fast retransmit); a lost retransmission is resent
+        again: the head at once, a hole by lowering HighRxt to it. In
+        recovery, PRR then sets cwnd from what was delivered.
         """
-        offset = start - self._buf_start
-        return self._buf[offset : offset + length]
+        cc, rack, sb = self._cc, self._rack, self._sb
+        una = self.una
+        before = max(cc.lost_below(sb, self._mss), una)
+        lost_rtx, deadline = rack.detect(una, sb, now, before)
+        cc.min_rtt = rack.min_rtt
+        self._timers.rack = deadline
+        cc.rack_lost = rack.lost_end
+        if rack.lost_end > before and rack.lost_end - before > sb.sacked_in(before, rack.lost_end):
+            self._n.rack_losses += 1  # RACK found a loss DupThresh had not
+        if lost_rtx and cc.in_recovery:
+            self._n.rack_losses += len(lost_rtx)
+            for start in lost_rtx:
+                if start <= una:
+                    cc.rexmit_head = True
+                else:
+                    cc.high_rxt = min(cc.high_rxt, start)
+        if not cc.in_recovery and rack.lost_end > una >= cc.recover:
+            cc.enter_recovery(una, self.max, True)
+            self._rtt_seq = None
+        if cc.in_recovery:
+            cc.prr_ack(delivered, cc.pipe(sb, una, self.nxt, self._mss))
 
-    def window_blocked(self) -> bool:
+    def _check_lost_retransmit(self) -> None:
+        """Resend the head again when its fast retransmission was lost.
+
+        Only an RTO would notice otherwise (RFC 6675 has no rule for it):
+        the head stays unacknowledged while packets sent after its
+        retransmission are SACKed. DupThresh of them arriving is taken as
+        the retransmission being lost, as RACK (RFC 8985) would judge by time.
+        """
+        cc = self._cc
+        mark = self._rxt_mark
+        if not mark or not cc.in_recovery or cc.rexmit_head:
+            return
+        if self._sb.sacked_in(mark, self.max) >= DUP_THRESH * self._mss:
+            cc.rexmit_head = True
+            self._rxt_mark = 0
+
+    # ---------------------------------------------------------------- timers
+
+    def on_rto(self, now: float) -> bool:
+        """The retransmission timer fired; return False to give up (reset)."""
+        self._retries += 1
+        if self._retries > self._max_retries:
+            return False
+        t = self._timers
+        rtt = self._rtt
+        if self.una == 0:
+            self.synack_due = True
+            self._synack_retransmitted = True
+            rtt.backoff += 1
+            t.rto = now + rtt.rto()
+            return True
+        # Past the handshake the RTO runs only while data is in flight: it is
+        # armed when a segment goes out and cleared by the ACK of everything.
+        self._n.rto_timeouts += 1
+        self._cc.on_rto(self.una, self.max, rtt.backoff == 0)
+        rtt.backoff += 1
+        t.tlp = t.rack = None
+        self._rack.timeout()
+        self._tlp_count = MAX_TAIL_PROBES  # after a timeout, go-back-N; no probes
+        self.nxt = self.una  # go back N, skipping what was SACKed
+        self._rtt_seq = None
+        t.rto = now + rtt.rto()
+        return True
+
+    def on_rack_timer(self, now: float) -> None:
+        """RACK's reordering timer fired: judge the flight again."""
+        self._timers.rack = None
+        self._rack_detect(now)
+
+    def on_tlp(self) -> None:
+        """The tail loss probe timer fired."""
+        # Armed only with data in flight, and cleared by every ACK that
+        # moves SND.UNA, so there is always a flight to probe here.
+        self._timers.tlp = None
+        self._tlp_count += 1
+        cc = self._cc
+        if cc.in_recovery:
+            self._n.tail_loss_probes += 1
+            # The flight went quiet in recovery: the head's
+            # retransmission (or its ACK) was lost. Send it again.
+            cc.rexmit_head = True
+        else:
+            self._tlp_due = True
+
+    def on_persist(self, now: float) -> bool:
+        """The persist timer fired; return False to give up (reset)."""
+        self._probes_unanswered += 1
+        if self._probes_unanswered > self._max_retries:
+            return False
+        self.probe_due = True
+        self._n.window_probes += 1
+        self._timers.persist = now + self._rtt.backed_off(self._probes_unanswered)
+        return True
+
+    def synack_sent(self, now: float) -> None:
+        """Record that the SYN-ACK went out."""
+        if self._synack_retransmitted:
+            self._n.retransmits += 1
+        self.synack_due = False
+        self._synack_time = now
+        if self._timers.rto is None:
+            self._timers.rto = now + self._rtt.rto()
+
+    # ---------------------------------------------------------------- output
+
+    def output(self, now: float, writer: HeaderWriter, out: SegmentList) -> None:
+        """Append every segment due now to `out`: data, retransmissions, probes.
+
+        Also arms the timers sending starts (RTO, tail loss probe, persist)
+        and records send times for RACK.
+        """
+        n, t, rtt = self._n, self._timers, self._rtt
+        header = writer.header
+        sack = self._sack
+        gso = self._gso
+        wire_mss = 0
+        mss = self._mss
+        if gso is not None and gso > mss:
+            # Super-segments: the device cuts them into packets of this peer's
+            # MSS (at its own MTU, or at `packet_limit` when the peer announced
+            # less, which the runtime passes on with the packet).
+            mss, wire_mss = gso, mss
+        mss -= writer.sack_len
+        while True:
+            seg = self.next_segment(mss, wire_mss)
+            if seg is None:
+                break
+            start, length, fin, kind = seg
+            resend = start < self.max
+            flags = ACK | (FIN if fin else 0)
+            if length and start + length == self._buf.end:
+                flags |= PSH
+            payload = self._buf.payload(start, length) if length else b""
+            out.append((header(start, flags), payload))
+            self._sent(seg)
+            if sack:
+                end = start + length + fin
+                if not resend:
+                    self._rack.sent(end, now)
+                elif kind != NEW:
+                    self._rack.resent(start, end, now)
+            if resend:
+                n.retransmits += 1
+                self._rtt_seq = None  # Karn: no sample from a retransmission
+                if kind == HEAD:
+                    n.fast_retransmits += 1
+                    self._rxt_mark = self.max
+                elif kind == HOLE:
+                    n.sack_retransmits += 1
+            else:
+                n.bytes_out += length
+                if self._rtt_seq is None and not self._ts and kind == NEW:
+                    self._rtt_seq = start + length + fin
+                    self._rtt_time = now
+            if t.rto is None:
+                t.rto = now + rtt.rto()
+        if self._tlp_due:
+            self._tail_loss_probe(writer, out)
+        if (
+            self._tlp_count < MAX_TAIL_PROBES
+            and t.tlp is None
+            and t.rto is not None
+            and self.max > self.una
+        ):
+            srtt = rtt.srtt
+            if srtt is not None:
+                # A second probe waits twice as long: when the first probe or
+                # its ACK was lost too (at 2 % loss, one probe in 25), it saves
+                # the 200 ms RTO that RFC 8985's single probe would leave.
+                pto = now + probe_timeout(srtt, self.max - self.una, self._mss) * (
+                    1 << self._tlp_count
+                )
+                if pto < t.rto:
+                    t.tlp = pto
+        if self._window_blocked() and not self.fin_acked():
+            if t.persist is None:
+                t.persist = now + rtt.rto()
+        else:
+            t.persist = None
+        if self.probe_due:
+            # Out of window on purpose (Linux style): it draws an ACK with
+            # the current window and touches no data.
+            self.probe_due = False
+            out.append((header(self.una - 1, ACK), b""))
+
+    def _tail_loss_probe(self, writer: HeaderWriter, out: SegmentList) -> None:
+        """Resend the last packet of the flight (RFC 8985 section 7.3).
+
+        When the flight's last ACKs were lost (or its tail was), nothing else
+        would move before the RTO. The probe draws an ACK, or a SACK that
+        starts fast recovery, within a few RTTs. A FIN at the tail goes with
+        it: the end of every transfer is a tail.
+        """
+        self._tlp_due = False
+        if self.max <= self.una:
+            return
+        fin_at = self.fin_at
+        fin = fin_at is not None and self.max > fin_at
+        end = self.max - fin
+        start = max(self.una, end - self._mss)
+        flags = ACK | (PSH if end > start else 0) | (FIN if fin else 0)
+        out.append((writer.header(start, flags), self._buf.payload(start, end - start)))
+        self._n.retransmits += 1
+        self._n.tail_loss_probes += 1
+        self._rtt_seq = None
+
+    def _window_blocked(self) -> bool:
         """Return True if only a zero window keeps data from going out.
 
         That is when the persist timer must run: nothing is in flight to
         bring an ACK that would reopen the window (RFC 9293 3.8.6.1).
         """
-        return self.max == self.una and self.nxt < self.data_end and self.una + self.wnd <= self.nxt
+        return self.max == self.una and self.nxt < self._buf.end and self.una + self.wnd <= self.nxt
 
-    def pipe(self, cc: Congestion, sb: Scoreboard, sack: bool, mss: int) -> int:
-        """Return the octets presumed in the network (RFC 6675 SetPipe).
-
-        `mss` is the size of the packets on the wire (what IsLost counts in).
-        """
-        una = self.una
-        pipe = self.nxt - una
-        if sb:
-            pipe -= sb.sacked_in(una, self.nxt)
-            if cc.in_recovery:
-                # Lost octets not yet resent have left the network.
-                pos = max(cc.high_rxt, una)
-                lost = cc.lost_below(sb, mss)
-                if lost > pos:
-                    pipe -= (lost - pos) - sb.sacked_in(pos, lost)
-        return max(0, pipe - cc.dup_credit)
-
-    def next_segment(
-        self, cc: Congestion, sb: Scoreboard, sack: bool, mss: int, wire_mss: int = 0
-    ) -> Segment | None:
+    def next_segment(self, mss: int, wire_mss: int = 0) -> Segment | None:
         """Choose the next segment to send, or None if nothing may go now.
 
         Args:
-            cc: congestion state.
-            sb: the SACK scoreboard.
-            sack: SACK is in use.
             mss: payload octets per segment (after options).
             wire_mss: with GSO, `mss` is the super-segment size and this the
                 size of the packets the device cuts it into; new data is then
@@ -161,6 +528,8 @@ class Sender:
                 waiting for a budget of a whole super-segment.
         """
         una = self.una
+        cc, sb = self._cc, self._sb
+        data_end = self._buf.end
         # Loss is judged in wire packets: with GSO a lost 1448-byte packet
         # must not wait for two 64 KB super-segments to be SACKed above it.
         unit = wire_mss or mss
@@ -169,8 +538,8 @@ class Sender:
                 head = sb.next_hole(una) if sb else None
                 head_end = head[1] if head is not None and head[0] == una else self.max
                 return self._cut(una, head_end, mss, HEAD)
-            budget = cc.cwnd - self.pipe(cc, sb, sack, unit)
-            if sack and budget > 0:
+            budget = cc.cwnd - cc.pipe(sb, una, self.nxt, unit)
+            if self._sack and budget > 0:
                 pos = max(cc.high_rxt, una)
                 lost = cc.lost_below(sb, unit)
                 hole = sb.next_hole(pos)
@@ -183,18 +552,18 @@ class Sender:
                         return seg
                     return None
         else:
-            budget = cc.cwnd - self.pipe(cc, sb, sack, unit)
+            budget = cc.cwnd - cc.pipe(sb, una, self.nxt, unit)
         start = self.nxt
         limit = None
         if start < self.max and sb:
             # Resending after a timeout: skip what the peer already holds.
-            start, limit = self._skip_sacked(sb, start)
+            start, limit = sb.skip_sacked(start)
             self.nxt = start
         if start >= self.max:
             limit = None
         elif limit is None or limit > self.max:
             limit = self.max
-        avail = self.data_end - start
+        avail = data_end - start
         n = min(mss, max(avail, 0))
         if limit is not None:
             n = min(n, limit - start)
@@ -218,25 +587,15 @@ class Sender:
         return Segment(start, n, fin, NEW)
 
     def _cut(self, start: int, limit: int, mss: int, kind: int) -> Segment | None:
-        n = max(0, min(start + mss, limit, self.data_end) - start)
+        n = max(0, min(start + mss, limit, self._buf.end) - start)
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None
         return Segment(start, n, fin, kind)
 
-    @staticmethod
-    def _skip_sacked(sb: Scoreboard, pos: int) -> tuple[int, int | None]:
-        for left, right in sb.ranges():
-            if right <= pos:
-                continue
-            if left > pos:
-                return pos, left
-            pos = right
-        return pos, None
-
-    def sent(self, seg: Segment, cc: Congestion) -> None:
-        """Record that `seg` went out."""
+    def _sent(self, seg: Segment) -> None:
         end = seg.start + seg.length + seg.fin
+        cc = self._cc
         if cc.in_recovery:
             cc.prr_out += end - seg.start
         if seg.kind == NEW:

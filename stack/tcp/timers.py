@@ -16,7 +16,7 @@ _TLP_SLACK = 0.002  # Linux adds two ticks to 2*SRTT
 _WORST_DELAYED_ACK = 0.2  # RFC 8985 WCDelAckT, when one packet is in flight
 
 
-MAX_TAIL_PROBES = 2  # per flight, until forward progress (see output)
+MAX_TAIL_PROBES = 2  # per flight, until forward progress (see snd)
 
 
 def probe_timeout(srtt: float, flight: int, wire_mss: int) -> float:
@@ -66,6 +66,10 @@ class RttEstimator:
     def rto(self) -> float:
         """Return the current RTO, including backoff."""
         return min(self._base * (1 << min(self.backoff, 30)), self._max)
+
+    def backed_off(self, count: int) -> float:
+        """Return the RTO doubled `count` more times (the persist timer's wait)."""
+        return float(min(self.rto() * (1 << min(count, 30)), self._max))
 
 
 class Timers:

@@ -52,12 +52,14 @@ def test_a_loss_with_too_few_packets_after_it_is_resent_after_an_rtt_and_a_quart
         0,
     )
     # Recovery with PRR: ssthresh is half the flight (at least two
-    # packets); nothing is in the pipe, so PRR allows one packet.
-    cc = conn._cc
-    assert (cc.in_recovery, cc.ssthresh, cc.cwnd) == (True, 2 * PAYLOAD, PAYLOAD)
+    # packets); nothing was in the pipe, so PRR allowed one packet, the
+    # retransmission: more data must wait.
+    conn.send(bytes(4 * PAYLOAD))
+    assert sent(conn, app, 0.0325) == []
     conn.segment_received(*app.seg(ack=p(4)), 0.045)
-    assert (cc.in_recovery, cc.cwnd) == (False, 2 * PAYLOAD)
     assert conn.next_deadline() == pytest.approx(0.045 + 100.0 * 72)
+    # Recovery ended with cwnd = ssthresh: two packets.
+    assert sent(conn, app, 0.045) == [(4, PAYLOAD), (5, PAYLOAD)]
 
 
 def test_reordering_inside_the_window_is_no_loss() -> None:
@@ -120,12 +122,13 @@ def test_a_retransmission_acked_sooner_than_the_min_rtt_counts_as_the_original()
     sent(conn, app, 0.02)
     conn.segment_received(*app.seg(ack=ISS1, sack=((p(1), p(4)),)), 0.03)
     assert sent(conn, app, 0.03) == [(0, PAYLOAD)]  # DupThresh: fast retransmit
-    assert conn._rack.xmit_ts == 0.02
     # 1 ms later the head is ACKed: the original arrived late, the
     # retransmission cannot have (min RTT 10 ms), so RACK keeps the
-    # original's send time.
+    # original's send time. Taken as the retransmission's, it would make
+    # packets 4 to 9 (sent before it, 11 ms ago) lost at once.
     conn.segment_received(*app.seg(ack=p(1), sack=((p(2), p(4)),)), 0.031)
-    assert conn._rack.xmit_ts == 0.02
+    assert sent(conn, app, 0.031) == [(1, PAYLOAD)]  # the partial ACK's new head
+    assert conn.statistics().rack_losses == 0
 
 
 def test_a_timeout_forgets_what_rack_marked() -> None:
@@ -136,13 +139,18 @@ def test_a_timeout_forgets_what_rack_marked() -> None:
     assert sent(conn, app, 0.03) == [(0, PAYLOAD)]
     conn.handle_timeout(0.0325)  # the reordering timer: 1..3 were SACKed
     assert sent(conn, app, 0.0325) == []
-    rto = conn._timers.rto
-    assert rto is not None
+    rto = 0.02 + 0.2  # armed by the first send; the minimum RTO
     conn.handle_timeout(rto)
-    assert conn._timers.rack is None and conn._rack.lost_end == 0
-    assert conn._cc.rack_lost == 0
-    assert sent(conn, app, rto)[0] == (0, PAYLOAD)  # go back N
     assert conn.statistics().rto_timeouts == 1
+    # Go back N with one packet of cwnd; RACK's marks and its timer are
+    # gone: the next deadline is the backed-off RTO.
+    assert sent(conn, app, rto) == [(0, PAYLOAD)]
+    assert conn.next_deadline() == pytest.approx(rto + 0.4)
+    # The ACK of the head resends the rest as slow start allows, none of
+    # it as a RACK loss.
+    conn.segment_received(*app.seg(ack=p(1), sack=((p(1), p(4)),)), rto + 0.01)
+    assert sent(conn, app, rto + 0.01) == [(4, PAYLOAD), (5, PAYLOAD)]
+    assert conn.statistics().rack_losses == 0
 
 
 def test_without_sack_there_is_no_reordering_timer() -> None:
@@ -150,16 +158,31 @@ def test_without_sack_there_is_no_reordering_timer() -> None:
     conn.send(bytes(4 * PAYLOAD))
     sent(conn, app, 0.02)
     conn.segment_received(*app.seg(ack=p(2)), 0.03)
-    assert conn._timers.rack is None and conn._rack.xmit_ts < 0
+    # Only the RTO (200 ms) is armed, no reordering timer.
+    assert conn.next_deadline() == pytest.approx(0.23)
 
 
-def test_gso_super_segments_are_one_entry_each() -> None:
+def test_the_lost_rest_of_a_gso_super_segment_is_resent_as_one() -> None:
     cfg = TcpConfig(mss=1460, gso_size=64000, rcv_buf=1 << 20, snd_buf=1 << 20)
     conn, app = established(cfg, mss=1460)
+
+    def q(i: int) -> int:
+        return s(ISS1 + i * 1448)
+
+    def wire_packets(now: float) -> list[tuple[float, float]]:
+        out = app.absorb(conn.segments_to_send(now))
+        return [(s(x.seq - ISS1) / 1448, len(x.payload) / 1448) for x in out]
+
     conn.send(bytes(40_000))
-    out = app.absorb(conn.segments_to_send(0.02))
-    assert [len(x.payload) for x in out] == [1448 * 10]  # the initial window
-    assert len(conn._rack._ends) == 1
+    assert wire_packets(0.02) == [(0, 10)]  # the initial window, one super-segment
+    conn.segment_received(*app.seg(ack=q(5)), 0.03)
+    assert wire_packets(0.03) == [(10, 7)]  # slow start: 12 packets of cwnd
+    # Packets 5 to 9 are lost, the second super-segment arrives: the hole
+    # goes out again whole, then one new packet as PRR allows.
+    conn.segment_received(*app.seg(ack=q(5), sack=((q(10), q(17)),)), 0.04)
+    assert wire_packets(0.04) == [(5, 5), (17, 1)]
+    st = conn.statistics()
+    assert (st.fast_retransmits, st.retransmits, st.rto_timeouts) == (1, 1, 0)
 
 
 def test_prr_sends_in_step_with_deliveries_and_leaves_recovery_at_ssthresh() -> None:
@@ -176,11 +199,8 @@ def test_prr_sends_in_step_with_deliveries_and_leaves_recovery_at_ssthresh() -> 
     # holds back while the pipe is above it (RFC 6675 would too), then
     # sends one packet per packet delivered.
     assert out == [[10], [11], [0], [], [], [], [12], [13], [14]]
-    cc = conn._cc
-    assert (cc.in_recovery, cc.ssthresh, cc.cwnd) == (True, 6 * PAYLOAD, 6 * PAYLOAD)
-    assert (cc.prr_delivered, cc.prr_out) == (7 * PAYLOAD, 4 * PAYLOAD)
     # Everything up to the recovery point arrives: cwnd = ssthresh
-    # (RFC 6937), not the flight plus one packet (RFC 6582).
+    # (RFC 6937; six packets, one of them in flight), not the flight plus
+    # one packet (RFC 6582: two).
     conn.segment_received(*app.seg(ack=p(12), sack=((p(13), p(15)),)), 0.04)
-    assert (cc.in_recovery, cc.cwnd) == (False, 6 * PAYLOAD)
     assert [i for i, _ in sent(conn, app, 0.04)] == [15, 16, 17, 18, 19]

@@ -281,7 +281,6 @@ def test_limited_transmit_sends_one_new_segment_per_early_duplicate_ack() -> Non
         conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, n)), 0.03)
         sent.append([(x.seq, len(x.payload)) for x in app.absorb(conn.segments_to_send(0.03))])
     assert sent == [[(s(ISS1 + 10 * PAYLOAD), PAYLOAD)], [(s(ISS1 + 11 * PAYLOAD), PAYLOAD)]]
-    assert conn._cc.cwnd == 10 * PAYLOAD and not conn._cc.in_recovery
     conn.segment_received(*app.seg(ack=ISS1, sack=_sack_of(1, 4)), 0.03)
     out = app.absorb(conn.segments_to_send(0.03))
     assert [(x.seq, len(x.payload)) for x in out] == [(ISS1, PAYLOAD)]
@@ -298,7 +297,15 @@ def test_limited_transmit_without_sack_counts_duplicate_acks() -> None:
         conn.segment_received(*app.seg(ack=ISS1), 0.03)
         sent.append([x.seq for x in app.absorb(conn.segments_to_send(0.03))])
     assert sent == [[s(ISS1 + 10 * PAYLOAD)], [s(ISS1 + 11 * PAYLOAD)]]
-    assert conn._cc.cwnd == 10 * PAYLOAD and not conn._cc.in_recovery
+    # cwnd stayed at ten packets and no recovery began: the ACK of one
+    # packet grows it to eleven (slow start), just what is in flight.
+    conn.segment_received(*app.seg(ack=s(ISS1 + PAYLOAD)), 0.04)
+    assert app.absorb(conn.segments_to_send(0.04)) == []
+    conn.segment_received(*app.seg(ack=s(ISS1 + 2 * PAYLOAD)), 0.04)
+    assert [x.seq for x in app.absorb(conn.segments_to_send(0.04))] == [
+        s(ISS1 + 12 * PAYLOAD),
+        s(ISS1 + 13 * PAYLOAD),
+    ]
 
 
 def test_limited_transmit_waits_for_the_peers_window_and_for_data() -> None:
