@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.conftest import require
 from tests.e2e.lossy import LossyBed
-from tests.e2e.testbed import running_bed
+from tests.e2e.testbed import running_bed, skip_if_device_options
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +55,7 @@ def test_an_application_behind_a_smaller_mtu_gets_exact_bytes_with_the_default_t
     1500-byte path (a LAN behind a router): its GSO super-segments must be
     cut at the application's MSS, or they are dropped as too big."""
     require(*NEEDS)
+    skip_if_device_options()
     with running_bed("t2sx-lan", functools.partial(LossyBed, mtu=None)) as bed:
         link = bed.tunns.run(["ip", "link", "show", "tun0"]).stdout
         assert " mtu 9000 " in link, link

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import SERVER_ADDR, Testbed, require
-from tests.e2e.testbed import NAMES, ROOT, children_of, running_bed
+from tests.e2e.testbed import NAMES, ROOT, children_of, running_bed, skip_if_device_options
 from tun2sx.lab.netns import Lab
 
 WORKERS = 2
@@ -101,6 +101,7 @@ def test_the_totals_list_every_workers_live_flows(bed: Testbed) -> None:
 
 
 def test_the_device_is_multi_queue_with_the_usual_default_mtu(bed: Testbed) -> None:
+    skip_if_device_options()
     link = bed.client_run(["ip", "-d", "link", "show", "tun0"]).stdout
     assert "multi_queue" in link, link
     assert " mtu 9000 " in link, link  # as with one process (--mtu not given)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+import pytest
 
 from tun2sx.lab.netns import Lab, LabError, Namespace
 
@@ -92,6 +95,16 @@ def run_client_tool(ns: Namespace, *args: object, timeout: float) -> dict[str, o
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
+# Options for every tun2sx that opens its own device (see Tun2sxProcess.start).
+DEVICE_OPTIONS = shlex.split(os.environ.get("TUN2SX_E2E_DEVICE", ""))
+
+
+def skip_if_device_options() -> None:
+    """For a test of the default device: it means nothing on another one."""
+    if DEVICE_OPTIONS:
+        pytest.skip("TUN2SX_E2E_DEVICE changes the device whose defaults this test checks")
+
+
 class Tun2sxProcess:
     """One `python -m tun2sx` in a namespace, appending to a log file."""
 
@@ -101,7 +114,14 @@ class Tun2sxProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, args: Sequence[str], *, pass_fds: Sequence[int] = ()) -> None:
-        """Start tun2sx with `args`; return once tun0 is up and it says it serves."""
+        """Start tun2sx with `args`; return once tun0 is up and it says it serves.
+
+        When tun2sx opens the device itself (`--tun`), the words of
+        $TUN2SX_E2E_DEVICE are added: `--no-offload --mtu 1500` runs the
+        whole end-to-end suite on the kind of device Android hands over.
+        """
+        if "--tun" in args:
+            args = [*args, *DEVICE_OPTIONS]
         self._log = self.log_path.open("ab")
         offset = self._log.tell()
         self.proc = self.ns.spawn(
