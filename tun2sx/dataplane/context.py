@@ -41,6 +41,9 @@ class EngineConfig:
         dns_upstream: where queries that are not answered with a fake IP
             go, through the outbound, over TCP.
         splice_buffer: bytes read at once from either side of a flow.
+        splice_share: bytes a flow reads at once while other flows are
+            open: its writing on is one step of the engine's one thread, and
+            a short one lets another flow's round trip through sooner.
         max_dns_forwards: concurrent upstream DNS queries; more are dropped.
     """
 
@@ -51,6 +54,7 @@ class EngineConfig:
         factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
     )
     splice_buffer: int = 256 * 1024
+    splice_share: int = 64 * 1024
     max_dns_forwards: int = 256
 
 
@@ -120,6 +124,10 @@ class FlowContext(Protocol):
 
     def route(self, dest: Destination, network: Network) -> Outbound | None:
         """The outbound for a flow (None: rejected by rule)."""
+        ...
+
+    def read_size(self) -> int:
+        """How much a flow should read at once now (see `splice_share`)."""
         ...
 
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:

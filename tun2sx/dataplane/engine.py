@@ -208,6 +208,11 @@ class Engine:
             name = self.real_names.name_for(dest.host, trio.current_time())
         return self.router.route(dest, network, name)
 
+    def read_size(self) -> int:
+        """The splice buffer while one flow is open, its share while more are."""
+        config = self.config
+        return config.splice_buffer if len(self.flows) <= 1 else config.splice_share
+
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
         info = FlowInfo(network, app, dest, outbound, trio.current_time())

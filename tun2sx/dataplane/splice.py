@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,14 +29,23 @@ async def splice(
     upstream: trio.abc.HalfCloseableStream,
     bufsize: int,
     info: FlowInfo | None = None,
+    read_size: Callable[[], int] | None = None,
 ) -> None:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
     A break on one side (reset, error) resets the other: the application
     gets an RST, the outbound socket is closed with SO_LINGER 0 when it is a
     plain socket, so both ends learn the flow failed rather than ended.
+
+    Args:
+        bufsize: the most bytes read at once from either side.
+        read_size: asked before each read that waits, how much to read
+            now (at most `bufsize`); by default always `bufsize`. What one
+            read brings is written on in one step of the flow's task, and
+            every other flow waits for that step: a bulk flow that moves
+            less at once while others are open keeps their round trips short.
     """
-    await _Splice(app, upstream, bufsize, info).run()
+    await _Splice(app, upstream, bufsize, info, read_size).run()
 
 
 class _Splice:
@@ -68,6 +78,7 @@ class _Splice:
         "error",
         "info",
         "pending",
+        "read_size",
         "receiving",
         "scope",
         "upload",
@@ -82,8 +93,10 @@ class _Splice:
         upstream: trio.abc.HalfCloseableStream,
         bufsize: int,
         info: FlowInfo | None,
+        read_size: Callable[[], int] | None = None,
     ) -> None:
         self.app = app
+        self.read_size = read_size
         # The application's stream while the upload runs in its wake-ups.
         self.woken_by: TcpStream | None = None
         self.upstream = upstream
@@ -130,6 +143,10 @@ class _Splice:
             _reset_socket(self.upstream)
         if self.error is not None:
             raise self.error
+
+    def _read_size(self) -> int:
+        read_size = self.read_size
+        return self.bufsize if read_size is None else min(read_size(), self.bufsize)
 
     def _break(self) -> None:
         """One side failed: stop both directions (the caller resets both)."""
@@ -205,7 +222,7 @@ class _Splice:
                 if info is not None:
                     info.bytes_up += len(pending)
             while True:
-                data = await app.receive_some(self.bufsize)
+                data = await app.receive_some(self._read_size())
                 if not data:
                     break
                 # The receive yielded already: send without another trip
@@ -234,7 +251,7 @@ class _Splice:
         stays in `carried` and `carried_end` for the call without `fast`.
         """
         app, upstream, info = self.app, self.upstream, self.info
-        bufsize = self.bufsize
+        size = self.bufsize
         app_nowait = app if isinstance(app, NowaitStream) else None
         up_nowait = upstream if isinstance(upstream, NowaitStream) else None
         # Looking ahead for the EOF pays only when it can go with the data.
@@ -256,8 +273,9 @@ class _Splice:
                     if fast and self.upload is _UPLOAD_IN_TASK:
                         return
                     self.receiving = True
+                    size = self._read_size()
                     try:
-                        data = await receive(bufsize)
+                        data = await receive(size)
                     finally:
                         self.receiving = False
                     receive = upstream.receive_some
@@ -277,7 +295,7 @@ class _Splice:
                     # the EOF costs no trip through the scheduler. A reset
                     # behind it ends the flow only once the data is passed on.
                     try:
-                        ahead = receive_nowait(bufsize)
+                        ahead = receive_nowait(size)
                     except trio.BrokenResourceError as exc:
                         end = exc
                     else:

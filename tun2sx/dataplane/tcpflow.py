@@ -147,7 +147,7 @@ class TcpFlows:
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
         try:
             if self._handler is None:
-                await splice(stream, upstream, engine.config.splice_buffer, info)
+                await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
             else:
                 await self._handler(stream, upstream)
         finally:
