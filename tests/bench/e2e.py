@@ -266,8 +266,8 @@ def _latency_under_download(col: Column, seconds: float) -> str:
     return f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f} (bulk {gbps:.2f} Gbit/s)"
 
 
-def _cps(col: Column, seconds: float) -> str:
-    got = _tool(col.ns, "cps", col.echo_host, ECHO_PORT, seconds, 8)
+def _cps(col: Column, seconds: float, clients: int = 8) -> str:
+    got = _tool(col.ns, "cps", col.echo_host, ECHO_PORT, seconds, clients)
     failed = f" ({got['failures']:.0f} failed)" if got["failures"] else ""
     return f"{got['cps']:.0f}{failed}"
 
@@ -431,6 +431,10 @@ def run(
             row = functools.partial(measure_row, table, columns, far_side=(bed.dante, iperf, nginx))
             for label, reverse in (("upload Gbit/s", False), ("download Gbit/s", True)):
                 row(label, functools.partial(_iperf, seconds=seconds, reverse=reverse))
+            row(
+                "connections/s (one client: connect, 1 byte each way, close)",
+                lambda c: _cps(c, seconds, clients=1),
+            )
             row("connections/s (8 Python threads)", lambda c: _cps(c, seconds))
             row(
                 "connections/s (ab -c 8 to nginx, one request each)",
