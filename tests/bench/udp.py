@@ -123,7 +123,9 @@ def _fake_ip(bed: Testbed, name: str) -> str:
 def _loss(result: dict[str, Any]) -> str:
     reached = result.get("reached")
     there = "" if reached is None else f", {result['sent'] - reached} lost on the way there"
-    return f"{result['lost_percent']:.2f} % ({result['sent'] - result['echoed']} of {result['sent']}{there})"
+    lost = result["sent"] - result["echoed"]
+    lost = result["sent"] - result["echoed"]
+    return f"{result['lost_percent']:.2f} % ({lost} of {result['sent']}{there})"
 
 
 def measure(

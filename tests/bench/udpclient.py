@@ -23,6 +23,7 @@ peers must not be the bottleneck at a few thousand datagrams a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -61,10 +62,8 @@ def echo(bind: str, port: int) -> None:
             tag, first, count, size = _ASK.unpack_from(data, 1)
             filler = bytes(max(0, size - _SEQ.size))
             for seq in range(first, first + count):
-                try:
+                with contextlib.suppress(BlockingIOError):
                     sock.sendto(_SEQ.pack(tag, seq) + filler, peer)
-                except BlockingIOError:
-                    pass
             continue
         tag = data[:8]
         counts[tag] = counts.get(tag, 0) + 1
@@ -144,10 +143,9 @@ def burst(
             sent += per_burst
         else:
             for _ in range(per_burst):
-                try:
+                # Our own buffer full: counted as lost, like any drop.
+                with contextlib.suppress(BlockingIOError):
                     path.send(_SEQ.pack(tag, sent) + filler)
-                except BlockingIOError:
-                    pass  # our own buffer is full: counted as lost, like any drop
                 sent += 1
         drain(time.monotonic() + pause)
     elapsed = time.monotonic() - started
