@@ -240,15 +240,7 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("connect_timeout: must be positive")
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
-    if not 1 <= settings.tun_txqueuelen <= MAX_TXQUEUELEN:
-        raise ConfigError(
-            f"tun_txqueuelen: {settings.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
-        )
-    if settings.udp_buffer != 0 and not MIN_UDP_BUFFER <= settings.udp_buffer <= MAX_UDP_BUFFER:
-        raise ConfigError(
-            f"udp_buffer: {settings.udp_buffer} is not 0 (kernel default) or between "
-            f"{MIN_UDP_BUFFER} and {MAX_UDP_BUFFER} bytes"
-        )
+    check_queues(settings)
     if not 1 <= settings.workers <= MAX_WORKERS:
         raise ConfigError(f"workers: {settings.workers} is not between 1 and {MAX_WORKERS}")
     if settings.workers > 1:
@@ -256,6 +248,27 @@ def check_settings(settings: Settings) -> None:
             raise ConfigError("workers: an adopted TUN fd is one queue; workers need tun (a name)")
         if settings.fake_ip and settings.fake_ip_db == ":memory:":
             raise ConfigError("workers: share the fake-IP table, so fake_ip_db needs a file")
+
+
+def check_queues(settings: Settings) -> None:
+    """Check the queue and buffer sizes (the embedding API checks these too).
+
+    Raises:
+        ConfigError: the message names the field.
+    """
+    if isinstance(settings.tun_txqueuelen, bool) or not isinstance(settings.tun_txqueuelen, int):
+        raise ConfigError(f"tun_txqueuelen: expected an integer, got {settings.tun_txqueuelen!r}")
+    if not 1 <= settings.tun_txqueuelen <= MAX_TXQUEUELEN:
+        raise ConfigError(
+            f"tun_txqueuelen: {settings.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
+        )
+    if isinstance(settings.udp_buffer, bool) or not isinstance(settings.udp_buffer, int):
+        raise ConfigError(f"udp_buffer: expected bytes, got {settings.udp_buffer!r}")
+    if settings.udp_buffer != 0 and not MIN_UDP_BUFFER <= settings.udp_buffer <= MAX_UDP_BUFFER:
+        raise ConfigError(
+            f"udp_buffer: {settings.udp_buffer} is not 0 (kernel default) or between "
+            f"{MIN_UDP_BUFFER} and {MAX_UDP_BUFFER} bytes"
+        )
 
 
 @contextlib.contextmanager
