@@ -202,3 +202,55 @@ async def test_udp_relay_unspecified_address_and_drops(nursery: trio.Nursery) ->
         await session.aclose()
         await session.aclose()
         relay.close()
+
+
+async def test_udp_fast_path_batches_caches_and_counts(nursery: trio.Nursery) -> None:
+    """send_to_nowait and receive_batch: one header per destination, one
+    decoded source per peer, and every unusable datagram counted."""
+    relay = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await relay.bind(("127.0.0.1", 0))
+    relay_port = relay.getsockname()[1]
+    source = Destination(ipaddress.IPv4Address("192.0.2.5"), 443)
+    close_control = trio.Event()
+    client: list[object] = []
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(build_reply(0, Destination(LOOPBACK, relay_port)))
+        for i in range(3):
+            data, peer = await relay.recvfrom(65535)
+            assert data == encode_udp_datagram(b"q%d" % i, TARGET)
+        client.append(peer)
+        reply = encode_udp_datagram(b"", source)
+        fragment = bytearray(reply + b"frag")
+        fragment[2] = 1  # same source, so the cached header must not let it through
+        for datagram in (
+            reply + b"a",
+            bytes(fragment),
+            reply[:6],  # truncated inside the address
+            reply + b"b",
+            b"\x00\x00\x00\x09junk",  # unknown address type
+            reply + b"c",
+        ):
+            await relay.sendto(datagram, peer)
+        await close_control.wait()
+
+    proxy = await start_fake_proxy(nursery, script)
+    session = await proxy.open_udp()
+    try:
+        for i in range(3):
+            assert session.send_to_nowait(b"q%d" % i, TARGET) is True
+        got: list[tuple[bytes, Destination]] = []
+        while len(got) < 3:
+            got += await session.receive_batch(100)
+        assert got == [(b"a", source), (b"b", source), (b"c", source)]
+        # One Destination object per peer: the runtime's reply mapping relies on it.
+        assert got[0][1] is got[1][1] is got[2][1]
+        assert session.drops().malformed == 3
+        stats = session.statistics()
+        assert (stats.sent, stats.received, stats.dropped_fragments) == (3, 3, 1)
+        close_control.set()
+        with trio.fail_after(5), pytest.raises(OutboundError, match="control connection"):
+            await session.wait_ended()
+    finally:
+        await session.aclose()
+        relay.close()

@@ -322,7 +322,7 @@ async def test_an_outbound_that_fails_answers_icmp_unreachable(
     autojump_clock: trio.testing.MockClock,
     running: tuple[CountingEngine, FakeTun, FakeOutbound],
 ) -> None:
-    engine, device, outbound = running
+    engine, device, _ = running
     device.feed(datagram(b"a"))
     await settle()
     [raw] = device.written
