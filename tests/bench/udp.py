@@ -25,17 +25,19 @@ end-to-end benchmark calls it that way. `main` builds its own testbed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
-from tun2sx.lab.netns import Lab, LabError, missing_capabilities
+from tun2sx.lab.netns import Lab, LabError, Namespace, missing_capabilities
 
 IPERF_PORT = 5202
 ECHO_PORT = 7101
@@ -116,6 +118,35 @@ def stats(bed: Testbed, addr: str | None) -> dict[str, int]:
     return json.loads(out) if out.strip() else {}  # type: ignore[no-any-return]
 
 
+def kernel_udp_drops(ns: Namespace) -> int:
+    """Datagrams the kernel dropped at full socket buffers in `ns` so far
+    (RcvbufErrors + SndbufErrors of /proc/net/snmp, all sockets there)."""
+    lines = [ln.split() for ln in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    names, values = (ln for ln in lines if ln[0] == "Udp:")
+    counts = dict(zip(names[1:], map(int, values[1:]), strict=True))
+    return counts["RcvbufErrors"] + counts["SndbufErrors"]
+
+
+@contextlib.contextmanager
+def echo_server(bed: Testbed) -> Iterator[None]:
+    """The burst echo server (tests/bench/udpclient.py) on ECHO_PORT, for the block."""
+    proc = bed.server.spawn(
+        [sys.executable, "-m", "tests.bench.udpclient", "echo", SERVER_ADDR, str(ECHO_PORT)],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT,
+    )
+    try:
+        bed.server.wait_listening(ECHO_PORT, udp=True)
+        yield
+    finally:
+        bed.lab.stop(proc)
+
+
+def fake_ip(bed: Testbed, name: str) -> str:
+    """The fake IP tun2sx hands out for `name` (asked through the TUN)."""
+    return _fake_ip(bed, name)
+
+
 def _fake_ip(bed: Testbed, name: str) -> str:
     return bed.client.run(["dig", "+short", "+time=3", name, "A"]).stdout.strip()
 
@@ -155,26 +186,31 @@ def measure(
     assert bed.proc is not None, "tun2sx must be running"
     pid = bed.proc.pid
     iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
-    echo = bed.server.spawn(
-        [sys.executable, "-m", "tests.bench.udpclient", "echo", SERVER_ADDR, str(ECHO_PORT)],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT,
-    )
     rows: list[Row] = []
     try:
         bed.server.wait_listening(IPERF_PORT)
-        bed.server.wait_listening(ECHO_PORT, udp=True)
-        big, echo_ip = _fake_ip(bed, "big.test"), _fake_ip(bed, "echo.test")
+        big = _fake_ip(bed, "big.test")
         for rate in rates:
             for label, reverse in (("up", False), ("down", True)):
+                counted = stats(bed, stats_addr)
+                kernel_before = [kernel_udp_drops(ns) for ns in (bed.client, bed.server)]
                 cpu = cpu_seconds(pid)
                 ours = iperf_udp(bed, big, rate, seconds, reverse)
                 cpu = cpu_seconds(pid) - cpu
+                client, server = (
+                    kernel_udp_drops(ns) - b
+                    for ns, b in zip((bed.client, bed.server), kernel_before, strict=True)
+                )
+                ours_drops = sum(
+                    v - counted.get(k, 0) for k, v in stats(bed, stats_addr).items() if "drop" in k
+                )
                 kernel = iperf_udp(bed, SERVER_ADDR, rate, seconds, reverse)
                 rows.append(
                     Row(
                         f"UDP {label} at {rate} Mbit/s offered: delivered Mbit/s (loss)",
-                        f"{ours.mbps:.1f} ({ours.lost_percent:.2f} %)",
+                        f"{ours.mbps:.1f} ({ours.lost_percent:.2f} %; dropped by tun2sx "
+                        f"{ours_drops}, by full buffers in the client ns {client}, "
+                        f"server ns {server})",
                         f"{kernel.mbps:.1f} ({kernel.lost_percent:.2f} %)",
                     )
                 )
@@ -186,40 +222,53 @@ def measure(
                         "-",
                     )
                 )
-        before = stats(bed, stats_addr)
-        socks = f"{SERVER_ADDR}:{DANTE_PORT}"
-        for label, down in (("echoed", False), ("sent by the server", True)):
-            ours_burst = burst(bed, echo_ip, bursts, down=down)
-            dante = burst(bed, SERVER_ADDR, bursts, socks=socks, down=down)
-            plain = burst(bed, SERVER_ADDR, bursts, down=down)
-            rows.append(
-                Row(
-                    f"bursts of 50 x {DATAGRAM} B every 10 ms, {label}: loss",
-                    _loss(ours_burst),
-                    f"Dante alone {_loss(dante)}; no proxy {_loss(plain)}",
-                )
-            )
-        after = stats(bed, stats_addr)
-        if after:
-            drops = {k: v - before.get(k, 0) for k, v in after.items() if "drop" in k}
-            rows.append(
-                Row(
-                    "tun2sx drop counters during the bursts",
-                    ", ".join(f"{k}={v}" for k, v in sorted(drops.items()) if v) or "none",
-                    "-",
-                )
-            )
-            totals = {k: v for k, v in after.items() if "drop" in k and v}
-            rows.append(
-                Row(
-                    "tun2sx drop counters, whole run",
-                    ", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "none",
-                    "-",
-                )
-            )
     finally:
-        bed.lab.stop(echo)
         bed.lab.stop(iperf)
+    with echo_server(bed):
+        rows += _bursts(bed, bursts, stats_addr)
+    return rows
+
+
+def _bursts(bed: Testbed, bursts: int, stats_addr: str | None) -> list[Row]:
+    rows: list[Row] = []
+    echo_ip = _fake_ip(bed, "echo.test")
+    before = stats(bed, stats_addr)
+    socks = f"{SERVER_ADDR}:{DANTE_PORT}"
+    for label, down in (("echoed", False), ("sent by the server", True)):
+        kernel_before = [kernel_udp_drops(ns) for ns in (bed.client, bed.server)]
+        ours_burst = burst(bed, echo_ip, bursts, down=down)
+        client, server = (
+            kernel_udp_drops(ns) - b
+            for ns, b in zip((bed.client, bed.server), kernel_before, strict=True)
+        )
+        dante = burst(bed, SERVER_ADDR, bursts, socks=socks, down=down)
+        plain = burst(bed, SERVER_ADDR, bursts, down=down)
+        rows.append(
+            Row(
+                f"bursts of 50 x {DATAGRAM} B every 10 ms, {label}: loss",
+                f"{_loss(ours_burst)}; kernel buffer drops: client ns {client}, "
+                f"server ns (Dante, echo) {server}",
+                f"Dante alone {_loss(dante)}; no proxy {_loss(plain)}",
+            )
+        )
+    after = stats(bed, stats_addr)
+    if after:
+        drops = {k: v - before.get(k, 0) for k, v in after.items() if "drop" in k}
+        rows.append(
+            Row(
+                "tun2sx drop counters during the bursts",
+                ", ".join(f"{k}={v}" for k, v in sorted(drops.items()) if v) or "none",
+                "-",
+            )
+        )
+        totals = {k: v for k, v in after.items() if "drop" in k and v}
+        rows.append(
+            Row(
+                "tun2sx drop counters, whole run",
+                ", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "none",
+                "-",
+            )
+        )
     return rows
 
 

@@ -108,6 +108,7 @@ class UdpFlows:
         self.sessions: dict[tuple[bytes, int], _Session] = {}
         self.datagrams_up = 0  # handed to an outbound
         self.datagrams_down = 0  # turned into packets for applications
+        self.setup_queue_drops = 0  # the set-up queue was full
         # Drops of sessions that ended (live ones are read on demand).
         self._ended_drops = UdpDrops()
 
@@ -123,6 +124,7 @@ class UdpFlows:
         return {
             "udp_datagrams_up": self.datagrams_up,
             "udp_datagrams_down": self.datagrams_down,
+            "udp_setup_queue_drops": self.setup_queue_drops,
             "udp_send_drops": send,
             "udp_receive_drops": receive,
             "udp_malformed_drops": malformed,
@@ -168,7 +170,7 @@ class UdpFlows:
     def _hold(self, session: _Session, addr: bytes, port: int, payload: bytes) -> None:
         """Queue a datagram until the session can send it; drop if full."""
         if len(session.pending) >= SETUP_QUEUE:
-            self._engine.counters["udp_setup_queue_drops"] += 1
+            self.setup_queue_drops += 1
             return
         session.pending.append((addr, port, payload))
         session.wakeup.set()
