@@ -229,10 +229,7 @@ class DirectUdpSession:
         """
         sock = self._sock
         try:
-            raw = sock.receive_from_batch_nowait(limit)
-            if not raw:
-                await sock.wait_readable()
-                raw = sock.receive_from_batch_nowait(limit)
+            raw = await sock.receive_from_batch(limit)
         except OSError as exc:
             raise error_from_oserror(exc, "receiving a datagram") from exc
         self._stats.received += len(raw)

@@ -281,10 +281,7 @@ class ShadowsocksUdpSession:
         sock = self._sock
         while True:
             try:
-                raw = sock.receive_batch_nowait(limit)
-                if not raw:
-                    await sock.wait_readable()
-                    raw = sock.receive_batch_nowait(limit)
+                raw = await sock.receive_batch(limit)
             except OSError as exc:
                 raise error_from_oserror(exc, "receiving from the Shadowsocks server") from exc
             out = []

@@ -758,10 +758,7 @@ class Socks5UdpSession:
         decode = self._decode
         while True:
             try:
-                raw = sock.receive_batch_nowait(limit)
-                if not raw:
-                    await sock.wait_readable()
-                    raw = sock.receive_batch_nowait(limit)
+                raw = await sock.receive_batch(limit)
             except OSError as exc:
                 raise error_from_oserror(exc, "receiving from the SOCKS5 UDP relay") from exc
             out = []

@@ -43,6 +43,9 @@ _FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
+# Lets other tasks run; a cancellation waits for the next real checkpoint,
+# so datagrams already read are never dropped by it.
+_yield_keeping_data = trio.lowlevel.cancel_shielded_checkpoint
 
 
 def set_buffers(sock: socket.socket, size: int) -> None:
@@ -177,6 +180,39 @@ class UdpSocket:
             if not out:
                 raise
         return out
+
+    async def receive_batch(self, limit: int) -> list[bytes]:
+        """Every datagram waiting (at most `limit`, at least one), waiting
+        for the first if there is none.
+
+        A batch already waiting is taken at once but still yields to the
+        other tasks (a checkpoint that cannot lose what was read), so a
+        busy socket never starves the rest of the process.
+
+        Raises:
+            OSError: the socket failed.
+        """
+        out = self.receive_batch_nowait(limit)
+        if out:
+            await _yield_keeping_data()
+            return out
+        while True:
+            await _wait_readable(self._sock)
+            out = self.receive_batch_nowait(limit)
+            if out:
+                return out
+
+    async def receive_from_batch(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
+        """As `receive_batch`, with each datagram's source address."""
+        out = self.receive_from_batch_nowait(limit)
+        if out:
+            await _yield_keeping_data()
+            return out
+        while True:
+            await _wait_readable(self._sock)
+            out = self.receive_from_batch_nowait(limit)
+            if out:
+                return out
 
     async def receive(self) -> bytes:
         """Wait for one datagram from the connected peer."""

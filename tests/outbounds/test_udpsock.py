@@ -105,3 +105,22 @@ async def test_waiting_forms_still_work() -> None:
         peer.send(b"two")
         assert await ours.receive() == b"two"
         await trio.lowlevel.checkpoint()
+
+
+async def test_a_waiting_batch_still_lets_other_tasks_run() -> None:
+    ours, peer = pair()
+    ran = []
+
+    async def other() -> None:
+        ran.append(True)
+        await trio.lowlevel.checkpoint()
+
+    with ours.socket, peer:
+        peer.send(b"ready")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            assert await ours.receive_batch(8) == [b"ready"]
+            # The data was there at once, and yet the other task got its turn.
+            assert ran == [True]
+            peer.send(b"later")
+            assert await ours.receive_from_batch(8) == [(b"later", peer.getsockname())]
