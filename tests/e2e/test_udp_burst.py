@@ -28,6 +28,7 @@ BURSTS = 80  # of 50: 4,000 datagrams each way
 SLACK = 20
 DROP_COUNTERS = (
     "udp_setup_queue_drops",
+    "udp_session_end_drops",
     "udp_send_drops",
     "udp_receive_drops",
     "udp_malformed_drops",

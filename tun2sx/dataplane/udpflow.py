@@ -113,6 +113,7 @@ class UdpFlows:
         self.datagrams_up = 0  # handed to an outbound
         self.datagrams_down = 0  # turned into packets for applications
         self.setup_queue_drops = 0  # the set-up queue was full
+        self.session_end_drops = 0  # still waiting when their session ended
         # Drops of sessions that ended (live ones are read on demand).
         self._ended_drops = UdpDrops()
 
@@ -129,6 +130,7 @@ class UdpFlows:
             "udp_datagrams_up": self.datagrams_up,
             "udp_datagrams_down": self.datagrams_down,
             "udp_setup_queue_drops": self.setup_queue_drops,
+            "udp_session_end_drops": self.session_end_drops,
             "udp_send_drops": send,
             "udp_receive_drops": receive,
             "udp_malformed_drops": malformed,
@@ -163,6 +165,7 @@ class UdpFlows:
             self._hold(session, dgram.dst, dgram.dst_port, payload)
             return
         except OutboundError as exc:
+            self.session_end_drops += 1
             self._fail(session, exc)
             return
         if sent:
@@ -193,6 +196,9 @@ class UdpFlows:
         key = (session.app_addr, session.app_port)
         if self.sessions.get(key) is session:
             del self.sessions[key]
+        # Datagrams still waiting go nowhere (the first of a session whose
+        # outbound failed was answered with an ICMP unreachable).
+        self.session_end_drops += len(session.pending)
         session.pending.clear()
 
     # -- sessions ------------------------------------------------------------

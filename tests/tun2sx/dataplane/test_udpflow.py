@@ -323,11 +323,17 @@ async def test_an_outbound_that_fails_answers_icmp_unreachable(
     autojump_clock: trio.testing.MockClock,
     running: tuple[CountingEngine, FakeTun, FakeOutbound],
 ) -> None:
-    engine, device, _ = running
-    device.feed(datagram(b"a"))
+    engine, device, outbound = running
+    outbound.gate = trio.Event()  # the proxy answers only after three more datagrams
+    device.feed(*(datagram(b"%d" % i) for i in range(4)))
+    await settle()
+    outbound.gate.set()
     await settle()
     [raw] = device.written
     pkt = parse_packet_untrusted(memoryview(raw))
     assert (pkt.src, pkt.dst, raw[9]) == (REMOTE, APP, 1)  # ICMP from the destination
     assert (pkt.l4.type, pkt.l4.code) == (3, 1)  # type: ignore[union-attr]
-    assert engine.statistics()["udp_sessions"] == 0
+    stats = engine.statistics()
+    assert stats["udp_sessions"] == 0
+    assert stats["udp_session_end_drops"] == 4  # the first answered, none sent
+
