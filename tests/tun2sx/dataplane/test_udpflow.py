@@ -336,4 +336,3 @@ async def test_an_outbound_that_fails_answers_icmp_unreachable(
     stats = engine.statistics()
     assert stats["udp_sessions"] == 0
     assert stats["udp_session_end_drops"] == 4  # the first answered, none sent
-
