@@ -201,8 +201,16 @@ def measure(
                     kernel_udp_drops(ns) - b
                     for ns, b in zip((bed.client, bed.server), kernel_before, strict=True)
                 )
-                ours_drops = sum(
-                    v - counted.get(k, 0) for k, v in stats(bed, stats_addr).items() if "drop" in k
+                ours_drops = (
+                    str(
+                        sum(
+                            v - counted.get(k, 0)
+                            for k, v in stats(bed, stats_addr).items()
+                            if "drop" in k
+                        )
+                    )
+                    if stats_addr is not None
+                    else "(not read)"
                 )
                 kernel = iperf_udp(bed, SERVER_ADDR, rate, seconds, reverse)
                 rows.append(
