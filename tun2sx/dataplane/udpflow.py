@@ -66,7 +66,6 @@ class _Session:
     __slots__ = (
         "app_addr",
         "app_port",
-        "closed",
         "dests",
         "info",
         "last_active",
@@ -89,7 +88,6 @@ class _Session:
         self.upstream: UdpSession | None = None
         self.pending: deque[tuple[bytes, int, bytes]] = deque()
         self.wakeup = trio.Event()  # set when `pending` gets a datagram
-        self.closed = False
         # (address, port) the application used -> where it goes.
         self.dests: dict[tuple[bytes, int], Destination] = {}
         # Replies come back with the address the proxy used, often the real
@@ -192,7 +190,6 @@ class UdpFlows:
     def _forget(self, session: _Session) -> None:
         """Take a session out of the table (its task is ending): the next
         datagram from its application starts a new one."""
-        session.closed = True
         key = (session.app_addr, session.app_port)
         if self.sessions.get(key) is session:
             del self.sessions[key]
