@@ -43,9 +43,7 @@ _FULL = frozenset({errno.EAGAIN, errno.ENOBUFS})
 
 _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
-# Lets other tasks run; a cancellation waits for the next real checkpoint,
-# so datagrams already read are never dropped by it.
-_yield_keeping_data = trio.lowlevel.cancel_shielded_checkpoint
+_checkpoint = trio.lowlevel.checkpoint
 
 
 def set_buffers(sock: socket.socket, size: int) -> None:
@@ -186,15 +184,16 @@ class UdpSocket:
         for the first if there is none.
 
         A batch already waiting is taken at once but still yields to the
-        other tasks (a checkpoint that cannot lose what was read), so a
-        busy socket never starves the rest of the process.
+        other tasks (a checkpoint), so a busy socket never starves the rest
+        of the process. Cancelled there, the batch is lost with the
+        session that was being ended.
 
         Raises:
             OSError: the socket failed.
         """
         out = self.receive_batch_nowait(limit)
         if out:
-            await _yield_keeping_data()
+            await _checkpoint()
             return out
         while True:
             await _wait_readable(self._sock)
@@ -206,7 +205,7 @@ class UdpSocket:
         """As `receive_batch`, with each datagram's source address."""
         out = self.receive_from_batch_nowait(limit)
         if out:
-            await _yield_keeping_data()
+            await _checkpoint()
             return out
         while True:
             await _wait_readable(self._sock)
