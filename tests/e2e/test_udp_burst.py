@@ -11,11 +11,14 @@ the kernel's full-buffer counts of the two namespaces.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.bench.udp import burst, echo_server, fake_ip, kernel_udp_drops, stats
+from tests.bench.udp import ECHO_PORT, burst, echo_server, fake_ip, kernel_udp_drops, stats
 from tests.e2e.conftest import require
 from tests.e2e.testbed import DANTE_PORT, SERVER_ADDR, Testbed
 
@@ -68,3 +71,43 @@ def test_a_burst_arrives_and_every_loss_is_counted(counted: Testbed) -> None:
     relayed = after["udp_datagrams_up"] - before.get("udp_datagrams_up", 0)
     not_sent = counters["udp_setup_queue_drops"] + counters["udp_send_drops"]
     assert ours["sent"] - not_sent <= relayed <= ours["sent"] + 10
+
+
+def test_the_tun_queue_is_sized_and_its_overflow_counted(counted: Testbed) -> None:
+    """tun2sx sets the TUN's queue (default 10,000; --tun-txqueuelen), and
+    what overflows it while tun2sx is not reading is in tun_queue_drops."""
+    bed = counted
+    assert "qlen 10000" in bed.client_run(["ip", "link", "show", "tun0"]).stdout
+    bed.stop()
+    bed.start("--stats-listen", STATS, "--tun-txqueuelen", "16")
+    try:
+        assert "qlen 16" in bed.client_run(["ip", "link", "show", "tun0"]).stdout
+        target = fake_ip(bed, "echo.test")
+        assert bed.proc is not None
+        pid = bed.proc.pid
+        before = stats(bed, STATS)["tun_queue_drops"]
+        os.kill(pid, signal.SIGSTOP)  # nothing reads the TUN now
+        try:
+            sent = bed.client_run(
+                [sys.executable, "-c", _SEND_200.format(host=target, port=ECHO_PORT)]
+            ).stdout
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert sent.strip() == "200"
+        dropped = stats(bed, STATS)["tun_queue_drops"] - before
+        # The queue held 16 (give or take what the kernel had in flight).
+        assert 200 - 16 - 4 <= dropped <= 200 - 16
+    finally:
+        bed.stop()
+        bed.start("--stats-listen", STATS)
+
+
+_SEND_200 = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n = 0
+for i in range(200):
+    s.sendto(b"x" * 1200, ("{host}", {port}))
+    n += 1
+print(n)
+"""
