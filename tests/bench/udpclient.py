@@ -14,7 +14,8 @@ stragglers, and prints JSON: sent, echoed (distinct sequence numbers back),
 reached (what the echo server counted), lost_percent. With `--socks` it
 speaks SOCKS5 UDP ASSOCIATE itself (the proxy alone, no tun2sx). With
 `--down` each burst goes the other way: one request every pause, and the
-echo server answers it with the burst, back to back.
+echo server answers it with the burst, back to back (after a delay the
+request may name: `ask_burst`).
 
 Plain blocking sockets with large buffers, and nothing but the loop: the
 peers must not be the bottleneck at a few thousand datagrams a second.
@@ -34,7 +35,7 @@ import time
 
 _BUFFER = 8 << 20
 _SEQ = struct.Struct("!8sI")
-_ASK = struct.Struct("!8sIHH")
+_ASK = struct.Struct("!8sIHHH")  # tag, first sequence number, count, size, delay ms
 
 
 def _big_buffers(sock: socket.socket) -> None:
@@ -44,6 +45,12 @@ def _big_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, _BUFFER)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, _BUFFER)
+
+
+def ask_burst(count: int, size: int, delay_ms: int) -> bytes:
+    """The request that makes the echo server send `count` datagrams of
+    `size` bytes back to its sender, `delay_ms` after it arrives."""
+    return b"!" + _ASK.pack(os.urandom(8), 0, count, size, delay_ms)
 
 
 def echo(bind: str, port: int) -> None:
@@ -59,7 +66,8 @@ def echo(bind: str, port: int) -> None:
             continue
         if data[:1] == b"!":
             # A burst the other way: `count` datagrams back to back.
-            tag, first, count, size = _ASK.unpack_from(data, 1)
+            tag, first, count, size, delay = _ASK.unpack_from(data, 1)
+            time.sleep(delay / 1000)
             filler = bytes(max(0, size - _SEQ.size))
             for seq in range(first, first + count):
                 with contextlib.suppress(BlockingIOError):
@@ -139,7 +147,7 @@ def burst(
     started = time.monotonic()
     for _ in range(bursts):
         if down:
-            path.send(b"!" + _ASK.pack(tag, sent, per_burst, size))
+            path.send(b"!" + _ASK.pack(tag, sent, per_burst, size, 0))
             sent += per_burst
         else:
             for _ in range(per_burst):

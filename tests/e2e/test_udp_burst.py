@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.bench.udp import ECHO_PORT, burst, echo_server, fake_ip, kernel_udp_drops, stats
 from tests.e2e.conftest import require
-from tests.e2e.testbed import DANTE_PORT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -110,4 +112,72 @@ for i in range(200):
     s.sendto(b"x" * 1200, ("{host}", {port}))
     n += 1
 print(n)
+"""
+
+
+def test_replies_overflowing_the_relay_socket_are_counted(counted: Testbed) -> None:
+    """With tun2sx stopped, a burst of replies overflows its relay socket
+    (64 KiB asked for): tun2sx's udp_receive_drops agrees with the kernel's
+    count, and every reply is either delivered later or counted."""
+    bed = counted
+    bed.stop()
+    bed.start("--stats-listen", STATS, "--udp-buffer", "64K")
+    try:
+        assert bed.proc is not None
+        pid = bed.proc.pid
+        target = fake_ip(bed, "echo.test")
+        kernel_before = [kernel_udp_drops(ns) for ns in (bed.client, bed.server)]
+        client = bed.client.spawn(
+            [sys.executable, "-c", _ASK_AND_COUNT.format(host=target, port=ECHO_PORT)],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=ROOT,
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == b"asked"
+        asked = time.monotonic()
+        # The request is on its way to Dante once tun2sx counted it sent.
+        while stats(bed, STATS)["udp_datagrams_up"] < 2:
+            assert time.monotonic() - asked < 0.8, "tun2sx did not relay the request"
+        os.kill(pid, signal.SIGSTOP)  # the burst comes 1 s after the request
+        try:
+            time.sleep(max(0.0, asked + 1.8 - time.monotonic()))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        got = int(client.stdout.readline())
+        bed.lab.stop(client)
+        client_drops, server_drops = (
+            kernel_udp_drops(ns) - b
+            for ns, b in zip((bed.client, bed.server), kernel_before, strict=True)
+        )
+        dropped = stats(bed, STATS)["udp_receive_drops"]
+        assert dropped > 0 and got < BURST_DOWN  # the socket could not hold them all
+        assert dropped == client_drops  # tun2sx's count is the kernel's
+        assert got + dropped + server_drops == BURST_DOWN
+    finally:
+        bed.stop()
+        bed.start("--stats-listen", STATS)
+
+
+BURST_DOWN = 400
+_ASK_AND_COUNT = f"""
+import socket, sys, time
+from tests.bench.udpclient import ask_burst
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.connect(("{{host}}", {{port}}))
+s.settimeout(5)
+s.send(b"hello")
+assert s.recv(100) == b"hello"
+s.send(ask_burst({BURST_DOWN}, 1200, 1000))
+print("asked", flush=True)
+got, end = 0, time.monotonic() + 4
+s.settimeout(0.2)
+while time.monotonic() < end:
+    try:
+        s.recv(2000)
+        got += 1
+    except TimeoutError:
+        pass
+print(got, flush=True)
 """
