@@ -66,13 +66,16 @@ class UdpSocket:
         sock: a UDP socket; it is made non-blocking and owned from here on.
     """
 
-    __slots__ = ("_fd", "_sock", "send_drops")
+    __slots__ = ("_error", "_fd", "_sock", "send_drops")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self.send_drops = 0  # datagrams lost to a full send buffer
+        # An error met after a batch had begun, raised by the next call (the
+        # kernel reports a socket error once: dropping it would hide it).
+        self._error: OSError | None = None
 
     @property
     def socket(self) -> socket.socket:
@@ -150,9 +153,10 @@ class UdpSocket:
         """The datagrams waiting now, at most `limit` (none: an empty list).
 
         Raises:
-            OSError: the socket failed (e.g. an ICMP error from the peer),
-                when nothing was read before it.
+            OSError: the socket failed (e.g. an ICMP error from the peer);
+                met after some datagrams, it is raised by the next call.
         """
+        self._raise_saved()
         out: list[bytes] = []
         recv = self._sock.recv
         try:
@@ -160,13 +164,20 @@ class UdpSocket:
                 out.append(recv(65535))
         except BlockingIOError:
             pass
-        except OSError:
+        except OSError as exc:
             if not out:
                 raise
+            self._error = exc
         return out
+
+    def _raise_saved(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def receive_from_batch_nowait(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
         """As `receive_batch_nowait`, with each datagram's source address."""
+        self._raise_saved()
         out: list[tuple[bytes, tuple[object, ...]]] = []
         recvfrom = self._sock.recvfrom
         try:
@@ -174,9 +185,10 @@ class UdpSocket:
                 out.append(recvfrom(65535))
         except BlockingIOError:
             pass
-        except OSError:
+        except OSError as exc:
             if not out:
                 raise
+            self._error = exc
         return out
 
     async def receive_batch(self, limit: int) -> list[bytes]:

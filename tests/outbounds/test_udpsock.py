@@ -118,3 +118,23 @@ async def test_a_batch_already_waiting_is_still_a_checkpoint() -> None:
         peer.send(b"later")
         with trio.testing.assert_checkpoints():
             assert await ours.receive_from_batch(8) == [(b"later", peer.getsockname())]
+
+
+def test_an_error_after_a_batch_began_is_raised_by_the_next_call() -> None:
+    class Failing(socket.socket):
+        """Two datagrams, then the error an ICMP unreachable leaves behind."""
+
+        script: list[bytes | OSError] = [b"one", b"two", ConnectionRefusedError()]
+
+        def recv(self, size: int, flags: int = 0) -> bytes:
+            step = self.script.pop(0) if self.script else BlockingIOError()
+            if isinstance(step, OSError):
+                raise step
+            return step
+
+    sock = UdpSocket(Failing(socket.AF_INET, socket.SOCK_DGRAM))
+    with sock.socket:
+        assert sock.receive_batch_nowait(10) == [b"one", b"two"]
+        with pytest.raises(ConnectionRefusedError):  # reported, not lost
+            sock.receive_batch_nowait(10)
+        assert sock.receive_batch_nowait(10) == []
