@@ -20,7 +20,7 @@ import enum
 import errno
 import ipaddress
 from abc import abstractmethod
-from typing import Protocol, TypeAlias
+from typing import NamedTuple, Protocol, TypeAlias
 
 import attrs
 import trio
@@ -34,6 +34,7 @@ __all__ = [
     "NowaitStream",
     "Outbound",
     "OutboundError",
+    "UdpDrops",
     "UdpSession",
     "reply_for_oserror",
 ]
@@ -217,19 +218,72 @@ class NowaitStream(trio.abc.HalfCloseableStream):
         return await self.receive_some(max_bytes)
 
 
+class UdpDrops(NamedTuple):
+    """Datagrams a UDP session lost, by where.
+
+    Attributes:
+        send_full: sends dropped because the socket's buffer (or the queue
+            below it) was full.
+        receive_overflow: datagrams the kernel dropped before we read them
+            (the socket's receive buffer was full).
+        malformed: datagrams from the relay that did not decode (truncated,
+            fragmented, forged), dropped.
+    """
+
+    send_full: int = 0
+    receive_overflow: int = 0
+    malformed: int = 0
+
+
 class UdpSession(Protocol):
     """A datagram association through an outbound.
 
     One session serves one application source endpoint (full-cone): it can
     send to any destination and reports where each reply came from.
+
+    The runtime relays at packet rates through the `_nowait` send and the
+    batch receive: a datagram is sent as it arrives, with no task switch,
+    and a burst of replies costs one wake-up. `send_to` and `receive_from`
+    are the one-at-a-time forms.
     """
+
+    def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        """Send one datagram to `dest` now, or drop it; never waits.
+
+        Returns:
+            False when the datagram was dropped because the socket's
+            buffer was full (counted in `drops().send_full`).
+
+        Raises:
+            trio.WouldBlock: it cannot go without waiting (a name must be
+                resolved first): `send_to` it instead.
+            OutboundError: the session failed.
+        """
+        ...
 
     async def send_to(self, data: bytes, dest: Destination) -> None:
         """Send one datagram to `dest`. Raises `OutboundError`."""
         ...
 
+    async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
+        """Wait for datagrams, then return all that are waiting (at most
+        `limit`, at least one) with their sources. Raises `OutboundError`."""
+        ...
+
     async def receive_from(self) -> tuple[bytes, Destination]:
         """Wait for the next datagram and its source. Raises `OutboundError`."""
+        ...
+
+    async def wait_ended(self) -> None:
+        """Wait until the far side ends the session, then raise `OutboundError`.
+
+        A SOCKS5 association ends when the proxy closes its control
+        connection; sessions the far side cannot end wait for ever.
+        """
+        ...
+
+    def drops(self) -> UdpDrops:
+        """What this session lost so far, by where."""
         ...
 
     async def aclose(self) -> None:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import socket
+import time
 from collections.abc import Sequence
 
 import attrs
 import trio
 
-from .base import Destination, FailureReply, IPAddress, OutboundError
+from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops
 from .net import (
     SocketOptions,
     TcpSocketStream,
@@ -31,6 +32,7 @@ from .net import (
     sockaddr_of,
 )
 from .resolver import DirectResolver
+from .udpsock import UdpSocket
 
 __all__ = ["DirectOutbound", "DirectUdpSession", "DirectUdpStatistics", "connect_staggered"]
 
@@ -156,21 +158,24 @@ class DirectOutbound:
         Raises:
             OutboundError: No UDP socket could be created.
         """
+        await trio.lowlevel.checkpoint()
         try:
             sock = open_udp_socket(socket.AF_INET6, self.socket_options)
-            await sock.bind(("::", 0))
-            return DirectUdpSession(
-                sock, dual_stack=True, options=self.socket_options, resolver=self.resolver
-            )
+            try:
+                sock.bind(("::", 0))
+            except OSError:
+                sock.close()
+            else:
+                return DirectUdpSession(
+                    sock, dual_stack=True, options=self.socket_options, resolver=self.resolver
+                )
         except OutboundError as exc:
             if exc.reply is not FailureReply.NET_UNREACHABLE:
                 raise
-        except OSError:
-            sock.close()
         # No IPv6 on this host: fall back to an IPv4-only socket.
         sock = open_udp_socket(socket.AF_INET, self.socket_options)
         try:
-            await sock.bind(("0.0.0.0", 0))
+            sock.bind(("0.0.0.0", 0))
         except OSError as exc:
             sock.close()
             raise error_from_oserror(exc, "binding a UDP socket") from exc
@@ -186,18 +191,36 @@ class DirectUdpStatistics:
     unresolved: int
 
 
+# Names a session resolved, kept this long (seconds) so that each datagram
+# to a name does not wait for the resolver; a session sending for longer
+# picks up a changed address within this time.
+_NAME_TTL = 60.0
+_CACHE_SIZE = 256
+
+
 class DirectUdpSession:
     """An unconnected UDP socket: send anywhere, receive from anyone.
 
     Replies from any source are passed up (full-cone), which is what games and
-    STUN expect; the runtime decides whether to filter.
+    STUN expect; the runtime decides whether to filter. A destination given
+    by name is resolved on its first datagram (`send_to_nowait` then says
+    it would block) and remembered for `_NAME_TTL` seconds.
     """
 
-    __slots__ = ("_closed", "_dual_stack", "_options", "_resolver", "_sock", "_stats")
+    __slots__ = (
+        "_closed",
+        "_dual_stack",
+        "_names",
+        "_options",
+        "_resolver",
+        "_sock",
+        "_sources",
+        "_stats",
+    )
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: UdpSocket,
         *,
         dual_stack: bool,
         options: SocketOptions,
@@ -209,10 +232,16 @@ class DirectUdpSession:
         self._options = options
         self._closed = False
         self._stats = DirectUdpStatistics(0, 0, 0)
+        # destination -> (expiry, socket address); IP destinations never expire.
+        self._names: dict[Destination, tuple[float, tuple[object, ...]]] = {}
+        self._sources: dict[tuple[object, ...], Destination] = {}
 
     def statistics(self) -> DirectUdpStatistics:
         """Counters: datagrams sent/received and destinations that did not resolve."""
         return attrs.evolve(self._stats)
+
+    def drops(self) -> UdpDrops:
+        return UdpDrops(self._sock.send_drops, self._sock.receive_drops(), 0)
 
     def _sockaddr(
         self, family: socket.AddressFamily, addr: tuple[object, ...]
@@ -222,35 +251,107 @@ class DirectUdpSession:
             return (f"::ffff:{addr[0]}", addr[1], 0, 0)
         return addr
 
+    def _remember(self, dest: Destination, sockaddr: tuple[object, ...], ttl: float) -> None:
+        if len(self._names) >= _CACHE_SIZE:
+            self._names.clear()
+        self._names[dest] = (time.monotonic() + ttl, sockaddr)
+
+    def _known(self, dest: Destination) -> tuple[object, ...] | None:
+        entry = self._names.get(dest)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        host = dest.host
+        if isinstance(host, str):
+            return None
+        if not self._dual_stack and host.version == 6:
+            return None  # send_to reports it
+        family = socket.AF_INET if host.version == 4 else socket.AF_INET6
+        plain = (str(host), dest.port) if host.version == 4 else (str(host), dest.port, 0, 0)
+        sockaddr = self._sockaddr(family, plain)
+        self._remember(dest, sockaddr, float("inf"))
+        return sockaddr
+
+    def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        """Send one datagram now, or drop it if the buffer is full.
+
+        Raises:
+            trio.WouldBlock: `dest` is a name not resolved yet: use `send_to`.
+            OutboundError: The send failed.
+        """
+        sockaddr = self._known(dest)
+        if sockaddr is None:
+            raise trio.WouldBlock
+        try:
+            sent = self._sock.sendto_nowait(data, sockaddr)
+        except OSError as exc:
+            raise error_from_oserror(exc, f"sending a datagram to {dest}") from exc
+        if sent:
+            self._stats.sent += 1
+        return sent
+
     async def send_to(self, data: bytes, dest: Destination) -> None:
         """Send one datagram; names are resolved here (first usable address).
 
         Raises:
             OutboundError: The name did not resolve, or the send failed.
         """
+        sockaddr = self._known(dest)
+        if sockaddr is None:
+            try:
+                if self._resolver is not None and isinstance(dest.host, str):
+                    addresses = await self._resolver.resolve(dest.host)
+                    candidates = [sockaddr_of(address, dest.port) for address in addresses]
+                else:
+                    candidates = await resolve(dest.host, dest.port, socket.SOCK_DGRAM)
+            except OutboundError:
+                self._stats.unresolved += 1
+                raise
+            usable = [
+                (family, addr)
+                for family, addr in candidates
+                if self._dual_stack or family == socket.AF_INET
+            ]
+            if not usable:
+                self._stats.unresolved += 1
+                raise OutboundError(FailureReply.NET_UNREACHABLE, f"no IPv4 address for {dest}")
+            family, addr = usable[0]
+            sockaddr = self._sockaddr(family, addr)
+            if isinstance(dest.host, str):
+                self._remember(dest, sockaddr, _NAME_TTL)
         try:
-            if self._resolver is not None and isinstance(dest.host, str):
-                addresses = await self._resolver.resolve(dest.host)
-                candidates = [sockaddr_of(address, dest.port) for address in addresses]
-            else:
-                candidates = await resolve(dest.host, dest.port, socket.SOCK_DGRAM)
-        except OutboundError:
-            self._stats.unresolved += 1
-            raise
-        usable = [
-            (family, addr)
-            for family, addr in candidates
-            if self._dual_stack or family == socket.AF_INET
-        ]
-        if not usable:
-            self._stats.unresolved += 1
-            raise OutboundError(FailureReply.NET_UNREACHABLE, f"no IPv4 address for {dest}")
-        family, addr = usable[0]
-        try:
-            await self._sock.sendto(data, self._sockaddr(family, addr))
+            await self._sock.sendto(data, sockaddr)
         except OSError as exc:
             raise error_from_oserror(exc, f"sending a datagram to {dest}") from exc
         self._stats.sent += 1
+
+    def _source(self, source: tuple[object, ...]) -> Destination:
+        known = self._sources.get(source)
+        if known is not None:
+            return known
+        text = str(source[0])
+        host = ipaddress.ip_address(text.split("%", 1)[0])
+        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+            host = host.ipv4_mapped
+        dest = Destination(host, int(source[1]))  # type: ignore[call-overload]
+        if len(self._sources) >= _CACHE_SIZE:
+            self._sources.clear()
+        self._sources[source] = dest
+        return dest
+
+    async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
+        """Wait for the socket, then return every datagram waiting, with sources.
+
+        Raises:
+            OutboundError: The socket failed (e.g. an ICMP error was reported).
+        """
+        sock = self._sock
+        try:
+            raw = await sock.receive_from_batch(limit)
+        except OSError as exc:
+            raise error_from_oserror(exc, "receiving a datagram") from exc
+        self._stats.received += len(raw)
+        source = self._source
+        return [(data, source(addr)) for data, addr in raw]
 
     async def receive_from(self) -> tuple[bytes, Destination]:
         """Wait for the next datagram and its source address.
@@ -259,14 +360,15 @@ class DirectUdpSession:
             OutboundError: The socket failed (e.g. an ICMP error was reported).
         """
         try:
-            data, source = await self._sock.recvfrom(65535)
+            data, source = await self._sock.receive_from()
         except OSError as exc:
             raise error_from_oserror(exc, "receiving a datagram") from exc
-        host = ipaddress.ip_address(source[0].split("%", 1)[0])
-        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-            host = host.ipv4_mapped
         self._stats.received += 1
-        return data, Destination(host, source[1])
+        return data, self._source(source)
+
+    async def wait_ended(self) -> None:
+        """Nothing on the far side can end a direct session: waits for ever."""
+        await trio.sleep_forever()
 
     async def aclose(self) -> None:
         """Close the socket; idempotent."""

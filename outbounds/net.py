@@ -35,6 +35,7 @@ import attrs
 import trio
 
 from .base import FailureReply, IPAddress, NowaitStream, OutboundError, reply_for_oserror
+from .udpsock import DEFAULT_UDP_BUFFER, UdpSocket, set_buffers
 
 __all__ = [
     "PrefixedStream",
@@ -84,12 +85,15 @@ class SocketOptions:
             return True once the platform has excluded it from the VPN. None
             when there is no such hook.
         connect_timeout: Seconds allowed for name resolution plus connect.
+        udp_buffer: Send and receive buffer size of every UDP socket, bytes
+            (None: the kernel's default).
     """
 
     fwmark: int | None = None
     interface: str | None = None
     protect: Callable[[int], bool] | None = None
     connect_timeout: float = attrs.field(default=10.0, validator=_check_timeout)
+    udp_buffer: int | None = DEFAULT_UDP_BUFFER
 
 
 def format_endpoint(host: str | IPAddress, port: int) -> str:
@@ -586,24 +590,25 @@ class PrefixedStream(NowaitStream):
         self.inner.close_now()
 
 
-def open_udp_socket(family: socket.AddressFamily, opts: SocketOptions) -> trio.socket.SocketType:
+def open_udp_socket(family: socket.AddressFamily, opts: SocketOptions) -> UdpSocket:
     """Create a UDP socket that bypasses the TUN, not yet bound or connected.
 
     An `AF_INET6` socket is made dual-stack (IPv4-mapped addresses allowed)
-    where the system permits it, so one socket can serve both families.
+    where the system permits it, so one socket can serve both families. Its
+    buffers are `opts.udp_buffer` bytes each way.
 
     Args:
         family: `AF_INET` or `AF_INET6`.
-        opts: Loop-avoidance options.
+        opts: Loop-avoidance options and the buffer size.
 
     Returns:
-        The trio socket; the caller owns it and must close it.
+        The socket, non-blocking; the caller owns it and must close it.
 
     Raises:
         OutboundError: The socket could not be created or prepared.
     """
     try:
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM | _SOCK_NONBLOCK)
     except OSError as exc:
         raise error_from_oserror(exc, f"creating a {family.name} UDP socket") from exc
     try:
@@ -611,8 +616,13 @@ def open_udp_socket(family: socket.AddressFamily, opts: SocketOptions) -> trio.s
             # Without IPv4 mapping the socket still works for IPv6 alone.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if opts.udp_buffer is not None:
+            try:
+                set_buffers(sock, opts.udp_buffer)
+            except OSError as exc:
+                raise error_from_oserror(exc, "sizing a UDP socket's buffers") from exc
         _prepare(sock, opts)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return UdpSocket(sock)

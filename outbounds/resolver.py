@@ -503,16 +503,19 @@ class DirectResolver:
         assert not isinstance(server.host, str)
         family = socket.AF_INET if server.host.version == 4 else socket.AF_INET6
         sock = open_udp_socket(family, self.socket_options)
-        with sock, trio.move_on_after(self.timeout):
-            await sock.connect((str(server.host), server.port))
-            await sock.send(query)
-            while True:
-                data = await sock.recv(_MAX_MESSAGE)
-                # A connected socket only hears from the server; a stray
-                # datagram with another ID (a late reply) is not ours.
-                if len(data) >= 2 and data[:2] == query[:2]:
-                    return data
-                self._stats.malformed += 1
+        try:
+            with trio.move_on_after(self.timeout):
+                sock.connect((str(server.host), server.port))
+                await sock.send(query)
+                while True:
+                    data = await sock.receive()
+                    # A connected socket only hears from the server; a stray
+                    # datagram with another ID (a late reply) is not ours.
+                    if len(data) >= 2 and data[:2] == query[:2]:
+                        return data
+                    self._stats.malformed += 1
+        finally:
+            sock.close()
         return None
 
     async def _tcp_exchange(self, server: Destination, query: bytes) -> bytes | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .base import Destination, OutboundError
+from .base import Destination, OutboundError, UdpDrops
 from .net import SocketOptions, TcpSocketStream, error_from_oserror, open_tcp, open_udp_socket
 from .net import resolve as _resolve
 from .ss_2022 import (
@@ -53,6 +53,7 @@ from .ss_crypto import (
     encode_target,
     master_key,
 )
+from .udpsock import UdpSocket
 
 __all__ = [
     "ShadowsocksOutbound",
@@ -196,14 +197,15 @@ class ShadowsocksUdpStatistics:
 class ShadowsocksUdpSession:
     """Datagrams through a Shadowsocks server's UDP relay (one socket per session).
 
-    One task may wait in `receive_from` at a time.
+    One task may receive at a time; sends never wait. Each datagram is
+    encrypted or decrypted as it passes, inline.
     """
 
     __slots__ = ("_client", "_clock", "_closed", "_key", "_sock", "_spec", "_stats")
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: UdpSocket,
         spec: CipherSpec,
         key: bytes,
         clock: Callable[[], float] = time.time,
@@ -220,21 +222,75 @@ class ShadowsocksUdpSession:
         """Counters: datagrams sent, received, and dropped as forged or malformed."""
         return attrs.evolve(self._stats)
 
-    async def send_to(self, data: bytes, dest: Destination) -> None:
-        """Send `data` to `dest` via the server.
+    def drops(self) -> UdpDrops:
+        return UdpDrops(
+            self._sock.send_drops, self._sock.receive_drops(), self._stats.dropped_malformed
+        )
+
+    def _encode(self, data: bytes, dest: Destination) -> bytes:
+        if self._client is not None:
+            return self._client.encode(dest, data, self._clock())
+        return encode_udp_packet(self._spec, self._key, dest, data)
+
+    def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        """Send `data` to `dest` via the server, or drop it if the buffer is full.
 
         Raises:
             OutboundError: The socket failed.
         """
-        if self._client is not None:
-            packet = self._client.encode(dest, data, self._clock())
-        else:
-            packet = encode_udp_packet(self._spec, self._key, dest, data)
         try:
-            await self._sock.send(packet)
+            sent = self._sock.send_nowait(self._encode(data, dest))
+        except OSError as exc:
+            raise error_from_oserror(exc, f"sending to {dest} via the Shadowsocks server") from exc
+        if sent:
+            self._stats.sent += 1
+        return sent
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        """Send `data` to `dest` via the server, waiting for buffer room.
+
+        Raises:
+            OutboundError: The socket failed.
+        """
+        try:
+            await self._sock.send(self._encode(data, dest))
         except OSError as exc:
             raise error_from_oserror(exc, f"sending to {dest} via the Shadowsocks server") from exc
         self._stats.sent += 1
+
+    def _decode(self, packet: bytes) -> tuple[bytes, Destination] | None:
+        try:
+            if self._client is not None:
+                source, payload = self._client.decode_untrusted(packet, self._clock())
+            else:
+                source, payload = decode_udp_packet_untrusted(self._spec, self._key, packet)
+        except ShadowsocksProtocolError:
+            self._stats.dropped_malformed += 1
+            return None
+        self._stats.received += 1
+        return payload, source
+
+    async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
+        """Wait for the socket, then decrypt every datagram waiting.
+
+        Forged or malformed datagrams are counted and dropped.
+
+        Raises:
+            OutboundError: The socket failed (e.g. ICMP port unreachable from the server).
+        """
+        sock = self._sock
+        while True:
+            try:
+                raw = await sock.receive_batch(limit)
+            except OSError as exc:
+                raise error_from_oserror(exc, "receiving from the Shadowsocks server") from exc
+            out = []
+            for packet in raw:
+                item = self._decode(packet)
+                if item is not None:
+                    out.append(item)
+            if out:
+                return out
 
     async def receive_from(self) -> tuple[bytes, Destination]:
         """Wait for the next datagram; forged or malformed ones are counted and dropped.
@@ -244,19 +300,16 @@ class ShadowsocksUdpSession:
         """
         while True:
             try:
-                packet = await self._sock.recv(65535)
+                packet = await self._sock.receive()
             except OSError as exc:
                 raise error_from_oserror(exc, "receiving from the Shadowsocks server") from exc
-            try:
-                if self._client is not None:
-                    source, payload = self._client.decode_untrusted(packet, self._clock())
-                else:
-                    source, payload = decode_udp_packet_untrusted(self._spec, self._key, packet)
-            except ShadowsocksProtocolError:
-                self._stats.dropped_malformed += 1
-                continue
-            self._stats.received += 1
-            return payload, source
+            item = self._decode(packet)
+            if item is not None:
+                return item
+
+    async def wait_ended(self) -> None:
+        """Shadowsocks has no association to end: waits for ever."""
+        await trio.sleep_forever()
 
     async def aclose(self) -> None:
         """Close the socket; idempotent."""
@@ -331,7 +384,7 @@ class ShadowsocksOutbound:
         family, addr = (await _resolve(self._server.host, self._server.port, socket.SOCK_DGRAM))[0]
         sock = open_udp_socket(family, self.socket_options)
         try:
-            await sock.connect(addr)
+            sock.connect(addr)
         except OSError as exc:
             sock.close()
             raise error_from_oserror(

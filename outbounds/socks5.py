@@ -27,7 +27,7 @@ from typing import Final
 import attrs
 import trio
 
-from .base import Destination, FailureReply, IPAddress, OutboundError
+from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops
 from .net import (
     PrefixedStream,
     SocketOptions,
@@ -38,6 +38,7 @@ from .net import (
     open_udp_socket,
 )
 from .net import resolve as _resolve
+from .udpsock import UdpSocket
 
 __all__ = [
     "NEED_DATA",
@@ -617,7 +618,7 @@ class Socks5Outbound:
             family, relay = (await _resolve(relay_host, reply.bound.port, socket.SOCK_DGRAM))[0]
             sock = open_udp_socket(family, self.socket_options)
             try:
-                await sock.connect(relay)
+                sock.connect(relay)
             except OSError as exc:
                 sock.close()
                 where = format_endpoint(relay_host, reply.bound.port)
@@ -636,35 +637,152 @@ class Socks5UdpStatistics:
     dropped_malformed: int
 
 
+# Source headers of relay datagrams, decoded once: a session hears from few
+# peers, and decoding an address (a `Destination`) costs more than the rest
+# of a datagram's way. Bounded; emptied when full.
+_SOURCE_CACHE = 256
+_ATYP_ENDS = {1: 10, 4: 22}  # header length for IPv4 / IPv6 sources
+
+
 class Socks5UdpSession:
     """Datagrams through a SOCKS5 UDP relay; lives as long as its control stream.
 
-    One task may wait in `receive_from` at a time (as with trio streams).
+    One task may receive at a time (as with trio streams); sends never
+    wait. `wait_ended` watches the control connection: the proxy closing it
+    ends the association.
     """
 
-    __slots__ = ("_closed", "_control", "_sock", "_stats")
+    __slots__ = (
+        "_closed",
+        "_control",
+        "_header_for",
+        "_last_dest",
+        "_last_header",
+        "_sock",
+        "_sources",
+        "_stats",
+    )
 
-    def __init__(self, control: TcpSocketStream, sock: trio.socket.SocketType) -> None:
+    def __init__(self, control: TcpSocketStream, sock: UdpSocket) -> None:
         self._control = control
         self._sock = sock
         self._closed = False
         self._stats = Socks5UdpStatistics(0, 0, 0, 0)
+        self._sources: dict[bytes, Destination] = {}
+        # The header for the destination sent to last: a flow sends to one
+        # peer for long stretches, and the identity test is nearly free.
+        self._last_dest: Destination | None = None
+        self._last_header = b""
 
     def statistics(self) -> Socks5UdpStatistics:
         """Counters: datagrams sent/received and relay datagrams dropped."""
         return attrs.evolve(self._stats)
 
-    async def send_to(self, data: bytes, dest: Destination) -> None:
-        """Send `data` to `dest` via the relay.
+    def drops(self) -> UdpDrops:
+        stats = self._stats
+        return UdpDrops(
+            self._sock.send_drops,
+            self._sock.receive_drops(),
+            stats.dropped_fragments + stats.dropped_malformed,
+        )
+
+    def _header(self, dest: Destination) -> bytes:
+        if dest is not self._last_dest:
+            self._last_header = b"\x00\x00\x00" + encode_address(dest)
+            self._last_dest = dest
+        return self._last_header
+
+    def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        """Send `data` to `dest` via the relay, or drop it if the buffer is full.
 
         Raises:
             OutboundError: The relay socket failed.
         """
         try:
-            await self._sock.send(encode_udp_datagram(data, dest))
+            sent = self._sock.send_nowait(self._header(dest) + data)
+        except OSError as exc:
+            raise error_from_oserror(exc, f"sending to {dest} via the SOCKS5 relay") from exc
+        if sent:
+            self._stats.sent += 1
+        return sent
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        """Send `data` to `dest` via the relay, waiting for buffer room.
+
+        Raises:
+            OutboundError: The relay socket failed.
+        """
+        try:
+            await self._sock.send(self._header(dest) + data)
         except OSError as exc:
             raise error_from_oserror(exc, f"sending to {dest} via the SOCKS5 relay") from exc
         self._stats.sent += 1
+
+    def _decode(self, datagram: bytes) -> tuple[bytes, Destination] | None:
+        """A relay datagram's payload and source; None (counted) if unusable."""
+        stats = self._stats
+        end = _ATYP_ENDS.get(datagram[3]) if len(datagram) > 3 else None
+        if end is not None and len(datagram) >= end:
+            key = datagram[:end]
+            source = self._sources.get(key)
+            if source is not None:
+                if datagram[2] != 0:
+                    stats.dropped_fragments += 1
+                    return None
+                stats.received += 1
+                return datagram[end:], source
+        try:
+            frag, source, payload = decode_udp_datagram_untrusted(datagram)
+        except Socks5ProtocolError:
+            stats.dropped_malformed += 1
+            return None
+        if frag != 0:
+            stats.dropped_fragments += 1
+            return None
+        if end is not None:
+            if len(self._sources) >= _SOURCE_CACHE:
+                self._sources.clear()
+            self._sources[datagram[:end]] = source
+        stats.received += 1
+        return payload, source
+
+    async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
+        """Wait for the relay socket, then decode every datagram waiting.
+
+        Fragmented (FRAG != 0) and malformed datagrams are counted and dropped.
+
+        Raises:
+            OutboundError: The relay socket failed.
+        """
+        sock = self._sock
+        decode = self._decode
+        while True:
+            try:
+                raw = await sock.receive_batch(limit)
+            except OSError as exc:
+                raise error_from_oserror(exc, "receiving from the SOCKS5 UDP relay") from exc
+            out = []
+            for datagram in raw:
+                item = decode(datagram)
+                if item is not None:
+                    out.append(item)
+            if out:
+                return out
+
+    async def wait_ended(self) -> None:
+        """Wait for the proxy to close the control connection; then raise.
+
+        Raises:
+            OutboundError: always, once the association is gone.
+        """
+        try:
+            while await self._control.receive_some(512):
+                pass  # RFC 1928 defines no messages here; ignore stray bytes.
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        raise OutboundError(
+            FailureReply.RESET, "SOCKS5 proxy closed the UDP association's control connection"
+        )
 
     async def receive_from(self) -> tuple[bytes, Destination]:
         """Wait for the next datagram from the relay.
@@ -677,16 +795,9 @@ class Socks5UdpSession:
         """
         while True:
             datagram = await self._receive_raw()
-            try:
-                frag, source, payload = decode_udp_datagram_untrusted(datagram)
-            except Socks5ProtocolError:
-                self._stats.dropped_malformed += 1
-                continue
-            if frag != 0:
-                self._stats.dropped_fragments += 1
-                continue
-            self._stats.received += 1
-            return payload, source
+            item = self._decode(datagram)
+            if item is not None:
+                return item
 
     async def _receive_raw(self) -> bytes:
         # Race the relay socket against the control stream: EOF there means
@@ -704,7 +815,7 @@ class Socks5UdpSession:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_control, nursery.cancel_scope)
             try:
-                result = await self._sock.recv(65535)
+                result = await self._sock.receive()
             except OSError as exc:
                 result = exc
             nursery.cancel_scope.cancel()

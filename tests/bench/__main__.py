@@ -16,6 +16,7 @@ BENCHMARKS = {
     "load": "tests.bench.load",  # 10,000 flows held and exchanging, DNS burst
     "loss": "tests.bench.loss",  # single-stream throughput under random loss
     "tcp": "tests.bench.tcp",  # in-process TCP: µs per segment and per connection
+    "udp": "tests.bench.udp",  # datagram rates and bursts, through Dante and beside it
 }
 
 

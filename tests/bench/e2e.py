@@ -1,7 +1,7 @@
 """End-to-end benchmark: real kernel clients through tun2sx, beside the kernel and sing-box.
 
     ./dev bench e2e [--seconds 5] [--connections 1000] [--requests 8000]
-                    [--no-offload] [--mtu N] [--workers 2]
+                    [--no-offload] [--mtu N] [--workers 2] [--udp-rates 200,500]
                     [--only kernel,tun2sx,singbox-gvisor,singbox-system]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
@@ -17,13 +17,17 @@ on every column in turn, in the same minutes:
 Measures:
 
 - single-stream throughput up and down (iperf3, through Dante);
-- connections per second (connect, one byte each way, close) from a Python
-  client with 8 threads, and HTTP requests per second with a new connection
+- connections per second (connect, one byte each way, close) from one
+  Python client in a loop and from 8 threads, and HTTP requests per second with a new connection
   each from `ab` to nginx (both C, so the load generator does not take the
   CPU the proxy needs);
 - round-trip latency p50/p99 of 64-byte messages on one connection, idle
   and while an iperf3 download runs on another connection through the same
   path (what a bulk transfer does to an interactive flow beside it);
+- UDP (tests/bench/udp.py, tun2sx and the kernel path only): iperf3 -u
+  with 1200-byte datagrams at the offered rates, both ways, delivered and
+  lost, tun2sx's CPU per datagram, and bursts of 50 datagrams beside Dante
+  alone;
 - the proxy's RSS idle and with N connections held open;
 - tun2sx's connections per second with `--workers 2` (one process per queue).
 
@@ -54,6 +58,7 @@ from pathlib import Path
 from types import FrameType
 
 from tests.bench import singbox
+from tests.bench import udp as udp_bench
 from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, iperf_gbps, rss_kib
 from tun2sx.control.app import DEFAULT_MTU
 from tun2sx.lab.netns import Lab, LabError, Namespace, missing_capabilities
@@ -395,6 +400,8 @@ def run(
     workers: int = 2,
     requests: int = 8000,
     only: tuple[str, ...] = COLUMNS,
+    udp_rates: tuple[int, ...] = (200, 500),
+    udp_bursts: int = 100,
 ) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = _machine()
@@ -445,9 +452,22 @@ def run(
                 "latency p50 / p99 ms, 64 B round trip, beside an iperf3 download",
                 lambda c: _latency_under_download(c, seconds),
             )
-            # UDP rows join here: tests/bench/udp.py measures the same `columns`
-            # (each column's namespace and hosts) and adds its rows with `row`,
-            # like the TCP rows above.
+            tun2sx_up = next((c for c in columns if c.key == TUN2SX and c.failure is None), None)
+            if udp_rates and tun2sx_up is not None:
+                # tests/bench/udp.py: tun2sx on Dante beside the kernel path
+                # (sing-box's columns are not measured there).
+                try:
+                    udp_rows = udp_bench.measure(
+                        bed, rates=udp_rates, seconds=seconds, bursts=udp_bursts
+                    )
+                except Exception as exc:  # reported in the table, like measure_row's
+                    udp_rows = [udp_bench.Row("UDP", f"failed: {_reason(exc)}", "-")]
+                for name, ours, kernel in udp_rows:
+                    cells = {c.key: "-" for c in columns}
+                    cells[TUN2SX] = ours
+                    if KERNEL in cells:
+                        cells[KERNEL] = kernel
+                    table.append((f"UDP: {name}", cells))
             row(
                 "RSS MiB, idle",
                 lambda c: "-" if c.idle_rss_kib is None else f"{c.idle_rss_kib / 1024:.1f}",
@@ -510,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="also measure connections/s with N workers (1: skip)"
     )
     parser.add_argument(
+        "--udp-rates",
+        default="200,500",
+        help="offered Mbit/s of the UDP rows, comma-separated (empty: no UDP rows)",
+    )
+    parser.add_argument(
         "--only",
         default=",".join(COLUMNS),
         help=f"comma-separated columns to measure, of {','.join(COLUMNS)}",
@@ -533,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             requests=args.requests,
             only=only,
+            udp_rates=tuple(int(r) for r in args.udp_rates.split(",") if r.strip()),
         )
     except KeyboardInterrupt:
         # run()'s context managers have already ended the lab's processes

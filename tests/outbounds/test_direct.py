@@ -53,3 +53,25 @@ async def test_udp_both_families(udp_echo: Destination, udp_echo_v6: Destination
     finally:
         await session.aclose()
         await session.aclose()
+
+
+async def test_udp_fast_path_resolves_a_name_once(udp_echo: Destination) -> None:
+    session = await DirectOutbound().open_udp()
+    try:
+        named = Destination("localhost", udp_echo.port)
+        with pytest.raises(trio.WouldBlock):
+            session.send_to_nowait(b"by name", named)
+        await session.send_to(b"by name", named)  # resolves, and remembers
+        assert session.send_to_nowait(b"again", named)
+        assert session.send_to_nowait(b"by address", udp_echo)
+        got: list[tuple[bytes, Destination]] = []
+        with trio.fail_after(5):
+            while len(got) < 3:
+                got += await session.receive_batch(16)
+        assert sorted(data for data, _ in got) == [b"again", b"by address", b"by name"]
+        # Replies from one peer share one source object (the runtime's mapping relies on it).
+        assert len({id(source) for _, source in got}) == 1
+        assert session.statistics().sent == 3
+        assert session.drops() == (0, 0, 0)
+    finally:
+        await session.aclose()

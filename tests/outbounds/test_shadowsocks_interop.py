@@ -125,6 +125,16 @@ async def _udp_round_trip(
             with trio.fail_after(5):
                 assert await session.receive_from() == (message, echo)
         assert session.statistics().dropped_malformed == 0
+        # The fast path: ten sent without waiting, all back in batches.
+        burst = [os.urandom(1200) for _ in range(10)]
+        for message in burst:
+            assert session.send_to_nowait(message, echo)
+        got: list[tuple[bytes, Destination]] = []
+        with trio.fail_after(5):
+            while len(got) < len(burst):
+                got += await session.receive_batch(64)
+        assert sorted(got) == sorted((message, echo) for message in burst)
+        assert session.drops() == (0, 0, 0)
     finally:
         await session.aclose()
 

@@ -8,15 +8,21 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 
 from outbounds.base import Destination, FailureReply, OutboundError
-from outbounds.net import SocketOptions
+from outbounds.net import SocketOptions, open_udp_socket
 from outbounds.socks5 import (
     Command,
     Socks5Outbound,
+    Socks5ProtocolError,
+    Socks5UdpSession,
     build_reply,
+    decode_udp_datagram_untrusted,
     encode_udp_datagram,
     parse_request_untrusted,
 )
@@ -202,3 +208,112 @@ async def test_udp_relay_unspecified_address_and_drops(nursery: trio.Nursery) ->
         await session.aclose()
         await session.aclose()
         relay.close()
+
+
+async def test_udp_fast_path_batches_caches_and_counts(nursery: trio.Nursery) -> None:
+    """send_to_nowait and receive_batch: one header per destination, one
+    decoded source per peer, and every unusable datagram counted."""
+    relay = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await relay.bind(("127.0.0.1", 0))
+    relay_port = relay.getsockname()[1]
+    source = Destination(ipaddress.IPv4Address("192.0.2.5"), 443)
+    close_control = trio.Event()
+    client: list[object] = []
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(build_reply(0, Destination(LOOPBACK, relay_port)))
+        for i in range(3):
+            data, peer = await relay.recvfrom(65535)
+            assert data == encode_udp_datagram(b"q%d" % i, TARGET)
+        client.append(peer)
+        reply = encode_udp_datagram(b"", source)
+        fragment = bytearray(reply + b"frag")
+        fragment[2] = 1  # same source, so the cached header must not let it through
+        for datagram in (
+            reply + b"a",
+            bytes(fragment),
+            reply[:6],  # truncated inside the address
+            reply + b"b",
+            b"\x00\x00\x00\x09junk",  # unknown address type
+            reply + b"c",
+        ):
+            await relay.sendto(datagram, peer)
+        await close_control.wait()
+
+    proxy = await start_fake_proxy(nursery, script)
+    session = await proxy.open_udp()
+    try:
+        for i in range(3):
+            assert session.send_to_nowait(b"q%d" % i, TARGET) is True
+        got: list[tuple[bytes, Destination]] = []
+        while len(got) < 3:
+            got += await session.receive_batch(100)
+        assert got == [(b"a", source), (b"b", source), (b"c", source)]
+        # One Destination object per peer: the runtime's reply mapping relies on it.
+        assert got[0][1] is got[1][1] is got[2][1]
+        assert session.drops().malformed == 3
+        stats = session.statistics()
+        assert (stats.sent, stats.received, stats.dropped_fragments) == (3, 3, 1)
+        close_control.set()
+        with trio.fail_after(5), pytest.raises(OutboundError, match="control connection"):
+            await session.wait_ended()
+    finally:
+        await session.aclose()
+        relay.close()
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    datagrams=st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.builds(
+                lambda frag, addr, port, data: b"\x00\x00" + bytes([frag]) + addr + port + data,
+                st.sampled_from([0, 0, 0, 1]),
+                st.sampled_from(
+                    [b"\x01\xc0\x00\x02\x05", b"\x01\x0a\x00\x00\x01", b"\x04" + bytes(16)]
+                ),
+                st.sampled_from([b"\x01\xbb", b"\x00\x35"]),
+                st.binary(max_size=20),
+            ),
+        ),
+        max_size=20,
+    )
+)
+def test_udp_batches_decode_like_the_codec(datagrams: list[bytes]) -> None:
+    """Whatever the relay sends, the batch path (with its source cache)
+    hands up exactly what the codec decodes, and counts the rest."""
+    expected = []
+    bad = 0
+    for datagram in datagrams:
+        try:
+            frag, source, payload = decode_udp_datagram_untrusted(datagram)
+        except Socks5ProtocolError:
+            bad += 1
+            continue
+        if frag:
+            bad += 1
+            continue
+        expected.append((payload, source))
+
+    async def run() -> list[tuple[bytes, Destination]]:
+        sock = open_udp_socket(socket.AF_INET, SocketOptions(udp_buffer=None))
+        sock.bind(("127.0.0.1", 0))
+        relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        relay.bind(("127.0.0.1", 0))
+        sock.connect(relay.getsockname())
+        relay.connect(sock.socket.getsockname())
+        control, _peer = trio.testing.lockstep_stream_pair()
+        session = Socks5UdpSession(control, sock)  # type: ignore[arg-type]
+        got: list[tuple[bytes, Destination]] = []
+        with relay:
+            for datagram in datagrams:
+                relay.send(datagram)
+            relay.send(encode_udp_datagram(b"end", TARGET))
+            while not got or got[-1] != (b"end", TARGET):
+                got += await session.receive_batch(7)
+        assert session.drops().malformed == bad
+        sock.close()
+        return got[:-1]
+
+    assert trio.run(run) == expected

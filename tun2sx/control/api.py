@@ -32,7 +32,7 @@ import trio
 
 from outbounds.base import Destination
 from stack.netstack import GsoPacket
-from tun2sx.control.app import ConfigError, Settings, serve
+from tun2sx.control.app import ConfigError, Settings, check_queues, serve
 from tun2sx.control.config import nameservers
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import RxPacket, TunDevice, adopt_tun
@@ -77,7 +77,9 @@ def make_settings(tun_fd: int, config: Settings | Mapping[str, Any] | None = Non
         if key == "workers" and value != 1:
             raise ConfigError("workers: an embedded tun2sx is one process on one TUN fd")
         values[key] = _convert(key, value)
-    return Settings(tun_fd=tun_fd, **values)
+    settings = Settings(tun_fd=tun_fd, **values)
+    check_queues(settings)
+    return settings
 
 
 def _convert(key: str, value: Any) -> Any:
@@ -92,6 +94,11 @@ def _convert(key: str, value: Any) -> Any:
             return Destination.parse_host(host.strip("[]"), int(port))
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from exc
+    if key == "udp_buffer" and isinstance(value, str):
+        # Imported here: the embedding API needs no TOML otherwise.
+        from tun2sx.control.config import parse_size
+
+        return parse_size(key, value)
     if key in _TUPLE_FIELDS and isinstance(value, list | tuple):
         return tuple(value)
     return value

@@ -23,6 +23,7 @@ from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
+from outbounds.udpsock import DEFAULT_UDP_BUFFER
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
@@ -40,7 +41,7 @@ from tun2sx.control.stats import (
 )
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import TunDevice, TunError, adopt_tun, open_tun
+from tun2sx.dataplane.tun import DEFAULT_TXQUEUELEN, TunDevice, TunError, adopt_tun, open_tun
 from tun2sx.naming.dns import FakeDns
 from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore
 from tun2sx.naming.router import (
@@ -66,6 +67,11 @@ DEFAULT_AUTO_ROUTE_FWMARK = 0x2022
 DEFAULT_STATS_INTERVAL = 300.0
 # The kernel's limit on the queues of one TUN (MAX_TAP_QUEUES).
 MAX_WORKERS = 256
+# Bounds of the queue and buffer sizes: below, a burst of a few dozen
+# datagrams already overflows; above, a typo pins gigabytes.
+MAX_TXQUEUELEN = 1_000_000
+MIN_UDP_BUFFER = 64 * 1024
+MAX_UDP_BUFFER = 1 << 30
 
 
 class ConfigError(ValueError):
@@ -114,6 +120,10 @@ class Settings:
             serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
         workers: processes serving a multi-queue TUN, one queue each
             (tun2sx.control.workers); 1 is a single process.
+        tun_txqueuelen: the kernel's queue of packets for tun2sx to read,
+            set when tun2sx opens the device (an adopted fd keeps its own).
+        udp_buffer: send and receive buffer of each outbound UDP socket,
+            bytes (0: the kernel's default).
     """
 
     tun: str | None = None
@@ -142,6 +152,8 @@ class Settings:
     stats_interval: float = DEFAULT_STATS_INTERVAL
     auto_route: bool = False
     workers: int = 1
+    tun_txqueuelen: int = DEFAULT_TXQUEUELEN
+    udp_buffer: int = DEFAULT_UDP_BUFFER
 
 
 def effective_fwmark(settings: Settings) -> int | None:
@@ -162,6 +174,7 @@ def open_device(settings: Settings) -> TunDevice:
         mtu=settings.mtu or DEFAULT_MTU,
         offload=settings.offload,
         addresses=settings.tun_addresses,
+        txqueuelen=settings.tun_txqueuelen,
     )
 
 
@@ -250,6 +263,7 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("connect_timeout: must be positive")
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
+    check_queues(settings)
     if not 1 <= settings.workers <= MAX_WORKERS:
         raise ConfigError(f"workers: {settings.workers} is not between 1 and {MAX_WORKERS}")
     if settings.workers > 1:
@@ -257,6 +271,27 @@ def check_settings(settings: Settings) -> None:
             raise ConfigError("workers: an adopted TUN fd is one queue; workers need tun (a name)")
         if settings.fake_ip and settings.fake_ip_db == ":memory:":
             raise ConfigError("workers: share the fake-IP table, so fake_ip_db needs a file")
+
+
+def check_queues(settings: Settings) -> None:
+    """Check the queue and buffer sizes (the embedding API checks these too).
+
+    Raises:
+        ConfigError: the message names the field.
+    """
+    if isinstance(settings.tun_txqueuelen, bool) or not isinstance(settings.tun_txqueuelen, int):
+        raise ConfigError(f"tun_txqueuelen: expected an integer, got {settings.tun_txqueuelen!r}")
+    if not 1 <= settings.tun_txqueuelen <= MAX_TXQUEUELEN:
+        raise ConfigError(
+            f"tun_txqueuelen: {settings.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
+        )
+    if isinstance(settings.udp_buffer, bool) or not isinstance(settings.udp_buffer, int):
+        raise ConfigError(f"udp_buffer: expected bytes, got {settings.udp_buffer!r}")
+    if settings.udp_buffer != 0 and not MIN_UDP_BUFFER <= settings.udp_buffer <= MAX_UDP_BUFFER:
+        raise ConfigError(
+            f"udp_buffer: {settings.udp_buffer} is not 0 (kernel default) or between "
+            f"{MIN_UDP_BUFFER} and {MAX_UDP_BUFFER} bytes"
+        )
 
 
 @contextlib.contextmanager
@@ -352,6 +387,7 @@ async def _serve(
         interface=settings.interface,
         protect=protect,
         connect_timeout=settings.connect_timeout,
+        udp_buffer=settings.udp_buffer or None,
     )
     resolver = build_direct_resolver(settings.direct_dns, _excluded(settings), socket_options)
     router = build_router(settings, socket_options, resolver)

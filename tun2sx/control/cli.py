@@ -32,13 +32,16 @@ from tun2sx.control.app import (
     DEFAULT_AUTO_ROUTE_FWMARK,
     DEFAULT_MTU,
     DEFAULT_STATS_INTERVAL,
+    MAX_TXQUEUELEN,
+    MAX_UDP_BUFFER,
+    MIN_UDP_BUFFER,
     ConfigError,
     Settings,
     check_settings,
     serve,
 )
 from tun2sx.control.autoroute import AutoRouteError
-from tun2sx.control.config import load_config, nameservers, parse_workers
+from tun2sx.control.config import load_config, nameservers, parse_size, parse_workers
 from tun2sx.control.stats import parse_loopback_endpoint
 from tun2sx.dataplane.tun import TunDevice, TunError
 
@@ -64,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="add an address to the TUN (repeatable), e.g. 198.18.0.1/15",
     )
     p.add_argument("--no-offload", action="store_true", help="no virtio-net header / TSO offload")
+    p.add_argument(
+        "--tun-txqueuelen",
+        metavar="N",
+        type=int,
+        help="the kernel's queue of packets for tun2sx, set on --tun (default 10000)",
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy without authentication")
     out.add_argument(
@@ -111,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--udp-timeout", type=float, help="UDP session idle timeout (s, default 60)")
     p.add_argument("--connect-timeout", type=float, help="outbound connect timeout (s, default 10)")
+    p.add_argument(
+        "--udp-buffer",
+        metavar="BYTES",
+        help='send and receive buffer of each outbound UDP socket ("4M" default; 0: kernel\'s)',
+    )
     p.add_argument(
         "--stats-listen",
         metavar="HOST:PORT",
@@ -218,6 +232,20 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         values["fake_ip_filter"] = tuple(args.fake_ip_filter)
     if args.workers is not None:
         values["workers"] = parse_workers("--workers", args.workers)
+    if args.tun_txqueuelen is not None:
+        if not 1 <= args.tun_txqueuelen <= MAX_TXQUEUELEN:
+            raise ConfigError(
+                f"--tun-txqueuelen: {args.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
+            )
+        values["tun_txqueuelen"] = args.tun_txqueuelen
+    if args.udp_buffer is not None:
+        size = parse_size("--udp-buffer", args.udp_buffer)
+        if size != 0 and not MIN_UDP_BUFFER <= size <= MAX_UDP_BUFFER:
+            raise ConfigError(
+                f"--udp-buffer: {size} is not 0 (kernel default) or between "
+                f"{MIN_UDP_BUFFER} and {MAX_UDP_BUFFER} bytes"
+            )
+        values["udp_buffer"] = size
     # Switches only ever turn a feature off (or auto-route on), so only a
     # given switch overrides the file.
     for flag, field, value in (

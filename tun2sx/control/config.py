@@ -38,6 +38,7 @@ _TOP: dict[str, str | None] = {
     "interface": "interface",
     "connect_timeout": "connect_timeout",
     "udp_timeout": "udp_timeout",
+    "udp_buffer": "udp_buffer",
     "auto_route": "auto_route",
     "workers": "workers",
     "rules": "rules",
@@ -47,7 +48,7 @@ _TOP: dict[str, str | None] = {
     "stats": None,
 }
 _TUN = {"name": "tun", "fd": "tun_fd", "mtu": "mtu", "addresses": "tun_addresses"}
-_TUN |= {"offload": "offload"}
+_TUN |= {"offload": "offload", "txqueuelen": "tun_txqueuelen"}
 _DNS = {
     "fake_ip": "fake_ip",
     "fake_ip_range": "fake_ip_range",
@@ -113,6 +114,25 @@ def parse_workers(key: str, value: object) -> int:
     if count < 1:
         raise ConfigError(f"{key}: must be at least 1")
     return count
+
+
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(key: str, value: object) -> int:
+    """A byte count: an integer, or a string with a K, M or G suffix ("4M")."""
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        scale = _SIZE_SUFFIXES.get(text[-1:], 1)
+        digits = text[:-1] if scale != 1 else text
+        try:
+            value = int(digits) * scale
+        except ValueError:
+            raise ConfigError(f'{key}: expected bytes ("4M", 4194304), got {value!r}') from None
+    size = _integer(key, value)
+    if size < 0:
+        raise ConfigError(f"{key}: must not be negative")
+    return size
 
 
 def _fwmark(key: str, value: object) -> int:
@@ -201,6 +221,8 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "stats_interval": _seconds,
     "auto_route": _boolean,
     "workers": parse_workers,
+    "tun_txqueuelen": _integer,
+    "udp_buffer": parse_size,
 }
 
 

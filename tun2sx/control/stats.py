@@ -117,7 +117,7 @@ def summary_line(stats: dict[str, int], previous: dict[str, int]) -> str:
 
     Returns:
         e.g. ``tcp 3 open (+12), udp 1 open (+2), up 1.0 KiB (+10 B),
-        down 4.0 MiB (+2.0 MiB), drops 0 (+0)``.
+        down 4.0 MiB (+2.0 MiB), drops 3 (+2: udp_receive_drops +2)``.
     """
 
     def delta(key: str) -> int:
@@ -125,12 +125,14 @@ def summary_line(stats: dict[str, int], previous: dict[str, int]) -> str:
 
     drops = sum(v for k, v in stats.items() if "drop" in k)
     drops_before = sum(v for k, v in previous.items() if "drop" in k)
+    # Which counters moved, so the line says where packets were lost.
+    moved = ", ".join(f"{k} +{delta(k)}" for k in sorted(stats) if "drop" in k and delta(k) > 0)
     return (
         f"tcp {stats.get('tcp_flows', 0)} open (+{delta('tcp_flows_started')}), "
         f"udp {stats.get('udp_sessions', 0)} open (+{delta('udp_sessions_started')}), "
         f"up {_size(stats.get('bytes_up', 0))} (+{_size(delta('bytes_up'))}), "
         f"down {_size(stats.get('bytes_down', 0))} (+{_size(delta('bytes_down'))}), "
-        f"drops {drops} (+{drops - drops_before})"
+        f"drops {drops} (+{drops - drops_before}{': ' + moved if moved else ''})"
     )
 
 

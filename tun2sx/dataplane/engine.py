@@ -120,7 +120,7 @@ class Engine:
                 elif type(event) is ConnectionRequest:
                     self.tcp.start(event)
                 elif type(event) is UdpDatagram:
-                    self.udp.datagram(event)
+                    self.udp.datagram(event, now)
             # Woken streams may take data out (the splice does, right in
             # `wake`), which flushes: one flush after all of them instead.
             self._flush_deferred = True
@@ -235,7 +235,14 @@ class Engine:
         stats["tcp_flows"] = len(self.streams)
         stats["tcp_connections"] = len(self.stack.tcp.connections)
         stats["udp_sessions"] = len(self.udp.sessions)
-        # Failed TUN reads and writes (each lost a packet); a stand-in device may not count.
-        stats["tun_rx_errors"] = getattr(self.device, "statistics_rx_errors", 0)
-        stats["tun_tx_errors"] = getattr(self.device, "statistics_tx_errors", 0)
+        stats.update(self.udp.statistics())
+        # Failed TUN reads and writes (each lost a packet), writes refused by
+        # a full queue, and what the kernel dropped because we read too
+        # slowly; a stand-in device may not count.
+        device = self.device
+        stats["tun_rx_errors"] = getattr(device, "statistics_rx_errors", 0)
+        stats["tun_tx_errors"] = getattr(device, "statistics_tx_errors", 0)
+        stats["tun_tx_drops"] = getattr(device, "statistics_tx_drops", 0)
+        queue_drops = getattr(device, "queue_drops", None)
+        stats["tun_queue_drops"] = queue_drops() if queue_drops is not None else 0
         return stats

@@ -249,6 +249,8 @@ def test_make_settings_from_mapping() -> None:
     assert str(settings.fake_ip_range) == "10.64.0.0/10"
     assert str(settings.dns_upstream.host) == "2001:db8::53"
     assert settings.fake_ip_filter == ("*.lan",)
+    sized = tun2sx.make_settings(7, {"udp_buffer": "16M", "tun_txqueuelen": 2048})
+    assert (sized.udp_buffer, sized.tun_txqueuelen) == (16 << 20, 2048)
 
 
 def test_make_settings_from_settings_keeps_its_fields() -> None:
@@ -265,6 +267,10 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"fake_ip_range": "10.0.0.300/8"}, "fake_ip_range:"),
         ({"dns_upstream": "1.1.1.1"}, "dns_upstream:"),
         ({"workers": 2}, "workers:"),
+        ({"udp_buffer": "lots"}, "udp_buffer: expected bytes"),
+        ({"udp_buffer": 1000}, "udp_buffer: 1000 is not 0"),
+        ({"tun_txqueuelen": 0}, "tun_txqueuelen: 0 is not between"),
+        ({"tun_txqueuelen": "10"}, "tun_txqueuelen: expected an integer"),
     ],
 )
 def test_make_settings_rejects(config: dict[str, object], message: str) -> None:

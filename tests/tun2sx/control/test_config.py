@@ -54,6 +54,8 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         stats_interval=300.0,
         auto_route=False,
         workers=1,
+        udp_buffer=8 << 20,
+        tun_txqueuelen=20000,
     )
     router = build_router(settings, SocketOptions())
     route = router.name_of
@@ -115,6 +117,13 @@ def test_match_rule_makes_outbound_optional() -> None:
             "workers: share the fake-IP table",
         ),
         ('outbound = "DIRECT"\nrules = [1]', "rules[0]: expected a string"),
+        ('outbound = "DIRECT"\nudp_buffer = "lots"', 'udp_buffer: expected bytes ("4M"'),
+        ('outbound = "DIRECT"\nudp_buffer = -1', "udp_buffer: must not be negative"),
+        ('outbound = "DIRECT"\nudp_buffer = 100', "udp_buffer: 100 is not 0 (kernel default)"),
+        ('outbound = "DIRECT"\nudp_buffer = "2G"', "udp_buffer: 2147483648 is not 0"),
+        ('outbound = "DIRECT"\nudp_buffer = true', "udp_buffer: expected an integer"),
+        ('outbound = "DIRECT"\n[tun]\ntxqueuelen = 0', "tun_txqueuelen: 0 is not between 1"),
+        ('outbound = "DIRECT"\n[tun]\ntxqueuelen = "x"', "tun.txqueuelen: expected an integer"),
         (
             'outbound = "DIRECT"\nrules = ["MATCH,DIRECT", "DOMAIN,x,prxy"]',
             "rules[1] 'DOMAIN,x,prxy': unknown outbound 'prxy'",
@@ -219,6 +228,10 @@ def test_auto_route_flag(config_file: Path) -> None:
         (["--proxy", "bogus"], "--proxy"),
         (["--workers", "0"], "--workers"),
         (["--workers", "two"], "--workers"),
+        (["--udp-buffer", "many"], "--udp-buffer"),
+        (["--udp-buffer", "1k"], "--udp-buffer"),
+        (["--tun-txqueuelen", "0"], "--tun-txqueuelen"),
+        (["--tun-txqueuelen", "2000000"], "--tun-txqueuelen"),
     ],
 )
 def test_bad_new_flags_name_the_flag(
@@ -251,3 +264,13 @@ def test_workers_auto_is_one_per_usable_cpu(config_file: Path) -> None:
         os.sched_getaffinity(0)
     )
     assert from_argv("--config", str(config_file), "--workers", "3").workers == 3
+
+
+def test_udp_buffer_and_txqueuelen_flags_override_the_file(config_file: Path) -> None:
+    args = build_parser().parse_args(
+        ["--config", str(config_file), "--udp-buffer", "16M", "--tun-txqueuelen", "4096"]
+    )
+    settings = settings_from_args(args)
+    assert (settings.udp_buffer, settings.tun_txqueuelen) == (16 << 20, 4096)
+    args = build_parser().parse_args(["--config", str(config_file), "--udp-buffer", "0"])
+    assert settings_from_args(args).udp_buffer == 0  # the kernel's default

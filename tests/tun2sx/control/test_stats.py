@@ -279,7 +279,7 @@ def test_summary_line_totals_and_deltas() -> None:
     }
     assert summary_line(now, before) == (
         "tcp 3 open (+5), udp 1 open (+2), up 3.0 KiB (+2.0 KiB), "
-        "down 5.0 MiB (+5.0 MiB), drops 5 (+4)"
+        "down 5.0 MiB (+5.0 MiB), drops 5 (+4: dns_forward_drops +1, udp_queue_drops +3)"
     )
 
 

@@ -69,3 +69,34 @@ def test_a_gso_packet_is_cut_at_its_packet_size_not_the_devices_mtu() -> None:
     _flags, gso, hdr_len, gso_size, _start, _offset = VNET_HDR.unpack(header)
     assert (gso, hdr_len, gso_size) == (VIRTIO_NET_HDR_GSO_TCPV4, 52, 1500 - 52)
     assert packet == pkt
+
+
+def test_a_full_device_queue_drops_and_counts() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False)
+    try:
+        packet = build_udp_packet(V4A, V4B, 53, 4000, b"q" * 1000)
+        for _ in range(10_000):  # far more than the pair's buffer holds
+            device.write(packet)
+            if device.statistics_tx_drops:
+                break
+        assert device.statistics_tx_drops == 1
+        assert device.statistics_tx_errors == 0
+        device.write(packet)
+        assert device.statistics_tx_drops == 2
+        assert theirs.recv(2000) == packet  # what fitted is intact
+    finally:
+        device.close()
+        theirs.close()
+
+
+def test_queue_drops_of_a_device_that_has_no_statistics_is_zero() -> None:
+    r, w = os.pipe()
+    device = TunDevice(r, name="no-such-device0", mtu=1500, offload=False)
+    try:
+        assert device.queue_drops() == 0
+    finally:
+        device.close()
+        os.close(w)
