@@ -15,6 +15,7 @@ BENCHMARKS = {
     "e2e": "tests.bench.e2e",  # real kernel clients through tun2sx
     "load": "tests.bench.load",  # 10,000 flows held and exchanging, DNS burst
     "loss": "tests.bench.loss",  # single-stream throughput under random loss
+    "rss": "tests.bench.rss",  # resident memory idle and with N connections held
 }
 
 
