@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -23,19 +24,23 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.context import FlowInfo
 
 
-async def splice(
+def splice(
     app: trio.abc.HalfCloseableStream,
     upstream: trio.abc.HalfCloseableStream,
     bufsize: int,
     info: FlowInfo | None = None,
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
     A break on one side (reset, error) resets the other: the application
     gets an RST, the outbound socket is closed with SO_LINGER 0 when it is a
     plain socket, so both ends learn the flow failed rather than ended.
+
+    Returns the copy's coroutine, to be awaited, instead of awaiting it in
+    one of its own: a held flow then keeps one coroutine frame fewer
+    (about 250 bytes).
     """
-    await _Splice(app, upstream, bufsize, info).run()
+    return _Splice(app, upstream, bufsize, info).run()
 
 
 class _Splice:
