@@ -7,11 +7,15 @@ see) and `net` the socket boundary where loop avoidance is applied and OS
 errors are translated. This package imports nothing from `tun2sx`.
 """
 
+from typing import TYPE_CHECKING
+
 from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession
 from .direct import DirectOutbound
 from .net import SocketOptions
-from .shadowsocks import ShadowsocksOutbound, parse_shadowsocks_url
 from .socks5 import Socks5Outbound, parse_socks5_url
+
+if TYPE_CHECKING:
+    from .shadowsocks import ShadowsocksOutbound, parse_shadowsocks_url
 
 __all__ = [
     "Destination",
@@ -26,3 +30,13 @@ __all__ = [
     "parse_shadowsocks_url",
     "parse_socks5_url",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Shadowsocks brings cryptography and blake3 (about 9 MiB resident), and
+    # importing any outbounds module runs this file: load it on first use.
+    if name in ("ShadowsocksOutbound", "parse_shadowsocks_url"):
+        from . import shadowsocks
+
+        return getattr(shadowsocks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

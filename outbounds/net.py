@@ -341,7 +341,14 @@ class TcpSocketStream(NowaitStream):
             if data is not None:
                 await _cancel_shielded_checkpoint()
                 return data
-            return await _recv_when_readable(sock, max_bytes)
+            # The wait is written out here and in receive_after_wait rather
+            # than in a helper: an idle flow waits in it, and a coroutine
+            # frame less is about 220 bytes per flow.
+            while True:
+                await _wait_readable(sock)  # the checkpoint
+                data = _recv_now(sock, max_bytes)
+                if data is not None:
+                    return data
         finally:
             self._receiving = False
 
@@ -359,7 +366,11 @@ class TcpSocketStream(NowaitStream):
             raise trio.ClosedResourceError("socket was already closed")
         self._receiving = True
         try:
-            return await _recv_when_readable(sock, max_bytes)
+            while True:
+                await _wait_readable(sock)
+                data = _recv_now(sock, max_bytes)
+                if data is not None:
+                    return data
         finally:
             self._receiving = False
 
@@ -492,15 +503,6 @@ def _recv_now(sock: socket.socket, max_bytes: int) -> bytes | None:
         return None
     except OSError as exc:
         raise _stream_error(exc) from _cause(exc)
-
-
-async def _recv_when_readable(sock: socket.socket, max_bytes: int) -> bytes:
-    """Wait (the checkpoint) until a recv returns something, and return it."""
-    while True:
-        await _wait_readable(sock)
-        data = _recv_now(sock, max_bytes)
-        if data is not None:
-            return data
 
 
 def _send_now(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:

@@ -43,7 +43,6 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 import trio
-from dnslib import CNAME, EDNS0, QTYPE, SOA, DNSLabel, DNSQuestion, DNSRecord
 
 from .base import Destination, FailureReply, IPAddress, OutboundError
 from .net import SocketOptions, open_tcp, open_udp_socket
@@ -71,10 +70,11 @@ _MAX_MESSAGE = 65535
 
 _RCODE_NOERROR = 0
 _RCODE_NXDOMAIN = 3
-_TYPE_A = QTYPE.A
-_TYPE_AAAA = QTYPE.AAAA
-_TYPE_CNAME = QTYPE.CNAME
-_TYPE_SOA = QTYPE.SOA
+_TYPE_A = 1
+_TYPE_AAAA = 28
+_TYPE_CNAME = 5
+_TYPE_SOA = 6
+_TYPE_NAMES = {_TYPE_A: "A", _TYPE_AAAA: "AAAA"}
 _CLASS_IN = 1
 _U16 = struct.Struct("!H")
 
@@ -187,6 +187,10 @@ def build_query(name: str, qtype: int, qid: int) -> bytes:
     Raises:
         OutboundError: `name` cannot be written as a DNS name.
     """
+    # dnslib is imported by the first query, not with the module: the direct
+    # outbound always exists, but only flows it takes by name need DNS.
+    from dnslib import EDNS0, DNSQuestion, DNSRecord
+
     try:
         record = DNSRecord(q=DNSQuestion(name, qtype))
         record.header.id = qid
@@ -212,6 +216,8 @@ def parse_reply_untrusted(data: bytes, qid: int, name: str, qtype: int) -> _Repl
         raise BadDnsAnswer("shorter than a DNS header")
     if _U16.unpack_from(data)[0] != qid:
         raise BadDnsAnswer("another query's ID")
+    from dnslib import CNAME, SOA, DNSLabel, DNSRecord  # see build_query
+
     try:
         record = DNSRecord.parse(data)
     except Exception as exc:  # dnslib raises assorted types on bad input.
@@ -251,9 +257,9 @@ def parse_reply_untrusted(data: bytes, qid: int, name: str, qtype: int) -> _Repl
         try:
             address = ipaddress.ip_address(str(rr.rdata))
         except ValueError:
-            raise BadDnsAnswer(f"bad {QTYPE.get(qtype)} record {rr.rdata!s}") from None
+            raise BadDnsAnswer(f"bad {_TYPE_NAMES.get(qtype, qtype)} record {rr.rdata!s}") from None
         if (address.version == 4) != (qtype == _TYPE_A):
-            raise BadDnsAnswer(f"a {QTYPE.get(qtype)} record holds {address}")
+            raise BadDnsAnswer(f"a {_TYPE_NAMES.get(qtype, qtype)} record holds {address}")
         if address not in addresses:
             addresses.append(address)
         ttl = min(ttl, rr.ttl)

@@ -14,7 +14,6 @@ from outbounds.base import Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
-from outbounds.shadowsocks import parse_shadowsocks_url
 from outbounds.socks5 import parse_socks5_url
 
 SCHEMES = ("socks5", "socks5h", "ss", "direct")
@@ -40,5 +39,9 @@ def parse_outbound_url(
     if scheme in ("socks5", "socks5h"):
         return parse_socks5_url(url, socket_options)
     if scheme == "ss":
+        # Here, not at the top: Shadowsocks brings cryptography and blake3
+        # (about 9 MiB resident), which a configuration without it never needs.
+        from outbounds.shadowsocks import parse_shadowsocks_url
+
         return parse_shadowsocks_url(url, socket_options)
     raise ValueError(f"unsupported scheme {scheme!r} in {url!r} (known: {', '.join(SCHEMES)})")

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "loss": "tests.bench.loss",  # single-stream throughput under random loss
     "tcp": "tests.bench.tcp",  # in-process TCP: µs per segment and per connection
     "udp": "tests.bench.udp",  # datagram rates and bursts, through Dante and beside it
+    "rss": "tests.bench.rss",  # resident memory idle and with N connections held
 }
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -314,6 +313,10 @@ def load_config(
         ConfigError: unreadable file, bad TOML, or a bad value; one line
             starting with the file's name.
     """
+    # Imported here: a run from flags alone never reads TOML (tomllib and
+    # the datetime it brings are about 0.5 MiB resident).
+    import tomllib
+
     try:
         with open(path, "rb") as file:
             data = tomllib.load(file)

@@ -18,7 +18,6 @@ Nothing here changes state: there are no writes to offer.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
@@ -210,6 +209,9 @@ def _response(status: str, body: bytes, *, head_only: bool, extra: str = "") -> 
 
 
 def _error(message: str) -> bytes:
+    # json here and below, not at the top: most runs serve no stats endpoint.
+    import json
+
     return json.dumps({"error": message}).encode() + b"\n"
 
 
@@ -235,6 +237,8 @@ def _checked(head: bytes) -> tuple[str, bool] | bytes:
 
 
 def _ok(body: object, head_only: bool) -> bytes:
+    import json
+
     data = json.dumps(body, sort_keys=True).encode() + b"\n"
     return _response("200 OK", data, head_only=head_only)
 
@@ -380,6 +384,8 @@ async def fetch_json(host: str, port: int, path: str) -> Any:
     if not sep or not head.startswith(b"HTTP/1.1 200 "):
         status = head.partition(b"\r\n")[0].decode("ascii", "replace")
         raise ValueError(f"answered {status!r}")
+    import json
+
     return json.loads(body)
 
 

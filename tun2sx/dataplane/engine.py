@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import logging
 import math
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -189,7 +188,7 @@ class Engine:
         if self.fakeip is not None and self.fakeip.contains(ip):
             try:
                 name = self.fakeip.lookup_ip(ip)
-            except sqlite3.Error as exc:
+            except self.fakeip.errors as exc:
                 # The shared table's file was locked too long, or failed:
                 # this flow fails fast like an unknown fake IP; others go on.
                 self.counters["fakeip_store_errors"] += 1

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -24,13 +24,13 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.context import FlowInfo
 
 
-async def splice(
+def splice(
     app: trio.abc.HalfCloseableStream,
     upstream: trio.abc.HalfCloseableStream,
     bufsize: int,
     info: FlowInfo | None = None,
     read_size: Callable[[], int] | None = None,
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
     A break on one side (reset, error) resets the other: the application
@@ -44,8 +44,12 @@ async def splice(
             read brings is written on in one step of the flow's task, and
             every other flow waits for that step: a bulk flow that moves
             less at once while others are open keeps their round trips short.
+
+    Returns the copy's coroutine, to be awaited, instead of awaiting it in
+    one of its own: a held flow then keeps one coroutine frame fewer
+    (about 250 bytes).
     """
-    await _Splice(app, upstream, bufsize, info, read_size).run()
+    return _Splice(app, upstream, bufsize, info, read_size).run()
 
 
 class _Splice:

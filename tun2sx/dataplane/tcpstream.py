@@ -33,6 +33,9 @@ from stack.tcp import (
 )
 
 _DEAD_STATES = frozenset({TcpState.CLOSED, TcpState.TIME_WAIT})
+# What `_rbuf` holds when nothing is buffered: one view shared by every
+# stream (a memoryview and its buffer are about 300 bytes each).
+_NO_DATA = memoryview(b"")
 
 
 class Flusher(Protocol):
@@ -66,11 +69,27 @@ class _ConflictDetector:
 class TcpStream(NowaitStream):
     """The application side of a proxied TCP flow."""
 
+    # One per flow: slots, and a parking lot only once a task waits here
+    # (the splice's fast path never does; a lot is about 250 bytes).
+    __slots__ = (
+        "_closed",
+        "_conn",
+        "_eof",
+        "_eof_sent",
+        "_flusher",
+        "_lot",
+        "_on_wake",
+        "_rbuf",
+        "_receiving",
+        "_reset",
+        "_sending",
+    )
+
     def __init__(self, flusher: Flusher, conn: TcpConnection) -> None:
         self._flusher = flusher
         self._conn = conn
-        self._lot = trio.lowlevel.ParkingLot()
-        self._rbuf = memoryview(b"")
+        self._lot: trio.lowlevel.ParkingLot | None = None
+        self._rbuf = _NO_DATA
         self._eof = False  # the application's FIN was handed to a reader
         self._reset = False  # the connection was reset (by either side)
         self._closed = False  # aclose() was called
@@ -83,6 +102,15 @@ class TcpStream(NowaitStream):
     def connection(self) -> TcpConnection:
         return self._conn
 
+    def _parking_lot(self) -> trio.lowlevel.ParkingLot:
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        return self._lot
+
+    def _unpark_all(self) -> None:
+        if self._lot is not None:
+            self._lot.unpark_all()
+
     def wake(self) -> None:
         """Called by the engine when the connection may have news.
 
@@ -92,7 +120,8 @@ class TcpStream(NowaitStream):
         """
         if self._closed and not self._reset and self._has_unread():
             self.abort()
-        self._lot.unpark_all()
+        if self._lot is not None:
+            self._lot.unpark_all()
         if self._on_wake is not None:
             self._on_wake()
 
@@ -129,7 +158,7 @@ class TcpStream(NowaitStream):
             while True:
                 # Parking is a checkpoint: like trio's own sockets, a call
                 # that blocked does not yield a second time.
-                await self._lot.park()
+                await self._parking_lot().park()
                 data = self._take(max_bytes)
                 if data is not None:
                     return data
@@ -155,7 +184,7 @@ class TcpStream(NowaitStream):
             if self._rbuf:
                 if max_bytes is None or max_bytes >= len(self._rbuf):
                     data = bytes(self._rbuf)
-                    self._rbuf = memoryview(b"")
+                    self._rbuf = _NO_DATA
                 else:
                     data = bytes(self._rbuf[:max_bytes])
                     self._rbuf = self._rbuf[max_bytes:]
@@ -194,7 +223,7 @@ class TcpStream(NowaitStream):
                 if sent:
                     view = view[sent:]
                 else:
-                    await self._lot.park()
+                    await self._parking_lot().park()
                     parked = True
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -257,7 +286,7 @@ class TcpStream(NowaitStream):
             while not self._closed and not self._reset and self._conn.send_space() == 0:
                 if self._conn.state in _DEAD_STATES:
                     break
-                await self._lot.park()
+                await self._parking_lot().park()
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
@@ -273,7 +302,7 @@ class TcpStream(NowaitStream):
             self._conn.abort()
             self._flusher.flush()
         self._reset = True
-        self._lot.unpark_all()
+        self._unpark_all()
 
     async def aclose(self) -> None:
         self.close_now()
@@ -293,7 +322,7 @@ class TcpStream(NowaitStream):
                 self._eof_sent = True
                 self._conn.close()
                 self._flusher.flush()
-            self._lot.unpark_all()
+            self._unpark_all()
 
     def _has_unread(self) -> bool:
         """Whether the application sent data nobody read (then close resets)."""

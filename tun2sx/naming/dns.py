@@ -29,15 +29,17 @@ import ipaddress
 import logging
 import re
 import socket
-import sqlite3
 import struct
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
-from dnslib import AAAA, EDNS0, PTR, QTYPE, RR, A, DNSHeader, DNSRecord
 
 from outbounds.base import Destination, Outbound, OutboundError
 from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, normalize_name
+
+if TYPE_CHECKING:
+    from dnslib import AAAA, A, DNSRecord
 
 log = logging.getLogger("tun2sx.dns")
 
@@ -71,10 +73,12 @@ RCODE_SERVFAIL = 2
 RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
 
-_TYPE_A = QTYPE.A
-_TYPE_AAAA = QTYPE.AAAA
-_TYPE_PTR = QTYPE.PTR
-_TYPE_OPT = QTYPE.OPT
+_TYPE_A = 1
+_TYPE_AAAA = 28
+_TYPE_PTR = 12
+_TYPE_OPT = 41
+_TYPE_SVCB = 64
+_TYPE_HTTPS = 65
 _CLASS_IN = 1
 _EDNS_UDP_SIZE = 1232  # The DNS flag day 2020 recommendation.
 
@@ -227,7 +231,7 @@ class FakeDns:
         fake_filter: FakeIpFilter | None = None,
         *,
         ttl: int = 1,
-        empty_qtypes: frozenset[int] = frozenset({QTYPE.HTTPS, QTYPE.SVCB}),
+        empty_qtypes: frozenset[int] = frozenset({_TYPE_HTTPS, _TYPE_SVCB}),
     ) -> None:
         self.store = store
         self._filter = fake_filter
@@ -257,7 +261,7 @@ class FakeDns:
         except BadDnsQuery:
             self._stats.malformed += 1
             raise
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             # The table's file is locked too long by another worker, or the
             # disk failed: this query fails, the program and the flows do not.
             self._stats.store_errors += 1
@@ -282,6 +286,10 @@ class FakeDns:
         formerr = _header_response(flags, qid, RCODE_FORMERR)
         if qdcount != 1:
             raise BadDnsQuery(f"{qdcount} questions, expected 1", formerr)
+        # Imported here, not with the module: the plain path above answers
+        # nearly every query, and dnslib costs about 0.5 MiB resident.
+        from dnslib import AAAA, A, DNSRecord
+
         try:
             record = DNSRecord.parse(data)
         except Exception as exc:  # dnslib raises assorted types on bad input.
@@ -365,6 +373,8 @@ class FakeDns:
         return DnsForward(data, name, qtype)
 
     def _response(self, query: DNSRecord, rcode: int = 0) -> DNSRecord:
+        from dnslib import EDNS0, DNSHeader, DNSRecord  # only after a parse: see _handle
+
         header = query.header
         reply = DNSRecord(
             DNSHeader(id=header.id, qr=1, ra=1, rd=header.rd, cd=header.cd, rcode=rcode),
@@ -375,6 +385,8 @@ class FakeDns:
         return reply
 
     def _fake(self, query: DNSRecord, rdata: A | AAAA) -> DnsReply:
+        from dnslib import RR, A  # only after a parse: see _handle
+
         reply = self._response(query)
         qtype = _TYPE_A if isinstance(rdata, A) else _TYPE_AAAA
         reply.add_answer(RR(query.q.qname, qtype, ttl=self.ttl, rdata=rdata))
@@ -386,6 +398,8 @@ class FakeDns:
         return DnsReply(_packed(self._response(query)))
 
     def _ptr(self, data: bytes, query: DNSRecord, name: str, qtype: int) -> DnsAnswer:
+        from dnslib import PTR, RR  # only after a parse: see _handle
+
         ip = _reverse_pointer_address(name)
         if ip is None or not self.store.contains(ip):
             return self._forward(data, name, qtype)
@@ -406,6 +420,8 @@ class FakeDns:
         qid, flags = struct.unpack_from("!HH", query)
         if flags & _QR:
             return None
+        from dnslib import DNSHeader, DNSRecord  # see _handle
+
         try:
             record = DNSRecord.parse(query)
         except Exception:  # dnslib raises assorted types on bad input.
@@ -429,6 +445,8 @@ def truncate_for_udp(response: bytes, limit: int = 512) -> bytes:
     """
     if len(response) <= limit or len(response) < _HEADER.size:
         return response
+    from dnslib import DNSRecord  # see FakeDns._handle
+
     try:
         record = DNSRecord.parse(response)
         header = record.header

@@ -10,10 +10,12 @@ name gets the same address again, and addresses handed out before the restart
 still map back to their names.
 
 Reads are served from memory (dicts plus an LRU order); SQLite is only the
-journal. A new mapping is committed at once (WAL with `synchronous=NORMAL`:
-no fsync per query, durable against a crash of the process, at worst the last
-few transactions are lost on power failure). Recency updates from lookups are
-batched, because they only steer which mapping is recycled first.
+journal, and with `:memory:` there is none: the dicts are the whole table
+and `sqlite3` (about 1 MiB resident) is never imported. A new mapping is
+committed at once (WAL with `synchronous=NORMAL`: no fsync per query,
+durable against a crash of the process, at worst the last few transactions
+are lost on power failure). Recency updates from lookups are batched,
+because they only steer which mapping is recycled first.
 
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
@@ -58,11 +60,14 @@ import contextlib
 import ipaddress
 import re
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["FakeIpFilter", "FakeIpStatistics", "FakeIpStore", "normalize_name"]
 
@@ -116,6 +121,8 @@ def _enable_wal(db: sqlite3.Connection) -> None:
     without its busy handler, so the wait is ours (about 1 in 50 opens of a
     new file by six processes failed before).
     """
+    import sqlite3  # loaded already: only a store with a file gets here
+
     deadline = time.monotonic() + _BUSY_TIMEOUT
     while True:
         try:
@@ -221,7 +228,8 @@ class FakeIpStore:
     """Name <-> fake address mappings, persisted in SQLite.
 
     Args:
-        path: SQLite file, or ":memory:" (the default, for tests).
+        path: SQLite file, or ":memory:" (the default): kept in this
+            process only, without SQLite.
         v4_pool: CIDR for A answers.
         v6_pool: CIDR for AAAA answers, or None to disable fake AAAA.
         reserved: Addresses never handed out, e.g. the TUN gateway address.
@@ -231,6 +239,10 @@ class FakeIpStore:
         touch_interval: Shared mode: seconds within which a mapping's recency
             is not written again.
         clock: Shared mode: wall clock in seconds, for tests.
+
+    Attributes:
+        errors: The exceptions the table's file can raise (`sqlite3.Error`;
+            none for `:memory:`), for callers that fail one query on them.
     """
 
     __slots__ = (
@@ -243,6 +255,7 @@ class FakeIpStore:
         "_time",
         "_touch_batch",
         "_touch_interval_ms",
+        "errors",
         "v4",
         "v6",
     )
@@ -282,17 +295,25 @@ class FakeIpStore:
         self._shared = shared
         self._touch_interval_ms = round(touch_interval * 1000)
         self._time = clock
+        self._db: sqlite3.Connection | None = None
+        self.errors: tuple[type[Exception], ...] = ()
+        if path == ":memory:":
+            return  # the dicts are the table; nothing outlives the process
+        # Imported here: a table in memory needs no SQLite.
+        import sqlite3
+
+        self.errors = (sqlite3.Error,)
         # The runtime calls us from one trio thread only; the check would only
         # get in the way of closing from a test's fixture thread.
-        self._db = sqlite3.connect(
+        self._db = db = sqlite3.connect(
             path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
-        _enable_wal(self._db)
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        _enable_wal(db)
+        db.execute("PRAGMA synchronous=NORMAL")
         # IMMEDIATE: workers open a new file at the same moment, and a
         # deferred transaction that read the schema and then tries to write
         # fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
-        self._db.executescript(
+        db.executescript(
             "BEGIN IMMEDIATE;" + _SCHEMA + (_SHARED_SCHEMA if shared else "") + "COMMIT;"
         )
         stale = self._load()
@@ -300,7 +321,7 @@ class FakeIpStore:
             # Keyed by name too: in shared mode another process may have
             # reused the address since the scan.
             with self._write():
-                self._db.executemany("DELETE FROM mapping WHERE ip = ? AND name = ?", stale)
+                db.executemany("DELETE FROM mapping WHERE ip = ? AND name = ?", stale)
         if shared:
             # The scan only cleaned the file; the database is the table now.
             for pool in (self.v4, self.v6):
@@ -340,7 +361,9 @@ class FakeIpStore:
         """The address already mapped to `name` in `family`'s pool, without allocating."""
         pool = self._pool(family)
         if self._shared:
-            row = self._db.execute(_SQL_BY_NAME, (normalize_name(name), *pool.db_range)).fetchone()
+            row = self._file.execute(
+                _SQL_BY_NAME, (normalize_name(name), *pool.db_range)
+            ).fetchone()
             return None if row is None else self._address(pool, row[0])
         offset = pool.by_name.get(normalize_name(name))
         return None if offset is None else pool.address(offset)
@@ -378,11 +401,13 @@ class FakeIpStore:
         pool.by_name[key] = offset
         self._stats.allocations += 1
         ip = pool.address(offset)
+        if self._db is None:
+            return ip
         self._pending_touch.pop(ip.packed, None)
         # Pending recency updates ride along in the same transaction.
         with self._write():
             self._flush_touches()
-            self._db.execute(
+            self._file.execute(
                 "INSERT OR REPLACE INTO mapping (ip, name, used) VALUES (?, ?, ?)",
                 (ip.packed, key, self._clock),
             )
@@ -392,15 +417,15 @@ class FakeIpStore:
         """A snapshot of sizes and counters (counters of this process only)."""
         stats = attrs.evolve(self._stats)
         if self._shared:
-            count = self._db.execute(_SQL_COUNT, self.v4.db_range).fetchone()[0]
+            count = self._file.execute(_SQL_COUNT, self.v4.db_range).fetchone()[0]
             stats.v4_mappings = count
             if self.v6 is not None:
-                stats.v6_mappings = self._db.execute(_SQL_COUNT, self.v6.db_range).fetchone()[0]
+                stats.v6_mappings = self._file.execute(_SQL_COUNT, self.v6.db_range).fetchone()[0]
         return stats
 
     def close(self) -> None:
         """Write pending recency updates and close the database; idempotent."""
-        if self._closed:
+        if self._closed or self._db is None:
             return
         if self._pending_touch:
             with self._write():
@@ -423,13 +448,19 @@ class FakeIpStore:
         else:
             self._stats.v6_mappings += delta
 
+    @property
+    def _file(self) -> sqlite3.Connection:
+        """The database, for the paths only a store with a file takes."""
+        assert self._db is not None
+        return self._db
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         """One write transaction; IMMEDIATE, so another writer is waited for at BEGIN."""
         # The connection is in autocommit mode (isolation_level=None), where
         # `with connection:` opens no transaction: each statement would
         # commit on its own, at several times the cost.
-        db = self._db
+        db = self._file
         db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -449,7 +480,9 @@ class FakeIpStore:
         return int(self._time() * 1000)
 
     def _lookup_ip_shared(self, packed: bytes) -> str | None:
-        row = self._db.execute(_SQL_BY_IP, (packed,)).fetchone()
+        import sqlite3  # loaded already: shared mode has a file
+
+        row = self._file.execute(_SQL_BY_IP, (packed,)).fetchone()
         if row is None:
             return None
         name: str = row[0]
@@ -466,11 +499,11 @@ class FakeIpStore:
             return True
         # Keyed by name: if another process recycled the address since our
         # read, the new mapping must not inherit this use.
-        return self._db.execute(_SQL_TOUCH, (now, packed, name)).rowcount == 1
+        return self._file.execute(_SQL_TOUCH, (now, packed, name)).rowcount == 1
 
     def _allocate_shared(self, pool: _Pool, key: str) -> bytes:
         # The common case, a name asked for again, needs no write lock.
-        row = self._db.execute(_SQL_BY_NAME, (key, *pool.db_range)).fetchone()
+        row = self._file.execute(_SQL_BY_NAME, (key, *pool.db_range)).fetchone()
         if row is not None and self._touch_shared(row[0], key, row[1]):
             return bytes(row[0])
         with self._write():
@@ -478,7 +511,7 @@ class FakeIpStore:
 
     def _allocate_locked(self, pool: _Pool, key: str) -> bytes:
         """Find or make `key`'s row; runs inside the write transaction."""
-        db = self._db
+        db = self._file
         now = self._now_ms()
         row = db.execute(_SQL_BY_NAME, (key, *pool.db_range)).fetchone()
         if row is not None:  # another process allocated it since our read
@@ -500,6 +533,8 @@ class FakeIpStore:
 
     def _touch(self, pool: _Pool, offset: int) -> None:
         pool.lru.move_to_end(offset)
+        if self._db is None:
+            return  # the LRU order is all the recency there is
         self._clock += 1
         self._pending_touch[pool.address(offset).packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
@@ -508,7 +543,7 @@ class FakeIpStore:
 
     def _flush_touches(self) -> None:
         if self._pending_touch:
-            self._db.executemany(
+            self._file.executemany(
                 "UPDATE mapping SET used = ? WHERE ip = ?",
                 [(used, ip) for ip, used in self._pending_touch.items()],
             )
@@ -517,7 +552,7 @@ class FakeIpStore:
     def _load(self) -> list[tuple[bytes, str]]:
         """Rebuild the in-memory maps; return the rows the current pools cannot hold."""
         stale: list[tuple[bytes, str]] = []
-        rows = self._db.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
+        rows = self._file.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
         for packed, name, used in rows:
             self._clock = max(self._clock, used)
             try:

@@ -31,7 +31,6 @@ import collections
 import ipaddress
 
 import attrs
-from dnslib import QTYPE, DNSRecord
 
 from tun2sx.naming.fakeip import normalize_name
 
@@ -43,6 +42,7 @@ CAPACITY = 16384
 FLOOR = 300.0
 CEILING = 86400.0
 _CLASS_IN = 1
+_ADDRESS_TYPES = (1, 28)  # A, AAAA
 
 
 @attrs.define(slots=True)
@@ -97,6 +97,10 @@ class RealNames:
         Returns:
             How many addresses were recorded.
         """
+        # Only forwarded answers (fake-IP-filtered names, other query types)
+        # get here: dnslib loads with the first, not with the program.
+        from dnslib import DNSRecord
+
         try:
             record = DNSRecord.parse(response)
             header = record.header
@@ -106,7 +110,7 @@ class RealNames:
             answers = [
                 (ipaddress.ip_address(str(rr.rdata)), float(rr.ttl))
                 for rr in record.rr
-                if rr.rtype in (QTYPE.A, QTYPE.AAAA) and rr.rclass == _CLASS_IN
+                if rr.rtype in _ADDRESS_TYPES and rr.rclass == _CLASS_IN
             ]
         except Exception:  # dnslib and ipaddress raise assorted types on bad input.
             self._stats.malformed += 1

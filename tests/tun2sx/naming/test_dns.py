@@ -306,8 +306,8 @@ class _BrokenStore(FakeIpStore):
         raise sqlite3.OperationalError("database is locked")
 
 
-def test_a_failing_fake_ip_table_answers_servfail_not_a_crash() -> None:
-    dns = FakeDns(_BrokenStore())
+def test_a_failing_fake_ip_table_answers_servfail_not_a_crash(tmp_path: Path) -> None:
+    dns = FakeDns(_BrokenStore(str(tmp_path / "fakeip.sqlite")))
     response = reply_of(dns.handle_query_untrusted(query("a.example")))
     assert (response.header.rcode, response.rr) == (RCODE.SERVFAIL, [])
     assert dns.statistics().store_errors == 1
