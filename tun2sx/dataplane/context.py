@@ -42,8 +42,8 @@ class EngineConfig:
             go, through the outbound, over TCP.
         splice_buffer: bytes read at once from either side of a flow.
         splice_share: bytes a flow reads at once while other flows are
-            open: its writing on is one step of the engine's one thread, and
-            a short one lets another flow's round trip through sooner.
+            active: its writing on is one step of the engine's one thread,
+            and a short one lets another flow's round trip through sooner.
         max_dns_forwards: concurrent upstream DNS queries; more are dropped.
     """
 

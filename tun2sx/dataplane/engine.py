@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tun2sx")
 
+# How long a batch that showed other flows moving keeps reads at the share.
+_CROWDED_FOR = 1.0
+
 
 class Engine:
     """Drives a `NetStack` from a TUN device and runs the flows.
@@ -80,6 +83,7 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
+        self._crowded_until = -math.inf  # see read_size
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -110,6 +114,7 @@ class Engine:
             batch = await device.read_batch()
             now = trio.current_time()
             touched: set[TcpConnection] = set()
+            datagrams = False
             for rx in batch:
                 event = stack.receive(rx.data, now, checksum_trusted=rx.checksum_trusted)
                 if event is None:
@@ -120,6 +125,9 @@ class Engine:
                     self.tcp.start(event)
                 elif type(event) is UdpDatagram:
                     self.udp.datagram(event, now)
+                    datagrams = True
+            if datagrams or len(touched) > 1:
+                self._crowded_until = now + _CROWDED_FOR
             # Woken streams may take data out (the splice does, right in
             # `wake`), which flushes: one flush after all of them instead.
             self._flush_deferred = True
@@ -208,9 +216,18 @@ class Engine:
         return self.router.route(dest, network, name)
 
     def read_size(self) -> int:
-        """The splice buffer while one flow is open, its share while more are."""
+        """The splice buffer for a flow alone, its share while others are active.
+
+        Others are active when, within the last `_CROWDED_FOR` seconds, one
+        batch from the TUN carried packets of two connections or a
+        datagram: an idle connection beside a download
+        (iperf3's control connection, a browser's idle keep-alives) does
+        not make the download pay for steps nobody waits behind.
+        """
         config = self.config
-        return config.splice_buffer if len(self.flows) <= 1 else config.splice_share
+        if trio.current_time() < self._crowded_until:
+            return config.splice_share
+        return config.splice_buffer
 
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""

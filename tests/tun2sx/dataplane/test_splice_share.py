@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import socket
+
 import trio
 import trio.testing
 
-from outbounds.base import Destination
 from stack.netstack import NetStack, NetStackConfig
+from stack.wire.packet import build_udp_packet
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.splice import splice
+from tun2sx.dataplane.tun import RxPacket
 from tun2sx.naming.router import Router
+
+APP = socket.inet_aton("10.0.0.2")
+REMOTE = socket.inet_aton("198.51.100.7")
 
 
 class _Recording(trio.abc.HalfCloseableStream):
@@ -66,14 +72,37 @@ async def test_reads_follow_the_share_and_never_exceed_the_buffer() -> None:
     assert set(asked) == {65536}
 
 
-async def test_the_engine_gives_a_lone_flow_the_whole_buffer_and_a_share_when_crowded() -> None:
+class _ScriptedTun:
+    """A device whose reads return the batches a test hands it."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[list[RxPacket]](1)
+        self.written: list[object] = []
+
+    async def read_batch(self) -> list[RxPacket]:
+        return await self.receive.receive()
+
+    def write(self, packet: object) -> None:
+        self.written.append(packet)
+
+
+async def test_a_flow_reads_its_share_for_a_while_after_others_moved(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A datagram (a call, a game) through the TUN makes a download's reads
+    short for a second; with nothing else moving they are whole again."""
     config = EngineConfig(splice_buffer=256 * 1024, splice_share=32 * 1024)
-    engine = Engine(object(), NetStack(NetStackConfig()), Router(None), config=config)  # type: ignore[arg-type]
-    dest = Destination("a.test", 80)
-    first = engine.open_flow("tcp", "10.0.0.2:1", dest, "proxy")
-    assert engine.read_size() == 256 * 1024
-    second = engine.open_flow("udp", "10.0.0.2:2", dest, "proxy")  # a call, say
-    assert engine.read_size() == 32 * 1024
-    engine.close_flow(second)
-    assert engine.read_size() == 256 * 1024
-    engine.close_flow(first)
+    device = _ScriptedTun()
+    engine = Engine(device, NetStack(NetStackConfig()), Router(None), config=config)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert engine.read_size() == 256 * 1024
+        datagram = build_udp_packet(APP, REMOTE, 40000, 9999, b"ping")
+        await device.send.send([RxPacket(memoryview(datagram), False)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.read_size() == 32 * 1024
+        await trio.sleep(0.9)
+        assert engine.read_size() == 32 * 1024
+        await trio.sleep(0.2)
+        assert engine.read_size() == 256 * 1024
+        nursery.cancel_scope.cancel()
