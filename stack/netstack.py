@@ -29,6 +29,7 @@ from stack.wire.packet import (
     build_udp_packet,
     parse_packet_untrusted,
 )
+from stack.wire.segment import TcpTemplate, parse_tcp4_untrusted, source_address
 from stack.wire.tcp import TcpHeader
 from stack.wire.udp import UdpHeader
 
@@ -48,12 +49,17 @@ class NetStackConfig:
             sum (the TUN offload finishes the checksum).
         answer_ping: reply to ICMP/ICMPv6 echo requests locally.
         ttl: TTL / hop limit of the packets we build.
+        trusted_sources: source addresses (packed) whose packets' checksums
+            are not verified: the TUN's own addresses, which only the local
+            host sends from, and whose packets the local kernel
+            checksummed itself (docs/wire.md). Empty: verify everything.
     """
 
     tcp: TcpConfig = attrs.field(factory=TcpConfig)
     partial_checksum: bool = False
     answer_ping: bool = True
     ttl: int = 64
+    trusted_sources: frozenset[bytes] = frozenset()
 
 
 class GsoPacket(NamedTuple):
@@ -63,6 +69,11 @@ class GsoPacket(NamedTuple):
     data: bytes
     packet_size: int
 
+
+# Templates are per address pair (application and destination); past this
+# many the table starts again, so it cannot grow without bound.
+_MAX_TEMPLATES = 4096
+_tuple_new = tuple.__new__
 
 # No segment's payload is cut below this (the stack's floor on a peer's MSS):
 # ACKs and other short segments skip the connection lookup.
@@ -96,12 +107,14 @@ class NetStack:
     on it), a `UdpDatagram`, or None.
     """
 
-    __slots__ = ("_out", "config", "counters", "tcp")
+    __slots__ = ("_out", "_templates", "_trusted", "config", "counters", "tcp")
 
     def __init__(self, config: NetStackConfig | None = None) -> None:
         self.config = config or NetStackConfig()
         self.tcp = TcpDemux(self.config.tcp)
         self._out: list[bytes | GsoPacket] = []
+        self._templates: dict[tuple[bytes, bytes], TcpTemplate] = {}
+        self._trusted = self.config.trusted_sources
         self.counters: Counter[str] = Counter()
 
     def receive(
@@ -116,8 +129,19 @@ class NetStack:
         """
         counters = self.counters
         counters["rx_packets"] += 1
+        verify = not checksum_trusted
+        trusted = self._trusted
         try:
-            pkt = parse_packet_untrusted(data, verify_checksum=not checksum_trusted)
+            seg = parse_tcp4_untrusted(data, verify, trusted)
+            if seg is not None:
+                # The common IPv4/TCP packet, parsed without the values
+                # only the general path needs.
+                src, dst, hdr, payload = seg
+                key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
+                return self.tcp.segment_received(key, hdr, payload, now)
+            if verify and trusted and source_address(data) in trusted:
+                verify = False
+            pkt = parse_packet_untrusted(data, verify_checksum=verify)
         except BadPacket as exc:
             counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
             return None
@@ -187,15 +211,16 @@ class NetStack:
         """
         out = self._out
         self._out = []
-        partial = self.config.partial_checksum
-        ttl = self.config.ttl
         connections = self.tcp.connections
+        templates = self._templates
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
         for key, hdr, payload in self.tcp.segments_to_send(now):
-            packet = build_tcp_packet(
-                key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
-            )
+            pair = (key.remote_addr, key.app_addr)
+            template = templates.get(pair)
+            if template is None:
+                template = self._template(pair)
+            packet = template.build(hdr, payload)
             if gso and len(payload) > _MIN_MSS:
                 conn = connections.get(key)
                 limit = None if conn is None else conn.packet_limit
@@ -204,3 +229,13 @@ class NetStack:
                     continue
             out.append(packet)
         return out
+
+    def _template(self, pair: tuple[bytes, bytes]) -> TcpTemplate:
+        templates = self._templates
+        if len(templates) >= _MAX_TEMPLATES:
+            templates.clear()
+        config = self.config
+        template = templates[pair] = TcpTemplate(
+            pair[0], pair[1], ttl=config.ttl, partial_checksum=config.partial_checksum
+        )
+        return template

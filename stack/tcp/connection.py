@@ -126,7 +126,7 @@ class TcpConnection:
         # cut our GSO super-segments at that size, not at its own MTU.
         ts_len = TIMESTAMP_OPTION_LEN if neg.timestamps else 0
         wire = neg.snd_mss + ts_len
-        self.packet_limit = wire + 20 + (40 if ipv6 else 20) if wire < config.mss else None
+        self.packet_limit = wire + 20 + (40 if ipv6 else 20) if wire < neg.mss else None
         timers = self._timers = Timers()
         timers.handshake = now + config.syn_received_timeout
         n = self._n = Counters()

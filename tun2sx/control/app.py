@@ -114,6 +114,8 @@ class Settings:
             serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
         workers: processes serving a multi-queue TUN, one queue each
             (tun2sx.control.workers); 1 is a single process.
+        trust_local_checksums: skip checksum verification of packets whose
+            source is one of `tun_addresses` (the local host's own).
     """
 
     tun: str | None = None
@@ -142,6 +144,20 @@ class Settings:
     stats_interval: float = DEFAULT_STATS_INTERVAL
     auto_route: bool = False
     workers: int = 1
+    trust_local_checksums: bool = True
+
+
+def _trusted_sources(settings: Settings) -> frozenset[bytes]:
+    """The TUN's own addresses, whose packets skip checksum verification.
+
+    Only the local host sends from them (Linux drops a packet that arrives
+    from elsewhere with a local source address), and the local kernel
+    checksummed those packets itself before the TUN got them; forwarded
+    traffic from a LAN keeps being verified (docs/wire.md).
+    """
+    if not settings.trust_local_checksums:
+        return frozenset()
+    return frozenset(ipaddress.ip_interface(cidr).ip.packed for cidr in settings.tun_addresses)
 
 
 def effective_fwmark(settings: Settings) -> int | None:
@@ -364,13 +380,17 @@ async def _serve(
     try:
         if device is None:
             device = open_device(settings)
-        mss = max(536, device.mtu - 60)
+        # The MTU less the IP and TCP headers of each family.
+        mss4, mss6 = max(536, device.mtu - 40), max(536, device.mtu - 60)
         stack = NetStack(
             NetStackConfig(
                 # With offload the kernel cuts our 64 KB segments (GSO): one
                 # Python iteration then moves 64 KB instead of one MTU.
-                tcp=TcpConfig(mss=mss, gso_size=GSO_SIZE if device.offload else None),
+                tcp=TcpConfig(
+                    mss=mss4, mss_ipv6=mss6, gso_size=GSO_SIZE if device.offload else None
+                ),
                 partial_checksum=device.offload,
+                trusted_sources=_trusted_sources(settings),
             )
         )
         engine = Engine(
