@@ -14,6 +14,7 @@ time, and writes out what `packets_to_send` returns.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import attrs
@@ -30,7 +31,7 @@ from stack.wire.packet import (
     parse_packet_untrusted,
 )
 from stack.wire.segment import TcpTemplate, parse_tcp4_untrusted, source_address
-from stack.wire.tcp import TcpHeader
+from stack.wire.tcp import ACK, TcpHeader
 from stack.wire.udp import UdpHeader
 
 PROTO_ICMP = 1
@@ -127,8 +128,81 @@ class NetStack:
             now: the current time in seconds.
             checksum_trusted: the kernel vouched for the checksums.
         """
-        counters = self.counters
-        counters["rx_packets"] += 1
+        self.counters["rx_packets"] += 1
+        item = self._take(data, checksum_trusted)
+        if item is None or isinstance(item, UdpDatagram):
+            return item
+        key, hdr, payload = item
+        return self.tcp.segment_received(key, hdr, payload, now)
+
+    def receive_batch(
+        self, packets: Iterable[tuple[memoryview, bool]], now: float
+    ) -> list[ConnectionRequest | TcpConnection | UdpDatagram]:
+        """Take a batch of IP packets read from the TUN together.
+
+        Each packet is handled as `receive` would, in order, except that
+        the pure ACKs of a flow (no data, no SACK blocks) wait until
+        another segment of that flow or the end of the batch, and then go
+        to the demux together: a connection may take a run of cumulative
+        ACKs at once (`TcpConnection.acks_received`). A download brings an
+        ACK per second segment, and when the engine falls behind, a TUN
+        read holds many ACKs of the same flow.
+
+        Args:
+            packets: (packet, checksum_trusted) pairs, in arrival order.
+            now: the current time in seconds.
+
+        Returns:
+            The events `receive` would have returned, without the Nones;
+            a connection may appear more than once.
+        """
+        events: list[ConnectionRequest | TcpConnection | UdpDatagram] = []
+        tcp = self.tcp
+        take = self._take
+        held: dict[FlowKey, list[TcpHeader]] = {}
+        count = 0
+        for data, trusted in packets:
+            count += 1
+            item = take(data, trusted)
+            if item is None:
+                continue
+            if isinstance(item, UdpDatagram):
+                events.append(item)
+                continue
+            key, hdr, payload = item
+            if hdr.flags == ACK and not payload and not hdr.options.sack_blocks:
+                run = held.get(key)
+                if run is None:
+                    held[key] = [hdr]
+                else:
+                    run.append(hdr)
+                continue
+            event = None
+            run = held.pop(key, None)
+            if run is not None:
+                # The flow's earlier ACKs come first: order within a flow
+                # is kept (flows do not depend on each other).
+                event = tcp.acks_received(key, run, now)
+            event = tcp.segment_received(key, hdr, payload, now) or event
+            if event is not None:
+                events.append(event)
+        for key, run in held.items():
+            if len(run) == 1:
+                event = tcp.segment_received(key, run[0], b"", now)
+            else:
+                event = tcp.acks_received(key, run, now)
+            if event is not None:
+                events.append(event)
+        self.counters["rx_packets"] += count
+        return events
+
+    def _take(
+        self, data: memoryview, checksum_trusted: bool
+    ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
+        """Parse one packet: a TCP segment to route, a UDP datagram, or None.
+
+        ICMP is answered here and every drop counted.
+        """
         verify = not checksum_trusted
         trusted = self._trusted
         try:
@@ -137,18 +211,17 @@ class NetStack:
                 # The common IPv4/TCP packet, parsed without the values
                 # only the general path needs.
                 src, dst, hdr, payload = seg
-                key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
-                return self.tcp.segment_received(key, hdr, payload, now)
+                return _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port)), hdr, payload
             if verify and trusted and source_address(data) in trusted:
                 verify = False
             pkt = parse_packet_untrusted(data, verify_checksum=verify)
         except BadPacket as exc:
-            counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
+            self.counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
             return None
         l4 = pkt.l4
+        counters = self.counters
         if type(l4) is TcpHeader:
-            key = FlowKey(pkt.src, l4.src_port, pkt.dst, l4.dst_port)
-            return self.tcp.segment_received(key, l4, pkt.payload, now)
+            return FlowKey(pkt.src, l4.src_port, pkt.dst, l4.dst_port), l4, pkt.payload
         if type(l4) is UdpHeader:
             counters["rx_udp"] += 1
             return UdpDatagram(pkt.src, l4.src_port, pkt.dst, l4.dst_port, bytes(pkt.payload))

@@ -21,7 +21,7 @@ receive side (reassembly, window, SACK blocks, TS.Recent, when to ACK),
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK, seq_diff, seq_lt
@@ -49,6 +49,9 @@ from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
 _S = TcpState
 _CLOSED = _S.CLOSED
 _RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
+# States in which an acceptable cumulative ACK changes nothing but the send
+# side (our FIN is not queued: no ACK can move the state).
+_PLAIN_ACK_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT})
 
 
 class TcpConnection:
@@ -242,6 +245,78 @@ class TcpConnection:
             payload: the segment's data.
             now: the current time in seconds.
         """
+        self._input(hdr, payload, now)
+
+    def acks_received(self, hdrs: Sequence[TcpHeader], now: float) -> None:
+        """Process segments without data that arrived together, in order.
+
+        Meant for a batch's pure ACKs (the demux hands over runs of them);
+        any segment is processed as `segment_received` would, except that
+        a plain cumulative ACK (`Sender.plain_ack`: new data acknowledged,
+        no loss recovery, nothing SACKed) followed by another ACK at the
+        same sequence number that acknowledges more, with
+        a timestamp no older and both windows open, is only counted
+        (`acks_coalesced`): the later one stands for it (`Sender.skipped_ack`
+        keeps its slow-start growth, RTT sample and window).
+        What the skipped ACK would have done, the later one does (its RTT
+        sample and window are taken as it is skipped). Duplicate ACKs, ACKs
+        in recovery or with SACK blocks, and anything PAWS or the
+        acceptability test would judge are processed one by one.
+
+        Args:
+            hdrs: the headers, in arrival order (no payloads).
+            now: the current time in seconds.
+        """
+        last = len(hdrs) - 1
+        for i, hdr in enumerate(hdrs):
+            if i < last and self._superseded(hdr, hdrs[i + 1], now):
+                continue
+            self._input(hdr, b"", now)
+
+    def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
+        """Return True (and count `hdr`) if `later` does all that `hdr` would."""
+        if (
+            self._state not in _PLAIN_ACK_STATES
+            or hdr.flags != ACK
+            or later.flags != ACK
+            or hdr.seq != later.seq
+            or not hdr.window
+            or not later.window
+        ):
+            return False
+        options, later_options = hdr.options, later.options
+        if options.sack_blocks or later_options.sack_blocks:
+            return False
+        rcv = self._rcv
+        if hdr.seq != (self._irs + rcv.nxt) & MASK:
+            return False
+        if self._ts:
+            ts, later_ts = options.timestamp, later_options.timestamp
+            if (
+                ts is None
+                or later_ts is None
+                or seq_lt(ts[0], rcv.ts_recent)
+                or seq_lt(later_ts[0], ts[0])
+            ):
+                return False
+        snd = self._snd
+        una = snd.una
+        base = (self._iss + una) & MASK
+        ack = una + seq_diff(hdr.ack, base)
+        # Strictly less than the later one: an equal one would make the
+        # later a duplicate ACK, to be counted (the state does not move
+        # while ACKs are skipped, so each is judged from where the one
+        # before it would have left SND.UNA: above it, by this rule).
+        later_ack = una + seq_diff(later.ack, base)
+        if not snd.plain_ack(ack) or ack >= later_ack or not snd.plain_ack(later_ack):
+            return False
+        snd.skipped_ack(hdr, ack, now)
+        n = self._n
+        n.segments_in += 1
+        n.acks_coalesced += 1
+        return True
+
+    def _input(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
         state = self._state
         if state is _CLOSED:
             return

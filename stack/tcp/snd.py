@@ -100,6 +100,8 @@ class Sender:
         "_rxt_mark",
         "_sack",
         "_sb",
+        "_skip_growth",
+        "_skipped_to",
         "_synack_retransmitted",
         "_synack_time",
         "_timers",
@@ -162,6 +164,10 @@ class Sender:
         self._rtt_time = 0.0
         self._retries = 0  # consecutive RTO expiries
         self._probes_unanswered = 0
+        # Plain ACKs skipped before the one that stands for them: how far
+        # they reached, and the slow-start growth they would have earned.
+        self._skipped_to = 0
+        self._skip_growth = 0
 
     # ------------------------------------------------------------ the buffer
 
@@ -200,6 +206,34 @@ class Sender:
             self._rtt.sample(now - self._synack_time)
         else:
             self._rtt.backoff = 0
+
+    def plain_ack(self, ack: int) -> bool:
+        """Return True if an ACK of `ack` (unwrapped) would only move SND.UNA on.
+
+        That is a cumulative ACK of new data outside loss recovery, with
+        nothing SACKed: no duplicate ACK to count, no scoreboard to update.
+        Such an ACK, followed in the same batch by another that acknowledges
+        more, may be skipped (`skipped_ack`), the later one standing for both.
+        """
+        return self.una < ack <= self.max and not self._cc.in_recovery and not self._sb
+
+    def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
+        """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
+
+        Its window counts in MAX.SND.WND (RFC 5961 section 5.2), its
+        timestamp echo is an RTT sample, taken in order as one by one, and
+        the slow-start growth it would have earned is kept for the ACK that
+        stands for it.
+        """
+        mss2 = 2 * self._mss
+        self._skip_growth += min(ack - max(self.una, self._skipped_to), mss2)
+        self._skipped_to = ack
+        window = hdr.window << self._wscale
+        if window > self.max_wnd:
+            self.max_wnd = window
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and ts[1]:
+            self._sample_ts(ts[1], now)
 
     def on_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> bool:
         """Take an acceptable ACK after the handshake.
@@ -277,7 +311,12 @@ class Sender:
         # Forward progress ends any backoff, as in Linux.
         rtt.backoff = 0
         self._retries = 0
-        self._cc.on_ack(acked, ack, self.max - ack)
+        growth = None
+        if self._skipped_to:
+            # This ACK stands for skipped ones too (`skipped_ack`).
+            growth = self._skip_growth + min(ack - self._skipped_to, 2 * self._mss)
+            self._skipped_to = self._skip_growth = 0
+        self._cc.on_ack(acked, ack, self.max - ack, growth)
         timers = self._timers
         timers.rto = None if self.max == ack else now + rtt.rto()
         timers.tlp = None
