@@ -159,17 +159,27 @@ class NetStack:
         events: list[ConnectionRequest | TcpConnection | UdpDatagram] = []
         tcp = self.tcp
         take = self._take
+        sources = self._trusted
         held: dict[FlowKey, list[TcpHeader]] = {}
         count = 0
         for data, trusted in packets:
             count += 1
-            item = take(data, trusted)
-            if item is None:
-                continue
-            if isinstance(item, UdpDatagram):
-                events.append(item)
-                continue
-            key, hdr, payload = item
+            # The common IPv4/TCP packet without the call `_take` would add.
+            try:
+                seg = parse_tcp4_untrusted(data, not trusted, sources)
+            except BadPacket:
+                seg = None  # `_take` counts it
+            if seg is not None:
+                src, dst, hdr, payload = seg
+                key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
+            else:
+                item = take(data, trusted)
+                if item is None:
+                    continue
+                if isinstance(item, UdpDatagram):
+                    events.append(item)
+                    continue
+                key, hdr, payload = item
             if hdr.flags == ACK and not payload and not hdr.options.sack_blocks:
                 run = held.get(key)
                 if run is None:

@@ -52,6 +52,7 @@ _RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
 # States in which an acceptable cumulative ACK changes nothing but the send
 # side (our FIN is not queued: no ACK can move the state).
 _PLAIN_ACK_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT})
+_HALF = 1 << 31
 
 
 class TcpConnection:
@@ -327,10 +328,12 @@ class TcpConnection:
         snd = self._snd
         plen = len(payload)
         nxt = rcv.nxt
-        seq = nxt + seq_diff(hdr.seq, (self._irs + nxt) & MASK)
+        # stack.seq's seq_diff and seq_lt, inline (a call is ~0.1 us per
+        # segment here): the signed distance on the 32-bit circle.
+        seq = nxt + ((hdr.seq - self._irs - nxt + _HALF) & MASK) - _HALF
         # PAWS (RFC 7323 section 5.3): an old timestamp marks an old segment.
         ts = hdr.options.timestamp if self._ts else None
-        if ts is not None and not flags & RST and seq_lt(ts[0], rcv.ts_recent):
+        if ts is not None and not flags & RST and (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
             n.paws_drops += 1
             self._send_ack()
             return
@@ -376,7 +379,7 @@ class TcpConnection:
         if ts is not None:
             rcv.note_timestamp(ts[0], seq)
         una = snd.una
-        ack = una + seq_diff(hdr.ack, (self._iss + una) & MASK)
+        ack = una + ((hdr.ack - self._iss - una + _HALF) & MASK) - _HALF
         if una == 0:
             if not 0 < ack <= snd.max:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><RST>.
