@@ -30,7 +30,7 @@ from stack.wire.packet import (
     build_udp_packet,
     parse_packet_untrusted,
 )
-from stack.wire.segment import TcpTemplate, parse_tcp4_untrusted, source_address
+from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
 from stack.wire.tcp import ACK, TcpHeader
 from stack.wire.udp import UdpHeader
 
@@ -166,7 +166,7 @@ class NetStack:
             count += 1
             # The common IPv4/TCP packet without the call `_take` would add.
             try:
-                seg = parse_tcp4_untrusted(data, not trusted, sources)
+                seg = parse_plain_tcp_untrusted(data, not trusted, sources)
             except BadPacket:
                 seg = None  # `_take` counts it
             if seg is not None:
@@ -216,7 +216,7 @@ class NetStack:
         verify = not checksum_trusted
         trusted = self._trusted
         try:
-            seg = parse_tcp4_untrusted(data, verify, trusted)
+            seg = parse_plain_tcp_untrusted(data, verify, trusted)
             if seg is not None:
                 # The common IPv4/TCP packet, parsed without the values
                 # only the general path needs.

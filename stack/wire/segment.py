@@ -4,14 +4,14 @@ Without the TUN's virtio-net header (an Android VpnService fd, or
 `--no-offload`) every TCP segment is one packet, so what the stack spends
 per packet is what a stream costs. Two pieces live here:
 
-- `parse_tcp4_untrusted` reads the shape almost every packet from an
-  application has, IPv4 without options carrying TCP with no options or the
-  NOP NOP Timestamps block (RFC 7323 Appendix A), in one `unpack_from`, and
-  returns just what the TCP demultiplexer needs: the addresses, the TCP
-  header and the payload, without the `IPv4Header` and `Packet` values
-  `parse_packet_untrusted` builds. For any other packet it returns None and
-  the caller takes the general parser, which decides (and raises) exactly
-  as it always does.
+- `parse_plain_tcp_untrusted` reads the shape almost every packet from an
+  application has, IPv4 without options or IPv6 without extension headers
+  carrying TCP with no options or the NOP NOP Timestamps block (RFC 7323
+  Appendix A), in one `unpack_from`, and returns just what the TCP
+  demultiplexer needs: the addresses, the TCP header and the payload,
+  without the IP header and `Packet` values `parse_packet_untrusted`
+  builds. For any other packet it returns None and the caller takes the
+  general parser, which decides (and raises) exactly as it always does.
 - `TcpTemplate` holds what never changes between the segments of one
   address pair (the addresses, the TTL, their share of both checksums), so
   a segment with the timestamp option is one `struct.pack` of the IP
@@ -21,7 +21,7 @@ per packet is what a stream costs. Two pieces live here:
   check.
 
 Checksums may be skipped for packets from trusted sources (see
-`parse_tcp4_untrusted`): the runtime decides which, docs/wire.md says why.
+`parse_plain_tcp_untrusted`): the runtime decides which, docs/wire.md says why.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ _V4_TCP_TS: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
 # IPv6 header (no extension headers), the same TCP part.
 _V6_TCP_TS: Final = struct.Struct("!IHBB16s16sHHIIBBHHHIII")
 _V4_TCP_TS_LEN: Final = 52
+_V6_TCP_TS_LEN: Final = 72
 _TS_ONLY_PREFIX: Final = 0x0101080A
 # The option's fixed words (NOP NOP, kind 8 length 10) in the checksum.
 _TS_WORDS: Final = 0x0101 + 0x080A
@@ -57,10 +58,10 @@ _NO_SYN_OPTIONS: Final = (None, None, False, ())
 Segment = tuple[bytes, bytes, TcpHeader, memoryview]
 
 
-def parse_tcp4_untrusted(
+def parse_plain_tcp_untrusted(
     buf: memoryview, verify_checksum: bool, trusted_sources: Container[bytes] = ()
 ) -> Segment | None:
-    """Parse the common IPv4/TCP packet, or return None for any other.
+    """Parse the common IPv4 or IPv6 TCP packet, or return None for any other.
 
     Args:
         buf: one whole packet as read from the TUN.
@@ -70,16 +71,20 @@ def parse_tcp4_untrusted(
 
     Returns:
         (src, dst, TCP header, payload view); None when the packet is not
-        IPv4 without options carrying TCP with no options or only NOP NOP
-        Timestamps, or anything about it needs the general parser's
-        judgement (fragments, bad lengths, a SYN with FIN or RST, a bad IP
-        header checksum).
+        IPv4 without options or IPv6 without extension headers carrying TCP
+        with no options or only NOP NOP Timestamps, or anything about it
+        needs the general parser's judgement (fragments, bad lengths, a SYN
+        with FIN or RST, a bad IP header checksum).
 
     Raises:
         BadPacket: the TCP checksum is wrong (the only verdict given here).
     """
     n = len(buf)
-    if n < _V4_TCP_TS_LEN or buf[0] != 0x45 or buf[9] != PROTO_TCP:
+    if n < _V4_TCP_TS_LEN:
+        return None
+    if buf[0] != 0x45:
+        return _plain_tcp6(buf, n, verify_checksum, trusted_sources)
+    if buf[9] != PROTO_TCP:
         return None
     (
         _,
@@ -130,6 +135,55 @@ def parse_tcp4_untrusted(
         TcpHeader, (sport, dport, seq, ack, flags, window, tcp_sum, urgent, options)
     )
     return src, dst, header, buf[20 + hlen : total]
+
+
+def _plain_tcp6(
+    buf: memoryview, n: int, verify_checksum: bool, trusted_sources: Container[bytes]
+) -> Segment | None:
+    if n < _V6_TCP_TS_LEN or buf[0] >> 4 != 6 or buf[6] != PROTO_TCP:
+        return None
+    (
+        _,
+        length,
+        _,
+        _,
+        src,
+        dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        off,
+        flags,
+        window,
+        tcp_sum,
+        urgent,
+        word0,
+        tsval,
+        tsecr,
+    ) = _V6_TCP_TS.unpack_from(buf)
+    hlen = (off >> 4) << 2
+    if hlen == 32 and word0 == _TS_ONLY_PREFIX:
+        options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
+    elif hlen == 20:
+        options = NO_OPTIONS
+    else:
+        return None
+    total = 40 + length
+    if total > n or length < hlen or (flags & 0x02 and flags & _SYN_FIN_RST != 0x02):
+        return None
+    # The addresses at 8..40 and the segment after them, plus the length
+    # and the next header: the whole pseudo-header (RFC 8200 8.1).
+    if (
+        verify_checksum
+        and src not in trusted_sources
+        and ones_complement_sum(buf[8:total], length + PROTO_TCP) != 0xFFFF
+    ):
+        raise BadPacket("TCP checksum mismatch")
+    header = _tuple_new(
+        TcpHeader, (sport, dport, seq, ack, flags, window, tcp_sum, urgent, options)
+    )
+    return src, dst, header, buf[40 + hlen : total]
 
 
 def source_address(buf: memoryview) -> bytes | None:

@@ -1,7 +1,7 @@
 """Micro-benchmark of the TCP stack's per-segment and per-connection cost.
 
     python -m tests.bench tcp [--mb 8] [--conns 2000] [--repeat 5] [--offload]
-                              [--app-acks each] [--trust-app]
+                              [--app-acks each] [--trust-app] [--ipv6]
 
 In process, no TUN: IP packets go into `NetStack.receive` and come out of
 `NetStack.packets_to_send`, as the engine drives them, and the runtime's
@@ -64,6 +64,8 @@ from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpHeader, TcpOptions
 
 APP = bytes([10, 0, 0, 2])
 REMOTE = bytes([198, 18, 0, 5])
+APP6 = bytes.fromhex("fd00007e000000000000000000000001")
+REMOTE6 = bytes.fromhex("fc000000000000000000000000000005")
 APP_ISN = 0xFFFFFF00  # near the wrap, as in the tests
 SRV_ISS = 0x7FFFFFF0
 MSS = 1460  # 1448-byte payloads with the timestamp option
@@ -302,6 +304,7 @@ def main(argv: list[str]) -> int:
         default="round",
         help="the application ACKs once per round, or after each segment (as Linux)",
     )
+    parser.add_argument("--ipv6", action="store_true", help="IPv6 flows (default IPv4)")
     parser.add_argument(
         "--trust-app",
         action="store_true",
@@ -311,7 +314,9 @@ def main(argv: list[str]) -> int:
         "--case", choices=("upload", "download", "connect"), action="append", help="default: all"
     )
     args = parser.parse_args(argv)
-    global _clock, _TRUST_APP
+    global _clock, _TRUST_APP, APP, REMOTE
+    if args.ipv6:
+        APP, REMOTE = APP6, REMOTE6
     _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     _TRUST_APP = args.trust_app
     total = int(args.mb * 1_000_000)
@@ -325,6 +330,7 @@ def main(argv: list[str]) -> int:
     print(
         f"offload={'on' if args.offload else 'off'}, clock={args.clock}, "
         f"app-acks={args.app_acks}, trust-app={'on' if args.trust_app else 'off'}, "
+        f"ipv{6 if args.ipv6 else 4}, "
         f"{args.repeat} runs each"
     )
     print("| case | unit | best | median |")

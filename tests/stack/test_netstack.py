@@ -227,8 +227,8 @@ def test_checksums_are_skipped_only_for_trusted_sources() -> None:
     data = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN + 1, 0, ACK, 65535, options=TS)
     packets = [
         build_tcp_packet(APP, REMOTE, data, b"hello"),  # the fast parse
-        build_tcp_packet(APP, REMOTE, syn, b"hello"),  # IPv4, other options: general
-        build_tcp_packet(app6, remote6, syn, b"hello"),  # IPv6: general
+        build_tcp_packet(APP, REMOTE, syn, b"hello"),  # other options: the general parser
+        build_tcp_packet(app6, remote6, syn, b"hello"),
     ]
     for trusted, accepted in (
         (frozenset(), 0),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from stack.errors import BadPacket
 from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
-from stack.wire.segment import TcpTemplate, parse_tcp4_untrusted, source_address
+from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
 from stack.wire.tcp import ACK, FIN, PSH, RST, TcpHeader, TcpOptions
 from tests.stack.wire.strategies import address_pairs, payloads, tcp_headers, u16, u32
 
@@ -71,21 +71,22 @@ def _general(buf: memoryview, verify: bool) -> object:
 
 
 @given(
+    st.sampled_from([(A4, B4), (A6, B6)]),
     ts_headers | tcp_headers(),
     payloads,
-    st.integers(0, 80),
-    st.sampled_from([0x00, 0x01, 0x10, 0x45, 0xFF]),
+    st.integers(0, 100),
+    st.sampled_from([0x00, 0x01, 0x06, 0x10, 0x45, 0x60, 0xFF]),
     st.booleans(),
 )
 def test_fast_parse_agrees_with_the_general_parser(
-    h: TcpHeader, data: bytes, at: int, value: int, verify: bool
+    addrs: tuple[bytes, bytes], h: TcpHeader, data: bytes, at: int, value: int, verify: bool
 ) -> None:
-    raw = bytearray(build_tcp_packet(A4, B4, h, data))
+    raw = bytearray(build_tcp_packet(*addrs, h, data))
     if at < len(raw):
         raw[at] = value
     buf = memoryview(bytes(raw))
     try:
-        got = parse_tcp4_untrusted(buf, verify)
+        got = parse_plain_tcp_untrusted(buf, verify)
     except BadPacket as exc:
         assert str(exc) == _general(buf, verify)
         return
@@ -96,32 +97,40 @@ def test_fast_parse_agrees_with_the_general_parser(
 
 def test_fast_parse_takes_the_common_shapes_only() -> None:
     data = b"x" * 100
-    for h in (TS_ACK, TS_ACK._replace(options=TcpOptions())):
-        got = parse_tcp4_untrusted(memoryview(build_tcp_packet(A4, B4, h, data)), True)
-        assert got is not None and got[2] == h._replace(checksum=got[2].checksum)
+    for src, dst in ((A4, B4), (A6, B6)):
+        for h in (TS_ACK, TS_ACK._replace(options=TcpOptions())):
+            got = parse_plain_tcp_untrusted(memoryview(build_tcp_packet(src, dst, h, data)), True)
+            assert got is not None and got[2] == h._replace(checksum=got[2].checksum)
+            assert (got[0], got[1], bytes(got[3])) == (src, dst, data)
     sack = TS_ACK._replace(options=TcpOptions(sack_blocks=((1, 2),), timestamp=(5, 6)))
+    v6 = bytearray(build_tcp_packet(A6, B6, TS_ACK, data))
+    v6[6] = 60  # a Destination Options header in front (as the general parser sees it)
     others = [
-        build_tcp_packet(A6, B6, TS_ACK, data),  # IPv6
         build_tcp_packet(A4, B4, sack, data),  # other options
+        build_tcp_packet(A6, B6, sack, data),
         build_udp_packet(A4, B4, 1, 2, data),  # not TCP
+        build_udp_packet(A6, B6, 1, 2, data),
+        bytes(v6),
         build_tcp_packet(A4, B4, TS_ACK._replace(options=TcpOptions()))[:40],  # too short
+        build_tcp_packet(A6, B6, TS_ACK._replace(options=TcpOptions()))[:60],
     ]
     for raw in others:
-        assert parse_tcp4_untrusted(memoryview(raw), True) is None
+        assert parse_plain_tcp_untrusted(memoryview(raw), True) is None
 
 
 def test_trusted_sources_skip_checksums_for_those_sources_only() -> None:
     """The rule NetStack applies to the TUN's own address (docs/wire.md)."""
-    raw = bytearray(build_tcp_packet(A4, B4, TS_ACK, b"payload"))
-    raw[-1] ^= 0xFF  # a payload byte: only the TCP checksum can tell
-    buf = memoryview(bytes(raw))
-    with pytest.raises(BadPacket, match="TCP checksum"):
-        parse_tcp4_untrusted(buf, True)
-    with pytest.raises(BadPacket, match="TCP checksum"):
-        parse_tcp4_untrusted(buf, True, frozenset({B4}))  # the destination is not the source
-    got = parse_tcp4_untrusted(buf, True, frozenset({A4}))
-    assert got is not None and bytes(got[3]) == b"payloaX"[:6] + bytes([raw[-1]])
-    assert parse_tcp4_untrusted(buf, False) is not None
+    for src, dst in ((A4, B4), (A6, B6)):
+        raw = bytearray(build_tcp_packet(src, dst, TS_ACK, b"payload"))
+        raw[-1] ^= 0xFF  # a payload byte: only the TCP checksum can tell
+        buf = memoryview(bytes(raw))
+        with pytest.raises(BadPacket, match="TCP checksum"):
+            parse_plain_tcp_untrusted(buf, True)
+        with pytest.raises(BadPacket, match="TCP checksum"):
+            parse_plain_tcp_untrusted(buf, True, frozenset({dst}))  # not the source
+        got = parse_plain_tcp_untrusted(buf, True, frozenset({src}))
+        assert got is not None and bytes(got[3]) == b"payloa" + bytes([raw[-1]])
+        assert parse_plain_tcp_untrusted(buf, False) is not None
 
 
 def test_source_address() -> None:
