@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from stack.errors import LocalProtocolError
-from stack.seq import MASK, seq_diff, seq_lt
+from stack.seq import MASK
 from stack.tcp.config import TcpConfig
 from stack.tcp.events import (
     NEED_DATA,
@@ -293,22 +293,23 @@ class TcpConnection:
             return False
         if self._ts:
             ts, later_ts = options.timestamp, later_options.timestamp
+            # PAWS would pass this one, and the later one is no older.
             if (
                 ts is None
                 or later_ts is None
-                or seq_lt(ts[0], rcv.ts_recent)
-                or seq_lt(later_ts[0], ts[0])
+                or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF
+                or (later_ts[0] - ts[0] + _HALF) & MASK < _HALF
             ):
                 return False
         snd = self._snd
         una = snd.una
-        base = (self._iss + una) & MASK
-        ack = una + seq_diff(hdr.ack, base)
+        base = self._iss + una - _HALF
+        ack = una + ((hdr.ack - base) & MASK) - _HALF
         # Strictly less than the later one: an equal one would make the
         # later a duplicate ACK, to be counted (the state does not move
         # while ACKs are skipped, so each is judged from where the one
         # before it would have left SND.UNA: above it, by this rule).
-        later_ack = una + seq_diff(later.ack, base)
+        later_ack = una + ((later.ack - base) & MASK) - _HALF
         if not snd.plain_ack(ack) or ack >= later_ack or not snd.plain_ack(later_ack):
             return False
         snd.skipped_ack(hdr, ack, now)

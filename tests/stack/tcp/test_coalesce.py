@@ -9,14 +9,15 @@ that start fast retransmit without SACK.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stack.tcp import TcpConnection, TcpStatistics
-from stack.wire.tcp import TcpHeader
+from stack.wire.tcp import PSH, TcpHeader, TcpOptions
 
 from .fixtures import PAYLOAD, established, observe
-from .helpers import SRV_ISS, App, s
+from .helpers import ACK, SRV_ISS, App, s
 
 FLIGHT = 10  # segments the initial window lets out
 
@@ -122,6 +123,54 @@ def test_a_skipped_acks_larger_window_is_still_seen() -> None:
         old, _ = app.seg(ack=s(SRV_ISS + 1 + 4 * PAYLOAD - 20_000))
         conn.segment_received(old, b"", 0.04)
         assert conn.statistics().challenge_acks == 0
+
+
+def _unlike(reason: str, app: App) -> list[TcpHeader]:
+    """Two ACKs of 2 and 4 segments, changed so the first must not be skipped."""
+    first, _ = app.seg(ack=s(SRV_ISS + 1 + 2 * PAYLOAD))
+    later, _ = app.seg(ack=s(SRV_ISS + 1 + 4 * PAYLOAD))
+    assert app.tsval is not None and first.options.timestamp is not None
+    tsval, echo = first.options.timestamp
+    if reason == "later without timestamp":
+        later = later._replace(options=TcpOptions())
+    elif reason == "first without timestamp":
+        first = first._replace(options=TcpOptions())
+    elif reason == "first older than TS.Recent":
+        first = first._replace(options=TcpOptions(timestamp=(s(tsval - 5), echo)))
+    elif reason == "later older than first":
+        first = first._replace(options=TcpOptions(timestamp=(s(tsval + 5), echo)))
+    elif reason == "not at RCV.NXT":
+        first, later = (h._replace(seq=s(h.seq + 1)) for h in (first, later))
+    elif reason == "different seq":
+        later = later._replace(seq=s(later.seq + 1))
+    elif reason == "not a pure ACK":
+        first = first._replace(flags=ACK | PSH)
+    elif reason == "later a duplicate":
+        later = later._replace(ack=first.ack)
+    elif reason == "later beyond SND.MAX":
+        later = later._replace(ack=s(SRV_ISS + 1 + 20 * PAYLOAD))
+    return [first, later]
+
+
+REASONS = [
+    "later without timestamp",
+    "first without timestamp",
+    "first older than TS.Recent",
+    "later older than first",
+    "not at RCV.NXT",
+    "different seq",
+    "not a pure ACK",
+    "later a duplicate",
+    "later beyond SND.MAX",
+]
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_an_ack_the_next_cannot_stand_for_is_processed(reason: str) -> None:
+    pair = twins()
+    one, batch = feed_both(pair, _unlike(reason, pair[0][1]), 0.03)
+    assert batch.statistics().acks_coalesced == 0
+    assert state(one, pair[0][1], 0.03) == state(batch, pair[1][1], 0.03)
 
 
 # Steps of at most two segments (what one ACK covers from a Linux peer),
