@@ -40,6 +40,8 @@ from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeou
 from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
 
 SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
+# NamedTuple's __new__ is a Python function: one Segment per segment sent.
+_tuple_new = tuple.__new__
 
 # Kinds of segment `next_segment` returns.
 NEW = 0  # first transmission (or a retransmission after a timeout)
@@ -623,14 +625,14 @@ class Sender:
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None
-        return Segment(start, n, fin, NEW)
+        return _tuple_new(Segment, (start, n, fin, NEW))
 
     def _cut(self, start: int, limit: int, mss: int, kind: int) -> Segment | None:
         n = max(0, min(start + mss, limit, self._buf.end) - start)
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None
-        return Segment(start, n, fin, kind)
+        return _tuple_new(Segment, (start, n, fin, kind))
 
     def _sent(self, seg: Segment) -> None:
         end = seg.start + seg.length + seg.fin
