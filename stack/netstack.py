@@ -158,17 +158,17 @@ class NetStack:
         """
         events: list[ConnectionRequest | TcpConnection | UdpDatagram] = []
         tcp = self.tcp
-        take = self._take
+        take = self._take_general
         sources = self._trusted
         held: dict[FlowKey, list[TcpHeader]] = {}
         count = 0
         for data, trusted in packets:
             count += 1
-            # The common IPv4/TCP packet without the call `_take` would add.
+            # The common TCP packet without the call `_take` would add.
             try:
                 seg = parse_plain_tcp_untrusted(data, not trusted, sources)
             except BadPacket:
-                seg = None  # `_take` counts it
+                seg = None  # `_take_general` decides and counts
             if seg is not None:
                 src, dst, hdr, payload = seg
                 key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
@@ -213,15 +213,24 @@ class NetStack:
 
         ICMP is answered here and every drop counted.
         """
+        try:
+            seg = parse_plain_tcp_untrusted(data, not checksum_trusted, self._trusted)
+        except BadPacket:
+            seg = None  # `_take_general` decides and counts
+        if seg is None:
+            return self._take_general(data, checksum_trusted)
+        # The common TCP packet, parsed without the values only the general
+        # path needs.
+        src, dst, hdr, payload = seg
+        return _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port)), hdr, payload
+
+    def _take_general(
+        self, data: memoryview, checksum_trusted: bool
+    ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
+        """`_take` for a packet the plain TCP parse did not take."""
         verify = not checksum_trusted
         trusted = self._trusted
         try:
-            seg = parse_plain_tcp_untrusted(data, verify, trusted)
-            if seg is not None:
-                # The common IPv4/TCP packet, parsed without the values
-                # only the general path needs.
-                src, dst, hdr, payload = seg
-                return _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port)), hdr, payload
             if verify and trusted and source_address(data) in trusted:
                 verify = False
             pkt = parse_packet_untrusted(data, verify_checksum=verify)
