@@ -83,8 +83,8 @@ class _Stack:
     def __init__(self, offload: bool) -> None:
         config = NetStackConfig(tcp=TcpConfig(mss=MSS), partial_checksum=offload)
         if _TRUST_APP:
-            # The application's address as the TUN's own (tun2sx's default
-            # for the addresses it puts on the device).
+            # The application's address as the TUN's own (what tun2sx does
+            # with `Settings.trust_local_checksums`).
             config = attrs.evolve(config, trusted_sources=frozenset({APP}))
         self.net = NetStack(config)
         self.trusted = offload

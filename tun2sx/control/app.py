@@ -115,7 +115,8 @@ class Settings:
         workers: processes serving a multi-queue TUN, one queue each
             (tun2sx.control.workers); 1 is a single process.
         trust_local_checksums: skip checksum verification of packets whose
-            source is one of `tun_addresses` (the local host's own).
+            source is one of `tun_addresses` (the local host's own); off by
+            default (see docs/wire.md).
     """
 
     tun: str | None = None
@@ -144,16 +145,16 @@ class Settings:
     stats_interval: float = DEFAULT_STATS_INTERVAL
     auto_route: bool = False
     workers: int = 1
-    trust_local_checksums: bool = True
+    trust_local_checksums: bool = False
 
 
 def _trusted_sources(settings: Settings) -> frozenset[bytes]:
     """The TUN's own addresses, whose packets skip checksum verification.
 
     Only the local host sends from them (Linux drops a packet that arrives
-    from elsewhere with a local source address), and the local kernel
-    checksummed those packets itself before the TUN got them; forwarded
-    traffic from a LAN keeps being verified (docs/wire.md).
+    from elsewhere with a local source address), and nothing lies between
+    it and the TUN that could damage a packet; forwarded traffic from a LAN
+    keeps being verified (docs/wire.md).
     """
     if not settings.trust_local_checksums:
         return frozenset()
