@@ -14,6 +14,7 @@ time, and writes out what `packets_to_send` returns.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import attrs
@@ -29,7 +30,8 @@ from stack.wire.packet import (
     build_udp_packet,
     parse_packet_untrusted,
 )
-from stack.wire.tcp import TcpHeader
+from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
+from stack.wire.tcp import ACK, TcpHeader
 from stack.wire.udp import UdpHeader
 
 PROTO_ICMP = 1
@@ -48,12 +50,17 @@ class NetStackConfig:
             sum (the TUN offload finishes the checksum).
         answer_ping: reply to ICMP/ICMPv6 echo requests locally.
         ttl: TTL / hop limit of the packets we build.
+        trusted_sources: source addresses (packed) whose packets' checksums
+            are not verified: the TUN's own addresses, which only the local
+            host sends from, and whose packets the local kernel
+            checksummed itself (docs/wire.md). Empty: verify everything.
     """
 
     tcp: TcpConfig = attrs.field(factory=TcpConfig)
     partial_checksum: bool = False
     answer_ping: bool = True
     ttl: int = 64
+    trusted_sources: frozenset[bytes] = frozenset()
 
 
 class GsoPacket(NamedTuple):
@@ -63,6 +70,11 @@ class GsoPacket(NamedTuple):
     data: bytes
     packet_size: int
 
+
+# Templates are per address pair (application and destination); past this
+# many the table starts again, so it cannot grow without bound.
+_MAX_TEMPLATES = 4096
+_tuple_new = tuple.__new__
 
 # No segment's payload is cut below this (the stack's floor on a peer's MSS):
 # ACKs and other short segments skip the connection lookup.
@@ -96,12 +108,14 @@ class NetStack:
     on it), a `UdpDatagram`, or None.
     """
 
-    __slots__ = ("_out", "config", "counters", "tcp")
+    __slots__ = ("_out", "_templates", "_trusted", "config", "counters", "tcp")
 
     def __init__(self, config: NetStackConfig | None = None) -> None:
         self.config = config or NetStackConfig()
         self.tcp = TcpDemux(self.config.tcp)
         self._out: list[bytes | GsoPacket] = []
+        self._templates: dict[tuple[bytes, bytes], TcpTemplate] = {}
+        self._trusted = self.config.trusted_sources
         self.counters: Counter[str] = Counter()
 
     def receive(
@@ -114,17 +128,119 @@ class NetStack:
             now: the current time in seconds.
             checksum_trusted: the kernel vouched for the checksums.
         """
-        counters = self.counters
-        counters["rx_packets"] += 1
+        self.counters["rx_packets"] += 1
+        item = self._take(data, checksum_trusted)
+        if item is None or isinstance(item, UdpDatagram):
+            return item
+        key, hdr, payload = item
+        return self.tcp.segment_received(key, hdr, payload, now)
+
+    def receive_batch(
+        self, packets: Iterable[tuple[memoryview, bool]], now: float
+    ) -> list[ConnectionRequest | TcpConnection | UdpDatagram]:
+        """Take a batch of IP packets read from the TUN together.
+
+        Each packet is handled as `receive` would, in order, except that
+        the pure ACKs of a flow (no data, no SACK blocks) wait until
+        another segment of that flow or the end of the batch, and then go
+        to the demux together: a connection may take a run of cumulative
+        ACKs at once (`TcpConnection.acks_received`). A download brings an
+        ACK per second segment, and when the engine falls behind, a TUN
+        read holds many ACKs of the same flow.
+
+        Args:
+            packets: (packet, checksum_trusted) pairs, in arrival order.
+            now: the current time in seconds.
+
+        Returns:
+            The events `receive` would have returned, without the Nones;
+            a connection may appear more than once.
+        """
+        events: list[ConnectionRequest | TcpConnection | UdpDatagram] = []
+        tcp = self.tcp
+        take = self._take_general
+        sources = self._trusted
+        held: dict[FlowKey, list[TcpHeader]] = {}
+        count = 0
+        for data, trusted in packets:
+            count += 1
+            # The common TCP packet without the call `_take` would add.
+            try:
+                seg = parse_plain_tcp_untrusted(data, not trusted, sources)
+            except BadPacket:
+                seg = None  # `_take_general` decides and counts
+            if seg is not None:
+                src, dst, hdr, payload = seg
+                key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
+            else:
+                item = take(data, trusted)
+                if item is None:
+                    continue
+                if isinstance(item, UdpDatagram):
+                    events.append(item)
+                    continue
+                key, hdr, payload = item
+            if hdr.flags == ACK and not payload and not hdr.options.sack_blocks:
+                run = held.get(key)
+                if run is None:
+                    held[key] = [hdr]
+                else:
+                    run.append(hdr)
+                continue
+            event = None
+            run = held.pop(key, None)
+            if run is not None:
+                # The flow's earlier ACKs come first: order within a flow
+                # is kept (flows do not depend on each other).
+                event = tcp.acks_received(key, run, now)
+            event = tcp.segment_received(key, hdr, payload, now) or event
+            if event is not None:
+                events.append(event)
+        for key, run in held.items():
+            if len(run) == 1:
+                event = tcp.segment_received(key, run[0], b"", now)
+            else:
+                event = tcp.acks_received(key, run, now)
+            if event is not None:
+                events.append(event)
+        self.counters["rx_packets"] += count
+        return events
+
+    def _take(
+        self, data: memoryview, checksum_trusted: bool
+    ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
+        """Parse one packet: a TCP segment to route, a UDP datagram, or None.
+
+        ICMP is answered here and every drop counted.
+        """
         try:
-            pkt = parse_packet_untrusted(data, verify_checksum=not checksum_trusted)
+            seg = parse_plain_tcp_untrusted(data, not checksum_trusted, self._trusted)
+        except BadPacket:
+            seg = None  # `_take_general` decides and counts
+        if seg is None:
+            return self._take_general(data, checksum_trusted)
+        # The common TCP packet, parsed without the values only the general
+        # path needs.
+        src, dst, hdr, payload = seg
+        return _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port)), hdr, payload
+
+    def _take_general(
+        self, data: memoryview, checksum_trusted: bool
+    ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
+        """`_take` for a packet the plain TCP parse did not take."""
+        verify = not checksum_trusted
+        trusted = self._trusted
+        try:
+            if verify and trusted and source_address(data) in trusted:
+                verify = False
+            pkt = parse_packet_untrusted(data, verify_checksum=verify)
         except BadPacket as exc:
-            counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
+            self.counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
             return None
         l4 = pkt.l4
+        counters = self.counters
         if type(l4) is TcpHeader:
-            key = FlowKey(pkt.src, l4.src_port, pkt.dst, l4.dst_port)
-            return self.tcp.segment_received(key, l4, pkt.payload, now)
+            return FlowKey(pkt.src, l4.src_port, pkt.dst, l4.dst_port), l4, pkt.payload
         if type(l4) is UdpHeader:
             counters["rx_udp"] += 1
             return UdpDatagram(pkt.src, l4.src_port, pkt.dst, l4.dst_port, bytes(pkt.payload))
@@ -187,15 +303,16 @@ class NetStack:
         """
         out = self._out
         self._out = []
-        partial = self.config.partial_checksum
-        ttl = self.config.ttl
         connections = self.tcp.connections
+        templates = self._templates
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
         for key, hdr, payload in self.tcp.segments_to_send(now):
-            packet = build_tcp_packet(
-                key.remote_addr, key.app_addr, hdr, payload, ttl=ttl, partial_checksum=partial
-            )
+            pair = (key.remote_addr, key.app_addr)
+            template = templates.get(pair)
+            if template is None:
+                template = self._template(pair)
+            packet = template.build(hdr, payload)
             if gso and len(payload) > _MIN_MSS:
                 conn = connections.get(key)
                 limit = None if conn is None else conn.packet_limit
@@ -204,3 +321,13 @@ class NetStack:
                     continue
             out.append(packet)
         return out
+
+    def _template(self, pair: tuple[bytes, bytes]) -> TcpTemplate:
+        templates = self._templates
+        if len(templates) >= _MAX_TEMPLATES:
+            templates.clear()
+        config = self.config
+        template = templates[pair] = TcpTemplate(
+            pair[0], pair[1], ttl=config.ttl, partial_checksum=config.partial_checksum
+        )
+        return template

@@ -20,6 +20,8 @@ class TcpConfig:
         mss: the largest payload we accept per segment (announced in the
             SYN-ACK) and the cap on what we send; set from the TUN MTU
             (MTU minus 40 for IPv4, 60 for IPv6).
+        mss_ipv6: the same for IPv6 flows, whose header is 20 bytes
+            longer; None: `mss` for both families.
         rcv_buf: receive buffer per connection: in-order data not yet taken
             by `next_event`. The advertised window is what is left of it.
         snd_buf: send buffer per connection: unacknowledged plus unsent data.
@@ -56,6 +58,7 @@ class TcpConfig:
     """
 
     mss: int = 1460
+    mss_ipv6: int | None = None
     rcv_buf: int = 512 * 1024
     snd_buf: int = 512 * 1024
     max_ooo_bytes: int = 512 * 1024
@@ -87,6 +90,8 @@ class TcpConfig:
                 raise LocalProtocolError(f"TcpConfig.{field.name} must be positive, got {value}")
         if self.mss > 65495:
             raise LocalProtocolError(f"TcpConfig.mss {self.mss} exceeds 65495")
+        if self.mss_ipv6 is not None and self.mss_ipv6 > 65475:
+            raise LocalProtocolError(f"TcpConfig.mss_ipv6 {self.mss_ipv6} exceeds 65475")
         if self.gso_size is not None and self.gso_size > 65000:
             raise LocalProtocolError(f"TcpConfig.gso_size {self.gso_size} exceeds 65000")
         if self.rto_min > self.rto_max:

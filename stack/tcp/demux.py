@@ -137,6 +137,29 @@ class TcpDemux:
             self._reply_rst(key, hdr, len(payload))
         return None
 
+    def acks_received(
+        self, key: FlowKey, hdrs: list[TcpHeader], now: float
+    ) -> ConnectionRequest | TcpConnection | None:
+        """Route segments without data of one flow that arrived together.
+
+        A batch's pure ACKs of a connection go to its `acks_received`,
+        which may take a run of cumulative ACKs at once; for anything else
+        each goes through `segment_received`.
+
+        Returns:
+            As `segment_received` does, for the last of them.
+        """
+        conn = self._connections.get(key)
+        if conn is not None and conn.state is not TcpState.TIME_WAIT:
+            # (In TIME-WAIT a SYN may replace the connection: one by one.)
+            conn.acks_received(hdrs, now)
+            self._dirty.add(conn)
+            return conn
+        result = None
+        for hdr in hdrs:
+            result = self.segment_received(key, hdr, b"", now)
+        return result
+
     def accept(self, key: FlowKey, iss: int, now: float) -> TcpConnection:
         """Accept a pending SYN: the connection enters SYN-RECEIVED.
 

@@ -78,6 +78,7 @@ class TcpStatistics(NamedTuple):
     challenge_acks: int
     tail_loss_probes: int
     rack_losses: int
+    acks_coalesced: int
 
 
 class Counters:
@@ -95,7 +96,7 @@ class Counters:
         self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
         self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
         self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
-        self.rack_losses = 0
+        self.rack_losses = self.acks_coalesced = 0
 
     def snapshot(self) -> TcpStatistics:
         """Return the counters as an immutable `TcpStatistics`."""

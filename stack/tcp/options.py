@@ -23,6 +23,7 @@ class Negotiated:
     """What the handshake settled.
 
     Attributes:
+        mss: the MSS we announce (the configured one for the flow's family).
         snd_mss: payload bytes per segment we send (the peer's MSS, capped
             by ours, minus the timestamp option if in use: RFC 6691).
         rcv_mss: payload bytes per segment we expect (for delayed ACK).
@@ -32,10 +33,11 @@ class Negotiated:
         timestamps: timestamps in use both ways.
     """
 
-    __slots__ = ("rcv_mss", "rcv_wscale", "sack", "snd_mss", "snd_wscale", "timestamps")
+    __slots__ = ("mss", "rcv_mss", "rcv_wscale", "sack", "snd_mss", "snd_wscale", "timestamps")
 
     def __init__(
         self,
+        mss: int,
         snd_mss: int,
         rcv_mss: int,
         snd_wscale: int,
@@ -43,6 +45,7 @@ class Negotiated:
         sack: bool,
         timestamps: bool,
     ) -> None:
+        self.mss = mss
         self.snd_mss = snd_mss
         self.rcv_mss = rcv_mss
         self.snd_wscale = snd_wscale
@@ -65,7 +68,7 @@ def negotiate(syn: TcpOptions, config: TcpConfig, ipv6: bool) -> Negotiated:
     Args:
         syn: options of the application's SYN.
         config: our configuration.
-        ipv6: whether the flow is IPv6 (only for the default MSS).
+        ipv6: whether the flow is IPv6 (the default MSS, and ours).
 
     Returns:
         The negotiated parameters.
@@ -73,15 +76,17 @@ def negotiate(syn: TcpOptions, config: TcpConfig, ipv6: bool) -> Negotiated:
     timestamps = config.timestamps and syn.timestamp is not None
     peer_mss = syn.mss if syn.mss else (DEFAULT_MSS_V6 if ipv6 else DEFAULT_MSS_V4)
     ts_len = TIMESTAMP_OPTION_LEN if timestamps else 0
+    mss = config.mss_ipv6 if ipv6 and config.mss_ipv6 is not None else config.mss
     # Never below 64 bytes of payload: a silly MSS would only burn CPU.
-    snd_mss = max(64, min(peer_mss, config.mss) - ts_len)
-    rcv_mss = max(64, config.mss - ts_len)
+    snd_mss = max(64, min(peer_mss, mss) - ts_len)
+    rcv_mss = max(64, mss - ts_len)
     if config.window_scaling and syn.wscale is not None:
         snd_wscale = min(syn.wscale, MAX_WSCALE)
         rcv_wscale = window_shift(config.rcv_buf)
     else:
         snd_wscale = rcv_wscale = 0
     return Negotiated(
+        mss=mss,
         snd_mss=snd_mss,
         rcv_mss=rcv_mss,
         snd_wscale=snd_wscale,
@@ -106,7 +111,7 @@ def synack_options(
     """
     scaled = config.window_scaling and syn.wscale is not None
     return TcpOptions(
-        mss=config.mss,
+        mss=neg.mss,
         wscale=neg.rcv_wscale if scaled else None,
         sack_permitted=neg.sack,
         timestamp=(tsval, ts_recent) if neg.timestamps else None,

@@ -25,6 +25,7 @@ from stack.tcp.options import Negotiated, synack_options
 from stack.tcp.rcv import Receiver
 from stack.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpHeader, TcpOptions
 
+_tuple_new = tuple.__new__
 _SACK_BLOCK_LEN = 8
 _SACK_OPTION_BASE = 4  # NOP NOP kind length
 
@@ -137,12 +138,19 @@ class Output:
         """Return the header of a segment at send position `seq` (after `begin`)."""
         rcv = self._rcv
         window = rcv.ack_segment(self._wscale)
-        return TcpHeader(
-            self._sport,
-            self._dport,
-            (self._iss + seq) & MASK,
-            (self._irs + rcv.nxt) & MASK,
-            flags,
-            window,
-            options=self._opts,
+        # tuple.__new__ skips NamedTuple's Python-level __new__ (one per
+        # segment sent).
+        return _tuple_new(
+            TcpHeader,
+            (
+                self._sport,
+                self._dport,
+                (self._iss + seq) & MASK,
+                (self._irs + rcv.nxt) & MASK,
+                flags,
+                window,
+                0,
+                0,
+                self._opts,
+            ),
         )

@@ -136,11 +136,20 @@ class Receiver:
         right only in SWS-avoiding steps, rounded up to the scale unit so
         the scaled value never undercuts the edge already promised.
         """
-        edge = self.nxt + max(self.rcv_buf - self.ready_len, 0)
-        target = edge if edge - self.adv >= self._threshold else self.adv
-        raw = min(0xFFFF, (target - self.nxt + (1 << shift) - 1) >> shift)
-        self.adv = max(self.adv, self.nxt + (raw << shift))
-        self.max_window = max(self.max_window, self.adv - self.nxt)
+        # Once per segment sent: plain comparisons, no min/max calls.
+        nxt = self.nxt
+        adv = self.adv
+        free = self.rcv_buf - self.ready_len
+        edge = nxt + free if free > 0 else nxt
+        target = edge if edge - adv >= self._threshold else adv
+        raw = (target - nxt + (1 << shift) - 1) >> shift
+        if raw > 0xFFFF:
+            raw = 0xFFFF
+        right = nxt + (raw << shift)
+        if right > adv:
+            self.adv = adv = right
+        if adv - nxt > self.max_window:
+            self.max_window = adv - nxt
         return raw
 
     def note_timestamp(self, tsval: int, seq: int) -> None:

@@ -40,6 +40,8 @@ from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeou
 from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
 
 SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
+# NamedTuple's __new__ is a Python function: one Segment per segment sent.
+_tuple_new = tuple.__new__
 
 # Kinds of segment `next_segment` returns.
 NEW = 0  # first transmission (or a retransmission after a timeout)
@@ -100,6 +102,8 @@ class Sender:
         "_rxt_mark",
         "_sack",
         "_sb",
+        "_skip_growth",
+        "_skipped_to",
         "_synack_retransmitted",
         "_synack_time",
         "_timers",
@@ -162,6 +166,10 @@ class Sender:
         self._rtt_time = 0.0
         self._retries = 0  # consecutive RTO expiries
         self._probes_unanswered = 0
+        # Plain ACKs skipped before the one that stands for them: how far
+        # they reached, and the slow-start growth they would have earned.
+        self._skipped_to = 0
+        self._skip_growth = 0
 
     # ------------------------------------------------------------ the buffer
 
@@ -200,6 +208,34 @@ class Sender:
             self._rtt.sample(now - self._synack_time)
         else:
             self._rtt.backoff = 0
+
+    def plain_ack(self, ack: int) -> bool:
+        """Return True if an ACK of `ack` (unwrapped) would only move SND.UNA on.
+
+        That is a cumulative ACK of new data outside loss recovery, with
+        nothing SACKed: no duplicate ACK to count, no scoreboard to update.
+        Such an ACK, followed in the same batch by another that acknowledges
+        more, may be skipped (`skipped_ack`), the later one standing for both.
+        """
+        return self.una < ack <= self.max and not self._cc.in_recovery and not self._sb
+
+    def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
+        """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
+
+        Its window counts in MAX.SND.WND (RFC 5961 section 5.2), its
+        timestamp echo is an RTT sample, taken in order as one by one, and
+        the slow-start growth it would have earned is kept for the ACK that
+        stands for it.
+        """
+        mss2 = 2 * self._mss
+        self._skip_growth += min(ack - max(self.una, self._skipped_to), mss2)
+        self._skipped_to = ack
+        window = hdr.window << self._wscale
+        if window > self.max_wnd:
+            self.max_wnd = window
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and ts[1]:
+            self._sample_ts(ts[1], now)
 
     def on_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> bool:
         """Take an acceptable ACK after the handshake.
@@ -277,7 +313,12 @@ class Sender:
         # Forward progress ends any backoff, as in Linux.
         rtt.backoff = 0
         self._retries = 0
-        self._cc.on_ack(acked, ack, self.max - ack)
+        growth = None
+        if self._skipped_to:
+            # This ACK stands for skipped ones too (`skipped_ack`).
+            growth = self._skip_growth + min(ack - self._skipped_to, 2 * self._mss)
+            self._skipped_to = self._skip_growth = 0
+        self._cc.on_ack(acked, ack, self.max - ack, growth)
         timers = self._timers
         timers.rto = None if self.max == ack else now + rtt.rto()
         timers.tlp = None
@@ -584,14 +625,14 @@ class Sender:
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None
-        return Segment(start, n, fin, NEW)
+        return _tuple_new(Segment, (start, n, fin, NEW))
 
     def _cut(self, start: int, limit: int, mss: int, kind: int) -> Segment | None:
         n = max(0, min(start + mss, limit, self._buf.end) - start)
         fin = self.fin_at is not None and start + n == self.fin_at
         if n == 0 and not fin:
             return None
-        return Segment(start, n, fin, kind)
+        return _tuple_new(Segment, (start, n, fin, kind))
 
     def _sent(self, seg: Segment) -> None:
         end = seg.start + seg.length + seg.fin

@@ -1,6 +1,7 @@
 """Micro-benchmark of the TCP stack's per-segment and per-connection cost.
 
     python -m tests.bench tcp [--mb 8] [--conns 2000] [--repeat 5] [--offload]
+                              [--app-acks each] [--trust-app] [--ipv6]
 
 In process, no TUN: IP packets go into `NetStack.receive` and come out of
 `NetStack.packets_to_send`, as the engine drives them, and the runtime's
@@ -14,13 +15,20 @@ side of each flow is played by direct calls (`send`, `close`,
   Both report µs per data segment (all stack work of the transfer divided
   by the data segments carried). The application's side is a second
   `TcpConnection` (opened from the stack's SYN-ACK seen as a SYN, as the
-  tests do), untimed.
+  tests do), untimed. By default (`--app-acks round`) it takes a whole
+  round of segments before it answers, so a download brings one ACK per
+  round; with `--app-acks each` it answers after every segment, as a
+  Linux application reading a TUN does (an ACK per second full segment),
+  and the stack gets all of a round's ACKs in one batch, as the engine
+  hands it a TUN read.
 - `connect`: a scripted application opens a connection, sends one byte and
   FIN; the runtime answers one byte and closes; the application ACKs. µs
   per connection, all of it through `NetStack`.
 
 Without `--offload` every packet's checksum is verified and computed in
-full (a TUN without offload); with it, as with IFF_VNET_HDR offload. Prints
+full (a TUN without offload); with it, as with IFF_VNET_HDR offload.
+`--trust-app` makes the application's address the TUN's own, whose
+packets tun2sx does not verify (`NetStackConfig.trusted_sources`). Prints
 the best and the median of `--repeat` runs per case.
 
 Time is this thread's CPU time by default (`--clock cpu`): on a small
@@ -39,6 +47,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
+
 from stack.netstack import GsoPacket, NetStack, NetStackConfig, UdpDatagram
 from stack.seq import MASK
 from stack.tcp import (
@@ -54,6 +64,8 @@ from stack.wire.tcp import ACK, FIN, PSH, SYN, TcpHeader, TcpOptions
 
 APP = bytes([10, 0, 0, 2])
 REMOTE = bytes([198, 18, 0, 5])
+APP6 = bytes.fromhex("fd00007e000000000000000000000001")
+REMOTE6 = bytes.fromhex("fc000000000000000000000000000005")
 APP_ISN = 0xFFFFFF00  # near the wrap, as in the tests
 SRV_ISS = 0x7FFFFFF0
 MSS = 1460  # 1448-byte payloads with the timestamp option
@@ -62,22 +74,34 @@ STEP = 0.0001  # simulated seconds per exchange round
 T = TypeVar("T")
 
 _clock = time.thread_time
+_TRUST_APP = False
 
 
 class _Stack:
     """The stack under test, with the time spent in it accumulated."""
 
     def __init__(self, offload: bool) -> None:
-        self.net = NetStack(NetStackConfig(tcp=TcpConfig(mss=MSS), partial_checksum=offload))
+        config = NetStackConfig(tcp=TcpConfig(mss=MSS), partial_checksum=offload)
+        if _TRUST_APP:
+            # The application's address as the TUN's own (what tun2sx does
+            # with `Settings.trust_local_checksums`).
+            config = attrs.evolve(config, trusted_sources=frozenset({APP}))
+        self.net = NetStack(config)
         self.trusted = offload
         self.spent = 0.0
 
     def receive(
         self, packets: list[bytes], now: float
     ) -> list[ConnectionRequest | TcpConnection | UdpDatagram | None]:
+        """Feed one batch, as the engine feeds a TUN read."""
         net, trusted = self.net, self.trusted
+        batch = [(memoryview(p), trusted) for p in packets]
         start = _clock()
-        events = [net.receive(memoryview(p), now, checksum_trusted=trusted) for p in packets]
+        if hasattr(net, "receive_batch"):
+            events: list[ConnectionRequest | TcpConnection | UdpDatagram | None]
+            events = list(net.receive_batch(batch, now))
+        else:  # a tree from before batches (A/B runs against it)
+            events = [net.receive(p, now, checksum_trusted=t) for p, t in batch]
         self.spent += _clock() - start
         return events
 
@@ -163,7 +187,7 @@ def _open(stack: _Stack, now: float) -> tuple[TcpConnection, TcpConnection]:
     return conn, app
 
 
-def bulk(total: int, upload: bool, offload: bool) -> float:
+def bulk(total: int, upload: bool, offload: bool, each: bool = False) -> float:
     """Move `total` bytes one way; return µs of stack time per data segment."""
     stack = _Stack(offload)
     now = 1.0
@@ -172,6 +196,7 @@ def bulk(total: int, upload: bool, offload: bool) -> float:
     sender, receiver = (app, conn) if upload else (conn, app)
     queued = received = 0
     data_segments = 0
+    pending: list[bytes] = []
     while received < total:
         now += STEP
         # The sending side's program keeps its send buffer full.
@@ -185,6 +210,8 @@ def bulk(total: int, upload: bool, offload: bool) -> float:
         if deadline is not None and deadline <= now:
             app.handle_timeout(now)
         inbound = _packets(app.segments_to_send(now))
+        inbound = pending + inbound
+        pending = []
         if upload:
             data_segments += sum(1 for p in inbound if len(p) > 52 + 20)
         stack.receive(inbound, now)
@@ -200,6 +227,9 @@ def bulk(total: int, upload: bool, offload: bool) -> float:
             data_segments += sum(1 for p in outbound if len(p) > 52 + 20)
         for hdr, payload in _segments(outbound):
             app.segment_received(hdr, payload, now)
+            if each:
+                # Its ACKs reach the stack with the next round's batch.
+                pending += _packets(app.segments_to_send(now))
         while (event := app.next_event()) is not NEED_DATA:
             if isinstance(event, DataReceived):
                 received += len(event.data)
@@ -269,19 +299,40 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--offload", action="store_true", help="checksums offloaded")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument(
+        "--app-acks",
+        choices=("round", "each"),
+        default="round",
+        help="the application ACKs once per round, or after each segment (as Linux)",
+    )
+    parser.add_argument("--ipv6", action="store_true", help="IPv6 flows (default IPv4)")
+    parser.add_argument(
+        "--trust-app",
+        action="store_true",
+        help="the application's address is the TUN's own: its checksums are not verified",
+    )
+    parser.add_argument(
         "--case", choices=("upload", "download", "connect"), action="append", help="default: all"
     )
     args = parser.parse_args(argv)
-    global _clock
+    global _clock, _TRUST_APP, APP, REMOTE
+    if args.ipv6:
+        APP, REMOTE = APP6, REMOTE6
     _clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    _TRUST_APP = args.trust_app
     total = int(args.mb * 1_000_000)
+    each = args.app_acks == "each"
     cases: dict[str, Callable[[], float]] = {
-        "upload": lambda: bulk(total, True, args.offload),
-        "download": lambda: bulk(total, False, args.offload),
+        "upload": lambda: bulk(total, True, args.offload, each),
+        "download": lambda: bulk(total, False, args.offload, each),
         "connect": lambda: connect_loop(args.conns, args.offload),
     }
     chosen = args.case or list(cases)
-    print(f"offload={'on' if args.offload else 'off'}, clock={args.clock}, {args.repeat} runs each")
+    print(
+        f"offload={'on' if args.offload else 'off'}, clock={args.clock}, "
+        f"app-acks={args.app_acks}, trust-app={'on' if args.trust_app else 'off'}, "
+        f"ipv{6 if args.ipv6 else 4}, "
+        f"{args.repeat} runs each"
+    )
     print("| case | unit | best | median |")
     print("|---|---|---|---|")
     for name in chosen:

@@ -31,7 +31,7 @@ from fuzz.netstack_input import (
 from fuzz.netstack_input import TestOneInput as fuzz_one_input
 from stack.netstack import GsoPacket, NetStack, NetStackConfig
 from stack.tcp import NEED_DATA, DataReceived, FlowKey, TcpConfig, TcpConnection, TcpState
-from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
+from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader, TcpOptions
 
 PORTS = (APP_PORT, REMOTE_PORT)
@@ -210,3 +210,83 @@ def test_a_super_segment_for_an_application_behind_a_smaller_mtu_names_its_packe
     packets = stack.packets_to_send(0.01)
     assert all(type(p) is bytes for p in packets)
     assert max(len(p) for p in packets) > 9000  # type: ignore[arg-type]
+
+
+def _corrupt(packet: bytes) -> memoryview:
+    raw = bytearray(packet)
+    raw[-1] ^= 0x5A  # the last payload byte: only the TCP checksum can tell
+    return memoryview(bytes(raw))
+
+
+def test_checksums_are_skipped_only_for_trusted_sources() -> None:
+    """Packets from the TUN's own address (the local host) skip verification;
+    forwarded traffic from anyone else is still verified (docs/wire.md)."""
+    app6 = bytes.fromhex("fd00" + "00" * 13 + "07")
+    remote6 = bytes.fromhex("fd00" + "00" * 13 + "08")
+    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(mss=1400))
+    data = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN + 1, 0, ACK, 65535, options=TS)
+    packets = [
+        build_tcp_packet(APP, REMOTE, data, b"hello"),  # the fast parse
+        build_tcp_packet(APP, REMOTE, syn, b"hello"),  # other options: the general parser
+        build_tcp_packet(app6, remote6, syn, b"hello"),
+    ]
+    for trusted, accepted in (
+        (frozenset(), 0),
+        (frozenset({REMOTE, remote6}), 0),  # destinations, not sources
+        (frozenset({APP}), 2),
+        (frozenset({APP, app6}), 3),
+    ):
+        stack = NetStack(NetStackConfig(tcp=CONFIG.tcp, trusted_sources=trusted))
+        for packet in packets:
+            stack.receive(_corrupt(packet), 0.0)
+        assert stack.counters["rx_malformed"] == 3 - accepted, trusted
+    # Intact packets are taken whatever the setting.
+    stack = NetStack(NetStackConfig(tcp=CONFIG.tcp))
+    for packet in packets:
+        stack.receive(memoryview(packet), 0.0)
+    assert stack.counters["rx_malformed"] == 0
+
+
+def test_a_batch_leaves_what_packets_one_by_one_leave() -> None:
+    """`receive_batch` takes a flow's pure ACKs together; everything the
+    stack then says and does is what `receive`, packet by packet, gives."""
+    stacks = [NetStack(CONFIG), NetStack(CONFIG)]
+    conns = [open_flow(stack, 0.0) for stack in stacks]
+    flights = []
+    for stack, conn in zip(stacks, conns, strict=True):
+        conn.send(bytes(6000))
+        flights.append(stack.packets_to_send(0.01))
+    assert flights[0] == flights[1] and len(flights[0]) == 10
+    base_seq = (APP_ISN + 1 + len(GREETING)) & 0xFFFFFFFF
+    opts = TcpOptions(timestamp=(5, 0))
+
+    def seg(
+        ack_segments: int, flags: int = ACK, data: bytes = b"", port: int = APP_PORT, sent: int = 0
+    ) -> bytes:
+        ack = (ISS + 1 + ack_segments * 600 - 12 * ack_segments) & 0xFFFFFFFF
+        seq = (base_seq + sent) & 0xFFFFFFFF
+        hdr = TcpHeader(port, REMOTE_PORT, seq, ack, flags, 512, options=opts)
+        return build_tcp_packet(APP, REMOTE, hdr, data)
+
+    batch = [
+        seg(2),
+        seg(4),
+        build_udp_packet(APP, REMOTE, 5353, 53, b"query"),
+        seg(6, ACK | PSH, b"more"),  # data: the ACKs before it go first
+        seg(6, sent=4),
+        seg(8, sent=4),
+        seg(10, sent=4),
+        seg(1, port=APP_PORT + 1),  # an unknown flow: RST
+        seg(2, port=APP_PORT + 1),
+    ]
+    one = [stacks[0].receive(memoryview(p), 0.02) for p in batch]
+    together = stacks[1].receive_batch([(memoryview(p), False) for p in batch], 0.02)
+    # The same events, but a connection once per run of ACKs, not per ACK.
+    assert [e for e in one if e is not None] == [conns[0]] * 2 + [one[2]] + [conns[0]] * 4
+    assert together == [one[2], conns[1], conns[1]]
+    assert stacks[0].packets_to_send(0.02) == stacks[1].packets_to_send(0.02)
+    assert stacks[0].counters == stacks[1].counters
+    stats = [conn.statistics() for conn in conns]
+    # 2 before 4, and 8 before 10 (6 repeats what the data segment acknowledged).
+    assert (stats[0].acks_coalesced, stats[1].acks_coalesced) == (0, 2)
+    assert stats[0] == stats[1]._replace(acks_coalesced=0)

@@ -124,6 +124,9 @@ class Settings:
             set when tun2sx opens the device (an adopted fd keeps its own).
         udp_buffer: send and receive buffer of each outbound UDP socket,
             bytes (0: the kernel's default).
+        trust_local_checksums: skip checksum verification of packets whose
+            source is one of `tun_addresses` (the local host's own); off by
+            default (see docs/wire.md).
     """
 
     tun: str | None = None
@@ -154,6 +157,20 @@ class Settings:
     workers: int = 1
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
     udp_buffer: int = DEFAULT_UDP_BUFFER
+    trust_local_checksums: bool = False
+
+
+def _trusted_sources(settings: Settings) -> frozenset[bytes]:
+    """The TUN's own addresses, whose packets skip checksum verification.
+
+    Only the local host sends from them (Linux drops a packet that arrives
+    from elsewhere with a local source address), and nothing lies between
+    it and the TUN that could damage a packet; forwarded traffic from a LAN
+    keeps being verified (docs/wire.md).
+    """
+    if not settings.trust_local_checksums:
+        return frozenset()
+    return frozenset(ipaddress.ip_interface(cidr).ip.packed for cidr in settings.tun_addresses)
 
 
 def effective_fwmark(settings: Settings) -> int | None:
@@ -400,13 +417,17 @@ async def _serve(
     try:
         if device is None:
             device = open_device(settings)
-        mss = max(536, device.mtu - 60)
+        # The MTU less the IP and TCP headers of each family.
+        mss4, mss6 = max(536, device.mtu - 40), max(536, device.mtu - 60)
         stack = NetStack(
             NetStackConfig(
                 # With offload the kernel cuts our 64 KB segments (GSO): one
                 # Python iteration then moves 64 KB instead of one MTU.
-                tcp=TcpConfig(mss=mss, gso_size=GSO_SIZE if device.offload else None),
+                tcp=TcpConfig(
+                    mss=mss4, mss_ipv6=mss6, gso_size=GSO_SIZE if device.offload else None
+                ),
                 partial_checksum=device.offload,
+                trusted_sources=_trusted_sources(settings),
             )
         )
         engine = Engine(

@@ -255,3 +255,29 @@ def test_entries_of_closed_connections_are_compacted_away() -> None:
     assert demux.statistics().deadline_entries <= 2 * len(demux.connections) + 64
     assert demux.next_deadline() == pytest.approx(1.0)
     assert demux.handle_timeout(1.0) == [conns[0]]
+
+
+def test_acks_received_routes_a_run_as_segment_received_would() -> None:
+    # A live connection takes the run itself.
+    demux = TcpDemux(TcpConfig(time_wait=1.0))
+    app = App()
+    conn = _establish(demux, KEY, app, 0.0)
+    conn.send(bytes(3000))
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.0)])
+    hdrs = [app.seg(ack=s(SRV_ISS + 1 + end))[0] for end in (1000, 2000, 3000)]
+    assert demux.acks_received(KEY, hdrs, 0.01) is conn
+    assert conn.statistics().acks_coalesced == 2
+    # In TIME-WAIT, one by one (a SYN there would replace the connection).
+    conn.close()
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.01)])
+    demux.segment_received(KEY, *app.seg(ACK | FIN), 0.02)
+    demux.segments_to_send(0.02)
+    assert conn.state is TcpState.TIME_WAIT
+    assert demux.acks_received(KEY, [app.seg()[0], app.seg()[0]], 0.03) is conn
+    assert conn.statistics().acks_coalesced == 2
+    # Unknown flows: an RST for each.
+    other = key(5555)
+    ack = TcpHeader(5555, 443, 1, 2, ACK, 100)
+    assert demux.acks_received(other, [ack, ack._replace(ack=3)], 0.03) is None
+    rsts = [(k, h.seq) for k, h, _ in demux.segments_to_send(0.03) if h.flags & RST]
+    assert rsts == [(other, 2), (other, 3)]

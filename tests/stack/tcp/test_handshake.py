@@ -52,6 +52,22 @@ def test_ipv6_default_mss_is_1220() -> None:
     assert [len(x.payload) for x in app2.absorb(conn2.segments_to_send(0.01))] == [1220, 780]
 
 
+def test_each_family_announces_and_uses_its_own_mss() -> None:
+    """IPv4 can take MTU - 40, IPv6 needs MTU - 60: fewer packets for IPv4."""
+    config = TcpConfig(mss=1460, mss_ipv6=1440)
+    for key, ours in ((KEY, 1460), (KEY6, 1440)):
+        app = App(mss=1460, ts=False)
+        conn = TcpConnection(key, app.syn(), SRV_ISS, 0.0, config)
+        [synack_seg] = app.absorb(conn.segments_to_send(0.0))
+        assert synack_seg.options.mss == ours
+        conn.segment_received(*app.seg(), 0.01)
+        conn.send(b"y" * 3000)
+        sizes = [len(x.payload) for x in app.absorb(conn.segments_to_send(0.01))]
+        assert sizes == [ours, ours, 3000 - 2 * ours]
+    with pytest.raises(LocalProtocolError, match="mss_ipv6"):
+        TcpConfig(mss_ipv6=65476)
+
+
 def test_window_scaling_is_off_unless_offered_and_config_allows_it() -> None:
     conn, app = syn_received(TcpConfig(window_scaling=False, sack=False, timestamps=False))
     assert observe(conn, app, 0.0)[1] == [synack(0.0, TcpOptions(mss=1460))]

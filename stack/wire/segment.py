@@ -1,0 +1,333 @@
+"""The per-segment path of TCP over IP: what every data segment and ACK costs.
+
+Without the TUN's virtio-net header (an Android VpnService fd, or
+`--no-offload`) every TCP segment is one packet, so what the stack spends
+per packet is what a stream costs. Two pieces live here:
+
+- `parse_plain_tcp_untrusted` reads the shape almost every packet from an
+  application has, IPv4 without options or IPv6 without extension headers
+  carrying TCP with no options or the NOP NOP Timestamps block (RFC 7323
+  Appendix A), in one `unpack_from`, and returns just what the TCP
+  demultiplexer needs: the addresses, the TCP header and the payload,
+  without the IP header and `Packet` values `parse_packet_untrusted`
+  builds. For any other packet it returns None and the caller takes the
+  general parser, which decides (and raises) exactly as it always does.
+- `TcpTemplate` holds what never changes between the segments of one
+  address pair (the addresses, the TTL, their share of both checksums), so
+  a segment with the timestamp option is one `struct.pack` of the IP
+  header, the TCP header and the option, plus the payload's checksum.
+  Anything else (SYN-ACK options, SACK blocks, no timestamps) is handed to
+  `packet.build_tcp_packet`; both give the same bytes, which the tests
+  check.
+
+Checksums may be skipped for packets from trusted sources (see
+`parse_plain_tcp_untrusted`): the runtime decides which, docs/wire.md says why.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Container
+from typing import Final
+
+from stack.errors import BadPacket
+from stack.wire.checksum import ones_complement_sum
+from stack.wire.ipv4 import PROTO_TCP
+from stack.wire.packet import DEFAULT_TTL, build_tcp_packet
+from stack.wire.tcp import NO_OPTIONS, SYN, TcpHeader, TcpOptions
+
+_fb = int.from_bytes
+_tuple_new = tuple.__new__
+
+# IPv4 header (no options), the fixed TCP header, NOP NOP TS TSval TSecr.
+_V4_TCP_TS: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
+# IPv6 header (no extension headers), the same TCP part.
+_V6_TCP_TS: Final = struct.Struct("!IHBB16s16sHHIIBBHHHIII")
+_V4_TCP_TS_LEN: Final = 52
+_V6_TCP_TS_LEN: Final = 72
+_TS_ONLY_PREFIX: Final = 0x0101080A
+# The option's fixed words (NOP NOP, kind 8 length 10) in the checksum.
+_TS_WORDS: Final = 0x0101 + 0x080A
+# Data offset 8 words (32-byte header), in the word the flags share.
+_TS_OFFSET_WORD: Final = 0x8000
+_TS_OFFSET_BYTE: Final = 0x80
+_SYN_FIN_RST: Final = 0x07
+# Option fields that must be unset for a header to carry only the timestamp.
+_NO_SYN_OPTIONS: Final = (None, None, False, ())
+
+Segment = tuple[bytes, bytes, TcpHeader, memoryview]
+
+
+def parse_plain_tcp_untrusted(
+    buf: memoryview, verify_checksum: bool, trusted_sources: Container[bytes] = ()
+) -> Segment | None:
+    """Parse the common IPv4 or IPv6 TCP packet, or return None for any other.
+
+    Args:
+        buf: one whole packet as read from the TUN.
+        verify_checksum: verify the IPv4 header and TCP checksums.
+        trusted_sources: source addresses whose packets are not verified
+            even so (the local host's own TUN address: see docs/wire.md).
+
+    Returns:
+        (src, dst, TCP header, payload view); None when the packet is not
+        IPv4 without options or IPv6 without extension headers carrying TCP
+        with no options or only NOP NOP Timestamps, or anything about it
+        needs the general parser's judgement (fragments, bad lengths, a SYN
+        with FIN or RST, a bad IP header checksum).
+
+    Raises:
+        BadPacket: the TCP checksum is wrong (the only verdict given here).
+    """
+    n = len(buf)
+    if n < _V4_TCP_TS_LEN:
+        return None
+    if buf[0] != 0x45:
+        return _plain_tcp6(buf, n, verify_checksum, trusted_sources)
+    if buf[9] != PROTO_TCP:
+        return None
+    (
+        _,
+        _,
+        total,
+        _,
+        flags_frag,
+        _,
+        _,
+        _,
+        src,
+        dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        off,
+        flags,
+        window,
+        tcp_sum,
+        urgent,
+        word0,
+        tsval,
+        tsecr,
+    ) = _V4_TCP_TS.unpack_from(buf)
+    hlen = (off >> 4) << 2
+    if hlen == 32 and word0 == _TS_ONLY_PREFIX:
+        options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
+    elif hlen == 20:
+        options = NO_OPTIONS
+    else:
+        return None
+    if (
+        total > n
+        or total < 20 + hlen
+        or flags_frag & 0x3FFF
+        or (flags & 0x02 and flags & _SYN_FIN_RST != 0x02)
+    ):
+        return None
+    if verify_checksum and src not in trusted_sources:
+        if _fb(buf[:20], "little") % 0xFFFF:
+            return None
+        # total - 20 is the TCP length, + 6 the protocol: with the addresses
+        # at 12..20 that makes the whole pseudo-header.
+        if ones_complement_sum(buf[12:total], total - 14) != 0xFFFF:
+            raise BadPacket("TCP checksum mismatch")
+    header = _tuple_new(
+        TcpHeader, (sport, dport, seq, ack, flags, window, tcp_sum, urgent, options)
+    )
+    return src, dst, header, buf[20 + hlen : total]
+
+
+def _plain_tcp6(
+    buf: memoryview, n: int, verify_checksum: bool, trusted_sources: Container[bytes]
+) -> Segment | None:
+    if n < _V6_TCP_TS_LEN or buf[0] >> 4 != 6 or buf[6] != PROTO_TCP:
+        return None
+    (
+        _,
+        length,
+        _,
+        _,
+        src,
+        dst,
+        sport,
+        dport,
+        seq,
+        ack,
+        off,
+        flags,
+        window,
+        tcp_sum,
+        urgent,
+        word0,
+        tsval,
+        tsecr,
+    ) = _V6_TCP_TS.unpack_from(buf)
+    hlen = (off >> 4) << 2
+    if hlen == 32 and word0 == _TS_ONLY_PREFIX:
+        options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
+    elif hlen == 20:
+        options = NO_OPTIONS
+    else:
+        return None
+    total = 40 + length
+    if total > n or length < hlen or (flags & 0x02 and flags & _SYN_FIN_RST != 0x02):
+        return None
+    # The addresses at 8..40 and the segment after them, plus the length
+    # and the next header: the whole pseudo-header (RFC 8200 8.1).
+    if (
+        verify_checksum
+        and src not in trusted_sources
+        and ones_complement_sum(buf[8:total], length + PROTO_TCP) != 0xFFFF
+    ):
+        raise BadPacket("TCP checksum mismatch")
+    header = _tuple_new(
+        TcpHeader, (sport, dport, seq, ack, flags, window, tcp_sum, urgent, options)
+    )
+    return src, dst, header, buf[40 + hlen : total]
+
+
+def source_address(buf: memoryview) -> bytes | None:
+    """Return the source address of an IPv4 or IPv6 packet, if it has one."""
+    n = len(buf)
+    version = buf[0] >> 4 if n else 0
+    if version == 4 and n >= 20:
+        return bytes(buf[12:16])
+    if version == 6 and n >= 40:
+        return bytes(buf[8:24])
+    return None
+
+
+class TcpTemplate:
+    """Builds the TCP packets from one address to another.
+
+    `build(hdr, payload)` returns the same bytes as
+    `build_tcp_packet(src, dst, hdr, payload, ttl=..., partial_checksum=...)`;
+    for a header with only the timestamp option (every segment after the
+    handshake, on connections that use timestamps) it packs the whole
+    header in one call and sums only the fields that change.
+    """
+
+    __slots__ = ("_dst", "_ip_base", "_partial", "_pseudo_base", "_six", "_src", "_ttl")
+
+    def __init__(
+        self, src: bytes, dst: bytes, *, ttl: int = DEFAULT_TTL, partial_checksum: bool = False
+    ) -> None:
+        """Prepare the packets from `src` to `dst`.
+
+        Raises:
+            ValueError: the addresses are not both 4 or both 16 bytes, or the
+                TTL is out of range.
+        """
+        if len(src) != len(dst) or len(src) not in (4, 16):
+            raise ValueError("addresses must both be 4 or both be 16 bytes")
+        if not 0 <= ttl <= 0xFF:
+            raise ValueError(f"TTL {ttl} out of range")
+        self._src = src
+        self._dst = dst
+        self._ttl = ttl
+        self._partial = partial_checksum
+        self._six = len(src) == 16
+        addr = _fb(src, "big") + _fb(dst, "big")
+        # The pseudo-header without the length, and the TCP words that are
+        # the same in every such header; the IPv4 header's constant words.
+        self._pseudo_base = addr + PROTO_TCP
+        self._ip_base = 0x4500 + 0x4000 + (ttl << 8) + PROTO_TCP + addr
+
+    def build(self, hdr: TcpHeader, payload: bytes | bytearray | memoryview = b"") -> bytes:
+        """Return the packet carrying `hdr` and `payload` (its checksum field ignored).
+
+        Raises:
+            ValueError: a field out of range, or the packet too long.
+        """
+        sport, dport, seq, ack, flags, window, _, urgent, options = hdr
+        ts = options.timestamp
+        if ts is None or flags & SYN or options[:4] != _NO_SYN_OPTIONS:
+            return build_tcp_packet(
+                self._src,
+                self._dst,
+                hdr,
+                payload,
+                ttl=self._ttl,
+                partial_checksum=self._partial,
+            )
+        tsval, tsecr = ts
+        length = 32 + len(payload)
+        if self._partial:
+            csum = (self._pseudo_base + length) % 0xFFFF or 0xFFFF
+        else:
+            # 32-bit fields are congruent to the sum of their 16-bit words
+            # modulo 0xFFFF, so the sum is taken of the field values; an
+            # out-of-range value makes the pack below fail.
+            total = (
+                self._pseudo_base
+                + length
+                + sport
+                + dport
+                + seq
+                + ack
+                + window
+                + urgent
+                + _TS_OFFSET_WORD
+                + flags
+                + _TS_WORDS
+                + tsval
+                + tsecr
+            )
+            if payload:
+                total += ones_complement_sum(payload)
+            csum = -total % 0xFFFF
+        try:
+            if self._six:
+                if length > 0xFFFF:
+                    raise ValueError(f"IPv6 payload of {length} bytes exceeds 65535")
+                head = _V6_TCP_TS.pack(
+                    0x60000000,
+                    length,
+                    PROTO_TCP,
+                    self._ttl,
+                    self._src,
+                    self._dst,
+                    sport,
+                    dport,
+                    seq,
+                    ack,
+                    _TS_OFFSET_BYTE,
+                    flags,
+                    window,
+                    csum,
+                    urgent,
+                    _TS_ONLY_PREFIX,
+                    tsval,
+                    tsecr,
+                )
+            else:
+                size = 20 + length
+                if size > 0xFFFF:
+                    raise ValueError(f"IPv4 packet of {size} bytes exceeds 65535")
+                head = _V4_TCP_TS.pack(
+                    0x45,
+                    0,
+                    size,
+                    0,
+                    0x4000,  # DF, identification 0: atomic (RFC 6864 4.1)
+                    self._ttl,
+                    PROTO_TCP,
+                    -(self._ip_base + size) % 0xFFFF,
+                    self._src,
+                    self._dst,
+                    sport,
+                    dport,
+                    seq,
+                    ack,
+                    _TS_OFFSET_BYTE,
+                    flags,
+                    window,
+                    csum,
+                    urgent,
+                    _TS_ONLY_PREFIX,
+                    tsval,
+                    tsecr,
+                )
+        except struct.error as exc:
+            raise ValueError(f"header field out of range: {exc}") from exc
+        return head + payload if payload else head
