@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-offload", action="store_true", help="no virtio-net header / TSO offload")
     p.add_argument(
+        "--trust-local-checksums",
+        action="store_true",
+        help="skip checksum checks of packets from the TUN's own addresses (local applications)",
+    )
+    p.add_argument(
         "--tun-txqueuelen",
         metavar="N",
         type=int,
@@ -253,6 +258,7 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         (args.no_fake_ip, "fake_ip", False),
         (args.no_dns_hijack, "dns_hijack", False),
         (args.auto_route, "auto_route", True),
+        (args.trust_local_checksums, "trust_local_checksums", True),
     ):
         if flag:
             values[field] = value

@@ -47,7 +47,11 @@ _TOP: dict[str, str | None] = {
     "stats": None,
 }
 _TUN = {"name": "tun", "fd": "tun_fd", "mtu": "mtu", "addresses": "tun_addresses"}
-_TUN |= {"offload": "offload", "txqueuelen": "tun_txqueuelen"}
+_TUN |= {
+    "offload": "offload",
+    "txqueuelen": "tun_txqueuelen",
+    "trust_local_checksums": "trust_local_checksums",
+}
 _DNS = {
     "fake_ip": "fake_ip",
     "fake_ip_range": "fake_ip_range",
@@ -202,6 +206,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "mtu": _integer,
     "tun_addresses": _addresses,
     "offload": _boolean,
+    "trust_local_checksums": _boolean,
     "outbound": _string,
     "fwmark": _fwmark,
     "interface": _string,

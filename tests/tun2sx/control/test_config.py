@@ -274,3 +274,20 @@ def test_udp_buffer_and_txqueuelen_flags_override_the_file(config_file: Path) ->
     assert (settings.udp_buffer, settings.tun_txqueuelen) == (16 << 20, 4096)
     args = build_parser().parse_args(["--config", str(config_file), "--udp-buffer", "0"])
     assert settings_from_args(args).udp_buffer == 0  # the kernel's default
+
+
+def test_trusting_local_checksums_is_asked_for_by_flag_or_file(
+    config_file: Path, tmp_path: Path
+) -> None:
+    assert from_argv("--config", str(config_file)).trust_local_checksums is False
+    assert from_argv("--config", str(config_file), "--trust-local-checksums").trust_local_checksums
+    trusting = tmp_path / "trusting.toml"
+    trusting.write_text(
+        config_file.read_text().replace("[tun]\n", "[tun]\ntrust_local_checksums = true\n")
+    )
+    assert from_argv("--config", str(trusting)).trust_local_checksums is True
+    trusting.write_text(
+        config_file.read_text().replace("[tun]\n", '[tun]\ntrust_local_checksums = "yes"\n')
+    )
+    with pytest.raises(ConfigError, match=r"tun\.trust_local_checksums"):
+        from_argv("--config", str(trusting))
