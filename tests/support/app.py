@@ -22,10 +22,20 @@ from stack.tcp import (
     TcpConfig,
     TcpConnection,
 )
-from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
+from stack.wire.packet import Packet, build_tcp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
+from tun2sx.dataplane.tun import RxPacket
 
-__all__ = ["APP", "APP_ISN", "APP_PORT", "CONFIG", "REMOTE", "REMOTE_PORT", "AppSide"]
+__all__ = [
+    "APP",
+    "APP_ISN",
+    "APP_PORT",
+    "CONFIG",
+    "REMOTE",
+    "REMOTE_PORT",
+    "AppSide",
+    "MemoryTun",
+]
 
 APP = socket.inet_aton("10.0.0.2")
 REMOTE = socket.inet_aton("198.51.100.7")
@@ -99,3 +109,35 @@ class AppSide:
                 hdr, data = await self.receive()
                 conn.segment_received(hdr, data, trio.current_time())
         return bytes(received)
+
+
+class MemoryTun:
+    """A stand-in device: the test feeds packets, and takes what was written.
+
+    Enough of `TunDevice` for the engine and `serve`: no file descriptor,
+    no offload, no counters of its own.
+    """
+
+    name = "mem0"
+    mtu = 1500
+    offload = False
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[list[RxPacket]](100)
+        self._written_send, self._written = trio.open_memory_channel[bytes](1000)
+
+    def feed(self, *packets: bytes) -> None:
+        self._send.send_nowait([RxPacket(memoryview(p), False) for p in packets])
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        return await self._receive.receive()
+
+    def write(self, packet: bytes | bytearray | memoryview) -> None:
+        self._written_send.send_nowait(bytes(packet))
+
+    async def next_written(self) -> Packet:
+        """The next packet the engine wrote, parsed."""
+        return parse_packet_untrusted(memoryview(await self._written.receive()))
+
+    def close(self) -> None:
+        pass
