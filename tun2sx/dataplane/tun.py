@@ -337,7 +337,8 @@ def open_tun_queues(
         if txqueuelen is not None:
             set_txqueuelen(first.name, txqueuelen)
         for cidr in addresses:
-            _ip("addr", "add", cidr, "dev", first.name)
+            # `replace`: a persistent device keeps its addresses between runs.
+            _ip("addr", "replace", cidr, "dev", first.name)
         if up:
             first.up()
         actual_mtu = first.mtu
