@@ -47,21 +47,27 @@ CONFIG = TcpConfig(mss=1400)
 class AppSide:
     """The application behind the TUN: IP packets in and out of the socketpair."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(
+        self, sock: trio.socket.SocketType, remote: bytes = REMOTE, remote_port: int = REMOTE_PORT
+    ) -> None:
         self.sock = sock
+        self.remote = remote
+        self.remote_port = remote_port
 
     async def send(self, hdr: TcpHeader, payload: bytes | bytearray | memoryview = b"") -> None:
-        await self.sock.send(build_tcp_packet(APP, REMOTE, hdr, payload))
+        await self.sock.send(build_tcp_packet(APP, self.remote, hdr, payload))
 
     async def receive(self) -> tuple[TcpHeader, bytes]:
         packet = parse_packet_untrusted(memoryview(await self.sock.recv(70000)))
         assert isinstance(packet.l4, TcpHeader), packet
-        assert (packet.src, packet.dst) == (REMOTE, APP)
+        assert (packet.src, packet.dst) == (self.remote, APP)
         return packet.l4, bytes(packet.payload)
 
     async def handshake(self) -> TcpConnection:
         """SYN until the engine answers (faults eat some); then the app's connection."""
-        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        syn = TcpHeader(
+            APP_PORT, self.remote_port, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400)
+        )
         while True:
             await self.send(syn)
             with trio.move_on_after(1.0):
@@ -71,16 +77,18 @@ class AppSide:
         now = trio.current_time()
         # The app's side, opened from the SYN-ACK seen as a SYN; its own
         # SYN-ACK is dropped and the engine's ACK of it is made up here.
-        mirror = FlowKey(REMOTE, REMOTE_PORT, APP, APP_PORT)
+        mirror = FlowKey(self.remote, self.remote_port, APP, APP_PORT)
         conn = TcpConnection(mirror, synack._replace(flags=SYN, ack=0), APP_ISN, now, CONFIG)
         conn.segments_to_send(now)
         iss_next = (synack.seq + 1) & 0xFFFFFFFF
         conn.segment_received(
-            TcpHeader(REMOTE_PORT, APP_PORT, iss_next, APP_ISN + 1, ACK, synack.window), b"", now
+            TcpHeader(self.remote_port, APP_PORT, iss_next, APP_ISN + 1, ACK, synack.window),
+            b"",
+            now,
         )
         # Our ACK of the SYN-ACK; if a fault eats it, the first data segment
         # (or the app's answer to a repeated SYN-ACK) completes the handshake.
-        await self.send(TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN + 1, iss_next, ACK, 65535))
+        await self.send(TcpHeader(APP_PORT, self.remote_port, APP_ISN + 1, iss_next, ACK, 65535))
         return conn
 
     async def echo(self, payload: bytes) -> bytes:

@@ -17,12 +17,14 @@ import dnslib
 import pytest
 import trio
 
+from stack.tcp import NEED_DATA, DataReceived
 from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import build_udp_packet
 from stack.wire.udp import UdpHeader
 from tests.support import free_port
-from tests.support.app import MemoryTun
+from tests.support.app import AppSide, MemoryTun
 from tun2sx.control import app
+from tun2sx.dataplane.tun import TunDevice
 
 APP = socket.inet_aton("10.0.0.2")
 APP_PORT = 40000
@@ -77,3 +79,36 @@ async def test_without_hijack_other_addresses_are_not_answered() -> None:
 def test_own_addresses_are_the_pools_first_three_and_the_tun_addresses() -> None:
     own = app.own_addresses(app.Settings(tun_addresses=("10.9.0.1/24",), fake_ip_range6=None))
     assert [str(ip) for ip in own] == ["198.18.0.1", "198.18.0.2", "198.18.0.3", "10.9.0.1"]
+
+
+async def test_the_resolver_address_answers_over_tcp_without_hijack() -> None:
+    """A resolver falls back to TCP for a truncated answer; that must reach us too."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice(ours.detach(), name="pair0", mtu=1500, offload=False)
+    request = dnslib.DNSRecord.question("example.com", "A")
+    request.header.id = 9
+    wire = request.pack()
+    # The application's socket closes after tun2sx stopped: its parting
+    # RST must have somewhere to go.
+    with trio.socket.from_stdlib_socket(theirs) as sock:
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(
+                app.serve, settings(False), device=device, handle_signals=False
+            )
+            await nursery.start(serve)
+            side = AppSide(sock, remote=RESOLVER, remote_port=53)
+            with trio.fail_after(10):
+                conn = await side.handshake()
+                conn.send(len(wire).to_bytes(2, "big") + wire)
+                received = bytearray()
+                while len(received) < 2 or len(received) < 2 + int.from_bytes(received[:2], "big"):
+                    for hdr, data in conn.segments_to_send(trio.current_time()):
+                        await side.send(hdr, data)
+                    hdr, data = await side.receive()
+                    conn.segment_received(hdr, data, trio.current_time())
+                    while (event := conn.next_event()) is not NEED_DATA:
+                        if isinstance(event, DataReceived):
+                            received += event.data
+            nursery.cancel_scope.cancel()
+    answer = dnslib.DNSRecord.parse(bytes(received[2:]))
+    assert answer.header.id == 9 and answer.rr

@@ -62,16 +62,17 @@ async def test_stats_endpoint_and_embedding_snapshot_carry_the_same_counters(
         APP, RESOLVER, 40000, 53, dnslib.DNSRecord.question("example.com", "A").pack()
     )
     monkeypatch.setattr(app, "open_stats_listeners", recording_listeners)
-    async with trio.open_nursery() as nursery:
-        serve = functools.partial(app.serve, settings, device=device, handle_signals=False)
-        engine: Engine = await nursery.start(serve)
-        with trio.socket.from_stdlib_socket(theirs) as app_sock, trio.fail_after(10):
-            await app_sock.send(query)
-            answer = await app_sock.recv(65536)
-            stats = await get_stats(listeners[0].socket.getsockname()[1])
-            # What `Tun2sx.stats()` returns, taken the same way.
-            snapshot = api._snapshot(engine, device)
-        nursery.cancel_scope.cancel()
+    with trio.socket.from_stdlib_socket(theirs) as app_sock:
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(app.serve, settings, device=device, handle_signals=False)
+            engine: Engine = await nursery.start(serve)
+            with trio.fail_after(10):
+                await app_sock.send(query)
+                answer = await app_sock.recv(65536)
+                stats = await get_stats(listeners[0].socket.getsockname()[1])
+                # What `Tun2sx.stats()` returns, taken the same way.
+                snapshot = api._snapshot(engine, device)
+            nursery.cancel_scope.cancel()
 
     assert isinstance(parse_packet_untrusted(memoryview(answer)).l4, UdpHeader)
     assert stats == snapshot
