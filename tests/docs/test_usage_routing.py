@@ -1,12 +1,13 @@
 """docs/usage.md's routing recipe, run as written, in a private namespace pair.
 
-The commands are read from the markdown (the `sh` block under "Routing the
-machine into the TUN"), so the test breaks when the text drifts from what
-works. They run in order, each through `sh -c` in the client namespace, as
-a user would type them; `/etc/resolv.conf` there is the namespace's own
-(`ip netns exec` mounts /etc/netns/NAME/resolv.conf over it). The one
-change: tun2sx is this checkout's (`python -m tun2sx`), with its fake-IP
-table in a temporary file instead of /var/lib.
+The commands are read from the markdown (the `sh` blocks under "Routing
+the machine into the TUN": setting up, and undoing it), so the test breaks
+when the text drifts from what works. They run in order, each through
+`sh -c` in the client namespace, as a user would type them;
+`/etc/resolv.conf` there is the namespace's own (`ip netns exec` mounts
+/etc/netns/NAME/resolv.conf over it). The one change: tun2sx is this
+checkout's (`python -m tun2sx`), with its fake-IP table in a temporary file
+instead of /var/lib.
 
     client ns                                server ns ("the LAN and beyond")
     10.0.0.2 ---------------- veth ------------- 10.0.0.1: microsocks :1080
@@ -39,14 +40,15 @@ INTERNET = "192.0.2.1"
 PAGE = "through the recipe\n"
 
 
-def recipe() -> list[str]:
-    """The command lines of the section's first `sh` block, in order."""
+def recipe() -> tuple[list[str], list[str]]:
+    """The command lines of the section's two `sh` blocks: set up, undo."""
     text = USAGE.read_text()
     assert SECTION in text, f"{USAGE.name} has no section {SECTION!r}"
     section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert block is not None, f"no sh block under {SECTION!r}"
-    return [line for line in block.group(1).splitlines() if line.strip()]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 2, f"expected a set-up and an undo sh block under {SECTION!r}"
+    setup, undo = ([line for line in b.splitlines() if line.strip()] for b in blocks)
+    return setup, undo
 
 
 class Bed:
@@ -116,8 +118,9 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
 
 
 def test_the_routing_recipe_works_as_typed_and_survives_a_restart(bed: Bed) -> None:
-    lines = recipe()
+    lines, undo = recipe()
     *setup, start = lines
+    rules_before = bed.client.run(["ip", "rule", "show"]).stdout
     for line in setup:
         bed.sh(line)
     proc = bed.start(start)
@@ -138,6 +141,15 @@ def test_the_routing_recipe_works_as_typed_and_survives_a_restart(bed: Bed) -> N
     )
     assert into_tun.returncode != 0
 
-    bed.start(start)  # the same line again, no `ip` command in between
+    proc = bed.start(start)  # the same line again, no `ip` command in between
     assert bed.curl(f"http://{NAME}:8080/") == PAGE
     assert bed.curl(f"http://{INTERNET}:8080/") == PAGE
+
+    # Undone as the docs say: the rules as they were, no device, and the
+    # default route of the main table in charge again.
+    assert bed.lab.stop(proc) == 0
+    for line in undo:
+        bed.sh(line)
+    assert bed.client.run(["ip", "rule", "show"]).stdout == rules_before
+    assert bed.client.run(["ip", "link", "show", "tun0"], check=False).returncode != 0
+    assert "via 10.0.0.1" in bed.client.run(["ip", "route", "get", INTERNET]).stdout
