@@ -6,26 +6,12 @@ missing; with CI=true a missing capability fails the run instead.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.testbed import SERVER_ADDR, Testbed, running_bed
-from tun2sx.lab.netns import missing_capabilities
-
-__all__ = ["SERVER_ADDR", "Testbed", "require"]
-
-
-def require(*binaries: str) -> None:
-    """Skip (or, under CI, fail) unless this machine can run the lab."""
-    missing = missing_capabilities() + [b for b in binaries if shutil.which(b) is None]
-    if missing:
-        reason = f"end-to-end test needs {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI=true: not skipping)")
-        pytest.skip(reason)
+from tests.support import require
 
 
 @pytest.fixture(scope="module")

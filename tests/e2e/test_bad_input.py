@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import require
 from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed, running_bed
+from tests.support import require
 from tun2sx.lab.netns import Lab
 
 SIZE = 16 * 1024 * 1024

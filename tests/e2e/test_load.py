@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from tests.bench.load import dns_burst, final_stats, raise_nofile, start_bed, tcp_load
-from tests.e2e.conftest import require
 from tests.e2e.testbed import Testbed
+from tests.support import require
 from tun2sx.lab.netns import Lab
 
 CONNECTIONS = 1000

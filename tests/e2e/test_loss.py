@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.conftest import require
 from tests.e2e.lossy import LossyBed
 from tests.e2e.testbed import running_bed, skip_if_device_options
+from tests.support import require
 
 pytestmark = pytest.mark.e2e
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.bench.udp import ECHO_PORT, burst, echo_server, fake_ip, kernel_udp_drops, stats
-from tests.e2e.conftest import require
 from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
+from tests.support import require
 
 pytestmark = pytest.mark.e2e
 

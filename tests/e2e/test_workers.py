@@ -20,8 +20,16 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import SERVER_ADDR, Testbed, require
-from tests.e2e.testbed import NAMES, ROOT, children_of, running_bed, skip_if_device_options
+from tests.e2e.testbed import (
+    NAMES,
+    ROOT,
+    SERVER_ADDR,
+    Testbed,
+    children_of,
+    running_bed,
+    skip_if_device_options,
+)
+from tests.support import require
 from tun2sx.lab.netns import Lab
 
 WORKERS = 2

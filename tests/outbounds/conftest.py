@@ -13,9 +13,7 @@ import trio
 
 from outbounds.base import Destination
 from tests.support import ServerProcess, free_port, require_binary, run_server
-
-PROXY_USER = "tun2sx"
-PROXY_PASSWORD = "s3cret:with@odd/chars"
+from tests.support.outbounds import PROXY_PASSWORD, PROXY_USER
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import trio
 from outbounds.base import Destination
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
-from tests.e2e.conftest import require
+from tests.support import require
 from tun2sx.lab.netns import Lab, Namespace, inside
 
 pytestmark = pytest.mark.e2e

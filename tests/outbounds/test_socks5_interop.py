@@ -13,8 +13,8 @@ import trio.testing
 
 from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.socks5 import Socks5Outbound
-from tests.outbounds.conftest import PROXY_PASSWORD, PROXY_USER
 from tests.support import ServerProcess, free_port, require_binary, run_server, transfer_through
+from tests.support.outbounds import PROXY_PASSWORD, PROXY_USER
 
 MEGABYTES = 4
 

@@ -31,11 +31,10 @@ import attrs
 import trio
 
 from outbounds.base import Destination
-from stack.netstack import GsoPacket
 from tun2sx.control.app import ConfigError, Settings, check_queues, serve
 from tun2sx.control.config import nameservers
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import RxPacket, TunDevice, adopt_tun
+from tun2sx.dataplane.tun import TunDevice, adopt_tun
 
 __all__ = ["Protect", "Tun2sx", "make_settings", "run", "run_async", "start"]
 
@@ -104,58 +103,22 @@ def _convert(key: str, value: Any) -> Any:
     return value
 
 
-class _CountingTun(TunDevice):
-    """The adopted device, counting packets and bytes in both directions.
-
-    The engine counts flows and drops but not traffic; an embedder's status
-    screen wants bytes, and the device is the one place all of them pass.
-    """
-
-    __slots__ = ("rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
-
-    def __init__(self, device: TunDevice) -> None:
-        # Re-wraps the same fd; `device` is dropped unclosed, the fd is ours.
-        super().__init__(device.fileno(), name=device.name, mtu=device.mtu, offload=device.offload)
-        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
-
-    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
-        batch = await super().read_batch(limit)
-        self.rx_packets += len(batch)
-        self.rx_bytes += sum(len(packet.data) for packet in batch)
-        return batch
-
-    def write(self, packet: bytes | bytearray | memoryview | GsoPacket) -> None:
-        super().write(packet)
-        self.tx_packets += 1
-        self.tx_bytes += len(packet.data) if type(packet) is GsoPacket else len(packet)
-
-    def counters(self) -> dict[str, int]:
-        return {
-            "tun_rx_packets": self.rx_packets,
-            "tun_rx_bytes": self.rx_bytes,
-            "tun_tx_packets": self.tx_packets,
-            "tun_tx_bytes": self.tx_bytes,
-        }
-
-
-def _snapshot(engine: Engine, device: _CountingTun) -> dict[str, int]:
-    stats = engine.statistics()
-    stats.update(device.counters())
-    stats["flows"] = stats.get("tcp_flows", 0) + stats.get("udp_sessions", 0)
-    stats["drops"] = sum(value for key, value in stats.items() if "drops" in key)
-    return stats
+def _snapshot(engine: Engine, device: TunDevice) -> dict[str, int]:
+    # The same counters as the /stats endpoint: the engine's, which take
+    # the device's packets and bytes too.
+    return engine.statistics()
 
 
 async def _serve_fd(
     settings: Settings,
     protect: Protect | None,
     handle_signals: bool,
-    task_status: trio.TaskStatus[tuple[Engine, _CountingTun]],
+    task_status: trio.TaskStatus[tuple[Engine, TunDevice]],
 ) -> None:
     """`serve` on the adopted fd; the fd is closed on every way out."""
     assert settings.tun_fd is not None
     try:
-        device = _CountingTun(adopt_tun(settings.tun_fd, mtu=settings.mtu or 1500))
+        device = adopt_tun(settings.tun_fd, mtu=settings.mtu or 1500)
     except BaseException:
         os.close(settings.tun_fd)
         raise
@@ -297,7 +260,7 @@ class Tun2sx:
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
         self._trio_thread: int | None = None
-        self._live: tuple[Engine, _CountingTun] | None = None
+        self._live: tuple[Engine, TunDevice] | None = None
         self._final: dict[str, int] = {}
         self._error: BaseException | None = None
         self._ready = threading.Event()
@@ -412,7 +375,7 @@ class Tun2sx:
             self._done.set()
 
     async def _main(self, handle_signals: bool) -> None:
-        live: tuple[Engine, _CountingTun] | None = None
+        live: tuple[Engine, TunDevice] | None = None
         try:
             async with trio.open_nursery() as nursery:
                 with self._lock:

@@ -331,19 +331,26 @@ def _excluded(settings: Settings) -> list[IPNetwork]:
     return excluded_networks(settings.fake_ip, pools, settings.tun_addresses)
 
 
+def own_addresses(settings: Settings) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """tun2sx's own addresses in the TUN: never fake IPs, always answering DNS.
+
+    The first addresses of each pool are kept for the gateway and the DNS
+    server users point their resolver at (198.18.0.1, .2, .3), and the
+    `tun_addresses` are the device's.
+    """
+    v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
+    own = [net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)]
+    own += [ipaddress.ip_interface(cidr).ip for cidr in settings.tun_addresses]
+    return tuple(own)
+
+
 def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
     v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
-    # The first addresses of each pool are kept for the gateway and the
-    # DNS server users point their resolver at (198.18.0.1, .2, ...).
-    reserved: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [
-        net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)
-    ]
-    reserved += [ipaddress.ip_interface(cidr).ip for cidr in settings.tun_addresses]
     store = FakeIpStore(
         path=settings.fake_ip_db,
         v4_pool=str(v4),
         v6_pool=None if v6 is None else str(v6),
-        reserved=tuple(reserved),
+        reserved=own_addresses(settings),
         shared=shared,
     )
     return store, FakeDns(store, FakeIpFilter(settings.fake_ip_filter))
@@ -440,6 +447,7 @@ async def _serve(
                 connect_timeout=settings.connect_timeout,
                 udp_idle_timeout=settings.udp_timeout,
                 dns_hijack=settings.dns_hijack,
+                dns_addresses=frozenset(ip.packed for ip in own_addresses(settings)),
                 dns_upstream=settings.dns_upstream,
             ),
         )

@@ -122,10 +122,13 @@ def summary_line(stats: dict[str, int], previous: dict[str, int]) -> str:
     def delta(key: str) -> int:
         return stats.get(key, 0) - previous.get(key, 0)
 
-    drops = sum(v for k, v in stats.items() if "drop" in k)
-    drops_before = sum(v for k, v in previous.items() if "drop" in k)
+    # Each place that drops has its counter; "drops" is their total.
+    drops = sum(v for k, v in stats.items() if "drop" in k and k != "drops")
+    drops_before = sum(v for k, v in previous.items() if "drop" in k and k != "drops")
     # Which counters moved, so the line says where packets were lost.
-    moved = ", ".join(f"{k} +{delta(k)}" for k in sorted(stats) if "drop" in k and delta(k) > 0)
+    moved = ", ".join(
+        f"{k} +{delta(k)}" for k in sorted(stats) if "drop" in k and k != "drops" and delta(k) > 0
+    )
     return (
         f"tcp {stats.get('tcp_flows', 0)} open (+{delta('tcp_flows_started')}), "
         f"udp {stats.get('udp_sessions', 0)} open (+{delta('udp_sessions_started')}), "

@@ -38,6 +38,9 @@ class EngineConfig:
             connects; then the application gets an ICMP host unreachable.
         udp_idle_timeout: a UDP session ends after this long without traffic.
         dns_hijack: answer every DNS query (port 53, UDP and TCP) ourselves.
+        dns_addresses: our own addresses inside the TUN (packed), where
+            DNS is answered with or without `dns_hijack`: the address users
+            point their resolver at must not go silent when hijacking is off.
         dns_upstream: where queries that are not answered with a fake IP
             go, through the outbound, over TCP.
         splice_buffer: bytes read at once from either side of a flow.
@@ -50,12 +53,17 @@ class EngineConfig:
     connect_timeout: float = 10.0
     udp_idle_timeout: float = 60.0
     dns_hijack: bool = True
+    dns_addresses: frozenset[bytes] = frozenset()
     dns_upstream: Destination = attrs.field(
         factory=lambda: Destination(ipaddress.IPv4Address("1.1.1.1"), 53)
     )
     splice_buffer: int = 256 * 1024
     splice_share: int = 64 * 1024
     max_dns_forwards: int = 256
+
+    def answers_dns(self, address: bytes) -> bool:
+        """Whether a port-53 query to `address` (packed) is ours to answer."""
+        return self.dns_hijack or address in self.dns_addresses
 
 
 class FlowInfo:

@@ -240,7 +240,13 @@ class Engine:
         self.counters["bytes_down"] += info.bytes_down
 
     def statistics(self) -> dict[str, int]:
-        """A snapshot of counters: flows, bytes, drops, errors."""
+        """A snapshot of counters: flows, bytes, drops, errors, TUN traffic.
+
+        One set for every reader (the /stats endpoint, the summary line,
+        the embedding API's `stats()`): besides the counters, the device's
+        ``tun_rx/tx_packets`` and ``tun_rx/tx_bytes``, ``flows`` (open TCP
+        flows and UDP sessions) and ``drops`` (every ``*drops*`` counter).
+        """
         stats: dict[str, int] = dict(self.stack.counters)
         stats.update(self.counters)
         # Live flows' bytes are not in the counters until they end.
@@ -259,4 +265,8 @@ class Engine:
         stats["tun_tx_drops"] = getattr(device, "statistics_tx_drops", 0)
         queue_drops = getattr(device, "queue_drops", None)
         stats["tun_queue_drops"] = queue_drops() if queue_drops is not None else 0
+        for key in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes"):
+            stats[f"tun_{key}"] = getattr(device, key, 0)
+        stats["flows"] = stats["tcp_flows"] + stats["udp_sessions"]
+        stats["drops"] = sum(value for key, value in stats.items() if "drops" in key)
         return stats

@@ -101,7 +101,11 @@ class TcpFlows:
     async def _run(self, request: ConnectionRequest) -> None:
         engine = self._engine
         key = request.key
-        if engine.config.dns_hijack and engine.dns is not None and key.remote_port == 53:
+        if (
+            key.remote_port == 53
+            and engine.dns is not None
+            and engine.config.answers_dns(key.remote_addr)
+        ):
             await self._serve_dns(request)
             return
         dest = engine.destination_for(key.remote_addr, key.remote_port)

@@ -98,9 +98,13 @@ class TunDevice:
         "mtu",
         "name",
         "offload",
+        "rx_bytes",
+        "rx_packets",
         "statistics_rx_errors",
         "statistics_tx_drops",
         "statistics_tx_errors",
+        "tx_bytes",
+        "tx_packets",
     )
 
     def __init__(self, fd: int, *, name: str, mtu: int, offload: bool, keep: object = None):
@@ -113,6 +117,10 @@ class TunDevice:
         self.statistics_rx_errors = 0
         self.statistics_tx_errors = 0
         self.statistics_tx_drops = 0
+        # Packets and IP bytes (without the virtio-net header) read from and
+        # written to the device: the traffic an embedder's status screen and
+        # the /stats endpoint show.
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         os.set_blocking(fd, False)
 
     def fileno(self) -> int:
@@ -155,6 +163,8 @@ class TunDevice:
                 out.append(RxPacket(memoryview(raw)[VNET_HDR_LEN:], trusted))
             else:
                 out.append(RxPacket(memoryview(raw), False))
+        self.rx_packets += len(out)
+        self.rx_bytes += sum(len(packet.data) for packet in out)
         return out
 
     def write(self, packet: bytes | bytearray | memoryview | GsoPacket) -> None:
@@ -179,6 +189,8 @@ class TunDevice:
                 os.writev(self._fd, (_vnet_header_for(data, size), data))
             else:
                 os.write(self._fd, data)
+            self.tx_packets += 1
+            self.tx_bytes += len(data)
         except OSError as exc:
             if exc.errno in _QUEUE_FULL:
                 # The packet is lost like on a wire; TCP retransmits and UDP
@@ -337,7 +349,8 @@ def open_tun_queues(
         if txqueuelen is not None:
             set_txqueuelen(first.name, txqueuelen)
         for cidr in addresses:
-            _ip("addr", "add", cidr, "dev", first.name)
+            # `replace`: a persistent device keeps its addresses between runs.
+            _ip("addr", "replace", cidr, "dev", first.name)
         if up:
             first.up()
         actual_mtu = first.mtu

@@ -137,7 +137,7 @@ class UdpFlows:
     def datagram(self, dgram: UdpDatagram, now: float) -> None:
         """Route one datagram from an application (called by the reader)."""
         engine = self._engine
-        if dgram.dst_port == 53 and engine.config.dns_hijack and engine.dns is not None:
+        if dgram.dst_port == 53 and engine.dns is not None and engine.config.answers_dns(dgram.dst):
             self._dns_server.datagram(dgram)
             return
         key = (dgram.src, dgram.src_port)

@@ -33,7 +33,7 @@ from stack.wire.packet import (
 )
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader
 from stack.wire.udp import UdpHeader
-from tests.stack.wire.test_dpkt_differential import assert_same
+from tests.support.wire import assert_same
 
 GOLDEN = Path(__file__).resolve().parents[2] / "data" / "golden"
 FILES = sorted(p.name for p in GOLDEN.glob("*.bin"))

@@ -28,7 +28,7 @@ import pytest
 import trio
 
 import tun2sx
-from tests.e2e.conftest import require
+from tests.support import require
 from tun2sx.control.app import ConfigError, Settings
 from tun2sx.dataplane.tun import TunError, open_tun
 from tun2sx.lab.netns import Lab, Namespace, inside

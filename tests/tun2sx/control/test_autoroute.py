@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import tun2sx
-from tests.e2e.conftest import require
+from tests.support import require
 from tun2sx.control.autoroute import AutoRouteError, auto_route
 from tun2sx.dataplane.tun import TunDevice, open_tun
 from tun2sx.lab.netns import Lab, Namespace, inside

@@ -23,30 +23,17 @@ import trio.testing
 
 from outbounds.base import Destination, UdpSession
 from stack.netstack import NetStack, NetStackConfig
-from stack.tcp import (
-    NEED_DATA,
-    Closed,
-    DataReceived,
-    EofReceived,
-    FlowKey,
-    TcpConfig,
-    TcpConnection,
-)
 from stack.wire.icmp import IcmpHeader
-from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
-from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
+from stack.wire.packet import parse_packet_untrusted
+from stack.wire.tcp import SYN, TcpHeader, TcpOptions
+from tests.support.app import APP, APP_ISN, APP_PORT, CONFIG, REMOTE, REMOTE_PORT, AppSide
+from tests.support.outbounds import EchoOutbound
 from tun2sx.control import app
 from tun2sx.control.stats import respond
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import TunDevice, TunError
 from tun2sx.naming.router import Router
-
-APP = socket.inet_aton("10.0.0.2")
-REMOTE = socket.inet_aton("198.51.100.7")
-APP_PORT, REMOTE_PORT = 40000, 7
-APP_ISN = 0xFFFFF000
-CONFIG = TcpConfig(mss=1400)
 
 
 class FaultyTun(TunDevice):
@@ -77,98 +64,6 @@ class FaultyTun(TunDevice):
             self.injected += 1
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         return packet
-
-
-class EchoOutbound:
-    """Connects every flow to an in-memory echo (EOF answered with EOF)."""
-
-    name = "echo"
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-        self.destinations: list[Destination] = []
-
-    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
-        self.destinations.append(dest)
-        ours, theirs = trio.testing.memory_stream_pair()
-
-        async def echo() -> None:
-            while data := await theirs.receive_some():
-                await theirs.send_all(data)
-            await theirs.send_eof()
-
-        self._nursery.start_soon(echo)
-        return ours
-
-    async def open_udp(self) -> UdpSession:
-        raise NotImplementedError
-
-
-class AppSide:
-    """The application behind the TUN: IP packets in and out of the socketpair."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-
-    async def send(self, hdr: TcpHeader, payload: bytes | bytearray | memoryview = b"") -> None:
-        await self.sock.send(build_tcp_packet(APP, REMOTE, hdr, payload))
-
-    async def receive(self) -> tuple[TcpHeader, bytes]:
-        packet = parse_packet_untrusted(memoryview(await self.sock.recv(70000)))
-        assert isinstance(packet.l4, TcpHeader), packet
-        assert (packet.src, packet.dst) == (REMOTE, APP)
-        return packet.l4, bytes(packet.payload)
-
-    async def handshake(self) -> TcpConnection:
-        """SYN until the engine answers (faults eat some); then the app's connection."""
-        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
-        while True:
-            await self.send(syn)
-            with trio.move_on_after(1.0):
-                synack, _ = await self.receive()
-                break
-        assert synack.flags == SYN | ACK and synack.ack == APP_ISN + 1, synack
-        now = trio.current_time()
-        # The app's side, opened from the SYN-ACK seen as a SYN; its own
-        # SYN-ACK is dropped and the engine's ACK of it is made up here.
-        mirror = FlowKey(REMOTE, REMOTE_PORT, APP, APP_PORT)
-        conn = TcpConnection(mirror, synack._replace(flags=SYN, ack=0), APP_ISN, now, CONFIG)
-        conn.segments_to_send(now)
-        iss_next = (synack.seq + 1) & 0xFFFFFFFF
-        conn.segment_received(
-            TcpHeader(REMOTE_PORT, APP_PORT, iss_next, APP_ISN + 1, ACK, synack.window), b"", now
-        )
-        # Our ACK of the SYN-ACK; if a fault eats it, the first data segment
-        # (or the app's answer to a repeated SYN-ACK) completes the handshake.
-        await self.send(TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN + 1, iss_next, ACK, 65535))
-        return conn
-
-    async def echo(self, payload: bytes) -> bytes:
-        """Send `payload`, close, and return everything received until EOF and Closed."""
-        conn = await self.handshake()
-        sent = 0
-        received = bytearray()
-        events: set[type] = set()
-        while not {EofReceived, Closed} <= events:
-            now = trio.current_time()
-            deadline = conn.next_deadline()
-            if deadline is not None and deadline <= now:
-                conn.handle_timeout(now)
-            while sent < len(payload) and (n := conn.send(memoryview(payload)[sent:])):
-                sent += n
-            if sent == len(payload) and Closed not in events:
-                conn.close()
-            while (event := conn.next_event()) is not NEED_DATA:
-                events.add(type(event))
-                if isinstance(event, DataReceived):
-                    received += event.data
-            for hdr, data in conn.segments_to_send(now):
-                await self.send(hdr, data)
-            wait = conn.next_deadline()
-            with trio.move_on_at(wait if wait is not None else now + 60):
-                hdr, data = await self.receive()
-                conn.segment_received(hdr, data, trio.current_time())
-        return bytes(received)
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
-from outbounds.base import Destination, UdpSession
-from outbounds.net import SocketOptions, open_tcp
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
-from tests.e2e.conftest import require
+from tests.support import require
+from tests.support.outbounds import LoopbackOutbound
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import open_tun
@@ -32,21 +31,6 @@ pytestmark = pytest.mark.e2e
 
 # Two streams: the application's kernel socket, and the server's accepted one.
 PairMaker = Callable[[], Awaitable[tuple[trio.SocketStream, trio.SocketStream]]]
-
-
-class LoopbackOutbound:
-    """Connects every flow to one listener on the loopback, as a socket stream."""
-
-    name = "loopback"
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
-        return await open_tcp("127.0.0.1", self.port, SocketOptions())
-
-    async def open_udp(self) -> UdpSession:
-        raise NotImplementedError
 
 
 class Harness:

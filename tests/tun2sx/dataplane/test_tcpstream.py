@@ -18,7 +18,7 @@ import trio.testing
 from outbounds.base import Destination, UdpSession
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
-from tests.e2e.conftest import require
+from tests.support import require
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tcpstream import TcpStream
 from tun2sx.dataplane.tun import open_tun

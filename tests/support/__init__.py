@@ -1,4 +1,9 @@
-"""Helpers shared by tests that run real third-party servers on loopback.
+"""What tests share: the capability checks and real third-party servers.
+
+Test modules never import one another: what more than one of them needs
+lives in this package (`app`: the application side of an engine test,
+`outbounds`: outbound doubles), so a test file can be read, moved or
+deleted on its own (tests/test_layout.py checks it).
 
 Tests start microsocks, Dante and friends as subprocesses. Three rules keep
 that honest and tidy: a missing binary skips the test on a developer machine
@@ -24,10 +29,13 @@ from collections.abc import Iterator, Sequence
 import pytest
 import trio
 
+from tun2sx.lab.netns import missing_capabilities
+
 __all__ = [
     "ServerProcess",
     "free_port",
     "in_ci",
+    "require",
     "require_binary",
     "run_server",
     "transfer_through",
@@ -51,6 +59,20 @@ def require_binary(name: str) -> str:
             pytest.fail(f"CI=true and {message}")
         pytest.skip(message)
     return path
+
+
+def require(*binaries: str) -> None:
+    """Skip (or, under CI, fail) unless this machine can run the namespace lab.
+
+    Args:
+        binaries: programs the test runs besides the lab's own (`ip`).
+    """
+    missing = missing_capabilities() + [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        reason = f"end-to-end test needs {', '.join(missing)}"
+        if in_ci():
+            pytest.fail(reason + " (CI=true: not skipping)")
+        pytest.skip(reason)
 
 
 def free_port(family: socket.AddressFamily = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> int:
