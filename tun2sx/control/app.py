@@ -407,6 +407,7 @@ async def _serve(
                 # Python iteration then moves 64 KB instead of one MTU.
                 tcp=TcpConfig(mss=mss, gso_size=GSO_SIZE if device.offload else None),
                 partial_checksum=device.offload,
+                mtu=device.mtu,
             )
         )
         engine = Engine(
