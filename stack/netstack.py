@@ -20,10 +20,13 @@ from typing import NamedTuple
 import attrs
 
 from stack.errors import BadPacket
+from stack.fragments import FragmentConfig, FragmentStore
 from stack.tcp import ConnectionRequest, FlowKey, TcpConfig, TcpConnection, TcpDemux
 from stack.wire import icmp
+from stack.wire.fragment import fragment_packet
 from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import (
+    Packet,
     build_icmp_error,
     build_icmp_packet,
     build_tcp_packet,
@@ -54,6 +57,9 @@ class NetStackConfig:
             are not verified: the TUN's own addresses, which only the local
             host sends from, and whose packets the local kernel
             checksummed itself (docs/wire.md). Empty: verify everything.
+        mtu: the device MTU: a UDP or ICMP packet we build that is longer
+            goes out in fragments (TCP segments never are: GSO cuts them).
+        fragments: the reassembly limits.
     """
 
     tcp: TcpConfig = attrs.field(factory=TcpConfig)
@@ -61,6 +67,8 @@ class NetStackConfig:
     answer_ping: bool = True
     ttl: int = 64
     trusted_sources: frozenset[bytes] = frozenset()
+    mtu: int = 1500
+    fragments: FragmentConfig = attrs.field(factory=FragmentConfig)
 
 
 class GsoPacket(NamedTuple):
@@ -108,7 +116,16 @@ class NetStack:
     on it), a `UdpDatagram`, or None.
     """
 
-    __slots__ = ("_out", "_templates", "_trusted", "config", "counters", "tcp")
+    __slots__ = (
+        "_ident",
+        "_out",
+        "_templates",
+        "_trusted",
+        "config",
+        "counters",
+        "fragments",
+        "tcp",
+    )
 
     def __init__(self, config: NetStackConfig | None = None) -> None:
         self.config = config or NetStackConfig()
@@ -117,6 +134,8 @@ class NetStack:
         self._templates: dict[tuple[bytes, bytes], TcpTemplate] = {}
         self._trusted = self.config.trusted_sources
         self.counters: Counter[str] = Counter()
+        self.fragments = FragmentStore(self.config.fragments, self.counters)
+        self._ident = 0  # of the datagrams we fragment
 
     def receive(
         self, data: memoryview, now: float, *, checksum_trusted: bool = False
@@ -129,7 +148,7 @@ class NetStack:
             checksum_trusted: the kernel vouched for the checksums.
         """
         self.counters["rx_packets"] += 1
-        item = self._take(data, checksum_trusted)
+        item = self._take(data, checksum_trusted, now)
         if item is None or isinstance(item, UdpDatagram):
             return item
         key, hdr, payload = item
@@ -173,7 +192,7 @@ class NetStack:
                 src, dst, hdr, payload = seg
                 key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
             else:
-                item = take(data, trusted)
+                item = take(data, trusted, now)
                 if item is None:
                     continue
                 if isinstance(item, UdpDatagram):
@@ -207,7 +226,7 @@ class NetStack:
         return events
 
     def _take(
-        self, data: memoryview, checksum_trusted: bool
+        self, data: memoryview, checksum_trusted: bool, now: float
     ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
         """Parse one packet: a TCP segment to route, a UDP datagram, or None.
 
@@ -218,14 +237,14 @@ class NetStack:
         except BadPacket:
             seg = None  # `_take_general` decides and counts
         if seg is None:
-            return self._take_general(data, checksum_trusted)
+            return self._take_general(data, checksum_trusted, now)
         # The common TCP packet, parsed without the values only the general
         # path needs.
         src, dst, hdr, payload = seg
         return _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port)), hdr, payload
 
     def _take_general(
-        self, data: memoryview, checksum_trusted: bool
+        self, data: memoryview, checksum_trusted: bool, now: float
     ) -> tuple[FlowKey, TcpHeader, memoryview] | UdpDatagram | None:
         """`_take` for a packet the plain TCP parse did not take."""
         verify = not checksum_trusted
@@ -235,8 +254,14 @@ class NetStack:
                 verify = False
             pkt = parse_packet_untrusted(data, verify_checksum=verify)
         except BadPacket as exc:
-            self.counters["rx_fragments" if "fragment" in str(exc) else "rx_malformed"] += 1
-            return None
+            if "fragment" not in str(exc):
+                self.counters["rx_malformed"] += 1
+                return None
+            self.counters["rx_fragments"] += 1
+            whole = self._reassemble(data, now, checksum_trusted)
+            if whole is None:
+                return None
+            pkt = whole
         l4 = pkt.l4
         counters = self.counters
         if type(l4) is TcpHeader:
@@ -257,7 +282,7 @@ class NetStack:
         reply = icmp.ICMP_ECHO_REPLY if version == 4 else icmp.ICMP6_ECHO_REPLY
         if hdr.type == request and hdr.code == 0 and self.config.answer_ping:
             self.counters["icmp_echo_replies"] += 1
-            self._out.append(
+            self._queue(
                 build_icmp_packet(dst, src, reply, 0, hdr.rest, payload, ttl=self.config.ttl)
             )
         else:
@@ -269,15 +294,13 @@ class NetStack:
         self, src: bytes, src_port: int, dst: bytes, dst_port: int, payload: bytes
     ) -> None:
         """Queue a UDP datagram towards an application (`dst` is the app)."""
-        self._out.append(
+        config = self.config
+        # Fragments need the whole checksum: the offload finishes it only in
+        # a packet that holds the entire datagram.
+        partial = config.partial_checksum and len(payload) + 48 <= config.mtu
+        self._queue(
             build_udp_packet(
-                src,
-                dst,
-                src_port,
-                dst_port,
-                payload,
-                ttl=self.config.ttl,
-                partial_checksum=self.config.partial_checksum,
+                src, dst, src_port, dst_port, payload, ttl=config.ttl, partial_checksum=partial
             )
         )
 
@@ -286,7 +309,55 @@ class NetStack:
     ) -> None:
         """Queue an ICMP error quoting `original`, sent from `our_addr`."""
         self.counters["icmp_errors_sent"] += 1
-        self._out.append(build_icmp_error(original, our_addr, type_, code))
+        self._queue(build_icmp_error(original, our_addr, type_, code))
+
+    def _queue(self, packet: bytes) -> None:
+        """Queue a UDP or ICMP packet; one longer than the MTU is fragmented.
+
+        A packet of ours that fits carries DF (an atomic datagram, RFC
+        6864); a longer one goes out as the kernel sends its own large
+        datagrams: IPv4 fragments with DF clear, or IPv6 fragments with a
+        Fragment header, one identification per datagram.
+        """
+        mtu = self.config.mtu
+        if len(packet) <= mtu:
+            self._out.append(packet)
+            return
+        self._ident = ident = (self._ident + 1) & 0xFFFFFFFF
+        self.counters["tx_fragmented"] += 1
+        self._out.extend(fragment_packet(packet, mtu, ident))
+
+    def _reassemble(self, data: memoryview, now: float, checksum_trusted: bool) -> Packet | None:
+        """Hand a fragment to the store; parse the datagram it completes."""
+        whole = self.fragments.receive(data, now, verify_checksum=not checksum_trusted)
+        if whole is None:
+            return None
+        try:
+            # The checksums covering the whole datagram are checked here.
+            return parse_packet_untrusted(memoryview(whole))
+        except BadPacket:
+            self.counters["rx_malformed"] += 1
+            return None
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timeout` must next be called (TCP timers and
+        reassembly time-outs), or None."""
+        deadline = self.tcp.next_deadline()
+        fragments = self.fragments.next_deadline()
+        if fragments is not None and (deadline is None or fragments < deadline):
+            return fragments
+        return deadline
+
+    def handle_timeout(self, now: float) -> list[TcpConnection]:
+        """Run the timers that are due: TCP's and reassembly's (which may
+        queue ICMP Time Exceeded messages).
+
+        Returns:
+            The connections whose timers ran (see `TcpDemux.handle_timeout`).
+        """
+        for error in self.fragments.handle_timeout(now):
+            self.send_icmp_error(*error)
+        return self.tcp.handle_timeout(now)
 
     def rebuild_syn(self, request: ConnectionRequest) -> bytes:
         """The application's SYN as a packet, for quoting in an ICMP error."""

@@ -1,10 +1,10 @@
 """IPv4 header (RFC 791): parse with the header checksum verified, and emit.
 
-tun2sx terminates every flow itself, so it never forwards or reassembles:
-options are kept as raw bytes and otherwise ignored, and fragments are refused
-with a `BadPacket` whose message starts with "fragment" so the caller can count
-them (the kernel reassembles before a packet reaches a TUN for local traffic,
-so fragments are rare and reassembly would be an attack surface for nothing).
+tun2sx terminates every flow itself, so it never forwards: options are kept
+as raw bytes and otherwise ignored. Fragments are refused with a `BadPacket`
+whose message starts with "fragment", so the per-packet path never pays for
+them; the caller hands those to reassembly (`stack.wire.fragment`,
+`stack.fragments`).
 
      0                   1                   2                   3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -174,7 +174,7 @@ def emit_ipv4_header(header: IPv4Header) -> bytes:
 def is_fragment_error(exc: BadPacket) -> bool:
     """Tell whether a `BadPacket` from the IP parsers reports a fragment.
 
-    Fragments are dropped like any malformed packet, but counted apart: a
-    steady stream of them points at an MTU problem rather than an attack.
+    The network layer sends such packets to reassembly instead of counting
+    them as malformed.
     """
     return str(exc).startswith("fragment")

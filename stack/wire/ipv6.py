@@ -6,7 +6,8 @@ skipping Hop-by-Hop Options, Routing and Destination Options headers (RFC 8200
 the final destination of every packet and no option it could meet changes how
 a flow is handled. The walk is bounded in count and checked against the
 payload length before every read. A Fragment header is refused with a
-`BadPacket` whose message starts with "fragment" (the caller counts those);
+`BadPacket` whose message starts with "fragment" (the caller reassembles
+those, `stack.fragments`);
 any other value (TCP, UDP, ICMPv6, No Next Header, ESP, ...) ends the walk.
 
      0                   1                   2                   3

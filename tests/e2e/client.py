@@ -84,9 +84,28 @@ def udp(host: str, port: int, count: int) -> dict[str, object]:
     return {"echoed": ok, "peer": peer}
 
 
+def bigudp(host: str, port: int, size: int) -> dict[str, object]:
+    """One datagram of `size` octets to the UDP echo and back (the kernel
+    fragments it at the TUN's MTU, and tun2sx's reply too)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    msg = pattern(size)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect((host, port))
+        sock.send(msg)
+        got = sock.recv(65535)
+    return {"received": len(got), "equal": got == msg}
+
+
 def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
-    handlers = {"echo": echo, "upload": upload, "download": download, "udp": udp}
+    handlers = {
+        "echo": echo,
+        "upload": upload,
+        "download": download,
+        "udp": udp,
+        "bigudp": bigudp,
+    }
     try:
         if cmd == "connect":
             result = connect(host, int(port))

@@ -25,6 +25,14 @@ def test_udp_echo_by_name_through_udp_associate(dante: Testbed) -> None:
     assert result == {"echoed": 50, "peer": fake}
 
 
+@pytest.mark.parametrize("family", ["A", "AAAA"])
+def test_a_20_kb_udp_datagram_comes_back_whole(dante: Testbed, family: str) -> None:
+    # Larger than the TUN's MTU both ways: the kernel's fragments are
+    # reassembled, and the reply goes back in fragments the kernel takes.
+    fake = dante.client_run(["dig", "+short", "+time=3", "echo.test", family]).stdout.strip()
+    assert dante.client_tool("bigudp", fake, 7001, 20_000) == {"received": 20_000, "equal": True}
+
+
 def test_tcp_also_works_through_dante(dante: Testbed) -> None:
     assert dante.client_tool("echo", "echo.test", 7001, 200_000) == {
         "sent": 200_000,

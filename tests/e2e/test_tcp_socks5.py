@@ -98,6 +98,17 @@ def test_ping_is_answered_locally(testbed: Testbed) -> None:
     assert "1 received" in out6
 
 
+@pytest.mark.parametrize("address", ["198.18.7.7", "fc00::77"])
+def test_a_ping_larger_than_the_mtu_is_answered(testbed: Testbed, address: str) -> None:
+    # `ping -s 20000` leaves the kernel in fragments; the reply comes back in
+    # fragments too, which the kernel puts together.
+    out = testbed.client_run(
+        ["ping", "-s", "20000", "-c", "2", "-i", "0.2", "-W", "2", address], check=False
+    ).stdout
+    assert "2 received" in out, out
+    assert "20008 bytes from" in out
+
+
 def test_fake_ip_table_survives_restart(testbed: Testbed) -> None:
     (before,) = resolve(testbed, "echo.test")
     testbed.stop()

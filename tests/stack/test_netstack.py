@@ -15,6 +15,8 @@ import random
 import struct
 from pathlib import Path
 
+import pytest
+
 from fuzz.netstack_input import (
     APP,
     APP_ISN,
@@ -29,9 +31,19 @@ from fuzz.netstack_input import (
     raw_tcp_packet,
 )
 from fuzz.netstack_input import TestOneInput as fuzz_one_input
-from stack.netstack import GsoPacket, NetStack, NetStackConfig
+from stack.errors import BadPacket
+from stack.fragments import FragmentStore
+from stack.netstack import GsoPacket, NetStack, NetStackConfig, UdpDatagram
 from stack.tcp import NEED_DATA, DataReceived, FlowKey, TcpConfig, TcpConnection, TcpState
-from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
+from stack.wire import icmp
+from stack.wire.fragment import fragment_packet
+from stack.wire.icmp import IcmpHeader
+from stack.wire.packet import (
+    build_icmp_packet,
+    build_tcp_packet,
+    build_udp_packet,
+    parse_packet_untrusted,
+)
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader, TcpOptions
 
 PORTS = (APP_PORT, REMOTE_PORT)
@@ -290,3 +302,116 @@ def test_a_batch_leaves_what_packets_one_by_one_leave() -> None:
     # 2 before 4, and 8 before 10 (6 repeats what the data segment acknowledged).
     assert (stats[0].acks_coalesced, stats[1].acks_coalesced) == (0, 2)
     assert stats[0] == stats[1]._replace(acks_coalesced=0)
+
+
+# -- fragments: reassembly in, fragmentation out ---------------------------
+
+APP6 = b"\xfd\x00" + bytes(13) + b"\x02"
+REMOTE6 = b"\xfc\x00" + bytes(13) + b"\x05"
+PING = bytes(range(256)) * 78 + bytes(32)  # `ping -s 20000`: 20,000 octets of data
+
+
+def _received(stack: NetStack, fragments: list[bytes], now: float = 0.0) -> list[object]:
+    events = [stack.receive(memoryview(f), now) for f in fragments]
+    return [e for e in events if e is not None]
+
+
+def _reassembled(packets: list[bytes | GsoPacket]) -> bytes:
+    """Put output fragments back together with a store of their own."""
+    store = FragmentStore()
+    wholes = [store.receive(memoryview(p), 0.0) for p in packets]  # type: ignore[arg-type]
+    [whole] = [w for w in wholes if w is not None]
+    return whole
+
+
+@pytest.mark.parametrize(("app", "remote"), [(APP, REMOTE), (APP6, REMOTE6)], ids=["v4", "v6"])
+def test_a_fragmented_ping_gets_a_fragmented_reply(app: bytes, remote: bytes) -> None:
+    v6 = len(app) == 16
+    request = build_icmp_packet(
+        app, remote, icmp.ICMP6_ECHO_REQUEST if v6 else icmp.ICMP_ECHO_REQUEST, 0, 0x00070001, PING
+    )
+    # The kernel cuts it at the device MTU (9000); tun2sx's own is 1500 here.
+    fragments = fragment_packet(request, 9000, ident=0x4242)
+    stack = NetStack(NetStackConfig(mtu=1500))
+    assert _received(stack, fragments) == []
+    packets = stack.packets_to_send(0.0)
+    assert len(packets) == 14 and all(len(p) <= 1500 for p in packets)  # type: ignore[arg-type]
+    reply = parse_packet_untrusted(memoryview(_reassembled(packets)))  # checksums verified
+    assert (reply.src, reply.dst, bytes(reply.payload)) == (remote, app, PING)
+    assert isinstance(reply.l4, IcmpHeader) and reply.l4.rest == 0x00070001
+    counters = stack.counters
+    assert counters["rx_fragments"] == 3 and counters["frag_reassembled"] == 1
+    assert counters["icmp_echo_replies"] == 1 and counters["tx_fragmented"] == 1
+
+
+@pytest.mark.parametrize("partial", [False, True])
+@pytest.mark.parametrize(("app", "remote"), [(APP, REMOTE), (APP6, REMOTE6)], ids=["v4", "v6"])
+def test_a_large_udp_datagram_arrives_and_a_large_reply_goes_out_in_fragments(
+    app: bytes, remote: bytes, partial: bool
+) -> None:
+    datagram = build_udp_packet(app, remote, 40000, 7, PING)
+    stack = NetStack(NetStackConfig(mtu=1500, partial_checksum=partial))
+    [event] = _received(stack, fragment_packet(datagram, 1500, ident=9))
+    assert event == UdpDatagram(app, 40000, remote, 7, PING)
+    stack.send_udp(remote, 7, app, 40000, PING)
+    packets = stack.packets_to_send(0.0)
+    assert all(len(p) <= 1500 for p in packets)  # type: ignore[arg-type]
+    # The whole checksum even with offload: fragments cannot be finished by it.
+    reply = parse_packet_untrusted(memoryview(_reassembled(packets)), verify_checksum=True)
+    assert bytes(reply.payload) == PING
+    # A datagram that fits still leaves its checksum to the offload.
+    stack.send_udp(remote, 7, app, 40000, b"small")
+    [small] = stack.packets_to_send(0.0)
+    assert type(small) is bytes
+    ok = True
+    try:
+        parse_packet_untrusted(memoryview(small))
+    except BadPacket:
+        ok = False
+    assert ok is not partial
+
+
+def test_each_fragmented_datagram_gets_its_own_identification() -> None:
+    stack = NetStack(NetStackConfig(mtu=1500))
+    for _ in range(2):
+        stack.send_udp(REMOTE, 7, APP, 40000, PING[:3000])
+    idents = {p[4:6] for p in stack.packets_to_send(0.0)}  # type: ignore[index]
+    assert len(idents) == 2
+
+
+def test_a_reassembled_datagram_with_a_bad_checksum_is_malformed() -> None:
+    datagram = bytearray(build_udp_packet(APP, REMOTE, 40000, 7, PING))
+    datagram[-1] ^= 0xFF
+    stack = NetStack()
+    # The kernel vouching for each fragment does not vouch for the whole.
+    events = [
+        stack.receive(memoryview(f), 0.0, checksum_trusted=True)
+        for f in fragment_packet(bytes(datagram), 1500, ident=1)
+    ]
+    assert not any(events)
+    assert stack.counters["frag_reassembled"] == 1 and stack.counters["rx_malformed"] == 1
+
+
+def test_reassembly_time_outs_join_the_deadline_and_send_time_exceeded() -> None:
+    stack = NetStack(CONFIG)
+    live = open_flow(stack, 0.0)
+    stack.packets_to_send(0.0)
+    tcp_deadline = stack.tcp.next_deadline()
+    assert tcp_deadline is not None and stack.next_deadline() == tcp_deadline
+    request = build_icmp_packet(APP6, REMOTE6, icmp.ICMP6_ECHO_REQUEST, 0, 1, PING)
+    first, *_ = fragment_packet(request, 9000, ident=5)
+    stack.receive(memoryview(first), 0.0)
+    assert stack.next_deadline() == tcp_deadline  # TCP's comes first
+    assert stack.handle_timeout(tcp_deadline) == [live]
+    while (deadline := stack.tcp.next_deadline()) is not None and deadline < 60.0:
+        stack.handle_timeout(deadline)
+    stack.packets_to_send(59.0)
+    assert stack.next_deadline() == 60.0
+    assert stack.handle_timeout(60.0) == []
+    [error] = stack.packets_to_send(60.0)
+    parsed = parse_packet_untrusted(memoryview(error))  # type: ignore[arg-type]
+    assert (parsed.src, parsed.dst) == (REMOTE6, APP6)
+    assert isinstance(parsed.l4, IcmpHeader)
+    assert (parsed.l4.type, parsed.l4.code) == (icmp.ICMP6_TIME_EXCEEDED, 1)
+    assert bytes(parsed.payload) == first[: len(parsed.payload)]
+    assert stack.counters["frag_timed_out"] == 1 and stack.counters["icmp_errors_sent"] == 1

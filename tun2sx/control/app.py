@@ -435,6 +435,7 @@ async def _serve(
                 ),
                 partial_checksum=device.offload,
                 trusted_sources=_trusted_sources(settings),
+                mtu=device.mtu,
             )
         )
         engine = Engine(

@@ -153,18 +153,18 @@ class Engine:
         write = self.device.write
         for packet in self.stack.packets_to_send(trio.current_time()):
             write(packet)
-        deadline = self.stack.tcp.next_deadline()
+        deadline = self.stack.next_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
             self._timer_scope.deadline = deadline
 
     async def _timer_loop(self) -> None:
         while True:
-            deadline = self.stack.tcp.next_deadline()
+            deadline = self.stack.next_deadline()
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = self.stack.tcp.handle_timeout(trio.current_time())
+            fired = self.stack.handle_timeout(trio.current_time())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have

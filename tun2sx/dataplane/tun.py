@@ -233,7 +233,9 @@ def _vnet_header_for(packet: bytes | bytearray | memoryview, mtu: int) -> bytes:
     The packet layer writes TCP and UDP packets with only the pseudo-header
     sum in the checksum field when offload is on; the header tells the
     kernel where to finish it, and for a TCP segment longer than the MTU,
-    how to cut it (GSO). ICMP carries a full checksum and a plain header.
+    how to cut it (GSO). ICMP and fragments (IPv4 with MF or an offset;
+    IPv6 ones show the Fragment header as their protocol) carry a full
+    checksum and a plain header.
     """
     version = packet[0] >> 4
     if version == 4:
@@ -254,6 +256,8 @@ def _vnet_header_for(packet: bytes | bytearray | memoryview, mtu: int) -> bytes:
             )
         return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, hdr_len, 0, ihl, 16)
     if proto == 17:
+        if version == 4 and (packet[6] & 0x3F or packet[7]):
+            return _PLAIN_VNET_HDR  # a fragment: its checksum is already whole
         return VNET_HDR.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, ihl, 6)
     return _PLAIN_VNET_HDR
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from stack.netstack import GsoPacket
+from stack.wire.fragment import fragment_packet
 from stack.wire.packet import build_icmp_packet, build_tcp_packet, build_udp_packet
 from stack.wire.tcp import ACK, TcpHeader, TcpOptions
 from tun2sx.dataplane.tun import (
@@ -53,6 +54,16 @@ def test_udp_and_icmp() -> None:
     )
     ping = build_icmp_packet(V4A, V4B, 0, 0, 0x10001, b"abc")
     assert _vnet_header_for(ping, 1500) == bytes(VNET_HDR.size)
+
+
+def test_udp_fragments_carry_a_plain_header() -> None:
+    # Their checksum is whole (the stack computes it before cutting); asking
+    # the kernel to finish it would overwrite data in every fragment.
+    for src, dst in ((V4A, V4B), (V6A, V6B)):
+        udp = build_udp_packet(src, dst, 53, 4000, b"q" * 4000)
+        fragments = fragment_packet(udp, 1500, ident=1)
+        assert len(fragments) == 3
+        assert all(_vnet_header_for(f, 1500) == bytes(VNET_HDR.size) for f in fragments)
 
 
 def test_a_gso_packet_is_cut_at_its_packet_size_not_the_devices_mtu() -> None:

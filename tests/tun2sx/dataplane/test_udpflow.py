@@ -18,7 +18,10 @@ import trio
 import trio.testing
 
 from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, UdpSession
+from stack.fragments import FragmentStore
 from stack.netstack import NetStack, NetStackConfig
+from stack.wire.fragment import fragment_packet
+from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import build_udp_packet, parse_packet_untrusted
 from stack.wire.udp import UdpHeader
 from tun2sx.dataplane.context import EngineConfig
@@ -336,3 +339,46 @@ async def test_an_outbound_that_fails_answers_icmp_unreachable(
     stats = engine.statistics()
     assert stats["udp_sessions"] == 0
     assert stats["udp_session_end_drops"] == 4  # the first answered, none sent
+
+
+BIG = bytes(range(256)) * 80  # 20,480 octets: fragments both ways at 1500
+
+
+async def test_a_fragmented_datagram_goes_out_whole_and_its_large_reply_in_fragments(
+    autojump_clock: trio.testing.MockClock,
+    running: tuple[CountingEngine, FakeTun, FakeOutbound],
+) -> None:
+    engine, device, outbound = running
+    device.feed(*fragment_packet(datagram(BIG), 1500, ident=3))
+    await settle()
+    [session] = outbound.sessions
+    assert [data for data, *_ in session.sent] == [BIG]
+    session.reply((BIG[::-1], REMOTE_DEST))
+    await settle()
+    assert len(device.written) == 14 and all(len(p) <= 1500 for p in device.written)
+    store = FragmentStore()
+    [whole] = [w for p in device.written if (w := store.receive(memoryview(p), 0.0))]
+    reply = parse_packet_untrusted(memoryview(whole))
+    assert (reply.src, reply.dst, bytes(reply.payload)) == (REMOTE, APP, BIG[::-1])
+    assert engine.statistics()["frag_reassembled"] == 1
+
+
+async def test_the_timer_gives_up_on_a_datagram_and_sends_time_exceeded(
+    autojump_clock: trio.testing.MockClock,
+    running: tuple[CountingEngine, FakeTun, FakeOutbound],
+) -> None:
+    engine, device, _ = running
+    app6, remote6 = b"\xfd" + bytes(14) + b"\x02", b"\xfc" + bytes(14) + b"\x05"
+    first = fragment_packet(build_udp_packet(app6, remote6, 1, 2, BIG), 1500, ident=3)[0]
+    device.feed(first)
+    await settle()
+    start = trio.current_time()
+    await trio.sleep(59.9)
+    assert device.written == []
+    await trio.sleep(0.2)
+    [error] = device.written
+    parsed = parse_packet_untrusted(memoryview(error))
+    assert isinstance(parsed.l4, IcmpHeader) and (parsed.l4.type, parsed.l4.code) == (3, 1)
+    assert (parsed.src, parsed.dst) == (remote6, app6)
+    assert engine.statistics()["frag_timed_out"] == 1
+    assert trio.current_time() - start < 61
