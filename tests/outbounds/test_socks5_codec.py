@@ -220,10 +220,10 @@ def test_reply_round_trip(bound: Destination, code: int) -> None:
     assert conn.next_event_untrusted() == Socks5Reply(code, bound)
 
 
-@given(st.binary(max_size=300), st.booleans())
-def test_client_parser_raises_only_its_error(data: bytes, with_auth: bool) -> None:
+@given(st.binary(max_size=300), st.booleans(), st.booleans())
+def test_client_parser_raises_only_its_error(data: bytes, with_auth: bool, pipeline: bool) -> None:
     creds = (b"u", b"p") if with_auth else (None, None)
-    conn = Socks5ClientConnection(Command.CONNECT, TARGET, *creds)
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET, *creds, pipeline=pipeline)
     conn.receive_data(data)
     with contextlib.suppress(Socks5ProtocolError):
         conn.next_event_untrusted()
