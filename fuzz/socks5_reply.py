@@ -6,7 +6,8 @@ nothing else; the handshake ends after a bounded number of events; and
 feeding the same bytes in one piece or byte by byte gives the same events
 and the same trailing data.
 
-The first input byte picks the command and whether credentials are offered.
+The first input byte picks the command, whether credentials are offered and
+whether the handshake is pipelined.
 Seeds: `python -m fuzz.socks5_reply --write-seeds`.
 """
 
@@ -33,9 +34,10 @@ _TARGET = Destination("example.com", 443)
 
 def _connection(selector: int) -> Socks5ClientConnection:
     command = Command.UDP_ASSOCIATE if selector & 1 else Command.CONNECT
+    pipeline = bool(selector & 4)
     if selector & 2:
-        return Socks5ClientConnection(command, _TARGET, b"user", b"password")
-    return Socks5ClientConnection(command, _TARGET)
+        return Socks5ClientConnection(command, _TARGET, b"user", b"password", pipeline=pipeline)
+    return Socks5ClientConnection(command, _TARGET, pipeline=pipeline)
 
 
 def _run(selector: int, chunks: list[bytes]) -> tuple[list[object], bytes] | None:
@@ -79,6 +81,8 @@ def _seeds() -> dict[str, bytes]:
         "no-acceptable": b"\x00\x05\xff",
         "udp-associate-v6": b"\x01\x05\x00" + build_reply(0, bound6),
         "udp-datagram": b"\x00" + encode_udp_datagram(b"payload", _TARGET),
+        "pipelined-connect-ok": b"\x04\x05\x00" + build_reply(0, bound) + b"banner",
+        "pipelined-auth-ok": b"\x06\x05\x02\x01\x00" + build_reply(0, bound),
     }
 
 

@@ -291,9 +291,24 @@ class Socks5ClientConnection:
         dest: Destination (for UDP ASSOCIATE, usually 0.0.0.0:0).
         username: Offered with `password` via RFC 1929 when both are given.
         password: See `username`.
+        pipeline: Send every message up front (greeting, credentials,
+            request), without waiting for each answer: one round trip
+            instead of two or three. RFC 1928 does not promise that a
+            server reads ahead, and some read one message per `recv` and
+            lose the rest (microsocks), so only for proxies known to take
+            it. With credentials only username/password is offered then,
+            since the request must follow the method the proxy will pick.
     """
 
-    __slots__ = ("_buffer", "_command", "_credentials", "_dest", "_outgoing", "_state")
+    __slots__ = (
+        "_buffer",
+        "_command",
+        "_credentials",
+        "_dest",
+        "_outgoing",
+        "_pipelined",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -301,6 +316,8 @@ class Socks5ClientConnection:
         dest: Destination,
         username: bytes | None = None,
         password: bytes | None = None,
+        *,
+        pipeline: bool = False,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("username and password must be given together")
@@ -308,7 +325,11 @@ class Socks5ClientConnection:
             if not 1 <= len(username) <= 255 or not 1 <= len(password) <= 255:
                 raise ValueError("SOCKS5 username and password must be 1..255 bytes each")
             self._credentials: tuple[bytes, bytes] | None = (username, password)
-            methods: tuple[AuthMethod, ...] = (AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)
+            methods: tuple[AuthMethod, ...] = (
+                (AuthMethod.USERNAME_PASSWORD,)
+                if pipeline
+                else (AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)
+            )
         else:
             self._credentials = None
             methods = (AuthMethod.NO_AUTH,)
@@ -317,6 +338,11 @@ class Socks5ClientConnection:
         self._buffer = bytearray()
         self._outgoing = bytearray(build_greeting(methods))
         self._state = _State.AWAIT_METHOD
+        self._pipelined = pipeline
+        if pipeline:
+            if self._credentials is not None:
+                self._outgoing += build_auth_request(*self._credentials)
+            self._outgoing += build_request(command, dest)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the proxy now (possibly empty)."""
@@ -355,9 +381,12 @@ class Socks5ClientConnection:
                     self._state = _State.DONE
                     return AuthFailed("the proxy accepts none of the offered auth methods")
                 if method == AuthMethod.USERNAME_PASSWORD and self._credentials is not None:
-                    self._outgoing += build_auth_request(*self._credentials)
+                    if not self._pipelined:
+                        self._outgoing += build_auth_request(*self._credentials)
                     self._state = _State.AWAIT_AUTH
-                elif method == AuthMethod.NO_AUTH:
+                elif method == AuthMethod.NO_AUTH and (
+                    self._credentials is None or not self._pipelined
+                ):
                     self._send_request()
                 else:
                     raise Socks5ProtocolError(f"proxy chose auth method 0x{method:02x} not offered")
@@ -390,7 +419,8 @@ class Socks5ClientConnection:
         return NEED_DATA  # pragma: no cover - every branch above returns or moves on
 
     def _send_request(self) -> None:
-        self._outgoing += build_request(self._command, self._dest)
+        if not self._pipelined:  # else it went with the greeting
+            self._outgoing += build_request(self._command, self._dest)
         self._state = _State.AWAIT_REPLY
 
     @staticmethod
@@ -435,7 +465,10 @@ def decode_udp_datagram_untrusted(datagram: bytes) -> tuple[int, Destination, by
 
 
 def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> Socks5Outbound:
-    """Build an outbound from `socks5://[user:pass@]host:port`.
+    """Build an outbound from `socks5://[user:pass@]host:port[?pipeline=1]`.
+
+    `pipeline=1` sends the whole handshake at once (see
+    `Socks5ClientConnection`): only for proxies known to read ahead.
 
     Raises:
         ValueError: One line naming what is wrong with the URL.
@@ -443,8 +476,15 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() not in ("socks5", "socks5h"):
         raise ValueError(f"SOCKS5 URL {url!r}: scheme must be socks5://")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"SOCKS5 URL {url!r}: unexpected path, query or fragment")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError(f"SOCKS5 URL {url!r}: unexpected path or fragment")
+    pipeline = False
+    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        if key != "pipeline" or value not in ("0", "1"):
+            raise ValueError(
+                f"SOCKS5 URL {url!r}: unexpected query {key}={value}; known: pipeline=0|1"
+            )
+        pipeline = value == "1"
     if not parts.hostname:
         raise ValueError(f"SOCKS5 URL {url!r}: missing host")
     try:
@@ -458,7 +498,12 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
     if (username is None) != (password is None) or username == "" or password == "":
         raise ValueError(f"SOCKS5 URL {url!r}: credentials must be user:password, both non-empty")
     return Socks5Outbound(
-        parts.hostname, port, username, password, socket_options=socket_options or SocketOptions()
+        parts.hostname,
+        port,
+        username,
+        password,
+        socket_options=socket_options or SocketOptions(),
+        pipeline=pipeline,
     )
 
 
@@ -474,11 +519,15 @@ class Socks5Outbound:
         handshake_timeout: Seconds allowed for the whole SOCKS5 exchange; the
             proxy only replies once its own connect finished, so a timeout
             means the destination is unreachable.
+        pipeline: Send the greeting, credentials and request in one write
+            (one round trip to the proxy instead of two or three); only for
+            proxies that read ahead, such as Dante. Off by default.
     """
 
     __slots__ = (
         "_label",
         "_password",
+        "_pipeline",
         "_server",
         "_username",
         "handshake_timeout",
@@ -495,6 +544,7 @@ class Socks5Outbound:
         *,
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 20.0,
+        pipeline: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
         self._username = username.encode() if username is not None else None
@@ -503,6 +553,7 @@ class Socks5Outbound:
         Socks5ClientConnection(Command.CONNECT, self._server, self._username, self._password)
         self.socket_options = socket_options or SocketOptions()
         self.handshake_timeout = handshake_timeout
+        self._pipeline = pipeline
         self.name = f"socks5 {self._server}"
         self._label = f"SOCKS5 proxy {self._server}"  # for messages
 
@@ -513,6 +564,11 @@ class Socks5Outbound:
 
     def __repr__(self) -> str:
         return f"<Socks5Outbound {self._server}>"
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether the handshake is sent in one write (see `__init__`)."""
+        return self._pipeline
 
     async def _handshake(
         self, command: Command, dest: Destination
@@ -525,7 +581,9 @@ class Socks5Outbound:
             raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
         ok = False
         try:
-            conn = Socks5ClientConnection(command, dest, self._username, self._password)
+            conn = Socks5ClientConnection(
+                command, dest, self._username, self._password, pipeline=self._pipeline
+            )
             deadline = trio.current_time() + self.handshake_timeout
             result: Socks5Reply | AuthFailed | None = None
             if trio.current_effective_deadline() < deadline:

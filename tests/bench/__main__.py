@@ -18,6 +18,7 @@ BENCHMARKS = {
     "tcp": "tests.bench.tcp",  # in-process TCP: µs per segment and per connection
     "udp": "tests.bench.udp",  # datagram rates and bursts, through Dante and beside it
     "rss": "tests.bench.rss",  # resident memory idle and with N connections held
+    "timeline": "tests.bench.timeline",  # where a sequential connection's time goes
 }
 
 

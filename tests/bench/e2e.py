@@ -2,7 +2,7 @@
 
     ./dev bench e2e [--seconds 5] [--connections 1000] [--requests 8000]
                     [--no-offload] [--mtu N] [--workers 2] [--udp-rates 200,500]
-                    [--only kernel,tun2sx,singbox-gvisor,singbox-system]
+                    [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
 namespace with Dante and the test servers) and, beside it, one client
@@ -402,6 +402,7 @@ def run(
     only: tuple[str, ...] = COLUMNS,
     udp_rates: tuple[int, ...] = (200, 500),
     udp_bursts: int = 100,
+    pipeline: bool = False,
 ) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = _machine()
@@ -416,6 +417,8 @@ def run(
         iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+        if pipeline:  # Dante reads ahead: the handshake can go in one write
+            bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?pipeline=1"]
         bed.verbosity = []
         nginx = _start_nginx(bed.server, tmp)
 
@@ -498,6 +501,7 @@ def run(
     keys = [c.key for c in columns]
     lines = [
         f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), MTU {tun_mtu}"
+        + ("; SOCKS5 pipelined (tun2sx)" if pipeline else "")
         + (f"; {singbox.version()}" if any(k in SINGBOX for k in keys) else ""),
         "",
         "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
@@ -539,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(COLUMNS),
         help=f"comma-separated columns to measure, of {','.join(COLUMNS)}",
     )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="tun2sx sends its SOCKS5 handshake to Dante in one write (?pipeline=1)",
+    )
     args = parser.parse_args(argv)
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     unknown = [k for k in only if k not in COLUMNS]
@@ -559,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             requests=args.requests,
             only=only,
             udp_rates=tuple(int(r) for r in args.udp_rates.split(",") if r.strip()),
+            pipeline=args.pipeline,
         )
     except KeyboardInterrupt:
         # run()'s context managers have already ended the lab's processes

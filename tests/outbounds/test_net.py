@@ -67,6 +67,31 @@ async def test_refused_is_reset() -> None:
     assert "127.0.0.1" in str(info.value) and "refused" in str(info.value)
 
 
+async def test_a_connection_made_before_connect_returns_is_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over loopback the handshake ends inside connect: no wait, no SO_ERROR."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    async def no_wait(sock: object) -> None:
+        raise AssertionError("waited for a connection that was already made")
+
+    monkeypatch.setattr("outbounds.net._wait_writable", no_wait)
+    with listener:
+        stream = await open_tcp(LOCALHOST, port, SocketOptions())
+        accepted, _ = listener.accept()
+        with accepted:
+            assert stream.send_nowait(b"x") == 1
+            assert accepted.recv(1) == b"x"
+        stream.close_now()
+    # Still a cancel point: a cancelled caller does not connect.
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await open_tcp(LOCALHOST, port, SocketOptions())
+    assert scope.cancelled_caught
+
+
 async def test_localhost_name_tries_every_address(nursery: trio.Nursery) -> None:
     """ "localhost" may list ::1 first; the IPv4-only listener must still be found."""
     listeners = await nursery.start(trio.serve_tcp, _close_at_once, 0)

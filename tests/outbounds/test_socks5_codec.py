@@ -103,6 +103,40 @@ def test_username_password(byte_by_byte: bool) -> None:
     assert event == Socks5Reply(0, BOUND)
 
 
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+def test_pipelined_no_auth(byte_by_byte: bool) -> None:
+    """Greeting and request leave together; the answers come as before."""
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET, pipeline=True)
+    assert conn.data_to_send() == b"\x05\x01\x00" + build_request(Command.CONNECT, TARGET)
+    assert feed(conn, b"\x05\x00", byte_by_byte=byte_by_byte) == []
+    assert conn.data_to_send() == b""
+    [event] = feed(conn, build_reply(0, BOUND), byte_by_byte=byte_by_byte)
+    assert event == Socks5Reply(0, BOUND)
+    assert conn.data_to_send() == b""
+
+
+@pytest.mark.parametrize("byte_by_byte", [False, True])
+def test_pipelined_username_password(byte_by_byte: bool) -> None:
+    """Only username/password is offered, since the credentials are already on the way."""
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET, b"user", b"pw", pipeline=True)
+    request = build_request(Command.CONNECT, TARGET)
+    assert conn.data_to_send() == b"\x05\x01\x02" + b"\x01\x04user\x02pw" + request
+    answers = b"\x05\x02\x01\x00" + build_reply(0, BOUND) + b"tail"
+    [event] = feed(conn, answers, byte_by_byte=False) if not byte_by_byte else _drip(conn, answers)
+    assert event == Socks5Reply(0, BOUND)
+    assert conn.trailing_data == b"tail"
+    assert conn.data_to_send() == b""
+
+
+def test_pipelined_credentials_refuse_a_method_not_offered() -> None:
+    """A proxy choosing "no auth" would read our credentials as a request."""
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET, b"user", b"pw", pipeline=True)
+    conn.data_to_send()
+    conn.receive_data(b"\x05\x00")
+    with pytest.raises(Socks5ProtocolError, match="not offered"):
+        conn.next_event_untrusted()
+
+
 def test_auth_rejections() -> None:
     conn = Socks5ClientConnection(Command.CONNECT, TARGET)
     conn.receive_data(b"\x05\xff")
@@ -186,10 +220,10 @@ def test_reply_round_trip(bound: Destination, code: int) -> None:
     assert conn.next_event_untrusted() == Socks5Reply(code, bound)
 
 
-@given(st.binary(max_size=300), st.booleans())
-def test_client_parser_raises_only_its_error(data: bytes, with_auth: bool) -> None:
+@given(st.binary(max_size=300), st.booleans(), st.booleans())
+def test_client_parser_raises_only_its_error(data: bytes, with_auth: bool, pipeline: bool) -> None:
     creds = (b"u", b"p") if with_auth else (None, None)
-    conn = Socks5ClientConnection(Command.CONNECT, TARGET, *creds)
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET, *creds, pipeline=pipeline)
     conn.receive_data(data)
     with contextlib.suppress(Socks5ProtocolError):
         conn.next_event_untrusted()
@@ -210,6 +244,17 @@ def test_parse_url() -> None:
     assert parse_socks5_url("socks5://proxy.lan:1080/").name == "socks5 proxy.lan:1080"
 
 
+def test_parse_url_pipeline() -> None:
+    """`?pipeline=1` turns pipelining on; it is off without it or with 0."""
+    for url, expected in (
+        ("socks5://127.0.0.1:1080?pipeline=1", True),
+        ("socks5://u:p@127.0.0.1:1080/?pipeline=1", True),
+        ("socks5://127.0.0.1:1080?pipeline=0", False),
+        ("socks5://127.0.0.1:1080", False),
+    ):
+        assert parse_socks5_url(url).pipeline is expected, url
+
+
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
@@ -220,6 +265,8 @@ def test_parse_url() -> None:
         ("socks5://:1080", "missing host"),
         ("socks5://user@127.0.0.1:1080", "credentials"),
         ("socks5://127.0.0.1:1080/path", "path"),
+        ("socks5://127.0.0.1:1080?pipeline=yes", "pipeline=0|1"),
+        ("socks5://127.0.0.1:1080?fast=1", "unexpected query fast=1"),
     ],
 )
 def test_parse_url_errors(url: str, complaint: str) -> None:

@@ -67,6 +67,35 @@ async def test_refused_target_is_reset(proxy: Socks5Outbound) -> None:
     assert str(closed) in str(info.value)
 
 
+async def test_pipelined_handshake_through_dante(
+    danted: ServerProcess, tcp_echo: Destination
+) -> None:
+    """Dante reads ahead: greeting and CONNECT in one write work, refusals too."""
+    proxy = Socks5Outbound(danted.host, danted.port, pipeline=True)
+    stream = await proxy.connect_tcp(tcp_echo)
+    async with stream:
+        assert await transfer_through(stream, b"pipelined", half_close=False) == b"pipelined"
+    closed = Destination(ipaddress.IPv4Address("127.0.0.1"), free_port())
+    with pytest.raises(OutboundError) as info:
+        await proxy.connect_tcp(closed)
+    assert info.value.reply is FailureReply.RESET
+
+
+async def test_pipelined_handshake_fails_on_a_one_message_reader(
+    microsocks: ServerProcess, tcp_echo: Destination
+) -> None:
+    """microsocks reads one message per recv and loses the request sent with
+    the greeting: it never answers, so pipelining must stay opt-in."""
+    proxy = Socks5Outbound(microsocks.host, microsocks.port, pipeline=True, handshake_timeout=1)
+    with pytest.raises(OutboundError) as info:
+        await proxy.connect_tcp(tcp_echo)
+    assert "did not answer" in str(info.value)
+    # The same proxy without pipelining answers.
+    stream = await _outbound(microsocks).connect_tcp(tcp_echo)
+    async with stream:
+        assert await transfer_through(stream, b"one by one", half_close=False) == b"one by one"
+
+
 async def test_username_password(microsocks_auth: ServerProcess, tcp_echo: Destination) -> None:
     good = _outbound(microsocks_auth, username=PROXY_USER, password=PROXY_PASSWORD)
     stream = await good.connect_tcp(tcp_echo)
