@@ -30,7 +30,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .base import Destination, OutboundError, UdpDrops
+from .base import Destination, OutboundError, UdpDrops, redact_url
 from .net import SocketOptions, TcpSocketStream, error_from_oserror, open_tcp, open_udp_socket
 from .net import resolve as _resolve
 from .ss_2022 import (
@@ -407,11 +407,12 @@ def _userinfo(url: str, raw: str) -> tuple[str, str]:
             decoded = data.decode("utf-8")
         except (binascii.Error, UnicodeError, ValueError):
             raise ValueError(
-                f"Shadowsocks URL {url!r}: user info is neither method:password nor base64 of it"
+                f"Shadowsocks URL {redact_url(url)!r}: "
+                "user info is neither method:password nor base64 of it"
             ) from None
         method, sep, password = decoded.partition(":")
     if not sep or not method or not password:
-        raise ValueError(f"Shadowsocks URL {url!r}: user info must be method:password")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: user info must be method:password")
     return method, password
 
 
@@ -429,29 +430,33 @@ def parse_shadowsocks_url(
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != "ss":
-        raise ValueError(f"Shadowsocks URL {url!r}: scheme must be ss://")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: scheme must be ss://")
     if parts.query:
         query = urllib.parse.parse_qs(parts.query)
         if "plugin" in query:
-            raise ValueError(f"Shadowsocks URL {url!r}: plugins are not supported")
-        raise ValueError(f"Shadowsocks URL {url!r}: unexpected query {parts.query!r}")
+            raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: plugins are not supported")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: unexpected query {parts.query!r}")
     if parts.path not in ("", "/"):
-        raise ValueError(f"Shadowsocks URL {url!r}: unexpected path {parts.path!r}")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: unexpected path {parts.path!r}")
     userinfo, at, _hostport = parts.netloc.rpartition("@")
     if not at or not userinfo:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing method:password@ before the host")
+        raise ValueError(
+            f"Shadowsocks URL {redact_url(url)!r}: missing method:password@ before the host"
+        )
     if not parts.hostname:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing host")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: missing host")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"Shadowsocks URL {url!r}: port is not a number in 0..65535") from None
+        raise ValueError(
+            f"Shadowsocks URL {redact_url(url)!r}: port is not a number in 0..65535"
+        ) from None
     if not port:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing port")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: missing port")
     method, password = _userinfo(url, userinfo)
     try:
         return ShadowsocksOutbound(
             parts.hostname, port, method, password, socket_options=socket_options
         )
     except ValueError as exc:
-        raise ValueError(f"Shadowsocks URL {url!r}: {exc}") from None
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: {exc}") from None

@@ -27,7 +27,7 @@ from typing import Final
 import attrs
 import trio
 
-from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops
+from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops, redact_url
 from .net import (
     PrefixedStream,
     SocketOptions,
@@ -441,22 +441,23 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
         ValueError: One line naming what is wrong with the URL.
     """
     parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)  # messages never show the password
     if parts.scheme.lower() not in ("socks5", "socks5h"):
-        raise ValueError(f"SOCKS5 URL {url!r}: scheme must be socks5://")
+        raise ValueError(f"SOCKS5 URL {shown!r}: scheme must be socks5://")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"SOCKS5 URL {url!r}: unexpected path, query or fragment")
+        raise ValueError(f"SOCKS5 URL {shown!r}: unexpected path, query or fragment")
     if not parts.hostname:
-        raise ValueError(f"SOCKS5 URL {url!r}: missing host")
+        raise ValueError(f"SOCKS5 URL {shown!r}: missing host")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"SOCKS5 URL {url!r}: port is not a number in 0..65535") from None
+        raise ValueError(f"SOCKS5 URL {shown!r}: port is not a number in 0..65535") from None
     if port is None or port == 0:
-        raise ValueError(f"SOCKS5 URL {url!r}: missing port")
+        raise ValueError(f"SOCKS5 URL {shown!r}: missing port")
     username = urllib.parse.unquote(parts.username) if parts.username is not None else None
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     if (username is None) != (password is None) or username == "" or password == "":
-        raise ValueError(f"SOCKS5 URL {url!r}: credentials must be user:password, both non-empty")
+        raise ValueError(f"SOCKS5 URL {shown!r}: credentials must be user:password, both non-empty")
     return Socks5Outbound(
         parts.hostname, port, username, password, socket_options=socket_options or SocketOptions()
     )

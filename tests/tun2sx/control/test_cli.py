@@ -38,6 +38,31 @@ def test_endpoint_parsing() -> None:
         ),
         (["--tun", "tunx", "--socks", "1.2.3.4:5", "--dns-upstream", "nope"], "--dns-upstream"),
         (["--tun", "tunx", "--socks", "1.2.3.4:5", "--udp-timeout", "0"], "--udp-timeout"),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "198.18.0.0/31"],
+            "--fake-ip-range: 198.18.0.0/31 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "198.18.0.0/30"],
+            "--fake-ip-range: 198.18.0.0/30 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range6", "fc00::/127"],
+            "--fake-ip-range6: fc00::/127 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "socks5://user:TopSecretPw@host"],
+            "--proxy: SOCKS5 URL 'socks5://user:***@host': missing port",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "ss://YWVzLTEyOC1nY206VG9wU2VjcmV0UHc@host"],
+            "--proxy: Shadowsocks URL 'ss://***@host': missing port",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "ss://aes-128-gcm:TopSecretPw@host:1?x=1"],
+            "--proxy: Shadowsocks URL 'ss://aes-128-gcm:***@host:1?x=1': unexpected query",
+        ),
+        (["--tun", "tunx", "--proxy", "ftp://u:TopSecretPw@h:1"], "'ftp://u:***@h:1'"),
     ],
 )
 def test_bad_values_name_the_flag(
@@ -48,6 +73,7 @@ def test_bad_values_name_the_flag(
     assert len(err.splitlines()) == 1
     assert err.startswith("tun2sx: ")
     assert field in err
+    assert "TopSecretPw" not in err
 
 
 def test_settings_from_flags() -> None:
