@@ -12,6 +12,7 @@ retransmits what the faults lose. The outbound echoes. No root needed.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import random
 import socket
@@ -22,6 +23,7 @@ import trio
 import trio.testing
 
 from outbounds.base import Destination, UdpSession
+from outbounds.net import SocketOptions, open_tcp
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import (
     NEED_DATA,
@@ -34,12 +36,12 @@ from stack.tcp import (
 )
 from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
-from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader, TcpOptions
 from tun2sx.control import app
 from tun2sx.control.stats import respond
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import TunDevice, TunError
+from tun2sx.dataplane.tun import RxPacket, TunDevice, TunError
 from tun2sx.naming.router import Router
 
 APP = socket.inet_aton("10.0.0.2")
@@ -264,3 +266,76 @@ async def test_an_outbound_that_never_answers_ends_in_host_unreachable(
     assert (packet.src, packet.dst) == (REMOTE, APP)
     assert waited == pytest.approx(3.0, abs=0.1)
     assert stats["tcp_outbound_failed"] == 1
+
+
+class LateReaderTun(TunDevice):
+    """A device whose reader sees the engine stop only after every other task.
+
+    On cancellation the engine's reader resets every connection, and the
+    flows' tasks close their streams; which runs first is the scheduler's
+    choice. This device makes it the flows, every time.
+    """
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        try:
+            return await super().read_batch(limit)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()
+            raise
+
+
+class LoopbackEchoOutbound:
+    """Connects every flow to an echo server on loopback: a real socket."""
+
+    name = "loopback"
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        return await open_tcp("127.0.0.1", self._port, SocketOptions())
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        while data := await stream.receive_some():
+            await stream.send_all(data)
+
+
+async def test_stopping_the_engine_resets_an_idle_flow(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """An established flow with nothing in flight gets an RST when the engine
+    stops, never a FIN: `recv` returning b"" would make a cut-off transfer
+    look complete. (The outbound is a real socket, so the splice takes its
+    fast path, as in a real run.)"""
+    fd, app_sock = pair
+    device = LateReaderTun(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1")
+        )
+        outbound = LoopbackEchoOutbound(listeners[0].socket.getsockname()[1])
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(outbound))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        conn = await app.handshake()
+        # One byte echoed and acknowledged: the flow is spliced, and idle.
+        assert conn.send(b"x") == 1
+        with trio.fail_after(10):
+            while conn.next_event().__class__ is not DataReceived:
+                for hdr, data in conn.segments_to_send(trio.current_time()):
+                    await app.send(hdr, data)
+                hdr, data = await app.receive()
+                conn.segment_received(hdr, data, trio.current_time())
+        for hdr, data in conn.segments_to_send(trio.current_time()):
+            await app.send(hdr, data)
+        nursery.cancel_scope.cancel()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert hdr.flags & RST and not hdr.flags & FIN, hdr
