@@ -524,6 +524,10 @@ class Socks5Outbound:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
             raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        if command is Command.UDP_ASSOCIATE and stream.socket.family == socket.AF_INET6:
+            # The zeros of UDP ASSOCIATE in the family of this connection:
+            # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
+            dest = Destination(ipaddress.IPv6Address(0), 0)
         ok = False
         try:
             conn = Socks5ClientConnection(command, dest, self._username, self._password)
@@ -545,6 +549,15 @@ class Socks5Outbound:
                 raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
             reply = result
             if not reply.succeeded:
+                if command is Command.UDP_ASSOCIATE:
+                    # There is no destination yet: the proxy refused the
+                    # association itself (microsocks has none at all).
+                    what = (
+                        "does not offer UDP ASSOCIATE (no UDP through it)"
+                        if reply.code == ReplyCode.COMMAND_NOT_SUPPORTED
+                        else "refused UDP ASSOCIATE"
+                    )
+                    raise OutboundError(reply.failure(), f"{proxy} {what}: {reply.describe()}")
                 raise OutboundError(
                     reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
                 )
@@ -607,7 +620,7 @@ class Socks5Outbound:
             OutboundError: As for `connect_tcp`, or the relay is unusable.
         """
         # We do not know our own address as the proxy sees it; RFC 1928 says
-        # to send zeros then.
+        # to send zeros then (IPv6 ones over IPv6: see `_handshake`).
         stream, reply, _ = await self._handshake(
             Command.UDP_ASSOCIATE, Destination(ipaddress.IPv4Address(0), 0)
         )
