@@ -49,8 +49,9 @@ def describe(key: FlowKey) -> str:
 
 
 def _endpoint(addr: bytes, port: int) -> str:
-    family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
-    return f"{socket.inet_ntop(family, addr)}:{port}"
+    if len(addr) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, addr)}:{port}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
 
 
 _isns: list[int] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import random
 import socket
@@ -339,3 +340,29 @@ async def test_stopping_the_engine_resets_an_idle_flow(
     with trio.fail_after(10):
         hdr, _ = await app.receive()
     assert hdr.flags & RST and not hdr.flags & FIN, hdr
+
+
+async def test_connections_write_ipv6_application_addresses_in_brackets(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """`/connections` writes `[fd88::2]:35768` for TCP as it does for UDP:
+    without the brackets the port cannot be told from the address."""
+    fd, app_sock = pair
+    app6, remote6 = (
+        socket.inet_pton(socket.AF_INET6, "fd88::2"),
+        socket.inet_pton(socket.AF_INET6, "2001:db8::7"),
+    )
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(EchoOutbound(nursery)))
+        await nursery.start(engine.run)
+        syn = TcpHeader(35768, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app_sock.send(build_tcp_packet(app6, remote6, syn))
+        with trio.fail_after(10):
+            synack = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
+        assert isinstance(synack.l4, TcpHeader) and synack.l4.flags == SYN | ACK
+        body = respond(engine, b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1", 0)
+        nursery.cancel_scope.cancel()
+    device.close()
+    [row] = json.loads(body.partition(b"\r\n\r\n")[2])
+    assert row["app"] == "[fd88::2]:35768"
