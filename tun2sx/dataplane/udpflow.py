@@ -335,9 +335,8 @@ class UdpFlows:
         dest = self._engine.destination_for(addr, port)
         if dest is None:
             log.warning(
-                "UDP to %s:%d: fake IP has no host name; answering port unreachable",
-                ipaddress.ip_address(addr),
-                port,
+                "UDP to %s: fake IP has no host name; answering port unreachable",
+                Destination(ipaddress.ip_address(addr), port),
             )
             self._engine.counters["udp_unknown_fake_ip"] += 1
             self._unreachable(session, (addr, port, b""), 3, 4)
