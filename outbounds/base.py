@@ -36,6 +36,7 @@ __all__ = [
     "OutboundError",
     "UdpDrops",
     "UdpSession",
+    "redact_url",
     "reply_for_oserror",
 ]
 
@@ -148,6 +149,24 @@ _ERRNO_REPLIES: dict[int, FailureReply] = {
     errno.EACCES: FailureReply.ADMIN_PROHIBITED,
     errno.EPERM: FailureReply.ADMIN_PROHIBITED,
 }
+
+
+def redact_url(url: str) -> str:
+    """`url` with its secret replaced by `***`, for messages a user reads.
+
+    The user name stays (it tells two outbounds apart); the password goes,
+    and so does user info without a colon, which in a SIP002 URL is the
+    base64 of method and password together.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _secret = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{head}{sep}{masked}@{hostpart}"
 
 
 def reply_for_oserror(exc: OSError) -> FailureReply:

@@ -16,12 +16,21 @@ The address goes out together with the first application data, because a
 separate packet for it is both slower and a recognisable pattern. A protocol
 in which the server speaks first would then wait forever, so `receive_some`
 sends the header alone if no data arrives within `first_data_wait`.
+
+A server that does not accept our key (a wrong password or 2022 key, or a
+2022 server whose clock is more than 30 s off ours) answers nothing at all:
+it closes, or holds the connection open (against probing), or its replies
+do not authenticate. The flows just fail or hang, so each outbound keeps
+an `AuthWatch` that says so in the log, rate-limited: when replies do not
+authenticate, and when connections in a row end without a byte of
+response to their request.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import socket
 import time
 import urllib.parse
@@ -30,7 +39,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .base import Destination, OutboundError, UdpDrops
+from .base import Destination, OutboundError, UdpDrops, redact_url
 from .net import SocketOptions, TcpSocketStream, error_from_oserror, open_tcp, open_udp_socket
 from .net import resolve as _resolve
 from .ss_2022 import (
@@ -56,6 +65,7 @@ from .ss_crypto import (
 from .udpsock import UdpSocket
 
 __all__ = [
+    "AuthWatch",
     "ShadowsocksOutbound",
     "ShadowsocksProtocolError",
     "ShadowsocksStream",
@@ -65,6 +75,63 @@ __all__ = [
 ]
 
 _RECEIVE_SIZE = 1 << 16
+
+log = logging.getLogger("tun2sx.shadowsocks")
+
+# Connections in a row closed without a response before the log suspects
+# the key: one is a refused destination; several, with none answered in
+# between, look like a server that does not accept us.
+SILENT_CLOSES_TO_WARN = 3
+# Seconds between two warnings about one server's key.
+AUTH_WARNING_INTERVAL = 300.0
+
+
+class AuthWatch:
+    """Tells the log, rate-limited, that a server seems to reject our key.
+
+    Args:
+        label: the server, as the message names it.
+    """
+
+    __slots__ = ("_label", "_last", "_silent", "_suppressed")
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._silent = 0
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def answered(self) -> None:
+        """A response authenticated: the key is right."""
+        self._silent = 0
+
+    def closed_silently(self) -> None:
+        """A connection ended without a byte of response to its request."""
+        self._silent += 1
+        if self._silent >= SILENT_CLOSES_TO_WARN:
+            self._warn(
+                f"answered none of the last {self._silent} connections: wrong password or"
+                " key, a 2022 server's clock more than 30 s off ours, or none of those"
+                " destinations answered"
+            )
+
+    def unauthentic(self, what: str) -> None:
+        """A response (TCP) or reply datagram (UDP) did not decrypt."""
+        self._warn(
+            f"sent {what} that does not authenticate: wrong password or key, or a 2022"
+            " server's clock more than 30 s off ours"
+        )
+
+    def _warn(self, message: str) -> None:
+        now = trio.current_time()
+        if self._last is not None and now - self._last < AUTH_WARNING_INTERVAL:
+            self._suppressed += 1
+            return
+        more = ""
+        if self._suppressed:
+            more = f" ({self._suppressed} more since the last warning)"
+        self._last, self._suppressed = now, 0
+        log.warning("%s %s%s", self._label, message, more)
 
 
 class ShadowsocksStream(trio.abc.HalfCloseableStream):
@@ -89,8 +156,11 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         *,
         clock: Callable[[], float] = time.time,
         first_data_wait: float = 0.05,
+        auth_watch: AuthWatch | None = None,
     ) -> None:
         self.socket_stream = sock
+        self._auth_watch = auth_watch
+        self._authenticated = False  # a response chunk has decrypted
         self._spec = spec
         self._dest = dest
         self._clock = clock
@@ -159,9 +229,17 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
                 self._eof = True
                 break
             try:
-                self._plain += self._dec.decrypt_untrusted(data, self._clock())
+                plain = self._dec.decrypt_untrusted(data, self._clock())
             except ShadowsocksProtocolError as exc:
+                if self._auth_watch is not None and not self._authenticated:
+                    self._auth_watch.unauthentic("a response")
                 raise trio.BrokenResourceError(f"Shadowsocks server: {exc}") from exc
+            if plain:
+                self._plain += plain
+                if not self._authenticated:
+                    self._authenticated = True
+                    if self._auth_watch is not None:
+                        self._auth_watch.answered()
         if not self._plain:
             await trio.lowlevel.checkpoint()
             return b""
@@ -178,11 +256,19 @@ class ShadowsocksStream(trio.abc.HalfCloseableStream):
         if self._dec.buffered:
             raise trio.BrokenResourceError("Shadowsocks server closed in the middle of a chunk")
 
+    def _ending(self) -> None:
+        """The flow is done with us: a request that never got a byte back counts."""
+        watch, self._auth_watch = self._auth_watch, None  # once per stream
+        if watch is not None and self._header_sent.is_set() and not self._authenticated:
+            watch.closed_silently()
+
     async def aclose(self) -> None:
+        self._ending()
         self._plain.clear()
         await self.socket_stream.aclose()
 
     def close_now(self) -> None:
+        self._ending()
         self._plain.clear()
         self.socket_stream.close_now()
 
@@ -201,7 +287,16 @@ class ShadowsocksUdpSession:
     encrypted or decrypted as it passes, inline.
     """
 
-    __slots__ = ("_client", "_clock", "_closed", "_key", "_sock", "_spec", "_stats")
+    __slots__ = (
+        "_auth_watch",
+        "_client",
+        "_clock",
+        "_closed",
+        "_key",
+        "_sock",
+        "_spec",
+        "_stats",
+    )
 
     def __init__(
         self,
@@ -209,8 +304,10 @@ class ShadowsocksUdpSession:
         spec: CipherSpec,
         key: bytes,
         clock: Callable[[], float] = time.time,
+        auth_watch: AuthWatch | None = None,
     ) -> None:
         self._sock = sock
+        self._auth_watch = auth_watch
         self._spec = spec
         self._key = key
         self._clock = clock
@@ -265,7 +362,12 @@ class ShadowsocksUdpSession:
             else:
                 source, payload = decode_udp_packet_untrusted(self._spec, self._key, packet)
         except ShadowsocksProtocolError:
-            self._stats.dropped_malformed += 1
+            stats = self._stats
+            stats.dropped_malformed += 1
+            if not stats.received and self._auth_watch is not None:
+                # Not one reply of this session decrypted yet: the key, most
+                # likely, rather than a stray forged datagram.
+                self._auth_watch.unauthentic("UDP replies")
             return None
         self._stats.received += 1
         return payload, source
@@ -334,7 +436,7 @@ class ShadowsocksOutbound:
         ValueError: Unknown method or unusable password.
     """
 
-    __slots__ = ("_clock", "_key", "_server", "_spec", "name", "socket_options")
+    __slots__ = ("_auth_watch", "_clock", "_key", "_server", "_spec", "name", "socket_options")
 
     def __init__(
         self,
@@ -352,6 +454,7 @@ class ShadowsocksOutbound:
         self.socket_options = socket_options or SocketOptions()
         self._clock = clock
         self.name = f"shadowsocks {self._spec.name} {self._server}"
+        self._auth_watch = AuthWatch(f"Shadowsocks server {self._server} ({self._spec.name})")
 
     @property
     def method(self) -> str:
@@ -373,7 +476,9 @@ class ShadowsocksOutbound:
             raise OutboundError(
                 exc.reply, f"Shadowsocks server {self._server} unreachable: {exc}"
             ) from exc
-        return ShadowsocksStream(sock, self._spec, self._key, dest, clock=self._clock)
+        return ShadowsocksStream(
+            sock, self._spec, self._key, dest, clock=self._clock, auth_watch=self._auth_watch
+        )
 
     async def open_udp(self) -> ShadowsocksUdpSession:
         """Open a UDP session: one socket connected to the server.
@@ -390,7 +495,7 @@ class ShadowsocksOutbound:
             raise error_from_oserror(
                 exc, f"connecting to Shadowsocks server {self._server}"
             ) from exc
-        return ShadowsocksUdpSession(sock, self._spec, self._key, self._clock)
+        return ShadowsocksUdpSession(sock, self._spec, self._key, self._clock, self._auth_watch)
 
 
 # --- ss:// URLs (SIP002) ---------------------------------------------------------
@@ -407,11 +512,12 @@ def _userinfo(url: str, raw: str) -> tuple[str, str]:
             decoded = data.decode("utf-8")
         except (binascii.Error, UnicodeError, ValueError):
             raise ValueError(
-                f"Shadowsocks URL {url!r}: user info is neither method:password nor base64 of it"
+                f"Shadowsocks URL {redact_url(url)!r}: "
+                "user info is neither method:password nor base64 of it"
             ) from None
         method, sep, password = decoded.partition(":")
     if not sep or not method or not password:
-        raise ValueError(f"Shadowsocks URL {url!r}: user info must be method:password")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: user info must be method:password")
     return method, password
 
 
@@ -429,29 +535,33 @@ def parse_shadowsocks_url(
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != "ss":
-        raise ValueError(f"Shadowsocks URL {url!r}: scheme must be ss://")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: scheme must be ss://")
     if parts.query:
         query = urllib.parse.parse_qs(parts.query)
         if "plugin" in query:
-            raise ValueError(f"Shadowsocks URL {url!r}: plugins are not supported")
-        raise ValueError(f"Shadowsocks URL {url!r}: unexpected query {parts.query!r}")
+            raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: plugins are not supported")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: unexpected query {parts.query!r}")
     if parts.path not in ("", "/"):
-        raise ValueError(f"Shadowsocks URL {url!r}: unexpected path {parts.path!r}")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: unexpected path {parts.path!r}")
     userinfo, at, _hostport = parts.netloc.rpartition("@")
     if not at or not userinfo:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing method:password@ before the host")
+        raise ValueError(
+            f"Shadowsocks URL {redact_url(url)!r}: missing method:password@ before the host"
+        )
     if not parts.hostname:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing host")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: missing host")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"Shadowsocks URL {url!r}: port is not a number in 0..65535") from None
+        raise ValueError(
+            f"Shadowsocks URL {redact_url(url)!r}: port is not a number in 0..65535"
+        ) from None
     if not port:
-        raise ValueError(f"Shadowsocks URL {url!r}: missing port")
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: missing port")
     method, password = _userinfo(url, userinfo)
     try:
         return ShadowsocksOutbound(
             parts.hostname, port, method, password, socket_options=socket_options
         )
     except ValueError as exc:
-        raise ValueError(f"Shadowsocks URL {url!r}: {exc}") from None
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: {exc}") from None

@@ -27,7 +27,7 @@ from typing import Final
 import attrs
 import trio
 
-from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops
+from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops, redact_url
 from .net import (
     PrefixedStream,
     SocketOptions,
@@ -474,29 +474,30 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
         ValueError: One line naming what is wrong with the URL.
     """
     parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)  # messages never show the password
     if parts.scheme.lower() not in ("socks5", "socks5h"):
-        raise ValueError(f"SOCKS5 URL {url!r}: scheme must be socks5://")
+        raise ValueError(f"SOCKS5 URL {shown!r}: scheme must be socks5://")
     if parts.path not in ("", "/") or parts.fragment:
-        raise ValueError(f"SOCKS5 URL {url!r}: unexpected path or fragment")
+        raise ValueError(f"SOCKS5 URL {shown!r}: unexpected path or fragment")
     pipeline = False
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
         if key != "pipeline" or value not in ("0", "1"):
             raise ValueError(
-                f"SOCKS5 URL {url!r}: unexpected query {key}={value}; known: pipeline=0|1"
+                f"SOCKS5 URL {shown!r}: unexpected query {key}={value}; known: pipeline=0|1"
             )
         pipeline = value == "1"
     if not parts.hostname:
-        raise ValueError(f"SOCKS5 URL {url!r}: missing host")
+        raise ValueError(f"SOCKS5 URL {shown!r}: missing host")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"SOCKS5 URL {url!r}: port is not a number in 0..65535") from None
+        raise ValueError(f"SOCKS5 URL {shown!r}: port is not a number in 0..65535") from None
     if port is None or port == 0:
-        raise ValueError(f"SOCKS5 URL {url!r}: missing port")
+        raise ValueError(f"SOCKS5 URL {shown!r}: missing port")
     username = urllib.parse.unquote(parts.username) if parts.username is not None else None
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     if (username is None) != (password is None) or username == "" or password == "":
-        raise ValueError(f"SOCKS5 URL {url!r}: credentials must be user:password, both non-empty")
+        raise ValueError(f"SOCKS5 URL {shown!r}: credentials must be user:password, both non-empty")
     return Socks5Outbound(
         parts.hostname,
         port,
@@ -579,6 +580,10 @@ class Socks5Outbound:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
             raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        if command is Command.UDP_ASSOCIATE and stream.socket.family == socket.AF_INET6:
+            # The zeros of UDP ASSOCIATE in the family of this connection:
+            # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
+            dest = Destination(ipaddress.IPv6Address(0), 0)
         ok = False
         try:
             conn = Socks5ClientConnection(
@@ -602,6 +607,15 @@ class Socks5Outbound:
                 raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
             reply = result
             if not reply.succeeded:
+                if command is Command.UDP_ASSOCIATE:
+                    # There is no destination yet: the proxy refused the
+                    # association itself (microsocks has none at all).
+                    what = (
+                        "does not offer UDP ASSOCIATE (no UDP through it)"
+                        if reply.code == ReplyCode.COMMAND_NOT_SUPPORTED
+                        else "refused UDP ASSOCIATE"
+                    )
+                    raise OutboundError(reply.failure(), f"{proxy} {what}: {reply.describe()}")
                 raise OutboundError(
                     reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
                 )
@@ -664,7 +678,7 @@ class Socks5Outbound:
             OutboundError: As for `connect_tcp`, or the relay is unusable.
         """
         # We do not know our own address as the proxy sees it; RFC 1928 says
-        # to send zeros then.
+        # to send zeros then (IPv6 ones over IPv6: see `_handshake`).
         stream, reply, _ = await self._handshake(
             Command.UDP_ASSOCIATE, Destination(ipaddress.IPv4Address(0), 0)
         )

@@ -10,7 +10,7 @@ Errors are `ValueError`s whose message says what is wrong with the URL.
 
 from __future__ import annotations
 
-from outbounds.base import Outbound
+from outbounds.base import Outbound, redact_url
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
@@ -32,7 +32,7 @@ def parse_outbound_url(
     """
     scheme, sep, _rest = url.partition("://")
     if not sep and url != "direct":
-        raise ValueError(f"not a URL: {url!r} (expected scheme://...)")
+        raise ValueError(f"not a URL: {redact_url(url)!r} (expected scheme://...)")
     scheme = scheme.lower()
     if scheme == "direct":
         return DirectOutbound(socket_options=socket_options or SocketOptions(), resolver=resolver)
@@ -44,4 +44,6 @@ def parse_outbound_url(
         from outbounds.shadowsocks import parse_shadowsocks_url
 
         return parse_shadowsocks_url(url, socket_options)
-    raise ValueError(f"unsupported scheme {scheme!r} in {url!r} (known: {', '.join(SCHEMES)})")
+    raise ValueError(
+        f"unsupported scheme {scheme!r} in {redact_url(url)!r} (known: {', '.join(SCHEMES)})"
+    )

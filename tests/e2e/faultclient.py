@@ -7,6 +7,10 @@ python -m tests.e2e.faultclient stream HOST PORT
     connection ends and prints {"received": N, "end": "eof" | errno}.
     A connection that goes silent ends as "timeout" after 15 s: that
     is the hang a fault test must never see.
+python -m tests.e2e.faultclient idle HOST PORT
+    Sends one line to an echo server, reads it back, prints
+    {"idle": true}, then waits without sending until the connection
+    ends and prints {"end": "eof" | errno}.
 python -m tests.e2e.faultclient synflood DST PORT COUNT
     Sends COUNT TCP SYNs to DST:PORT from random source addresses in
     10.99.0.0/16 through a raw socket (they are routed into the TUN),
@@ -82,10 +86,28 @@ def synflood(dst: str, port: int, count: int) -> None:
     print(json.dumps({"sent": count}))
 
 
+def idle(host: str, port: int) -> None:
+    sock = socket.create_connection((host, port), timeout=15)
+    sock.sendall(b"ping\n")
+    echoed = b""
+    while len(echoed) < 5 and (data := sock.recv(5 - len(echoed))):
+        echoed += data
+    print(json.dumps({"idle": echoed == b"ping\n"}), flush=True)
+    end = "eof"
+    try:
+        sock.recv(1)
+    except OSError as exc:
+        end = _end_name(exc)
+    sock.close()
+    print(json.dumps({"end": end}), flush=True)
+
+
 def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
     if cmd == "stream":
         stream(host, int(port))
+    elif cmd == "idle":
+        idle(host, int(port))
     elif cmd == "synflood":
         synflood(host, int(port), int(rest[0]))
     else:

@@ -1,7 +1,8 @@
 """End to end through Dante: TCP half-close, UDP ASSOCIATE, UDP errors.
 
 tun2sx runs here with Dante as its outbound, which carries both CONNECT and
-UDP ASSOCIATE. Half-close is tested here because microsocks closes both
+UDP ASSOCIATE; a UDP session whose relay is refused ends with an ICMP error
+to the application. Half-close is tested here because microsocks closes both
 directions at the first EOF. UDP replies must come back from the address
 the application sent to (the fake IP), not from the real address the
 proxy used.
@@ -59,3 +60,14 @@ def test_upload_eight_megabytes_exactly(dante: Testbed) -> None:
         "sent": 8 * 1024 * 1024,
         "equal": True,
     }
+
+
+def test_udp_to_a_closed_port_through_dante_is_refused_in_one_line(dante: Testbed) -> None:
+    # The relay's socket is refused; the application hears of it at once
+    # (ECONNREFUSED, not its own timeout) and the log says it in one line.
+    before = len(dante.log())
+    assert dante.client_tool("udp", "echo.test", 7999, 3) == {"error": "ECONNREFUSED"}
+    log = dante.log()[before:]
+    assert "Traceback" not in log and " ERROR " not in log
+    ended = [ln for ln in log.splitlines() if "UDP session" in ln and "ended" in ln]
+    assert len(ended) == 1 and "UDP session 198.18.0.1:" in ended[0], ended

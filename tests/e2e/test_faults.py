@@ -3,9 +3,10 @@
 - SYN flood from many spoofed sources into the TUN: a legitimate request
   still gets through, and tun2sx's memory stays bounded (the half-open cap
   and the flow cap hold).
-- tun2sx restarted during traffic: the flow in flight ends (EOF or reset,
-  never a silent hang), new flows work, and a fake IP handed out before
-  the restart still maps to its name.
+- tun2sx restarted during traffic: the flow in flight ends (never a silent
+  hang) and an idle one gets a reset (an EOF would make a cut-off transfer
+  look complete), new flows work, and a fake IP handed out before the
+  restart still maps to its name.
 - The SOCKS5 server (Dante) killed mid-transfer: the application's
   connection ends promptly instead of hanging, and once Dante is back new
   flows work without restarting tun2sx.
@@ -38,6 +39,9 @@ from tests.e2e.testbed import ROOT, WHOAMI_NAMES, WHOAMI_PORT, Testbed, rss_kib
 
 pytestmark = pytest.mark.e2e
 
+# The streaming client's writer thread may take the reset (EPIPE or
+# ECONNRESET from send) before its reader looks, which then finds the
+# socket shut and reads b"": "eof" there is the client's race, not a FIN.
 FLOW_ENDS = ("eof", "ECONNRESET", "EPIPE")
 
 
@@ -107,8 +111,14 @@ def test_restart_during_traffic_fails_flows_cleanly_and_keeps_fake_ips(
     testbed = dante
     fake = _resolve(testbed, "echo.test")
     stream = _start_stream(testbed, "echo.test")
+    idle = _fault_client(testbed, "idle", "echo.test", 7001)
+    assert idle.stdout is not None
+    ready, _, _ = select.select([idle.stdout], [], [], 30)
+    assert ready, "the idle client did not get its echo within 30 s"
+    assert json.loads(idle.stdout.readline()) == {"idle": True}
     testbed.stop()
     result = _stream_end(testbed, stream)
+    idle_result = _stream_end(testbed, idle)
     testbed.start()  # before asserting: later tests need tun2sx running
     # The persisted table: the same name keeps its fake IP, and a client
     # that cached the IP (no new DNS query) still reaches the name.
@@ -118,6 +128,7 @@ def test_restart_during_traffic_fails_flows_cleanly_and_keeps_fake_ips(
         "equal": True,
     }
     assert result["end"] in FLOW_ENDS, result
+    assert idle_result == {"end": "ECONNRESET"}
 
 
 def test_socks_server_killed_mid_transfer_then_back(dante: Testbed) -> None:

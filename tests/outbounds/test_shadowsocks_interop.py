@@ -12,9 +12,11 @@ Outside CI a missing server skips; with CI=true it fails.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -225,3 +227,68 @@ async def test_sing_box_rejects_a_skewed_clock(
         await stream.send_all(b"hello")
         with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
             await stream.receive_some()
+
+
+def _auth_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tun2sx.shadowsocks" and r.levelno == logging.WARNING
+    ]
+
+
+async def _requests_unanswered(outbound: ShadowsocksOutbound, dest: Destination) -> None:
+    """Four requests, each given up after a second without a response
+    (servers hold such a connection open against probing, or close it)."""
+    for _ in range(4):
+        stream = await outbound.connect_tcp(dest)
+        async with stream:
+            await stream.send_all(b"hello")
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+                assert await stream.receive_some() == b""
+
+
+@pytest.mark.parametrize(
+    "sing_box",
+    sorted(name for name, spec in CIPHERS.items() if spec.edition_2022),
+    indirect=True,
+)
+@pytest.mark.parametrize("fault", ["wrong key", "skewed clock"])
+async def test_a_rejected_key_is_said_once_per_outbound(
+    sing_box: tuple[ServerProcess, str, str],
+    tcp_echo: Destination,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """Flows through a server that rejects us fail; the log says why, once
+    per outbound and interval, not once per flow, and not never."""
+    server, method, _ = sing_box
+    if fault == "wrong key":
+        outbound = ShadowsocksOutbound(server.host, server.port, method, _password(method))
+    else:
+        outbound = _singbox(sing_box, clock=lambda: time.time() - 120)
+    await _requests_unanswered(outbound, tcp_echo)
+    [warning] = _auth_warnings(caplog)
+    assert warning.startswith(f"Shadowsocks server {server.host}:{server.port} ({method}) ")
+    assert "wrong password or key" in warning
+
+
+async def test_a_wrong_password_is_said_once_per_outbound(
+    ss_server: tuple[ServerProcess, str],
+    tcp_echo: Destination,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, method = ss_server
+    await _requests_unanswered(
+        ShadowsocksOutbound(server.host, server.port, method, "not the password"), tcp_echo
+    )
+    assert len(_auth_warnings(caplog)) == 1
+    # The right password: answered, and nothing more is said.
+    good = _libev(ss_server)
+    for _ in range(4):
+        stream = await good.connect_tcp(tcp_echo)
+        async with stream:
+            await stream.send_all(b"hello")
+            with trio.fail_after(10):
+                assert await stream.receive_some() == b"hello"
+    assert len(_auth_warnings(caplog)) == 1

@@ -50,15 +50,17 @@ async def _read_request(stream: trio.SocketStream) -> tuple[Command, Destination
     raise AssertionError("request never completed")
 
 
-async def start_fake_proxy(nursery: trio.Nursery, script: Script) -> Socks5Outbound:
+async def start_fake_proxy(
+    nursery: trio.Nursery, script: Script, host: str = "127.0.0.1"
+) -> Socks5Outbound:
     async def handler(stream: trio.SocketStream) -> None:
         async with stream:
             command, dest = await _read_request(stream)
             await script(stream, command, dest)
 
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host=host), handler, 0)
     port = listeners[0].socket.getsockname()[1]
-    return Socks5Outbound("127.0.0.1", port, handshake_timeout=5)
+    return Socks5Outbound(host, port, handshake_timeout=5)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +210,59 @@ async def test_udp_relay_unspecified_address_and_drops(nursery: trio.Nursery) ->
         await session.aclose()
         await session.aclose()
         relay.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (0x07, "does not offer UDP ASSOCIATE (no UDP through it): command not supported"),
+        (0x02, "refused UDP ASSOCIATE: not allowed"),
+    ],
+)
+async def test_a_refused_udp_associate_says_so(
+    nursery: trio.Nursery, code: int, message: str
+) -> None:
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        await stream.send_all(build_reply(code, BOUND))
+
+    proxy = await start_fake_proxy(nursery, script)
+    with pytest.raises(OutboundError) as info:
+        await proxy.open_udp()
+    assert str(info.value).startswith("SOCKS5 proxy 127.0.0.1:")
+    assert str(info.value).endswith(f" {message}")
+    assert "0.0.0.0" not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_udp_associate_announces_an_address_of_the_proxy_connection_family(
+    nursery: trio.Nursery, host: str
+) -> None:
+    """RFC 1928 says to send zeros when the client does not know its address;
+    over IPv6 they must be IPv6 zeros: Dante refuses 0.0.0.0 from an IPv6
+    client ("address type not supported") or hands back an IPv4 relay."""
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    relay = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+    await relay.bind((host, 0))
+    relay_port = relay.getsockname()[1]
+    announced: list[Destination] = []
+    unspecified = ipaddress.ip_address("::" if ":" in host else "0.0.0.0")
+
+    async def script(stream: trio.SocketStream, command: Command, dest: Destination) -> None:
+        announced.append(dest)
+        await stream.send_all(build_reply(0, Destination(unspecified, relay_port)))
+        data, client = await relay.recvfrom(65535)
+        await relay.sendto(data, client)
+        await trio.sleep_forever()
+
+    proxy = await start_fake_proxy(nursery, script, host)
+    session = await proxy.open_udp()
+    try:
+        await session.send_to(b"ping", TARGET)
+        assert await session.receive_from() == (b"ping", TARGET)
+    finally:
+        await session.aclose()
+        relay.close()
+    assert announced == [Destination(unspecified, 0)]
 
 
 async def test_udp_fast_path_batches_caches_and_counts(nursery: trio.Nursery) -> None:

@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from outbounds.base import Destination
-from tun2sx.control.app import ConfigError, Settings, check_queues, serve
+from tun2sx.control.app import ConfigError, Settings, check_settings, serve
 from tun2sx.control.config import nameservers
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import TunDevice, adopt_tun
@@ -43,6 +43,7 @@ Protect = Callable[[int], bool]
 
 _NETWORK_FIELDS = ("fake_ip_range", "fake_ip_range6")
 _TUPLE_FIELDS = ("tun_addresses", "fake_ip_filter")
+_NUMBER_FIELDS = {"udp_timeout", "connect_timeout", "stats_interval", "mtu"}
 # Opening a device by name is the CLI's business; through this API the
 # embedder always provides the fd, so these keys would only mislead.
 _REFUSED_FIELDS = ("tun", "tun_fd")
@@ -65,7 +66,9 @@ def make_settings(tun_fd: int, config: Settings | Mapping[str, Any] | None = Non
         ConfigError: an unknown field or a value of the wrong form.
     """
     if isinstance(config, Settings):
-        return attrs.evolve(config, tun=None, tun_fd=tun_fd)
+        settings = attrs.evolve(config, tun=None, tun_fd=tun_fd)
+        check_settings(settings)
+        return settings
     values: dict[str, Any] = {"fake_ip_db": ":memory:"}
     names = {field.name for field in attrs.fields(Settings)}
     for key, value in (config or {}).items():
@@ -76,8 +79,14 @@ def make_settings(tun_fd: int, config: Settings | Mapping[str, Any] | None = Non
         if key == "workers" and value != 1:
             raise ConfigError("workers: an embedded tun2sx is one process on one TUN fd")
         values[key] = _convert(key, value)
+    for key in _NUMBER_FIELDS & values.keys():
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
     settings = Settings(tun_fd=tun_fd, **values)
-    check_queues(settings)
+    # The checks the command line runs: an embedder's typo must fail here,
+    # with the field's name, not later in the engine.
+    check_settings(settings)
     return settings
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 
@@ -43,7 +44,7 @@ from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import DEFAULT_TXQUEUELEN, TunDevice, TunError, adopt_tun, open_tun
 from tun2sx.naming.dns import FakeDns
-from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore
+from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, FakeIpStoreError, pool_capacity
 from tun2sx.naming.router import (
     BUILTIN_TARGETS,
     DIRECT,
@@ -274,6 +275,8 @@ def check_settings(settings: Settings) -> None:
                 f"direct_dns: {server} is in {network}, which is tun2sx itself "
                 "(a fake-IP pool or the TUN's network)"
             )
+    if settings.fake_ip:
+        _check_pools(settings)
     if settings.udp_timeout <= 0:
         raise ConfigError("udp_timeout: must be positive")
     if settings.connect_timeout <= 0:
@@ -331,28 +334,71 @@ def _excluded(settings: Settings) -> list[IPNetwork]:
     return excluded_networks(settings.fake_ip, pools, settings.tun_addresses)
 
 
+# The first addresses of each pool are kept for the gateway and the DNS
+# server users point their resolver at (198.18.0.1, .2, ...).
+RESERVED_PER_POOL = 3
+
+
 def own_addresses(settings: Settings) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
     """tun2sx's own addresses in the TUN: never fake IPs, always answering DNS.
 
-    The first addresses of each pool are kept for the gateway and the DNS
-    server users point their resolver at (198.18.0.1, .2, .3), and the
-    `tun_addresses` are the device's.
+    The first `RESERVED_PER_POOL` addresses of each pool are kept for the
+    gateway and the DNS server users point their resolver at (198.18.0.1,
+    .2, .3), and the `tun_addresses` are the device's.
     """
     v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
-    own = [net.network_address + i for net in (v4, v6) if net is not None for i in range(1, 4)]
+    own = [
+        net.network_address + i
+        for net in (v4, v6)
+        if net is not None
+        for i in range(1, RESERVED_PER_POOL + 1)
+    ]
     own += [ipaddress.ip_interface(cidr).ip for cidr in settings.tun_addresses]
     return tuple(own)
 
 
+def _check_pools(settings: Settings) -> None:
+    """Each pool must keep an address for fake IPs after the reserved ones."""
+    reserved = own_addresses(settings)
+    for field, pool in (
+        ("fake_ip_range", settings.fake_ip_range),
+        ("fake_ip_range6", settings.fake_ip_range6),
+    ):
+        if pool is None:
+            continue
+        if pool_capacity(pool, reserved) < 1:
+            # Network address, three reserved, the last one: 5 of a /29's 8.
+            smallest = pool.max_prefixlen - 3
+            raise ConfigError(
+                f"{field}: {pool} leaves no address for fake IPs (its network and last "
+                f"address, the first {RESERVED_PER_POOL} and the TUN's addresses are never "
+                f"handed out); use at least a /{smallest}"
+            )
+
+
 def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
     v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
-    store = FakeIpStore(
-        path=settings.fake_ip_db,
-        v4_pool=str(v4),
-        v6_pool=None if v6 is None else str(v6),
-        reserved=own_addresses(settings),
-        shared=shared,
-    )
+    path = settings.fake_ip_db
+    try:
+        if path != ":memory:":
+            # A state directory, made on first start as a daemon's would be.
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        store = FakeIpStore(
+            path=path,
+            v4_pool=str(v4),
+            v6_pool=None if v6 is None else str(v6),
+            reserved=own_addresses(settings),
+            shared=shared,
+        )
+    except (OSError, FakeIpStoreError) as exc:
+        hint = ""
+        if os.geteuid() != 0:
+            hint = (
+                f" (not running as root: point fake_ip_db, --fake-ip-db, at a file "
+                f"uid {os.geteuid()} may write, or use :memory:)"
+            )
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"fake_ip_db: cannot open {path}: {reason}{hint}") from exc
     return store, FakeDns(store, FakeIpFilter(settings.fake_ip_filter))
 
 
@@ -419,11 +465,13 @@ async def _serve(
         warn_without_direct_dns(resolver, router)
     stats_endpoint = _stats_endpoint(settings)
     store = dns = None
-    if settings.fake_ip:
-        store, dns = _fake_ip_store(settings, shared_fake_ip)
     try:
         if device is None:
             device = open_device(settings)
+        # After the device: without the rights to open it, that is the
+        # message to read, not a complaint about the table's file.
+        if settings.fake_ip:
+            store, dns = _fake_ip_store(settings, shared_fake_ip)
         # The MTU less the IP and TCP headers of each family.
         mss4, mss6 = max(536, device.mtu - 40), max(536, device.mtu - 60)
         stack = NetStack(

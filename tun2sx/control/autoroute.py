@@ -39,6 +39,8 @@ DEFAULT_PRIORITY = 9000
 # iproute2's messages for "there is nothing to delete": the route or rule is
 # gone (ESRCH / ENOENT) or so is the device it named.
 _ALREADY_GONE = ("No such process", "No such file or directory", "Cannot find device")
+# Bounds the clean-up loop: each killed run can have left one copy of a rule.
+_MAX_LEFTOVER_COPIES = 64
 
 
 class AutoRouteError(RuntimeError):
@@ -112,6 +114,8 @@ class AutoRoute:
                 )
             )
         self._steps = steps
+        self._table = tab
+        self._priority = priority
         self.applied = 0
 
     @property
@@ -126,6 +130,7 @@ class AutoRoute:
         """
         if self.applied:
             raise RuntimeError("auto-route is already applied")
+        self._remove_leftovers()
         for step in self._steps:
             try:
                 _ip(step.add)
@@ -141,6 +146,68 @@ class AutoRoute:
                 " net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2",
                 dev,
                 dev,
+            )
+
+    def _remove_leftovers(self) -> None:
+        """Take away what an earlier run killed before its `undo` left behind.
+
+        After `kill -9` the rules stay (the TUN, and with it the table's
+        route, usually goes), and adding them again fails with "File
+        exists". The rules at our two priorities that point at our table
+        (any mark) or are the main-table exception, and the table's default
+        route into our own device, can only be a run of tun2sx with these
+        settings. A default route in the table into another device that
+        exists is someone else's, maybe a second tun2sx still running: then
+        nothing is touched, and adding fails naming the command.
+        """
+        families = sorted({step.add[1] for step in self._steps})
+        for family in families:
+            for line in _output(
+                ["ip", family, "-o", "route", "show", "table", self._table]
+            ).splitlines():
+                words = line.split()
+                if words[:1] == ["default"] and "dev" in words[:-1]:
+                    dev = words[words.index("dev") + 1]
+                    if dev != self.device and _output(["ip", "-o", "link", "show", "dev", dev]):
+                        return
+        removed = []
+        for family in families:
+            leftovers = [
+                [
+                    "ip",
+                    family,
+                    "rule",
+                    "del",
+                    "priority",
+                    str(self._priority),
+                    "table",
+                    self._table,
+                ],
+                [
+                    "ip",
+                    family,
+                    "rule",
+                    "del",
+                    "priority",
+                    str(self._priority - 1),
+                    "table",
+                    "main",
+                    "suppress_prefixlength",
+                    "0",
+                ],
+                ["ip", family, "route", "del", "default", "dev", self.device, "table", self._table],
+            ]
+            for command in leftovers:
+                # A rule can be there more than once (several runs killed).
+                for _ in range(_MAX_LEFTOVER_COPIES):
+                    if not _ip(command, tolerate=(*_ALREADY_GONE, "FIB table does not exist")):
+                        break
+                    removed.append(" ".join(command))
+        if removed:
+            log.warning(
+                "auto-route: removed what an earlier run of tun2sx left behind (killed before it"
+                " could clean up): %s",
+                "; ".join(removed),
             )
 
     def undo(self) -> None:
@@ -239,15 +306,24 @@ def strict_reverse_path_filters(conf: Path = Path("/proc/sys/net/ipv4/conf")) ->
     return strict
 
 
-def _ip(argv: Sequence[str], *, tolerate: Sequence[str] = ()) -> None:
+def _ip(argv: Sequence[str], *, tolerate: Sequence[str] = ()) -> bool:
+    """Run `ip`; True when it did something, False when `tolerate` matched its error."""
     command = " ".join(argv)
     try:
         result = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise AutoRouteError(f"{command}: {exc}") from exc
     if result.returncode == 0:
-        return
+        return True
     message = result.stderr.strip() or f"exit status {result.returncode}"
     if any(text in message for text in tolerate):
-        return
+        return False
     raise AutoRouteError(f"{command}: {message}")
+
+
+def _output(argv: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AutoRouteError(f"{' '.join(argv)}: {exc}") from exc
+    return result.stdout if result.returncode == 0 else ""

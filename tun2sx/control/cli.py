@@ -285,7 +285,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ConfigError("a TUN device is required: --tun NAME or --tun-fd N (or [tun] name)")
     # Flags are checked above one by one; this catches what only the
     # combination decides (a rule naming an outbound, the default's name).
-    check_settings(settings)
+    try:
+        check_settings(settings)
+    except ConfigError as exc:
+        field, sep, rest = str(exc).partition(":")
+        flag = {"outbound": "--socks/--proxy", "tun_addresses": "--tun-address"}.get(
+            field, f"--{field.replace('_', '-')}"
+        )
+        if sep and field in values:  # the flag set it: name the flag
+            raise ConfigError(f"{flag}{sep}{rest}") from exc.__cause__
+        raise
     return settings
 
 

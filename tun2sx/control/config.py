@@ -63,6 +63,13 @@ _DNS = {
     "direct": "direct_dns",
 }
 _STATS = {"listen": "stats_listen", "interval": "stats_interval"}
+# Settings field -> the key that sets it in the file.
+_FILE_KEYS = {
+    field: f"{prefix}{key}"
+    for prefix, table in (("", _TOP), ("tun.", _TUN), ("dns.", _DNS), ("stats.", _STATS))
+    for key, field in table.items()
+    if field is not None
+}
 
 
 def _type_name(value: object) -> str:
@@ -300,8 +307,22 @@ def settings_from_mapping(
     settings = attrs.evolve(base or Settings(), **values)
     if settings.tun is not None and settings.tun_fd is not None:
         raise ConfigError("tun: set name or fd, not both")
-    check_settings(settings)
+    try:
+        check_settings(settings)
+    except ConfigError as exc:
+        raise ConfigError(file_key_message(str(exc))) from exc.__cause__
     return settings
+
+
+def file_key_message(message: str) -> str:
+    """`message` with a leading Settings field name written as the file's key.
+
+    `check_settings` names fields (`stats_listen`); a user of the file reads
+    and writes keys (`stats.listen`).
+    """
+    field, sep, rest = message.partition(":")
+    key = _FILE_KEYS.get(field)
+    return f"{key}{sep}{rest}" if sep and key else message
 
 
 def load_config(

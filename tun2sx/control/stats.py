@@ -404,7 +404,13 @@ async def totals_response(head: bytes, workers: list[tuple[str, int]]) -> bytes:
             with trio.fail_after(WORKER_TIMEOUT):
                 parts.append(await fetch_json(host, port, path))
         except (OSError, ValueError, trio.TooSlowError) as exc:
-            message = f"worker {index} (port {port}) did not answer: {exc or 'timeout'}"
+            # TooSlowError carries no text, and some OSErrors none either.
+            reason = (
+                f"no answer within {WORKER_TIMEOUT:g} s"
+                if isinstance(exc, trio.TooSlowError)
+                else str(exc) or type(exc).__name__
+            )
+            message = f"worker {index} (port {port}) did not answer: {reason}"
             return _response("503 Service Unavailable", _error(message), head_only=head_only)
     if path == "/stats":
         return _ok(merge_statistics(parts), head_only)

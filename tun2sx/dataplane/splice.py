@@ -144,7 +144,7 @@ class _Splice:
         if self.broken:
             if isinstance(app, TcpStream):
                 app.abort()
-            _reset_socket(self.upstream)
+            reset_socket(self.upstream)
         if self.error is not None:
             raise self.error
 
@@ -352,7 +352,7 @@ _UPLOAD_DONE = "done"
 _EOF = "eof"  # `carried_end`: the outbound's EOF follows what is carried
 
 
-def _reset_socket(stream: trio.abc.Stream) -> None:
+def reset_socket(stream: trio.abc.Stream) -> None:
     sock = getattr(stream, "socket", None)
     if sock is not None:
         # Close with RST instead of FIN so the far side sees a failure.

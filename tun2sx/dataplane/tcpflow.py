@@ -24,7 +24,7 @@ import trio
 from outbounds.base import FailureReply, NowaitStream, OutboundError
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
-from tun2sx.dataplane.splice import splice
+from tun2sx.dataplane.splice import reset_socket, splice
 from tun2sx.dataplane.tcpstream import TcpStream
 
 if TYPE_CHECKING:
@@ -49,8 +49,9 @@ def describe(key: FlowKey) -> str:
 
 
 def _endpoint(addr: bytes, port: int) -> str:
-    family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
-    return f"{socket.inet_ntop(family, addr)}:{port}"
+    if len(addr) == 4:
+        return f"{socket.inet_ntop(socket.AF_INET, addr)}:{port}"
+    return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
 
 
 _isns: list[int] = []
@@ -149,13 +150,21 @@ class TcpFlows:
             return
         app = _endpoint(key.app_addr, key.app_port)
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
+        finished = False
         try:
             if self._handler is None:
                 await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
             else:
                 await self._handler(stream, upstream)
+            finished = True
         finally:
             engine.close_flow(info)
+            if not finished:
+                # Cut short (the engine stopping, a bug): both ends get a
+                # reset, never a FIN, which would make the cut look like
+                # the end of the data.
+                stream.abort()
+                reset_socket(upstream)
             if isinstance(upstream, NowaitStream):
                 upstream.close_now()
             else:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from outbounds.base import Destination, OutboundError, UdpDrops
+from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, reply_for_oserror
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
@@ -58,6 +58,17 @@ SETUP_QUEUE = 256
 RECEIVE_BATCH = 64
 # Fake-IP destinations a session remembers (one lookup each, not one per datagram).
 _DEST_CACHE = 256
+# The ICMP destination unreachable (v4 code, v6 code) an application gets
+# when its session's outbound fails. A refusal or a dropped association is
+# the UDP analogue of a TCP RST: port unreachable (ECONNREFUSED).
+_ICMP_CODES = {
+    FailureReply.RESET: (3, 4),
+    FailureReply.PORT_UNREACHABLE: (3, 4),
+    FailureReply.HOST_UNREACHABLE: (1, 3),
+    FailureReply.NET_UNREACHABLE: (0, 0),
+    FailureReply.ADMIN_PROHIBITED: (13, 1),
+}
+_EXPECTED_FAILURES = (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class _Session:
@@ -164,7 +175,7 @@ class UdpFlows:
             return
         except OutboundError as exc:
             self.session_end_drops += 1
-            self._fail(session, exc)
+            self._fail(session, exc, (dgram.dst, dgram.dst_port, payload))
             return
         if sent:
             self.datagrams_up += 1
@@ -180,12 +191,35 @@ class UdpFlows:
         session.pending.append((addr, port, payload))
         session.wakeup.set()
 
-    def _fail(self, session: _Session, exc: OutboundError) -> None:
+    def _fail(
+        self, session: _Session, exc: OutboundError, datagram: tuple[bytes, int, bytes]
+    ) -> None:
         """End a session whose outbound failed while the reader sent."""
-        log.info("UDP session %s ended: %s", (session.app_addr, session.app_port), exc)
+        log.info("UDP session %s ended: %s", _describe(session), exc)
         self._engine.counters["udp_send_errors"] += 1
         self._forget(session)
         session.scope.cancel()
+        self._answer_failure(session, exc, datagram)
+
+    def _answer_failure(
+        self, session: _Session, exc: BaseException, datagram: tuple[bytes, int, bytes] | None
+    ) -> None:
+        """Tell the application its session's outbound failed: an ICMP error
+        quoting `datagram`, or else a datagram to the last peer it sent to
+        (a connected socket, the common case, hears only from that one)."""
+        if datagram is None:
+            if not session.dests:
+                return
+            addr, port = next(reversed(session.dests))
+            datagram = (addr, port, b"")
+        if isinstance(exc, OutboundError):
+            reply = exc.reply
+        elif isinstance(exc, OSError):
+            reply = reply_for_oserror(exc)
+        else:
+            reply = FailureReply.RESET
+        code4, code6 = _ICMP_CODES.get(reply, (3, 4))
+        self._unreachable(session, datagram, code4, code6)
 
     def _forget(self, session: _Session) -> None:
         """Take a session out of the table (its task is ending): the next
@@ -202,7 +236,6 @@ class UdpFlows:
 
     async def _run_session(self, session: _Session) -> None:
         engine = self._engine
-        key = (session.app_addr, session.app_port)
         engine.counters["udp_sessions_started"] += 1
         upstream: UdpSession | None = None
         try:
@@ -220,19 +253,15 @@ class UdpFlows:
                     try:
                         upstream = await outbound.open_udp()
                     except OutboundError as exc:
-                        log.info("UDP session for %s via %s: %s", dest, outbound.name, exc)
-                        self._unreachable(session, (addr, port, payload), 1, 3)
+                        log.info(
+                            "UDP %s (%s) via %s: %s", _describe(session), dest, outbound.name, exc
+                        )
+                        self._answer_failure(session, exc, (addr, port, payload))
                         return
                 if upstream is None:
                     return
-                app = ipaddress.ip_address(session.app_addr)
                 session.info = info = engine.open_flow(
-                    "udp",
-                    f"[{app}]:{session.app_port}"
-                    if app.version == 6
-                    else f"{app}:{session.app_port}",
-                    dest,
-                    engine.router.name_of(outbound),
+                    "udp", _describe(session), dest, engine.router.name_of(outbound)
                 )
                 session.upstream = upstream
                 ended: list[BaseException] = []
@@ -250,11 +279,14 @@ class UdpFlows:
                     engine.close_flow(info)
                 if ended:
                     raise ended[0]
-        except (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("UDP session %s ended: %s", key, exc)
+        except _EXPECTED_FAILURES as exc:
+            # The outbound failed mid-session (a relay gone, a port refused):
+            # one line, and the application hears of it as from a router.
+            log.info("UDP session %s ended: %s", _describe(session), exc)
+            self._answer_failure(session, exc, None)
         except Exception:
             engine.counters["udp_session_errors"] += 1
-            log.exception("UDP session %s failed", key)
+            log.exception("UDP session %s failed", _describe(session))
         finally:
             self._forget(session)
             session.upstream = None
@@ -303,9 +335,8 @@ class UdpFlows:
         dest = self._engine.destination_for(addr, port)
         if dest is None:
             log.warning(
-                "UDP to %s:%d: fake IP has no host name; answering port unreachable",
-                ipaddress.ip_address(addr),
-                port,
+                "UDP to %s: fake IP has no host name; answering port unreachable",
+                Destination(ipaddress.ip_address(addr), port),
             )
             self._engine.counters["udp_unknown_fake_ip"] += 1
             self._unreachable(session, (addr, port, b""), 3, 4)
@@ -374,6 +405,14 @@ class UdpFlows:
         engine.flush()
 
 
+def _describe(session: _Session) -> str:
+    """The application's endpoint, as `addr:port` or `[v6]:port`."""
+    app = ipaddress.ip_address(session.app_addr)
+    if app.version == 6:
+        return f"[{app}]:{session.app_port}"
+    return f"{app}:{session.app_port}"
+
+
 async def _until_failure(
     part: Awaitable[object], scope: trio.CancelScope, ended: list[BaseException]
 ) -> None:
@@ -385,6 +424,6 @@ async def _until_failure(
     """
     try:
         await part
-    except (OutboundError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+    except _EXPECTED_FAILURES as exc:
         ended.append(exc)
         scope.cancel()

@@ -69,7 +69,14 @@ import attrs
 if TYPE_CHECKING:
     import sqlite3
 
-__all__ = ["FakeIpFilter", "FakeIpStatistics", "FakeIpStore", "normalize_name"]
+__all__ = [
+    "FakeIpFilter",
+    "FakeIpStatistics",
+    "FakeIpStore",
+    "FakeIpStoreError",
+    "normalize_name",
+    "pool_capacity",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -132,6 +139,26 @@ def _enable_wal(db: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+class FakeIpStoreError(OSError):
+    """The table's file cannot be opened or read (SQLite's reason in the message)."""
+
+
+def pool_capacity(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network, reserved: Iterable[IPAddress]
+) -> int:
+    """How many fake addresses `network` can hand out with `reserved` kept back.
+
+    The network address and the last (all-ones) address are never used.
+    """
+    last = network.num_addresses - 2
+    excluded = {
+        int(ip) - int(network.network_address)
+        for ip in reserved
+        if ip.version == network.version and ip in network
+    }
+    return max(0, last - sum(1 for offset in excluded if 1 <= offset <= last))
 
 
 def normalize_name(name: str) -> str:
@@ -303,19 +330,24 @@ class FakeIpStore:
         import sqlite3
 
         self.errors = (sqlite3.Error,)
-        # The runtime calls us from one trio thread only; the check would only
-        # get in the way of closing from a test's fixture thread.
-        self._db = db = sqlite3.connect(
-            path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
-        _enable_wal(db)
-        db.execute("PRAGMA synchronous=NORMAL")
-        # IMMEDIATE: workers open a new file at the same moment, and a
-        # deferred transaction that read the schema and then tries to write
-        # fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
-        db.executescript(
-            "BEGIN IMMEDIATE;" + _SCHEMA + (_SHARED_SCHEMA if shared else "") + "COMMIT;"
-        )
+        try:
+            # The runtime calls us from one trio thread only; the check would
+            # only get in the way of closing from a test's fixture thread.
+            self._db = db = sqlite3.connect(
+                path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+            _enable_wal(db)
+            db.execute("PRAGMA synchronous=NORMAL")
+            # IMMEDIATE: workers open a new file at the same moment, and a
+            # deferred transaction that read the schema and then tries to
+            # write fails at once (SQLITE_BUSY_SNAPSHOT) instead of waiting.
+            db.executescript(
+                "BEGIN IMMEDIATE;" + _SCHEMA + (_SHARED_SCHEMA if shared else "") + "COMMIT;"
+            )
+        except sqlite3.Error as exc:
+            if self._db is not None:
+                self._db.close()
+            raise FakeIpStoreError(str(exc)) from exc
         stale = self._load()
         if stale:
             # Keyed by name too: in shared mode another process may have

@@ -271,8 +271,24 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"udp_buffer": 1000}, "udp_buffer: 1000 is not 0"),
         ({"tun_txqueuelen": 0}, "tun_txqueuelen: 0 is not between"),
         ({"tun_txqueuelen": "10"}, "tun_txqueuelen: expected an integer"),
+        # What the command line checks, the embedding API checks too.
+        ({"udp_timeout": 0}, "udp_timeout: must be positive"),
+        ({"udp_timeout": "60"}, "udp_timeout: expected a number"),
+        ({"connect_timeout": -1}, "connect_timeout: must be positive"),
+        ({"mtu": 100}, "mtu: 100 is not between 576 and 65535"),
+        ({"fake_ip_range": "198.18.0.0/31"}, "fake_ip_range: 198.18.0.0/31 leaves no address"),
+        ({"fake_ip_range6": "fc00::/127"}, "fake_ip_range6: fc00::/127 leaves no address"),
+        ({"stats_listen": "0.0.0.0:9090"}, "stats_listen: 0.0.0.0 is not a loopback address"),
+        ({"rules": ["MATCH,nowhere"]}, "unknown outbound 'nowhere'"),
+        ({"outbound": "socks5://me:TopSecretPw@h"}, r"outbound: SOCKS5 URL 'socks5://me:\*\*\*@h'"),
     ],
 )
 def test_make_settings_rejects(config: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         tun2sx.make_settings(3, config)
+    assert "TopSecretPw" not in str(info.value)
+
+
+def test_make_settings_checks_a_given_settings_value() -> None:
+    with pytest.raises(ConfigError, match="udp_timeout: must be positive"):
+        tun2sx.make_settings(3, Settings(udp_timeout=0))

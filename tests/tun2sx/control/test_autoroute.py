@@ -225,6 +225,51 @@ def test_failure_halfway_rolls_back_what_was_added(bed: Bed) -> None:
         bed.client.run(["ip", "-6", "route", "flush", "table", str(TABLE)])
 
 
+@pytest.mark.parametrize("device_went", [True, False])
+def test_what_a_killed_run_left_is_removed_then_added(
+    bed: Bed, caplog: pytest.LogCaptureFixture, device_went: bool
+) -> None:
+    """After kill -9 the rules stay; the next start recognises and removes
+    them instead of failing with "File exists". With a TUN that outlived
+    the run (persistent) the table's route into it stays too."""
+    before = bed.routing()
+    killed = auto_route("tun0", fwmark=MARK)
+    with inside(bed.client):
+        killed.apply()  # ... and never undone: the process was killed
+    if device_went:  # the usual case: the TUN, and its routes, went with the process
+        for family in ("-4", "-6"):
+            bed.client.run(["ip", family, "route", "flush", "table", str(TABLE)])
+    try:
+        with caplog.at_level(logging.WARNING), inside(bed.client), auto_route("tun0", fwmark=MARK):
+            during = bed.routing()
+    finally:
+        with inside(bed.client):
+            killed.undo()
+    assert "removed what an earlier run of tun2sx left behind" in caplog.text
+    for family in ("-4", "-6"):
+        rules = during[f"{family} rule"]
+        assert rules.count(f"9000:\tnot from all fwmark {hex(MARK)} lookup {TABLE}") == 1
+        assert rules.count("8999:\tfrom all lookup main suppress_prefixlength 0") == 1
+        assert during[f"{family} table"].startswith("default dev tun0")
+    assert bed.routing() == before
+
+
+def test_a_killed_run_with_another_mark_is_removed_too(bed: Bed) -> None:
+    # Its rule would send our marked sockets into the TUN: a loop.
+    before = bed.routing()
+    killed = auto_route("tun0", fwmark=MARK + 1)
+    with inside(bed.client):
+        killed.apply()
+    try:
+        with inside(bed.client), auto_route("tun0", fwmark=MARK):
+            during = bed.routing()
+    finally:
+        with inside(bed.client):
+            killed.undo()
+    assert hex(MARK + 1) not in during["-4 rule"] + during["-6 rule"]
+    assert bed.routing() == before
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"fwmark": 0}, {"fwmark": 1, "table": 254}, {"fwmark": 1, "priority": 32766}],

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tun2sx.control.cli import build_parser, main, parse_endpoint, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_endpoint_parsing() -> None:
@@ -38,6 +46,31 @@ def test_endpoint_parsing() -> None:
         ),
         (["--tun", "tunx", "--socks", "1.2.3.4:5", "--dns-upstream", "nope"], "--dns-upstream"),
         (["--tun", "tunx", "--socks", "1.2.3.4:5", "--udp-timeout", "0"], "--udp-timeout"),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "198.18.0.0/31"],
+            "--fake-ip-range: 198.18.0.0/31 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range", "198.18.0.0/30"],
+            "--fake-ip-range: 198.18.0.0/30 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--socks", "1.2.3.4:5", "--fake-ip-range6", "fc00::/127"],
+            "--fake-ip-range6: fc00::/127 leaves no address for fake IPs",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "socks5://user:TopSecretPw@host"],
+            "--proxy: SOCKS5 URL 'socks5://user:***@host': missing port",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "ss://YWVzLTEyOC1nY206VG9wU2VjcmV0UHc@host"],
+            "--proxy: Shadowsocks URL 'ss://***@host': missing port",
+        ),
+        (
+            ["--tun", "tunx", "--proxy", "ss://aes-128-gcm:TopSecretPw@host:1?x=1"],
+            "--proxy: Shadowsocks URL 'ss://aes-128-gcm:***@host:1?x=1': unexpected query",
+        ),
+        (["--tun", "tunx", "--proxy", "ftp://u:TopSecretPw@h:1"], "'ftp://u:***@h:1'"),
     ],
 )
 def test_bad_values_name_the_flag(
@@ -48,6 +81,7 @@ def test_bad_values_name_the_flag(
     assert len(err.splitlines()) == 1
     assert err.startswith("tun2sx: ")
     assert field in err
+    assert "TopSecretPw" not in err
 
 
 def test_settings_from_flags() -> None:
@@ -61,3 +95,38 @@ def test_settings_from_flags() -> None:
     assert v6.outbound == "socks5://[::1]:1080"
     direct = settings_from_args(parser.parse_args(["--tun", "t0", "--proxy", "direct://"]))
     assert direct.outbound == "direct://"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
+def test_a_start_without_root_is_one_line_naming_the_device(tmp_path: Path) -> None:
+    """Not root, default fake-IP table: the first thing that fails is the
+    device, and that is one line, not a SQLite traceback about the table."""
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "tun2sx",
+            "--tun",
+            "t2sxnoroot0",
+            "--socks",
+            "127.0.0.1:1080",
+            "--direct-dns",
+            "192.0.2.53",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tun2sx: cannot open TUN device 't2sxnoroot0': "), last

@@ -92,7 +92,7 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\n[tun]\nnmae = "x"', "tun.nmae: unknown key"),
         ('outbound = "DIRECT"\n[dns]\nfake_ip = "yes"', "dns.fake_ip: expected true or false"),
         ('outbound = "DIRECT"\n[tun]\nmtu = true', "tun.mtu: expected an integer, got a boolean"),
-        ('outbound = "DIRECT"\n[tun]\nmtu = 100', "mtu: 100 is not between"),
+        ('outbound = "DIRECT"\n[tun]\nmtu = 100', "tun.mtu: 100 is not between"),
         ('outbound = "DIRECT"\n[tun]\nname = "t"\nfd = 3', "tun: set name or fd"),
         ('outbound = "DIRECT"\n[tun]\naddresses = ["x/1"]', "tun.addresses[0]:"),
         ('outbound = "DIRECT"\n[tun]\naddresses = "1.2.3.4/8"', "tun.addresses: expected a list"),
@@ -104,8 +104,8 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\n[dns]\nfake_ip_range6 = "10.0.0.0/8"', "dns.fake_ip_range6:"),
         ('outbound = "DIRECT"\n[dns]\nupstream = "nope"', "dns.upstream: expected HOST:PORT"),
         ('outbound = "DIRECT"\n[dns]\nupstream = "h:x"', "dns.upstream:"),
-        ('outbound = "DIRECT"\n[stats]\nlisten = "0.0.0.0:9090"', "stats_listen: 0.0.0.0 is not"),
-        ('outbound = "DIRECT"\n[stats]\nlisten = "x:9090"', "stats_listen:"),
+        ('outbound = "DIRECT"\n[stats]\nlisten = "0.0.0.0:9090"', "stats.listen: 0.0.0.0 is not"),
+        ('outbound = "DIRECT"\n[stats]\nlisten = "x:9090"', "stats.listen:"),
         ('outbound = "DIRECT"\n[stats]\nports = 1', "stats.ports: unknown key"),
         ('outbound = "DIRECT"\nrules = "MATCH,DIRECT"', "rules: expected a list"),
         ('outbound = "DIRECT"\nworkers = 0', "workers: must be at least 1"),
@@ -122,7 +122,7 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\nudp_buffer = 100', "udp_buffer: 100 is not 0 (kernel default)"),
         ('outbound = "DIRECT"\nudp_buffer = "2G"', "udp_buffer: 2147483648 is not 0"),
         ('outbound = "DIRECT"\nudp_buffer = true', "udp_buffer: expected an integer"),
-        ('outbound = "DIRECT"\n[tun]\ntxqueuelen = 0', "tun_txqueuelen: 0 is not between 1"),
+        ('outbound = "DIRECT"\n[tun]\ntxqueuelen = 0', "tun.txqueuelen: 0 is not between 1"),
         ('outbound = "DIRECT"\n[tun]\ntxqueuelen = "x"', "tun.txqueuelen: expected an integer"),
         (
             'outbound = "DIRECT"\nrules = ["MATCH,DIRECT", "DOMAIN,x,prxy"]',
@@ -137,6 +137,22 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\n[outbounds.DIRECT]\nurl = "direct://"', "outbounds.DIRECT:"),
         ('outbound = "DIRECT"\n[outbounds."a b"]\nurl = "direct://"', "outbounds: 'a b'"),
         ('outbound = "DIRECT"\noutbounds = 1', "outbounds: expected a table"),
+        (
+            'outbound = "DIRECT"\n[dns]\nfake_ip_range = "198.18.0.0/30"',
+            "dns.fake_ip_range: 198.18.0.0/30 leaves no address for fake IPs",
+        ),
+        (
+            'outbound = "DIRECT"\n[dns]\nfake_ip_range6 = "fc00::/127"',
+            "dns.fake_ip_range6: fc00::/127 leaves no address",
+        ),
+        (
+            'outbound = "DIRECT"\n[dns]\ndirect = ["198.18.0.2"]',
+            "dns.direct: 198.18.0.2:53 is in 198.18.0.0/15",
+        ),
+        (
+            'outbound = "DIRECT"\n[outbounds.p]\nurl = "socks5://me:TopSecretPw@h"',
+            "outbounds.p.url: SOCKS5 URL 'socks5://me:***@h': missing port",
+        ),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, document: str, message: str) -> None:
@@ -145,9 +161,9 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, document: str, mes
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)
-    assert text.startswith(f"{path}: ")
-    assert message in text
+    assert text.startswith(f"{path}: {message}")
     assert "\n" not in text
+    assert "TopSecretPw" not in text
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:

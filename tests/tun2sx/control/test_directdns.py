@@ -44,7 +44,7 @@ def test_toml_list_and_string_forms() -> None:
         (["10.0.0.1", "10.0.0.2:99999"], "dns.direct[1]: port 99999 in '10.0.0.2:99999' is"),
         ([], "dns.direct: expected at least one server"),
         (53, "dns.direct: expected a list of strings, got an integer"),
-        (["198.18.0.2"], "direct_dns: 198.18.0.2:53 is in 198.18.0.0/15, which is tun2sx"),
+        (["198.18.0.2"], "dns.direct: 198.18.0.2:53 is in 198.18.0.0/15, which is tun2sx"),
     ],
 )
 def test_toml_mistakes_are_one_line_naming_the_key(value: object, message: str) -> None:
@@ -55,7 +55,7 @@ def test_toml_mistakes_are_one_line_naming_the_key(value: object, message: str) 
 
 
 def test_a_server_on_the_tun_network_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"direct_dns: 10\.9\.0\.53:53 is in 10\.9\.0\.0/24"):
+    with pytest.raises(ConfigError, match=r"dns\.direct: 10\.9\.0\.53:53 is in 10\.9\.0\.0/24"):
         settings_from_mapping(
             {
                 "outbound": "DIRECT",

@@ -19,6 +19,7 @@ from stack.netstack import NetStack, NetStackConfig
 from tun2sx.control import app
 from tun2sx.control.stats import (
     MAX_REQUEST_HEAD,
+    WORKER_TIMEOUT,
     log_summaries,
     open_stats_listeners,
     parse_loopback_endpoint,
@@ -236,6 +237,20 @@ async def test_totals_add_up_the_workers_and_name_one_that_does_not_answer(
     status, _, body = split(response)
     assert status == "HTTP/1.1 503 Service Unavailable"
     assert f"worker 1 (port {gone_port}) did not answer" in json.loads(body)["error"]
+
+
+async def test_a_worker_that_hangs_is_named_with_the_reason(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    with silent:
+        port = silent.getsockname()[1]
+        request = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        status, _, body = split(await totals_response(request, [("127.0.0.1", port)]))
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    assert json.loads(body)["error"] == (
+        f"worker 0 (port {port}) did not answer: no answer within {WORKER_TIMEOUT:g} s"
+    )
 
 
 async def test_request_heads_are_bounded() -> None:

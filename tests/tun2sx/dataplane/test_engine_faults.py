@@ -12,6 +12,8 @@ retransmits what the faults lose. The outbound echoes. No root needed.
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import os
 import random
 import socket
@@ -22,17 +24,19 @@ import trio
 import trio.testing
 
 from outbounds.base import Destination, UdpSession
+from outbounds.net import SocketOptions, open_tcp
 from stack.netstack import NetStack, NetStackConfig
+from stack.tcp import DataReceived
 from stack.wire.icmp import IcmpHeader
-from stack.wire.packet import parse_packet_untrusted
-from stack.wire.tcp import SYN, TcpHeader, TcpOptions
+from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
+from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader, TcpOptions
 from tests.support.app import APP, APP_ISN, APP_PORT, CONFIG, REMOTE, REMOTE_PORT, AppSide
 from tests.support.outbounds import EchoOutbound
 from tun2sx.control import app
 from tun2sx.control.stats import respond
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import TunDevice, TunError
+from tun2sx.dataplane.tun import RxPacket, TunDevice, TunError
 from tun2sx.naming.router import Router
 
 
@@ -159,3 +163,102 @@ async def test_an_outbound_that_never_answers_ends_in_host_unreachable(
     assert (packet.src, packet.dst) == (REMOTE, APP)
     assert waited == pytest.approx(3.0, abs=0.1)
     assert stats["tcp_outbound_failed"] == 1
+
+
+class LateReaderTun(TunDevice):
+    """A device whose reader sees the engine stop only after every other task.
+
+    On cancellation the engine's reader resets every connection, and the
+    flows' tasks close their streams; which runs first is the scheduler's
+    choice. This device makes it the flows, every time.
+    """
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        try:
+            return await super().read_batch(limit)
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()
+            raise
+
+
+class LoopbackEchoOutbound:
+    """Connects every flow to an echo server on loopback: a real socket."""
+
+    name = "loopback"
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        return await open_tcp("127.0.0.1", self._port, SocketOptions())
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        while data := await stream.receive_some():
+            await stream.send_all(data)
+
+
+async def test_stopping_the_engine_resets_an_idle_flow(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """An established flow with nothing in flight gets an RST when the engine
+    stops, never a FIN: `recv` returning b"" would make a cut-off transfer
+    look complete. (The outbound is a real socket, so the splice takes its
+    fast path, as in a real run.)"""
+    fd, app_sock = pair
+    device = LateReaderTun(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _echo, 0, host="127.0.0.1")
+        )
+        outbound = LoopbackEchoOutbound(listeners[0].socket.getsockname()[1])
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(outbound))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        conn = await app.handshake()
+        # One byte echoed and acknowledged: the flow is spliced, and idle.
+        assert conn.send(b"x") == 1
+        with trio.fail_after(10):
+            while conn.next_event().__class__ is not DataReceived:
+                for hdr, data in conn.segments_to_send(trio.current_time()):
+                    await app.send(hdr, data)
+                hdr, data = await app.receive()
+                conn.segment_received(hdr, data, trio.current_time())
+        for hdr, data in conn.segments_to_send(trio.current_time()):
+            await app.send(hdr, data)
+        nursery.cancel_scope.cancel()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert hdr.flags & RST and not hdr.flags & FIN, hdr
+
+
+async def test_connections_write_ipv6_application_addresses_in_brackets(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """`/connections` writes `[fd88::2]:35768` for TCP as it does for UDP:
+    without the brackets the port cannot be told from the address."""
+    fd, app_sock = pair
+    app6, remote6 = (
+        socket.inet_pton(socket.AF_INET6, "fd88::2"),
+        socket.inet_pton(socket.AF_INET6, "2001:db8::7"),
+    )
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(EchoOutbound(nursery)))
+        await nursery.start(engine.run)
+        syn = TcpHeader(35768, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app_sock.send(build_tcp_packet(app6, remote6, syn))
+        with trio.fail_after(10):
+            synack = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
+        assert isinstance(synack.l4, TcpHeader) and synack.l4.flags == SYN | ACK
+        body = respond(engine, b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1", 0)
+        nursery.cancel_scope.cancel()
+    device.close()
+    [row] = json.loads(body.partition(b"\r\n\r\n")[2])
+    assert row["app"] == "[fd88::2]:35768"

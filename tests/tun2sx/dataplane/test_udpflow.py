@@ -10,6 +10,7 @@ race.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -75,8 +76,12 @@ class FakeSession:
         self.replies_ready = trio.Event()
         self.ended = trio.Event()
         self.closed = False
+        self.receive_error: OutboundError | None = None  # raised by receive_batch once set
+        self.send_error: OutboundError | None = None  # raised by send_to_nowait once set
 
     def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        if self.send_error is not None:
+            raise self.send_error
         if isinstance(dest.host, str) and dest.host in self.unresolved:
             raise trio.WouldBlock
         if self.room <= 0:
@@ -98,6 +103,8 @@ class FakeSession:
 
     async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
         await self.replies_ready.wait()
+        if self.receive_error is not None:
+            raise self.receive_error
         batch, self.replies = self.replies[:limit], self.replies[limit:]
         if not self.replies:
             self.replies_ready = trio.Event()
@@ -382,3 +389,73 @@ async def test_the_timer_gives_up_on_a_datagram_and_sends_time_exceeded(
     assert (parsed.src, parsed.dst) == (remote6, app6)
     assert engine.statistics()["frag_timed_out"] == 1
     assert trio.current_time() - start < 61
+
+
+def icmp_written(device: FakeTun) -> list[tuple[bytes, int, int, bytes]]:
+    """(source, type, code, quoted packet) of each ICMP error written."""
+    out = []
+    for raw in device.written:
+        pkt = parse_packet_untrusted(memoryview(raw))
+        if raw[9] == 1:
+            assert pkt.dst == APP
+            out.append((pkt.src, pkt.l4.type, pkt.l4.code, bytes(pkt.payload)))  # type: ignore[union-attr]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        (FailureReply.PORT_UNREACHABLE, 3),
+        (FailureReply.RESET, 3),
+        (FailureReply.HOST_UNREACHABLE, 1),
+        (FailureReply.NET_UNREACHABLE, 0),
+    ],
+)
+async def test_a_relay_failing_mid_session_is_one_line_and_an_icmp_error(
+    autojump_clock: trio.testing.MockClock,
+    running: tuple[CountingEngine, FakeTun, FakeOutbound],
+    caplog: pytest.LogCaptureFixture,
+    reply: FailureReply,
+    code: int,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    engine, device, outbound = running
+    device.feed(datagram(b"a"))
+    await settle()
+    [session] = outbound.sessions
+    session.receive_error = OutboundError(reply, "receiving from the SOCKS5 UDP relay: refused")
+    session.reply((b"", REMOTE_DEST))
+    await settle()
+    # The application's socket hears of it, from the peer it sent to.
+    [(src, type_, got_code, quoted)] = icmp_written(device)
+    assert (src, type_, got_code) == (REMOTE, 3, code)
+    assert quoted[12:20] == APP + REMOTE  # the quoted IPv4 header's addresses
+    assert int.from_bytes(quoted[22:24], "big") == 443  # ... and destination port
+    assert session.closed and engine.statistics()["udp_sessions"] == 0
+    assert engine.statistics().get("udp_session_errors", 0) == 0
+    # One line naming the application's endpoint; no traceback, nothing above INFO.
+    records = [r for r in caplog.records if r.name.startswith("tun2sx")]
+    assert [r.getMessage() for r in records] == [
+        "UDP session 10.0.0.2:40000 ended: receiving from the SOCKS5 UDP relay: refused"
+    ]
+    assert all(r.exc_info is None and r.levelno <= logging.INFO for r in records)
+
+
+async def test_a_send_failing_mid_session_answers_that_datagram(
+    autojump_clock: trio.testing.MockClock,
+    running: tuple[CountingEngine, FakeTun, FakeOutbound],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    engine, device, outbound = running
+    device.feed(datagram(b"a"))
+    await settle()
+    [session] = outbound.sessions
+    session.send_error = OutboundError(FailureReply.HOST_UNREACHABLE, "no route")
+    device.feed(datagram(b"second", port=8443))
+    await settle()
+    [(src, type_, code, quoted)] = icmp_written(device)
+    assert (src, type_, code) == (REMOTE, 3, 1)
+    assert int.from_bytes(quoted[22:24], "big") == 8443
+    assert session.closed and engine.statistics()["udp_sessions"] == 0
+    assert "UDP session 10.0.0.2:40000 ended: no route" in caplog.text
