@@ -377,8 +377,6 @@ class TcpConnection:
             return
         if not flags & ACK:
             return
-        if ts is not None:
-            rcv.note_timestamp(ts[0], seq)
         una = snd.una
         ack = una + ((hdr.ack - self._iss - una + _HALF) & MASK) - _HALF
         if una == 0:
@@ -386,9 +384,6 @@ class TcpConnection:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><RST>.
                 self._out.queue_rst_for_ack(hdr.ack)
                 return
-            snd.establish(hdr, seq, ack, now)
-            self._timers.handshake = None
-            self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
         elif ack > snd.max:
             self._send_ack()
             return
@@ -397,6 +392,14 @@ class TcpConnection:
             n.challenge_acks += 1
             self._send_ack()
             return
+        # Only a segment that passed every check so far may set TS.Recent
+        # (RFC 7323 section 4.3): one dropped for its ACK leaves it alone.
+        if ts is not None:
+            rcv.note_timestamp(ts[0], seq)
+        if una == 0:
+            snd.establish(hdr, seq, ack, now)
+            self._timers.handshake = None
+            self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
         elif snd.on_ack(hdr, seq, ack, plen, now):
             self._state = state = next_state(self._state, Stimulus.ACK_OF_FIN)
             if state is _S.TIME_WAIT:
