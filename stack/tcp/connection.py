@@ -73,6 +73,7 @@ class TcpConnection:
         "_irs",
         "_iss",
         "_keepalive_sent",
+        "_last_challenge",
         "_n",
         "_on_change",
         "_out",
@@ -140,6 +141,7 @@ class TcpConnection:
         self._snd = Sender(config, neg, iss, syn.window, timers, n, now)
         self._out = Output(key, iss, syn.seq, neg, syn.options, config, self._rcv)
         self._keepalive_sent = 0
+        self._last_challenge: float | None = None
         self._reset_seen = False
         self._reset_delivered = False
         self._eof_delivered = False
@@ -366,14 +368,11 @@ class TcpConnection:
             if seq == nxt:
                 self._reset()
             else:
-                n.challenge_acks += 1
-                self._send_ack()
+                self._challenge_ack(now)
             return
         if flags & SYN:
-            # RFC 5961 section 4.2 (and a duplicate SYN in SYN-RECEIVED,
-            # which this answers with the SYN-ACK again).
-            n.challenge_acks += 1
-            self._send_ack()
+            # RFC 5961 section 4.2 (in SYN-RECEIVED the SYN-ACK is the ACK).
+            self._challenge_ack(now)
             return
         if not flags & ACK:
             return
@@ -389,8 +388,7 @@ class TcpConnection:
             return
         elif ack < una - snd.max_wnd:
             # RFC 5961 section 5.2: far too old to be a real acknowledgement.
-            n.challenge_acks += 1
-            self._send_ack()
+            self._challenge_ack(now)
             return
         # Only a segment that passed every check so far may set TS.Recent
         # (RFC 7323 section 4.3): one dropped for its ACK leaves it alone.
@@ -516,6 +514,21 @@ class TcpConnection:
             self._snd.synack_due = True  # before the handshake, the SYN-ACK is the ACK
         else:
             self._rcv.ack_due = True
+
+    def _challenge_ack(self, now: float) -> None:
+        """Answer a blind RST, SYN or old ACK (RFC 5961), at most once per interval.
+
+        RFC 5961 section 7: without a limit every forged segment costs a
+        packet, and a flood of them is a flood of ACKs. As Linux, one per
+        `challenge_ack_interval` per connection; the others are counted.
+        """
+        last = self._last_challenge
+        if last is not None and now - last < self._config.challenge_ack_interval:
+            self._n.challenge_acks_suppressed += 1
+            return
+        self._last_challenge = now
+        self._n.challenge_acks += 1
+        self._send_ack()
 
     def _reset(self) -> None:
         self._reset_seen = self._state is not _S.TIME_WAIT
