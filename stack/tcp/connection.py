@@ -165,6 +165,27 @@ class TcpConnection:
             return 0
         return self._snd.space()
 
+    def reopened_by(self, syn: TcpHeader) -> bool:
+        """Return True if `syn` ends TIME-WAIT and opens the flow anew.
+
+        Never outside TIME-WAIT. In it, only a SYN newer than this
+        incarnation (RFC 6191, judged as Linux's `tcp_timewait_state_process`
+        does): with timestamps on both sides, a TSval above TS.Recent, or
+        equal to it with an ISN past RCV.NXT; an older TSval never (PAWS).
+        Without timestamps, an ISN past RCV.NXT, the end of the old
+        sequence space (RFC 1122 4.2.2.13). Any other SYN is the old
+        connection's to answer.
+        """
+        if self._state is not _S.TIME_WAIT:
+            return False
+        rcv = self._rcv
+        isn_newer = (syn.seq - self._irs - rcv.nxt + _HALF) & MASK > _HALF
+        ts = syn.options.timestamp if self._ts else None
+        if ts is None:
+            return isn_newer
+        age = (ts[0] - rcv.ts_recent + _HALF) & MASK
+        return age > _HALF or (age == _HALF and isn_newer)
+
     def next_deadline(self) -> float | None:
         """Return when `handle_timeout` must next be called, or None."""
         return self._timers.earliest()
@@ -338,6 +359,10 @@ class TcpConnection:
         ts = hdr.options.timestamp if self._ts else None
         if ts is not None and not flags & RST and (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
             n.paws_drops += 1
+            if state is _S.TIME_WAIT:
+                # An old duplicate is about: keep guarding the flow (Linux
+                # restarts TIME-WAIT on a PAWS failure too).
+                self._timers.time_wait = now + self._config.time_wait
             self._send_ack()
             return
         # Acceptability test (RFC 9293 section 3.10.7.4, first check).
