@@ -366,10 +366,11 @@ class Sender:
 
     def _recovery_began(self) -> None:
         # No tail loss probe in recovery (RFC 8985 section 7.2): the one
-        # armed with the flight goes; the retransmissions have their ACKs,
-        # RACK and the RTO.
+        # armed with the flight goes (or one due but not yet sent); the
+        # retransmissions have their ACKs, RACK and the RTO.
         self._rtt_seq = None
         self._timers.tlp = None
+        self._tlp_due = False
 
     def _check_lost_retransmit(self) -> None:
         """Resend the head again when its fast retransmission was lost.

@@ -150,6 +150,19 @@ def test_no_probe_in_recovery_a_lost_head_retransmission_waits_for_the_rto() -> 
     assert (stats.tail_loss_probes, stats.rto_timeouts) == (0, 1)
 
 
+def test_a_probe_due_when_recovery_begins_is_not_sent() -> None:
+    conn, app = established()
+    conn.send(bytes(6 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    conn.handle_timeout(0.02 + PTO)  # the probe falls due...
+    for i in (2, 3, 4):  # ...and SACKs start recovery before it leaves
+        sack = ((s(ISS1 + PAYLOAD), s(ISS1 + i * PAYLOAD)),)
+        conn.segment_received(*app.seg(ack=ISS1, sack=sack), 0.02 + PTO)
+    out = app.absorb(conn.segments_to_send(0.02 + PTO))
+    assert [(x.seq, len(x.payload)) for x in out] == [(ISS1, PAYLOAD)]
+    assert conn.statistics().tail_loss_probes == 0
+
+
 def test_without_sack_fast_recovery_resends_the_head_once_then_waits() -> None:
     """NewReno (RFC 6582): one retransmission on the third dupACK, then ACKs or the RTO."""
     conn, app = established(sack=False)
