@@ -55,6 +55,10 @@ class TcpConfig:
         loss_floor: on a loss, keep the window at or above twice the
             measured bandwidth-delay product instead of always halving it
             (SACK connections; see `congestion`). False: plain NewReno.
+        challenge_ack_interval: a connection sends at most one challenge
+            ACK (RFC 5961: in-window RST or SYN, ACK older than the window)
+            per this interval; the rest are counted, not sent (RFC 5961
+            section 7; Linux's `tcp_invalid_ratelimit`, 500 ms).
     """
 
     mss: int = 1460
@@ -82,6 +86,7 @@ class TcpConfig:
     sack: bool = True
     timestamps: bool = True
     loss_floor: bool = True
+    challenge_ack_interval: float = 0.5
 
     def __attrs_post_init__(self) -> None:
         for field in attrs.fields(TcpConfig):

@@ -73,6 +73,7 @@ class TcpConnection:
         "_irs",
         "_iss",
         "_keepalive_sent",
+        "_last_challenge",
         "_n",
         "_on_change",
         "_out",
@@ -140,6 +141,7 @@ class TcpConnection:
         self._snd = Sender(config, neg, iss, syn.window, timers, n, now)
         self._out = Output(key, iss, syn.seq, neg, syn.options, config, self._rcv)
         self._keepalive_sent = 0
+        self._last_challenge: float | None = None
         self._reset_seen = False
         self._reset_delivered = False
         self._eof_delivered = False
@@ -162,6 +164,27 @@ class TcpConnection:
         if self._state not in SENDING:
             return 0
         return self._snd.space()
+
+    def reopened_by(self, syn: TcpHeader) -> bool:
+        """Return True if `syn` ends TIME-WAIT and opens the flow anew.
+
+        Never outside TIME-WAIT. In it, only a SYN newer than this
+        incarnation (RFC 6191, judged as Linux's `tcp_timewait_state_process`
+        does): with timestamps on both sides, a TSval above TS.Recent, or
+        equal to it with an ISN past RCV.NXT; an older TSval never (PAWS).
+        Without timestamps, an ISN past RCV.NXT, the end of the old
+        sequence space (RFC 1122 4.2.2.13). Any other SYN is the old
+        connection's to answer.
+        """
+        if self._state is not _S.TIME_WAIT:
+            return False
+        rcv = self._rcv
+        isn_newer = (syn.seq - self._irs - rcv.nxt + _HALF) & MASK > _HALF
+        ts = syn.options.timestamp if self._ts else None
+        if ts is None:
+            return isn_newer
+        age = (ts[0] - rcv.ts_recent + _HALF) & MASK
+        return age > _HALF or (age == _HALF and isn_newer)
 
     def next_deadline(self) -> float | None:
         """Return when `handle_timeout` must next be called, or None."""
@@ -336,6 +359,10 @@ class TcpConnection:
         ts = hdr.options.timestamp if self._ts else None
         if ts is not None and not flags & RST and (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
             n.paws_drops += 1
+            if state is _S.TIME_WAIT:
+                # An old duplicate is about: keep guarding the flow (Linux
+                # restarts TIME-WAIT on a PAWS failure too).
+                self._timers.time_wait = now + self._config.time_wait
             self._send_ack()
             return
         # Acceptability test (RFC 9293 section 3.10.7.4, first check).
@@ -366,19 +393,14 @@ class TcpConnection:
             if seq == nxt:
                 self._reset()
             else:
-                n.challenge_acks += 1
-                self._send_ack()
+                self._challenge_ack(now)
             return
         if flags & SYN:
-            # RFC 5961 section 4.2 (and a duplicate SYN in SYN-RECEIVED,
-            # which this answers with the SYN-ACK again).
-            n.challenge_acks += 1
-            self._send_ack()
+            # RFC 5961 section 4.2 (in SYN-RECEIVED the SYN-ACK is the ACK).
+            self._challenge_ack(now)
             return
         if not flags & ACK:
             return
-        if ts is not None:
-            rcv.note_timestamp(ts[0], seq)
         una = snd.una
         ack = una + ((hdr.ack - self._iss - una + _HALF) & MASK) - _HALF
         if una == 0:
@@ -386,17 +408,21 @@ class TcpConnection:
                 # RFC 9293: an unacceptable ACK in SYN-RECEIVED gets <SEQ=SEG.ACK><RST>.
                 self._out.queue_rst_for_ack(hdr.ack)
                 return
-            snd.establish(hdr, seq, ack, now)
-            self._timers.handshake = None
-            self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
         elif ack > snd.max:
             self._send_ack()
             return
         elif ack < una - snd.max_wnd:
             # RFC 5961 section 5.2: far too old to be a real acknowledgement.
-            n.challenge_acks += 1
-            self._send_ack()
+            self._challenge_ack(now)
             return
+        # Only a segment that passed every check so far may set TS.Recent
+        # (RFC 7323 section 4.3): one dropped for its ACK leaves it alone.
+        if ts is not None:
+            rcv.note_timestamp(ts[0], seq)
+        if una == 0:
+            snd.establish(hdr, seq, ack, now)
+            self._timers.handshake = None
+            self._state = next_state(self._state, Stimulus.ACK_OF_SYN)
         elif snd.on_ack(hdr, seq, ack, plen, now):
             self._state = state = next_state(self._state, Stimulus.ACK_OF_FIN)
             if state is _S.TIME_WAIT:
@@ -513,6 +539,21 @@ class TcpConnection:
             self._snd.synack_due = True  # before the handshake, the SYN-ACK is the ACK
         else:
             self._rcv.ack_due = True
+
+    def _challenge_ack(self, now: float) -> None:
+        """Answer a blind RST, SYN or old ACK (RFC 5961), at most once per interval.
+
+        RFC 5961 section 7: without a limit every forged segment costs a
+        packet, and a flood of them is a flood of ACKs. As Linux, one per
+        `challenge_ack_interval` per connection; the others are counted.
+        """
+        last = self._last_challenge
+        if last is not None and now - last < self._config.challenge_ack_interval:
+            self._n.challenge_acks_suppressed += 1
+            return
+        self._last_challenge = now
+        self._n.challenge_acks += 1
+        self._send_ack()
 
     def _reset(self) -> None:
         self._reset_seen = self._state is not _S.TIME_WAIT

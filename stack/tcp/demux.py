@@ -110,9 +110,10 @@ class TcpDemux:
         control = hdr.flags & _CONTROL
         conn = self._connections.get(key)
         if conn is not None:
-            if control == SYN and conn.state is TcpState.TIME_WAIT:
-                # A new incarnation of the flow ends TIME-WAIT early
-                # (RFC 9293 section 3.10.7.4 and RFC 6191 allow it).
+            if control == SYN and conn.reopened_by(hdr):
+                # A new incarnation of the flow ends TIME-WAIT early (RFC
+                # 6191, RFC 1122 4.2.2.13); an older SYN is the old
+                # connection's to answer, as any segment in TIME-WAIT.
                 self._drop(conn)
             else:
                 conn.segment_received(hdr, payload, now)

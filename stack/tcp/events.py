@@ -79,6 +79,7 @@ class TcpStatistics(NamedTuple):
     tail_loss_probes: int
     rack_losses: int
     acks_coalesced: int
+    challenge_acks_suppressed: int
 
 
 class Counters:
@@ -96,7 +97,7 @@ class Counters:
         self.retransmits = self.fast_retransmits = self.sack_retransmits = 0
         self.rto_timeouts = self.dup_segments = self.ooo_segments = self.paws_drops = 0
         self.window_probes = self.challenge_acks = self.tail_loss_probes = 0
-        self.rack_losses = self.acks_coalesced = 0
+        self.rack_losses = self.acks_coalesced = self.challenge_acks_suppressed = 0
 
     def snapshot(self) -> TcpStatistics:
         """Return the counters as an immutable `TcpStatistics`."""

@@ -285,7 +285,7 @@ class Sender:
         ):
             lost = sb.lost_below((DUP_THRESH - 1) * self._mss) if sack else 0
             if self._cc.on_dupack(sack, lost > una, una, self.max):
-                self._rtt_seq = None
+                self._recovery_began()
         if sack and (advanced or new_sacked):
             delivered = self.una - una + sb.sacked - sacked_before
             self._cc.on_delivered(delivered, max(self.una, sb.high()), self.max, now)
@@ -360,9 +360,17 @@ class Sender:
                     cc.high_rxt = min(cc.high_rxt, start)
         if not cc.in_recovery and rack.lost_end > una >= cc.recover:
             cc.enter_recovery(una, self.max, True)
-            self._rtt_seq = None
+            self._recovery_began()
         if cc.in_recovery:
             cc.prr_ack(delivered, cc.pipe(sb, una, self.nxt, self._mss))
+
+    def _recovery_began(self) -> None:
+        # No tail loss probe in recovery (RFC 8985 section 7.2): the one
+        # armed with the flight goes (or one due but not yet sent); the
+        # retransmissions have their ACKs, RACK and the RTO.
+        self._rtt_seq = None
+        self._timers.tlp = None
+        self._tlp_due = False
 
     def _check_lost_retransmit(self) -> None:
         """Resend the head again when its fast retransmission was lost.
@@ -415,18 +423,12 @@ class Sender:
 
     def on_tlp(self) -> None:
         """The tail loss probe timer fired."""
-        # Armed only with data in flight, and cleared by every ACK that
-        # moves SND.UNA, so there is always a flight to probe here.
+        # Armed only with data in flight outside recovery, and cleared by
+        # every ACK that moves SND.UNA and when recovery begins, so there
+        # is always a flight to probe here, and no recovery under way.
         self._timers.tlp = None
         self._tlp_count += 1
-        cc = self._cc
-        if cc.in_recovery:
-            self._n.tail_loss_probes += 1
-            # The flight went quiet in recovery: the head's
-            # retransmission (or its ACK) was lost. Send it again.
-            cc.rexmit_head = True
-        else:
-            self._tlp_due = True
+        self._tlp_due = True
 
     def on_persist(self, now: float) -> bool:
         """The persist timer fired; return False to give up (reset)."""
@@ -504,6 +506,8 @@ class Sender:
             self._tail_loss_probe(writer, out)
         if (
             self._tlp_count < MAX_TAIL_PROBES
+            and sack
+            and not self._cc.in_recovery
             and t.tlp is None
             and t.rto is not None
             and self.max > self.una

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stack.tcp import Closed, ConnectionReset, DataReceived, EofReceived, TcpState
+from stack.tcp import Closed, ConnectionReset, DataReceived, EofReceived, TcpConfig, TcpState
 
 from .fixtures import (
     CFG,
@@ -118,9 +118,45 @@ def test_blind_rst_and_syn_get_a_challenge_ack(name: str) -> None:
     state, segs, events = observe(conn, app, 0.1)
     assert state.value == name and events == []
     assert [x.flags & ~0x01 for x in segs] == [ACK]  # one ACK (FIN-WAIT states may resend FIN)
-    assert conn.statistics().challenge_acks == 2
+    stats = conn.statistics()
+    assert (stats.challenge_acks, stats.challenge_acks_suppressed) == (1, 1)
     conn.segment_received(*app.seg(RST, seq=s(app.nxt + 10_000_000)), 0.1)  # out of window
     assert observe(conn, app, 0.1) == (state, [], [])
+
+
+def test_challenge_acks_are_rate_limited_per_connection() -> None:
+    """RFC 5961 section 7: a flood of in-window RSTs draws one ACK, not one each."""
+    conn, app = established()
+    t = 0.1
+    sent = []
+    for i in range(300):
+        conn.segment_received(*app.seg(RST, seq=s(app.nxt + 10 + i)), t + i / 1000)
+        sent += observe(conn, app, t + i / 1000)[1]
+    assert [(x.ack, x.flags) for x in sent] == [(app.nxt, ACK)]
+    stats = conn.statistics()
+    assert (stats.challenge_acks, stats.challenge_acks_suppressed) == (1, 299)
+    # A SYN and an old ACK share the budget; it renews after the interval.
+    conn.segment_received(*app.seg(SYN, seq=s(app.nxt + 10)), t + 0.499)
+    conn.segment_received(*app.seg(ack=s(ISS1 - 9_000_000)), t + 0.499)  # RFC 5961 5.2
+    assert observe(conn, app, t + 0.499) == (TcpState.ESTABLISHED, [], [])
+    conn.segment_received(*app.seg(SYN, seq=s(app.nxt + 10)), t + 0.5)
+    assert [x.flags for x in observe(conn, app, t + 0.5)[1]] == [ACK]
+    stats = conn.statistics()
+    assert (stats.challenge_acks, stats.challenge_acks_suppressed) == (2, 301)
+    assert conn.state is TcpState.ESTABLISHED
+
+
+def test_the_challenge_ack_interval_is_configurable() -> None:
+    cfg = TcpConfig(mss=1000, rcv_buf=100_000, challenge_ack_interval=0.05)
+    conn, app = established(cfg)
+    answered = []
+    for t in (0.1, 0.13, 0.16):
+        conn.segment_received(*app.seg(RST, seq=s(app.nxt + 10)), t)
+        if observe(conn, app, t)[1]:
+            answered.append(t)
+    assert answered == [0.1, 0.16]
+    stats = conn.statistics()
+    assert (stats.challenge_acks, stats.challenge_acks_suppressed) == (2, 1)
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -159,8 +195,6 @@ def test_idle_timeout_resets_a_silent_connection() -> None:
 
 
 def test_keepalive_probes_then_resets() -> None:
-    from stack.tcp import TcpConfig
-
     cfg = TcpConfig(keepalive_time=10.0, keepalive_interval=1.0, keepalive_probes=2)
     conn, app = established(cfg)
     assert conn.next_deadline() == pytest.approx(10.01)

@@ -195,6 +195,96 @@ def test_a_new_syn_during_time_wait_ends_it_and_becomes_a_request() -> None:
     assert demux.connections[KEY] is new and new.state is TcpState.SYN_RECEIVED
 
 
+def _time_wait(demux: TcpDemux, app: App) -> TcpConnection:
+    """A flow of `app` closed by us first, in TIME-WAIT since t = 0.02."""
+    conn = _establish(demux, KEY, app, 0.0)
+    conn.close()
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.01)])
+    demux.segment_received(KEY, *app.seg(ACK | FIN), 0.02)
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.02)])
+    assert conn.state is TcpState.TIME_WAIT and demux.connections[KEY] is conn
+    return conn
+
+
+# RFC 6191 (with timestamps) and RFC 1122 4.2.2.13 (without): a SYN reopens a
+# flow in TIME-WAIT only when it is newer than the old incarnation. The old
+# one's last segment (its FIN, at APP_ISN + 1) had TSval 1000.
+OLD_END = s(APP_ISN + 2)  # RCV.NXT of the old incarnation
+
+
+@pytest.mark.parametrize(
+    ("ts", "isn", "tsval"),
+    [
+        (True, s(APP_ISN - 100_000), 900),  # lower ISN, older timestamp
+        (True, s(OLD_END + 100_000), 900),  # an older timestamp decides alone
+        (True, s(APP_ISN - 100_000), 1000),  # same timestamp, lower ISN
+        (False, s(APP_ISN - 100_000), None),  # no timestamps: lower ISN
+        (False, OLD_END, None),  # no timestamps: the old end itself
+    ],
+    ids=["old-isn-old-ts", "new-isn-old-ts", "old-isn-same-ts", "no-ts-old-isn", "no-ts-same-isn"],
+)
+def test_an_old_syn_in_time_wait_is_answered_with_an_ack_and_reopens_nothing(
+    ts: bool, isn: int, tsval: int | None
+) -> None:
+    demux = TcpDemux(TcpConfig(time_wait=60.0))
+    app = App(ts=ts)
+    old = _time_wait(demux, app)
+    again = App(isn=isn, ts=ts)
+    again.tsval = tsval
+    assert demux.segment_received(KEY, again.syn(), b"", 0.5) is old
+    assert demux.connections[KEY] is old and old.state is TcpState.TIME_WAIT
+    assert demux.statistics().pending == 0
+    [(_k, hdr, _)] = demux.segments_to_send(0.5)
+    assert (hdr.flags, hdr.seq, hdr.ack) == (ACK, s(SRV_ISS + 2), OLD_END)
+    if ts:
+        assert hdr.options.timestamp is not None and hdr.options.timestamp[1] == 1000
+    # As Linux: only a SYN refused by PAWS restarts TIME-WAIT.
+    restarted = tsval is not None and tsval < 1000
+    assert old.next_deadline() == pytest.approx(60.5 if restarted else 60.02)
+
+
+@pytest.mark.parametrize(
+    ("ts", "isn", "tsval"),
+    [
+        (True, s(APP_ISN - 100_000), 1001),  # a newer timestamp decides alone
+        (True, s(OLD_END + 1), 1000),  # same timestamp, higher ISN
+        (False, s(OLD_END + 1), None),  # no timestamps: past the old end
+    ],
+    ids=["old-isn-new-ts", "new-isn-same-ts", "no-ts-new-isn"],
+)
+def test_a_newer_syn_in_time_wait_replaces_the_old_incarnation(
+    ts: bool, isn: int, tsval: int | None
+) -> None:
+    demux = TcpDemux(TcpConfig(time_wait=60.0))
+    app = App(ts=ts)
+    _time_wait(demux, app)
+    again = App(isn=isn, ts=ts)
+    again.tsval = tsval
+    syn = again.syn()
+    assert demux.segment_received(KEY, syn, b"", 0.5) == ConnectionRequest(KEY, syn)
+    assert KEY not in demux.connections and demux.segments_to_send(0.5) == []
+
+
+def test_a_syn_for_a_live_flow_is_the_connections_however_new() -> None:
+    demux = TcpDemux(TcpConfig())
+    app = App()
+    conn = _establish(demux, KEY, app, 0.0)
+    again = App(isn=s(APP_ISN + 100_000))
+    again.tsval = 5000
+    assert demux.segment_received(KEY, again.syn(), b"", 0.5) is conn
+    assert conn.state is TcpState.ESTABLISHED and demux.statistics().pending == 0
+
+
+def test_a_syn_with_a_timestamp_after_an_incarnation_without_is_judged_by_its_isn() -> None:
+    demux = TcpDemux(TcpConfig(time_wait=60.0))
+    old = _time_wait(demux, App(ts=False))
+    syn = App(isn=s(APP_ISN - 100_000)).syn()  # a timestamp, but nothing to compare it with
+    assert demux.segment_received(KEY, syn, b"", 0.5) is old
+    assert [h.flags for _, h, _ in demux.segments_to_send(0.5)] == [ACK]
+    syn = App(isn=s(OLD_END + 1)).syn()
+    assert demux.segment_received(KEY, syn, b"", 0.6) == ConnectionRequest(KEY, syn)
+
+
 def test_a_non_syn_segment_for_a_pending_request_is_ignored_without_rst() -> None:
     demux = TcpDemux(TcpConfig())
     app = App()

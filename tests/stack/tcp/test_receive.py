@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from stack.tcp import DataReceived, EofReceived, TcpConfig, TcpState
+from stack.tcp import DataReceived, EofReceived, TcpConfig, TcpConnection, TcpState
 from stack.wire.tcp import TcpOptions
 
-from .fixtures import CFG, CLOSE_WAIT_AT, PAYLOAD, ack_seg, close_wait, established, observe, ts
-from .helpers import ACK, APP_ISN, FIN, SRV_ISS, Seg, s
+from .fixtures import (
+    CFG,
+    CLOSE_WAIT_AT,
+    PAYLOAD,
+    ack_seg,
+    close_wait,
+    established,
+    observe,
+    syn_received,
+    ts,
+)
+from .helpers import ACK, APP_ISN, FIN, RST, SRV_ISS, App, Seg, s
 
 FULL = 50_000  # the whole 100000-byte buffer, scaled by 2
 
@@ -259,3 +269,44 @@ def test_reading_the_first_bytes_after_the_handshake_costs_no_ack_of_its_own() -
     conn.handle_timeout(0.02 + cfg.delayed_ack)
     [ack] = observe(conn, app, 0.02 + cfg.delayed_ack)[1]
     assert (ack.ack, ack.window) == (app.nxt, 400_000 >> 3)
+
+
+def _sent_data_acked(app_kw: dict[str, object]) -> tuple[TcpConnection, App, int]:
+    """ESTABLISHED with two segments of ours sent and acknowledged by 0.035."""
+    conn, app = established(**app_kw)
+    iss1 = s(SRV_ISS + 1)
+    for i in range(2):
+        conn.send(bytes(PAYLOAD))
+        app.absorb(conn.segments_to_send(0.02 + i / 100))
+        conn.segment_received(*app.seg(ack=s(iss1 + (i + 1) * PAYLOAD)), 0.025 + i / 100)
+    observe(conn, app, 0.035)
+    return conn, app, iss1
+
+
+@pytest.mark.parametrize("case", ["ack-of-unsent-data", "ack-older-than-the-window"])
+def test_a_segment_dropped_for_its_ack_leaves_ts_recent_alone(case: str) -> None:
+    """RFC 7323 section 4.3: TS.Recent comes only from a segment that is accepted."""
+    conn, app, iss1 = _sent_data_acked({"wscale": None, "window": 1000})
+    bad_ack = s(iss1 + 3 * PAYLOAD) if case == "ack-of-unsent-data" else s(iss1 - 1000)
+    conn.segment_received(*app.seg(ACK, b"bad", ack=bad_ack, tsval=5000), 0.04)
+    app.nxt = s(app.nxt - 3)  # dropped: the app will send those bytes again
+    state, segs, events = observe(conn, app, 0.04)
+    assert (state, events) == (TcpState.ESTABLISHED, [])
+    # The answer echoes the timestamp of the last accepted segment, not 5000.
+    assert [(x.ack, x.flags, x.options.timestamp) for x in segs] == [
+        (app.nxt, ACK, (ts(0.04), 1000))
+    ]
+    # A later segment with a timestamp between the two is not taken as old.
+    conn.segment_received(*app.seg(ACK, b"good", tsval=2000), 0.05)
+    assert observe(conn, app, 0.05) == (TcpState.ESTABLISHED, [], [DataReceived(b"good")])
+    assert conn.statistics().paws_drops == 0
+
+
+def test_an_unacceptable_ack_in_syn_received_leaves_ts_recent_alone() -> None:
+    conn, app = syn_received()
+    observe(conn, app, 0.0)
+    conn.segment_received(*app.seg(ACK, ack=s(SRV_ISS + 7), tsval=5000), 0.01)
+    assert [x.flags for x in observe(conn, app, 0.01)[1]] == [RST]
+    conn.segment_received(*app.seg(ACK, b"hi", tsval=2000), 0.02)
+    assert observe(conn, app, 0.02) == (TcpState.ESTABLISHED, [], [DataReceived(b"hi")])
+    assert conn.statistics().paws_drops == 0

@@ -3,17 +3,20 @@
 When the last ACKs of a flight are lost, nothing arrives to clock the
 sender and only the RTO (200 ms at least) would move it; on a LAN that is
 hundreds of round trips. The probe resends the flight's last packet after
-about two smoothed RTTs, outside loss recovery; when that probe or its ACK
-is lost too, a second one follows after twice the wait, and only then the
-RTO.
+about two smoothed RTTs; when that probe or its ACK is lost too, a second
+one follows after twice the wait, and only then the RTO. As RFC 8985
+section 7.2 (and Linux) say, only on SACK connections and never in loss
+recovery.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from stack.tcp import TcpConnection
+
 from .fixtures import CFG, PAYLOAD, established
-from .helpers import ACK, FIN, SRV_ISS, s
+from .helpers import ACK, FIN, SRV_ISS, App, s
 
 PSH = 0x08
 ISS1 = s(SRV_ISS + 1)
@@ -112,7 +115,17 @@ def test_a_fin_left_alone_in_flight_is_probed_alone() -> None:
     assert [(x.seq, x.flags, x.payload) for x in probe] == [(s(ISS1 + 4 * PAYLOAD), ACK | FIN, b"")]
 
 
-def test_a_lost_head_retransmission_in_recovery_is_resent_at_the_probe_time() -> None:
+def _quiet_until(conn: TcpConnection, app: App, until: float) -> list[tuple[float, int]]:
+    """Run every deadline before `until`; return what went out, as (time, seq)."""
+    sent = []
+    while (deadline := conn.next_deadline()) is not None and deadline < until:
+        conn.handle_timeout(deadline)
+        sent += [(deadline, x.seq) for x in app.absorb(conn.segments_to_send(deadline))]
+    return sent
+
+
+def test_no_probe_in_recovery_a_lost_head_retransmission_waits_for_the_rto() -> None:
+    """RFC 8985 section 7.2: no tail loss probe while in loss recovery (as Linux)."""
     conn, app = established()
     data = bytes(range(256)) * 40
     conn.send(data[: 6 * PAYLOAD])
@@ -124,20 +137,59 @@ def test_a_lost_head_retransmission_in_recovery_is_resent_at_the_probe_time() ->
     first = app.absorb(conn.segments_to_send(0.025))
     assert (first[0].seq, len(first[0].payload)) == (ISS1, PAYLOAD)
     assert conn.statistics().fast_retransmits == 1
-    # That retransmission is lost too and the flight goes quiet: at the
-    # probe time (not the 200 ms RTO) the head goes out again. (RACK's
-    # reordering timer fires first, for packets that were SACKed: nothing.)
-    deadline = conn.next_deadline()
-    assert deadline == pytest.approx(0.02 + 0.005 * 1.25)
-    conn.handle_timeout(deadline)
-    assert conn.segments_to_send(deadline) == []
-    deadline = conn.next_deadline()
-    assert deadline == pytest.approx(0.02 + PTO)  # armed with the flight
-    conn.handle_timeout(deadline)
-    again = app.absorb(conn.segments_to_send(deadline))
+    # That retransmission is lost too and the flight goes quiet: the probe
+    # armed with the flight was disarmed when recovery began, and nothing
+    # goes out before the RTO (armed at the first send).
+    rto = 0.02 + CFG.rto_min
+    assert _quiet_until(conn, app, rto) == []
+    assert conn.next_deadline() == pytest.approx(rto)
+    conn.handle_timeout(rto)
+    again = app.absorb(conn.segments_to_send(rto))
     assert [(x.seq, len(x.payload)) for x in again] == [(ISS1, PAYLOAD)]
     stats = conn.statistics()
-    assert (stats.tail_loss_probes, stats.rto_timeouts) == (1, 0)
+    assert (stats.tail_loss_probes, stats.rto_timeouts) == (0, 1)
+
+
+def test_a_probe_due_when_recovery_begins_is_not_sent() -> None:
+    conn, app = established()
+    conn.send(bytes(6 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    conn.handle_timeout(0.02 + PTO)  # the probe falls due...
+    for i in (2, 3, 4):  # ...and SACKs start recovery before it leaves
+        sack = ((s(ISS1 + PAYLOAD), s(ISS1 + i * PAYLOAD)),)
+        conn.segment_received(*app.seg(ack=ISS1, sack=sack), 0.02 + PTO)
+    out = app.absorb(conn.segments_to_send(0.02 + PTO))
+    assert [(x.seq, len(x.payload)) for x in out] == [(ISS1, PAYLOAD)]
+    assert conn.statistics().tail_loss_probes == 0
+
+
+def test_without_sack_fast_recovery_resends_the_head_once_then_waits() -> None:
+    """NewReno (RFC 6582): one retransmission on the third dupACK, then ACKs or the RTO."""
+    conn, app = established(sack=False)
+    conn.send(bytes(6 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    for _ in range(3):
+        conn.segment_received(*app.seg(ack=ISS1), 0.025)
+    resent = app.absorb(conn.segments_to_send(0.025))
+    assert [(x.seq, len(x.payload)) for x in resent] == [(ISS1, PAYLOAD)]
+    rto = 0.02 + CFG.rto_min
+    assert _quiet_until(conn, app, rto) == []
+    conn.handle_timeout(rto)
+    assert [x.seq for x in app.absorb(conn.segments_to_send(rto))] == [ISS1]
+    stats = conn.statistics()
+    assert (stats.fast_retransmits, stats.tail_loss_probes, stats.rto_timeouts) == (1, 0, 1)
+
+
+def test_without_sack_a_lost_tail_is_left_to_the_rto() -> None:
+    """RFC 8985 section 7.2: a probe needs SACK to tell what it repaired (Linux too)."""
+    conn, app = established(sack=False)
+    conn.send(bytes(4 * PAYLOAD))
+    app.absorb(conn.segments_to_send(0.02))
+    rto = 0.02 + CFG.rto_min
+    assert conn.next_deadline() == pytest.approx(rto)
+    conn.handle_timeout(rto)
+    assert [x.seq for x in app.absorb(conn.segments_to_send(rto))] == [ISS1]
+    assert conn.statistics().tail_loss_probes == 0
 
 
 def test_a_head_retransmission_overtaken_by_later_packets_is_resent() -> None:
