@@ -9,6 +9,7 @@ import trio.testing
 
 from stack.netstack import NetStack, NetStackConfig
 from stack.wire.packet import build_udp_packet
+from tun2sx.control.app import splice_share
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.splice import splice
@@ -106,3 +107,12 @@ async def test_a_flow_reads_its_share_for_a_while_after_others_moved(
         await trio.sleep(0.2)
         assert engine.read_size() == 256 * 1024
         nursery.cancel_scope.cancel()
+
+
+def test_without_offload_the_share_is_a_dozen_packets() -> None:
+    """Every packet is a write of its own without offload: the share (what
+    others wait behind) is counted in packets there, in bytes with offload."""
+    assert splice_share(9000, offload=True) == 64 * 1024
+    assert splice_share(1500, offload=False) == 12 * 1460
+    assert splice_share(576, offload=False) == 16 * 1024
+    assert splice_share(8500, offload=False) == 64 * 1024
