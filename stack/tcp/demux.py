@@ -221,6 +221,10 @@ class TcpDemux:
         if key in self._pending:
             self._remove_pending(key)
 
+    def is_pending(self, key: FlowKey) -> bool:
+        """Whether a SYN for `key` waits for `accept`, `refuse` or `forget_pending`."""
+        return key in self._pending
+
     def take_evicted(self) -> list[FlowKey]:
         """Return the pending SYNs evicted since the last call, and forget them.
 

@@ -108,6 +108,8 @@ class TcpFlows:
             if scope is not None:
                 scope.cancel()
         key = request.key
+        if not engine.stack.tcp.is_pending(key):
+            return  # evicted by a later SYN of the same batch
         now = trio.current_time()
         if self._timeouts.failing((key.remote_addr, key.remote_port), now):
             engine.counters["tcp_connect_fast_failures"] += 1

@@ -413,6 +413,7 @@ def test_a_full_table_evicts_the_oldest_syn_of_the_most_represented_destination(
     assert requested(demux, flow(3, src=5))
     assert demux.take_evicted() == [flooded[0]]
     assert demux.take_evicted() == []
+    assert not demux.is_pending(flooded[0]) and demux.is_pending(flooded[1])
     st = demux.statistics()
     assert (st.pending, st.syn_evicted, st.syn_dropped_half_open) == (4, 1, 0)
     # The evicted SYN is no longer pending: the runtime can neither accept nor refuse it.
