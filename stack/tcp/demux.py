@@ -43,14 +43,12 @@ from stack.seq import MASK
 from stack.tcp.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.events import ConnectionRequest, DemuxStatistics, FlowKey
+from stack.tcp.groups import PendingGroups
 from stack.tcp.state import TcpState
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
 
 _CONTROL = SYN | ACK | RST | FIN
 _MAX_QUEUED_RSTS = 4096  # beyond this, RSTs for unknown flows are dropped
-
-# Pending SYNs by destination (address, port) or by source address.
-_Groups = dict[Hashable, dict[FlowKey, None]]
 
 
 class TcpDemux:
@@ -81,10 +79,10 @@ class TcpDemux:
         self._config = config
         self._connections: dict[FlowKey, TcpConnection] = {}
         self._pending: dict[FlowKey, TcpHeader] = {}
-        # The pending SYNs of each destination and of each source, oldest
-        # first (dicts as ordered sets), for the per-group caps and eviction.
-        self._by_destination: _Groups = {}
-        self._by_source: _Groups = {}
+        # The pending SYNs by destination (address and port) and by source
+        # address, for the per-group caps and eviction.
+        self._by_destination = PendingGroups()
+        self._by_source = PendingGroups()
         self._evicted: list[FlowKey] = []
         self._half_open: set[TcpConnection] = set()
         self._dirty: set[TcpConnection] = set()
@@ -150,10 +148,10 @@ class TcpDemux:
                 return None
             config = self._config
             destination = (key.remote_addr, key.remote_port)
-            if len(self._by_destination.get(destination, ())) >= config.max_pending_per_destination:
+            if self._by_destination.size(destination) >= config.max_pending_per_destination:
                 self._counters["syn_dropped_per_destination"] += 1
                 return None
-            if len(self._by_source.get(key.app_addr, ())) >= config.max_pending_per_source:
+            if self._by_source.size(key.app_addr) >= config.max_pending_per_source:
                 self._counters["syn_dropped_per_source"] += 1
                 return None
             if self._half_open_count() >= config.max_half_open and not self._evict_for(key):
@@ -327,19 +325,13 @@ class TcpDemux:
 
     def _add_pending(self, key: FlowKey, hdr: TcpHeader) -> None:
         self._pending[key] = hdr
-        self._by_destination.setdefault((key.remote_addr, key.remote_port), {})[key] = None
-        self._by_source.setdefault(key.app_addr, {})[key] = None
+        self._by_destination.add((key.remote_addr, key.remote_port), key)
+        self._by_source.add(key.app_addr, key)
 
     def _remove_pending(self, key: FlowKey) -> TcpHeader:
         hdr = self._pending.pop(key)
-        for groups, group_key in (
-            (self._by_destination, (key.remote_addr, key.remote_port)),
-            (self._by_source, key.app_addr),
-        ):
-            group = groups[group_key]
-            del group[key]
-            if not group:
-                del groups[group_key]
+        self._by_destination.remove((key.remote_addr, key.remote_port), key)
+        self._by_source.remove(key.app_addr, key)
         return hdr
 
     def _evict_for(self, key: FlowKey) -> bool:
@@ -350,15 +342,17 @@ class TcpDemux:
         fewer would only swap which of the two is ahead); failing that,
         the same by source. Returns whether a SYN was evicted.
         """
+        own: Hashable
         for groups, own in (
             (self._by_destination, (key.remote_addr, key.remote_port)),
             (self._by_source, key.app_addr),
         ):
-            if not groups:
+            largest = groups.largest()
+            if largest is None:
                 return False  # the table is full of SYN-RECEIVED connections
-            largest = max(groups.values(), key=len)
-            if len(groups.get(own, ())) + 1 < len(largest):
-                victim = next(iter(largest))
+            group, size = largest
+            if groups.size(own) + 1 < size:
+                victim = groups.oldest(group)
                 self._remove_pending(victim)
                 self._evicted.append(victim)
                 self._counters["syn_evicted"] += 1
