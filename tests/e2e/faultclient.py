@@ -14,7 +14,9 @@ python -m tests.e2e.faultclient idle HOST PORT
 python -m tests.e2e.faultclient synflood DST PORT COUNT [RATE]
     Sends COUNT TCP SYNs to DST:PORT from random source addresses in
     10.99.0.0/16 through a raw socket (they are routed into the TUN),
-    as fast as it can or RATE a second, prints {"sent": COUNT}.
+    as fast as it can or RATE a second, prints {"sent": COUNT}. With a
+    RATE it first prints {"flooding": true} once a third of them (and at
+    least two thousand, past the half-open cap) are out.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def synflood(dst: str, port: int, count: int, rate: float | None = None) -> None
             src = f"10.99.{rng.randrange(256)}.{rng.randrange(1, 255)}"
             packet = syn_packet(src, rng.randrange(1024, 65536), dst, port, rng.getrandbits(32))
             raw.sendto(packet, (dst, 0))
+            if rate is not None and i + 1 == max(count // 3, min(count, 2000)):
+                print(json.dumps({"flooding": True}), flush=True)
             if rate is not None and i % 50 == 49:
                 # Paced in bursts of 50: a sleep per packet would be too coarse.
                 ahead = start + (i + 1) / rate - time.monotonic()

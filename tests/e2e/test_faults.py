@@ -138,7 +138,10 @@ def test_syn_flood_to_a_dead_destination_leaves_others_served_at_once(dead_port:
     # out: each is a pending connect for the whole connect timeout.
     flood = _fault_client(testbed, "synflood", fake, DEAD_PORT, 10_000, 1500)
     try:
-        time.sleep(2)  # the flood is under way: well past the half-open cap
+        assert flood.stdout is not None
+        ready, _, _ = select.select([flood.stdout], [], [], 30)
+        assert ready, "the flood did not get under way within 30 s"
+        assert json.loads(flood.stdout.readline()) == {"flooding": True}
         dig = testbed.client_run(
             ["dig", "+short", "+time=1", "+tries=1", "www.test", "A"], check=False
         )
