@@ -43,6 +43,14 @@ class TcpConfig:
         keepalive_interval: time between keep-alive probes.
         keepalive_probes: unanswered keep-alive probes before a reset.
         max_half_open: cap on pending SYNs plus SYN-RECEIVED connections.
+        max_pending_per_destination: cap on the pending SYNs (connects
+            the runtime is still dialing) to one address and port, so a
+            flood towards one destination leaves room for the others; a
+            quarter of `max_half_open` by default.
+        max_pending_per_source: the same per application address. Every
+            application on this host usually shares one source address,
+            so it is half of `max_half_open` by default: a flood from one
+            source leaves the other half to the rest.
         max_connections: cap on all connections in the demux.
         initial_cwnd_segments: initial congestion window (RFC 6928: 10).
         gso_size: when set, the largest payload of a data segment we emit,
@@ -79,6 +87,8 @@ class TcpConfig:
     keepalive_interval: float = 75.0
     keepalive_probes: int = 9
     max_half_open: int = 1024
+    max_pending_per_destination: int = 256
+    max_pending_per_source: int = 512
     max_connections: int = 16384
     initial_cwnd_segments: int = 10
     gso_size: int | None = None

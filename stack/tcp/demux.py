@@ -22,7 +22,13 @@ Caps: when pending SYNs plus SYN-RECEIVED connections reach
 `max_half_open`, new SYNs are dropped silently (the application retries
 its SYN, as with a full SYN backlog); when all flows reach
 `max_connections`, a new SYN is answered with RST so the application fails
-fast instead of hanging. Both are counted.
+fast instead of hanging. So that a flood towards one destination (address
+and port) or from one source address cannot take every half-open slot,
+pending SYNs are also capped per destination and per source, and when the
+half-open cap is reached a SYN whose destination (or source) has clearly
+fewer pending SYNs than the most represented one evicts that one's oldest
+pending SYN. The runtime learns of evictions from `take_evicted` and ends
+their flows. Every drop, refusal and eviction is counted.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import types
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK
 from stack.tcp.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.events import ConnectionRequest, DemuxStatistics, FlowKey
+from stack.tcp.groups import PendingGroups
 from stack.tcp.state import TcpState
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
 
@@ -48,10 +55,13 @@ class TcpDemux:
     """Maps flows to connections and hands new SYNs to the runtime."""
 
     __slots__ = (
+        "_by_destination",
+        "_by_source",
         "_config",
         "_connections",
         "_counters",
         "_dirty",
+        "_evicted",
         "_half_open",
         "_heap",
         "_pending",
@@ -69,6 +79,11 @@ class TcpDemux:
         self._config = config
         self._connections: dict[FlowKey, TcpConnection] = {}
         self._pending: dict[FlowKey, TcpHeader] = {}
+        # The pending SYNs by destination (address and port) and by source
+        # address, for the per-group caps and eviction.
+        self._by_destination = PendingGroups()
+        self._by_source = PendingGroups()
+        self._evicted: list[FlowKey] = []
         self._half_open: set[TcpConnection] = set()
         self._dirty: set[TcpConnection] = set()
         self._heap: list[tuple[float, int, TcpConnection]] = []
@@ -80,6 +95,9 @@ class TcpDemux:
             "connection_requests": 0,
             "resets_sent": 0,
             "syn_dropped_half_open": 0,
+            "syn_dropped_per_destination": 0,
+            "syn_dropped_per_source": 0,
+            "syn_evicted": 0,
             "syn_refused_max_connections": 0,
         }
 
@@ -128,10 +146,18 @@ class TcpDemux:
                 self._counters["syn_refused_max_connections"] += 1
                 self._reply_rst(key, hdr, len(payload))
                 return None
-            if self._half_open_count() >= self._config.max_half_open:
+            config = self._config
+            destination = (key.remote_addr, key.remote_port)
+            if self._by_destination.size(destination) >= config.max_pending_per_destination:
+                self._counters["syn_dropped_per_destination"] += 1
+                return None
+            if self._by_source.size(key.app_addr) >= config.max_pending_per_source:
+                self._counters["syn_dropped_per_source"] += 1
+                return None
+            if self._half_open_count() >= config.max_half_open and not self._evict_for(key):
                 self._counters["syn_dropped_half_open"] += 1
                 return None
-            self._pending[key] = hdr
+            self._add_pending(key, hdr)
             self._counters["connection_requests"] += 1
             return ConnectionRequest(key, hdr)
         if not control & RST:
@@ -190,7 +216,23 @@ class TcpDemux:
 
     def forget_pending(self, key: FlowKey) -> None:
         """Drop a pending SYN without answering (the runtime did, with ICMP)."""
-        self._pending.pop(key, None)
+        if key in self._pending:
+            self._remove_pending(key)
+
+    def is_pending(self, key: FlowKey) -> bool:
+        """Whether a SYN for `key` waits for `accept`, `refuse` or `forget_pending`."""
+        return key in self._pending
+
+    def take_evicted(self) -> list[FlowKey]:
+        """Return the pending SYNs evicted since the last call, and forget them.
+
+        An evicted SYN is no longer pending: `accept`, `refuse` and
+        `forget_pending` treat it as unknown. The runtime should stop
+        whatever it was doing for it (dialing its outbound).
+        """
+        evicted = self._evicted
+        self._evicted = []
+        return evicted
 
     def segments_to_send(self, now: float) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray]]:
         """Return every segment due now, from all connections and the demux."""
@@ -277,10 +319,45 @@ class TcpDemux:
         self._scheduled.pop(conn, None)
 
     def _pop_pending(self, key: FlowKey) -> TcpHeader:
-        try:
-            return self._pending.pop(key)
-        except KeyError:
-            raise LocalProtocolError(f"no pending SYN for {key}") from None
+        if key not in self._pending:
+            raise LocalProtocolError(f"no pending SYN for {key}")
+        return self._remove_pending(key)
+
+    def _add_pending(self, key: FlowKey, hdr: TcpHeader) -> None:
+        self._pending[key] = hdr
+        self._by_destination.add((key.remote_addr, key.remote_port), key)
+        self._by_source.add(key.app_addr, key)
+
+    def _remove_pending(self, key: FlowKey) -> TcpHeader:
+        hdr = self._pending.pop(key)
+        self._by_destination.remove((key.remote_addr, key.remote_port), key)
+        self._by_source.remove(key.app_addr, key)
+        return hdr
+
+    def _evict_for(self, key: FlowKey) -> bool:
+        """Make room for `key`'s SYN in a full half-open table, if it is fair.
+
+        The oldest pending SYN of the destination with the most pending
+        SYNs goes when `key`'s destination has at least two fewer (one
+        fewer would only swap which of the two is ahead); failing that,
+        the same by source. Returns whether a SYN was evicted.
+        """
+        own: Hashable
+        for groups, own in (
+            (self._by_destination, (key.remote_addr, key.remote_port)),
+            (self._by_source, key.app_addr),
+        ):
+            largest = groups.largest()
+            if largest is None:
+                return False  # the table is full of SYN-RECEIVED connections
+            group, size = largest
+            if groups.size(own) + 1 < size:
+                victim = groups.oldest(group)
+                self._remove_pending(victim)
+                self._evicted.append(victim)
+                self._counters["syn_evicted"] += 1
+                return True
+        return False
 
     def _half_open_count(self) -> int:
         stale = [c for c in self._half_open if c.state is not TcpState.SYN_RECEIVED]

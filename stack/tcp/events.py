@@ -114,4 +114,7 @@ class DemuxStatistics(NamedTuple):
     connection_requests: int
     resets_sent: int
     syn_dropped_half_open: int
+    syn_dropped_per_destination: int
+    syn_dropped_per_source: int
+    syn_evicted: int
     syn_refused_max_connections: int

@@ -11,10 +11,12 @@ python -m tests.e2e.faultclient idle HOST PORT
     Sends one line to an echo server, reads it back, prints
     {"idle": true}, then waits without sending until the connection
     ends and prints {"end": "eof" | errno}.
-python -m tests.e2e.faultclient synflood DST PORT COUNT
+python -m tests.e2e.faultclient synflood DST PORT COUNT [RATE]
     Sends COUNT TCP SYNs to DST:PORT from random source addresses in
     10.99.0.0/16 through a raw socket (they are routed into the TUN),
-    prints {"sent": COUNT}.
+    as fast as it can or RATE a second, prints {"sent": COUNT}. With a
+    RATE it first prints {"flooding": true} once a third of them (and at
+    least two thousand, past the half-open cap) are out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 from fuzz.segments import tcp_packet
 
@@ -76,13 +79,21 @@ def syn_packet(src: str, sport: int, dst: str, dport: int, isn: int) -> bytes:
     return tcp_packet(s, d, (sport, dport), isn, 0, 0x02, mss, window=64240)
 
 
-def synflood(dst: str, port: int, count: int) -> None:
+def synflood(dst: str, port: int, count: int, rate: float | None = None) -> None:
     rng = random.Random(2026)
+    start = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-        for _ in range(count):
+        for i in range(count):
             src = f"10.99.{rng.randrange(256)}.{rng.randrange(1, 255)}"
             packet = syn_packet(src, rng.randrange(1024, 65536), dst, port, rng.getrandbits(32))
             raw.sendto(packet, (dst, 0))
+            if rate is not None and i + 1 == max(count // 3, min(count, 2000)):
+                print(json.dumps({"flooding": True}), flush=True)
+            if rate is not None and i % 50 == 49:
+                # Paced in bursts of 50: a sleep per packet would be too coarse.
+                ahead = start + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
     print(json.dumps({"sent": count}))
 
 
@@ -109,7 +120,7 @@ def main() -> None:
     elif cmd == "idle":
         idle(host, int(port))
     elif cmd == "synflood":
-        synflood(host, int(port), int(rest[0]))
+        synflood(host, int(port), int(rest[0]), float(rest[1]) if len(rest) > 1 else None)
     else:
         raise SystemExit(f"unknown command {cmd}")
 

@@ -3,6 +3,11 @@
 - SYN flood from many spoofed sources into the TUN: a legitimate request
   still gets through, and tun2sx's memory stays bounded (the half-open cap
   and the flow cap hold).
+- SYN flood at 1,500 a second from spoofed sources to one destination
+  whose connects time out: while it runs, DNS answers and a connection to
+  a live server completes in well under a second (the per-destination cap
+  leaves the other half-open slots to other destinations), and the SYNs
+  the cap dropped are counted.
 - tun2sx restarted during traffic: the flow in flight ends (never a silent
   hang) and an idle one gets a reset (an EOF would make a cut-off transfer
   look complete), new flows work, and a fake IP handed out before the
@@ -24,6 +29,7 @@ every assertion here rejects.
 
 from __future__ import annotations
 
+import ast
 import ipaddress
 import json
 import os
@@ -103,6 +109,74 @@ def test_syn_flood_from_spoofed_sources_leaves_room_for_real_flows(dante: Testbe
     # the half-open cap bounds them (a flow with buffers is ~20 KiB or more).
     assert rss_kib(pid) - rss_before < 64 * 1024
     assert testbed.proc.poll() is None
+
+
+DEAD_PORT = 7009  # the server namespace drops SYNs to it: connects time out
+
+
+@pytest.fixture
+def dead_port(dante: Testbed) -> Iterator[Testbed]:
+    """Dante's connects to the server's `DEAD_PORT` get no answer at all."""
+    nft = ["nft", "-f", "-"]
+    rules = (
+        "table inet t2sx_dead {\n"
+        f"  chain input {{ type filter hook input priority 0; tcp dport {DEAD_PORT} drop; }}\n"
+        "}\n"
+    )
+    dante.server.run(nft, input=rules)
+    try:
+        yield dante
+    finally:
+        dante.server.run(["nft", "delete", "table", "inet", "t2sx_dead"])
+
+
+def test_syn_flood_to_a_dead_destination_leaves_others_served_at_once(dead_port: Testbed) -> None:
+    testbed = dead_port
+    assert testbed.proc is not None
+    fake = _resolve(testbed, "echo.test")
+    # 10,000 spoofed SYNs at 1,500 a second to a port whose connects time
+    # out: each is a pending connect for the whole connect timeout.
+    flood = _fault_client(testbed, "synflood", fake, DEAD_PORT, 10_000, 1500)
+    try:
+        assert flood.stdout is not None
+        ready, _, _ = select.select([flood.stdout], [], [], 30)
+        assert ready, "the flood did not get under way within 30 s"
+        assert json.loads(flood.stdout.readline()) == {"flooding": True}
+        dig = testbed.client_run(
+            ["dig", "+short", "+time=1", "+tries=1", "www.test", "A"], check=False
+        )
+        curl = testbed.client_run(
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{time_namelookup} %{time_connect}",
+                "http://www.test:8080/",
+            ],
+            check=False,
+            timeout=40,
+        )
+        still_flooding = flood.poll() is None
+        out, _ = flood.communicate(timeout=120)
+    finally:
+        testbed.lab.stop(flood)
+    assert json.loads(out) == {"sent": 10_000}
+    assert dig.returncode == 0 and ipaddress.ip_address(dig.stdout.strip()), dig
+    assert curl.returncode == 0, curl.stderr
+    body, times = curl.stdout.rsplit("\n", 1)
+    assert body == "<h1>tun2sx e2e</h1>\n"
+    lookup, connect = map(float, times.split())
+    assert connect < 1.0, (lookup, connect)
+    assert still_flooding  # the connection was made while the SYNs poured in
+    assert testbed.proc.poll() is None
+    testbed.stop()
+    line = next(ln for ln in reversed(testbed.log().splitlines()) if "stopped; " in ln)
+    testbed.start()
+    stats = ast.literal_eval(line.split("stopped; ", 1)[1])
+    # What the caps turned away is counted.
+    assert stats["syn_dropped_per_destination"] > 0, stats
 
 
 def test_restart_during_traffic_fails_flows_cleanly_and_keeps_fake_ips(

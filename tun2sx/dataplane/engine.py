@@ -115,21 +115,23 @@ class Engine:
             now = trio.current_time()
             touched: set[TcpConnection] = set()
             datagrams = False
-            # One call per batch: the stack takes a flow's ACKs together.
-            for event in stack.receive_batch(batch, now):
-                if type(event) is TcpConnection:
-                    touched.add(event)
-                elif type(event) is ConnectionRequest:
-                    self.tcp.start(event)
-                elif type(event) is UdpDatagram:
-                    self.udp.datagram(event, now)
-                    datagrams = True
-            if datagrams or len(touched) > 1:
-                self._crowded_until = now + _CROWDED_FOR
-            # Woken streams may take data out (the splice does, right in
-            # `wake`), which flushes: one flush after all of them instead.
+            # Answers made while the batch is taken (DNS, SYNs failed at
+            # once) and woken streams, which may take data out (the splice
+            # does, right in `wake`), would each flush: one flush after
+            # all of them instead.
             self._flush_deferred = True
             try:
+                # One call per batch: the stack takes a flow's ACKs together.
+                for event in stack.receive_batch(batch, now):
+                    if type(event) is TcpConnection:
+                        touched.add(event)
+                    elif type(event) is ConnectionRequest:
+                        self.tcp.start(event)
+                    elif type(event) is UdpDatagram:
+                        self.udp.datagram(event, now)
+                        datagrams = True
+                if datagrams or len(touched) > 1:
+                    self._crowded_until = now + _CROWDED_FOR
                 self._wake(touched)
             finally:
                 self._flush_deferred = False
@@ -248,6 +250,20 @@ class Engine:
         flows and UDP sessions) and ``drops`` (every ``*drops*`` counter).
         """
         stats: dict[str, int] = dict(self.stack.counters)
+        # The demux's: SYNs dropped by the caps, evicted, refused; RSTs.
+        demux = self.stack.tcp.statistics()
+        for name in (
+            "connection_requests",
+            "resets_sent",
+            "syn_dropped_half_open",
+            "syn_dropped_per_destination",
+            "syn_dropped_per_source",
+            "syn_evicted",
+            "syn_refused_max_connections",
+        ):
+            stats[name] = getattr(demux, name)
+        stats["tcp_pending"] = demux.pending
+        stats["tcp_half_open"] = demux.half_open
         stats.update(self.counters)
         # Live flows' bytes are not in the counters until they end.
         stats["bytes_up"] = self.counters["bytes_up"] + sum(f.bytes_up for f in self.flows)

@@ -8,6 +8,12 @@ reset. Only when the outbound is connected does the stack answer SYN-ACK.
 
 Then `splice` copies both ways. A flow to port 53 is served by the DNS
 server instead, when DNS hijack is on.
+
+Under a SYN flood two things keep other flows going. A SYN the demux
+evicts from its full half-open table (see `TcpDemux.take_evicted`) has its
+dial cancelled at once. And a destination whose connects keep timing out
+(`ConnectTimeouts`) gets new SYNs answered with the time-out's ICMP at
+once, without a flow task or a dial, for a short back-off.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.dataplane.splice import reset_socket, splice
 from tun2sx.dataplane.tcpstream import TcpStream
+from tun2sx.dataplane.timeouts import ConnectTimeouts
 
 if TYPE_CHECKING:
     from tun2sx.dataplane.context import FlowContext
@@ -75,21 +82,48 @@ class TcpFlows:
     """Starts and runs the TCP flows of one engine."""
 
     def __init__(
-        self, engine: FlowContext, dns_server: DnsServer, handler: TcpHandler | None = None
+        self,
+        engine: FlowContext,
+        dns_server: DnsServer,
+        handler: TcpHandler | None = None,
+        timeouts: ConnectTimeouts | None = None,
     ) -> None:
         self._engine = engine
         self._dns_server = dns_server
         self._handler = handler
+        self._timeouts = ConnectTimeouts() if timeouts is None else timeouts
+        # The flows whose SYN is still pending, by the scope of their dial.
+        self._dialing: dict[FlowKey, trio.CancelScope] = {}
 
     def start(self, request: ConnectionRequest) -> None:
-        """A new SYN: run its flow as a task of the engine."""
-        self._engine.nursery.start_soon(self._run_guarded, request)
+        """A new SYN: run its flow as a task of the engine.
 
-    async def _run_guarded(self, request: ConnectionRequest) -> None:
+        Only a new request can have evicted a pending SYN, so this is
+        where the flows of evicted SYNs are stopped: before the new flow
+        starts, which may be the same flow again.
+        """
+        engine = self._engine
+        for key in engine.stack.tcp.take_evicted():
+            scope = self._dialing.pop(key, None)
+            if scope is not None:
+                scope.cancel()
+        key = request.key
+        if not engine.stack.tcp.is_pending(key):
+            return  # evicted by a later SYN of the same batch
+        now = trio.current_time()
+        if self._timeouts.failing((key.remote_addr, key.remote_port), now):
+            engine.counters["tcp_connect_fast_failures"] += 1
+            self._fail(request, FailureReply.HOST_UNREACHABLE)
+            return
+        scope = trio.CancelScope()
+        self._dialing[key] = scope
+        engine.nursery.start_soon(self._run_guarded, request, scope)
+
+    async def _run_guarded(self, request: ConnectionRequest, scope: trio.CancelScope) -> None:
         engine = self._engine
         engine.counters["tcp_flows_started"] += 1
         try:
-            await self._run(request)
+            await self._run(request, scope)
         except Exception:
             # A bug in one flow must not take the others down: log it loudly
             # and reset this flow only.
@@ -98,10 +132,15 @@ class TcpFlows:
             stream = engine.streams.pop(request.key, None)
             if stream is not None:
                 stream.abort()
+        finally:
+            if self._dialing.get(request.key) is scope:
+                del self._dialing[request.key]
 
-    async def _run(self, request: ConnectionRequest) -> None:
+    async def _run(self, request: ConnectionRequest, scope: trio.CancelScope) -> None:
         engine = self._engine
         key = request.key
+        if scope.cancel_called:
+            return  # evicted before it started
         if (
             key.remote_port == 53
             and engine.dns is not None
@@ -126,19 +165,32 @@ class TcpFlows:
         upstream = None
         try:
             # A bare cancel scope rather than trio.fail_after (a generator
-            # context manager): this runs once per connection.
-            with trio.CancelScope(deadline=trio.current_time() + engine.config.connect_timeout):
+            # context manager): this runs once per connection. Eviction
+            # cancels it too.
+            scope.deadline = trio.current_time() + engine.config.connect_timeout
+            with scope:
                 upstream = await outbound.connect_tcp(dest)
         except OutboundError as exc:
-            log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
-            engine.counters["tcp_outbound_failed"] += 1
-            self._fail(request, exc.reply)
+            if self._dialing.get(key) is scope:
+                log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
+                engine.counters["tcp_outbound_failed"] += 1
+                self._fail(request, exc.reply)
             return
+        if self._dialing.get(key) is not scope:
+            # The demux evicted the SYN to make room for another flow's.
+            engine.counters["tcp_dials_cancelled_evicted"] += 1
+            if upstream is not None:
+                await trio.aclose_forcefully(upstream)
+            return
+        del self._dialing[key]
+        address = (key.remote_addr, key.remote_port)
         if upstream is None:
             log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
             engine.counters["tcp_outbound_failed"] += 1
+            self._timeouts.timed_out(address, trio.current_time())
             self._fail(request, FailureReply.HOST_UNREACHABLE)
             return
+        self._timeouts.connected(address)
         if log.isEnabledFor(logging.DEBUG):
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)

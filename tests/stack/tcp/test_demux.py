@@ -371,3 +371,80 @@ def test_acks_received_routes_a_run_as_segment_received_would() -> None:
     assert demux.acks_received(other, [ack, ack._replace(ack=3)], 0.03) is None
     rsts = [(k, h.seq) for k, h, _ in demux.segments_to_send(0.03) if h.flags & RST]
     assert rsts == [(other, 2), (other, 3)]
+
+
+def flow(dst: int, src: int = 1, port: int = 40000) -> FlowKey:
+    """A flow from application address 10.0.0.`src` to 10.1.0.`dst`:443."""
+    return FlowKey(bytes([10, 0, 0, src]), port, bytes([10, 1, 0, dst]), 443)
+
+
+def requested(demux: TcpDemux, key: FlowKey) -> bool:
+    return isinstance(demux.segment_received(key, App().syn(), b"", 0.0), ConnectionRequest)
+
+
+def test_pending_syns_are_capped_per_destination_and_per_source() -> None:
+    config = TcpConfig(max_half_open=100, max_pending_per_destination=2, max_pending_per_source=3)
+    demux = TcpDemux(config)
+    # Two pending to one destination; a third is dropped, another is not.
+    assert [requested(demux, flow(1, port=p)) for p in (1, 2, 3)] == [True, True, False]
+    assert requested(demux, flow(2, port=4))
+    # The source now has three pending: its next SYN anywhere is dropped,
+    # another source's is not.
+    assert not requested(demux, flow(3, port=5))
+    assert requested(demux, flow(3, src=2, port=5))
+    st = demux.statistics()
+    assert (st.pending, st.syn_dropped_per_destination, st.syn_dropped_per_source) == (4, 1, 1)
+    assert demux.segments_to_send(0.0) == []  # dropped silently, like a full backlog
+    # Answered or forgotten SYNs free their destination's and source's room.
+    demux.accept(flow(1, port=1), SRV_ISS, 0.0)
+    demux.forget_pending(flow(1, port=2))
+    demux.forget_pending(flow(1, port=2))  # unknown by now: nothing happens
+    assert requested(demux, flow(1, port=3)) and requested(demux, flow(1, port=6))
+    assert demux.take_evicted() == []
+
+
+def test_a_full_table_evicts_the_oldest_syn_of_the_most_represented_destination() -> None:
+    config = TcpConfig(max_half_open=4, max_pending_per_destination=3, max_pending_per_source=4)
+    demux = TcpDemux(config)
+    flooded = [flow(1, src=s) for s in (1, 2, 3)]
+    assert all(requested(demux, k) for k in flooded)
+    assert requested(demux, flow(2, src=4))  # the table is full
+    # A SYN to a destination with nothing pending takes the flood's oldest slot.
+    assert requested(demux, flow(3, src=5))
+    assert demux.take_evicted() == [flooded[0]]
+    assert demux.take_evicted() == []
+    assert not demux.is_pending(flooded[0]) and demux.is_pending(flooded[1])
+    st = demux.statistics()
+    assert (st.pending, st.syn_evicted, st.syn_dropped_half_open) == (4, 1, 0)
+    # The evicted SYN is no longer pending: the runtime can neither accept nor refuse it.
+    with pytest.raises(LocalProtocolError):
+        demux.accept(flooded[0], SRV_ISS, 0.0)
+    # Destinations 1 (two left), 2 and 3 (one each): one fewer is not enough
+    # to evict, so a fourth destination's SYN evicts destination 1's next oldest,
+    # then nobody is ahead by two and new SYNs are dropped.
+    assert requested(demux, flow(4, src=6))
+    assert demux.take_evicted() == [flooded[1]]
+    assert not requested(demux, flow(5, src=7))
+    assert demux.statistics().syn_dropped_half_open == 1
+
+
+def test_a_full_table_evicts_by_source_when_destinations_are_even() -> None:
+    config = TcpConfig(max_half_open=3, max_pending_per_destination=3, max_pending_per_source=3)
+    demux = TcpDemux(config)
+    # One source, three destinations: no destination is ahead.
+    flood = [flow(d, src=1) for d in (1, 2, 3)]
+    assert all(requested(demux, k) for k in flood)
+    assert requested(demux, flow(4, src=2))
+    assert demux.take_evicted() == [flood[0]]
+    # The same source gains nothing by evicting its own SYNs.
+    assert not requested(demux, flow(5, src=1))
+
+
+def test_a_table_full_of_handshakes_has_nothing_to_evict() -> None:
+    demux = TcpDemux(TcpConfig(max_half_open=2))
+    for port in (1, 2):
+        requested(demux, flow(1, port=port))
+        demux.accept(flow(1, port=port), SRV_ISS, 0.0)
+    assert not requested(demux, flow(2, src=2))
+    assert demux.statistics().syn_dropped_half_open == 1
+    assert demux.take_evicted() == []
