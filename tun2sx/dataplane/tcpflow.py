@@ -30,6 +30,7 @@ import trio
 from outbounds.base import FailureReply, NowaitStream, OutboundError
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
+from tun2sx.dataplane.loglimit import LogLimit
 from tun2sx.dataplane.splice import reset_socket, splice
 from tun2sx.dataplane.tcpstream import TcpStream
 from tun2sx.dataplane.timeouts import ConnectTimeouts
@@ -90,6 +91,7 @@ class TcpFlows:
     ) -> None:
         self._engine = engine
         self._dns_server = dns_server
+        self._unknown_log = LogLimit()
         self._handler = handler
         self._timeouts = ConnectTimeouts() if timeouts is None else timeouts
         # The flows whose SYN is still pending, by the scope of their dial.
@@ -150,10 +152,14 @@ class TcpFlows:
             return
         dest = engine.destination_for(key.remote_addr, key.remote_port)
         if dest is None:
-            log.warning(
-                "TCP %s: fake IP has no host name (mapping lost or never handed out); resetting",
-                describe(key),
-            )
+            held = self._unknown_log.allow(trio.current_time())
+            if held is not None:
+                log.warning(
+                    "TCP %s: fake IP has no host name (mapping lost or never handed out); "
+                    "resetting%s",
+                    describe(key),
+                    LogLimit.suffix(held),
+                )
             engine.counters["tcp_unknown_fake_ip"] += 1
             self._fail(request, FailureReply.RESET)
             return

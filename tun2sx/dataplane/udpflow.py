@@ -37,6 +37,7 @@ from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, r
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
+from tun2sx.dataplane.loglimit import LogLimit
 
 if TYPE_CHECKING:
     from outbounds.base import UdpSession
@@ -118,6 +119,7 @@ class UdpFlows:
     def __init__(self, engine: FlowContext, dns_server: DnsServer) -> None:
         self._engine = engine
         self._dns_server = dns_server
+        self._unknown_log = LogLimit()
         self.sessions: dict[tuple[bytes, int], _Session] = {}
         self.datagrams_up = 0  # handed to an outbound
         self.datagrams_down = 0  # turned into packets for applications
@@ -334,10 +336,13 @@ class UdpFlows:
     def _destination(self, session: _Session, addr: bytes, port: int) -> Destination | None:
         dest = self._engine.destination_for(addr, port)
         if dest is None:
-            log.warning(
-                "UDP to %s: fake IP has no host name; answering port unreachable",
-                Destination(ipaddress.ip_address(addr), port),
-            )
+            held = self._unknown_log.allow(trio.current_time())
+            if held is not None:
+                log.warning(
+                    "UDP to %s: fake IP has no host name; answering port unreachable%s",
+                    Destination(ipaddress.ip_address(addr), port),
+                    LogLimit.suffix(held),
+                )
             self._engine.counters["udp_unknown_fake_ip"] += 1
             self._unreachable(session, (addr, port, b""), 3, 4)
             return None
