@@ -22,8 +22,12 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
+
+_T = TypeVar("_T")
 
 __all__ = ["DEFAULT_UDP_BUFFER", "UdpSocket", "set_buffers"]
 
@@ -156,12 +160,19 @@ class UdpSocket:
             OSError: the socket failed (e.g. an ICMP error from the peer);
                 met after some datagrams, it is raised by the next call.
         """
+        return self._drain(self._sock.recv, limit)
+
+    def receive_from_batch_nowait(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
+        """As `receive_batch_nowait`, with each datagram's source address."""
+        return self._drain(self._sock.recvfrom, limit)
+
+    def _drain(self, receive: Callable[[int], _T], limit: int) -> list[_T]:
+        """Call `receive` until the socket has nothing more, at most `limit` times."""
         self._raise_saved()
-        out: list[bytes] = []
-        recv = self._sock.recv
+        out: list[_T] = []
         try:
             while len(out) < limit:
-                out.append(recv(65535))
+                out.append(receive(65535))
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -175,22 +186,6 @@ class UdpSocket:
             error, self._error = self._error, None
             raise error
 
-    def receive_from_batch_nowait(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
-        """As `receive_batch_nowait`, with each datagram's source address."""
-        self._raise_saved()
-        out: list[tuple[bytes, tuple[object, ...]]] = []
-        recvfrom = self._sock.recvfrom
-        try:
-            while len(out) < limit:
-                out.append(recvfrom(65535))
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if not out:
-                raise
-            self._error = exc
-        return out
-
     async def receive_batch(self, limit: int) -> list[bytes]:
         """Every datagram waiting (at most `limit`, at least one), waiting
         for the first if there is none.
@@ -203,25 +198,20 @@ class UdpSocket:
         Raises:
             OSError: the socket failed.
         """
-        out = self.receive_batch_nowait(limit)
-        if out:
-            await _checkpoint()
-            return out
-        while True:
-            await _wait_readable(self._sock)
-            out = self.receive_batch_nowait(limit)
-            if out:
-                return out
+        return await self._wait_batch(self.receive_batch_nowait, limit)
 
     async def receive_from_batch(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
         """As `receive_batch`, with each datagram's source address."""
-        out = self.receive_from_batch_nowait(limit)
+        return await self._wait_batch(self.receive_from_batch_nowait, limit)
+
+    async def _wait_batch(self, take: Callable[[int], list[_T]], limit: int) -> list[_T]:
+        out = take(limit)
         if out:
             await _checkpoint()
             return out
         while True:
             await _wait_readable(self._sock)
-            out = self.receive_from_batch_nowait(limit)
+            out = take(limit)
             if out:
                 return out
 
