@@ -40,6 +40,7 @@ from stack.wire.tcp import (
     NO_OPTIONS,
     RST,
     SYN,
+    TS_ONLY_PREFIX,
     TcpHeader,
     TcpOptions,
     emit_options,
@@ -63,9 +64,8 @@ _tuple_new = tuple.__new__
 # The packet almost every read brings: IPv4 without options, TCP, and either no
 # options or NOP NOP Timestamps (RFC 7323 Appendix A layout). One unpack of
 # the first 52 bytes replaces three; anything unusual takes the general path.
-_V4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
-_V4_TCP_MIN = 52
-_TS_ONLY_PREFIX = 0x0101080A
+V4_TCP_TS = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
+V4_TCP_TS_LEN = 52
 _SYN_FIN_RST = 0x07
 # Builders pack the IP header and the fixed transport header together.
 _V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
@@ -122,7 +122,7 @@ def parse_packet_untrusted(buf: memoryview, *, verify_checksum: bool = True) -> 
             with "fragment").
     """
     n = len(buf)
-    if n < _V4_TCP_MIN or buf[0] != 0x45 or buf[9] != PROTO_TCP:
+    if n < V4_TCP_TS_LEN or buf[0] != 0x45 or buf[9] != PROTO_TCP:
         return _parse_general(buf, n, verify_checksum)
     # The common case, inline (a call costs ~0.15 us here): IPv4 without
     # options carrying TCP with no options or the NOP NOP Timestamps block.
@@ -152,11 +152,11 @@ def parse_packet_untrusted(buf: memoryview, *, verify_checksum: bool = True) -> 
         word0,
         tsval,
         tsecr,
-    ) = _V4_TCP_TS.unpack_from(buf)
+    ) = V4_TCP_TS.unpack_from(buf)
     hlen = (off >> 4) << 2
     if hlen == 20:
         options = NO_OPTIONS
-    elif hlen == 32 and word0 == _TS_ONLY_PREFIX:
+    elif hlen == 32 and word0 == TS_ONLY_PREFIX:
         options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     else:
         return _parse_general(buf, n, verify_checksum)

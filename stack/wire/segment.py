@@ -33,19 +33,15 @@ from typing import Final
 from stack.errors import BadPacket
 from stack.wire.checksum import ones_complement_sum
 from stack.wire.ipv4 import PROTO_TCP
-from stack.wire.packet import DEFAULT_TTL, build_tcp_packet
-from stack.wire.tcp import NO_OPTIONS, SYN, TcpHeader, TcpOptions
+from stack.wire.packet import DEFAULT_TTL, V4_TCP_TS, V4_TCP_TS_LEN, build_tcp_packet
+from stack.wire.tcp import NO_OPTIONS, SYN, TS_ONLY_PREFIX, TcpHeader, TcpOptions
 
 _fb = int.from_bytes
 _tuple_new = tuple.__new__
 
-# IPv4 header (no options), the fixed TCP header, NOP NOP TS TSval TSecr.
-_V4_TCP_TS: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHIII")
-# IPv6 header (no extension headers), the same TCP part.
+# IPv6 header (no extension headers), then the TCP part of packet.V4_TCP_TS.
 _V6_TCP_TS: Final = struct.Struct("!IHBB16s16sHHIIBBHHHIII")
-_V4_TCP_TS_LEN: Final = 52
 _V6_TCP_TS_LEN: Final = 72
-_TS_ONLY_PREFIX: Final = 0x0101080A
 # The option's fixed words (NOP NOP, kind 8 length 10) in the checksum.
 _TS_WORDS: Final = 0x0101 + 0x080A
 # Data offset 8 words (32-byte header), in the word the flags share.
@@ -80,7 +76,7 @@ def parse_plain_tcp_untrusted(
         BadPacket: the TCP checksum is wrong (the only verdict given here).
     """
     n = len(buf)
-    if n < _V4_TCP_TS_LEN:
+    if n < V4_TCP_TS_LEN:
         return None
     if buf[0] != 0x45:
         return _plain_tcp6(buf, n, verify_checksum, trusted_sources)
@@ -109,9 +105,9 @@ def parse_plain_tcp_untrusted(
         word0,
         tsval,
         tsecr,
-    ) = _V4_TCP_TS.unpack_from(buf)
+    ) = V4_TCP_TS.unpack_from(buf)
     hlen = (off >> 4) << 2
-    if hlen == 32 and word0 == _TS_ONLY_PREFIX:
+    if hlen == 32 and word0 == TS_ONLY_PREFIX:
         options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     elif hlen == 20:
         options = NO_OPTIONS
@@ -163,7 +159,7 @@ def _plain_tcp6(
         tsecr,
     ) = _V6_TCP_TS.unpack_from(buf)
     hlen = (off >> 4) << 2
-    if hlen == 32 and word0 == _TS_ONLY_PREFIX:
+    if hlen == 32 and word0 == TS_ONLY_PREFIX:
         options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     elif hlen == 20:
         options = NO_OPTIONS
@@ -296,7 +292,7 @@ class TcpTemplate:
                     window,
                     csum,
                     urgent,
-                    _TS_ONLY_PREFIX,
+                    TS_ONLY_PREFIX,
                     tsval,
                     tsecr,
                 )
@@ -304,7 +300,7 @@ class TcpTemplate:
                 size = 20 + length
                 if size > 0xFFFF:
                     raise ValueError(f"IPv4 packet of {size} bytes exceeds 65535")
-                head = _V4_TCP_TS.pack(
+                head = V4_TCP_TS.pack(
                     0x45,
                     0,
                     size,
@@ -324,7 +320,7 @@ class TcpTemplate:
                     window,
                     csum,
                     urgent,
-                    _TS_ONLY_PREFIX,
+                    TS_ONLY_PREFIX,
                     tsval,
                     tsecr,
                 )

@@ -56,9 +56,10 @@ _U16 = struct.Struct("!H")
 _U32X2 = struct.Struct("!II")
 # Option kinds (IANA "TCP Option Kind Numbers").
 _EOL, _NOP, _MSS, _WSCALE, _SACK_PERM, _SACK, _TIMESTAMP = 0, 1, 2, 3, 4, 5, 8
-# The option block almost every data segment carries: NOP NOP TS(len 10).
-_TS_ONLY_PREFIX = 0x0101080A
-_TS_ONLY_BYTES = _TS_ONLY_PREFIX.to_bytes(4, "big")
+# The option block almost every data segment carries: NOP NOP TS(len 10),
+# as the first word of the options (the packet parsers' fast paths test it).
+TS_ONLY_PREFIX = 0x0101080A
+_TS_ONLY_BYTES = TS_ONLY_PREFIX.to_bytes(4, "big")
 # NOP NOP TS(len 10) TSval TSecr, and the option fields that must be unset
 # for a segment to carry only that block.
 _TS_ONLY_BLOCK = struct.Struct("!4sII")
@@ -133,7 +134,7 @@ def parse_tcp_untrusted(buf: memoryview) -> tuple[TcpHeader, memoryview]:
         raise BadPacket("TCP SYN combined with FIN or RST")
     if hlen == HEADER_LEN:
         options = NO_OPTIONS
-    elif hlen == 32 and word0 == _TS_ONLY_PREFIX:
+    elif hlen == 32 and word0 == TS_ONLY_PREFIX:
         options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     else:
         options = _parse_options(buf[HEADER_LEN:hlen])
