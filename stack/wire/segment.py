@@ -34,7 +34,7 @@ from stack.errors import BadPacket
 from stack.wire.checksum import ones_complement_sum
 from stack.wire.ipv4 import PROTO_TCP
 from stack.wire.packet import DEFAULT_TTL, V4_TCP_TS, V4_TCP_TS_LEN, build_tcp_packet
-from stack.wire.tcp import NO_OPTIONS, SYN, TS_ONLY_PREFIX, TcpHeader, TcpOptions
+from stack.wire.tcp import NO_OPTIONS, NO_SYN_OPTIONS, SYN, TS_ONLY_PREFIX, TcpHeader, TcpOptions
 
 _fb = int.from_bytes
 _tuple_new = tuple.__new__
@@ -48,8 +48,6 @@ _TS_WORDS: Final = 0x0101 + 0x080A
 _TS_OFFSET_WORD: Final = 0x8000
 _TS_OFFSET_BYTE: Final = 0x80
 _SYN_FIN_RST: Final = 0x07
-# Option fields that must be unset for a header to carry only the timestamp.
-_NO_SYN_OPTIONS: Final = (None, None, False, ())
 
 Segment = tuple[bytes, bytes, TcpHeader, memoryview]
 
@@ -237,7 +235,7 @@ class TcpTemplate:
         """
         sport, dport, seq, ack, flags, window, _, urgent, options = hdr
         ts = options.timestamp
-        if ts is None or flags & SYN or options[:4] != _NO_SYN_OPTIONS:
+        if ts is None or flags & SYN or options[:4] != NO_SYN_OPTIONS:
             return build_tcp_packet(
                 self._src,
                 self._dst,

@@ -63,7 +63,7 @@ _TS_ONLY_BYTES = TS_ONLY_PREFIX.to_bytes(4, "big")
 # NOP NOP TS(len 10) TSval TSecr, and the option fields that must be unset
 # for a segment to carry only that block.
 _TS_ONLY_BLOCK = struct.Struct("!4sII")
-_NO_SYN_OPTIONS = (None, None, False, ())
+NO_SYN_OPTIONS = (None, None, False, ())
 # NamedTuple's generated __new__ is a Python function; calling tuple.__new__
 # with a ready tuple skips that frame (about 0.25 us per header here).
 _tuple_new = tuple.__new__
@@ -189,7 +189,7 @@ def emit_options(options: TcpOptions) -> bytes:
     """
     if options is NO_OPTIONS:
         return b""
-    if options.timestamp is not None and options[:4] == _NO_SYN_OPTIONS:
+    if options.timestamp is not None and options[:4] == NO_SYN_OPTIONS:
         # Every segment after the handshake: NOP NOP TS, packed in one call.
         try:
             return _TS_ONLY_BLOCK.pack(_TS_ONLY_BYTES, *options.timestamp)
