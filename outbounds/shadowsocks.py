@@ -380,19 +380,10 @@ class ShadowsocksUdpSession:
         Raises:
             OutboundError: The socket failed (e.g. ICMP port unreachable from the server).
         """
-        sock = self._sock
-        while True:
-            try:
-                raw = await sock.receive_batch(limit)
-            except OSError as exc:
-                raise error_from_oserror(exc, "receiving from the Shadowsocks server") from exc
-            out = []
-            for packet in raw:
-                item = self._decode(packet)
-                if item is not None:
-                    out.append(item)
-            if out:
-                return out
+        try:
+            return await self._sock.receive_decoded(limit, self._decode)
+        except OSError as exc:
+            raise error_from_oserror(exc, "receiving from the Shadowsocks server") from exc
 
     async def receive_from(self) -> tuple[bytes, Destination]:
         """Wait for the next datagram; forged or malformed ones are counted and dropped.

@@ -826,20 +826,10 @@ class Socks5UdpSession:
         Raises:
             OutboundError: The relay socket failed.
         """
-        sock = self._sock
-        decode = self._decode
-        while True:
-            try:
-                raw = await sock.receive_batch(limit)
-            except OSError as exc:
-                raise error_from_oserror(exc, "receiving from the SOCKS5 UDP relay") from exc
-            out = []
-            for datagram in raw:
-                item = decode(datagram)
-                if item is not None:
-                    out.append(item)
-            if out:
-                return out
+        try:
+            return await self._sock.receive_decoded(limit, self._decode)
+        except OSError as exc:
+            raise error_from_oserror(exc, "receiving from the SOCKS5 UDP relay") from exc
 
     async def wait_ended(self) -> None:
         """Wait for the proxy to close the control connection; then raise.

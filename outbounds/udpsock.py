@@ -200,6 +200,23 @@ class UdpSocket:
         """
         return await self._wait_batch(self.receive_batch_nowait, limit)
 
+    async def receive_decoded(self, limit: int, decode: Callable[[bytes], _T | None]) -> list[_T]:
+        """`receive_batch`, each datagram through `decode`; those it rejects
+        (None: it counted them) are dropped, and an all-rejected batch waits
+        for the next.
+
+        Raises:
+            OSError: the socket failed.
+        """
+        while True:
+            out = [
+                item
+                for datagram in await self.receive_batch(limit)
+                if (item := decode(datagram)) is not None
+            ]
+            if out:
+                return out
+
     async def receive_from_batch(self, limit: int) -> list[tuple[bytes, tuple[object, ...]]]:
         """As `receive_batch`, with each datagram's source address."""
         return await self._wait_batch(self.receive_from_batch_nowait, limit)
