@@ -165,6 +165,8 @@ def connections_json(source: StatsSource, now: float) -> list[dict[str, Any]]:
             "host": str(info.destination.host),
             "port": info.destination.port,
             "outbound": info.outbound,
+            "sniffed": info.sniffed,
+            "host_source": info.host_source,
             "bytes_up": info.bytes_up,
             "bytes_down": info.bytes_down,
             "age": round(now - info.started, 3),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 from outbounds.base import Destination
+from tun2sx.naming.sniff import SniffConfig
 
 if TYPE_CHECKING:
     import trio
@@ -48,6 +49,8 @@ class EngineConfig:
             active: its writing on is one step of the engine's one thread,
             and a short one lets another flow's round trip through sooner.
         max_dns_forwards: concurrent upstream DNS queries; more are dropped.
+        sniff: which flows' first bytes are read for a host name, and
+            what the name is used for (tun2sx.naming.sniff).
     """
 
     connect_timeout: float = 10.0
@@ -60,6 +63,7 @@ class EngineConfig:
     splice_buffer: int = 256 * 1024
     splice_share: int = 64 * 1024
     max_dns_forwards: int = 256
+    sniff: SniffConfig = attrs.field(factory=SniffConfig)
 
     def answers_dns(self, address: bytes) -> bool:
         """Whether a port-53 query to `address` (packed) is ours to answer."""
@@ -78,12 +82,35 @@ class FlowInfo:
         started: trio time the flow was connected.
         bytes_up: bytes from the application to the outbound.
         bytes_down: bytes from the outbound to the application.
+        sniffed: the host name read from the flow's first bytes (TLS SNI,
+            HTTP Host, QUIC SNI), or None.
+        host_source: where the host name that routed the flow came from:
+            "fake-ip", "sniffed", "dns" (a real address a DNS answer gave
+            for a name, tun2sx.naming.realnames) or "none".
     """
 
-    __slots__ = ("app", "bytes_down", "bytes_up", "destination", "network", "outbound", "started")
+    __slots__ = (
+        "app",
+        "bytes_down",
+        "bytes_up",
+        "destination",
+        "host_source",
+        "network",
+        "outbound",
+        "sniffed",
+        "started",
+    )
 
     def __init__(
-        self, network: str, app: str, destination: Destination, outbound: str, started: float
+        self,
+        network: str,
+        app: str,
+        destination: Destination,
+        outbound: str,
+        started: float,
+        *,
+        sniffed: str | None = None,
+        host_source: str = "none",
     ) -> None:
         self.network = network
         self.app = app
@@ -92,6 +119,8 @@ class FlowInfo:
         self.started = started
         self.bytes_up = 0
         self.bytes_down = 0
+        self.sniffed = sniffed
+        self.host_source = host_source
 
 
 class FlowContext(Protocol):
@@ -130,15 +159,27 @@ class FlowContext(Protocol):
         """What an application's destination address means (None: unknown fake IP)."""
         ...
 
-    def route(self, dest: Destination, network: Network) -> Outbound | None:
-        """The outbound for a flow (None: rejected by rule)."""
+    def route(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> Outbound | None:
+        """The outbound for a flow (None: rejected by rule); `name`, when
+        given, is the host name domain rules match for an address."""
         ...
 
     def read_size(self) -> int:
         """How much a flow should read at once now (see `splice_share`)."""
         ...
 
-    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+    def open_flow(
+        self,
+        network: str,
+        app: str,
+        dest: Destination,
+        outbound: str,
+        *,
+        sniffed: str | None = None,
+        host_source: str = "none",
+    ) -> FlowInfo:
         """Register a connected flow for the statistics."""
         ...
 

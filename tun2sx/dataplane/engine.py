@@ -207,11 +207,13 @@ class Engine:
             return Destination(name, port)
         return Destination(ip, port)
 
-    def route(self, dest: Destination, network: Network) -> Outbound | None:
-        """The router's choice for a flow; a real address that a DNS answer
-        gave for a name is matched by that name too (tun2sx.naming.realnames)."""
-        name = None
-        if not isinstance(dest.host, str):
+    def route(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> Outbound | None:
+        """The router's choice for a flow; a real address is matched by
+        `name` (a sniffed one) or else by the name a DNS answer gave it for
+        (tun2sx.naming.realnames)."""
+        if name is None and not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())
         return self.router.route(dest, network, name)
 
@@ -229,9 +231,26 @@ class Engine:
             return config.splice_share
         return config.splice_buffer
 
-    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+    def open_flow(
+        self,
+        network: str,
+        app: str,
+        dest: Destination,
+        outbound: str,
+        *,
+        sniffed: str | None = None,
+        host_source: str = "none",
+    ) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
-        info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        info = FlowInfo(
+            network,
+            app,
+            dest,
+            outbound,
+            trio.current_time(),
+            sniffed=sniffed,
+            host_source=host_source,
+        )
         self.flows.add(info)
         return info
 

@@ -9,6 +9,14 @@ reset. Only when the outbound is connected does the stack answer SYN-ACK.
 Then `splice` copies both ways. A flow to port 53 is served by the DNS
 server instead, when DNS hijack is on.
 
+A flow whose host name is to be sniffed (tun2sx.naming.sniff: TLS or
+HTTP ports, `EngineConfig.sniff`) goes the other way round: its SYN is
+accepted first, its first bytes are read for a bounded time, the name
+found routes it (and, in override mode, is what the outbound connects
+to), and the bytes read go to the outbound before the splice starts. The
+handshake is then already done when the outbound fails, so such a failure
+reaches the application as an RST, never as an ICMP error.
+
 Under a SYN flood two things keep other flows going. A SYN the demux
 evicts from its full half-open table (see `TcpDemux.take_evicted`) has its
 dial cancelled at once. And a destination whose connects keep timing out
@@ -27,15 +35,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from outbounds.base import FailureReply, NowaitStream, OutboundError
+from outbounds.base import Destination, FailureReply, NowaitStream, OutboundError
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.dataplane.loglimit import LogLimit
 from tun2sx.dataplane.splice import reset_socket, splice
 from tun2sx.dataplane.tcpstream import TcpStream
 from tun2sx.dataplane.timeouts import ConnectTimeouts
+from tun2sx.naming.sniff import MAX_SNIFF_BYTES, NEED_DATA, Protocol, Sniffed, sniff_stream
 
 if TYPE_CHECKING:
+    from outbounds.base import Outbound
     from tun2sx.dataplane.context import FlowContext
     from tun2sx.dataplane.dnsserve import DnsServer
 
@@ -163,7 +173,14 @@ class TcpFlows:
             engine.counters["tcp_unknown_fake_ip"] += 1
             self._fail(request, FailureReply.RESET)
             return
-        outbound = engine.route(dest, "tcp")
+        protocols = engine.config.sniff.stream_protocols(
+            key.remote_port, fake_ip=isinstance(dest.host, str)
+        )
+        if protocols:
+            await self._run_sniffed(request, scope, dest, protocols)
+            return
+        name, source = _known_name(engine, dest)
+        outbound = engine.route(dest, "tcp", name)
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
@@ -206,10 +223,40 @@ class TcpFlows:
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
+        await self._carry(key, stream, upstream, dest, outbound, None, source)
+
+    async def _carry(
+        self,
+        key: FlowKey,
+        stream: TcpStream,
+        upstream: trio.abc.HalfCloseableStream,
+        dest: Destination,
+        outbound: Outbound,
+        sniffed: Sniffed | None,
+        source: str,
+        first: bytes = b"",
+    ) -> None:
+        """Splice a connected flow until it ends; `first` (what sniffing
+        read) goes to the outbound before anything else."""
+        engine = self._engine
         app = _endpoint(key.app_addr, key.app_port)
-        info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
+        info = engine.open_flow(
+            "tcp",
+            app,
+            dest,
+            engine.router.name_of(outbound),
+            sniffed=None if sniffed is None else sniffed.host,
+            host_source=source,
+        )
         finished = False
         try:
+            if first:
+                try:
+                    await upstream.send_all(first)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("TCP %s (%s): outbound broke: %s; reset", describe(key), dest, exc)
+                    return  # unfinished: both ends are reset below
+                info.bytes_up += len(first)
             if self._handler is None:
                 await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
             else:
@@ -229,6 +276,96 @@ class TcpFlows:
                 await trio.aclose_forcefully(upstream)
             stream.close_now()
             self._forget(key, stream)
+
+    async def _run_sniffed(
+        self,
+        request: ConnectionRequest,
+        scope: trio.CancelScope,
+        dest: Destination,
+        protocols: tuple[Protocol, ...],
+    ) -> None:
+        """Accept, read the first bytes for a name, then route and connect."""
+        engine = self._engine
+        key = request.key
+        try:
+            stream = self._accept(request)
+        except (KeyError, LocalProtocolError):
+            return  # the pending SYN expired meanwhile
+        # Accepted: no longer a pending SYN that eviction could cancel.
+        if self._dialing.get(key) is scope:
+            del self._dialing[key]
+        upstream: trio.abc.HalfCloseableStream | None = None
+        try:
+            first, sniffed = await self._sniff(stream, protocols)
+            config = engine.config.sniff
+            name: str | None
+            route_dest = dest
+            if sniffed is not None:
+                engine.counters[f"sniffed_{sniffed.protocol.value}"] += 1
+                name, source = sniffed.host, "sniffed"
+                if config.mode == "override":
+                    dest = route_dest = Destination(sniffed.host, dest.port)
+                elif isinstance(dest.host, str):
+                    # A fake IP's name: the sniffed one decides the rules.
+                    route_dest = Destination(sniffed.host, dest.port)
+            else:
+                engine.counters["sniff_misses"] += 1
+                name, source = _known_name(engine, dest)
+            outbound = engine.route(route_dest, "tcp", name)
+            if outbound is None:
+                log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
+                stream.abort()
+                return
+            address = (key.remote_addr, key.remote_port)
+            try:
+                with trio.move_on_after(engine.config.connect_timeout):
+                    upstream = await outbound.connect_tcp(dest)
+            except OutboundError as exc:
+                log.info("TCP %s (%s) via %s: %s; reset", describe(key), dest, outbound.name, exc)
+                engine.counters["tcp_outbound_failed"] += 1
+                stream.abort()
+                return
+            if upstream is None:
+                log.info(
+                    "TCP %s (%s) via %s: connect timed out; reset",
+                    describe(key),
+                    dest,
+                    outbound.name,
+                )
+                engine.counters["tcp_outbound_failed"] += 1
+                self._timeouts.timed_out(address, trio.current_time())
+                stream.abort()
+                return
+            self._timeouts.connected(address)
+        except trio.BrokenResourceError:
+            # The application reset while we read its first bytes.
+            return
+        finally:
+            if upstream is None:
+                stream.close_now()
+                self._forget(key, stream)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
+        await self._carry(key, stream, upstream, dest, outbound, sniffed, source, first)
+
+    async def _sniff(
+        self, stream: TcpStream, protocols: tuple[Protocol, ...]
+    ) -> tuple[bytes, Sniffed | None]:
+        """Read until the first bytes name a host, are not recognised, end,
+        or the sniff time-out passes; return what was read and the name."""
+        first = bytearray()
+        result = None
+        with trio.move_on_after(self._engine.config.sniff.timeout):
+            while True:
+                data = await stream.receive_some(MAX_SNIFF_BYTES - len(first))
+                if not data:
+                    break  # the application's EOF: the splice passes it on
+                first += data
+                found = sniff_stream(first, protocols)
+                if found is not NEED_DATA:
+                    result = found
+                    break
+        return bytes(first), result
 
     def _accept(self, request: ConnectionRequest) -> TcpStream:
         engine = self._engine
@@ -276,3 +413,11 @@ class TcpFlows:
         streams = self._engine.streams
         if stream.finished and streams.get(key) is stream:
             del streams[key]
+
+
+def _known_name(engine: FlowContext, dest: Destination) -> tuple[str | None, str]:
+    """The host name known for `dest` before sniffing, and where it came from."""
+    if isinstance(dest.host, str):
+        return None, "fake-ip"
+    name = engine.real_names.name_for(dest.host, trio.current_time())
+    return name, "none" if name is None else "dns"

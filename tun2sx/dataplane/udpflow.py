@@ -21,6 +21,11 @@ Every place a datagram can be lost has a counter (see `statistics`).
 
 Datagrams to port 53 go to the DNS server (`dnsserve`) when DNS hijack is
 on, never to a session.
+
+A session whose first datagram goes to a QUIC port (`EngineConfig.sniff`)
+is routed only once its QUIC Initials have given the ClientHello's name
+(tun2sx.naming.quic), or the sniff time-out has passed: the datagrams wait
+in the set-up queue meanwhile, as they would for the outbound's set-up.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
 from tun2sx.dataplane.loglimit import LogLimit
+from tun2sx.naming.quic import QuicSniffer
+from tun2sx.naming.sniff import NEED_DATA, Sniffed, SniffResult
 
 if TYPE_CHECKING:
     from outbounds.base import UdpSession
@@ -247,7 +254,20 @@ class UdpFlows:
                 dest = self._destination(session, addr, port)
                 if dest is None:
                     return
-                outbound = engine.route(dest, "udp")
+                sniffed = None
+                if engine.config.sniff.sniffs_quic(port, fake_ip=isinstance(dest.host, str)):
+                    sniffed = await self._sniff_quic(session, addr, port)
+                name, source = self._known_name(dest, sniffed)
+                route_dest = dest
+                if sniffed is not None:
+                    if engine.config.sniff.mode == "override":
+                        dest = route_dest = Destination(sniffed.host, port)
+                        session.dests[(addr, port)] = dest
+                        session.sent_to[(sniffed.host, port)] = addr
+                    elif isinstance(dest.host, str):
+                        # A fake IP's name: the sniffed one decides the rules.
+                        route_dest = Destination(sniffed.host, port)
+                outbound = engine.route(route_dest, "udp", name)
                 if outbound is None:
                     self._unreachable(session, (addr, port, payload), 13, 1)
                     return
@@ -263,7 +283,12 @@ class UdpFlows:
                 if upstream is None:
                     return
                 session.info = info = engine.open_flow(
-                    "udp", _describe(session), dest, engine.router.name_of(outbound)
+                    "udp",
+                    _describe(session),
+                    dest,
+                    engine.router.name_of(outbound),
+                    sniffed=None if sniffed is None else sniffed.host,
+                    host_source=source,
                 )
                 session.upstream = upstream
                 ended: list[BaseException] = []
@@ -297,6 +322,40 @@ class UdpFlows:
                     *(a + b for a, b in zip(self._ended_drops, upstream.drops(), strict=True))
                 )
                 await trio.aclose_forcefully(upstream)  # type: ignore[arg-type]
+
+    async def _sniff_quic(self, session: _Session, addr: bytes, port: int) -> Sniffed | None:
+        """The SNI of the QUIC Initials the session's first datagrams to
+        (addr, port) carry; None when they are not QUIC or time runs out."""
+        engine = self._engine
+        sniffer = QuicSniffer()
+        result: SniffResult = NEED_DATA
+        fed = 0
+        with trio.move_on_after(engine.config.sniff.timeout):
+            while True:
+                pending = session.pending
+                while fed < len(pending) and result is NEED_DATA:
+                    to_addr, to_port, payload = pending[fed]
+                    fed += 1
+                    if (to_addr, to_port) == (addr, port):
+                        result = sniffer.feed(payload)
+                if result is not NEED_DATA:
+                    break
+                session.wakeup = trio.Event()
+                await session.wakeup.wait()
+        if isinstance(result, Sniffed):
+            engine.counters["sniffed_quic"] += 1
+            return result
+        engine.counters["sniff_misses"] += 1
+        return None
+
+    def _known_name(self, dest: Destination, sniffed: Sniffed | None) -> tuple[str | None, str]:
+        """The name that routes a session, and where it came from."""
+        if sniffed is not None:
+            return sniffed.host, "sniffed"
+        if isinstance(dest.host, str):
+            return None, "fake-ip"
+        name = self._engine.real_names.name_for(dest.host, trio.current_time())
+        return name, "none" if name is None else "dns"
 
     async def _idle(self, session: _Session) -> None:
         """Return once the session has been idle for `udp_idle_timeout`.

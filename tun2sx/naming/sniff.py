@@ -24,7 +24,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable
-from typing import Final, NamedTuple
+from typing import Final, Literal, NamedTuple
+
+import attrs
 
 # The most bytes a TCP flow's sniffing reads before giving up: a ClientHello
 # with a post-quantum key share is about 1.8 kB, a browser's HTTP request
@@ -280,3 +282,94 @@ def sniff_stream(
     if waiting and len(data) < MAX_SNIFF_BYTES:
         return NEED_DATA
     return None
+
+
+# -- configuration -------------------------------------------------------------
+
+SniffMode = Literal["off", "route", "override"]
+SNIFF_MODES: Final = ("off", "route", "override")
+PortRanges = tuple[tuple[int, int], ...]
+# mihomo's defaults: HTTP on 80 and 8080-8880, TLS and QUIC on 443 and 8443.
+DEFAULT_HTTP_PORTS: Final[PortRanges] = ((80, 80), (8080, 8880))
+DEFAULT_TLS_PORTS: Final[PortRanges] = ((443, 443), (8443, 8443))
+DEFAULT_QUIC_PORTS: Final[PortRanges] = ((443, 443), (8443, 8443))
+# sing-box's default wait for the first bytes.
+DEFAULT_SNIFF_TIMEOUT = 0.3
+
+
+def parse_ports(value: object) -> PortRanges:
+    """Ports as a list of numbers and "LOW-HIGH" strings, or one string of them
+    separated by commas ("80,8080-8880").
+
+    Raises:
+        ValueError: what is wrong with which item.
+    """
+    items: list[object]
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ValueError('expected a list of ports and ranges, e.g. [80, "8080-8880"]')
+    ranges = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2:
+            lo, hi = item
+        elif isinstance(item, int) and not isinstance(item, bool):
+            lo = hi = item
+        elif isinstance(item, str):
+            lo_text, sep, hi_text = item.partition("-")
+            try:
+                lo = int(lo_text)
+                hi = int(hi_text) if sep else lo
+            except ValueError:
+                raise ValueError(f"{item!r} is not a port or LOW-HIGH") from None
+        else:
+            raise ValueError(f"{item!r} is not a port or LOW-HIGH")
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= 0xFFFF):
+            raise ValueError(f"{item!r} is not a port range within 1-65535")
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def _within(port: int, ranges: PortRanges) -> bool:
+    return any(lo <= port <= hi for lo, hi in ranges)
+
+
+@attrs.frozen
+class SniffConfig:
+    """Which flows are sniffed, and what the name is used for.
+
+    Attributes:
+        mode: "off"; "route" (the name meets the rules, the outbound still
+            gets the address); "override" (the outbound gets the name too).
+        timeout: the longest wait for a flow's first bytes, seconds.
+        http_ports / tls_ports / quic_ports: the destination ports whose
+            flows are read as HTTP/1, TLS (TCP) and QUIC (UDP).
+        fake_ip: sniff flows that came through a fake IP too (they already
+            carry the name the application resolved).
+    """
+
+    mode: SniffMode = "off"
+    timeout: float = DEFAULT_SNIFF_TIMEOUT
+    http_ports: PortRanges = DEFAULT_HTTP_PORTS
+    tls_ports: PortRanges = DEFAULT_TLS_PORTS
+    quic_ports: PortRanges = DEFAULT_QUIC_PORTS
+    fake_ip: bool = False
+
+    def stream_protocols(self, port: int, *, fake_ip: bool) -> tuple[Protocol, ...]:
+        """What a TCP flow to `port` is read as (empty: not sniffed)."""
+        if self.mode == "off" or (fake_ip and not self.fake_ip):
+            return ()
+        protocols = []
+        if _within(port, self.tls_ports):
+            protocols.append(Protocol.TLS)
+        if _within(port, self.http_ports):
+            protocols.append(Protocol.HTTP)
+        return tuple(protocols)
+
+    def sniffs_quic(self, port: int, *, fake_ip: bool) -> bool:
+        """Whether a UDP flow to `port` is read as QUIC."""
+        if self.mode == "off" or (fake_ip and not self.fake_ip):
+            return False
+        return _within(port, self.quic_ports)

@@ -1,0 +1,326 @@
+"""Sniffed flows through the engine: the name routes, the bytes go on.
+
+TCP: a real `TunDevice` on a SOCK_SEQPACKET socketpair, the application
+played by the stack's own `TcpConnection` (tests.support.app), outbounds
+in memory that record what they were asked to connect to. UDP: QUIC
+Initials from aioquic fed as packets to a stand-in device. Time is trio's
+autojump clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from outbounds.base import Destination, UdpDrops, UdpSession
+from stack.netstack import NetStack, NetStackConfig
+from stack.tcp import NEED_DATA, Closed, ConnectionReset, DataReceived, TcpConnection
+from stack.wire.packet import build_udp_packet
+from stack.wire.tcp import RST
+from tests.support.app import APP, CONFIG, REMOTE, AppSide
+from tests.support.hellos import quic_initials, tls_client_hello
+from tun2sx.dataplane.context import EngineConfig
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.splice import splice
+from tun2sx.dataplane.tcpstream import TcpStream
+from tun2sx.dataplane.tun import RxPacket, TunDevice
+from tun2sx.naming.router import Router, RuleSet, parse_rules
+from tun2sx.naming.sniff import SniffConfig
+
+REMOTE_IP = ipaddress.ip_address(socket.inet_ntoa(REMOTE))
+RULES = ["DOMAIN-SUFFIX,example.org,named", "DOMAIN,blocked.example,REJECT"]
+
+
+class Recording:
+    """An outbound whose TCP flows reach an in-memory server.
+
+    The server echoes, or first sends `banner` (a server that speaks first).
+    """
+
+    def __init__(self, name: str, nursery: trio.Nursery, banner: bytes = b"") -> None:
+        self.name = name
+        self._nursery = nursery
+        self.banner = banner
+        self.tcp: list[Destination] = []
+        self.udp: list[FakeSession] = []
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        self.tcp.append(dest)
+        ours, theirs = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            if self.banner:
+                await theirs.send_all(self.banner)
+            while data := await theirs.receive_some():
+                await theirs.send_all(data)
+            await theirs.send_eof()
+
+        self._nursery.start_soon(serve)
+        return ours
+
+    async def open_udp(self) -> UdpSession:
+        session = FakeSession()
+        self.udp.append(session)
+        return session
+
+
+class FakeSession:
+    """A UDP session that records what was sent and never answers."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Destination]] = []
+
+    def send_to_nowait(self, data: bytes, dest: Destination) -> bool:
+        self.sent.append((data, dest))
+        return True
+
+    async def send_to(self, data: bytes, dest: Destination) -> None:
+        self.sent.append((data, dest))
+
+    async def receive_batch(self, limit: int) -> list[tuple[bytes, Destination]]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def receive_from(self) -> tuple[bytes, Destination]:
+        raise NotImplementedError
+
+    async def wait_ended(self) -> None:
+        await trio.sleep_forever()
+
+    def drops(self) -> UdpDrops:
+        return UdpDrops(0, 0, 0)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@attrs.define
+class Lab:
+    engine: Engine
+    named: Recording
+    default: Recording
+    sock: trio.socket.SocketType
+    seen: list[tuple[str | None, str, str]]  # (sniffed, host_source, outbound) of each flow
+
+    def app(self, port: int) -> AppSide:
+        return AppSide(self.sock, remote_port=port)
+
+
+def make_engine(
+    device: object, nursery: trio.Nursery, sniff: SniffConfig, banner: bytes = b""
+) -> tuple[Engine, Recording, Recording, list[tuple[str | None, str, str]]]:
+    named, default = Recording("named", nursery, banner), Recording("default", nursery, banner)
+    router = Router(
+        default,
+        RuleSet(parse_rules(RULES, ["named"])),
+        {"named": named},
+        default_name="default",
+    )
+    seen: list[tuple[str | None, str, str]] = []
+    engine: Engine
+
+    async def handler(stream: TcpStream, upstream: trio.abc.HalfCloseableStream) -> None:
+        seen.extend((f.sniffed, f.host_source, f.outbound) for f in engine.flows)
+        await splice(stream, upstream, 65536)
+
+    engine = Engine(
+        device,  # type: ignore[arg-type]
+        NetStack(NetStackConfig(tcp=CONFIG)),
+        router,
+        config=EngineConfig(sniff=sniff),
+        tcp_handler=handler,
+    )
+    return engine, named, default, seen
+
+
+@pytest.fixture
+async def lab(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
+    options = dict(getattr(request, "param", {}))
+    banner = options.pop("banner", b"")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False)
+    sniff = SniffConfig(**{"mode": "route", **options})
+    engine, named, default, seen = make_engine(device, nursery, sniff, banner)
+    await nursery.start(engine.run)
+    with trio.socket.from_stdlib_socket(theirs) as sock:
+        yield Lab(engine, named, default, sock, seen)
+    device.close()
+
+
+async def exchange(app: AppSide, conn: TcpConnection, payload: bytes, want: int) -> bytes:
+    """Send `payload` on an open connection and read until `want` bytes came
+    back, or the connection was reset or closed (then what came)."""
+    received = bytearray()
+    sent = 0
+    while len(received) < want:
+        now = trio.current_time()
+        deadline = conn.next_deadline()
+        if deadline is not None and deadline <= now:
+            conn.handle_timeout(now)
+        while sent < len(payload) and (n := conn.send(memoryview(payload)[sent:])):
+            sent += n
+        while (event := conn.next_event()) is not NEED_DATA:
+            if isinstance(event, DataReceived):
+                received += event.data
+            elif isinstance(event, ConnectionReset | Closed):
+                return bytes(received)
+        for hdr, data in conn.segments_to_send(now):
+            await app.send(hdr, data)
+        if len(received) >= want:
+            break
+        wait = conn.next_deadline()
+        with trio.move_on_at(wait if wait is not None else now + 30):
+            hdr, data = await app.receive()
+            if hdr.flags & RST:
+                return bytes(received)
+            conn.segment_received(hdr, data, trio.current_time())
+    return bytes(received)
+
+
+async def test_tls_sni_routes_by_name_and_the_hello_goes_on(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    hello = tls_client_hello("www.example.org")
+    app = lab.app(443)
+    echoed = await exchange(app, await app.handshake(), hello, len(hello))
+    assert echoed == hello  # the bytes read while sniffing reached the server first
+    assert lab.named.tcp == [Destination(REMOTE_IP, 443)]  # route mode: the address
+    assert lab.default.tcp == []
+    assert lab.seen == [("www.example.org", "sniffed", "named")]
+    assert lab.engine.counters["sniffed_tls"] == 1
+
+
+@pytest.mark.parametrize("lab", [{"mode": "override"}], indirect=True)
+async def test_override_sends_the_name_to_the_outbound(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    request = b"GET / HTTP/1.1\r\nHost: api.example.org\r\n\r\n"
+    app = lab.app(80)
+    assert await exchange(app, await app.handshake(), request, len(request)) == request
+    assert lab.named.tcp == [Destination("api.example.org", 80)]
+
+
+async def test_unrecognised_first_bytes_go_on_unchanged(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    payload = b"\x00\x01 not a protocol we read" * 10
+    app = lab.app(443)
+    assert await exchange(app, await app.handshake(), payload, len(payload)) == payload
+    assert lab.default.tcp == [Destination(REMOTE_IP, 443)]
+    assert lab.seen == [(None, "none", "default")]
+    assert lab.engine.counters["sniff_misses"] == 1
+
+
+@pytest.mark.parametrize("lab", [{"banner": b"SSH-2.0-OpenSSH_9.2\r\n"}], indirect=True)
+async def test_a_server_that_speaks_first_is_not_stalled(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    banner = b"SSH-2.0-OpenSSH_9.2\r\n"
+    # Port 22 is no sniffing port: the banner comes at once.
+    app = lab.app(22)
+    start = trio.current_time()
+    assert await exchange(app, await app.handshake(), b"", len(banner)) == banner
+    assert trio.current_time() - start < 0.05
+    # On a sniffing port, silence ends the wait after the time-out.
+    app = AppSide(lab.sock, remote_port=8443)
+    start = trio.current_time()
+    assert await exchange(app, await app.handshake(), b"", len(banner)) == banner
+    assert 0.3 <= trio.current_time() - start < 0.4
+    assert lab.default.tcp == [Destination(REMOTE_IP, 22), Destination(REMOTE_IP, 8443)]
+
+
+async def test_a_sniffed_name_that_is_rejected_is_reset(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    hello = tls_client_hello("blocked.example")
+    app = lab.app(443)
+    conn = await app.handshake()
+    assert await exchange(app, conn, hello, 1) == b""
+    assert lab.named.tcp == lab.default.tcp == []
+
+
+@pytest.mark.parametrize("lab", [{"mode": "off"}], indirect=True)
+async def test_off_means_the_address_alone_decides(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    hello = tls_client_hello("www.example.org")
+    app = lab.app(443)
+    assert await exchange(app, await app.handshake(), hello, len(hello)) == hello
+    assert lab.default.tcp == [Destination(REMOTE_IP, 443)]
+    assert lab.seen == [(None, "none", "default")]
+
+
+# -- QUIC -------------------------------------------------------------------
+
+
+class PacketTun:
+    """Batches in from the test; what the engine writes is dropped."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[list[RxPacket]](100)
+
+    def feed(self, *packets: bytes) -> None:
+        self._send.send_nowait([RxPacket(memoryview(p), False) for p in packets])
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        return await self._receive.receive()
+
+    def write(self, packet: bytes) -> None:
+        pass
+
+
+def udp(payload: bytes, port: int = 443) -> bytes:
+    return build_udp_packet(APP, REMOTE, 40000, port, payload)
+
+
+@pytest.mark.parametrize("mode", ["route", "override"])
+async def test_quic_initials_over_several_datagrams_route_by_name(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, mode: str
+) -> None:
+    device = PacketTun()
+    engine, named, default, _ = make_engine(device, nursery, SniffConfig(mode=mode))  # type: ignore[arg-type]
+    await nursery.start(engine.run)
+    initials = quic_initials("video.example.org", alpn_padding=10)
+    assert len(initials) == 3
+    # The datagrams arrive apart: the session waits for all of them.
+    for datagram in initials:
+        device.feed(udp(datagram))
+        await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
+    assert default.udp == []
+    (session,) = named.udp
+    want = "video.example.org" if mode == "override" else REMOTE_IP
+    assert session.sent == [(d, Destination(want, 443)) for d in initials]
+    (info,) = engine.flows
+    assert (info.sniffed, info.host_source, info.outbound) == (
+        "video.example.org",
+        "sniffed",
+        "named",
+    )
+
+
+async def test_udp_that_is_not_quic_waits_no_longer_than_the_time_out(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    device = PacketTun()
+    engine, named, default, _ = make_engine(device, nursery, SniffConfig(mode="route"))
+    await nursery.start(engine.run)
+    start = trio.current_time()
+    device.feed(udp(b"\x40 a short-header packet, or a game's datagram"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(default.udp) == 1
+    assert trio.current_time() == start  # recognised as not QUIC at once
+    assert named.udp == []
+    # A datagram that looks like the start of an Initial but never completes
+    # is routed by the address once the time-out passes.
+    device.feed(build_udp_packet(APP, REMOTE, 40001, 443, quic_initials(alpn_padding=10)[0]))
+    await trio.sleep(0.29)
+    assert len(default.udp) == 1
+    await trio.sleep(0.02)
+    assert len(default.udp) == 2
