@@ -35,6 +35,7 @@ from tun2sx.control.app import ConfigError, Settings, check_settings, serve
 from tun2sx.control.config import nameservers
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import TunDevice, adopt_tun
+from tun2sx.naming.sniff import parse_ports
 
 __all__ = ["Protect", "Tun2sx", "make_settings", "run", "run_async", "start"]
 
@@ -107,6 +108,11 @@ def _convert(key: str, value: Any) -> Any:
         from tun2sx.control.config import parse_size
 
         return parse_size(key, value)
+    if key in ("sniff_http_ports", "sniff_tls_ports", "sniff_quic_ports"):
+        try:
+            return parse_ports(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
     if key in _TUPLE_FIELDS and isinstance(value, list | tuple):
         return tuple(value)
     return value

@@ -54,6 +54,16 @@ from tun2sx.naming.router import (
     RuleSet,
     parse_rules,
 )
+from tun2sx.naming.sniff import (
+    DEFAULT_HTTP_PORTS,
+    DEFAULT_QUIC_PORTS,
+    DEFAULT_SNIFF_TIMEOUT,
+    DEFAULT_TLS_PORTS,
+    SNIFF_MODES,
+    PortRanges,
+    SniffConfig,
+    parse_ports,
+)
 
 log = logging.getLogger("tun2sx")
 
@@ -73,6 +83,8 @@ MAX_WORKERS = 256
 MAX_TXQUEUELEN = 1_000_000
 MIN_UDP_BUFFER = 64 * 1024
 MAX_UDP_BUFFER = 1 << 30
+# Longer than this, a flow the sniffer cannot read would wait visibly.
+MAX_SNIFF_TIMEOUT = 10.0
 
 
 class ConfigError(ValueError):
@@ -128,6 +140,14 @@ class Settings:
         trust_local_checksums: skip checksum verification of packets whose
             source is one of `tun_addresses` (the local host's own); off by
             default (see docs/wire.md).
+        sniff: read a flow's first bytes for its host name (TLS SNI, HTTP
+            Host, QUIC SNI): "off", "route" (for the rules; only sniffs when
+            a domain rule could use the name) or "override" (the outbound
+            connects to the name too).
+        sniff_timeout: the longest wait for a flow's first bytes, seconds.
+        sniff_http_ports / sniff_tls_ports / sniff_quic_ports: the
+            destination ports read as HTTP/1, TLS and QUIC, (low, high) pairs.
+        sniff_fake_ip: sniff flows that came through a fake IP too.
     """
 
     tun: str | None = None
@@ -159,6 +179,12 @@ class Settings:
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
     udp_buffer: int = DEFAULT_UDP_BUFFER
     trust_local_checksums: bool = False
+    sniff: str = "route"
+    sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT
+    sniff_http_ports: PortRanges = attrs.field(default=DEFAULT_HTTP_PORTS, converter=parse_ports)
+    sniff_tls_ports: PortRanges = attrs.field(default=DEFAULT_TLS_PORTS, converter=parse_ports)
+    sniff_quic_ports: PortRanges = attrs.field(default=DEFAULT_QUIC_PORTS, converter=parse_ports)
+    sniff_fake_ip: bool = False
 
 
 def _trusted_sources(settings: Settings) -> frozenset[bytes]:
@@ -284,6 +310,7 @@ def check_settings(settings: Settings) -> None:
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
     check_queues(settings)
+    check_sniff(settings)
     if not 1 <= settings.workers <= MAX_WORKERS:
         raise ConfigError(f"workers: {settings.workers} is not between 1 and {MAX_WORKERS}")
     if settings.workers > 1:
@@ -312,6 +339,41 @@ def check_queues(settings: Settings) -> None:
             f"udp_buffer: {settings.udp_buffer} is not 0 (kernel default) or between "
             f"{MIN_UDP_BUFFER} and {MAX_UDP_BUFFER} bytes"
         )
+
+
+def check_sniff(settings: Settings) -> None:
+    """Check the sniffing settings.
+
+    Raises:
+        ConfigError: the message names the field.
+    """
+    if settings.sniff not in SNIFF_MODES:
+        raise ConfigError(f"sniff: expected {', '.join(SNIFF_MODES)}, got {settings.sniff!r}")
+    timeout = settings.sniff_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise ConfigError(f"sniff_timeout: expected seconds, got {timeout!r}")
+    if not 0 < timeout <= MAX_SNIFF_TIMEOUT:
+        raise ConfigError(
+            f"sniff_timeout: {timeout} is not above 0 and at most {MAX_SNIFF_TIMEOUT:g} s"
+        )
+
+
+def sniff_config(settings: Settings, router: Router) -> SniffConfig:
+    """What the engine sniffs. In "route" mode a name changes nothing unless
+    a domain rule can match it, so without one nothing is sniffed and every
+    SYN stays held until the outbound answers (errors keep their ICMP)."""
+    mode = settings.sniff
+    if mode == "route" and not any(rule.kind.startswith("DOMAIN") for rule in router.rules.rules):
+        mode = "off"
+    assert mode in SNIFF_MODES
+    return SniffConfig(
+        mode=mode,  # type: ignore[arg-type]
+        timeout=settings.sniff_timeout,
+        http_ports=settings.sniff_http_ports,
+        tls_ports=settings.sniff_tls_ports,
+        quic_ports=settings.sniff_quic_ports,
+        fake_ip=settings.sniff_fake_ip,
+    )
 
 
 @contextlib.contextmanager
@@ -512,6 +574,7 @@ async def _serve(
                 dns_addresses=frozenset(ip.packed for ip in own_addresses(settings)),
                 dns_upstream=settings.dns_upstream,
                 splice_share=splice_share(device.mtu, offload=device.offload),
+                sniff=sniff_config(settings, router),
             ),
         )
         log.info(

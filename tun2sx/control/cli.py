@@ -142,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds between summary log lines (default {DEFAULT_STATS_INTERVAL:g}; 0: none)",
     )
     p.add_argument(
+        "--sniff",
+        choices=("off", "route", "override"),
+        help="read TLS SNI, HTTP Host and QUIC SNI of flows to real addresses: for the "
+        "rules (route, the default, when a domain rule exists) or also as the proxy's "
+        "destination (override)",
+    )
+    p.add_argument(
+        "--sniff-timeout",
+        type=float,
+        metavar="S",
+        help="longest wait for a flow's first bytes when sniffing (s, default 0.3)",
+    )
+    p.add_argument(
         "--workers",
         metavar="N",
         help='processes serving a multi-queue TUN, one core each ("auto": one per CPU; default 1)',
@@ -237,6 +250,10 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         values["fake_ip_filter"] = tuple(args.fake_ip_filter)
     if args.workers is not None:
         values["workers"] = parse_workers("--workers", args.workers)
+    if args.sniff is not None:
+        values["sniff"] = args.sniff
+    if args.sniff_timeout is not None:
+        values["sniff_timeout"] = args.sniff_timeout
     if args.tun_txqueuelen is not None:
         if not 1 <= args.tun_txqueuelen <= MAX_TXQUEUELEN:
             raise ConfigError(

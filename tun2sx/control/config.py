@@ -8,7 +8,7 @@ has the schema and a full example):
     rules = ["DOMAIN-SUFFIX,lan,DIRECT", "MATCH,proxy"]
     [outbounds.proxy]
     url = "socks5://127.0.0.1:1080"
-    [tun] / [dns] / [stats]            # device, fake-IP DNS, statistics
+    [tun] / [dns] / [stats] / [sniff]  # device, fake-IP DNS, statistics, sniffing
 
 A file is read whole and checked whole before anything starts: an unknown
 key is an error (a typo must not silently leave a default in place), and
@@ -29,6 +29,7 @@ import attrs
 from outbounds.base import Destination
 from outbounds.resolver import parse_nameserver
 from tun2sx.control.app import ConfigError, Settings, check_settings
+from tun2sx.naming.sniff import parse_ports
 
 # key in its table -> Settings field; None marks a sub-table handled apart.
 _TOP: dict[str, str | None] = {
@@ -45,6 +46,7 @@ _TOP: dict[str, str | None] = {
     "tun": None,
     "dns": None,
     "stats": None,
+    "sniff": None,
 }
 _TUN = {"name": "tun", "fd": "tun_fd", "mtu": "mtu", "addresses": "tun_addresses"}
 _TUN |= {
@@ -63,10 +65,24 @@ _DNS = {
     "direct": "direct_dns",
 }
 _STATS = {"listen": "stats_listen", "interval": "stats_interval"}
+_SNIFF = {
+    "mode": "sniff",
+    "timeout": "sniff_timeout",
+    "http_ports": "sniff_http_ports",
+    "tls_ports": "sniff_tls_ports",
+    "quic_ports": "sniff_quic_ports",
+    "fake_ip": "sniff_fake_ip",
+}
 # Settings field -> the key that sets it in the file.
 _FILE_KEYS = {
     field: f"{prefix}{key}"
-    for prefix, table in (("", _TOP), ("tun.", _TUN), ("dns.", _DNS), ("stats.", _STATS))
+    for prefix, table in (
+        ("", _TOP),
+        ("tun.", _TUN),
+        ("dns.", _DNS),
+        ("stats.", _STATS),
+        ("sniff.", _SNIFF),
+    )
     for key, field in table.items()
     if field is not None
 }
@@ -207,6 +223,13 @@ def nameservers(key: str, value: object) -> tuple[Destination, ...]:
     return tuple(servers)
 
 
+def _ports(key: str, value: object) -> object:
+    try:
+        return parse_ports(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 _CONVERT: dict[str, Callable[[str, object], object]] = {
     "tun": _string,
     "tun_fd": _integer,
@@ -234,6 +257,12 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "workers": parse_workers,
     "tun_txqueuelen": _integer,
     "udp_buffer": parse_size,
+    "sniff": _string,
+    "sniff_timeout": _seconds,
+    "sniff_http_ports": _ports,
+    "sniff_tls_ports": _ports,
+    "sniff_quic_ports": _ports,
+    "sniff_fake_ip": _boolean,
 }
 
 
@@ -289,7 +318,7 @@ def settings_from_mapping(
     """
     values: dict[str, Any] = {}
     _read_table(data, _TOP, "", values)
-    for section, fields in (("tun", _TUN), ("dns", _DNS), ("stats", _STATS)):
+    for section, fields in (("tun", _TUN), ("dns", _DNS), ("stats", _STATS), ("sniff", _SNIFF)):
         if section in data:
             _read_table(_table(section, data[section]), dict(fields), f"{section}.", values)
     if "outbounds" in data:
