@@ -10,8 +10,6 @@ from tests.support.hellos import quic_initials
 from tun2sx.naming.quic import VERSION_1, VERSION_2, QuicSniffer, is_initial
 from tun2sx.naming.sniff import NEED_DATA, Protocol, Sniffed
 
-pytest.importorskip("aioquic")
-
 WANT = Sniffed(Protocol.QUIC, "video.example.com")
 
 

@@ -1,0 +1,261 @@
+"""Sniffing end to end: names read from TLS, HTTP and QUIC route real addresses.
+
+The client connects to a literal address (curl `--resolve`), so tun2sx's
+DNS never sees a name: 10.200.1.1, an address of the server namespace that
+the client reaches only through the TUN. The server namespace runs nginx
+on 80 and 443 there (a self-signed certificate), a SOCKS5 server that logs
+the host of each CONNECT (`rec`, beside Dante), a server that speaks first
+on 22 and 8443, and a UDP server on 443 that logs each datagram's QUIC
+connection ID. Which outbound carried a flow shows in `rec`'s log; a UDP
+flow rejected by rule gets an ICMP error and never reaches the server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, Testbed, running_bed
+from tests.support import require
+
+pytestmark = pytest.mark.e2e
+
+TARGET = WHOAMI_NAMES["n1.test"]  # on the server's loopback: routed through the TUN
+REC_PORT = 1090
+STATS_PORT = 9090
+SNIFF_TIMEOUT = 3.0
+CONFIG = f"""\
+rules = [
+  "DOMAIN-SUFFIX,rec.test,rec",
+  "DOMAIN,blocked.test,REJECT",
+  "MATCH,dante",
+]
+[outbounds.dante]
+url = "socks5://{SERVER_ADDR}:1081"
+[outbounds.rec]
+url = "socks5://{SERVER_ADDR}:{REC_PORT}"
+[sniff]
+timeout = {SNIFF_TIMEOUT}
+[stats]
+listen = "127.0.0.1:{STATS_PORT}"
+"""
+NGINX_CONF = """\
+daemon off; master_process off; worker_processes 1; pid {tmp}/sniff-nginx.pid;
+error_log stderr;
+events {{ worker_connections 64; }}
+http {{
+    log_format who '$host';
+    access_log {tmp}/nginx-access.log who;
+    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+    server {{
+        listen {addr}:80;
+        listen {addr}:443 ssl;
+        ssl_certificate {tmp}/cert.pem;
+        ssl_certificate_key {tmp}/key.pem;
+        location / {{ return 200 "sniff $host\\n"; }}
+    }}
+}}
+"""
+
+
+def write_certificate(tmp: Path) -> None:
+    """A self-signed certificate for *.test (curl runs with -k)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sniff.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+class SniffLab:
+    """The testbed with the sniffing peers and tun2sx on the rules above."""
+
+    def __init__(self, testbed: Testbed) -> None:
+        self.testbed = testbed
+        tmp = testbed.tmp
+        write_certificate(tmp)
+        (tmp / "sniff-nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, addr=TARGET))
+        self.access_log = tmp / "nginx-access.log"
+        self.rec_log = tmp / "rec.log"
+        self.udp_log = tmp / "udp.log"
+        server = testbed.server
+        server.spawn(["nginx", "-c", str(tmp / "sniff-nginx.conf")])
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        peer = [sys.executable, "-m", "tests.e2e.sniffpeers"]
+        where = ["--bind", TARGET, "--port"]
+        rec_argv = [*peer, "socks", "--bind", SERVER_ADDR, "--port", str(REC_PORT), "--to", TARGET]
+        with self.rec_log.open("wb") as rec, self.udp_log.open("wb") as udp:
+            server.spawn(rec_argv, env=env, stdout=rec)
+            server.spawn([*peer, "udp", *where, "443"], env=env, stdout=udp)
+        for port in (22, 8443):
+            server.spawn([*peer, "banner", *where, str(port)], env=env)
+        for port in (80, 443, REC_PORT, 22, 8443):
+            server.wait_listening(port)
+        server.wait_listening(443, udp=True)
+        self.config = tmp / "sniff.toml"
+        self.config.write_text(CONFIG)
+        self.mode = ""
+
+    def restart(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        self.testbed.stop()
+        self.testbed.proxy_args = ["--config", str(self.config)]
+        self.testbed.start("--sniff", mode)
+        self.mode = mode
+
+    def curl(self, url: str, name: str, port: int) -> tuple[int, str]:
+        """curl `url` with `name` resolved to the server's literal address."""
+        result = self.testbed.client_run(
+            ["curl", "-sSk", "--max-time", "20", "--resolve", f"{name}:{port}:{TARGET}", url],
+            check=False,
+        )
+        return result.returncode, result.stdout
+
+    def peer(self, *args: object) -> dict[str, object]:
+        result = self.testbed.client_run(
+            [sys.executable, "-m", "tests.e2e.sniffpeers", *map(str, args)], timeout=60
+        )
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def lines_of(path: Path, count: int, timeout: float = 10) -> list[str]:
+    """The first `count` lines of a log a server writes after answering."""
+    deadline = time.monotonic() + timeout
+    while len(lines := path.read_text().splitlines()) < count:
+        assert time.monotonic() < deadline, f"{path.name}: {lines!r}, want {count} lines"
+        time.sleep(0.05)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[SniffLab]:
+    require("microsocks", "danted", "curl", "nginx")
+    with running_bed("t2sx-sniff", Testbed) as bed:
+        yield SniffLab(bed)
+
+
+def connects(lab: SniffLab, before: int, count: int) -> list[tuple[str, int]]:
+    """(host, port) of `rec`'s CONNECTs after the first `before`, `count` of them."""
+    lines = lines_of(lab.rec_log, before + count)[before:]
+    return [(entry["host"], entry["port"]) for entry in map(json.loads, lines)]
+
+
+def rec_count(lab: SniffLab) -> int:
+    return len(lab.rec_log.read_text().splitlines())
+
+
+def test_tls_sni_of_a_literal_address_meets_domain_rules(lab: SniffLab) -> None:
+    lab.restart("route")
+    before = rec_count(lab)
+    # Through Dante (MATCH): the name is no rec.test, or there is none at
+    # all (curl sends no SNI for an address).
+    assert lab.curl("https://www.other.test/", "www.other.test", 443) == (
+        0,
+        "sniff www.other.test\n",
+    )
+    assert lab.curl(f"https://{TARGET}/", "unused.test", 443) == (0, f"sniff {TARGET}\n")
+    # Through rec by the sniffed name; in route mode rec gets the address.
+    assert lab.curl("https://www.rec.test/", "www.rec.test", 443) == (0, "sniff www.rec.test\n")
+    assert connects(lab, before, 1) == [(TARGET, 443)]
+    assert rec_count(lab) == before + 1
+
+
+def test_http_host_meets_domain_rules(lab: SniffLab) -> None:
+    lab.restart("route")
+    before = rec_count(lab)
+    assert lab.curl("http://app.other.test/", "app.other.test", 80) == (0, "sniff app.other.test\n")
+    assert lab.curl("http://app.rec.test/x", "app.rec.test", 80) == (0, "sniff app.rec.test\n")
+    assert connects(lab, before, 1) == [(TARGET, 80)]
+    assert rec_count(lab) == before + 1
+
+
+def test_a_sniffed_name_rejected_by_rule_is_reset(lab: SniffLab) -> None:
+    lab.restart("route")
+    before = lab.access_log.read_text()
+    code, _ = lab.curl("https://blocked.test/", "blocked.test", 443)
+    assert code in (35, 56)  # TLS connect error / receive failure: the reset
+    assert "(blocked.test): rejected by rule; reset" in lab.testbed.log()
+    assert lab.access_log.read_text() == before
+
+
+def test_override_hands_the_name_to_the_proxy(lab: SniffLab) -> None:
+    lab.restart("override")
+    before = rec_count(lab)
+    assert lab.curl("https://www.rec.test/", "www.rec.test", 443)[1] == "sniff www.rec.test\n"
+    assert lab.curl("http://www.rec.test/", "www.rec.test", 80)[1] == "sniff www.rec.test\n"
+    assert connects(lab, before, 2) == [("www.rec.test", 443), ("www.rec.test", 80)]
+
+
+def test_a_server_that_speaks_first_is_not_stalled(lab: SniffLab) -> None:
+    lab.restart("route")
+    # Port 22 is no sniffing port: the banner comes as soon as the proxy connects.
+    answer = lab.peer("first-byte", TARGET, 22)
+    assert str(answer["data"]).startswith("SSH-2.0-")
+    assert float(answer["seconds"]) < SNIFF_TIMEOUT - 1  # type: ignore[arg-type]
+    # On a sniffing port (8443, TLS) silence ends the wait after the time-out,
+    # and the flow goes on by its address.
+    answer = lab.peer("first-byte", TARGET, 8443)
+    assert str(answer["data"]).startswith("SSH-2.0-")
+    assert SNIFF_TIMEOUT <= float(answer["seconds"]) < SNIFF_TIMEOUT + 5  # type: ignore[arg-type]
+
+
+def test_quic_initial_sni_routes_udp(lab: SniffLab) -> None:
+    lab.restart("route")
+    before = len(lab.udp_log.read_text().splitlines())
+    blocked = lab.peer("quic", TARGET, 443, "blocked.test")
+    # REJECT by the name in the ClientHello: ICMP administratively
+    # prohibited, which a connected UDP socket reports as EHOSTUNREACH.
+    assert (blocked["sent"], blocked["outcome"]) == (3, "EHOSTUNREACH")
+    allowed = lab.peer("quic", TARGET, 443, "video.other.test")
+    assert (allowed["sent"], allowed["outcome"]) == (3, "no answer")
+    seen = [json.loads(line) for line in lines_of(lab.udp_log, before + 3)[before:]]
+    assert [entry["dcid"] for entry in seen] == [allowed["dcid"]] * 3
+    assert {entry["source"] for entry in seen} == {SERVER_ADDR}  # through Dante
+    assert blocked["dcid"] not in lab.udp_log.read_text()
+
+
+def test_the_connections_view_shows_the_sniffed_name(lab: SniffLab) -> None:
+    lab.restart("route")
+    answer = lab.peer("hold-tls", TARGET, 443, "held.rec.test", STATS_PORT)
+    connections = answer["connections"]
+    assert isinstance(connections, list)
+    flows = [c for c in connections if (c["network"], c["port"]) == ("tcp", 443)]
+    assert len(flows) == 1, answer
+    (flow,) = flows
+    assert flow["host"] == TARGET
+    assert (flow["sniffed"], flow["host_source"], flow["outbound"]) == (
+        "held.rec.test",
+        "sniffed",
+        "rec",
+    )
