@@ -345,7 +345,14 @@ class TcpFlows:
                 stream.close_now()
                 self._forget(key, stream)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
+            log.debug(
+                "TCP %s (%s, %s %s) via %s: connected",
+                describe(key),
+                dest,
+                source,
+                name,
+                outbound.name,
+            )
         await self._carry(key, stream, upstream, dest, outbound, sniffed, source, first)
 
     async def _sniff(

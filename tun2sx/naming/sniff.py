@@ -227,6 +227,9 @@ def sniff_http(data: bytes | bytearray | memoryview) -> SniffResult:
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return None
     target = parts[1]
+    if parts[0] == b"CONNECT":  # authority form, "host:port" (RFC 9112 3.2.3)
+        host = _authority_host(target)
+        return None if host is None else Sniffed(Protocol.HTTP, host)
     if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         authority = target.split(b"://", 1)[1]
         for stop in (b"/", b"?", b"#"):

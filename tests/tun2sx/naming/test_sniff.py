@@ -101,6 +101,11 @@ def test_absolute_form_wins_over_host() -> None:
     assert sniff_http(request) == Sniffed(Protocol.HTTP, "abs.example")
 
 
+def test_connect_names_its_authority() -> None:
+    request = b"CONNECT tunnel.example:443 HTTP/1.1\r\nHost: other.example:443\r\n\r\n"
+    assert feed_growing(request, sniff_http) == Sniffed(Protocol.HTTP, "tunnel.example")
+
+
 def test_host_found_before_the_head_is_whole() -> None:
     # A large cookie after Host must not make the flow wait for the rest.
     request = b"GET / HTTP/1.1\r\nHost: early.example\r\nCookie: " + b"c" * 100
