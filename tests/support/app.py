@@ -16,6 +16,7 @@ import trio
 from stack.tcp import (
     NEED_DATA,
     Closed,
+    ConnectionReset,
     DataReceived,
     EofReceived,
     FlowKey,
@@ -23,7 +24,7 @@ from stack.tcp import (
     TcpConnection,
 )
 from stack.wire.packet import Packet, build_tcp_packet, parse_packet_untrusted
-from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
+from stack.wire.tcp import ACK, RST, SYN, TcpHeader, TcpOptions
 from tun2sx.dataplane.tun import RxPacket
 
 __all__ = [
@@ -115,6 +116,35 @@ class AppSide:
             wait = conn.next_deadline()
             with trio.move_on_at(wait if wait is not None else now + 60):
                 hdr, data = await self.receive()
+                conn.segment_received(hdr, data, trio.current_time())
+        return bytes(received)
+
+    async def exchange(self, conn: TcpConnection, payload: bytes, want: int) -> bytes:
+        """Send `payload` on an open connection and read until `want` bytes
+        came back, or the engine reset or closed it (then what came)."""
+        received = bytearray()
+        sent = 0
+        while len(received) < want:
+            now = trio.current_time()
+            deadline = conn.next_deadline()
+            if deadline is not None and deadline <= now:
+                conn.handle_timeout(now)
+            while sent < len(payload) and (n := conn.send(memoryview(payload)[sent:])):
+                sent += n
+            while (event := conn.next_event()) is not NEED_DATA:
+                if isinstance(event, DataReceived):
+                    received += event.data
+                elif isinstance(event, ConnectionReset | Closed):
+                    return bytes(received)
+            for hdr, data in conn.segments_to_send(now):
+                await self.send(hdr, data)
+            if len(received) >= want:
+                break
+            wait = conn.next_deadline()
+            with trio.move_on_at(wait if wait is not None else now + 30):
+                hdr, data = await self.receive()
+                if hdr.flags & RST:
+                    return bytes(received)
                 conn.segment_received(hdr, data, trio.current_time())
         return bytes(received)
 

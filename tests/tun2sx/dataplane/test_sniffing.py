@@ -20,9 +20,7 @@ import trio.testing
 
 from outbounds.base import Destination, UdpDrops, UdpSession
 from stack.netstack import NetStack, NetStackConfig
-from stack.tcp import NEED_DATA, Closed, ConnectionReset, DataReceived, TcpConnection
 from stack.wire.packet import build_udp_packet
-from stack.wire.tcp import RST
 from tests.support.app import APP, CONFIG, REMOTE, AppSide
 from tests.support.hellos import quic_initials, tls_client_hello
 from tun2sx.dataplane.context import EngineConfig
@@ -153,42 +151,12 @@ async def lab(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIte
     device.close()
 
 
-async def exchange(app: AppSide, conn: TcpConnection, payload: bytes, want: int) -> bytes:
-    """Send `payload` on an open connection and read until `want` bytes came
-    back, or the connection was reset or closed (then what came)."""
-    received = bytearray()
-    sent = 0
-    while len(received) < want:
-        now = trio.current_time()
-        deadline = conn.next_deadline()
-        if deadline is not None and deadline <= now:
-            conn.handle_timeout(now)
-        while sent < len(payload) and (n := conn.send(memoryview(payload)[sent:])):
-            sent += n
-        while (event := conn.next_event()) is not NEED_DATA:
-            if isinstance(event, DataReceived):
-                received += event.data
-            elif isinstance(event, ConnectionReset | Closed):
-                return bytes(received)
-        for hdr, data in conn.segments_to_send(now):
-            await app.send(hdr, data)
-        if len(received) >= want:
-            break
-        wait = conn.next_deadline()
-        with trio.move_on_at(wait if wait is not None else now + 30):
-            hdr, data = await app.receive()
-            if hdr.flags & RST:
-                return bytes(received)
-            conn.segment_received(hdr, data, trio.current_time())
-    return bytes(received)
-
-
 async def test_tls_sni_routes_by_name_and_the_hello_goes_on(
     lab: Lab, autojump_clock: trio.testing.MockClock
 ) -> None:
     hello = tls_client_hello("www.example.org")
     app = lab.app(443)
-    echoed = await exchange(app, await app.handshake(), hello, len(hello))
+    echoed = await app.exchange(await app.handshake(), hello, len(hello))
     assert echoed == hello  # the bytes read while sniffing reached the server first
     assert lab.named.tcp == [Destination(REMOTE_IP, 443)]  # route mode: the address
     assert lab.default.tcp == []
@@ -202,7 +170,7 @@ async def test_override_sends_the_name_to_the_outbound(
 ) -> None:
     request = b"GET / HTTP/1.1\r\nHost: api.example.org\r\n\r\n"
     app = lab.app(80)
-    assert await exchange(app, await app.handshake(), request, len(request)) == request
+    assert await app.exchange(await app.handshake(), request, len(request)) == request
     assert lab.named.tcp == [Destination("api.example.org", 80)]
 
 
@@ -211,7 +179,7 @@ async def test_unrecognised_first_bytes_go_on_unchanged(
 ) -> None:
     payload = b"\x00\x01 not a protocol we read" * 10
     app = lab.app(443)
-    assert await exchange(app, await app.handshake(), payload, len(payload)) == payload
+    assert await app.exchange(await app.handshake(), payload, len(payload)) == payload
     assert lab.default.tcp == [Destination(REMOTE_IP, 443)]
     assert lab.seen == [(None, "none", "default")]
     assert lab.engine.counters["sniff_misses"] == 1
@@ -225,12 +193,12 @@ async def test_a_server_that_speaks_first_is_not_stalled(
     # Port 22 is no sniffing port: the banner comes at once.
     app = lab.app(22)
     start = trio.current_time()
-    assert await exchange(app, await app.handshake(), b"", len(banner)) == banner
+    assert await app.exchange(await app.handshake(), b"", len(banner)) == banner
     assert trio.current_time() - start < 0.05
     # On a sniffing port, silence ends the wait after the time-out.
     app = AppSide(lab.sock, remote_port=8443)
     start = trio.current_time()
-    assert await exchange(app, await app.handshake(), b"", len(banner)) == banner
+    assert await app.exchange(await app.handshake(), b"", len(banner)) == banner
     assert 0.3 <= trio.current_time() - start < 0.4
     assert lab.default.tcp == [Destination(REMOTE_IP, 22), Destination(REMOTE_IP, 8443)]
 
@@ -241,7 +209,7 @@ async def test_a_sniffed_name_that_is_rejected_is_reset(
     hello = tls_client_hello("blocked.example")
     app = lab.app(443)
     conn = await app.handshake()
-    assert await exchange(app, conn, hello, 1) == b""
+    assert await app.exchange(conn, hello, 1) == b""
     assert lab.named.tcp == lab.default.tcp == []
 
 
@@ -251,7 +219,7 @@ async def test_off_means_the_address_alone_decides(
 ) -> None:
     hello = tls_client_hello("www.example.org")
     app = lab.app(443)
-    assert await exchange(app, await app.handshake(), hello, len(hello)) == hello
+    assert await app.exchange(await app.handshake(), hello, len(hello)) == hello
     assert lab.default.tcp == [Destination(REMOTE_IP, 443)]
     assert lab.seen == [(None, "none", "default")]
 
