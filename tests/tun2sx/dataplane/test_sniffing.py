@@ -28,6 +28,7 @@ from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.splice import splice
 from tun2sx.dataplane.tcpstream import TcpStream
 from tun2sx.dataplane.tun import RxPacket, TunDevice
+from tun2sx.naming.fakeip import FakeIpStore
 from tun2sx.naming.router import Router, RuleSet, parse_rules
 from tun2sx.naming.sniff import SniffConfig
 
@@ -111,7 +112,11 @@ class Lab:
 
 
 def make_engine(
-    device: object, nursery: trio.Nursery, sniff: SniffConfig, banner: bytes = b""
+    device: object,
+    nursery: trio.Nursery,
+    sniff: SniffConfig,
+    banner: bytes = b"",
+    fakeip: FakeIpStore | None = None,
 ) -> tuple[Engine, Recording, Recording, list[tuple[str | None, str, str]]]:
     named, default = Recording("named", nursery, banner), Recording("default", nursery, banner)
     router = Router(
@@ -131,6 +136,7 @@ def make_engine(
         device,  # type: ignore[arg-type]
         NetStack(NetStackConfig(tcp=CONFIG)),
         router,
+        fakeip=fakeip,
         config=EngineConfig(sniff=sniff),
         tcp_handler=handler,
     )
@@ -141,10 +147,11 @@ def make_engine(
 async def lab(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIterator[Lab]:
     options = dict(getattr(request, "param", {}))
     banner = options.pop("banner", b"")
+    fakeip = options.pop("fakeip", None)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     device = TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False)
     sniff = SniffConfig(**{"mode": "route", **options})
-    engine, named, default, seen = make_engine(device, nursery, sniff, banner)
+    engine, named, default, seen = make_engine(device, nursery, sniff, banner, fakeip)
     await nursery.start(engine.run)
     with trio.socket.from_stdlib_socket(theirs) as sock:
         yield Lab(engine, named, default, sock, seen)
@@ -222,6 +229,36 @@ async def test_off_means_the_address_alone_decides(
     assert await app.exchange(await app.handshake(), hello, len(hello)) == hello
     assert lab.default.tcp == [Destination(REMOTE_IP, 443)]
     assert lab.seen == [(None, "none", "default")]
+
+
+def fake_ip_for(name: str) -> tuple[FakeIpStore, bytes]:
+    store = FakeIpStore(":memory:")
+    return store, store.allocate(name, socket.AF_INET).packed
+
+
+STORE, FAKE = fake_ip_for("cdn.example.net")
+
+
+@pytest.mark.parametrize(
+    ("lab", "want"),
+    [
+        ({"fakeip": STORE}, ("default", None, "fake-ip")),
+        ({"fakeip": STORE, "fake_ip": True}, ("named", "www.example.org", "sniffed")),
+    ],
+    indirect=["lab"],
+)
+async def test_fake_ip_flows_are_sniffed_only_when_asked(
+    lab: Lab, want: tuple[str, str | None, str], autojump_clock: trio.testing.MockClock
+) -> None:
+    # The application resolved cdn.example.net (no rule) but its ClientHello
+    # names www.example.org (a rule): with fake_ip = true that name decides.
+    hello = tls_client_hello("www.example.org")
+    app = AppSide(lab.sock, remote=FAKE, remote_port=443)
+    assert await app.exchange(await app.handshake(), hello, len(hello)) == hello
+    outbound, sniffed, source = want
+    carrier = lab.named if outbound == "named" else lab.default
+    assert carrier.tcp == [Destination("cdn.example.net", 443)]  # route mode: the fake IP's name
+    assert lab.seen == [(sniffed, source, outbound)]
 
 
 # -- QUIC -------------------------------------------------------------------
