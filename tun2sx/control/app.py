@@ -62,6 +62,7 @@ from tun2sx.naming.sniff import (
     SNIFF_MODES,
     PortRanges,
     SniffConfig,
+    SniffMode,
     parse_ports,
 )
 
@@ -179,7 +180,7 @@ class Settings:
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
     udp_buffer: int = DEFAULT_UDP_BUFFER
     trust_local_checksums: bool = False
-    sniff: str = "route"
+    sniff: SniffMode = "route"
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT
     sniff_http_ports: PortRanges = attrs.field(default=DEFAULT_HTTP_PORTS, converter=parse_ports)
     sniff_tls_ports: PortRanges = attrs.field(default=DEFAULT_TLS_PORTS, converter=parse_ports)
@@ -365,9 +366,8 @@ def sniff_config(settings: Settings, router: Router) -> SniffConfig:
     mode = settings.sniff
     if mode == "route" and not any(rule.kind.startswith("DOMAIN") for rule in router.rules.rules):
         mode = "off"
-    assert mode in SNIFF_MODES
     return SniffConfig(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         timeout=settings.sniff_timeout,
         http_ports=settings.sniff_http_ports,
         tls_ports=settings.sniff_tls_ports,
