@@ -22,7 +22,7 @@ from outbounds.base import Destination, UdpDrops, UdpSession
 from stack.netstack import NetStack, NetStackConfig
 from stack.wire.packet import build_udp_packet
 from tests.support.app import APP, CONFIG, REMOTE, AppSide
-from tests.support.hellos import quic_initials, tls_client_hello
+from tests.support.hellos import quic_initials, split_records, tls_client_hello
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.splice import splice
@@ -158,10 +158,16 @@ async def lab(nursery: trio.Nursery, request: pytest.FixtureRequest) -> AsyncIte
     device.close()
 
 
+@pytest.mark.parametrize("record_size", [None, 1])
 async def test_tls_sni_routes_by_name_and_the_hello_goes_on(
-    lab: Lab, autojump_clock: trio.testing.MockClock
+    lab: Lab, autojump_clock: trio.testing.MockClock, record_size: int | None
 ) -> None:
     hello = tls_client_hello("www.example.org")
+    if record_size is not None:
+        # One byte per record: 3 kB, over three of the application's
+        # 1400-byte segments.
+        hello = split_records(hello, record_size)
+        assert len(hello) > 2 * 1400
     app = lab.app(443)
     echoed = await app.exchange(await app.handshake(), hello, len(hello))
     assert echoed == hello  # the bytes read while sniffing reached the server first
