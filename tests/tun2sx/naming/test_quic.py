@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.support.hellos import quic_initials
+from tests.support.hellos import chaos_initials, quic_initials
 from tun2sx.naming.quic import VERSION_1, VERSION_2, QuicSniffer, is_initial
 from tun2sx.naming.sniff import NEED_DATA, Protocol, Sniffed
 
@@ -28,6 +28,23 @@ def test_client_hello_over_several_datagrams(version: int) -> None:
     for datagram in datagrams[:-1]:
         assert sniffer.feed(datagram) is NEED_DATA
     assert sniffer.feed(datagrams[-1]) == WANT
+
+
+@pytest.mark.parametrize("version", [VERSION_1, VERSION_2])
+def test_chrome_shaped_initials(version: int) -> None:
+    # CRYPTO frames cut small and shuffled, PING and PADDING between them,
+    # two packets coalesced in the first datagram (as Chrome's "chaos
+    # protection" sends a ClientHello with a post-quantum key share).
+    datagrams = chaos_initials("chrome.example.com", version=version)
+    assert len(datagrams) >= 3
+    sniffer = QuicSniffer()
+    for datagram in datagrams[:-1]:
+        assert sniffer.feed(datagram) is NEED_DATA
+    assert sniffer.feed(datagrams[-1]) == Sniffed(Protocol.QUIC, "chrome.example.com")
+    # Any order of the datagrams.
+    sniffer = QuicSniffer()
+    results = [sniffer.feed(datagram) for datagram in reversed(datagrams)]
+    assert results[-1] == Sniffed(Protocol.QUIC, "chrome.example.com")
 
 
 def test_datagrams_out_of_order() -> None:
