@@ -56,6 +56,12 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         workers=1,
         udp_buffer=8 << 20,
         tun_txqueuelen=20000,
+        sniff="route",
+        sniff_timeout=0.3,
+        sniff_http_ports=((80, 80), (8080, 8880)),
+        sniff_tls_ports=((443, 443), (8443, 8443)),
+        sniff_quic_ports=((443, 443), (8443, 8443)),
+        sniff_fake_ip=False,
     )
     router = build_router(settings, SocketOptions())
     route = router.name_of
