@@ -247,6 +247,8 @@ def test_quic_initial_sni_routes_udp(lab: SniffLab) -> None:
 
 def test_the_connections_view_shows_the_sniffed_name(lab: SniffLab) -> None:
     lab.restart("route")
+    # A QUIC session (idle for 60 s before it ends) and a TLS flow held open.
+    assert lab.peer("quic", TARGET, 443, "view.other.test")["sent"] == 3
     answer = lab.peer("hold-tls", TARGET, 443, "held.rec.test", STATS_PORT)
     connections = answer["connections"]
     assert isinstance(connections, list)
@@ -259,3 +261,7 @@ def test_the_connections_view_shows_the_sniffed_name(lab: SniffLab) -> None:
         "sniffed",
         "rec",
     )
+    sessions = [c for c in connections if c["sniffed"] == "view.other.test"]
+    assert [(s["network"], s["host"], s["host_source"], s["outbound"]) for s in sessions] == [
+        ("udp", TARGET, "sniffed", "dante")
+    ]
