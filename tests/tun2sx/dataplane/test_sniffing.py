@@ -17,6 +17,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from dnslib import QTYPE, RR, A, DNSRecord
 
 from outbounds.base import Destination, UdpDrops, UdpSession
 from stack.netstack import NetStack, NetStackConfig
@@ -224,6 +225,20 @@ async def test_a_sniffed_name_that_is_rejected_is_reset(
     conn = await app.handshake()
     assert await app.exchange(conn, hello, 1) == b""
     assert lab.named.tcp == lab.default.tcp == []
+
+
+async def test_a_name_from_dns_routes_what_sniffing_did_not_recognise(
+    lab: Lab, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A DNS answer forwarded upstream gave REMOTE for api.example.org.
+    reply = DNSRecord.question("api.example.org", "A").reply()
+    reply.add_answer(RR("api.example.org", QTYPE.A, rdata=A(str(REMOTE_IP)), ttl=600))
+    lab.engine.real_names.record_response_untrusted(bytes(reply.pack()), trio.current_time())
+    payload = b"\x00 no TLS, no HTTP"
+    app = lab.app(443)
+    assert await app.exchange(await app.handshake(), payload, len(payload)) == payload
+    assert lab.named.tcp == [Destination(REMOTE_IP, 443)]
+    assert lab.seen == [(None, "dns", "named")]
 
 
 @pytest.mark.parametrize("lab", [{"mode": "off"}], indirect=True)
