@@ -54,7 +54,9 @@ STATUS_FAILURES: Final[dict[int, FailureReply]] = {
     # The proxy's policy said no: a firewall's "administratively prohibited".
     403: FailureReply.ADMIN_PROHIBITED,
     451: FailureReply.ADMIN_PROHIBITED,
-    # Our credentials are missing or wrong: SOCKS5's auth failure is a reset too.
+    # Our credentials are missing or wrong: SOCKS5's auth failure is a reset
+    # too. tinyproxy answers wrong ones with 401 rather than 407.
+    401: FailureReply.RESET,
     407: FailureReply.RESET,
     # The proxy's own connect failed: refused, or a name that did not
     # resolve (tinyproxy says 500, Squid 503, others 502).
@@ -363,9 +365,11 @@ class HttpOutbound:
         return PrefixedStream(stream, trailing) if trailing else stream
 
     def _refusal(self, reply: HttpConnectReply, dest: Destination) -> str:
-        if reply.status == 407:
+        if reply.status in (401, 407):
             if self._authorization is None:
-                return f"{self._label} wants credentials (407); give user:pass in its URL"
+                return (
+                    f"{self._label} wants credentials ({reply.status}); give user:pass in its URL"
+                )
             return f"{self._label} rejected the credentials ({reply.describe()})"
         return f"{self._label} could not reach {dest}: {reply.describe()}"
 

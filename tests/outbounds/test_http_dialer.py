@@ -88,12 +88,13 @@ async def test_refusals_become_failures(
     assert str(info.value).endswith(f"could not reach target.example:80: {status} Nope")
 
 
+@pytest.mark.parametrize("status", [401, 407])
 @pytest.mark.parametrize("credentials", [False, True])
-async def test_407_says_whether_credentials_are_missing_or_wrong(
-    nursery: trio.Nursery, credentials: bool
+async def test_auth_refusal_says_whether_credentials_are_missing_or_wrong(
+    nursery: trio.Nursery, credentials: bool, status: int
 ) -> None:
     async def script(stream: trio.SocketStream, head: bytes) -> None:
-        await stream.send_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+        await stream.send_all(f"HTTP/1.1 {status} Unauthorized\r\n\r\n".encode())
 
     options = {"username": "u", "password": "wrong"} if credentials else {}
     proxy, _ = await start_fake_proxy(nursery, script, **options)
