@@ -26,9 +26,8 @@ import attrs
 import trio
 
 from .base import Destination, FailureReply, OutboundError, UdpSession, redact_url
-from .handshake import NEED_DATA, run_handshake
-from .handshake import _NeedData as NeedData
-from .net import PrefixedStream, SocketOptions, open_tcp
+from .handshake import NEED_DATA, NeedData, OneRequestClient, open_tunnel
+from .net import PrefixedStream, SocketOptions
 from .proxyurl import split_proxy_url
 
 __all__ = [
@@ -179,13 +178,8 @@ def parse_head_untrusted(head: bytes) -> HttpConnectReply:
     return HttpConnectReply(int(match.group(1)), reason, tuple(headers))
 
 
-class HttpConnectClient:
-    """Client side of one CONNECT exchange, without I/O.
-
-    Usage: send `data_to_send()`, feed the proxy's bytes with
-    `receive_data` and call `next_event_untrusted()` until it returns the
-    `HttpConnectReply`. After a 2xx, `trailing_data` holds the tunnel's
-    first bytes.
+class HttpConnectClient(OneRequestClient[HttpConnectReply]):
+    """Client side of one CONNECT exchange, without I/O (see `OneRequestClient`).
 
     Args:
         dest: Where the tunnel should go.
@@ -195,52 +189,32 @@ class HttpConnectClient:
         ValueError: `dest` cannot be written into a request.
     """
 
-    __slots__ = ("_buffer", "_done", "_outgoing")
+    __slots__ = ()
 
     def __init__(self, dest: Destination, authorization: str | None = None) -> None:
-        self._outgoing = build_connect_request(dest, authorization)
-        self._buffer = bytearray()
-        self._done = False
+        super().__init__(build_connect_request(dest, authorization))
 
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the proxy now (the request, once)."""
-        out, self._outgoing = self._outgoing, b""
-        return out
+    def _protocol_error(self, message: str) -> Exception:
+        return HttpProtocolError(message)
 
-    def receive_data(self, data: bytes | bytearray) -> None:
-        """Buffer bytes read from the proxy."""
-        self._buffer += data
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes after the final answer's head: the tunnel's first bytes."""
-        return bytes(self._buffer) if self._done else b""
-
-    def next_event_untrusted(self) -> NeedData | HttpConnectReply:
-        """The final answer once its head is whole, else NEED_DATA.
+    def _answer_untrusted(self, buf: bytearray) -> NeedData | HttpConnectReply:
+        """The final answer once its head is whole (1xx skipped), else NEED_DATA.
 
         Raises:
-            HttpProtocolError: Not HTTP/1.x, a head longer than `MAX_HEAD`,
-                or called again after the answer.
+            HttpProtocolError: Not HTTP/1.x, or a head longer than `MAX_HEAD`.
         """
-        if self._done:
-            raise HttpProtocolError("the answer was already read")
-        buf = self._buffer
         while True:
             if buf and buf[0] != ord("H"):
                 # Fail at once on a proxy that speaks something else.
                 raise HttpProtocolError(f"answer starts with {bytes(buf[:1])!r}, not HTTP/")
             end = _head_end(buf)
-            if end is None:
+            if end is None or end[0] > MAX_HEAD:
                 if len(buf) > MAX_HEAD:
                     raise HttpProtocolError(f"answer head longer than {MAX_HEAD} bytes")
                 return NEED_DATA
-            if end[0] > MAX_HEAD:
-                raise HttpProtocolError(f"answer head longer than {MAX_HEAD} bytes")
             reply = parse_head_untrusted(bytes(buf[: end[0]]))
             del buf[: end[1]]
             if reply.status >= 200:
-                self._done = True
                 return reply
             # 1xx: interim, the final answer follows.
 
@@ -334,33 +308,20 @@ class HttpOutbound:
             client = HttpConnectClient(dest, self._authorization)
         except ValueError as exc:
             raise OutboundError(FailureReply.HOST_UNREACHABLE, f"{proxy}: {exc}") from None
-        try:
-            stream = await open_tcp(
-                self._server.host,
-                self._server.port,
-                self.socket_options,
-                early_data=client.data_to_send(),
-                fast_open=self._fast_open,
-            )
-        except OutboundError as exc:
-            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
-        ok = False
-        try:
-            reply = await run_handshake(
-                stream,
-                client,
-                proxy=proxy,
-                what=str(dest),
-                timeout=self.handshake_timeout,
-                protocol_error=HttpProtocolError,
-                max_reads=MAX_HEAD + 8,
-            )
-            if not reply.succeeded:
-                raise OutboundError(reply.failure(), self._refusal(reply, dest))
-            ok = True
-        finally:
-            if not ok:
-                stream.close_now()
+        stream, reply = await open_tunnel(
+            self._server,
+            self.socket_options,
+            client,
+            fast_open=self._fast_open,
+            proxy=proxy,
+            what=str(dest),
+            timeout=self.handshake_timeout,
+            protocol_error=HttpProtocolError,
+            max_reads=MAX_HEAD + 8,
+        )
+        if not reply.succeeded:
+            stream.close_now()
+            raise OutboundError(reply.failure(), self._refusal(reply, dest))
         trailing = client.trailing_data
         return PrefixedStream(stream, trailing) if trailing else stream
 

@@ -27,9 +27,8 @@ import attrs
 import trio
 
 from .base import Destination, FailureReply, OutboundError, UdpSession, redact_url
-from .handshake import NEED_DATA, run_handshake
-from .handshake import _NeedData as NeedData
-from .net import PrefixedStream, SocketOptions, open_tcp
+from .handshake import NEED_DATA, NeedData, OneRequestClient, open_tunnel
+from .net import PrefixedStream, SocketOptions
 from .proxyurl import split_proxy_url
 
 __all__ = [
@@ -135,8 +134,8 @@ class Socks4Reply:
         return _REPLY_NAMES.get(self.code, f"unknown reply code {self.code}")
 
 
-class Socks4ClientConnection:
-    """Client side of one SOCKS4/4a CONNECT, without I/O.
+class Socks4ClientConnection(OneRequestClient[Socks4Reply]):
+    """Client side of one SOCKS4/4a CONNECT, without I/O (see `OneRequestClient`).
 
     Args:
         dest: Where to connect.
@@ -147,45 +146,27 @@ class Socks4ClientConnection:
         Unsendable: See `build_request`.
     """
 
-    __slots__ = ("_buffer", "_done", "_outgoing")
+    __slots__ = ()
 
     def __init__(self, dest: Destination, userid: bytes = b"", *, names: bool) -> None:
-        self._outgoing = build_request(dest, userid, names=names)
-        self._buffer = bytearray()
-        self._done = False
+        super().__init__(build_request(dest, userid, names=names))
 
-    def data_to_send(self) -> bytes:
-        """The request, once."""
-        out, self._outgoing = self._outgoing, b""
-        return out
+    def _protocol_error(self, message: str) -> Exception:
+        return Socks4ProtocolError(message)
 
-    def receive_data(self, data: bytes | bytearray) -> None:
-        """Buffer bytes read from the proxy."""
-        self._buffer += data
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes after the reply: the stream's first bytes."""
-        return bytes(self._buffer) if self._done else b""
-
-    def next_event_untrusted(self) -> NeedData | Socks4Reply:
+    def _answer_untrusted(self, buf: bytearray) -> NeedData | Socks4Reply:
         """The reply once its 8 bytes are here, else NEED_DATA.
 
         Raises:
             Socks4ProtocolError: A reply version other than 0 (4 is taken
-                too: some servers echo the request's), or a second call
-                after the reply.
+                too: some servers echo the request's).
         """
-        if self._done:
-            raise Socks4ProtocolError("the reply was already read")
-        buf = self._buffer
         if buf and buf[0] not in (0, VERSION):
             raise Socks4ProtocolError(f"reply has version {buf[0]}, expected 0")
         if len(buf) < _REPLY.size:
             return NEED_DATA
         _version, code, port, addr = _REPLY.unpack_from(buf)
         del buf[: _REPLY.size]
-        self._done = True
         return Socks4Reply(code, Destination(ipaddress.IPv4Address(addr), port))
 
 
@@ -279,35 +260,22 @@ class Socks4Outbound:
             conn = Socks4ClientConnection(dest, self._userid, names=self._names)
         except Unsendable as exc:
             raise OutboundError(exc.reply, f"{proxy}: {exc}") from None
-        try:
-            stream = await open_tcp(
-                self._server.host,
-                self._server.port,
-                self.socket_options,
-                early_data=conn.data_to_send(),
-                fast_open=self._fast_open,
+        stream, reply = await open_tunnel(
+            self._server,
+            self.socket_options,
+            conn,
+            fast_open=self._fast_open,
+            proxy=proxy,
+            what=str(dest),
+            timeout=self.handshake_timeout,
+            protocol_error=Socks4ProtocolError,
+            max_reads=_REPLY.size + 1,
+        )
+        if not reply.succeeded:
+            stream.close_now()
+            raise OutboundError(
+                reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
             )
-        except OutboundError as exc:
-            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
-        ok = False
-        try:
-            reply = await run_handshake(
-                stream,
-                conn,
-                proxy=proxy,
-                what=str(dest),
-                timeout=self.handshake_timeout,
-                protocol_error=Socks4ProtocolError,
-                max_reads=_REPLY.size + 1,
-            )
-            if not reply.succeeded:
-                raise OutboundError(
-                    reply.failure(), f"{proxy} could not reach {dest}: {reply.describe()}"
-                )
-            ok = True
-        finally:
-            if not ok:
-                stream.close_now()
         trailing = conn.trailing_data
         return PrefixedStream(stream, trailing) if trailing else stream
 

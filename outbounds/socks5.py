@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops, redact_url
+from .handshake import NEED_DATA, NeedData, run_handshake
 from .net import (
     PrefixedStream,
     SocketOptions,
@@ -263,12 +264,7 @@ class AuthFailed:
     reason: str
 
 
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-"""`next_event_untrusted` needs more bytes from the proxy."""
+_NeedData = NeedData
 
 
 class _State(enum.Enum):
@@ -350,7 +346,7 @@ class Socks5ClientConnection:
         self._outgoing.clear()
         return out
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes read from the proxy."""
         self._buffer += data
 
@@ -600,20 +596,18 @@ class Socks5Outbound:
             )
         ok = False
         try:
-            deadline = trio.current_time() + self.handshake_timeout
-            result: Socks5Reply | AuthFailed | None = None
-            if trio.current_effective_deadline() < deadline:
-                # An enclosing deadline comes first, so ours could never
-                # fire: no scope of our own (a cost once per connection).
-                result = await self._exchange(stream, conn, proxy)
-            else:
-                with trio.CancelScope(deadline=deadline):
-                    result = await self._exchange(stream, conn, proxy)
-                if result is None:
-                    raise OutboundError(
-                        FailureReply.HOST_UNREACHABLE,
-                        f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
-                    )
+            # Every read brings at least one byte and the whole exchange is
+            # a few hundred bytes, so the bound is never reached by an
+            # honest proxy.
+            result: Socks5Reply | AuthFailed = await run_handshake(
+                stream,
+                conn,
+                proxy=proxy,
+                what=str(dest),
+                timeout=self.handshake_timeout,
+                protocol_error=Socks5ProtocolError,
+                max_reads=_MAX_HANDSHAKE_READS,
+            )
             if isinstance(result, AuthFailed):
                 raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
             reply = result
@@ -635,42 +629,6 @@ class Socks5Outbound:
         finally:
             if not ok:
                 await trio.aclose_forcefully(stream)
-
-    @staticmethod
-    async def _exchange(
-        stream: TcpSocketStream, conn: Socks5ClientConnection, proxy: str
-    ) -> Socks5Reply | AuthFailed:
-        # Every read brings at least one byte and the whole exchange is a few
-        # hundred bytes, so this bound is never reached by an honest proxy.
-        for _ in range(_MAX_HANDSHAKE_READS):
-            try:
-                event = conn.next_event_untrusted()
-                out = conn.data_to_send()
-                if out:
-                    # The handshake's receives yield; its sends need not.
-                    sent = stream.send_nowait(out)
-                    if sent < len(out):
-                        await stream.send_all(out[sent:])
-                if not isinstance(event, _NeedData):
-                    return event
-                # The proxy answers what we just sent: it is not there yet.
-                data = await stream.receive_after_wait(4096)
-            except Socks5ProtocolError as exc:
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} broke the protocol: {exc}"
-                ) from exc
-            except trio.BrokenResourceError as exc:
-                cause = exc.__cause__
-                reason = cause.strerror if isinstance(cause, OSError) else None
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
-                ) from exc
-            if not data:
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} closed the connection during the handshake"
-                )
-            conn.receive_data(data)
-        raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake")
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
         """Open a TCP stream to `dest` through the proxy (CONNECT).
