@@ -36,9 +36,9 @@ Measures:
 
 `--pipeline` and `--tfo` set those options on tun2sx's outbound to Dante;
 `--tfo` also lets every listener of the server namespace take TCP Fast
-Open (net.ipv4.tcp_fastopen = 0x403 there: Dante does not ask for it on
-its socket), so the SYN carries the SOCKS5 greeting (with `--pipeline`,
-the whole handshake).
+Open (net.ipv4.tcp_fastopen = 0x403 there, and Dante restarted to listen
+under it: Dante does not ask for it on its socket), so the SYN carries the
+SOCKS5 greeting (with `--pipeline`, the whole handshake).
 
 A measure that fails (an iperf3 error, a peer that died) prints
 `failed: reason` in its cell; the run goes on. Dante, not microsocks,
@@ -437,8 +437,11 @@ def run(
         if flags:
             bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?{'&'.join(flags)}"]
         if tfo:
-            # 0x400: every listener takes Fast Open, without the socket option.
+            # 0x400: every listener takes Fast Open, without the socket
+            # option; the kernel reads it at listen(), so Dante starts again.
             bed.server.run(["sysctl", "-q", "-w", "net.ipv4.tcp_fastopen=1027"])
+            bed.kill_dante()
+            bed.start_dante()
         bed.verbosity = []
         nginx = _start_nginx(bed.server, tmp)
 

@@ -8,8 +8,9 @@ CONNECT only to the ports in its ConnectPort lines, which gives a forbidden
 destination (403); a port nobody listens on gives its refusal (500). TCP
 Fast Open is shown with the client namespace's own counters
 (TcpExtTCPFastOpenActive: connections whose SYN carried data the server
-took), against a SOCKS5 server that enables it on its listening socket and
-against Dante, which does not.
+took), against a SOCKS5 server that enables it on its listening socket
+(tests/e2e/testproxy.py) and against Dante, which does not. Dante does not
+speak SOCKS4a, so names through socks4a:// go to tests/e2e/testproxy.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 TINYPROXY_PORT = 8888
 TINYPROXY_AUTH_PORT = 8889
-TFO_SOCKS_PORT = 1090
+TEST_PROXY_PORT = 1090
 PROXY_USER = "tun2sx"
 PROXY_PASSWORD = "pa55-w0rd"  # tinyproxy's config takes no colon here
 
@@ -48,7 +49,7 @@ DisableViaHeader Yes
 
 @pytest.fixture(scope="module")
 def proxies(testbed: Testbed) -> Iterator[Testbed]:
-    """The testbed's server namespace with two tinyproxies and the TFO SOCKS5 server."""
+    """The testbed's server namespace with two tinyproxies and tests/e2e/testproxy.py."""
     require("tinyproxy", "nstat")
     for port, auth in (
         (TINYPROXY_PORT, ""),
@@ -64,15 +65,15 @@ def proxies(testbed: Testbed) -> Iterator[Testbed]:
         [
             sys.executable,
             "-m",
-            "tests.e2e.tfoserver",
+            "tests.e2e.testproxy",
             "--bind",
             SERVER_ADDR,
             "--port",
-            str(TFO_SOCKS_PORT),
+            str(TEST_PROXY_PORT),
         ],
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
-    for port in (TINYPROXY_PORT, TINYPROXY_AUTH_PORT, TFO_SOCKS_PORT):
+    for port in (TINYPROXY_PORT, TINYPROXY_AUTH_PORT, TEST_PROXY_PORT):
         testbed.server.wait_listening(port)
     yield testbed
 
@@ -182,11 +183,17 @@ def test_socks4_refuses_names_and_ipv6_at_once(proxies: Testbed) -> None:
     assert "use socks4a://" in log and "carries no IPv6" in log and "Traceback" not in log
 
 
+def test_socks4a_sends_names(proxies: Testbed) -> None:
+    restart(proxies, f"socks4a://tun2sx@{SERVER_ADDR}:{TEST_PROXY_PORT}?tfo=1")
+    assert proxies.client_tool("echo", "echo.test", 7001, 100_000) == ECHO
+    assert proxies.client_tool("connect", "echo.test", 7005) == {"error": "ECONNREFUSED"}
+
+
 # --- TCP Fast Open --------------------------------------------------------------------
 
 
 def test_tfo_puts_the_greeting_in_the_syn(proxies: Testbed) -> None:
-    restart(proxies, f"socks5://{SERVER_ADDR}:{TFO_SOCKS_PORT}?tfo=1&pipeline=1")
+    restart(proxies, f"socks5://{SERVER_ADDR}:{TEST_PROXY_PORT}?tfo=1&pipeline=1")
     before = fast_open_active(proxies)
     for _ in range(6):
         assert proxies.client_tool("echo", "echo.test", 7001, 100_000) == ECHO
@@ -195,7 +202,7 @@ def test_tfo_puts_the_greeting_in_the_syn(proxies: Testbed) -> None:
 
 
 def test_without_tfo_no_syn_carries_data(proxies: Testbed) -> None:
-    restart(proxies, f"socks5://{SERVER_ADDR}:{TFO_SOCKS_PORT}")
+    restart(proxies, f"socks5://{SERVER_ADDR}:{TEST_PROXY_PORT}")
     before = fast_open_active(proxies)
     for _ in range(3):
         assert proxies.client_tool("echo", "echo.test", 7001, 100_000) == ECHO

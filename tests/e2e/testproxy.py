@@ -1,11 +1,13 @@
-"""A minimal SOCKS5 server (no auth, CONNECT) whose listening socket takes TCP Fast Open.
+"""A minimal SOCKS5 and SOCKS4a server (no auth, CONNECT) that takes TCP Fast Open.
 
-    python -m tests.e2e.tfoserver --bind 10.200.0.2 --port 1090
+    python -m tests.e2e.testproxy --bind 10.200.0.2 --port 1090
 
 Neither Dante nor microsocks sets TCP_FASTOPEN on its listening socket, so
 the end-to-end test of tun2sx's `tfo` option runs against this one (in a
 namespace whose net.ipv4.tcp_fastopen has the server bit). It reads ahead,
-so a pipelined handshake works too.
+so a pipelined SOCKS5 handshake works too. It also answers SOCKS4a, which
+Dante does not speak, resolving the name it is sent. The first byte of a
+connection tells the version.
 """
 
 from __future__ import annotations
@@ -32,9 +34,47 @@ async def _copy(source: trio.abc.Stream, sink: trio.abc.HalfCloseableStream) -> 
         pass
 
 
+async def _socks4(client: trio.SocketStream, buf: bytearray) -> None:
+    """VN CD DSTPORT DSTIP USERID NUL [HOST NUL]: answer 90 or 91, then splice."""
+    while len(buf) < 9 or buf.count(0, 8) < (2 if buf[4:7] == bytes(3) and buf[7] else 1):
+        data = await client.receive_some(512)
+        if not data:
+            return
+        buf += data
+    port = int.from_bytes(buf[2:4], "big")
+    fields = bytes(buf[8:]).split(b"\x00")
+    if buf[4:7] == bytes(3) and buf[7]:
+        host, rest = fields[1].decode(), b"\x00".join(fields[2:])
+    else:
+        host, rest = socket.inet_ntoa(bytes(buf[4:8])), b"\x00".join(fields[1:])
+    try:
+        upstream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        await client.send_all(b"\x00\x5b" + bytes(6))
+        return
+    async with upstream:
+        await client.send_all(b"\x00\x5a" + bytes(6))
+        if rest:
+            await upstream.send_all(rest)
+        await _splice(client, upstream)
+
+
+async def _splice(client: trio.SocketStream, upstream: trio.SocketStream) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_copy, client, upstream)
+        nursery.start_soon(_copy, upstream, client)
+
+
 async def handle(client: trio.SocketStream) -> None:
     async with client:
         buf = bytearray()
+        first = await client.receive_some(512)
+        if not first:
+            return
+        buf += first
+        if buf[0] == 4:
+            await _socks4(client, buf)
+            return
         while len(buf) < 2 or len(buf) < 2 + buf[1]:
             data = await client.receive_some(512)
             if not data:
@@ -54,10 +94,10 @@ async def handle(client: trio.SocketStream) -> None:
             await client.send_all(REFUSED)
             return
         async with upstream:
-            await client.send_all(OK + bytes(buf[end:]))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_copy, client, upstream)
-                nursery.start_soon(_copy, upstream, client)
+            await client.send_all(OK)
+            if buf[end:]:
+                await upstream.send_all(bytes(buf[end:]))
+            await _splice(client, upstream)
 
 
 async def main() -> None:
