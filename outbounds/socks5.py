@@ -21,13 +21,13 @@ import enum
 import ipaddress
 import socket
 import struct
-import urllib.parse
 from typing import Final
 
 import attrs
 import trio
 
 from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops, redact_url
+from .handshake import NEED_DATA, NeedData, run_handshake
 from .net import (
     PrefixedStream,
     SocketOptions,
@@ -38,6 +38,7 @@ from .net import (
     open_udp_socket,
 )
 from .net import resolve as _resolve
+from .proxyurl import split_proxy_url
 from .udpsock import UdpSocket
 
 __all__ = [
@@ -263,12 +264,7 @@ class AuthFailed:
     reason: str
 
 
-class _NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData.NEED_DATA
-"""`next_event_untrusted` needs more bytes from the proxy."""
+_NeedData = NeedData
 
 
 class _State(enum.Enum):
@@ -350,7 +346,7 @@ class Socks5ClientConnection:
         self._outgoing.clear()
         return out
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes read from the proxy."""
         self._buffer += data
 
@@ -465,46 +461,29 @@ def decode_udp_datagram_untrusted(datagram: bytes) -> tuple[int, Destination, by
 
 
 def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> Socks5Outbound:
-    """Build an outbound from `socks5://[user:pass@]host:port[?pipeline=1]`.
+    """Build an outbound from `socks5://[user:pass@]host:port[?pipeline=1][&tfo=1]`.
 
     `pipeline=1` sends the whole handshake at once (see
     `Socks5ClientConnection`): only for proxies known to read ahead.
+    `tfo=1` asks for TCP Fast Open to the proxy (see `open_tcp`).
 
     Raises:
         ValueError: One line naming what is wrong with the URL.
     """
-    parts = urllib.parse.urlsplit(url)
-    shown = redact_url(url)  # messages never show the password
-    if parts.scheme.lower() not in ("socks5", "socks5h"):
-        raise ValueError(f"SOCKS5 URL {shown!r}: scheme must be socks5://")
-    if parts.path not in ("", "/") or parts.fragment:
-        raise ValueError(f"SOCKS5 URL {shown!r}: unexpected path or fragment")
-    pipeline = False
-    for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key != "pipeline" or value not in ("0", "1"):
-            raise ValueError(
-                f"SOCKS5 URL {shown!r}: unexpected query {key}={value}; known: pipeline=0|1"
-            )
-        pipeline = value == "1"
-    if not parts.hostname:
-        raise ValueError(f"SOCKS5 URL {shown!r}: missing host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"SOCKS5 URL {shown!r}: port is not a number in 0..65535") from None
-    if port is None or port == 0:
-        raise ValueError(f"SOCKS5 URL {shown!r}: missing port")
-    username = urllib.parse.unquote(parts.username) if parts.username is not None else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    parts = split_proxy_url(url, "SOCKS5", ("socks5", "socks5h"), ("pipeline", "tfo"))
+    username, password = parts.username, parts.password
     if (username is None) != (password is None) or username == "" or password == "":
-        raise ValueError(f"SOCKS5 URL {shown!r}: credentials must be user:password, both non-empty")
+        raise ValueError(
+            f"SOCKS5 URL {redact_url(url)!r}: credentials must be user:password, both non-empty"
+        )
     return Socks5Outbound(
-        parts.hostname,
-        port,
+        parts.host,
+        parts.port,
         username,
         password,
         socket_options=socket_options or SocketOptions(),
-        pipeline=pipeline,
+        pipeline=parts.flags.get("pipeline", False),
+        fast_open=parts.flags.get("tfo", False),
     )
 
 
@@ -523,9 +502,13 @@ class Socks5Outbound:
         pipeline: Send the greeting, credentials and request in one write
             (one round trip to the proxy instead of two or three); only for
             proxies that read ahead, such as Dante. Off by default.
+        fast_open: TCP Fast Open to the proxy: the greeting (with
+            `pipeline`, the whole handshake) rides in the SYN once the
+            kernel holds the proxy's cookie. Off by default.
     """
 
     __slots__ = (
+        "_fast_open",
         "_label",
         "_password",
         "_pipeline",
@@ -546,6 +529,7 @@ class Socks5Outbound:
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 20.0,
         pipeline: bool = False,
+        fast_open: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
         self._username = username.encode() if username is not None else None
@@ -555,6 +539,7 @@ class Socks5Outbound:
         self.socket_options = socket_options or SocketOptions()
         self.handshake_timeout = handshake_timeout
         self._pipeline = pipeline
+        self._fast_open = fast_open
         self.name = f"socks5 {self._server}"
         self._label = f"SOCKS5 proxy {self._server}"  # for messages
 
@@ -571,38 +556,58 @@ class Socks5Outbound:
         """Whether the handshake is sent in one write (see `__init__`)."""
         return self._pipeline
 
+    @property
+    def fast_open(self) -> bool:
+        """Whether connections to the proxy ask for TCP Fast Open."""
+        return self._fast_open
+
     async def _handshake(
         self, command: Command, dest: Destination
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
         proxy = self._label
-        try:
-            stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
-        except OutboundError as exc:
-            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
-        if command is Command.UDP_ASSOCIATE and stream.socket.family == socket.AF_INET6:
-            # The zeros of UDP ASSOCIATE in the family of this connection:
-            # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
-            dest = Destination(ipaddress.IPv6Address(0), 0)
-        ok = False
-        try:
+        conn: Socks5ClientConnection | None = None
+        early = b""
+        if command is Command.CONNECT:
+            # The first message goes with the connect (in the SYN, with Fast
+            # Open). Not for UDP ASSOCIATE: its address's family is that of
+            # the connection, known only once it is made (below).
             conn = Socks5ClientConnection(
                 command, dest, self._username, self._password, pipeline=self._pipeline
             )
-            deadline = trio.current_time() + self.handshake_timeout
-            result: Socks5Reply | AuthFailed | None = None
-            if trio.current_effective_deadline() < deadline:
-                # An enclosing deadline comes first, so ours could never
-                # fire: no scope of our own (a cost once per connection).
-                result = await self._exchange(stream, conn, proxy)
-            else:
-                with trio.CancelScope(deadline=deadline):
-                    result = await self._exchange(stream, conn, proxy)
-                if result is None:
-                    raise OutboundError(
-                        FailureReply.HOST_UNREACHABLE,
-                        f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
-                    )
+            early = conn.data_to_send()
+        try:
+            stream = await open_tcp(
+                self._server.host,
+                self._server.port,
+                self.socket_options,
+                early_data=early,
+                fast_open=self._fast_open,
+            )
+        except OutboundError as exc:
+            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        if conn is None:
+            if stream.socket.family == socket.AF_INET6:
+                # The zeros of UDP ASSOCIATE in the family of this connection:
+                # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
+                dest = Destination(ipaddress.IPv6Address(0), 0)
+            conn = Socks5ClientConnection(
+                command, dest, self._username, self._password, pipeline=self._pipeline
+            )
+        ok = False
+        try:
+            # Every read brings at least one byte and the whole exchange is
+            # a few hundred bytes, so the bound is never reached by an
+            # honest proxy.
+            result: Socks5Reply | AuthFailed = await run_handshake(
+                stream,
+                conn,
+                proxy=proxy,
+                what=str(dest),
+                timeout=self.handshake_timeout,
+                protocol_error=Socks5ProtocolError,
+                max_reads=_MAX_HANDSHAKE_READS,
+            )
             if isinstance(result, AuthFailed):
                 raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
             reply = result
@@ -624,42 +629,6 @@ class Socks5Outbound:
         finally:
             if not ok:
                 await trio.aclose_forcefully(stream)
-
-    @staticmethod
-    async def _exchange(
-        stream: TcpSocketStream, conn: Socks5ClientConnection, proxy: str
-    ) -> Socks5Reply | AuthFailed:
-        # Every read brings at least one byte and the whole exchange is a few
-        # hundred bytes, so this bound is never reached by an honest proxy.
-        for _ in range(_MAX_HANDSHAKE_READS):
-            try:
-                event = conn.next_event_untrusted()
-                out = conn.data_to_send()
-                if out:
-                    # The handshake's receives yield; its sends need not.
-                    sent = stream.send_nowait(out)
-                    if sent < len(out):
-                        await stream.send_all(out[sent:])
-                if not isinstance(event, _NeedData):
-                    return event
-                # The proxy answers what we just sent: it is not there yet.
-                data = await stream.receive_after_wait(4096)
-            except Socks5ProtocolError as exc:
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} broke the protocol: {exc}"
-                ) from exc
-            except trio.BrokenResourceError as exc:
-                cause = exc.__cause__
-                reason = cause.strerror if isinstance(cause, OSError) else None
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
-                ) from exc
-            if not data:
-                raise OutboundError(
-                    FailureReply.RESET, f"{proxy} closed the connection during the handshake"
-                )
-            conn.receive_data(data)
-        raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake")
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
         """Open a TCP stream to `dest` through the proxy (CONNECT).

@@ -2,7 +2,7 @@
 
     ./dev bench e2e [--seconds 5] [--connections 1000] [--requests 8000]
                     [--no-offload] [--mtu N] [--workers 2] [--udp-rates 200,500]
-                    [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline]
+                    [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline] [--tfo]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
 namespace with Dante and the test servers) and, beside it, one client
@@ -21,6 +21,9 @@ Measures:
   Python client in a loop and from 8 threads, and HTTP requests per second with a new connection
   each from `ab` to nginx (both C, so the load generator does not take the
   CPU the proxy needs);
+- time to the first byte of a new connection p50/p99 (connect, one byte
+  each way, one connection at a time): the proxy handshake's share of it
+  is what `--pipeline` and `--tfo` shorten;
 - round-trip latency p50/p99 of 64-byte messages on one connection, idle
   and while an iperf3 download runs on another connection through the same
   path (what a bulk transfer does to an interactive flow beside it);
@@ -30,6 +33,12 @@ Measures:
   alone;
 - the proxy's RSS idle and with N connections held open;
 - tun2sx's connections per second with `--workers 2` (one process per queue).
+
+`--pipeline` and `--tfo` set those options on tun2sx's outbound to Dante;
+`--tfo` also lets every listener of the server namespace take TCP Fast
+Open (net.ipv4.tcp_fastopen = 0x403 there, and Dante restarted to listen
+under it: Dante does not ask for it on its socket), so the SYN carries the
+SOCKS5 greeting (with `--pipeline`, the whole handshake).
 
 A measure that fails (an iperf3 error, a peer that died) prints
 `failed: reason` in its cell; the run goes on. Dante, not microsocks,
@@ -239,6 +248,11 @@ def _latency(col: Column) -> str:
     return f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f}"
 
 
+def _first_byte(col: Column) -> str:
+    got = _tool(col.ns, "firstbyte", col.echo_host, ECHO_PORT, 500)
+    return f"{got['p50_ms']:.2f} / {got['p99_ms']:.2f}"
+
+
 def _latency_under_download(col: Column, seconds: float) -> str:
     """p50/p99 of 64-byte round trips while iperf3 -R runs beside them.
 
@@ -403,6 +417,7 @@ def run(
     udp_rates: tuple[int, ...] = (200, 500),
     udp_bursts: int = 100,
     pipeline: bool = False,
+    tfo: bool = False,
 ) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = _machine()
@@ -417,8 +432,16 @@ def run(
         iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-        if pipeline:  # Dante reads ahead: the handshake can go in one write
-            bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?pipeline=1"]
+        # Dante reads ahead: the handshake can go in one write.
+        flags = [f for f, on in (("pipeline=1", pipeline), ("tfo=1", tfo)) if on]
+        if flags:
+            bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?{'&'.join(flags)}"]
+        if tfo:
+            # 0x400: every listener takes Fast Open, without the socket
+            # option; the kernel reads it at listen(), so Dante starts again.
+            bed.server.run(["sysctl", "-q", "-w", "net.ipv4.tcp_fastopen=1027"])
+            bed.kill_dante()
+            bed.start_dante()
         bed.verbosity = []
         nginx = _start_nginx(bed.server, tmp)
 
@@ -449,6 +472,10 @@ def run(
             row(
                 "connections/s (ab -c 8 to nginx, one request each)",
                 lambda c: _ab_cell(c, requests),
+            )
+            row(
+                "first byte p50 / p99 ms, new connection (connect, 1 byte each way)",
+                _first_byte,
             )
             row("latency p50 / p99 ms, 64 B round trip, idle", _latency)
             row(
@@ -502,6 +529,7 @@ def run(
     lines = [
         f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), MTU {tun_mtu}"
         + ("; SOCKS5 pipelined (tun2sx)" if pipeline else "")
+        + ("; TCP Fast Open to Dante (tun2sx)" if tfo else "")
         + (f"; {singbox.version()}" if any(k in SINGBOX for k in keys) else ""),
         "",
         "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
@@ -548,6 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tun2sx sends its SOCKS5 handshake to Dante in one write (?pipeline=1)",
     )
+    parser.add_argument(
+        "--tfo",
+        action="store_true",
+        help="tun2sx connects to Dante with TCP Fast Open (?tfo=1; Dante's side enabled)",
+    )
     args = parser.parse_args(argv)
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     unknown = [k for k in only if k not in COLUMNS]
@@ -569,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
             only=only,
             udp_rates=tuple(int(r) for r in args.udp_rates.split(",") if r.strip()),
             pipeline=args.pipeline,
+            tfo=args.tfo,
         )
     except KeyboardInterrupt:
         # run()'s context managers have already ended the lab's processes

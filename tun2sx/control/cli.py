@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--proxy",
         metavar="URL",
-        help="outbound URL: socks5://[user:pass@]host:port, ss://..., or direct://",
+        help="outbound URL: socks5://[user:pass@]host:port, http://..., socks4[a]://..., ss://..., direct://",
     )
     p.add_argument("--fwmark", type=lambda s: int(s, 0), help="SO_MARK for outbound sockets")
     p.add_argument("--interface", help="bind outbound sockets to this interface")

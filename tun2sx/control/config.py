@@ -285,16 +285,39 @@ def _read_table(
             out[field] = _CONVERT[field](name, value)
 
 
+# Per-outbound switches, each the same as `?key=1` in the URL, and the
+# schemes that take it.
+_OUTBOUND_FLAGS = {
+    "pipeline": ("socks5", "socks5h"),
+    "tfo": ("socks5", "socks5h", "socks4", "socks4a", "http"),
+}
+
+
+def _outbound_url(name: str, table: Mapping[str, Any]) -> str:
+    """The outbound's URL with its table's switches written into its query."""
+    url = _string(f"outbounds.{name}.url", table["url"])
+    scheme = url.partition("://")[0].lower()
+    for flag, schemes in _OUTBOUND_FLAGS.items():
+        key = f"outbounds.{name}.{flag}"
+        if flag in table and _boolean(key, table[flag]):
+            if scheme not in schemes:
+                known = ", ".join(f"{s}://" for s in schemes)
+                raise ConfigError(f"{key}: only for {known} outbounds, not {scheme}://")
+            url += ("&" if "?" in url else "?") + f"{flag}=1"
+    return url
+
+
 def _read_outbounds(value: object) -> tuple[tuple[str, str], ...]:
     outbounds = []
     for name, spec in _table("outbounds", value).items():
         table = _table(f"outbounds.{name}", spec)
         for key in table:
-            if key != "url":
-                raise ConfigError(f"outbounds.{name}.{key}: unknown key (known here: url)")
+            if key != "url" and key not in _OUTBOUND_FLAGS:
+                known = ", ".join(["url", *_OUTBOUND_FLAGS])
+                raise ConfigError(f"outbounds.{name}.{key}: unknown key (known here: {known})")
         if "url" not in table:
             raise ConfigError(f"outbounds.{name}.url: required, e.g. socks5://host:port")
-        outbounds.append((name, _string(f"outbounds.{name}.url", table["url"])))
+        outbounds.append((name, _outbound_url(name, table)))
     return tuple(outbounds)
 
 

@@ -139,7 +139,19 @@ def test_match_rule_makes_outbound_optional() -> None:
         ("outbound = 1", "outbound: expected a string"),
         ('outbound = "DIRECT"\n[outbounds.p]\nuri = "x"', "outbounds.p.uri: unknown key"),
         ('outbound = "DIRECT"\n[outbounds.p]', "outbounds.p.url: required"),
-        ('outbound = "DIRECT"\n[outbounds.p]\nurl = "http://x:1"', "outbounds.p.url:"),
+        ('outbound = "DIRECT"\n[outbounds.p]\nurl = "ftp://x:1"', "outbounds.p.url:"),
+        (
+            'outbound = "DIRECT"\n[outbounds.p]\nurl = "http://x:1"\npipeline = true',
+            "outbounds.p.pipeline: only for socks5://, socks5h:// outbounds, not http://",
+        ),
+        (
+            'outbound = "DIRECT"\n[outbounds.p]\nurl = "socks5://x:1"\ntfo = "yes"',
+            "outbounds.p.tfo: expected true or false",
+        ),
+        (
+            'outbound = "DIRECT"\n[outbounds.p]\nurl = "ss://x:1"\ntfo = true',
+            "outbounds.p.tfo: only for socks5://",
+        ),
         ('outbound = "DIRECT"\n[outbounds.DIRECT]\nurl = "direct://"', "outbounds.DIRECT:"),
         ('outbound = "DIRECT"\n[outbounds."a b"]\nurl = "direct://"', "outbounds: 'a b'"),
         ('outbound = "DIRECT"\noutbounds = 1', "outbounds: expected a table"),
