@@ -129,7 +129,8 @@ class Output:
         if self._neg.timestamps:
             # The ISN doubles as the random timestamp offset (RFC 7323 5.4).
             tsval = (int(now * 1000) + self._iss) & MASK
-            self._opts = TcpOptions(sack_blocks=blocks, timestamp=(tsval, rcv.ts_recent))
+            # All five fields, without NamedTuple's Python-level __new__.
+            self._opts = _tuple_new(TcpOptions, (None, None, False, blocks, (tsval, rcv.ts_recent)))
         elif blocks:
             self._opts = TcpOptions(sack_blocks=blocks)
         else:
