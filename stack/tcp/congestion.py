@@ -254,7 +254,8 @@ class Congestion:
                 lost = self.lost_below(sb, unit)
                 if lost > pos:
                     pipe -= (lost - pos) - sb.sacked_in(pos, lost)
-        return max(0, pipe - self.dup_credit)
+        pipe -= self.dup_credit
+        return pipe if pipe > 0 else 0  # once per segment sent: no max() call
 
     def on_delivered(self, delivered: int, high: int, snd_max: int, now: float) -> None:
         """Count `delivered` newly ACKed or SACKed octets, sampling the rate.

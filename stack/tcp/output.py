@@ -42,6 +42,7 @@ class Output:
     __slots__ = (
         "_config",
         "_dport",
+        "_head",
         "_irs",
         "_iss",
         "_neg",
@@ -76,6 +77,7 @@ class Output:
         self._rcv = rcv
         self._rst: TcpHeader | None = None
         self._opts = NO_OPTIONS
+        self._head: tuple[int, int, int] | None = None
         self.sack_len = 0
 
     # ------------------------------------------------------------------ RSTs
@@ -127,17 +129,29 @@ class Output:
         if self._neg.timestamps:
             # The ISN doubles as the random timestamp offset (RFC 7323 5.4).
             tsval = (int(now * 1000) + self._iss) & MASK
-            self._opts = TcpOptions(sack_blocks=blocks, timestamp=(tsval, rcv.ts_recent))
+            # All five fields, without NamedTuple's Python-level __new__.
+            self._opts = _tuple_new(TcpOptions, (None, None, False, blocks, (tsval, rcv.ts_recent)))
         elif blocks:
             self._opts = TcpOptions(sack_blocks=blocks)
         else:
             self._opts = NO_OPTIONS
         self.sack_len = _SACK_OPTION_BASE + _SACK_BLOCK_LEN * len(blocks) if blocks else 0
+        self._head = None
 
     def header(self, seq: int, flags: int) -> TcpHeader:
-        """Return the header of a segment at send position `seq` (after `begin`)."""
-        rcv = self._rcv
-        window = rcv.ack_segment(self._wscale)
+        """Return the header of a segment at send position `seq` (after `begin`).
+
+        The receive side does not move while one output is built, so the
+        first header of it pays the owed ACK and fixes the ACK number and
+        window field; the others reuse them (`Receiver.ack_segment` again
+        would return the same window and change nothing).
+        """
+        head = self._head
+        if head is None:
+            rcv = self._rcv
+            window = rcv.ack_segment(self._wscale)
+            self._head = head = (self._iss, (self._irs + rcv.nxt) & MASK, window)
+        iss, ack, window = head
         # tuple.__new__ skips NamedTuple's Python-level __new__ (one per
         # segment sent).
         return _tuple_new(
@@ -145,8 +159,8 @@ class Output:
             (
                 self._sport,
                 self._dport,
-                (self._iss + seq) & MASK,
-                (self._irs + rcv.nxt) & MASK,
+                (iss + seq) & MASK,
+                ack,
                 flags,
                 window,
                 0,

@@ -234,8 +234,13 @@ class Sender:
         if window > self.max_wnd:
             self.max_wnd = window
         ts = hdr.options.timestamp if self._ts else None
-        if ts is not None and ts[1]:
-            self._sample_ts(ts[1], now)
+        # `_sample_ts` written out: once per skipped ACK of a download.
+        if (
+            ts is not None
+            and ts[1]
+            and (rtt_ms := ((int(now * 1000) + self._iss) - ts[1]) & MASK) < 0x80000000
+        ):
+            self._rtt.sample(rtt_ms / 1000)
 
     def on_ack(self, hdr: TcpHeader, seq: int, ack: int, plen: int, now: float) -> bool:
         """Take an acceptable ACK after the handshake.

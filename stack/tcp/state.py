@@ -33,9 +33,16 @@ class TcpState(enum.Enum):
     LAST_ACK = "LAST-ACK"
     TIME_WAIT = "TIME-WAIT"
 
+    # Members are singletons compared by identity, so the identity hash is
+    # consistent with equality; Enum's own hashes the name in Python, and
+    # the connection tests its state against a set on every segment.
+    __hash__ = object.__hash__
+
 
 class Stimulus(enum.Enum):
     """What can move a connection between states."""
+
+    __hash__ = object.__hash__  # as TcpState's: the transition table's keys
 
     ACK_OF_SYN = enum.auto()  # the peer acknowledged our SYN
     FIN_RECEIVED = enum.auto()  # the peer's FIN is next in sequence

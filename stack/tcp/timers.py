@@ -52,15 +52,24 @@ class RttEstimator:
 
     def sample(self, rtt: float) -> None:
         """Fold one RTT measurement (seconds) into the estimate."""
-        rtt = max(rtt, 0.0)
-        if self.srtt is None:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
+        # Once per ACK of a bulk transfer: comparisons, no min/max/abs calls
+        # (the same values: a tie gives the same number either way).
+        rtt = rtt if rtt > 0.0 else 0.0
+        srtt = self.srtt
+        if srtt is None:
+            srtt = rtt
+            rttvar = rtt / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        rto = self.srtt + max(_CLOCK_GRANULARITY, 4 * self.rttvar)
-        self._base = min(max(rto, self._min), self._max)
+            diff = srtt - rtt
+            rttvar = 0.75 * self.rttvar + 0.25 * (diff if diff >= 0.0 else -diff)
+            srtt = 0.875 * srtt + 0.125 * rtt
+        self.srtt = srtt
+        self.rttvar = rttvar
+        var = 4 * rttvar
+        rto = srtt + (var if var > _CLOCK_GRANULARITY else _CLOCK_GRANULARITY)
+        if rto < self._min:
+            rto = self._min
+        self._base = rto if rto < self._max else self._max
         self.backoff = 0
 
     def rto(self) -> float:

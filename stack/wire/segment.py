@@ -201,7 +201,16 @@ class TcpTemplate:
     header in one call and sums only the fields that change.
     """
 
-    __slots__ = ("_dst", "_ip_base", "_partial", "_pseudo_base", "_six", "_src", "_ttl")
+    __slots__ = (
+        "_dst",
+        "_ip_base",
+        "_partial",
+        "_pseudo_base",
+        "_six",
+        "_src",
+        "_ts_options",
+        "_ttl",
+    )
 
     def __init__(
         self, src: bytes, dst: bytes, *, ttl: int = DEFAULT_TTL, partial_checksum: bool = False
@@ -226,6 +235,15 @@ class TcpTemplate:
         # the same in every such header; the IPv4 header's constant words.
         self._pseudo_base = addr + PROTO_TCP
         self._ip_base = 0x4500 + 0x4000 + (ttl << 8) + PROTO_TCP + addr
+        # The last options value found to carry only a timestamp.
+        self._ts_options: TcpOptions | None = None
+
+    def _ts_only(self, options: TcpOptions) -> bool:
+        """Return True (and remember `options`) if it carries only a timestamp."""
+        if options[:4] != NO_SYN_OPTIONS:
+            return False
+        self._ts_options = options
+        return True
 
     def build(self, hdr: TcpHeader, payload: bytes | bytearray | memoryview = b"") -> bytes:
         """Return the packet carrying `hdr` and `payload` (its checksum field ignored).
@@ -235,7 +253,13 @@ class TcpTemplate:
         """
         sport, dport, seq, ack, flags, window, _, urgent, options = hdr
         ts = options.timestamp
-        if ts is None or flags & SYN or options[:4] != NO_SYN_OPTIONS:
+        # The headers of one output share one options value: it is checked
+        # once (identity), not sliced and compared for every segment.
+        if (
+            ts is None
+            or flags & SYN
+            or (options is not self._ts_options and not self._ts_only(options))
+        ):
             return build_tcp_packet(
                 self._src,
                 self._dst,
