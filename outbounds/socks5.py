@@ -579,7 +579,9 @@ class Socks5Outbound:
         try:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
-            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+            raise OutboundError(
+                exc.reply, f"{proxy} unreachable: {exc}", proxy_failed=True
+            ) from exc
         if command is Command.UDP_ASSOCIATE and stream.socket.family == socket.AF_INET6:
             # The zeros of UDP ASSOCIATE in the family of this connection:
             # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
@@ -602,9 +604,12 @@ class Socks5Outbound:
                     raise OutboundError(
                         FailureReply.HOST_UNREACHABLE,
                         f"{proxy} did not answer for {dest} within {self.handshake_timeout:g}s",
+                        proxy_failed=True,
                     )
             if isinstance(result, AuthFailed):
-                raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
+                raise OutboundError(
+                    FailureReply.RESET, f"{proxy}: {result.reason}", proxy_failed=True
+                )
             reply = result
             if not reply.succeeded:
                 if command is Command.UDP_ASSOCIATE:
@@ -646,20 +651,26 @@ class Socks5Outbound:
                 data = await stream.receive_after_wait(4096)
             except Socks5ProtocolError as exc:
                 raise OutboundError(
-                    FailureReply.RESET, f"{proxy} broke the protocol: {exc}"
+                    FailureReply.RESET, f"{proxy} broke the protocol: {exc}", proxy_failed=True
                 ) from exc
             except trio.BrokenResourceError as exc:
                 cause = exc.__cause__
                 reason = cause.strerror if isinstance(cause, OSError) else None
                 raise OutboundError(
-                    FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
+                    FailureReply.RESET,
+                    f"{proxy} dropped the connection: {reason or exc}",
+                    proxy_failed=True,
                 ) from exc
             if not data:
                 raise OutboundError(
-                    FailureReply.RESET, f"{proxy} closed the connection during the handshake"
+                    FailureReply.RESET,
+                    f"{proxy} closed the connection during the handshake",
+                    proxy_failed=True,
                 )
             conn.receive_data(data)
-        raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake")
+        raise OutboundError(
+            FailureReply.RESET, f"{proxy} sent an endless handshake", proxy_failed=True
+        )
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
         """Open a TCP stream to `dest` through the proxy (CONNECT).

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.tcpstream import TcpStream
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.realnames import RealNames
-    from tun2sx.naming.router import Network, Router
+    from tun2sx.naming.router import Network, Router, Rule
 
 
 @attrs.frozen
@@ -78,12 +78,39 @@ class FlowInfo:
         started: trio time the flow was connected.
         bytes_up: bytes from the application to the outbound.
         bytes_down: bytes from the outbound to the application.
+        rule: the type of the rule that chose the outbound ("DOMAIN-SUFFIX",
+            "IP-CIDR", ...), "Match" for a MATCH rule or the default
+            (tun2sx.naming.router.rule_label).
+        rule_payload: the rule's value ("example.com"; "" for Match).
+        chain: the outbounds the flow went through, as Clash's `chains`:
+            the leaf outbound first, then the proxy groups that led to it,
+            the outermost (the rule's target) last; one name without groups.
     """
 
-    __slots__ = ("app", "bytes_down", "bytes_up", "destination", "network", "outbound", "started")
+    __slots__ = (
+        "app",
+        "bytes_down",
+        "bytes_up",
+        "chain",
+        "destination",
+        "network",
+        "outbound",
+        "rule",
+        "rule_payload",
+        "started",
+    )
 
     def __init__(
-        self, network: str, app: str, destination: Destination, outbound: str, started: float
+        self,
+        network: str,
+        app: str,
+        destination: Destination,
+        outbound: str,
+        started: float,
+        *,
+        rule: str = "Match",
+        rule_payload: str = "",
+        chain: tuple[str, ...] | None = None,
     ) -> None:
         self.network = network
         self.app = app
@@ -92,6 +119,9 @@ class FlowInfo:
         self.started = started
         self.bytes_up = 0
         self.bytes_down = 0
+        self.rule = rule
+        self.rule_payload = rule_payload
+        self.chain = (outbound,) if chain is None else chain
 
 
 class FlowContext(Protocol):
@@ -134,12 +164,25 @@ class FlowContext(Protocol):
         """The outbound for a flow (None: rejected by rule)."""
         ...
 
+    def decide(self, dest: Destination, network: Network) -> tuple[Outbound | None, Rule | None]:
+        """`route`, and the rule that decided (None: the default outbound)."""
+        ...
+
     def read_size(self) -> int:
         """How much a flow should read at once now (see `splice_share`)."""
         ...
 
-    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
-        """Register a connected flow for the statistics."""
+    def open_flow(
+        self,
+        network: str,
+        app: str,
+        dest: Destination,
+        outbound: str,
+        *,
+        rule: Rule | None = None,
+        chain: tuple[str, ...] | None = None,
+    ) -> FlowInfo:
+        """Register a connected flow for the statistics (`rule` None: the default decided)."""
         ...
 
     def close_flow(self, info: FlowInfo) -> None:

@@ -29,6 +29,7 @@ from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
 from tun2sx.naming.realnames import RealNames
+from tun2sx.naming.router import rule_label
 
 if TYPE_CHECKING:
     from outbounds.base import Outbound
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.tun import TunDevice
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.fakeip import FakeIpStore
-    from tun2sx.naming.router import Network, Router
+    from tun2sx.naming.router import Network, Router, Rule
 
 log = logging.getLogger("tun2sx")
 
@@ -210,10 +211,14 @@ class Engine:
     def route(self, dest: Destination, network: Network) -> Outbound | None:
         """The router's choice for a flow; a real address that a DNS answer
         gave for a name is matched by that name too (tun2sx.naming.realnames)."""
+        return self.decide(dest, network)[0]
+
+    def decide(self, dest: Destination, network: Network) -> tuple[Outbound | None, Rule | None]:
+        """`route`, and the rule that decided (None: the default outbound)."""
         name = None
         if not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())
-        return self.router.route(dest, network, name)
+        return self.router.decide(dest, network, name)
 
     def read_size(self) -> int:
         """The splice buffer for a flow alone, its share while others are active.
@@ -229,9 +234,28 @@ class Engine:
             return config.splice_share
         return config.splice_buffer
 
-    def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
+    def open_flow(
+        self,
+        network: str,
+        app: str,
+        dest: Destination,
+        outbound: str,
+        *,
+        rule: Rule | None = None,
+        chain: tuple[str, ...] | None = None,
+    ) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
-        info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        kind, payload = rule_label(rule)
+        info = FlowInfo(
+            network,
+            app,
+            dest,
+            outbound,
+            trio.current_time(),
+            rule=kind,
+            rule_payload=payload,
+            chain=chain,
+        )
         self.flows.add(info)
         return info
 

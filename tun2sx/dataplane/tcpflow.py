@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from outbounds.base import FailureReply, NowaitStream, OutboundError
+from outbounds.group import connect_tcp_traced
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.dataplane.loglimit import LogLimit
@@ -163,7 +164,7 @@ class TcpFlows:
             engine.counters["tcp_unknown_fake_ip"] += 1
             self._fail(request, FailureReply.RESET)
             return
-        outbound = engine.route(dest, "tcp")
+        outbound, rule = engine.decide(dest, "tcp")
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
@@ -175,7 +176,9 @@ class TcpFlows:
             # cancels it too.
             scope.deadline = trio.current_time() + engine.config.connect_timeout
             with scope:
-                upstream = await outbound.connect_tcp(dest)
+                upstream, chain = await connect_tcp_traced(
+                    outbound, dest, engine.router.name_of(outbound)
+                )
         except OutboundError as exc:
             if self._dialing.get(key) is scope:
                 log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
@@ -207,7 +210,9 @@ class TcpFlows:
             await trio.aclose_forcefully(upstream)
             return
         app = _endpoint(key.app_addr, key.app_port)
-        info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
+        info = engine.open_flow(
+            "tcp", app, dest, engine.router.name_of(outbound), rule=rule, chain=chain
+        )
         finished = False
         try:
             if self._handler is None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, reply_for_oserror
+from outbounds.group import open_udp_traced
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
@@ -247,13 +248,15 @@ class UdpFlows:
                 dest = self._destination(session, addr, port)
                 if dest is None:
                     return
-                outbound = engine.route(dest, "udp")
+                outbound, rule = engine.decide(dest, "udp")
                 if outbound is None:
                     self._unreachable(session, (addr, port, payload), 13, 1)
                     return
                 with trio.move_on_at(session.last_active + engine.config.udp_idle_timeout):
                     try:
-                        upstream = await outbound.open_udp()
+                        upstream, chain = await open_udp_traced(
+                            outbound, dest, engine.router.name_of(outbound)
+                        )
                     except OutboundError as exc:
                         log.info(
                             "UDP %s (%s) via %s: %s", _describe(session), dest, outbound.name, exc
@@ -263,7 +266,12 @@ class UdpFlows:
                 if upstream is None:
                     return
                 session.info = info = engine.open_flow(
-                    "udp", _describe(session), dest, engine.router.name_of(outbound)
+                    "udp",
+                    _describe(session),
+                    dest,
+                    engine.router.name_of(outbound),
+                    rule=rule,
+                    chain=chain,
                 )
                 session.upstream = upstream
                 ended: list[BaseException] = []
