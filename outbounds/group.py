@@ -339,14 +339,15 @@ class ProxyGroup:
 
     # -- health --------------------------------------------------------------
 
-    def _set_alive(self, member: str, alive: bool, why: str) -> None:
+    def _set_alive(self, member: str, alive: bool, why: str, *, retest: bool = True) -> None:
         if self._alive[member] != alive:
             if alive:
                 log.info("group %s: %s is up (%s)", self.name, member, why)
             else:
                 log.warning("group %s: %s is down (%s)", self.name, member, why)
         self._alive[member] = alive
-        self._retest()
+        if retest:
+            self._retest()
 
     def _suspect(self, member: str) -> None:
         """Check `member` again soon (the loop in `run_checks` does)."""
@@ -365,6 +366,11 @@ class ProxyGroup:
 
     async def check_member(self, member: str) -> int:
         """Check `member` once now and record the result; returns the delay (0: failed)."""
+        delay = await self._measure(member)
+        self._retest()
+        return delay
+
+    async def _measure(self, member: str) -> int:
         target = self._targets[member]
         if target is None:
             return 0
@@ -376,11 +382,15 @@ class ProxyGroup:
         except TimeoutError:
             delay, why = 0, f"no answer within {self.spec.timeout:g}s"
         self._history[member].append((self._wall_clock(), delay))
-        self._set_alive(member, delay > 0, why)
+        self._set_alive(member, delay > 0, why, retest=False)
         return delay
 
     async def check_all(self, members: Iterable[str] | None = None) -> None:
-        """Check `members` (default: all but REJECT) at the same time, and record."""
+        """Check `members` (default: all but REJECT) at the same time, and record.
+
+        url-test compares the delays once the round is over: a member whose
+        answer is still on its way must not lose to one that answered first.
+        """
         names = [
             name
             for name in (self.members if members is None else members)
@@ -388,7 +398,8 @@ class ProxyGroup:
         ]
         async with trio.open_nursery() as nursery:
             for name in names:
-                nursery.start_soon(self.check_member, name)
+                nursery.start_soon(self._measure, name)
+        self._retest()
 
     async def run_checks(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -45,8 +45,9 @@ class FakeEngine:
         return dict(self.counters)
 
 
-def flow(host: str, started: float, up: int = 0, down: int = 0) -> FlowInfo:
-    info = FlowInfo("tcp", "10.0.0.2:40000", Destination.parse_host(host, 443), "proxy", started)
+def flow(host: str, started: float, up: int = 0, down: int = 0, **route: Any) -> FlowInfo:
+    dest = Destination.parse_host(host, 443)
+    info = FlowInfo("tcp", "10.0.0.2:40000", dest, "proxy", started, **route)
     info.bytes_up, info.bytes_down = up, down
     return info
 
@@ -97,7 +98,8 @@ def split(response: bytes) -> tuple[str, dict[str, str], bytes]:
 def test_routes_and_errors() -> None:
     engine = FakeEngine()
     engine.counters["tcp_flows"] = 2
-    engine.flows = {flow("b.example", 5.0, 10, 20), flow("10.1.1.1", 2.0)}
+    through_group = {"rule": "DOMAIN-SUFFIX", "rule_payload": "example", "chain": ("a", "proxy")}
+    engine.flows = {flow("b.example", 5.0, 10, 20, **through_group), flow("10.1.1.1", 2.0)}
     status, headers, body = split(respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 9))
     assert status == "HTTP/1.1 200 OK"
     assert headers["Content-Type"] == "application/json"
@@ -112,6 +114,9 @@ def test_routes_and_errors() -> None:
             "host": "10.1.1.1",
             "port": 443,
             "outbound": "proxy",
+            "chain": ["proxy"],
+            "rule": "Match",
+            "rule_payload": "",
             "bytes_up": 0,
             "bytes_down": 0,
             "age": 8.0,
@@ -122,6 +127,9 @@ def test_routes_and_errors() -> None:
             "host": "b.example",
             "port": 443,
             "outbound": "proxy",
+            "chain": ["a", "proxy"],
+            "rule": "DOMAIN-SUFFIX",
+            "rule_payload": "example",
             "bytes_up": 10,
             "bytes_down": 20,
             "age": 5.0,
