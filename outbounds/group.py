@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import attrs
 import trio
 
-from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession
+from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession, redact_url
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -119,31 +119,34 @@ def parse_check_url(url: str) -> CheckTarget:
         ValueError: another scheme (https is not checked: no TLS here), no
             host, or a bad port.
     """
+    shown = repr(redact_url(url))
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in ("http", "tcp"):
-        raise ValueError(f"expected http://host/path or tcp://host:port, got {url!r}")
+        raise ValueError(f"expected http://host/path or tcp://host:port, got {shown}")
     hostport, slash, path = rest.partition("/")
     path = slash + path if slash else "/"
+    if "@" in hostport:
+        raise ValueError(f"{shown}: a check URL carries no user or password")
     if not path.isascii() or any(ch.isspace() for ch in path):
-        raise ValueError(f"the path of {url!r} must be ASCII without spaces")
+        raise ValueError(f"the path of {shown} must be ASCII without spaces")
     if hostport.startswith("["):
         host, bracket, tail = hostport[1:].partition("]")
         if not bracket or (tail and not tail.startswith(":")):
-            raise ValueError(f"malformed IPv6 host in {url!r}")
+            raise ValueError(f"malformed IPv6 host in {shown}")
         port_text = tail[1:] if tail else ""
     else:
         host, _colon, port_text = hostport.partition(":")
     if not host or not host.isascii() or any(ch.isspace() for ch in host):
-        raise ValueError(f"no usable host in {url!r}")
+        raise ValueError(f"no usable host in {shown}")
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) <= 0xFFFF:
-            raise ValueError(f"bad port in {url!r}")
+            raise ValueError(f"bad port in {shown}")
         port = int(port_text)
     elif scheme == "http":
         port = 80
     else:
-        raise ValueError(f"{url!r} needs a port (tcp://host:port)")
+        raise ValueError(f"{shown} needs a port (tcp://host:port)")
     return CheckTarget(scheme, Destination.parse_host(host, port), path)
 
 
