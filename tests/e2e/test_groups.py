@@ -1,0 +1,235 @@
+"""Proxy groups end to end: Dante and microsocks in groups, one killed mid-run.
+
+tun2sx runs from a config file whose groups hold the testbed's two proxies
+(Dante on 1081, microsocks on 1080), health-checked by an HTTP GET of the
+server's web page through each. The stats endpoint's `/connections` shows
+which member carried each live flow (its `chain`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+
+pytestmark = pytest.mark.e2e
+
+STATS = "127.0.0.1:9090"
+CHECK_URL = f"http://{SERVER_ADDR}:8080/"
+INTERVAL, TIMEOUT = 2, 1
+HOLD_CLIENT = """
+import socket, sys
+targets = [arg.rsplit(":", 1) for arg in sys.argv[1:]]
+socks = [socket.create_connection((host, int(port)), timeout=20) for host, port in targets]
+print("connected", flush=True)
+sys.stdin.readline()
+"""
+
+
+def config(groups: str, rules: str = "[]") -> str:
+    return f"""
+outbound = "main"
+rules = {rules}
+
+[outbounds.dante]
+url = "socks5://{SERVER_ADDR}:1081"
+
+[outbounds.micro]
+url = "socks5://{SERVER_ADDR}:1080"
+
+[stats]
+listen = "{STATS}"
+interval = 0
+{groups}
+"""
+
+
+def group(name: str, kind: str, members: str, interval: float = INTERVAL) -> str:
+    return f"""
+[groups.{name}]
+type = "{kind}"
+members = {members}
+url = "{CHECK_URL}"
+interval = {interval}
+timeout = {TIMEOUT}
+"""
+
+
+@pytest.fixture
+def grouped(testbed: Testbed) -> Iterator[Testbed]:
+    """The testbed, to be started on a config file by the test; Dante alive after."""
+    testbed.stop()
+    yield testbed
+    testbed.stop()
+    if testbed.dante.poll() is not None:
+        testbed.start_dante()
+    testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
+    testbed.start()
+
+
+def start_on(bed: Testbed, text: str) -> None:
+    path = Path(bed.tmp) / "groups.toml"
+    path.write_text(text)
+    bed.proxy_args = ["--config", str(path)]
+    bed.start()
+
+
+def connections(bed: Testbed) -> list[dict[str, object]]:
+    out = bed.client_run(["curl", "-s", "--noproxy", "*", f"http://{STATS}/connections"])
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def wait_log(bed: Testbed, text: str, since: int, timeout: float) -> float:
+    """Seconds until `text` appears in the log after offset `since`."""
+    start = time.monotonic()
+    while text not in bed.log()[since:]:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{text!r} not logged within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+class Holder:
+    """Connections held open from the client namespace until `close`."""
+
+    def __init__(self, bed: Testbed, *targets: str) -> None:
+        argv = [sys.executable, "-c", HOLD_CLIENT, *targets]
+        self.proc = subprocess.Popen(
+            bed.client.exec_argv(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(ROOT),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "connected", line
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed) -> None:
+    bed = grouped
+    # `main` prefers Dante; `slow` prefers microsocks and carries big.test.
+    start_on(
+        bed,
+        config(
+            group("main", "fallback", '["dante", "micro"]')
+            + group("slow", "fallback", '["micro", "dante"]'),
+            rules='["DOMAIN,big.test,slow"]',
+        ),
+    )
+    held = Holder(bed, "echo.test:7001")
+    try:
+        (flow,) = [c for c in connections(bed) if c["port"] == 7001]
+        assert flow["chain"] == ["dante", "main"] and flow["rule"] == "Match"
+    finally:
+        held.close()
+    # A download through microsocks, at 1 MB/s for about five seconds.
+    download = subprocess.Popen(
+        bed.client.exec_argv(
+            ["curl", "-sS", "--limit-rate", "1M", "-o", "-", "http://big.test:8080/big.bin"]
+        ),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1)
+        (flow,) = [c for c in connections(bed) if c["port"] == 8080]
+        assert flow["chain"] == ["micro", "slow"] and flow["rule"] == "DOMAIN"
+        offset = len(bed.log())
+        bed.kill_dante()
+        # No flow goes to Dante meanwhile: the health checks alone find it.
+        found = wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+        assert found <= INTERVAL + 1, found
+        held = Holder(bed, "echo.test:7001")
+        try:
+            (flow,) = [c for c in connections(bed) if c["port"] == 7001]
+            assert flow["chain"] == ["micro", "main"]
+        finally:
+            held.close()
+        body, _ = download.communicate(timeout=30)
+    finally:
+        if download.poll() is None:
+            download.kill()
+            download.wait()
+    assert download.returncode == 0
+    assert body == (bed.www / "big.bin").read_bytes()
+    log = bed.log()[offset:]
+    assert "Traceback" not in log and " ERROR " not in log
+    # Dante back: the next round of checks returns `main` to it.
+    offset = len(bed.log())
+    bed.start_dante()
+    wait_log(bed, "group main: dante is up", offset, INTERVAL + TIMEOUT + 5)
+    assert bed.client_tool("echo", "echo.test", 7001, 10_000)["equal"] is True
+
+
+def test_a_flow_refused_by_a_dead_proxy_moves_the_next_at_once(grouped: Testbed) -> None:
+    bed = grouped
+    # Checks every ten minutes: only the failing flow can tell.
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]', interval=600)))
+    assert bed.client_tool("echo", "echo.test", 7001, 1000)["equal"] is True
+    offset = len(bed.log())
+    bed.kill_dante()
+    # The client tries the name's AAAA, then its A: the first connect goes
+    # to Dante and is refused (RST), which marks Dante down, and the
+    # second, a moment later, goes to microsocks.
+    assert bed.client_tool("connect", "echo.test", 7001) == {"connected": True}
+    log = bed.log()[offset:]
+    assert "group main: dante is down" in log
+    assert log.count("via main: SOCKS5 proxy 10.200.0.2:1081 unreachable") == 1, log
+    assert bed.client_tool("download", "big.test", 7003, 1_000_000) == {
+        "received": 1_000_000,
+        "equal": True,
+    }
+    held = Holder(bed, "echo.test:7001")
+    try:
+        (flow,) = [c for c in connections(bed) if c["port"] == 7001]
+        assert flow["chain"] == ["micro", "main"]
+    finally:
+        held.close()
+
+
+def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
+    bed = grouped
+    start_on(bed, config(group("main", "load-balance", '["dante", "micro"]')))
+    names = [f"n{i}.test" for i in range(1, 6)]
+    # Each name twice, at the same time; whoami answers only once asked.
+    held = Holder(bed, *(f"{name}:7004" for name in names * 2))
+    try:
+        live = connections(bed)
+    finally:
+        held.close()
+    chains: dict[str, set[tuple[str, ...]]] = {}
+    for flow in live:
+        chains.setdefault(str(flow["host"]), set()).add(tuple(flow["chain"]))  # type: ignore[arg-type]
+    assert sorted(chains) == names
+    assert all(len(seen) == 1 for seen in chains.values()), chains
+    members = {next(iter(seen))[0] for seen in chains.values()}
+    assert members == {"dante", "micro"}, chains  # both carry some sites
+    before = {host: next(iter(seen))[0] for host, seen in chains.items()}
+    # Dante dies: only its sites move.
+    offset = len(bed.log())
+    bed.kill_dante()
+    wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+    held = Holder(bed, *(f"{name}:7004" for name in names))
+    try:
+        after = {str(flow["host"]): flow["chain"][0] for flow in connections(bed)}  # type: ignore[index]
+    finally:
+        held.close()
+    assert after == dict.fromkeys(names, "micro")
+    assert [h for h in names if before[h] != after[h]] == [h for h in names if before[h] == "dante"]
