@@ -78,6 +78,8 @@ DEFAULT_TOLERANCE = 50
 HISTORY = 10
 _DIRECT = "DIRECT"
 _REJECT = "REJECT"
+# The least time between two checks a flow's failure asks for.
+_RECHECK_GAP = 1.0
 # An HTTP status line fits in far less; more without one is not HTTP.
 _MAX_HEAD = 4096
 
@@ -422,6 +424,9 @@ class ProxyGroup:
                 self._wake = trio.Event()
                 suspects, self._suspects = self._suspects, set()
                 await self.check_all(sorted(suspects, key=self.members.index))
+                # Failures that come meanwhile wait for one check together:
+                # a burst of flows through a dead proxy is not a burst of checks.
+                await trio.sleep_until(min(trio.current_time() + _RECHECK_GAP, next_round))
 
     # -- the Outbound protocol ---------------------------------------------------
 

@@ -520,3 +520,25 @@ async def test_measure_delay_times_out(autojump_clock: trio.testing.MockClock) -
     member.state = "down"
     with pytest.raises(OutboundError):
         await measure_delay(member, HTTP_CHECK, 1.5)
+
+
+async def test_a_burst_of_failed_flows_is_not_a_burst_of_checks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    g = group("fallback", "a", "b", interval=300.0)
+    a = proxy(g, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(g.run_checks)
+        await trio.sleep(1)
+        a.state = "down"
+        for _ in range(3):
+            # Every member down: each flow tries the first and fails.
+            proxy(g, "b").state = "down"
+            for _ in range(20):
+                with pytest.raises(OutboundError):
+                    await g.connect_tcp(WEB)
+            await trio.sleep(0.2)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    # 60 failed flows in 0.6 s: the first round, then at most one re-check a second.
+    assert 2 <= len(g.delays("a")) <= 3
