@@ -9,6 +9,7 @@ which member carried each live flow (its `chain`).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +30,13 @@ import socket, sys
 targets = [arg.rsplit(":", 1) for arg in sys.argv[1:]]
 socks = [socket.create_connection((host, int(port)), timeout=20) for host, port in targets]
 print("connected", flush=True)
-sys.stdin.readline()
+if sys.stdin.readline().strip() == "echo":
+    for sock in socks:
+        sock.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000 and (data := sock.recv(4096)):
+            got += data
+        print("echoed" if got == b"x" * 1000 else "lost", flush=True)
 """
 
 
@@ -68,7 +75,8 @@ def grouped(testbed: Testbed) -> Iterator[Testbed]:
     """The testbed, to be started on a config file by the test; Dante alive after."""
     testbed.stop()
     yield testbed
-    testbed.stop()
+    if testbed.proc is not None:
+        testbed.stop()
     if testbed.dante.poll() is not None:
         testbed.start_dante()
     testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
@@ -112,6 +120,13 @@ class Holder:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.strip() == "connected", line
+
+    def echo(self) -> list[str]:
+        """Send 1000 bytes on each connection; whether each came back whole."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("echo\n")
+        self.proc.stdin.flush()
+        return [line.strip() for line in self.proc.stdout]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -243,3 +258,60 @@ def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
         held.close()
     assert after == dict.fromkeys(names, "micro")
     assert [h for h in names if before[h] != after[h]] == [h for h in names if before[h] == "dante"]
+
+
+def test_a_select_group_switched_at_run_time(grouped: Testbed) -> None:
+    bed = grouped
+    path = Path(bed.tmp) / "select.toml"
+    path.write_text(
+        config(group("pick", "select", '["dante", "micro"]')).replace(
+            'outbound = "main"', 'outbound = "pick"'
+        )
+        + f"""
+[tun]
+name = "tun0"
+addresses = ["198.18.0.1/15", "fd00:7e::1/64"]
+[dns]
+fake_ip_db = "{bed.fakeip_db}"
+upstream = "{SERVER_ADDR}:5353"
+"""
+    )
+    driver = subprocess.Popen(
+        bed.client.exec_argv([sys.executable, "-m", "tests.e2e.selectdriver", str(path)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(ROOT),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert driver.stdin is not None and driver.stdout is not None
+    try:
+        assert driver.stdout.readline().strip() == "serving"
+        bed.client_run(["ip", "route", "replace", "default", "dev", "tun0"])
+        bed.client_run(["ip", "-6", "route", "replace", "default", "dev", "tun0"])
+        first = Holder(bed, "echo.test:7001")
+        try:
+            driver.stdin.write("pick micro\n")
+            driver.stdin.flush()
+            assert driver.stdout.readline().strip() == "selected micro"
+            second = Holder(bed, "echo.test:7001")
+            try:
+                chains = sorted(tuple(c["chain"]) for c in connections(bed))  # type: ignore[arg-type]
+                assert chains == [("dante", "pick"), ("micro", "pick")]
+            finally:
+                second.close()
+            # The flow that began before the switch is still Dante's, and whole.
+            assert first.echo() == ["echoed"]
+        finally:
+            first.close()
+        driver.stdin.write("pick nobody\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().startswith("error: group pick has no member")
+    finally:
+        driver.stdin.close()
+        try:
+            driver.wait(10)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait()
