@@ -139,6 +139,21 @@ class Holder:
                 self.proc.wait()
 
 
+def held_flows(bed: Testbed, *targets: str) -> list[dict[str, object]]:
+    """The live flows while connections to `targets` are held open."""
+    held = Holder(bed, *targets)
+    try:
+        return connections(bed)
+    finally:
+        held.close()
+
+
+def echo_flow(bed: Testbed) -> dict[str, object]:
+    """The flow of one connection to the echo server, while it is open."""
+    (flow,) = [c for c in held_flows(bed, "echo.test:7001") if c["port"] == 7001]
+    return flow
+
+
 @pytest.mark.parametrize("kind", ["fallback", "url-test"])
 def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed, kind: str) -> None:
     bed = grouped
@@ -153,12 +168,8 @@ def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed, ki
             rules='["DOMAIN,big.test,slow"]',
         ),
     )
-    held = Holder(bed, "echo.test:7001")
-    try:
-        (flow,) = [c for c in connections(bed) if c["port"] == 7001]
-        assert flow["chain"] == ["dante", "main"] and flow["rule"] == "Match"
-    finally:
-        held.close()
+    flow = echo_flow(bed)
+    assert flow["chain"] == ["dante", "main"] and flow["rule"] == "Match"
     # A download through microsocks, at 1 MB/s for about five seconds.
     download = subprocess.Popen(
         bed.client.exec_argv(
@@ -175,12 +186,7 @@ def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed, ki
         # No flow goes to Dante meanwhile: the health checks alone find it.
         found = wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
         assert found <= INTERVAL + 1, found
-        held = Holder(bed, "echo.test:7001")
-        try:
-            (flow,) = [c for c in connections(bed) if c["port"] == 7001]
-            assert flow["chain"] == ["micro", "main"]
-        finally:
-            held.close()
+        assert echo_flow(bed)["chain"] == ["micro", "main"]
         body, _ = download.communicate(timeout=30)
     finally:
         if download.poll() is None:
@@ -195,12 +201,7 @@ def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed, ki
     offset = len(bed.log())
     bed.start_dante()
     wait_log(bed, "group main: dante is up", offset, INTERVAL + TIMEOUT + 5)
-    held = Holder(bed, "echo.test:7001")
-    try:
-        (flow,) = [c for c in connections(bed) if c["port"] == 7001]
-        assert flow["chain"] == ["dante" if kind == "fallback" else "micro", "main"]
-    finally:
-        held.close()
+    assert echo_flow(bed)["chain"] == ["dante" if kind == "fallback" else "micro", "main"]
 
 
 def test_a_flow_refused_by_a_dead_proxy_moves_the_next_at_once(grouped: Testbed) -> None:
@@ -221,12 +222,7 @@ def test_a_flow_refused_by_a_dead_proxy_moves_the_next_at_once(grouped: Testbed)
         "received": 1_000_000,
         "equal": True,
     }
-    held = Holder(bed, "echo.test:7001")
-    try:
-        (flow,) = [c for c in connections(bed) if c["port"] == 7001]
-        assert flow["chain"] == ["micro", "main"]
-    finally:
-        held.close()
+    assert echo_flow(bed)["chain"] == ["micro", "main"]
 
 
 def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
@@ -234,11 +230,7 @@ def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
     start_on(bed, config(group("main", "load-balance", '["dante", "micro"]')))
     names = [f"n{i}.test" for i in range(1, 6)]
     # Each name twice, at the same time; whoami answers only once asked.
-    held = Holder(bed, *(f"{name}:7004" for name in names * 2))
-    try:
-        live = connections(bed)
-    finally:
-        held.close()
+    live = held_flows(bed, *(f"{name}:7004" for name in names * 2))
     chains: dict[str, set[tuple[str, ...]]] = {}
     for flow in live:
         chains.setdefault(str(flow["host"]), set()).add(tuple(flow["chain"]))  # type: ignore[arg-type]
@@ -251,11 +243,8 @@ def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
     offset = len(bed.log())
     bed.kill_dante()
     wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
-    held = Holder(bed, *(f"{name}:7004" for name in names))
-    try:
-        after = {str(flow["host"]): flow["chain"][0] for flow in connections(bed)}  # type: ignore[index]
-    finally:
-        held.close()
+    live = held_flows(bed, *(f"{name}:7004" for name in names))
+    after = {str(flow["host"]): flow["chain"][0] for flow in live}  # type: ignore[index]
     assert after == dict.fromkeys(names, "micro")
     assert [h for h in names if before[h] != after[h]] == [h for h in names if before[h] == "dante"]
 
