@@ -386,6 +386,11 @@ class ProxyGroup:
             delay, why = 0, str(exc)
         except TimeoutError:
             delay, why = 0, f"no answer within {self.spec.timeout:g}s"
+        except Exception:
+            # A bug in an outbound: loud, but the checks (and every flow
+            # that the group carries) go on, as a flow's bug ends only it.
+            log.exception("group %s: checking %s failed unexpectedly", self.name, member)
+            delay, why = 0, "the check failed unexpectedly"
         self._history[member].append((self._wall_clock(), delay))
         self._set_alive(member, delay > 0, why, retest=False)
         return delay

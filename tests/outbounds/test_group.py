@@ -542,3 +542,17 @@ async def test_a_burst_of_failed_flows_is_not_a_burst_of_checks(
         nursery.cancel_scope.cancel()
     # 60 failed flows in 0.6 s: the first round, then at most one re-check a second.
     assert 2 <= len(g.delays("a")) <= 3
+
+
+async def test_a_bug_in_a_member_fails_its_check_and_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    g = group("fallback", "a", "b")
+
+    async def broken(dest: Destination) -> trio.abc.HalfCloseableStream:
+        raise RuntimeError("a bug")
+
+    proxy(g, "a").connect_tcp = broken  # type: ignore[method-assign]
+    await g.check_all()
+    assert not g.alive("a") and g.alive("b") and g.now() == "b"
+    assert "checking a failed unexpectedly" in caplog.text
