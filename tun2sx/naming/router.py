@@ -11,7 +11,7 @@ Rules are Clash-style strings, tried in order, first match wins:
     NETWORK,udp,proxy                   tcp or udp
     MATCH,proxy                         everything
 
-The target is a named outbound, DIRECT or REJECT; REJECT makes `route`
+The target is a named outbound or proxy group, DIRECT or REJECT; REJECT makes `route`
 return None and the flow is refused (RST for TCP, ICMP administratively
 prohibited for UDP). Names are never resolved here: a destination that
 came through a fake IP carries its host name, and IP-CIDR rules do not
