@@ -107,6 +107,11 @@ def _convert(key: str, value: Any) -> Any:
         from tun2sx.control.config import parse_size
 
         return parse_size(key, value)
+    if key == "groups" and isinstance(value, Mapping):
+        # {"auto": {"type": "fallback", "members": [...]}}, as [groups] in the file.
+        from tun2sx.control.groupconfig import read_groups
+
+        return read_groups(value)
     if key in _TUPLE_FIELDS and isinstance(value, list | tuple):
         return tuple(value)
     return value

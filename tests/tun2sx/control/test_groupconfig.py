@@ -9,6 +9,7 @@ import pytest
 from outbounds.base import Destination
 from outbounds.group import ProxyGroup, reachable_groups
 from outbounds.net import SocketOptions
+from tun2sx.control.api import make_settings
 from tun2sx.control.app import ConfigError, build_router, used_outbounds
 from tun2sx.control.config import settings_from_mapping
 
@@ -114,3 +115,23 @@ def test_mistakes_are_one_line_naming_the_key(document: str, message: str) -> No
     text = str(info.value)
     assert text.startswith(message), text
     assert "\n" not in text and "Secret" not in text
+
+
+def test_the_embedding_api_takes_groups_as_the_file_has_them() -> None:
+    settings = make_settings(
+        3,
+        {
+            "outbound": "auto",
+            "outbounds": {"a": "socks5://127.0.0.1:1080"},
+            "groups": {"auto": {"type": "fallback", "members": ["a", "DIRECT"], "interval": 60}},
+        },
+    )
+    (spec,) = settings.groups
+    assert (spec.name, spec.kind, spec.members, spec.interval) == (
+        "auto",
+        "fallback",
+        ("a", "DIRECT"),
+        60.0,
+    )
+    with pytest.raises(ConfigError, match=r"^groups.auto.members\[1\]: unknown outbound"):
+        make_settings(3, {"groups": {"auto": {"type": "select", "members": ["DIRECT", "b"]}}})
