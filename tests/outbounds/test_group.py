@@ -8,11 +8,19 @@ autojump clock, so a member that answers after `trio.sleep(0.08)` measures
 
 from __future__ import annotations
 
+import datetime
+import functools
 import ipaddress
+import ssl
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from outbounds.base import Destination, FailureReply, Outbound, OutboundError, UdpSession
 from outbounds.group import (
@@ -131,6 +139,7 @@ def proxy(g: ProxyGroup, member: str) -> FakeProxy:
         ("http://10.0.0.1:8080", "http", ipaddress.ip_address("10.0.0.1"), 8080, "/"),
         ("HTTP://[::1]:81/x?y=1", "http", ipaddress.ip_address("::1"), 81, "/x?y=1"),
         ("tcp://1.1.1.1:53", "tcp", ipaddress.ip_address("1.1.1.1"), 53, "/"),
+        ("https://www.gstatic.com/generate_204", "https", "www.gstatic.com", 443, "/generate_204"),
     ],
 )
 def test_check_urls(url: str, scheme: str, host: object, port: int, path: str) -> None:
@@ -146,7 +155,7 @@ def test_check_urls(url: str, scheme: str, host: object, port: int, path: str) -
 @pytest.mark.parametrize(
     "url",
     [
-        "https://www.gstatic.com/generate_204",
+        "ftp://www.gstatic.com/generate_204",
         "www.gstatic.com",
         "tcp://host",
         "http://:80/",
@@ -169,6 +178,8 @@ def test_the_request_names_the_host() -> None:
         .startswith(b"GET /p HTTP/1.1\r\nHost: a.example:8080\r\n")
     )
     assert b"Host: [::1]\r\n" in parse_check_url("http://[::1]/").request()
+    assert b"Host: a.example\r\n" in parse_check_url("https://a.example:443/").request()
+    assert b"Host: a.example:80\r\n" in parse_check_url("https://a.example:80/").request()
 
 
 # -- building --------------------------------------------------------------------
@@ -556,3 +567,81 @@ async def test_a_bug_in_a_member_fails_its_check_and_nothing_else(
     await g.check_all()
     assert not g.alive("a") and g.alive("b") and g.now() == "b"
     assert "checking a failed unexpectedly" in caplog.text
+
+
+def self_signed(tmp_path: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for check.example."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "check.example")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+class ToLocalPort:
+    """A member that takes every connection to one loopback port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connects: list[Destination] = []
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        self.connects.append(dest)
+        return await trio.open_tcp_stream("127.0.0.1", self.port)
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def test_measure_delay_by_https(tmp_path: Path, nursery: trio.Nursery) -> None:
+    requests: list[bytes] = []
+
+    async def server(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some()
+        requests.append(head)
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await trio.aclose_forcefully(stream)
+
+    (listener,) = await nursery.start(
+        functools.partial(
+            trio.serve_ssl_over_tcp, server, 0, self_signed(tmp_path), host="127.0.0.1"
+        )
+    )
+    member = ToLocalPort(listener.transport_listener.socket.getsockname()[1])
+    delay = await measure_delay(member, "https://check.example/generate_204", 5.0)
+    assert delay >= 1
+    assert member.connects == [Destination("check.example", 443)]
+    assert requests[0].startswith(b"GET /generate_204 HTTP/1.1\r\nHost: check.example\r\n")
+
+    # Not TLS on the other end: a failed check, not a crash.
+    async def plain(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await trio.aclose_forcefully(stream)
+
+    (plain_listener,) = await nursery.start(
+        functools.partial(trio.serve_tcp, plain, 0, host="127.0.0.1")
+    )
+    member = ToLocalPort(plain_listener.socket.getsockname()[1])
+    with pytest.raises(OutboundError):
+        await measure_delay(member, "https://check.example/", 5.0)

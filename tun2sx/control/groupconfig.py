@@ -3,7 +3,7 @@
     [groups.auto]
     type = "url-test"                 # select, fallback, url-test, load-balance
     members = ["a", "b", "DIRECT"]    # outbounds, groups, DIRECT, REJECT
-    url = "http://www.gstatic.com/generate_204"   # or "tcp://host:port"
+    url = "http://www.gstatic.com/generate_204"   # https://, or "tcp://host:port"
     interval = 300                    # seconds between checks
     timeout = 5                       # seconds a check may take
     tolerance = 50                    # url-test: ms faster before switching

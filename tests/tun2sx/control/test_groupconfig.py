@@ -82,8 +82,8 @@ members = ["a", "REJECT"]
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\nproxies = []', "groups.g.proxies: unknown"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\nurl = 1', "groups.g.url: expected a str"),
         (
-            '[groups.g]\ntype = "select"\nmembers = ["a"]\nurl = "https://x/"',
-            "groups.g.url: expected http://host/path or tcp://host:port",
+            '[groups.g]\ntype = "select"\nmembers = ["a"]\nurl = "ftp://x/"',
+            "groups.g.url: expected http[s]://host/path or tcp://host:port",
         ),
         (
             '[groups.g]\ntype = "select"\nmembers = ["a"]\nurl = "http://me:Secret@x/"',
