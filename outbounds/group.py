@@ -65,6 +65,7 @@ __all__ = [
     "measure_delay",
     "open_udp_traced",
     "parse_check_url",
+    "parse_status_untrusted",
     "reachable_groups",
 ]
 
@@ -555,26 +556,46 @@ def _tls(stream: trio.abc.HalfCloseableStream, target: CheckTarget) -> trio.SSLS
     return trio.SSLStream(stream, context, server_hostname=host if isinstance(host, str) else None)
 
 
+def parse_status_untrusted(head: bytes) -> int | None:
+    """The status of an HTTP answer from its first bytes; None until the line is whole.
+
+    Raises:
+        ValueError: the bytes are not an HTTP/1 status line (or one is
+            still missing after `_MAX_HEAD` bytes).
+    """
+    line, sep, _rest = head.partition(b"\r\n")
+    if not sep:
+        if len(head) > _MAX_HEAD:
+            raise ValueError("no HTTP status line")
+        return None
+    parts = line.split(b" ", 2)
+    if (
+        len(parts) < 2
+        or not parts[0].startswith(b"HTTP/1.")
+        or len(parts[1]) != 3
+        or not parts[1].isdigit()
+    ):
+        raise ValueError("not an HTTP status line")
+    return int(parts[1])
+
+
 async def _http_status(stream: trio.abc.Stream, target: CheckTarget) -> int:
     """Send the check's GET and read up to the status line; returns the status."""
+    head = b""
     try:
         await stream.send_all(target.request())
-        head = b""
-        while b"\r\n" not in head:
+        while (status := parse_status_untrusted(head)) is None:
             data = await stream.receive_some(_MAX_HEAD)
             if not data:
                 raise OutboundError(
                     FailureReply.RESET, f"{target.dest} closed without an HTTP answer"
                 )
             head += data
-            if len(head) > _MAX_HEAD:
-                break
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise OutboundError(FailureReply.RESET, f"check of {target.dest} broke: {exc}") from exc
-    parts = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        raise OutboundError(FailureReply.RESET, f"{target.dest} did not answer with HTTP")
-    return int(parts[1])
+    except ValueError as exc:
+        raise OutboundError(FailureReply.RESET, f"{target.dest}: {exc}") from None
+    return status
 
 
 def build_groups(

@@ -32,6 +32,7 @@ from outbounds.group import (
     measure_delay,
     open_udp_traced,
     parse_check_url,
+    parse_status_untrusted,
     reachable_groups,
 )
 
@@ -180,6 +181,40 @@ def test_the_request_names_the_host() -> None:
     assert b"Host: [::1]\r\n" in parse_check_url("http://[::1]/").request()
     assert b"Host: a.example\r\n" in parse_check_url("https://a.example:443/").request()
     assert b"Host: a.example:80\r\n" in parse_check_url("https://a.example:80/").request()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 204 No Content\r\n\r\n", 204),
+        (b"HTTP/1.0 503 Service Unavailable\r\nServer: x\r\n\r\nbody", 503),
+        (b"HTTP/1.1 200\r\n", 200),
+    ],
+)
+def test_status_lines_whole_byte_by_byte_and_with_more(answer: bytes, status: int) -> None:
+    assert parse_status_untrusted(answer) == status
+    assert parse_status_untrusted(answer + b"trailing junk\r\n") == status
+    line_end = answer.index(b"\r\n") + 2
+    for cut in range(line_end):
+        assert parse_status_untrusted(answer[:cut]) is None
+    assert parse_status_untrusted(answer[:line_end]) == status
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b"HTTP/1.1\r\n",
+        b"HTTP/1.1 20x OK\r\n",
+        b"HTTP/2 200\r\n",
+        b"HTTP/1.1 2000 OK\r\n",
+        b"\r\n",
+        b"x" * 5000,
+    ],
+)
+def test_what_is_not_a_status_line(answer: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_status_untrusted(answer)
 
 
 # -- building --------------------------------------------------------------------
