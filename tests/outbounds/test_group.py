@@ -8,6 +8,7 @@ autojump clock, so a member that answers after `trio.sleep(0.08)` measures
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import ipaddress
@@ -21,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from outbounds.base import Destination, FailureReply, Outbound, OutboundError, UdpSession
 from outbounds.group import (
@@ -215,6 +218,19 @@ def test_status_lines_whole_byte_by_byte_and_with_more(answer: bytes, status: in
 def test_what_is_not_a_status_line(answer: bytes) -> None:
     with pytest.raises(ValueError):
         parse_status_untrusted(answer)
+
+
+@given(st.binary(max_size=300), st.text(max_size=60))
+def test_any_answer_or_url_is_a_value_or_a_value_error(answer: bytes, url: str) -> None:
+    # Only ValueError: whatever a site or a proxy answers, a check fails cleanly.
+    with contextlib.suppress(ValueError):
+        assert parse_status_untrusted(answer) in (None, *range(1000))
+    try:
+        target = parse_check_url(url)
+    except ValueError:
+        return
+    assert target.scheme in ("http", "https", "tcp")
+    assert target.request().startswith(b"GET /")
 
 
 # -- building --------------------------------------------------------------------
