@@ -67,6 +67,7 @@ __all__ = [
     "parse_check_url",
     "parse_status_untrusted",
     "reachable_groups",
+    "run_health_checks",
 ]
 
 log = logging.getLogger(__name__)
@@ -656,6 +657,17 @@ def build_groups(
     for spec in specs:
         build(spec.name, ())
     return {spec.name: built[spec.name] for spec in specs}
+
+
+async def run_health_checks(groups: Iterable[ProxyGroup]) -> None:
+    """Run every group's `run_checks` until cancelled (one scope to stop them all).
+
+    A configuration reload cancels this for the old groups and starts it
+    for the new ones.
+    """
+    async with trio.open_nursery() as nursery:
+        for group in groups:
+            nursery.start_soon(group.run_checks)
 
 
 def reachable_groups(roots: Iterable[Outbound | None]) -> list[ProxyGroup]:

@@ -37,6 +37,7 @@ from outbounds.group import (
     parse_check_url,
     parse_status_untrusted,
     reachable_groups,
+    run_health_checks,
 )
 
 WEB = Destination("www.example.com", 443)
@@ -696,3 +697,13 @@ async def test_measure_delay_by_https(tmp_path: Path, nursery: trio.Nursery) -> 
     member = ToLocalPort(plain_listener.socket.getsockname()[1])
     with pytest.raises(OutboundError):
         await measure_delay(member, "https://check.example/", 5.0)
+
+
+async def test_health_checks_of_several_groups_stop_together(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    first, second = group("fallback", "a"), group("url-test", "a", "b")
+    with trio.move_on_after(25):
+        await run_health_checks([first, second])
+    # Rounds at 0, 10 and 20 s, each group on its own.
+    assert len(first.delays("a")) == 3 and len(second.delays("b")) == 3

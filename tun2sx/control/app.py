@@ -22,7 +22,13 @@ import trio
 
 from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
-from outbounds.group import GroupError, GroupSpec, build_groups, reachable_groups
+from outbounds.group import (
+    GroupError,
+    GroupSpec,
+    build_groups,
+    reachable_groups,
+    run_health_checks,
+)
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
@@ -547,8 +553,8 @@ async def _serve(
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(engine.run)
-                        for group in reachable_groups(used_outbounds(router)):
-                            nursery.start_soon(group.run_checks)
+                        checked = reachable_groups(used_outbounds(router))
+                        nursery.start_soon(run_health_checks, checked)
                         if listeners:
                             await nursery.start(serve_stats, engine, listeners)
                         if settings.stats_interval > 0:
