@@ -169,6 +169,7 @@ class TcpFlows:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
+        name = engine.router.name_of(outbound)
         upstream = None
         try:
             # A bare cancel scope rather than trio.fail_after (a generator
@@ -176,9 +177,7 @@ class TcpFlows:
             # cancels it too.
             scope.deadline = trio.current_time() + engine.config.connect_timeout
             with scope:
-                upstream, chain = await connect_tcp_traced(
-                    outbound, dest, engine.router.name_of(outbound)
-                )
+                upstream, chain = await connect_tcp_traced(outbound, dest, name)
         except OutboundError as exc:
             if self._dialing.get(key) is scope:
                 log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
@@ -210,9 +209,7 @@ class TcpFlows:
             await trio.aclose_forcefully(upstream)
             return
         app = _endpoint(key.app_addr, key.app_port)
-        info = engine.open_flow(
-            "tcp", app, dest, engine.router.name_of(outbound), rule=rule, chain=chain
-        )
+        info = engine.open_flow("tcp", app, dest, name, rule=rule, chain=chain)
         finished = False
         try:
             if self._handler is None:

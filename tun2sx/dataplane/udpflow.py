@@ -252,11 +252,10 @@ class UdpFlows:
                 if outbound is None:
                     self._unreachable(session, (addr, port, payload), 13, 1)
                     return
+                name = engine.router.name_of(outbound)
                 with trio.move_on_at(session.last_active + engine.config.udp_idle_timeout):
                     try:
-                        upstream, chain = await open_udp_traced(
-                            outbound, dest, engine.router.name_of(outbound)
-                        )
+                        upstream, chain = await open_udp_traced(outbound, dest, name)
                     except OutboundError as exc:
                         log.info(
                             "UDP %s (%s) via %s: %s", _describe(session), dest, outbound.name, exc
@@ -269,7 +268,7 @@ class UdpFlows:
                     "udp",
                     _describe(session),
                     dest,
-                    engine.router.name_of(outbound),
+                    name,
                     rule=rule,
                     chain=chain,
                 )
