@@ -122,11 +122,16 @@ class OutboundError(Exception):
 
     Attributes:
         reply: What the application should get instead of a connection.
+        proxy_failed: The proxy itself failed (unreachable, silent, broke
+            its protocol, refused our credentials), as opposed to the proxy
+            reporting that the destination failed. A proxy group marks such
+            a member down at once (outbounds.group).
     """
 
-    def __init__(self, reply: FailureReply, message: str) -> None:
+    def __init__(self, reply: FailureReply, message: str, *, proxy_failed: bool = False) -> None:
         super().__init__(message)
         self.reply = reply
+        self.proxy_failed = proxy_failed
 
     def __repr__(self) -> str:
         return f"OutboundError({self.reply.name}, {str(self)!r})"

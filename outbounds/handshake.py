@@ -139,7 +139,9 @@ async def run_handshake(
     with trio.CancelScope(deadline=deadline):
         return await _exchange(stream, client, proxy, protocol_error, max_reads)
     raise OutboundError(
-        FailureReply.HOST_UNREACHABLE, f"{proxy} did not answer for {what} within {timeout:g}s"
+        FailureReply.HOST_UNREACHABLE,
+        f"{proxy} did not answer for {what} within {timeout:g}s",
+        proxy_failed=True,
     )
 
 
@@ -164,19 +166,25 @@ async def _exchange(
             # The proxy answers what we just sent: it is not there yet.
             data = await stream.receive_after_wait(4096)
         except protocol_error as exc:
-            raise OutboundError(FailureReply.RESET, f"{proxy} broke the protocol: {exc}") from exc
+            raise OutboundError(
+                FailureReply.RESET, f"{proxy} broke the protocol: {exc}", proxy_failed=True
+            ) from exc
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             reason = cause.strerror if isinstance(cause, OSError) else None
             raise OutboundError(
-                FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
+                FailureReply.RESET,
+                f"{proxy} dropped the connection: {reason or exc}",
+                proxy_failed=True,
             ) from exc
         if not data:
             raise OutboundError(
-                FailureReply.RESET, f"{proxy} closed the connection during the handshake"
+                FailureReply.RESET,
+                f"{proxy} closed the connection during the handshake",
+                proxy_failed=True,
             )
         client.receive_data(data)
-    raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake")
+    raise OutboundError(FailureReply.RESET, f"{proxy} sent an endless handshake", proxy_failed=True)
 
 
 async def open_tunnel(
@@ -209,7 +217,7 @@ async def open_tunnel(
             fast_open=fast_open,
         )
     except OutboundError as exc:
-        raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}", proxy_failed=True) from exc
     try:
         answer = await run_handshake(
             stream,

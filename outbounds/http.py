@@ -321,7 +321,12 @@ class HttpOutbound:
         )
         if not reply.succeeded:
             stream.close_now()
-            raise OutboundError(reply.failure(), self._refusal(reply, dest))
+            # Refused credentials are the proxy's failure, not the destination's.
+            raise OutboundError(
+                reply.failure(),
+                self._refusal(reply, dest),
+                proxy_failed=reply.status in (401, 407),
+            )
         trailing = client.trailing_data
         return PrefixedStream(stream, trailing) if trailing else stream
 

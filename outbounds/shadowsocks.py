@@ -465,7 +465,9 @@ class ShadowsocksOutbound:
             sock = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
             raise OutboundError(
-                exc.reply, f"Shadowsocks server {self._server} unreachable: {exc}"
+                exc.reply,
+                f"Shadowsocks server {self._server} unreachable: {exc}",
+                proxy_failed=True,
             ) from exc
         return ShadowsocksStream(
             sock, self._spec, self._key, dest, clock=self._clock, auth_watch=self._auth_watch

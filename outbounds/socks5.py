@@ -585,7 +585,9 @@ class Socks5Outbound:
                 fast_open=self._fast_open,
             )
         except OutboundError as exc:
-            raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+            raise OutboundError(
+                exc.reply, f"{proxy} unreachable: {exc}", proxy_failed=True
+            ) from exc
         if conn is None:
             if stream.socket.family == socket.AF_INET6:
                 # The zeros of UDP ASSOCIATE in the family of this connection:
@@ -609,7 +611,9 @@ class Socks5Outbound:
                 max_reads=_MAX_HANDSHAKE_READS,
             )
             if isinstance(result, AuthFailed):
-                raise OutboundError(FailureReply.RESET, f"{proxy}: {result.reason}")
+                raise OutboundError(
+                    FailureReply.RESET, f"{proxy}: {result.reason}", proxy_failed=True
+                )
             reply = result
             if not reply.succeeded:
                 if command is Command.UDP_ASSOCIATE:

@@ -113,6 +113,11 @@ def _convert(key: str, value: Any) -> Any:
             return parse_ports(value)
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc}") from exc
+    if key == "groups" and isinstance(value, Mapping):
+        # {"auto": {"type": "fallback", "members": [...]}}, as [groups] in the file.
+        from tun2sx.control.groupconfig import read_groups
+
+        return read_groups(value)
     if key in _TUPLE_FIELDS and isinstance(value, list | tuple):
         return tuple(value)
     return value

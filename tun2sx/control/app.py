@@ -22,6 +22,13 @@ import trio
 
 from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
+from outbounds.group import (
+    GroupError,
+    GroupSpec,
+    build_groups,
+    reachable_groups,
+    run_health_checks,
+)
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
@@ -116,6 +123,7 @@ class Settings:
             name of one of `outbounds`, DIRECT or REJECT.
         outbounds: named outbounds, (name, URL) pairs, for the rules.
         rules: Clash-style rule strings (see tun2sx.naming.router), first match wins.
+        groups: proxy groups (outbounds.group.GroupSpec), named like outbounds.
         fwmark: SO_MARK for every outbound socket.
         interface: SO_BINDTODEVICE for every outbound socket.
         fake_ip: answer DNS with fake IPs.
@@ -173,6 +181,7 @@ class Settings:
     connect_timeout: float = 10.0
     outbounds: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
     rules: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    groups: tuple[GroupSpec, ...] = attrs.field(default=(), converter=tuple)
     stats_listen: str | None = None
     stats_interval: float = DEFAULT_STATS_INTERVAL
     auto_route: bool = False
@@ -251,12 +260,16 @@ def build_outbounds(
 def build_router(
     settings: Settings, socket_options: SocketOptions, resolver: DirectResolver | None = None
 ) -> Router:
-    """The router: named outbounds, DIRECT, the rules and the default.
+    """The router: named outbounds, DIRECT, proxy groups, the rules and the default.
 
     Raises:
         ConfigError: a bad outbound or rule; the message names it.
     """
     named = build_outbounds(settings, socket_options, resolver)
+    try:
+        named.update(build_groups(settings.groups, named))
+    except GroupError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         rules = parse_rules(settings.rules, named.keys())
     except RuleError as exc:
@@ -274,6 +287,11 @@ def build_router(
             raise ConfigError(f"outbound: {exc}; or name one of: {names}, REJECT") from exc
         default_name = None
     return Router(default, RuleSet(rules), named, default_name=default_name)
+
+
+def used_outbounds(router: Router) -> list[Outbound | None]:
+    """What rules and the default can send flows to (the roots of the groups to check)."""
+    return [router.default, *(router.outbounds.get(rule.target) for rule in router.rules.rules)]
 
 
 def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
@@ -598,6 +616,8 @@ async def _serve(
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(engine.run)
+                        checked = reachable_groups(used_outbounds(router))
+                        nursery.start_soon(run_health_checks, checked)
                         if listeners:
                             await nursery.start(serve_stats, engine, listeners)
                         if settings.stats_interval > 0:

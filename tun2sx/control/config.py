@@ -8,6 +8,9 @@ has the schema and a full example):
     rules = ["DOMAIN-SUFFIX,lan,DIRECT", "MATCH,proxy"]
     [outbounds.proxy]
     url = "socks5://127.0.0.1:1080"
+    [groups.auto]                      # proxy groups (tun2sx.control.groupconfig)
+    type = "fallback"
+    members = ["proxy", "DIRECT"]
     [tun] / [dns] / [stats] / [sniff]  # device, fake-IP DNS, statistics, sniffing
 
 A file is read whole and checked whole before anything starts: an unknown
@@ -29,6 +32,7 @@ import attrs
 from outbounds.base import Destination
 from outbounds.resolver import parse_nameserver
 from tun2sx.control.app import ConfigError, Settings, check_settings
+from tun2sx.control.groupconfig import read_groups
 from tun2sx.naming.sniff import parse_ports
 
 # key in its table -> Settings field; None marks a sub-table handled apart.
@@ -43,6 +47,7 @@ _TOP: dict[str, str | None] = {
     "workers": "workers",
     "rules": "rules",
     "outbounds": None,
+    "groups": None,
     "tun": None,
     "dns": None,
     "stats": None,
@@ -346,6 +351,8 @@ def settings_from_mapping(
             _read_table(_table(section, data[section]), dict(fields), f"{section}.", values)
     if "outbounds" in data:
         values["outbounds"] = _read_outbounds(data["outbounds"])
+    if "groups" in data:
+        values["groups"] = read_groups(data["groups"])
     if "outbound" not in values and require_outbound:
         rules = values.get("rules", ())
         assert isinstance(rules, tuple)

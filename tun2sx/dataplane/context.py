@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.tcpstream import TcpStream
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.realnames import RealNames
-    from tun2sx.naming.router import Network, Router
+    from tun2sx.naming.router import Network, Router, Rule
 
 
 @attrs.frozen
@@ -87,16 +87,26 @@ class FlowInfo:
         host_source: where the host name that routed the flow came from:
             "fake-ip", "sniffed", "dns" (a real address a DNS answer gave
             for a name, tun2sx.naming.realnames) or "none".
+        rule: the type of the rule that chose the outbound ("DOMAIN-SUFFIX",
+            "IP-CIDR", ...), "Match" for a MATCH rule or the default
+            (tun2sx.naming.router.rule_label).
+        rule_payload: the rule's value ("example.com"; "" for Match).
+        chain: the outbounds the flow went through, as Clash's `chains`:
+            the leaf outbound first, then the proxy groups that led to it,
+            the outermost (the rule's target) last; one name without groups.
     """
 
     __slots__ = (
         "app",
         "bytes_down",
         "bytes_up",
+        "chain",
         "destination",
         "host_source",
         "network",
         "outbound",
+        "rule",
+        "rule_payload",
         "sniffed",
         "started",
     )
@@ -111,6 +121,9 @@ class FlowInfo:
         *,
         sniffed: str | None = None,
         host_source: str = "none",
+        rule: str = "Match",
+        rule_payload: str = "",
+        chain: tuple[str, ...] | None = None,
     ) -> None:
         self.network = network
         self.app = app
@@ -121,6 +134,9 @@ class FlowInfo:
         self.bytes_down = 0
         self.sniffed = sniffed
         self.host_source = host_source
+        self.rule = rule
+        self.rule_payload = rule_payload
+        self.chain = (outbound,) if chain is None else chain
 
 
 class FlowContext(Protocol):
@@ -166,6 +182,12 @@ class FlowContext(Protocol):
         given, is the host name domain rules match for an address."""
         ...
 
+    def decide(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> tuple[Outbound | None, Rule | None]:
+        """`route`, and the rule that decided (None: the default outbound)."""
+        ...
+
     def read_size(self) -> int:
         """How much a flow should read at once now (see `splice_share`)."""
         ...
@@ -179,8 +201,10 @@ class FlowContext(Protocol):
         *,
         sniffed: str | None = None,
         host_source: str = "none",
+        rule: Rule | None = None,
+        chain: tuple[str, ...] | None = None,
     ) -> FlowInfo:
-        """Register a connected flow for the statistics."""
+        """Register a connected flow for the statistics (`rule` None: the default decided)."""
         ...
 
     def close_flow(self, info: FlowInfo) -> None:

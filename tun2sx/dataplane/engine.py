@@ -29,6 +29,7 @@ from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
 from tun2sx.naming.realnames import RealNames
+from tun2sx.naming.router import rule_label
 
 if TYPE_CHECKING:
     from outbounds.base import Outbound
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from tun2sx.dataplane.tun import TunDevice
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.fakeip import FakeIpStore
-    from tun2sx.naming.router import Network, Router
+    from tun2sx.naming.router import Network, Router, Rule
 
 log = logging.getLogger("tun2sx")
 
@@ -213,9 +214,15 @@ class Engine:
         """The router's choice for a flow; a real address is matched by
         `name` (a sniffed one) or else by the name a DNS answer gave it for
         (tun2sx.naming.realnames)."""
+        return self.decide(dest, network, name)[0]
+
+    def decide(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> tuple[Outbound | None, Rule | None]:
+        """`route`, and the rule that decided (None: the default outbound)."""
         if name is None and not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())
-        return self.router.route(dest, network, name)
+        return self.router.decide(dest, network, name)
 
     def read_size(self) -> int:
         """The splice buffer for a flow alone, its share while others are active.
@@ -240,8 +247,11 @@ class Engine:
         *,
         sniffed: str | None = None,
         host_source: str = "none",
+        rule: Rule | None = None,
+        chain: tuple[str, ...] | None = None,
     ) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
+        kind, payload = rule_label(rule)
         info = FlowInfo(
             network,
             app,
@@ -250,6 +260,9 @@ class Engine:
             trio.current_time(),
             sniffed=sniffed,
             host_source=host_source,
+            rule=kind,
+            rule_payload=payload,
+            chain=chain,
         )
         self.flows.add(info)
         return info

@@ -31,11 +31,12 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
 from outbounds.base import Destination, FailureReply, NowaitStream, OutboundError
+from outbounds.group import connect_tcp_traced
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
 from tun2sx.dataplane.loglimit import LogLimit
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from outbounds.base import Outbound
     from tun2sx.dataplane.context import FlowContext
     from tun2sx.dataplane.dnsserve import DnsServer
+    from tun2sx.naming.router import Rule
 
 log = logging.getLogger("tun2sx.tcp")
 
@@ -180,11 +182,12 @@ class TcpFlows:
             await self._run_sniffed(request, scope, dest, protocols)
             return
         name, source = _known_name(engine, dest)
-        outbound = engine.route(dest, "tcp", name)
+        outbound, rule = engine.decide(dest, "tcp", name)
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
+        label = engine.router.name_of(outbound)
         upstream = None
         try:
             # A bare cancel scope rather than trio.fail_after (a generator
@@ -192,7 +195,7 @@ class TcpFlows:
             # cancels it too.
             scope.deadline = trio.current_time() + engine.config.connect_timeout
             with scope:
-                upstream = await outbound.connect_tcp(dest)
+                upstream, chain = await connect_tcp_traced(outbound, dest, label)
         except OutboundError as exc:
             if self._dialing.get(key) is scope:
                 log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
@@ -223,7 +226,7 @@ class TcpFlows:
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
-        await self._carry(key, stream, upstream, dest, outbound, None, source)
+        await self._carry(key, stream, upstream, dest, outbound, _Route(None, source, rule, chain))
 
     async def _carry(
         self,
@@ -232,13 +235,13 @@ class TcpFlows:
         upstream: trio.abc.HalfCloseableStream,
         dest: Destination,
         outbound: Outbound,
-        sniffed: Sniffed | None,
-        source: str,
+        route: _Route,
         first: bytes = b"",
     ) -> None:
         """Splice a connected flow until it ends; `first` (what sniffing
         read) goes to the outbound before anything else."""
         engine = self._engine
+        sniffed, source, rule, chain = route
         app = _endpoint(key.app_addr, key.app_port)
         info = engine.open_flow(
             "tcp",
@@ -247,6 +250,8 @@ class TcpFlows:
             engine.router.name_of(outbound),
             sniffed=None if sniffed is None else sniffed.host,
             host_source=source,
+            rule=rule,
+            chain=chain,
         )
         finished = False
         try:
@@ -311,7 +316,7 @@ class TcpFlows:
             else:
                 engine.counters["sniff_misses"] += 1
                 name, source = _known_name(engine, dest)
-            outbound = engine.route(route_dest, "tcp", name)
+            outbound, rule = engine.decide(route_dest, "tcp", name)
             if outbound is None:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
                 stream.abort()
@@ -319,7 +324,9 @@ class TcpFlows:
             address = (key.remote_addr, key.remote_port)
             try:
                 with trio.move_on_after(engine.config.connect_timeout):
-                    upstream = await outbound.connect_tcp(dest)
+                    upstream, chain = await connect_tcp_traced(
+                        outbound, dest, engine.router.name_of(outbound)
+                    )
             except OutboundError as exc:
                 log.info("TCP %s (%s) via %s: %s; reset", describe(key), dest, outbound.name, exc)
                 engine.counters["tcp_outbound_failed"] += 1
@@ -353,7 +360,9 @@ class TcpFlows:
                 name,
                 outbound.name,
             )
-        await self._carry(key, stream, upstream, dest, outbound, sniffed, source, first)
+        await self._carry(
+            key, stream, upstream, dest, outbound, _Route(sniffed, source, rule, chain), first
+        )
 
     async def _sniff(
         self, stream: TcpStream, protocols: tuple[Protocol, ...]
@@ -420,6 +429,15 @@ class TcpFlows:
         streams = self._engine.streams
         if stream.finished and streams.get(key) is stream:
             del streams[key]
+
+
+class _Route(NamedTuple):
+    """How a flow was routed, for its FlowInfo."""
+
+    sniffed: Sniffed | None
+    source: str  # where the host name came from (FlowInfo.host_source)
+    rule: Rule | None
+    chain: tuple[str, ...]
 
 
 def _known_name(engine: FlowContext, dest: Destination) -> tuple[str | None, str]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, reply_for_oserror
+from outbounds.group import open_udp_traced
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
@@ -267,13 +268,14 @@ class UdpFlows:
                     elif isinstance(dest.host, str):
                         # A fake IP's name: the sniffed one decides the rules.
                         route_dest = Destination(sniffed.host, port)
-                outbound = engine.route(route_dest, "udp", name)
+                outbound, rule = engine.decide(route_dest, "udp", name)
                 if outbound is None:
                     self._unreachable(session, (addr, port, payload), 13, 1)
                     return
+                name = engine.router.name_of(outbound)
                 with trio.move_on_at(session.last_active + engine.config.udp_idle_timeout):
                     try:
-                        upstream = await outbound.open_udp()
+                        upstream, chain = await open_udp_traced(outbound, dest, name)
                     except OutboundError as exc:
                         log.info(
                             "UDP %s (%s) via %s: %s", _describe(session), dest, outbound.name, exc
@@ -289,6 +291,8 @@ class UdpFlows:
                     engine.router.name_of(outbound),
                     sniffed=None if sniffed is None else sniffed.host,
                     host_source=source,
+                    rule=rule,
+                    chain=chain,
                 )
                 session.upstream = upstream
                 ended: list[BaseException] = []

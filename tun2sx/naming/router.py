@@ -11,7 +11,7 @@ Rules are Clash-style strings, tried in order, first match wins:
     NETWORK,udp,proxy                   tcp or udp
     MATCH,proxy                         everything
 
-The target is a named outbound, DIRECT or REJECT; REJECT makes `route`
+The target is a named outbound or proxy group, DIRECT or REJECT; REJECT makes `route`
 return None and the flow is refused (RST for TCP, ICMP administratively
 prohibited for UDP). Names are never resolved here: a destination that
 came through a fake IP carries its host name, and IP-CIDR rules do not
@@ -274,6 +274,18 @@ class RuleSet:
         return best
 
 
+def rule_label(rule: Rule | None) -> tuple[str, str]:
+    """How a flow's deciding rule is shown: its type and its value.
+
+    A MATCH rule and the default outbound (no rule) both show as Clash
+    shows them, ``("Match", "")``; other rules by their type as written in
+    the config (``DOMAIN-SUFFIX``, ``IP-CIDR``) and their normalised value.
+    """
+    if rule is None or rule.kind == "MATCH":
+        return "Match", ""
+    return rule.kind, rule.value
+
+
 class Router:
     """Picks an outbound for a destination.
 
@@ -281,8 +293,9 @@ class Router:
         default: the outbound used when no rule matches (None: reject).
         rules: compiled rules; their targets must be in `outbounds` or be
             DIRECT / REJECT.
-        outbounds: the named outbounds rules may use; DIRECT, when a rule
-            names it, must be here too (`build_router` puts it there).
+        outbounds: the named outbounds and proxy groups rules may use;
+            DIRECT, when a rule names it, must be here too (`build_router`
+            puts it there). A controller lists them from `Router.outbounds`.
         default_name: how `name_of` labels the default outbound (None: by
             its protocol name, e.g. "socks5").
     """
@@ -315,6 +328,15 @@ class Router:
         if position is None:
             return self.default
         return self._targets[position]
+
+    def decide(
+        self, dest: Destination, network: Network, name: str | None = None
+    ) -> tuple[Outbound | None, Rule | None]:
+        """`route`, and the rule that decided (None: the default outbound)."""
+        position = self.rules.first_match(dest, network, name)
+        if position is None:
+            return self.default, None
+        return self._targets[position], self.rules.rules[position]
 
     def rule_for(self, dest: Destination, network: Network, name: str | None = None) -> Rule | None:
         """The rule that decides `dest`, or None when the default does."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from outbounds.base import Destination
+from outbounds.group import GroupSpec, ProxyGroup
 from outbounds.net import SocketOptions
 from tun2sx.control.app import DEFAULT_AUTO_ROUTE_FWMARK, ConfigError, Settings, build_router
 from tun2sx.control.cli import build_parser, main, settings_from_args
@@ -47,9 +48,16 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         connect_timeout=10.0,
         outbounds=(
             ("proxy", "socks5://127.0.0.1:1080"),
-            ("backup", "socks5://user:secret@10.0.0.2:1080"),
+            ("backup", "socks5://user:secret@10.0.0.2:1080?pipeline=1&tfo=1"),
+            ("office", "http://user:secret@proxy.example:3128"),
         ),
         rules=tuple(tomllib.loads(documented_example())["rules"]),
+        groups=(
+            GroupSpec("auto", "fallback", ("proxy", "backup", "DIRECT"), interval=300, timeout=5),
+            GroupSpec("fastest", "url-test", ("proxy", "backup"), interval=60, tolerance=50),
+            GroupSpec("spread", "load-balance", ("proxy", "backup"), url="tcp://1.1.1.1:443"),
+            GroupSpec("pick", "select", ("auto", "proxy", "backup", "REJECT")),
+        ),
         stats_listen="127.0.0.1:9090",
         stats_interval=300.0,
         auto_route=False,
@@ -69,7 +77,12 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
     assert route(router.route(Destination("www.example.org", 443), "tcp")) == "backup"
     assert route(router.route(Destination("x.tracker.net", 443), "tcp")) == "REJECT"
     assert route(router.route(Destination("example.com", 53), "udp")) == "backup"
-    assert route(router.route(Destination("example.com", 443), "tcp")) == "proxy"
+    assert route(router.route(Destination("example.com", 443), "tcp")) == "auto"
+    assert route(router.route(Destination("www.video.example", 443), "tcp")) == "fastest"
+    assert route(router.route(Destination("cdn.example", 443), "tcp")) == "spread"
+    pick = router.route(Destination("bank.example", 443), "tcp")
+    assert isinstance(pick, ProxyGroup) and pick.now() == "auto"
+    assert pick.target("auto") is router.outbounds["auto"]
     addr = Destination(ipaddress.IPv4Address("192.168.1.5"), 22)
     assert route(router.route(addr, "tcp")) == "DIRECT"
 

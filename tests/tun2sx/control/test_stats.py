@@ -52,10 +52,18 @@ def flow(
     down: int = 0,
     sniffed: str | None = None,
     source: str = "none",
+    **route: Any,
 ) -> FlowInfo:
     dest = Destination.parse_host(host, 443)
     info = FlowInfo(
-        "tcp", "10.0.0.2:40000", dest, "proxy", started, sniffed=sniffed, host_source=source
+        "tcp",
+        "10.0.0.2:40000",
+        dest,
+        "proxy",
+        started,
+        sniffed=sniffed,
+        host_source=source,
+        **route,
     )
     info.bytes_up, info.bytes_down = up, down
     return info
@@ -107,8 +115,9 @@ def split(response: bytes) -> tuple[str, dict[str, str], bytes]:
 def test_routes_and_errors() -> None:
     engine = FakeEngine()
     engine.counters["tcp_flows"] = 2
+    through_group = {"rule": "DOMAIN-SUFFIX", "rule_payload": "example", "chain": ("a", "proxy")}
     engine.flows = {
-        flow("b.example", 5.0, 10, 20, source="fake-ip"),
+        flow("b.example", 5.0, 10, 20, source="fake-ip", **through_group),
         flow("10.1.1.1", 2.0, sniffed="a.example", source="sniffed"),
     }
     status, headers, body = split(respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 9))
@@ -127,6 +136,9 @@ def test_routes_and_errors() -> None:
             "outbound": "proxy",
             "sniffed": "a.example",
             "host_source": "sniffed",
+            "chain": ["proxy"],
+            "rule": "Match",
+            "rule_payload": "",
             "bytes_up": 0,
             "bytes_down": 0,
             "age": 8.0,
@@ -139,6 +151,9 @@ def test_routes_and_errors() -> None:
             "outbound": "proxy",
             "sniffed": None,
             "host_source": "fake-ip",
+            "chain": ["a", "proxy"],
+            "rule": "DOMAIN-SUFFIX",
+            "rule_payload": "example",
             "bytes_up": 10,
             "bytes_down": 20,
             "age": 5.0,

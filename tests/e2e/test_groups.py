@@ -1,0 +1,306 @@
+"""Proxy groups end to end: Dante and microsocks in groups, one killed mid-run.
+
+tun2sx runs from a config file whose groups hold the testbed's two proxies
+(Dante on 1081, microsocks on 1080), health-checked by an HTTP GET of the
+server's web page through each. The stats endpoint's `/connections` shows
+which member carried each live flow (its `chain`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+
+pytestmark = pytest.mark.e2e
+
+STATS = "127.0.0.1:9090"
+CHECK_URL = f"http://{SERVER_ADDR}:8080/"
+INTERVAL, TIMEOUT = 2, 1
+HOLD_CLIENT = """
+import socket, sys
+targets = [arg.rsplit(":", 1) for arg in sys.argv[1:]]
+socks = [socket.create_connection((host, int(port)), timeout=20) for host, port in targets]
+print("connected", flush=True)
+if sys.stdin.readline().strip() == "echo":
+    for sock in socks:
+        sock.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000 and (data := sock.recv(4096)):
+            got += data
+        print("echoed" if got == b"x" * 1000 else "lost", flush=True)
+"""
+
+
+def config(groups: str, rules: str = "[]") -> str:
+    return f"""
+outbound = "main"
+rules = {rules}
+
+[outbounds.dante]
+url = "socks5://{SERVER_ADDR}:1081"
+
+[outbounds.micro]
+url = "socks5://{SERVER_ADDR}:1080"
+
+[stats]
+listen = "{STATS}"
+interval = 0
+{groups}
+"""
+
+
+def group(name: str, kind: str, members: str, interval: float = INTERVAL, extra: str = "") -> str:
+    return f"""
+[groups.{name}]
+type = "{kind}"
+members = {members}
+url = "{CHECK_URL}"
+interval = {interval}
+timeout = {TIMEOUT}
+{extra}
+"""
+
+
+@pytest.fixture
+def grouped(testbed: Testbed) -> Iterator[Testbed]:
+    """The testbed, to be started on a config file by the test; Dante alive after."""
+    testbed.stop()
+    yield testbed
+    if testbed.proc is not None:
+        testbed.stop()
+    if testbed.dante.poll() is not None:
+        testbed.start_dante()
+    testbed.proxy_args = ["--socks", f"{SERVER_ADDR}:1080"]
+    testbed.start()
+
+
+def start_on(bed: Testbed, text: str) -> None:
+    path = Path(bed.tmp) / "groups.toml"
+    path.write_text(text)
+    bed.proxy_args = ["--config", str(path)]
+    bed.start()
+
+
+def connections(bed: Testbed) -> list[dict[str, object]]:
+    out = bed.client_run(["curl", "-s", "--noproxy", "*", f"http://{STATS}/connections"])
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def wait_log(bed: Testbed, text: str, since: int, timeout: float) -> float:
+    """Seconds until `text` appears in the log after offset `since`."""
+    start = time.monotonic()
+    while text not in bed.log()[since:]:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{text!r} not logged within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+class Holder:
+    """Connections held open from the client namespace until `close`."""
+
+    def __init__(self, bed: Testbed, *targets: str) -> None:
+        argv = [sys.executable, "-c", HOLD_CLIENT, *targets]
+        self.proc = subprocess.Popen(
+            bed.client.exec_argv(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(ROOT),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == "connected", line
+
+    def echo(self) -> list[str]:
+        """Send 1000 bytes on each connection; whether each came back whole."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("echo\n")
+        self.proc.stdin.flush()
+        return [line.strip() for line in self.proc.stdout]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def held_flows(bed: Testbed, *targets: str) -> list[dict[str, object]]:
+    """The live flows while connections to `targets` are held open."""
+    held = Holder(bed, *targets)
+    try:
+        return connections(bed)
+    finally:
+        held.close()
+
+
+def echo_flow(bed: Testbed) -> dict[str, object]:
+    """The flow of one connection to the echo server, while it is open."""
+    (flow,) = [c for c in held_flows(bed, "echo.test:7001") if c["port"] == 7001]
+    return flow
+
+
+@pytest.mark.parametrize("kind", ["fallback", "url-test"])
+def test_new_flows_leave_a_killed_proxy_within_one_interval(grouped: Testbed, kind: str) -> None:
+    bed = grouped
+    # `main` prefers Dante (url-test: the first member until another is
+    # faster by more than the tolerance, which no loopback proxy is);
+    # `slow` prefers microsocks and carries big.test.
+    start_on(
+        bed,
+        config(
+            group("main", kind, '["dante", "micro"]', extra="tolerance = 5000")
+            + group("slow", "fallback", '["micro", "dante"]'),
+            rules='["DOMAIN,big.test,slow"]',
+        ),
+    )
+    flow = echo_flow(bed)
+    assert flow["chain"] == ["dante", "main"] and flow["rule"] == "Match"
+    # A download through microsocks, at 1 MB/s for about five seconds.
+    download = subprocess.Popen(
+        bed.client.exec_argv(
+            ["curl", "-sS", "--limit-rate", "1M", "-o", "-", "http://big.test:8080/big.bin"]
+        ),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(1)
+        (flow,) = [c for c in connections(bed) if c["port"] == 8080]
+        assert flow["chain"] == ["micro", "slow"] and flow["rule"] == "DOMAIN"
+        offset = len(bed.log())
+        bed.kill_dante()
+        # No flow goes to Dante meanwhile: the health checks alone find it.
+        found = wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+        assert found <= INTERVAL + 1, found
+        assert echo_flow(bed)["chain"] == ["micro", "main"]
+        body, _ = download.communicate(timeout=30)
+    finally:
+        if download.poll() is None:
+            download.kill()
+            download.wait()
+    assert download.returncode == 0
+    assert body == (bed.www / "big.bin").read_bytes()
+    log = bed.log()[offset:]
+    assert "Traceback" not in log and " ERROR " not in log
+    # Dante back: the next round of checks returns fallback to it; url-test
+    # stays where it is, Dante being no faster by more than the tolerance.
+    offset = len(bed.log())
+    bed.start_dante()
+    wait_log(bed, "group main: dante is up", offset, INTERVAL + TIMEOUT + 5)
+    assert echo_flow(bed)["chain"] == ["dante" if kind == "fallback" else "micro", "main"]
+
+
+def test_a_flow_refused_by_a_dead_proxy_moves_the_next_at_once(grouped: Testbed) -> None:
+    bed = grouped
+    # Checks every ten minutes: only the failing flow can tell.
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]', interval=600)))
+    assert bed.client_tool("echo", "echo.test", 7001, 1000)["equal"] is True
+    offset = len(bed.log())
+    bed.kill_dante()
+    # The client tries the name's AAAA, then its A: the first connect goes
+    # to Dante and is refused (RST), which marks Dante down, and the
+    # second, a moment later, goes to microsocks.
+    assert bed.client_tool("connect", "echo.test", 7001) == {"connected": True}
+    log = bed.log()[offset:]
+    assert "group main: dante is down" in log
+    assert log.count("via main: SOCKS5 proxy 10.200.0.2:1081 unreachable") == 1, log
+    assert bed.client_tool("download", "big.test", 7003, 1_000_000) == {
+        "received": 1_000_000,
+        "equal": True,
+    }
+    assert echo_flow(bed)["chain"] == ["micro", "main"]
+
+
+def test_load_balance_keeps_each_site_on_one_proxy(grouped: Testbed) -> None:
+    bed = grouped
+    start_on(bed, config(group("main", "load-balance", '["dante", "micro"]')))
+    names = [f"n{i}.test" for i in range(1, 6)]
+    # Each name twice, at the same time; whoami answers only once asked.
+    live = held_flows(bed, *(f"{name}:7004" for name in names * 2))
+    chains: dict[str, set[tuple[str, ...]]] = {}
+    for flow in live:
+        chains.setdefault(str(flow["host"]), set()).add(tuple(flow["chain"]))  # type: ignore[arg-type]
+    assert sorted(chains) == names
+    assert all(len(seen) == 1 for seen in chains.values()), chains
+    members = {next(iter(seen))[0] for seen in chains.values()}
+    assert members == {"dante", "micro"}, chains  # both carry some sites
+    before = {host: next(iter(seen))[0] for host, seen in chains.items()}
+    # Dante dies: only its sites move.
+    offset = len(bed.log())
+    bed.kill_dante()
+    wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+    live = held_flows(bed, *(f"{name}:7004" for name in names))
+    after = {str(flow["host"]): flow["chain"][0] for flow in live}  # type: ignore[index]
+    assert after == dict.fromkeys(names, "micro")
+    assert [h for h in names if before[h] != after[h]] == [h for h in names if before[h] == "dante"]
+
+
+def test_a_select_group_switched_at_run_time(grouped: Testbed) -> None:
+    bed = grouped
+    path = Path(bed.tmp) / "select.toml"
+    path.write_text(
+        config(group("pick", "select", '["dante", "micro"]')).replace(
+            'outbound = "main"', 'outbound = "pick"'
+        )
+        + f"""
+[tun]
+name = "tun0"
+addresses = ["198.18.0.1/15", "fd00:7e::1/64"]
+[dns]
+fake_ip_db = "{bed.fakeip_db}"
+upstream = "{SERVER_ADDR}:5353"
+"""
+    )
+    driver = subprocess.Popen(
+        bed.client.exec_argv([sys.executable, "-m", "tests.e2e.selectdriver", str(path)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=str(ROOT),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert driver.stdin is not None and driver.stdout is not None
+    try:
+        assert driver.stdout.readline().strip() == "serving"
+        bed.client_run(["ip", "route", "replace", "default", "dev", "tun0"])
+        bed.client_run(["ip", "-6", "route", "replace", "default", "dev", "tun0"])
+        first = Holder(bed, "echo.test:7001")
+        try:
+            driver.stdin.write("pick micro\n")
+            driver.stdin.flush()
+            assert driver.stdout.readline().strip() == "selected micro"
+            second = Holder(bed, "echo.test:7001")
+            try:
+                chains = sorted(tuple(c["chain"]) for c in connections(bed))  # type: ignore[arg-type]
+                assert chains == [("dante", "pick"), ("micro", "pick")]
+            finally:
+                second.close()
+            # The flow that began before the switch is still Dante's, and whole.
+            assert first.echo() == ["echoed"]
+        finally:
+            first.close()
+        driver.stdin.write("pick nobody\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().startswith("error: group pick has no member")
+    finally:
+        driver.stdin.close()
+        try:
+            driver.wait(10)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            driver.wait()
