@@ -366,12 +366,17 @@ def service_unit() -> str:
     return unit
 
 
-def _read_again(args: argparse.Namespace, path: str | None) -> Settings:
-    """The settings from `path` (None: the --config file) with the flags over it."""
-    path = path or args.config
-    if path is None:
-        raise ConfigError("started without --config; there is no file to read again")
-    return settings_from_args(argparse.Namespace(**{**vars(args), "config": path}))
+def reload_source(args: argparse.Namespace, settings: Settings) -> ConfigSource:
+    """How a reload reads the settings again: the --config file (or the
+    file it is given), with the same flags over it as at start."""
+
+    def load(path: str | None) -> Settings:
+        path = path or args.config
+        if path is None:
+            raise ConfigError("started without --config; there is no file to read again")
+        return settings_from_args(argparse.Namespace(**{**vars(args), "config": path}))
+
+    return ConfigSource(load, settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2
-    source = ConfigSource(functools.partial(_read_again, args), settings)
+    source = reload_source(args, settings)
     if settings.workers > 1:
         from tun2sx.control.workers import run_workers
 
