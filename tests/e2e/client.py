@@ -9,6 +9,11 @@ application saw (RST -> ECONNREFUSED, ICMP unreachable -> EHOSTUNREACH...).
     python -m tests.e2e.client download HOST PORT SIZE  # ask the source server
     python -m tests.e2e.client connect HOST PORT        # just connect
     python -m tests.e2e.client udp HOST PORT COUNT      # datagrams to the UDP echo
+    python -m tests.e2e.client held-upload HOST PORT SIZE    # upload, stopping halfway
+    python -m tests.e2e.client held-download HOST PORT SIZE  # download, stopping halfway
+
+The held transfers print "half" when halfway and go on once a line arrives
+on stdin, so a test can change something while the flow is open.
 """
 
 from __future__ import annotations
@@ -64,6 +69,36 @@ def download(host: str, port: int, size: int) -> dict[str, object]:
     return {"received": len(got), "equal": got == pattern(size)}
 
 
+def _halfway() -> None:
+    print("half", flush=True)
+    sys.stdin.readline()
+
+
+def held_upload(host: str, port: int, size: int) -> dict[str, object]:
+    """`upload`, waiting halfway (see the module's docstring)."""
+    payload = os.urandom(size)
+    half = size // 2
+    with _connect(host, port) as sock:
+        sock.sendall(payload[:half])
+        _halfway()
+        sock.sendall(payload[half:])
+        sock.shutdown(socket.SHUT_WR)
+        answer = _recv_all(sock).decode()
+    return {"sent": size, "equal": answer == hashlib.sha256(payload).hexdigest()}
+
+
+def held_download(host: str, port: int, size: int) -> dict[str, object]:
+    """`download`, waiting once half has arrived."""
+    with _connect(host, port) as sock:
+        sock.sendall(f"{size}\n".encode())
+        got = bytearray()
+        while len(got) < size // 2 and (data := sock.recv(1 << 18)):
+            got += data
+        _halfway()
+        got += _recv_all(sock)
+    return {"received": len(got), "equal": bytes(got) == pattern(size)}
+
+
 def connect(host: str, port: int) -> dict[str, object]:
     with _connect(host, port, timeout=8):
         return {"connected": True}
@@ -105,6 +140,8 @@ def main() -> None:
         "download": download,
         "udp": udp,
         "bigudp": bigudp,
+        "held-upload": held_upload,
+        "held-download": held_download,
     }
     try:
         if cmd == "connect":
