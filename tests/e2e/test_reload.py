@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_PORT, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_PORT, Testbed, running_bed
+from tests.support import require
+from tun2sx.lab.netns import Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -92,8 +94,8 @@ class _Held:
             self.proc.wait(10)
 
 
-def _hup_and_wait(bed: Testbed, words: str) -> str:
-    """SIGHUP tun2sx; the log it wrote until a line with `words` appeared."""
+def _hup_and_wait(bed: Testbed, words: str, times: int = 1) -> str:
+    """SIGHUP tun2sx; the log it wrote until `times` lines with `words` appeared."""
     assert bed.proc is not None
     offset = bed.log_path.stat().st_size
     bed.proc.send_signal(signal.SIGHUP)
@@ -102,7 +104,7 @@ def _hup_and_wait(bed: Testbed, words: str) -> str:
         with bed.log_path.open("rb") as f:
             f.seek(offset)
             text = f.read().decode(errors="replace")
-        if words in text:
+        if text.count(words) >= times:
             return text
         time.sleep(0.05)
     raise AssertionError(f"no {words!r} in the log after SIGHUP")
@@ -166,3 +168,29 @@ def test_a_setting_that_needs_a_restart_says_so_and_the_rest_applies(bed: Testbe
     lines = [line for line in log.splitlines() if "restart" in line]
     assert len(lines) == 1 and "stats.interval" in lines[0], lines
     assert _whoami(bed, "n5.test") == {"error": "ECONNREFUSED"}
+
+
+WORKERS = 2
+
+
+def _workers_bed(lab: Lab, tmp: Path) -> Testbed:
+    bed = Testbed(lab, tmp)
+    _config(tmp / "reload.toml", "dante")
+    bed.proxy_args = ["--config", str(tmp / "reload.toml")]
+    return bed
+
+
+def test_workers_each_reload_on_the_parents_sighup() -> None:
+    require("danted")
+    with running_bed("t2sx-reloadw", _workers_bed, "--workers", str(WORKERS)) as bed:
+        assert _whoami(bed, "n1.test") == {"connected": True}
+        _config(bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT")
+        log = _hup_and_wait(bed, "reloaded", times=WORKERS)
+        assert sorted(
+            line.split(":")[2][-3:] for line in log.splitlines() if "reloaded" in line
+        ) == [f"[{i}]" for i in range(WORKERS)]
+        # Each connection from a new port: the kernel spreads them over both queues.
+        for _ in range(6):
+            assert _whoami(bed, "n1.test") == {"error": "ECONNREFUSED"}
+        assert _whoami(bed, "n2.test") == {"connected": True}
+        assert bed.proc is not None and bed.proc.poll() is None
