@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -186,9 +187,8 @@ def test_workers_each_reload_on_the_parents_sighup() -> None:
         assert _whoami(bed, "n1.test") == {"connected": True}
         _config(bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT")
         log = _hup_and_wait(bed, "reloaded", times=WORKERS)
-        assert sorted(
-            line.split(":")[2][-3:] for line in log.splitlines() if "reloaded" in line
-        ) == [f"[{i}]" for i in range(WORKERS)]
+        workers = re.findall(r"tun2sx\[(\d+)\]: tun2sx: reloaded", log)
+        assert sorted(workers) == [str(i) for i in range(WORKERS)]
         # Each connection from a new port: the kernel spreads them over both queues.
         for _ in range(6):
             assert _whoami(bed, "n1.test") == {"error": "ECONNREFUSED"}
