@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -265,6 +265,12 @@ class Routing:
 
     router: Router
     resolver: DirectResolver
+
+    def tasks(self) -> list[Callable[[], Awaitable[object]]]:
+        """What runs while this routing is in use, in a cancel scope of its
+        own that a reload cancels once no flow uses it (a proxy group's
+        health checks); nothing for plain outbounds."""
+        return []
 
 
 def open_routing(settings: Settings, protect: Callable[[int], bool] | None = None) -> Routing:

@@ -14,18 +14,21 @@ table, the stats endpoint, the workers, the routes and their mark) keeps
 its running value, and one log line per key says it needs a restart. A file
 that does not load is refused with its one-line error, and nothing changes.
 
-The replaced outbounds are closed (those that hold resources: an object
-with `aclose`, such as a group's health checks) once no flow can still use
-them: after the old connect and UDP set-up time-outs, by which every flow
-the old router chose has connected or failed, and once every flow open at
-that moment has ended.
+A routing's tasks (`Routing.tasks`: a proxy group's health checks) run in
+a cancel scope of their own. The replaced routing's are cancelled, and its
+outbounds that hold resources (an object with `aclose`) closed, once no
+flow can still use them: after the old connect and UDP set-up time-outs,
+by which every flow the old router chose has connected or failed, and once
+every flow open at that moment has ended. A select group keeps the member
+chosen in it (by a dashboard, say) when the new file still has the group
+and the member.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -36,6 +39,7 @@ from tun2sx.naming.fakeip import FakeIpFilter
 
 if TYPE_CHECKING:
     from tun2sx.dataplane.engine import Engine
+    from tun2sx.naming.router import Router
 
 log = logging.getLogger("tun2sx")
 
@@ -104,6 +108,18 @@ def _shown(value: object) -> str:
     return "unset" if value is None else str(value)
 
 
+def carry_selections(old: Router, new: Router) -> None:
+    """Select in each select group of `new` the member chosen in the group of
+    the same name in `old`, when it still has that member."""
+    for name, group in new.outbounds.items():
+        before: Any = old.outbounds.get(name)
+        if getattr(group, "kind", None) != "select" or getattr(before, "kind", None) != "select":
+            continue
+        chosen = before.now()
+        if chosen in group.members:  # type: ignore[attr-defined]
+            group.select(chosen)  # type: ignore[attr-defined]
+
+
 @runtime_checkable
 class _Closeable(Protocol):
     async def aclose(self) -> None: ...
@@ -154,6 +170,7 @@ class Reloader:
         self._loaded = source.loaded if source is not None else settings
         self._protect = protect
         self._retiring: list[Routing] = []
+        self._scopes: dict[int, trio.CancelScope] = {}  # id(routing) -> its tasks' scope
         self._nursery: trio.Nursery | None = None
 
     def reload(self, path: str | None = None) -> str | None:
@@ -179,6 +196,7 @@ class Reloader:
             routing = open_routing(settings, self._protect)
         except ConfigError as exc:
             return self._refuse(str(exc))
+        carry_selections(self.routing.router, routing.router)
         for line in kept:
             log.warning("tun2sx: reload: %s", line)
         self._apply(settings, routing)
@@ -209,6 +227,7 @@ class Reloader:
         self.routing, self.settings = routing, settings
         self._retiring.append(old)
         if self._nursery is not None:
+            self._nursery.start_soon(self._run_tasks, routing)
             # Until both time-outs have passed, a flow the old router chose
             # may still be connecting (TCP) or setting up (UDP).
             grace = max(old_settings.connect_timeout, old_settings.udp_timeout)
@@ -222,19 +241,37 @@ class Reloader:
             await trio.sleep(_RETIRE_POLL)
             waiting = {info for info in waiting if info in flows}
         self._retiring.remove(old)
-        await close_routing(old)
+        await self._close(old)
+
+    async def _run_tasks(self, routing: Routing) -> None:
+        tasks = routing.tasks()
+        if not tasks:
+            return
+        with trio.CancelScope() as scope:
+            self._scopes[id(routing)] = scope
+            async with trio.open_nursery() as nursery:
+                for task in tasks:
+                    nursery.start_soon(task)
+        self._scopes.pop(id(routing), None)
+
+    async def _close(self, routing: Routing) -> None:
+        scope = self._scopes.pop(id(routing), None)
+        if scope is not None:
+            scope.cancel()
+        await close_routing(routing)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the retiring routings' tasks until cancelled; then close every
-        outbound, the running ones included."""
+        """Run the routings' tasks and retire replaced routings until
+        cancelled; then close every outbound, the running ones included."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._run_tasks, self.routing)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                 for routing in (*self._retiring, self.routing):
-                    await close_routing(routing)
+                    await self._close(routing)
                 self._retiring.clear()

@@ -308,3 +308,90 @@ async def test_sighup_reloads_a_serving_instance(tmp_path: Path) -> None:
                     await trio.sleep(0.01)
             assert _route(engine, "a.blocked.test") == "proxy"  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
+
+
+class _Checked(Routing):
+    """A routing with a task, as a proxy group's health checks are."""
+
+    def tasks(self) -> list:  # type: ignore[type-arg]
+        return [self.check]
+
+    async def check(self) -> None:
+        running.append(self)
+        try:
+            await trio.sleep_forever()
+        finally:
+            running.remove(self)
+
+
+running: list[Routing] = []
+
+
+async def test_a_routings_tasks_run_until_it_is_retired(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    import tun2sx.control.reload as reload_module
+
+    def open_checked(settings: Settings, protect: object = None) -> Routing:
+        from tun2sx.control.app import open_routing
+
+        plain = open_routing(settings)
+        return _Checked(plain.router, plain.resolver)
+
+    monkeypatch.setattr(reload_module, "open_routing", open_checked)
+    first = open_checked(settings)
+    flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "proxy", 0.0)
+    engine = SimpleNamespace(
+        router=first.router,
+        dns=None,
+        config=EngineConfig(),
+        flows={flow},
+        device=SimpleNamespace(mtu=9000, offload=True),
+    )
+    reloader = Reloader(engine, settings, reload_source(args, settings), first)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reloader.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert running == [first]
+        assert reloader.reload() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert running == [first, reloader.routing]
+        engine.flows.clear()
+        await trio.sleep(120)
+        assert running == [reloader.routing]
+        nursery.cancel_scope.cancel()
+    assert running == []
+
+
+class _Select:
+    """A select group as the proxy groups' contract describes it."""
+
+    kind = "select"
+
+    def __init__(self, *members: str) -> None:
+        self.members = members
+        self.chosen = members[0]
+        self.name = "g"
+
+    def now(self) -> str:
+        return self.chosen
+
+    def select(self, member: str) -> None:
+        if member not in self.members:
+            raise ValueError(member)
+        self.chosen = member
+
+
+def test_a_select_group_keeps_its_choice_when_the_member_is_still_there() -> None:
+    from tun2sx.control.reload import carry_selections
+
+    old = _Select("a", "b", "c")
+    old.select("b")
+    kept, gone, other = _Select("a", "b"), _Select("a", "c"), _Select("a", "b")
+    before = Router(None, outbounds={"g": old, "h": old})  # type: ignore[dict-item]
+    after = Router(None, outbounds={"g": kept, "h": gone, "i": other})  # type: ignore[dict-item]
+    carry_selections(before, after)
+    assert (kept.now(), gone.now(), other.now()) == ("b", "a", "a")
