@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import attrs
 import trio
 
-from tun2sx.control.app import ConfigError, Routing, Settings, engine_config, open_routing
+from tun2sx.control.app import (
+    ConfigError,
+    Routing,
+    Settings,
+    check_settings,
+    engine_config,
+    open_routing,
+)
 from tun2sx.control.config import file_key_message
 from tun2sx.naming.fakeip import FakeIpFilter
 
@@ -100,6 +107,20 @@ def restart_needed(old: Settings, new: Settings) -> list[str]:
                 )
             )
     return lines
+
+
+def _check_together(settings: Settings, path: str) -> None:
+    """Check the new values beside the kept ones (a `dns.direct` server
+    inside the running fake-IP pool, say).
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    try:
+        check_settings(settings)
+    except ConfigError as exc:
+        message = file_key_message(str(exc))
+        raise ConfigError(f"{path}: {message}" if path else message) from None
 
 
 def _shown(value: object) -> str:
@@ -193,6 +214,7 @@ class Reloader:
             settings = attrs.evolve(
                 loaded, **{field: getattr(self.settings, field) for field in RESTART_FIELDS}
             )
+            _check_together(settings, path or "")
             routing = open_routing(settings, self._protect)
         except ConfigError as exc:
             return self._refuse(str(exc))

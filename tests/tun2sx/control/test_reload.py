@@ -395,3 +395,15 @@ def test_a_select_group_keeps_its_choice_when_the_member_is_still_there() -> Non
     after = Router(None, outbounds={"g": kept, "h": gone, "i": other})  # type: ignore[dict-item]
     carry_selections(before, after)
     assert (kept.now(), gone.now(), other.now()) == ("b", "a", "a")
+
+
+def test_new_values_are_checked_beside_the_kept_ones(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    # Fine in a fresh start (the pool moves away), but the running pool stays.
+    moved = 'fake_ip_range = "10.99.0.0/16"\ndirect = ["198.18.0.9"]\nupstream'
+    _write(config, BASE.replace("upstream", moved, 1))
+    error = reloader.reload()
+    assert error is not None and error.startswith("dns.direct: 198.18.0.9:53 is in 198.18.0.0/15")
+    assert engine.router is router
