@@ -629,7 +629,7 @@ async def _on_signals(
     async for signum in signals:
         if signum == signal.SIGHUP:
             log.info("tun2sx: SIGHUP, reading the configuration again")
-            reloader.reload()
+            await reloader.areload()
             continue
         log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
         scope.cancel()

@@ -407,3 +407,48 @@ def test_new_values_are_checked_beside_the_kept_ones(tmp_path: Path) -> None:
     error = reloader.reload()
     assert error is not None and error.startswith("dns.direct: 198.18.0.9:53 is in 198.18.0.0/15")
     assert engine.router is router
+
+
+async def test_areload_reads_and_builds_while_the_engine_goes_on(tmp_path: Path) -> None:
+    import threading
+
+    from tun2sx.control.reload import ConfigSource
+
+    config = _write(tmp_path / "c.toml", BASE)
+    settings, _, engine = _started(config)
+    args = build_parser().parse_args(["--config", str(config)])
+    plain = reload_source(args, settings)
+    may_read = threading.Event()
+
+    def load(path: str | None) -> Settings:
+        # Returns only once trio's thread has run on: a load on that thread
+        # would never see the event set and the test would time out.
+        assert may_read.wait(10)
+        return plain.load(path)
+
+    routing = Routing(engine.router, DirectResolver([]))
+    reloader = Reloader(engine, settings, ConfigSource(load, settings), routing)  # type: ignore[arg-type]
+    _write(config, BASE.replace("blocked", "nothing"))
+    async with trio.open_nursery() as nursery:
+        results: list[str | None] = []
+
+        async def reload() -> None:
+            results.append(await reloader.areload())
+
+        nursery.start_soon(reload)
+        nursery.start_soon(reload)  # a second one waits for the first
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [] and _route(engine, "x.blocked.test") == "REJECT"
+        may_read.set()
+    assert results == [None, None]
+    assert _route(engine, "x.blocked.test") == "proxy"
+
+
+async def test_areload_refuses_a_bad_file(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    _write(config, BASE.replace("REJECT", "prxy"))
+    error = await reloader.areload()
+    assert error is not None and "rules[0]" in error
+    assert engine.router is router
