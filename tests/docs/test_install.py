@@ -47,9 +47,9 @@ def _run(argv: list[str | Path], **kwargs: object) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a checkout holds for installing, copied (builds write into it)."""
+    src = tmp_path_factory.mktemp("checkout") / "tun2sx"
     src.mkdir()
     for name in SOURCES:
         path = ROOT / name
@@ -57,6 +57,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(path, src / name)
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = source
     result = _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, src])
     assert result.returncode == 0, result.stderr
     (built,) = tmp.glob("tun2sx-*.whl")
@@ -121,11 +128,12 @@ def test_the_printed_unit_verifies(venv: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_pipx_installs_a_working_command(wheel: Path, tmp_path: Path) -> None:
+def test_pipx_installs_a_working_command_from_a_checkout(source: Path, tmp_path: Path) -> None:
+    """As docs/install.md does it: `pipx install` of the checkout's folder."""
     pipx = require_binary("pipx")
     env = dict(os.environ, PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
     env.pop("VIRTUAL_ENV", None)
-    installed = _run([pipx, "install", wheel], env=env, cwd=tmp_path)
+    installed = _run([pipx, "install", source], env=env, cwd=tmp_path)
     assert installed.returncode == 0, installed.stderr
     result = _run([tmp_path / "bin" / "tun2sx", "--version"], cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("tun2sx ")
