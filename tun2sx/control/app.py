@@ -268,9 +268,14 @@ class Routing:
 
     def tasks(self) -> list[Callable[[], Awaitable[object]]]:
         """What runs while this routing is in use, in a cancel scope of its
-        own that a reload cancels once no flow uses it (a proxy group's
-        health checks); nothing for plain outbounds."""
-        return []
+        own that a reload cancels once no flow uses it: the health checks
+        (`run_checks`) of the outbounds that have them, proxy groups."""
+        found = []
+        for outbound in {id(o): o for o in self.router.outbounds.values()}.values():
+            run_checks = getattr(outbound, "run_checks", None)
+            if run_checks is not None:
+                found.append(run_checks)
+        return found
 
 
 def open_routing(settings: Settings, protect: Callable[[int], bool] | None = None) -> Routing:

@@ -310,13 +310,12 @@ async def test_sighup_reloads_a_serving_instance(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
-class _Checked(Routing):
-    """A routing with a task, as a proxy group's health checks are."""
+class _Group:
+    """An outbound with health checks (`run_checks`), as a proxy group has."""
 
-    def tasks(self) -> list:  # type: ignore[type-arg]
-        return [self.check]
+    name = "group"
 
-    async def check(self) -> None:
+    async def run_checks(self) -> None:
         running.append(self)
         try:
             await trio.sleep_forever()
@@ -324,10 +323,15 @@ class _Checked(Routing):
             running.remove(self)
 
 
-running: list[Routing] = []
+running: list[_Group] = []
 
 
-async def test_a_routings_tasks_run_until_it_is_retired(
+def _checked() -> Routing:
+    group = _Group()
+    return Routing(Router(group, outbounds={"g": group, "h": group}), DirectResolver([]))  # type: ignore[arg-type, dict-item]
+
+
+async def test_a_routings_health_checks_run_until_it_is_retired(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _write(tmp_path / "c.toml", BASE)
@@ -335,15 +339,10 @@ async def test_a_routings_tasks_run_until_it_is_retired(
     settings = settings_from_args(args)
     import tun2sx.control.reload as reload_module
 
-    def open_checked(settings: Settings, protect: object = None) -> Routing:
-        from tun2sx.control.app import open_routing
-
-        plain = open_routing(settings)
-        return _Checked(plain.router, plain.resolver)
-
-    monkeypatch.setattr(reload_module, "open_routing", open_checked)
-    first = open_checked(settings)
-    flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "proxy", 0.0)
+    monkeypatch.setattr(reload_module, "open_routing", lambda settings, protect: _checked())
+    first = _checked()
+    (first_group,) = {id(o): o for o in first.router.outbounds.values()}.values()
+    flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "g", 0.0)
     engine = SimpleNamespace(
         router=first.router,
         dns=None,
@@ -355,13 +354,14 @@ async def test_a_routings_tasks_run_until_it_is_retired(
     async with trio.open_nursery() as nursery:
         await nursery.start(reloader.run)
         await trio.testing.wait_all_tasks_blocked()
-        assert running == [first]
+        assert running == [first_group]  # once, though named twice
         assert reloader.reload() is None
         await trio.testing.wait_all_tasks_blocked()
-        assert running == [first, reloader.routing]
+        new_group = reloader.routing.router.outbounds["g"]
+        assert running == [first_group, new_group]
         engine.flows.clear()
         await trio.sleep(120)
-        assert running == [reloader.routing]
+        assert running == [new_group]
         nursery.cancel_scope.cancel()
     assert running == []
 
