@@ -201,12 +201,18 @@ def test_dns_settings_apply_to_the_next_query(tmp_path: Path) -> None:
     _, reloader, engine = _started(config)
     query = build_query("printer.lan", 1, 7)
     assert isinstance(engine.dns.handle_query_untrusted(query), DnsReply)
-    dns_table = 'upstream = "9.9.9.9:53"\nfake_ip_filter = ["+.lan"]\nhijack = false'
+    dns_table = (
+        'upstream = "9.9.9.9:53"\nfake_ip_filter = ["+.lan"]\nhijack = false\n'
+        'direct = ["192.0.2.53"]'
+    )
     _write(config, BASE.replace('upstream = "1.1.1.1:53"', dns_table))
     assert reloader.reload() is None
     assert isinstance(engine.dns.handle_query_untrusted(query), DnsForward)
     assert engine.config.dns_upstream == Destination(ipaddress.ip_address("9.9.9.9"), 53)
     assert engine.config.dns_hijack is False
+    # DIRECT flows resolve with the new servers.
+    direct = engine.router.outbounds["DIRECT"]
+    assert [str(server) for server in direct.resolver.servers] == ["192.0.2.53:53"]
 
 
 def test_another_file_can_be_named(tmp_path: Path) -> None:
