@@ -19,6 +19,7 @@ on stdin, so a test can change something while the flow is open.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -53,48 +54,36 @@ def echo(host: str, port: int, size: int) -> dict[str, object]:
     return {"sent": size, "received": len(got), "equal": got == payload}
 
 
-def upload(host: str, port: int, size: int) -> dict[str, object]:
-    payload = os.urandom(size)
-    with _connect(host, port) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        answer = _recv_all(sock).decode()
-    return {"sent": size, "equal": answer == hashlib.sha256(payload).hexdigest()}
-
-
-def download(host: str, port: int, size: int) -> dict[str, object]:
-    with _connect(host, port) as sock:
-        sock.sendall(f"{size}\n".encode())
-        got = _recv_all(sock)
-    return {"received": len(got), "equal": got == pattern(size)}
-
-
 def _halfway() -> None:
     print("half", flush=True)
     sys.stdin.readline()
 
 
-def held_upload(host: str, port: int, size: int) -> dict[str, object]:
-    """`upload`, waiting halfway (see the module's docstring)."""
+def upload(host: str, port: int, size: int, *, hold: bool = False) -> dict[str, object]:
+    """Send `size` random octets, half-close, compare the hash server's answer.
+
+    With `hold`, wait halfway (see the module's docstring)."""
     payload = os.urandom(size)
-    half = size // 2
+    half = size // 2 if hold else size
     with _connect(host, port) as sock:
         sock.sendall(payload[:half])
-        _halfway()
-        sock.sendall(payload[half:])
+        if hold:
+            _halfway()
+            sock.sendall(payload[half:])
         sock.shutdown(socket.SHUT_WR)
         answer = _recv_all(sock).decode()
     return {"sent": size, "equal": answer == hashlib.sha256(payload).hexdigest()}
 
 
-def held_download(host: str, port: int, size: int) -> dict[str, object]:
-    """`download`, waiting once half has arrived."""
+def download(host: str, port: int, size: int, *, hold: bool = False) -> dict[str, object]:
+    """Ask the source server for `size` octets; with `hold`, wait once half arrived."""
     with _connect(host, port) as sock:
         sock.sendall(f"{size}\n".encode())
         got = bytearray()
-        while len(got) < size // 2 and (data := sock.recv(1 << 18)):
-            got += data
-        _halfway()
+        if hold:
+            while len(got) < size // 2 and (data := sock.recv(1 << 18)):
+                got += data
+            _halfway()
         got += _recv_all(sock)
     return {"received": len(got), "equal": bytes(got) == pattern(size)}
 
@@ -140,8 +129,8 @@ def main() -> None:
         "download": download,
         "udp": udp,
         "bigudp": bigudp,
-        "held-upload": held_upload,
-        "held-download": held_download,
+        "held-upload": functools.partial(upload, hold=True),
+        "held-download": functools.partial(download, hold=True),
     }
     try:
         if cmd == "connect":

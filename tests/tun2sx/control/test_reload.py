@@ -9,6 +9,7 @@ import signal
 import socket
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -48,6 +49,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _engine(router: Router, dns: FakeDns | None = None, flows: set[FlowInfo] | None = None) -> Any:
+    """A stand-in for the running engine: what a reload replaces and reads."""
+    return SimpleNamespace(
+        router=router,
+        dns=dns,
+        config=EngineConfig(),
+        flows=set() if flows is None else flows,
+        device=SimpleNamespace(mtu=9000, offload=True),
+    )
+
+
 def _started(config: Path, *flags: str) -> tuple[Settings, Reloader, SimpleNamespace]:
     """Settings as the command line loads them, and a reloader on a stand-in engine
     holding what a running engine holds: router, DNS, settings, flows."""
@@ -57,13 +69,7 @@ def _started(config: Path, *flags: str) -> tuple[Settings, Reloader, SimpleNames
     from tun2sx.control.app import open_routing
 
     routing = open_routing(settings)
-    engine = SimpleNamespace(
-        router=routing.router,
-        dns=FakeDns(store),
-        config=EngineConfig(),
-        flows=set(),
-        device=SimpleNamespace(mtu=9000, offload=True),
-    )
+    engine = _engine(routing.router, dns=FakeDns(store))
     reloader = Reloader(engine, settings, reload_source(args, settings), routing)  # type: ignore[arg-type]
     return settings, reloader, engine
 
@@ -229,7 +235,7 @@ def test_without_a_config_file_a_reload_is_refused(tmp_path: Path) -> None:
     from tun2sx.control.app import open_routing
 
     routing = open_routing(settings)
-    engine = SimpleNamespace(router=routing.router, dns=None, flows=set())
+    engine = _engine(routing.router)
     reloader = Reloader(engine, settings, reload_source(args, settings), routing)  # type: ignore[arg-type]
     error = reloader.reload()
     assert error is not None and "without --config" in error
@@ -263,13 +269,7 @@ async def test_replaced_outbounds_close_once_no_flow_can_use_them(
     closing = _Closing()
     old = Routing(Router(closing, outbounds={"c": closing}), DirectResolver([]))  # type: ignore[dict-item]
     flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "c", 0.0)
-    engine = SimpleNamespace(
-        router=old.router,
-        dns=None,
-        config=EngineConfig(),
-        flows={flow},
-        device=SimpleNamespace(mtu=9000, offload=True),
-    )
+    engine = _engine(old.router, flows={flow})
     reloader = Reloader(engine, settings, reload_source(args, settings), old)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(reloader.run)
@@ -349,13 +349,7 @@ async def test_a_routings_health_checks_run_until_it_is_retired(
     first = _checked()
     (first_group,) = {id(o): o for o in first.router.outbounds.values()}.values()
     flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "g", 0.0)
-    engine = SimpleNamespace(
-        router=first.router,
-        dns=None,
-        config=EngineConfig(),
-        flows={flow},
-        device=SimpleNamespace(mtu=9000, offload=True),
-    )
+    engine = _engine(first.router, flows={flow})
     reloader = Reloader(engine, settings, reload_source(args, settings), first)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(reloader.run)
