@@ -9,11 +9,17 @@ application saw (RST -> ECONNREFUSED, ICMP unreachable -> EHOSTUNREACH...).
     python -m tests.e2e.client download HOST PORT SIZE  # ask the source server
     python -m tests.e2e.client connect HOST PORT        # just connect
     python -m tests.e2e.client udp HOST PORT COUNT      # datagrams to the UDP echo
+    python -m tests.e2e.client held-upload HOST PORT SIZE    # upload, stopping halfway
+    python -m tests.e2e.client held-download HOST PORT SIZE  # download, stopping halfway
+
+The held transfers print "half" when halfway and go on once a line arrives
+on stdin, so a test can change something while the flow is open.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -48,20 +54,38 @@ def echo(host: str, port: int, size: int) -> dict[str, object]:
     return {"sent": size, "received": len(got), "equal": got == payload}
 
 
-def upload(host: str, port: int, size: int) -> dict[str, object]:
+def _halfway() -> None:
+    print("half", flush=True)
+    sys.stdin.readline()
+
+
+def upload(host: str, port: int, size: int, *, hold: bool = False) -> dict[str, object]:
+    """Send `size` random octets, half-close, compare the hash server's answer.
+
+    With `hold`, wait halfway (see the module's docstring)."""
     payload = os.urandom(size)
+    half = size // 2 if hold else size
     with _connect(host, port) as sock:
-        sock.sendall(payload)
+        sock.sendall(payload[:half])
+        if hold:
+            _halfway()
+            sock.sendall(payload[half:])
         sock.shutdown(socket.SHUT_WR)
         answer = _recv_all(sock).decode()
     return {"sent": size, "equal": answer == hashlib.sha256(payload).hexdigest()}
 
 
-def download(host: str, port: int, size: int) -> dict[str, object]:
+def download(host: str, port: int, size: int, *, hold: bool = False) -> dict[str, object]:
+    """Ask the source server for `size` octets; with `hold`, wait once half arrived."""
     with _connect(host, port) as sock:
         sock.sendall(f"{size}\n".encode())
-        got = _recv_all(sock)
-    return {"received": len(got), "equal": got == pattern(size)}
+        got = bytearray()
+        if hold:
+            while len(got) < size // 2 and (data := sock.recv(1 << 18)):
+                got += data
+            _halfway()
+        got += _recv_all(sock)
+    return {"received": len(got), "equal": bytes(got) == pattern(size)}
 
 
 def connect(host: str, port: int) -> dict[str, object]:
@@ -105,6 +129,8 @@ def main() -> None:
         "download": download,
         "udp": udp,
         "bigudp": bigudp,
+        "held-upload": functools.partial(upload, hold=True),
+        "held-download": functools.partial(download, hold=True),
     }
     try:
         if cmd == "connect":

@@ -11,11 +11,13 @@ the way out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -72,6 +74,9 @@ from tun2sx.naming.sniff import (
     SniffMode,
     parse_ports,
 )
+
+if TYPE_CHECKING:
+    from tun2sx.control.reload import ConfigSource, Reloader
 
 log = logging.getLogger("tun2sx")
 
@@ -294,6 +299,61 @@ def used_outbounds(router: Router) -> list[Outbound | None]:
     return [router.default, *(router.outbounds.get(rule.target) for rule in router.rules.rules)]
 
 
+@attrs.frozen
+class Routing:
+    """What picks and dials the outbound of a new flow: built at start and
+    again, whole, on every reload (tun2sx.control.reload).
+
+    Attributes:
+        router: the rules, the named outbounds and the default.
+        resolver: the direct outbound's DNS resolver.
+    """
+
+    router: Router
+    resolver: DirectResolver
+
+    def tasks(self) -> list[Callable[[], Awaitable[object]]]:
+        """What runs while this routing is in use, in a cancel scope of its
+        own that a reload cancels once no flow uses it: the health checks
+        of the proxy groups that a rule or the default can reach."""
+        groups = reachable_groups(used_outbounds(self.router))
+        return [functools.partial(run_health_checks, groups)] if groups else []
+
+
+def open_routing(settings: Settings, protect: Callable[[int], bool] | None = None) -> Routing:
+    """The router and the direct resolver the settings describe.
+
+    Raises:
+        ConfigError: a bad outbound or rule; the message names it.
+    """
+    socket_options = SocketOptions(
+        fwmark=effective_fwmark(settings),
+        interface=settings.interface,
+        protect=protect,
+        connect_timeout=settings.connect_timeout,
+        udp_buffer=settings.udp_buffer or None,
+    )
+    resolver = build_direct_resolver(settings.direct_dns, _excluded(settings), socket_options)
+    router = build_router(settings, socket_options, resolver)
+    if settings.fake_ip:
+        warn_without_direct_dns(resolver, router)
+    return Routing(router, resolver)
+
+
+def engine_config(settings: Settings, device: TunDevice, router: Router) -> EngineConfig:
+    """The engine's knobs for `settings` on `device` (what it sniffs depends
+    on `router`'s rules)."""
+    return EngineConfig(
+        connect_timeout=settings.connect_timeout,
+        udp_idle_timeout=settings.udp_timeout,
+        dns_hijack=settings.dns_hijack,
+        dns_addresses=frozenset(ip.packed for ip in own_addresses(settings)),
+        dns_upstream=settings.dns_upstream,
+        splice_share=splice_share(device.mtu, offload=device.offload),
+        sniff=sniff_config(settings, router),
+    )
+
+
 def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
     if settings.stats_interval < 0:
         raise ConfigError("stats_interval: must not be negative")
@@ -502,9 +562,13 @@ async def serve(
     protect: Callable[[int], bool] | None = None,
     handle_signals: bool = True,
     shared_fake_ip: bool = False,
+    source: ConfigSource | None = None,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run tun2sx until cancelled (or SIGINT/SIGTERM when `handle_signals`).
+
+    With `handle_signals`, SIGHUP reads the configuration again from
+    `source` (tun2sx.control.reload).
 
     Args:
         settings: the configuration.
@@ -514,6 +578,7 @@ async def serve(
         handle_signals: stop on SIGINT/SIGTERM (only in the main thread).
         shared_fake_ip: other processes (workers) use the same fake-IP
             table at the same time.
+        source: where `settings` came from, to read them again on SIGHUP.
         task_status: receives the running `Engine` once serving.
 
     Raises:
@@ -521,13 +586,13 @@ async def serve(
         TunError: the device cannot be opened, or went away while serving.
     """
     if not handle_signals:
-        await _serve(settings, device, protect, shared_fake_ip, None, task_status)
+        await _serve(settings, device, protect, shared_fake_ip, source, None, task_status)
         return
     # Open for the whole run, shutdown included: a second SIGINT/SIGTERM
     # (Ctrl-C reaches every worker, and the parent relays SIGTERM too) is
     # then absorbed instead of killing the process halfway through closing.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _serve(settings, device, protect, shared_fake_ip, signals, task_status)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        await _serve(settings, device, protect, shared_fake_ip, source, signals, task_status)
 
 
 async def _serve(
@@ -535,6 +600,7 @@ async def _serve(
     device: TunDevice | None,
     protect: Callable[[int], bool] | None,
     shared_fake_ip: bool,
+    source: ConfigSource | None,
     signals: AsyncIterator[int] | None,
     task_status: trio.TaskStatus[Engine],
 ) -> None:
@@ -545,17 +611,8 @@ async def _serve(
             f"workers: {settings.workers} needs the tun2sx command; serve() runs one process"
         )
     fwmark = effective_fwmark(settings)
-    socket_options = SocketOptions(
-        fwmark=fwmark,
-        interface=settings.interface,
-        protect=protect,
-        connect_timeout=settings.connect_timeout,
-        udp_buffer=settings.udp_buffer or None,
-    )
-    resolver = build_direct_resolver(settings.direct_dns, _excluded(settings), socket_options)
-    router = build_router(settings, socket_options, resolver)
-    if settings.fake_ip:
-        warn_without_direct_dns(resolver, router)
+    routing = open_routing(settings, protect)
+    router = routing.router
     stats_endpoint = _stats_endpoint(settings)
     store = dns = None
     try:
@@ -585,15 +642,7 @@ async def _serve(
             router,
             fakeip=store,
             dns=dns,
-            config=EngineConfig(
-                connect_timeout=settings.connect_timeout,
-                udp_idle_timeout=settings.udp_timeout,
-                dns_hijack=settings.dns_hijack,
-                dns_addresses=frozenset(ip.packed for ip in own_addresses(settings)),
-                dns_upstream=settings.dns_upstream,
-                splice_share=splice_share(device.mtu, offload=device.offload),
-                sniff=sniff_config(settings, router),
-            ),
+            config=engine_config(settings, device, router),
         )
         log.info(
             "tun2sx: serving %s (mtu %d, offload %s) via %r, %d rules",
@@ -613,17 +662,20 @@ async def _serve(
                         listeners = await open_stats_listeners(*stats_endpoint)
                     except OSError as exc:
                         raise ConfigError(f"stats_listen: {exc}") from exc
+                # Imported here: it builds with this module's functions.
+                from tun2sx.control.reload import Reloader
+
+                reloader = Reloader(engine, settings, source, routing, protect)
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(engine.run)
-                        checked = reachable_groups(used_outbounds(router))
-                        nursery.start_soon(run_health_checks, checked)
+                        await nursery.start(reloader.run)
                         if listeners:
                             await nursery.start(serve_stats, engine, listeners)
                         if settings.stats_interval > 0:
                             nursery.start_soon(log_summaries, engine, settings.stats_interval)
                         if signals is not None:
-                            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+                            nursery.start_soon(_on_signals, signals, nursery.cancel_scope, reloader)
                         task_status.started(engine)
                 except BaseExceptionGroup as group:
                     # The device going away ends the engine with a TunError
@@ -654,8 +706,15 @@ def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None
     return leaf
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+async def _on_signals(
+    signals: AsyncIterator[int], scope: trio.CancelScope, reloader: Reloader
+) -> None:
+    """SIGHUP reloads the configuration; SIGINT or SIGTERM stops."""
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            log.info("tun2sx: SIGHUP, reading the configuration again")
+            await reloader.areload()
+            continue
         log.info("tun2sx: %s, shutting down", signal.Signals(signum).name)
         scope.cancel()
         return

@@ -3,13 +3,16 @@
     tun2sx --tun tun0 --socks 127.0.0.1:1080
     tun2sx --tun-fd 3 --proxy socks5://user:pass@10.0.0.1:1080
     tun2sx --config /etc/tun2sx.toml --auto-route
+    tun2sx check-config /etc/tun2sx/config.toml
+    tun2sx service-unit > /etc/systemd/system/tun2sx.service
     tun2sx demo
 
 Flags are the quick path; a TOML file (`--config`, see tun2sx.control.config) holds
 named outbounds and rules. A flag given on the command line overrides the
 file's value, so flags default to None here and only the ones given are
 applied. A bad value ends the program with one line naming the flag or key;
-nothing starts half-configured.
+nothing starts half-configured. SIGHUP reads the file again, with the same
+flags over it (tun2sx.control.reload).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import functools
 import ipaddress
 import logging
+import os
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -42,6 +46,7 @@ from tun2sx.control.app import (
 )
 from tun2sx.control.autoroute import AutoRouteError
 from tun2sx.control.config import load_config, nameservers, parse_size, parse_workers
+from tun2sx.control.reload import ConfigSource
 from tun2sx.control.stats import parse_loopback_endpoint
 from tun2sx.dataplane.tun import TunDevice, TunError
 
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help='processes serving a multi-queue TUN, one core each ("auto": one per CPU; default 1)',
     )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -333,13 +339,78 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def version() -> str:
+    """The installed distribution's version."""
+    # Imported here: only --version needs the package metadata.
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tun2sx")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def check_config(argv: Sequence[str]) -> int:
+    """`tun2sx check-config FILE [FLAGS]`: what starting with them would say.
+
+    Prints "ok" and returns 0, or prints the one-line error and returns 2,
+    the status a start with that file would end with. Nothing is opened.
+    """
+    if not argv or argv[0].startswith("-"):
+        print("usage: tun2sx check-config FILE [FLAGS]", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(["--config", argv[0], *argv[1:]])
+    try:
+        settings_from_args(args)
+    except ConfigError as exc:
+        print(f"tun2sx: {exc}", file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+def service_unit() -> str:
+    """The systemd unit shipped with the package, run by this installation's
+    `tun2sx` when that is what is running."""
+    # Imported here: only this subcommand reads package data.
+    from importlib.resources import files
+
+    unit = files("tun2sx.control").joinpath("tun2sx.service").read_text(encoding="utf-8")
+    program = os.path.abspath(sys.argv[0])
+    if os.path.basename(program) == "tun2sx" and os.access(program, os.X_OK):
+        unit = unit.replace("/usr/local/bin/tun2sx", program)
+    return unit
+
+
+def reload_source(args: argparse.Namespace, settings: Settings) -> ConfigSource:
+    """How a reload reads the settings again: the --config file (or the
+    file it is given), with the same flags over it as at start."""
+
+    def load(path: str | None) -> Settings:
+        path = path or args.config
+        if path is None:
+            raise ConfigError("started without --config; there is no file to read again")
+        return settings_from_args(argparse.Namespace(**{**vars(args), "config": path}))
+
+    return ConfigSource(load, settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         from tun2sx.lab.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
+    if argv[:1] == ["service-unit"]:
+        print(service_unit(), end="")
+        return 0
     args = build_parser().parse_args(argv)
+    if args.version:
+        print(f"tun2sx {version()}")
+        return 0
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_fd_limit()
@@ -348,18 +419,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2
+    source = reload_source(args, settings)
     if settings.workers > 1:
         from tun2sx.control.workers import run_workers
 
-        return _reporting_errors(lambda: run_workers(settings, serve_worker))
-    return _reporting_errors(lambda: trio.run(serve, settings))
+        worker = functools.partial(serve_worker, source=source)
+        return _reporting_errors(lambda: run_workers(settings, worker))
+    return _reporting_errors(lambda: trio.run(functools.partial(serve, settings, source=source)))
 
 
-def serve_worker(settings: Settings, device: TunDevice, shared_fake_ip: bool) -> int:
+def serve_worker(
+    settings: Settings,
+    device: TunDevice,
+    shared_fake_ip: bool,
+    source: ConfigSource | None = None,
+) -> int:
     """One worker process of `--workers N`: serve one queue to the end."""
     return _reporting_errors(
         lambda: trio.run(
-            functools.partial(serve, settings, device=device, shared_fake_ip=shared_fake_ip)
+            functools.partial(
+                serve, settings, device=device, shared_fake_ip=shared_fake_ip, source=source
+            )
         )
     )
 

@@ -14,7 +14,9 @@ The parent opens the queues, sets addresses and routes, forks the workers
 and then only supervises: it holds no queue itself (a queue nobody reads
 would swallow the flows hashed to it). SIGINT/SIGTERM are passed on; if a
 worker dies on its own, the others are stopped and tun2sx exits with an
-error, rather than serve on with part of its flows gone.
+error, rather than serve on with part of its flows gone. SIGHUP is passed
+on too: each worker reads the configuration again itself
+(tun2sx.control.reload), so the rules change for every queue.
 
 Statistics: each worker counts its own flows. With a stats endpoint
 configured, the parent serves it (in a thread of its own, with its own trio
@@ -49,6 +51,8 @@ log = logging.getLogger("tun2sx")
 
 ServeOne = Callable[[Settings, TunDevice, bool], int]
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Blocked while forking: a child must not run the parent's handlers.
+_PASSED_ON = {*_STOP_SIGNALS, signal.SIGHUP}
 
 
 def worker_settings(settings: Settings, index: int, stats: _Totals | None) -> Settings:
@@ -152,12 +156,17 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
         for pid in children:
             _signal(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: object) -> None:
+        for pid in children:
+            _signal(pid, signal.SIGHUP)
+
     totals: _Totals | None = None
     try:
         if settings.stats_listen is not None:
             totals = _Totals(settings.stats_listen, count)
         with routes(settings, name, effective_fwmark(settings)):
             old = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
+            old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
             try:
                 parent = os.getpid()
                 fork_error: OSError | None = None
@@ -166,7 +175,7 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
                     sys.stderr.flush()
                     # Signals wait until the child has its own handlers:
                     # the parent's would have it signal its siblings.
-                    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, _PASSED_ON)
                     try:
                         # Checked with signals blocked: a stop that came
                         # before this point has run its handler by now.
@@ -186,7 +195,7 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
                         fork_error = exc
                         break
                     finally:
-                        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PASSED_ON)
                 if fork_error is not None:
                     stop(signal.SIGTERM, None)  # no half-started set
                     _supervise(children, lambda: True, stop)
@@ -218,7 +227,10 @@ def _child(
     """The worker process: keep its own queue, close the others, serve."""
     for s in _STOP_SIGNALS:
         signal.signal(s, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # Until serve() listens for it, a reload has nothing to apply to; by
+    # default it would kill the worker, and with it the whole set.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PASSED_ON)
     # A worker must not outlive the parent (killed with SIGKILL, say): it
     # would keep its queue, and the device, alive with nobody supervising.
     _die_with_parent()

@@ -239,6 +239,11 @@ class FakeDns:
         self._empty_qtypes = empty_qtypes
         self._stats = DnsStatistics()
 
+    def set_filter(self, fake_filter: FakeIpFilter | None) -> None:
+        """Answer the names `fake_filter` matches for real from the next query
+        on (a configuration reload); addresses already handed out stay."""
+        self._filter = fake_filter
+
     def statistics(self) -> DnsStatistics:
         """A snapshot of the counters."""
         return attrs.evolve(self._stats)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import require_binary
 from tun2sx.control.cli import build_parser, main, parse_endpoint, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -130,3 +131,90 @@ def test_a_start_without_root_is_one_line_naming_the_device(tmp_path: Path) -> N
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("tun2sx: cannot open TUN device 't2sxnoroot0': "), last
+
+
+GOOD = """\
+outbound = "proxy"
+[outbounds.proxy]
+url = "socks5://user:s3cret@127.0.0.1:1080"
+[tun]
+name = "tun7"
+"""
+
+
+def test_check_config_says_ok_and_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    assert main(["check-config", str(config)]) == 0
+    assert capsys.readouterr() == ("ok\n", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (GOOD.replace("1080", "99999"), "outbounds.proxy.url: "),
+        (GOOD.replace('name = "tun7"', ""), "a TUN device is required"),
+        (GOOD + "mtu = 12\n", "tun.mtu: "),
+        ("outbound = [", "not valid TOML"),
+    ],
+)
+def test_check_config_gives_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    assert main(["check-config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and key in err
+    assert "s3cret" not in err
+
+
+def test_check_config_takes_flags_as_a_start_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD.replace('name = "tun7"', ""))
+    assert main(["check-config", str(config), "--tun", "tun8"]) == 0
+    assert main(["check-config", str(tmp_path / "missing.toml")]) == 2
+    assert main(["check-config"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "ok\n"
+    assert "missing.toml: No such file or directory" in err and "usage: " in err
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tun2sx {version('tun2sx')}\n"
+
+
+def test_the_service_unit_runs_with_two_capabilities_and_reloads_with_sighup(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["service-unit"]) == 0
+    unit = capsys.readouterr().out
+    lines = set(unit.splitlines())
+    assert "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW" in lines
+    assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW" in lines
+    assert {"NoNewPrivileges=yes", "StateDirectory=tun2sx", "Restart=on-failure"} <= lines
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    start = next(line for line in lines if line.startswith("ExecStart="))
+    assert start.endswith(" --config /etc/tun2sx/config.toml")
+
+
+def test_the_service_unit_names_the_tun2sx_that_printed_it(tmp_path: Path) -> None:
+    program = Path(sys.executable).parent / "tun2sx"
+    if not program.exists():
+        pytest.skip("no tun2sx script beside this Python (not installed into it)")
+    result = subprocess.run(
+        [str(program), "service-unit"], capture_output=True, text=True, check=True
+    )
+    assert f"ExecStart={program} --config /etc/tun2sx/config.toml" in result.stdout
+    verify = require_binary("systemd-analyze")
+    unit = tmp_path / "tun2sx.service"
+    unit.write_text(result.stdout)
+    checked = subprocess.run([verify, "verify", str(unit)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

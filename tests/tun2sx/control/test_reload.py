@@ -1,0 +1,456 @@
+"""Reloading the configuration: what applies, what is refused, what waits for a restart."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+from outbounds.base import Destination
+from outbounds.group import GroupSpec, ProxyGroup
+from outbounds.resolver import DirectResolver, build_query
+from tun2sx.control.app import Routing, Settings, serve
+from tun2sx.control.cli import build_parser, reload_source, settings_from_args
+from tun2sx.control.reload import Reloader, restart_needed
+from tun2sx.dataplane.context import EngineConfig, FlowInfo
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.tun import TunDevice
+from tun2sx.naming.dns import DnsForward, DnsReply, FakeDns
+from tun2sx.naming.fakeip import FakeIpStore
+from tun2sx.naming.router import Router
+
+BASE = """\
+outbound = "proxy"
+rules = ["DOMAIN-SUFFIX,blocked.test,REJECT"]
+[outbounds.proxy]
+url = "socks5://127.0.0.1:1080"
+[outbounds.other]
+url = "socks5://127.0.0.1:1081"
+[tun]
+name = "tun7"
+mtu = 9000
+[dns]
+fake_ip_db = ":memory:"
+upstream = "1.1.1.1:53"
+[stats]
+interval = 0
+"""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _engine(router: Router, dns: FakeDns | None = None, flows: set[FlowInfo] | None = None) -> Any:
+    """A stand-in for the running engine: what a reload replaces and reads."""
+    return SimpleNamespace(
+        router=router,
+        dns=dns,
+        config=EngineConfig(),
+        flows=set() if flows is None else flows,
+        device=SimpleNamespace(mtu=9000, offload=True),
+    )
+
+
+def _started(config: Path, *flags: str) -> tuple[Settings, Reloader, SimpleNamespace]:
+    """Settings as the command line loads them, and a reloader on a stand-in engine
+    holding what a running engine holds: router, DNS, settings, flows."""
+    args = build_parser().parse_args(["--config", str(config), *flags])
+    settings = settings_from_args(args)
+    store = FakeIpStore(path=":memory:", v4_pool="198.18.0.0/15", v6_pool=None)
+    from tun2sx.control.app import open_routing
+
+    routing = open_routing(settings)
+    engine = _engine(routing.router, dns=FakeDns(store))
+    reloader = Reloader(engine, settings, reload_source(args, settings), routing)  # type: ignore[arg-type]
+    return settings, reloader, engine
+
+
+def _route(engine: SimpleNamespace, host: str) -> str:
+    router: Router = engine.router
+    return router.name_of(router.route(Destination(host, 443), "tcp"))
+
+
+def test_a_changed_rule_and_default_apply_to_the_next_flow(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    assert (_route(engine, "x.blocked.test"), _route(engine, "a.test")) == ("REJECT", "proxy")
+    _write(config, BASE.replace('"proxy"', '"other"', 1).replace("blocked", "nothing"))
+    assert reloader.reload() is None
+    assert (_route(engine, "x.blocked.test"), _route(engine, "a.test")) == ("other", "other")
+
+
+def test_a_bad_file_is_refused_with_one_line_and_the_running_config_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    settings, reloader, engine = _started(config)
+    router = engine.router
+    _write(config, BASE.replace("REJECT", "prxy"))
+    with caplog.at_level(logging.INFO, logger="tun2sx"):
+        error = reloader.reload()
+    assert error is not None and "\n" not in error
+    assert error.startswith(f"{config}: rules[0]") and "prxy" in error
+    assert engine.router is router and reloader.settings is settings
+    assert [(r.levelno, r.exc_info) for r in caplog.records] == [(logging.ERROR, None)]
+    assert "reload refused, running configuration kept" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("this is not toml", "not valid TOML"),
+        (BASE.replace("interval = 0", "interval = 0\nlisten = 5"), "stats.listen: expected"),
+        (BASE.replace('url = "socks5://127.0.0.1:1081"', 'url = "gopher://x"'), "other.url"),
+    ],
+)
+def test_every_kind_of_bad_file_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    _write(config, text)
+    error = reloader.reload()
+    assert error is not None and key in error
+    assert engine.router is router
+
+
+def test_a_password_in_a_refused_file_is_not_echoed(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, _ = _started(config)
+    bad = 'url = "socks5://user:s3cret@127.0.0.1:99999"'
+    _write(config, BASE.replace('url = "socks5://127.0.0.1:1081"', bad))
+    error = reloader.reload()
+    assert error is not None and "outbounds.other.url" in error
+    assert "s3cret" not in error
+
+
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    config.unlink()
+    error = reloader.reload()
+    assert error is not None and error.startswith(f"{config}: ")
+    assert engine.router is router
+
+
+def test_settings_that_need_a_restart_keep_their_value_with_one_line_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    changed = (
+        BASE.replace("mtu = 9000", "mtu = 1500")
+        .replace("interval = 0", 'interval = 60\nlisten = "127.0.0.1:9090"')
+        .replace(
+            'fake_ip_db = ":memory:"', 'fake_ip_db = ":memory:"\nfake_ip_range = "10.99.0.0/16"'
+        )
+        .replace("blocked", "other")
+    )
+    _write(config, changed)
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4, lines
+    for key in ("tun.mtu", "stats.listen", "stats.interval", "dns.fake_ip_range"):
+        assert sum(f"reload: {key}: " in line and "restart" in line for line in lines) == 1
+    assert "from 9000 to 1500" in "".join(lines)
+    running = reloader.settings
+    assert (running.mtu, running.stats_listen, running.stats_interval) == (9000, None, 0)
+    assert running.fake_ip_range == ipaddress.ip_network("198.18.0.0/15")
+    # What can change did.
+    assert _route(engine, "a.other.test") == "REJECT"
+    # Read again unchanged: the lines are not repeated.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    assert caplog.records == []
+
+
+def test_restart_needed_names_nothing_for_what_applies_at_once() -> None:
+    old = Settings(tun="tun0")
+    new = Settings(
+        tun="tun0",
+        rules=("MATCH,DIRECT",),
+        outbound="DIRECT",
+        connect_timeout=3,
+        udp_timeout=5,
+        dns_hijack=False,
+        fake_ip_filter=("+.lan",),
+        interface="eth1",
+    )
+    assert restart_needed(old, new) == []
+    assert restart_needed(old, Settings(tun="tun1")) == [
+        "tun.name: changed from tun0 to tun1; takes a restart, running on with tun0"
+    ]
+
+
+def test_flags_still_override_the_file_after_a_reload(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config, "--socks", "127.0.0.1:2080")
+    _write(config, BASE.replace("blocked", "nothing"))
+    assert reloader.reload() is None
+    assert engine.router.default.name == "socks5 127.0.0.1:2080"
+    assert reloader.settings.outbound == "socks5://127.0.0.1:2080"
+
+
+def test_dns_settings_apply_to_the_next_query(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    query = build_query("printer.lan", 1, 7)
+    assert isinstance(engine.dns.handle_query_untrusted(query), DnsReply)
+    dns_table = (
+        'upstream = "9.9.9.9:53"\nfake_ip_filter = ["+.lan"]\nhijack = false\n'
+        'direct = ["192.0.2.53"]'
+    )
+    _write(config, BASE.replace('upstream = "1.1.1.1:53"', dns_table))
+    assert reloader.reload() is None
+    assert isinstance(engine.dns.handle_query_untrusted(query), DnsForward)
+    assert engine.config.dns_upstream == Destination(ipaddress.ip_address("9.9.9.9"), 53)
+    assert engine.config.dns_hijack is False
+    # DIRECT flows resolve with the new servers.
+    direct = engine.router.outbounds["DIRECT"]
+    assert [str(server) for server in direct.resolver.servers] == ["192.0.2.53:53"]
+
+
+def test_another_file_can_be_named(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    other = _write(tmp_path / "d.toml", BASE.replace('"proxy"', '"other"', 1))
+    assert reloader.reload(str(other)) is None
+    assert _route(engine, "a.test") == "other"
+
+
+def test_without_a_config_file_a_reload_is_refused(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--tun", "tun7", "--socks", "127.0.0.1:1080"])
+    settings = settings_from_args(args)
+    from tun2sx.control.app import open_routing
+
+    routing = open_routing(settings)
+    engine = _engine(routing.router)
+    reloader = Reloader(engine, settings, reload_source(args, settings), routing)  # type: ignore[arg-type]
+    error = reloader.reload()
+    assert error is not None and "without --config" in error
+    assert engine.router is routing.router
+
+
+class _Closing:
+    """An outbound with resources: counts its closing."""
+
+    name = "closing"
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        raise NotImplementedError
+
+    async def open_udp(self) -> object:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+async def test_replaced_outbounds_close_once_no_flow_can_use_them(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    closing = _Closing()
+    old = Routing(Router(closing, outbounds={"c": closing}), DirectResolver([]))  # type: ignore[dict-item]
+    flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "c", 0.0)
+    engine = _engine(old.router, flows={flow})
+    reloader = Reloader(engine, settings, reload_source(args, settings), old)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reloader.run)
+        assert reloader.reload() is None
+        assert engine.router is not old.router
+        # Long after every time-out, the flow is still open on it.
+        await trio.sleep(600)
+        assert closing.closed == 0
+        engine.flows.clear()
+        await trio.sleep(10)
+        assert closing.closed == 1
+        nursery.cancel_scope.cancel()
+    assert closing.closed == 1  # once, not again at the stop
+
+
+def _device() -> tuple[TunDevice, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False), theirs
+
+
+async def test_sighup_reloads_a_serving_instance(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    device, theirs = _device()
+    with theirs:
+        async with trio.open_nursery() as nursery:
+            engine: Engine = await nursery.start(
+                lambda task_status: serve(
+                    settings,
+                    device=device,
+                    source=reload_source(args, settings),
+                    task_status=task_status,
+                )
+            )
+            before = engine.router
+            assert _route(engine, "a.blocked.test") == "REJECT"  # type: ignore[arg-type]
+            _write(config, BASE.replace("blocked", "nothing"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            with trio.fail_after(5):
+                while engine.router is before:
+                    await trio.sleep(0.01)
+            assert _route(engine, "a.blocked.test") == "proxy"  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()
+
+
+class _Group(ProxyGroup):
+    """A proxy group whose health checks only say that they run."""
+
+    def __init__(self) -> None:
+        super().__init__(GroupSpec("group", "fallback", ("DIRECT",)), {"DIRECT": None})
+
+    async def run_checks(self) -> None:
+        running.append(self)
+        try:
+            await trio.sleep_forever()
+        finally:
+            running.remove(self)
+
+
+running: list[_Group] = []
+
+
+def _checked() -> Routing:
+    group = _Group()
+    return Routing(Router(group, outbounds={"g": group, "h": group}), DirectResolver([]))
+
+
+async def test_a_routings_health_checks_run_until_it_is_retired(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    import tun2sx.control.reload as reload_module
+
+    monkeypatch.setattr(reload_module, "open_routing", lambda settings, protect: _checked())
+    first = _checked()
+    (first_group,) = {id(o): o for o in first.router.outbounds.values()}.values()
+    flow = FlowInfo("tcp", "10.0.0.2:1", Destination("a.test", 1), "g", 0.0)
+    engine = _engine(first.router, flows={flow})
+    reloader = Reloader(engine, settings, reload_source(args, settings), first)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reloader.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert running == [first_group]  # once, though named twice
+        assert reloader.reload() is None
+        await trio.testing.wait_all_tasks_blocked()
+        new_group = reloader.routing.router.outbounds["g"]
+        assert running == [first_group, new_group]
+        engine.flows.clear()
+        await trio.sleep(120)
+        assert running == [new_group]
+        nursery.cancel_scope.cancel()
+    assert running == []
+
+
+class _Select:
+    """A select group as the proxy groups' contract describes it."""
+
+    kind = "select"
+
+    def __init__(self, *members: str) -> None:
+        self.members = members
+        self.chosen = members[0]
+        self.name = "g"
+
+    def now(self) -> str:
+        return self.chosen
+
+    def select(self, member: str) -> None:
+        if member not in self.members:
+            raise ValueError(member)
+        self.chosen = member
+
+
+def test_a_select_group_keeps_its_choice_when_the_member_is_still_there() -> None:
+    from tun2sx.control.reload import carry_selections
+
+    old = _Select("a", "b", "c")
+    old.select("b")
+    kept, gone, other = _Select("a", "b"), _Select("a", "c"), _Select("a", "b")
+    before = Router(None, outbounds={"g": old, "h": old})  # type: ignore[dict-item]
+    after = Router(None, outbounds={"g": kept, "h": gone, "i": other})  # type: ignore[dict-item]
+    carry_selections(before, after)
+    assert (kept.now(), gone.now(), other.now()) == ("b", "a", "a")
+
+
+def test_new_values_are_checked_beside_the_kept_ones(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    # Fine in a fresh start (the pool moves away), but the running pool stays.
+    moved = 'fake_ip_range = "10.99.0.0/16"\ndirect = ["198.18.0.9"]\nupstream'
+    _write(config, BASE.replace("upstream", moved, 1))
+    error = reloader.reload()
+    assert error is not None and error.startswith("dns.direct: 198.18.0.9:53 is in 198.18.0.0/15")
+    assert engine.router is router
+
+
+async def test_areload_reads_and_builds_while_the_engine_goes_on(tmp_path: Path) -> None:
+    import threading
+
+    from tun2sx.control.reload import ConfigSource
+
+    config = _write(tmp_path / "c.toml", BASE)
+    settings, _, engine = _started(config)
+    args = build_parser().parse_args(["--config", str(config)])
+    plain = reload_source(args, settings)
+    may_read = threading.Event()
+
+    def load(path: str | None) -> Settings:
+        # Returns only once trio's thread has run on: a load on that thread
+        # would never see the event set and the test would time out.
+        assert may_read.wait(10)
+        return plain.load(path)
+
+    routing = Routing(engine.router, DirectResolver([]))
+    reloader = Reloader(engine, settings, ConfigSource(load, settings), routing)  # type: ignore[arg-type]
+    _write(config, BASE.replace("blocked", "nothing"))
+    async with trio.open_nursery() as nursery:
+        results: list[str | None] = []
+
+        async def reload() -> None:
+            results.append(await reloader.areload())
+
+        nursery.start_soon(reload)
+        nursery.start_soon(reload)  # a second one waits for the first
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == [] and _route(engine, "x.blocked.test") == "REJECT"
+        may_read.set()
+    assert results == [None, None]
+    assert _route(engine, "x.blocked.test") == "proxy"
+
+
+async def test_areload_refuses_a_bad_file(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, engine = _started(config)
+    router = engine.router
+    _write(config, BASE.replace("REJECT", "prxy"))
+    error = await reloader.areload()
+    assert error is not None and "rules[0]" in error
+    assert engine.router is router
