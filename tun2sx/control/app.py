@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -37,8 +38,7 @@ from tun2sx.control.directdns import (
 from tun2sx.control.stats import (
     log_summaries,
     open_stats_listeners,
-    parse_loopback_endpoint,
-    serve_stats,
+    parse_endpoint,
 )
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
@@ -54,6 +54,9 @@ from tun2sx.naming.router import (
     RuleSet,
     parse_rules,
 )
+
+if TYPE_CHECKING:
+    from tun2sx.control.controller import Reload
 
 log = logging.getLogger("tun2sx")
 
@@ -115,7 +118,10 @@ class Settings:
         dns_hijack: answer every port-53 query ourselves.
         udp_timeout: UDP session idle timeout, seconds.
         connect_timeout: outbound connect timeout, seconds.
-        stats_listen: loopback HOST:PORT of the stats endpoint, or None (off).
+        stats_listen: HOST:PORT of the stats endpoint and controller API,
+            or None (off); loopback unless `secret` is set.
+        secret: the controller API's Bearer token (None: no token, and
+            only loopback listen addresses and Host headers).
         stats_interval: seconds between summary log lines (0: none).
         auto_route: route the namespace's traffic into the TUN while
             serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
@@ -154,6 +160,7 @@ class Settings:
     rules: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     stats_listen: str | None = None
     stats_interval: float = DEFAULT_STATS_INTERVAL
+    secret: str | None = attrs.field(default=None, repr=False)
     auto_route: bool = False
     workers: int = 1
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
@@ -254,8 +261,12 @@ def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
         raise ConfigError("stats_interval: must not be negative")
     if settings.stats_listen is None:
         return None
+    if settings.secret is not None and (
+        not settings.secret or any(ch.isspace() for ch in settings.secret)
+    ):
+        raise ConfigError("secret: must be a non-empty string without spaces")
     try:
-        return parse_loopback_endpoint(settings.stats_listen)
+        return parse_endpoint(settings.stats_listen, any_address=bool(settings.secret))
     except ValueError as exc:
         raise ConfigError(f"stats_listen: {exc}") from exc
 
@@ -422,6 +433,7 @@ async def serve(
     protect: Callable[[int], bool] | None = None,
     handle_signals: bool = True,
     shared_fake_ip: bool = False,
+    reload: Reload | None = None,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run tun2sx until cancelled (or SIGINT/SIGTERM when `handle_signals`).
@@ -434,6 +446,8 @@ async def serve(
         handle_signals: stop on SIGINT/SIGTERM (only in the main thread).
         shared_fake_ip: other processes (workers) use the same fake-IP
             table at the same time.
+        reload: what the controller's `PUT /configs` calls with a config
+            path (or None): None when applied, else the one-line error.
         task_status: receives the running `Engine` once serving.
 
     Raises:
@@ -441,13 +455,13 @@ async def serve(
         TunError: the device cannot be opened, or went away while serving.
     """
     if not handle_signals:
-        await _serve(settings, device, protect, shared_fake_ip, None, task_status)
+        await _serve(settings, device, protect, shared_fake_ip, None, reload, task_status)
         return
     # Open for the whole run, shutdown included: a second SIGINT/SIGTERM
     # (Ctrl-C reaches every worker, and the parent relays SIGTERM too) is
     # then absorbed instead of killing the process halfway through closing.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        await _serve(settings, device, protect, shared_fake_ip, signals, task_status)
+        await _serve(settings, device, protect, shared_fake_ip, signals, reload, task_status)
 
 
 async def _serve(
@@ -456,6 +470,7 @@ async def _serve(
     protect: Callable[[int], bool] | None,
     shared_fake_ip: bool,
     signals: AsyncIterator[int] | None,
+    reload: Reload | None,
     task_status: trio.TaskStatus[Engine],
 ) -> None:
     if settings.workers != 1:
@@ -529,14 +544,29 @@ async def _serve(
                 listeners = []
                 if stats_endpoint is not None:
                     try:
-                        listeners = await open_stats_listeners(*stats_endpoint)
+                        listeners = await open_stats_listeners(
+                            *stats_endpoint, any_address=bool(settings.secret)
+                        )
                     except OSError as exc:
                         raise ConfigError(f"stats_listen: {exc}") from exc
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(engine.run)
                         if listeners:
-                            await nursery.start(serve_stats, engine, listeners)
+                            # Here, not at the top: h11, wsproto and json
+                            # load only for runs that serve the API.
+                            from tun2sx.control.controller import (
+                                Controller,
+                                serve_controller,
+                            )
+
+                            controller = Controller(
+                                engine,
+                                secret=settings.secret,
+                                reload=reload,
+                                log_level=_clash_level(),
+                            )
+                            await nursery.start(serve_controller, controller, listeners)
                         if settings.stats_interval > 0:
                             nursery.start_soon(log_summaries, engine, settings.stats_interval)
                         if signals is not None:
@@ -557,6 +587,14 @@ async def _serve(
             device.close()
         if store is not None:
             store.close()
+
+
+def _clash_level() -> str:
+    level = logging.getLogger("tun2sx").getEffectiveLevel()
+    for name, number in (("debug", 10), ("info", 20), ("warning", 30), ("error", 40)):
+        if level <= number:
+            return name
+    return "silent"
 
 
 def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None:

@@ -50,8 +50,18 @@ class BadRequest(Exception):
 def parse_loopback_endpoint(value: str) -> tuple[str, int]:
     """`host:port` where host is a loopback address (or `localhost`).
 
+    Same as `parse_endpoint(value, any_address=False)`.
+    """
+    return parse_endpoint(value, any_address=False)
+
+
+def parse_endpoint(value: str, *, any_address: bool) -> tuple[str, int]:
+    """`host:port` where host is an address literal (or `localhost`).
+
     Args:
         value: e.g. ``127.0.0.1:9090`` or ``[::1]:9090``.
+        any_address: allow addresses other than loopback (the controller
+            does when a secret is set).
 
     Returns:
         (host, port), host as an address literal without brackets.
@@ -75,8 +85,10 @@ def parse_loopback_endpoint(value: str) -> tuple[str, int]:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"{host!r} is not an IP address or localhost") from None
-    if not address.is_loopback:
-        raise ValueError(f"{host} is not a loopback address; the stats listen on loopback only")
+    if not address.is_loopback and not any_address:
+        raise ValueError(
+            f"{host} is not a loopback address; without a secret the stats listen on loopback only"
+        )
     return str(address), port
 
 
@@ -287,18 +299,21 @@ async def _handle(answer: Callable[[bytes], Awaitable[bytes]], stream: trio.Sock
         await trio.aclose_forcefully(stream)
 
 
-async def open_stats_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    """Listen for the endpoint on a loopback address.
+async def open_stats_listeners(
+    host: str, port: int, *, any_address: bool = False
+) -> list[trio.SocketListener]:
+    """Listen for the endpoint on a loopback address (any with `any_address`).
 
     Args:
         host: a loopback address (checked again here, for embedders).
         port: the TCP port (0: any free one; ask the listener which).
+        any_address: allow a non-loopback `host` (a secret is set).
 
     Raises:
         ValueError: `host` is not loopback.
         OSError: the port cannot be bound.
     """
-    host, port = parse_loopback_endpoint(f"[{host}]:{port}")
+    host, port = parse_endpoint(f"[{host}]:{port}", any_address=any_address)
     listeners = await trio.open_tcp_listeners(port, host=host)
     for listener in listeners:
         log.info("stats endpoint on http://%s/stats", _sockname(listener))

@@ -10,8 +10,11 @@ engine can import them without a circle.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -78,9 +81,24 @@ class FlowInfo:
         started: trio time the flow was connected.
         bytes_up: bytes from the application to the outbound.
         bytes_down: bytes from the outbound to the application.
+        id: a random UUID naming the flow in the controller API.
+        wall_started: Unix time the flow was connected (shown as its start).
+        closer: ends the flow with a reset toward the application (TCP) or
+            ends the session (UDP); set by the flow once it can be closed.
     """
 
-    __slots__ = ("app", "bytes_down", "bytes_up", "destination", "network", "outbound", "started")
+    __slots__ = (
+        "app",
+        "bytes_down",
+        "bytes_up",
+        "closer",
+        "destination",
+        "id",
+        "network",
+        "outbound",
+        "started",
+        "wall_started",
+    )
 
     def __init__(
         self, network: str, app: str, destination: Destination, outbound: str, started: float
@@ -92,6 +110,47 @@ class FlowInfo:
         self.started = started
         self.bytes_up = 0
         self.bytes_down = 0
+        self.id = str(uuid.uuid4())
+        self.wall_started = 0.0
+        self.closer: Callable[[], None] | None = None
+
+    def close(self) -> bool:
+        """Ask the flow to end now (a reset toward the application).
+
+        Returns:
+            False when the flow cannot be closed (yet).
+        """
+        if self.closer is None:
+            return False
+        self.closer()
+        return True
+
+
+# Upper bounds (seconds) of the connect-time histogram's buckets: from a
+# proxy on this machine (well under a millisecond) to the connect timeout.
+CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ConnectTimes:
+    """A histogram of outbound connect times, per outbound name.
+
+    Each outbound has one count per bucket of `CONNECT_BUCKETS` (not
+    cumulative; the Prometheus exposition adds them up), a last bucket
+    for longer ones, the sum and the count.
+    """
+
+    __slots__ = ("by_outbound",)
+
+    def __init__(self) -> None:
+        self.by_outbound: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, outbound: str, seconds: float) -> None:
+        """Count one connect of `outbound` that took `seconds`."""
+        entry = self.by_outbound.get(outbound)
+        if entry is None:
+            entry = self.by_outbound[outbound] = ([0] * (len(CONNECT_BUCKETS) + 1), [0.0])
+        entry[0][bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
 
 
 class FlowContext(Protocol):
@@ -107,6 +166,7 @@ class FlowContext(Protocol):
             answers forwarded upstream record here; routing reads it).
         streams: the live TCP streams by flow key; a flow adds its stream
             when it accepts and removes it once finished.
+        connect_times: how long outbound connects took, per outbound.
     """
 
     config: EngineConfig
@@ -116,6 +176,7 @@ class FlowContext(Protocol):
     dns: FakeDns | None
     real_names: RealNames
     streams: dict[object, TcpStream]
+    connect_times: ConnectTimes
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ import trio
 from outbounds.base import Destination
 from stack.netstack import NetStack, UdpDatagram
 from stack.tcp import ConnectionRequest, TcpConnection
-from tun2sx.dataplane.context import EngineConfig, FlowInfo
+from tun2sx.dataplane.context import ConnectTimes, EngineConfig, FlowInfo
 from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
@@ -80,6 +81,10 @@ class Engine:
         self.streams: dict[object, TcpStream] = {}
         self.counters: Counter[str] = Counter()
         self.flows: set[FlowInfo] = set()
+        self.connect_times = ConnectTimes()
+        # Set by the controller's mode (global, direct): every new flow
+        # goes to this outbound ((None,): rejected) instead of the rules.
+        self.override: tuple[Outbound | None] | None = None
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
@@ -210,6 +215,8 @@ class Engine:
     def route(self, dest: Destination, network: Network) -> Outbound | None:
         """The router's choice for a flow; a real address that a DNS answer
         gave for a name is matched by that name too (tun2sx.naming.realnames)."""
+        if self.override is not None:
+            return self.override[0]
         name = None
         if not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())
@@ -232,6 +239,7 @@ class Engine:
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
         info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        info.wall_started = time.time()
         self.flows.add(info)
         return info
 

@@ -173,9 +173,13 @@ class TcpFlows:
             # A bare cancel scope rather than trio.fail_after (a generator
             # context manager): this runs once per connection. Eviction
             # cancels it too.
-            scope.deadline = trio.current_time() + engine.config.connect_timeout
+            dialled = trio.current_time()
+            scope.deadline = dialled + engine.config.connect_timeout
             with scope:
                 upstream = await outbound.connect_tcp(dest)
+                engine.connect_times.observe(
+                    engine.router.name_of(outbound), trio.current_time() - dialled
+                )
         except OutboundError as exc:
             if self._dialing.get(key) is scope:
                 log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
@@ -210,11 +214,17 @@ class TcpFlows:
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound))
         finished = False
         try:
-            if self._handler is None:
-                await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
-            else:
-                await self._handler(stream, upstream)
-            finished = True
+            # The controller's close cancels this scope: the flow then ends
+            # as one cut short, with a reset to both ends.
+            with trio.CancelScope() as cut:
+                info.closer = cut.cancel
+                if self._handler is None:
+                    await splice(
+                        stream, upstream, engine.config.splice_buffer, info, engine.read_size
+                    )
+                else:
+                    await self._handler(stream, upstream)
+                finished = True
         finally:
             engine.close_flow(info)
             if not finished:

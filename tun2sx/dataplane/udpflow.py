@@ -265,6 +265,7 @@ class UdpFlows:
                 session.info = info = engine.open_flow(
                     "udp", _describe(session), dest, engine.router.name_of(outbound)
                 )
+                info.closer = session.scope.cancel
                 session.upstream = upstream
                 ended: list[BaseException] = []
                 try:

@@ -388,7 +388,9 @@ async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(tun2sx.control.autoroute, "auto_route", fake_auto_route)
     opened: list[trio.SocketListener] = []
 
-    async def recording_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    async def recording_listeners(
+        host: str, port: int, *, any_address: bool = False
+    ) -> list[trio.SocketListener]:
         listeners = await open_stats_listeners(host, port)
         opened.extend(listeners)
         return listeners
@@ -411,7 +413,7 @@ async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch)
         assert calls == [("enter", ("fake0", app.DEFAULT_AUTO_ROUTE_FWMARK))]
         assert engine.router.name_of(engine.router.route(Destination("a.test", 1), "tcp")) == "p"
         port = opened[0].socket.getsockname()[1]
-        status, _, body = split(await http_get(port, b"GET /stats HTTP/1.1\r\n\r\n"))
+        status, _, body = split(await http_get(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
         assert status == "HTTP/1.1 200 OK"
         assert json.loads(body)["tcp_flows"] == 0
         nursery.cancel_scope.cancel()
