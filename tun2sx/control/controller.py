@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import http
 import json
 import logging
 import math
@@ -504,6 +505,13 @@ async def _measure_here(outbound: Any, url: str, timeout: float) -> int:
     return max(1, round((trio.current_time() - started) * 1000))
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 def _ui_page() -> bytes:
     from importlib import resources
 
@@ -591,7 +599,9 @@ class _Client:
             headers.append(("Connection", "close"))
         if reply.status == 204:
             headers = [h for h in headers if h[0] not in ("Content-Type", "Content-Length")]
-        await self.send_event(h11.Response(status_code=reply.status, headers=headers))
+        await self.send_event(
+            h11.Response(status_code=reply.status, headers=headers, reason=_reason(reply.status))
+        )
         if reply.body and not head_only and reply.status != 204:
             await self.send_event(h11.Data(data=reply.body))
         await self.send_event(h11.EndOfMessage())
@@ -603,7 +613,7 @@ class _Client:
             ("Transfer-Encoding", "chunked"),
             *cors,
         ]
-        await self.send_event(h11.Response(status_code=200, headers=headers))
+        await self.send_event(h11.Response(status_code=200, headers=headers, reason=b"OK"))
         async with _closing(produce()) as items:
             async for item in items:
                 await self.send_event(h11.Data(data=json.dumps(item).encode() + b"\n"))

@@ -413,7 +413,11 @@ async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch)
         assert calls == [("enter", ("fake0", app.DEFAULT_AUTO_ROUTE_FWMARK))]
         assert engine.router.name_of(engine.router.route(Destination("a.test", 1), "tcp")) == "p"
         port = opened[0].socket.getsockname()[1]
-        status, _, body = split(await http_get(port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        status, _, body = split(
+            await http_get(
+                port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+        )
         assert status == "HTTP/1.1 200 OK"
         assert json.loads(body)["tcp_flows"] == 0
         nursery.cancel_scope.cancel()

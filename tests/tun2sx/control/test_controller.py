@@ -1,0 +1,272 @@
+"""The controller API over real loopback sockets, against a fake engine."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from tests.support.controller import (
+    FakeEngine,
+    WebSocket,
+    read_lines,
+    request,
+    start_controller,
+)
+from tun2sx.control.controller import MAX_BODY, Controller, parse_target
+
+AUTH = [("Authorization", "Bearer s3cret")]
+
+
+async def serve(nursery: trio.Nursery, secret: str | None = None, **kw: object):
+    engine = FakeEngine()
+    controller = Controller(engine, secret=secret, **kw)  # type: ignore[arg-type]
+    port = await start_controller(nursery, controller)
+    return engine, controller, port
+
+
+def test_targets_are_split_and_decoded() -> None:
+    assert parse_target("/proxies/a%20b?url=x&timeout=5") == (
+        "/proxies/a b",
+        {"url": "x", "timeout": "5"},
+    )
+
+
+async def test_secret_is_required_as_bearer_token(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery, "s3cret")
+    assert (await request(port, "GET", "/version")).status == 401
+    wrong = [("Authorization", "Bearer nope")]
+    assert (await request(port, "GET", "/version", headers=wrong)).status == 401
+    # A query token is for WebSocket upgrades only, where browsers set no headers.
+    assert (await request(port, "GET", "/version?token=s3cret")).status == 401
+    ok = await request(port, "GET", "/version", headers=AUTH)
+    assert ok.status == 200
+    assert ok.json() == {"version": "0.1.0", "meta": True}
+    # The page itself loads without it (it asks for the secret).
+    page = await request(port, "GET", "/ui")
+    assert page.status == 200 and b"/connections" in page.body
+
+
+async def test_websocket_takes_the_token_in_the_query(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery, "s3cret")
+    with pytest.raises(ConnectionRefusedError):
+        await WebSocket.open(port, "/traffic")
+    ws = await WebSocket.open(port, "/traffic?token=s3cret")
+    assert await ws.receive_json() == {"up": 0, "down": 0}
+    await ws.close()
+
+
+async def test_without_secret_only_loopback_hosts_and_origins(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    assert (await request(port, "GET", "/version", host="evil.example:9090")).status == 403
+    ok = await request(port, "GET", "/version", host="localhost:9090")
+    assert ok.status == 200
+    page = [("Origin", "https://evil.example")]
+    answer = await request(port, "GET", "/connections", headers=page)
+    # Answered, but without CORS headers the browser hides it from the page.
+    assert "access-control-allow-origin" not in answer.headers
+    local = [("Origin", "http://127.0.0.1:8080")]
+    answer = await request(port, "GET", "/connections", headers=local)
+    assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+
+
+async def test_cors_preflight_with_a_secret(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery, "s3cret")
+    headers = [
+        ("Origin", "https://dashboard.example"),
+        ("Access-Control-Request-Method", "PATCH"),
+        ("Access-Control-Request-Headers", "authorization, content-type"),
+    ]
+    answer = await request(port, "OPTIONS", "/configs", headers=headers, host="192.0.2.1:9090")
+    assert answer.status == 204
+    assert answer.headers["access-control-allow-origin"] == "*"
+    assert "PATCH" in answer.headers["access-control-allow-methods"]
+    assert "Authorization" in answer.headers["access-control-allow-headers"]
+
+
+async def test_patch_configs_switches_mode_and_log_level(nursery: trio.Nursery) -> None:
+    engine, _, port = await serve(nursery)
+    assert (await request(port, "GET", "/configs")).json()["mode"] == "rule"
+    assert (await request(port, "PATCH", "/configs", body={"mode": "direct"})).status == 204
+    assert engine.override == (engine.router.outbounds["DIRECT"],)
+    assert (await request(port, "GET", "/configs")).json()["mode"] == "direct"
+    await request(port, "PUT", "/proxies/GLOBAL", body={"name": "proxy"})
+    await request(port, "PATCH", "/configs", body={"mode": "global"})
+    assert engine.override == (engine.group,)
+    await request(port, "PATCH", "/configs", body={"mode": "rule"})
+    assert engine.override is None
+    logger = logging.getLogger("tun2sx")
+    before = logger.level
+    try:
+        await request(port, "PATCH", "/configs", body={"log-level": "debug"})
+        assert logger.level == logging.DEBUG
+        assert (await request(port, "GET", "/configs")).json()["log-level"] == "debug"
+    finally:
+        logger.setLevel(before)
+    bad = await request(port, "PATCH", "/configs", body={"mode": "fast"})
+    assert bad.status == 400 and "mode" in bad.json()["message"]
+    assert (await request(port, "PATCH", "/configs", body=[1])).status == 400
+
+
+async def test_proxies_list_groups_and_select(nursery: trio.Nursery) -> None:
+    engine, _, port = await serve(nursery)
+    engine.group.history["DIRECT"] = [(1_700_000_000.0, 12)]
+    proxies = (await request(port, "GET", "/proxies")).json()["proxies"]
+    assert proxies["DIRECT"]["type"] == "Direct"
+    assert proxies["REJECT"]["type"] == "Reject"
+    assert proxies["DIRECT"]["history"] == [{"time": "2023-11-14T22:13:20.000Z", "delay": 12}]
+    group = proxies["proxy"]
+    assert (group["type"], group["all"], group["now"]) == (
+        "Selector",
+        ["DIRECT", "REJECT"],
+        "DIRECT",
+    )
+    assert proxies["GLOBAL"]["type"] == "Selector"
+    answer = await request(port, "PUT", "/proxies/proxy", body={"name": "REJECT"})
+    assert answer.status == 204
+    assert (await request(port, "GET", "/proxies/proxy")).json()["now"] == "REJECT"
+    unknown = await request(port, "PUT", "/proxies/proxy", body={"name": "nowhere"})
+    assert unknown.status == 400 and "nowhere" in unknown.json()["message"]
+    assert (await request(port, "PUT", "/proxies/DIRECT", body={"name": "x"})).status == 400
+    assert (await request(port, "GET", "/proxies/missing")).status == 404
+
+
+async def test_delay_of_reject_is_an_error(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    answer = await request(port, "GET", "/proxies/REJECT/delay?url=http://a.test/&timeout=500")
+    assert answer.status == 503
+    bad = await request(port, "GET", "/proxies/DIRECT/delay?url=ftp://x&timeout=500")
+    assert bad.status == 400
+
+
+async def test_rules_in_order_then_the_default(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    rules = (await request(port, "GET", "/rules")).json()["rules"]
+    assert rules == [
+        {"type": "DomainSuffix", "payload": "example.com", "proxy": "proxy", "size": -1},
+        {"type": "Match", "payload": "", "proxy": "DIRECT", "size": -1},
+    ]
+
+
+async def test_connections_and_closing_them(nursery: trio.Nursery) -> None:
+    engine, _, port = await serve(nursery)
+    first = engine.add_flow("www.example.com", 443, up=10, down=2000)
+    engine.add_flow("192.0.2.7", 53)
+    data = (await request(port, "GET", "/connections")).json()
+    assert data["uploadTotal"] == 10 and data["downloadTotal"] == 2000
+    by_host = {
+        c["metadata"]["host"] or c["metadata"]["destinationIP"]: c for c in data["connections"]
+    }
+    c = by_host["www.example.com"]
+    assert c["id"] == first.id
+    assert c["metadata"]["sourceIP"] == "10.0.0.2" and c["metadata"]["sourcePort"] == "40000"
+    assert c["metadata"]["destinationPort"] == "443"
+    assert c["metadata"]["network"] == "tcp"
+    assert c["start"] == "2023-11-14T22:13:20.250Z"
+    assert c["chains"] == ["proxy"]
+    assert (c["upload"], c["download"]) == (10, 2000)
+    assert by_host["192.0.2.7"]["metadata"]["host"] == ""
+    assert (await request(port, "DELETE", f"/connections/{first.id}")).status == 204
+    assert engine.closed == [first.id]
+    assert (await request(port, "DELETE", f"/connections/{first.id}")).status == 404
+    assert (await request(port, "DELETE", "/connections")).status == 204
+    assert not engine.flows
+
+
+async def test_streams_over_chunked_http_and_websocket(nursery: trio.Nursery) -> None:
+    engine, _, port = await serve(nursery)
+    engine.add_flow("www.example.com")
+    memory = await read_lines(port, "/memory", 1)
+    assert memory[0]["inuse"] > 0 and memory[0]["oslimit"] == 0
+    ws = await WebSocket.open(port, "/connections?interval=100")
+    for _ in range(2):
+        snapshot = await ws.receive_json()
+        assert snapshot["connections"][0]["metadata"]["host"] == "www.example.com"
+    await ws.close()
+
+
+async def test_traffic_counts_bytes_per_second(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    engine, _, port = await serve(nursery)
+    info = engine.add_flow("www.example.com")
+
+    async def move() -> None:
+        await trio.sleep(0.5)
+        info.bytes_up += 300
+        info.bytes_down += 7000
+
+    nursery.start_soon(move)
+    lines = await read_lines(port, "/traffic", 2)
+    assert lines == [{"up": 0, "down": 0}, {"up": 300, "down": 7000}]
+
+
+async def test_logs_stream_by_level(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    ws = await WebSocket.open(port, "/logs?level=warning")
+    log = logging.getLogger("tun2sx.test")
+
+    async def keep_logging() -> None:
+        # The subscription starts once the upgrade is answered: log until
+        # the stream has taken a line.
+        while True:
+            log.info("not shown")
+            log.warning("shown %d", 1)
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as logging_nursery:
+        logging_nursery.start_soon(keep_logging)
+        for _ in range(3):
+            assert await ws.receive_json() == {"type": "warning", "payload": "shown 1"}
+        logging_nursery.cancel_scope.cancel()
+    await ws.close()
+    bad = await request(port, "GET", "/logs?level=loud")
+    assert bad.status == 400
+
+
+async def test_reload_hook(nursery: trio.Nursery) -> None:
+    seen: list[str | None] = []
+
+    def reload(path: str | None) -> str | None:
+        seen.append(path)
+        return None if path != "/bad.toml" else "rules[0] 'X': unknown rule type"
+
+    _, _, port = await serve(nursery, reload=reload)
+    put = await request(port, "PUT", "/configs?force=true", body={"path": "/etc/t.toml"})
+    assert put.status == 204
+    bad = await request(port, "PUT", "/configs?force=true", body={"path": "/bad.toml"})
+    assert bad.status == 400 and bad.json()["message"].startswith("rules[0]")
+    assert (await request(port, "PUT", "/configs", body={})).status == 204
+    assert seen == ["/etc/t.toml", "/bad.toml", None]
+
+
+async def test_bad_requests_get_400_and_the_server_goes_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, port = await serve(nursery)
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(junk)
+            answer = b""
+            while data := await stream.receive_some():
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 400 ")
+    big = await request(port, "PATCH", "/configs", body={"mode": "x" * MAX_BODY})
+    assert big.status == 413
+    assert (await request(port, "GET", "/nothing")).status == 404
+    assert (await request(port, "POST", "/version")).status == 405
+    assert (await request(port, "GET", "/version")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def test_a_client_that_sends_nothing_is_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    _, _, port = await serve(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /ver")
+        with trio.fail_after(60):
+            assert await stream.receive_some() == b""
