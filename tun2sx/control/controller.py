@@ -46,7 +46,7 @@ import wsproto.utilities
 from outbounds.base import Destination, FailureReply, OutboundError
 from tun2sx.control import clashapi, metrics
 from tun2sx.control.clashapi import ApiError, ApiState, Controlled
-from tun2sx.control.stats import _is_loopback_host
+from tun2sx.control.stats import is_loopback_host
 from tun2sx.naming.router import REJECT
 
 log = logging.getLogger("tun2sx.controller")
@@ -147,6 +147,62 @@ class LogHub(logging.Handler):
                     self.subscribers.discard((level, channel))
 
 
+class Access:
+    """Who may ask: the secret, the Host check and CORS.
+
+    Args:
+        secret: the Bearer token required (None: none, loopback Hosts only).
+    """
+
+    def __init__(self, secret: str | None) -> None:
+        self.secret = secret
+
+    def authorized(self, request: Request) -> bool:
+        if not self.secret:
+            return True
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.secret.encode()):
+            return True
+        if request.websocket and "token" in request.query:
+            return hmac.compare_digest(request.query["token"].encode(), self.secret.encode())
+        return False
+
+    def cors_headers(self, request: Request) -> list[tuple[str, str]]:
+        origin = request.headers.get("origin")
+        if origin is None:
+            return []
+        if self.secret:
+            allowed = "*"
+        else:
+            host = urllib.parse.urlsplit(origin).netloc
+            if not host or not is_loopback_host(host):
+                return []
+            allowed = origin
+        headers = [
+            ("Access-Control-Allow-Origin", allowed),
+            ("Access-Control-Allow-Methods", ALLOW_METHODS),
+            ("Access-Control-Allow-Headers", ALLOW_HEADERS),
+            ("Access-Control-Max-Age", "600"),
+            ("Vary", "Origin"),
+        ]
+        if self.secret and "access-control-request-private-network" in request.headers:
+            headers.append(("Access-Control-Allow-Private-Network", "true"))
+        return headers
+
+    def refusal(self, request: Request) -> Reply | None:
+        """The answer to a request we do not serve, before any routing."""
+        if request.method == "OPTIONS":
+            return Reply(204)
+        if not self.secret and not is_loopback_host(request.headers.get("host", "localhost")):
+            return message(403, "loopback hosts only (set a secret to allow others)")
+        if request.path in ("/ui", "/ui/"):
+            return None
+        if not self.authorized(request):
+            return message(401, "Unauthorized")
+        return None
+
+
 class Controller:
     """Answers the API for one engine.
 
@@ -168,62 +224,15 @@ class Controller:
     ) -> None:
         self.engine = engine
         self.state = ApiState(engine, log_level)
-        self.secret = secret
+        self.access = Access(secret)
         self.reload = reload
         self.hub = LogHub()
-
-    # -- access -------------------------------------------------------------------
-
-    def authorized(self, request: Request) -> bool:
-        if not self.secret:
-            return True
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.secret.encode()):
-            return True
-        if request.websocket and "token" in request.query:
-            return hmac.compare_digest(request.query["token"].encode(), self.secret.encode())
-        return False
-
-    def cors_headers(self, request: Request) -> list[tuple[str, str]]:
-        origin = request.headers.get("origin")
-        if origin is None:
-            return []
-        if self.secret:
-            allowed = "*"
-        else:
-            host = urllib.parse.urlsplit(origin).netloc
-            if not host or not _is_loopback_host(host):
-                return []
-            allowed = origin
-        headers = [
-            ("Access-Control-Allow-Origin", allowed),
-            ("Access-Control-Allow-Methods", ALLOW_METHODS),
-            ("Access-Control-Allow-Headers", ALLOW_HEADERS),
-            ("Access-Control-Max-Age", "600"),
-            ("Vary", "Origin"),
-        ]
-        if self.secret and "access-control-request-private-network" in request.headers:
-            headers.append(("Access-Control-Allow-Private-Network", "true"))
-        return headers
-
-    def refusal(self, request: Request) -> Reply | None:
-        """The answer to a request we do not serve, before any routing."""
-        if request.method == "OPTIONS":
-            return Reply(204)
-        if not self.secret and not _is_loopback_host(request.headers.get("host", "localhost")):
-            return message(403, "loopback hosts only (set a secret to allow others)")
-        if request.path in ("/ui", "/ui/"):
-            return None
-        if not self.authorized(request):
-            return message(401, "Unauthorized")
-        return None
 
     # -- routing --------------------------------------------------------------------
 
     async def answer(self, request: Request) -> Reply | Producer:
         """The reply, or the producer of a stream, for an allowed request."""
-        refused = self.refusal(request)
+        refused = self.access.refusal(request)
         if refused is not None:
             return refused
         try:
@@ -691,7 +700,8 @@ async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[
         status = exc.error_status_hint
         body = json.dumps({"message": f"bad request: {exc}"}).encode()
         raw = (
-            f"HTTP/1.1 {status} Bad Request\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {status} {_reason(status).decode()}\r\n"
+            "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode() + body
         with trio.move_on_after(SEND_TIMEOUT):
@@ -746,7 +756,7 @@ async def serve_controller(
     root.addHandler(controller.hub)
     try:
         await serve_listeners(
-            controller.answer, controller.cors_headers, listeners, task_status=task_status
+            controller.answer, controller.access.cors_headers, listeners, task_status=task_status
         )
     finally:
         root.removeHandler(controller.hub)

@@ -14,7 +14,7 @@ from tests.support.controller import (
     request,
     start_controller,
 )
-from tun2sx.control.controller import MAX_BODY, Controller, parse_target
+from tun2sx.control.controller import MAX_BODY, MAX_HEAD, Controller, parse_target
 
 AUTH = [("Authorization", "Bearer s3cret")]
 
@@ -259,6 +259,18 @@ async def test_bad_requests_get_400_and_the_server_goes_on(
     assert (await request(port, "POST", "/version")).status == 405
     assert (await request(port, "GET", "/version")).status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def test_request_heads_are_bounded(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /version HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD + 100))
+        answer = b""
+        with trio.fail_after(10):
+            while data := await stream.receive_some():
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
 
 
 async def test_a_client_that_sends_nothing_is_dropped(
