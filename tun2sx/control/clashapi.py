@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from outbounds.base import Outbound
 from tun2sx.dataplane.context import ConnectTimes, FlowInfo
-from tun2sx.naming.router import DIRECT, REJECT, Router
+from tun2sx.naming.router import DIRECT, REJECT, Network, Router
 
 VERSION = "0.1.0"
 MODES = ("rule", "global", "direct")
@@ -286,7 +286,7 @@ class ApiState:
         return {
             "downloadTotal": stats.get("bytes_down", 0),
             "uploadTotal": stats.get("bytes_up", 0),
-            "connections": [connection_json(info) for info in flows],
+            "connections": [connection_json(info, self.engine.router) for info in flows],
             "memory": 0,
         }
 
@@ -311,14 +311,24 @@ def _plain(name: str, kind: str, history: list[dict[str, Any]]) -> dict[str, Any
     return {"name": name, "type": kind, "history": history, "alive": True, "udp": True}
 
 
-def connection_json(info: FlowInfo) -> dict[str, Any]:
-    """One flow as Clash's connection object."""
+def connection_json(info: FlowInfo, router: Router | None = None) -> dict[str, Any]:
+    """One flow as Clash's connection object.
+
+    The rule and chain are the flow's own when it carries them (set when
+    it was routed); otherwise the rule is looked up again in `router`.
+    """
     source, _, source_port = info.app.rpartition(":")
     host = info.destination.host
     name = host if isinstance(host, str) else ""
     sniffed = getattr(info, "sniffed", None) or ""
     chain = getattr(info, "chain", None) or (info.outbound,)
-    rule = getattr(info, "rule", None) or "Match"
+    rule = getattr(info, "rule", None)
+    payload = getattr(info, "rule_payload", None)
+    if rule is None and router is not None:
+        network: Network = "udp" if info.network == "udp" else "tcp"
+        found = router.rule_for(info.destination, network)
+        if found is not None:
+            rule, payload = RULE_TYPES.get(found.kind, found.kind), found.value
     return {
         "id": info.id,
         "metadata": {
@@ -341,8 +351,8 @@ def connection_json(info: FlowInfo) -> dict[str, Any]:
         "download": info.bytes_down,
         "start": rfc3339(info.wall_started),
         "chains": list(chain),
-        "rule": rule,
-        "rulePayload": getattr(info, "rule_payload", None) or "",
+        "rule": rule or "Match",
+        "rulePayload": payload or "",
     }
 
 

@@ -165,6 +165,9 @@ async def test_connections_and_closing_them(nursery: trio.Nursery) -> None:
     assert c["metadata"]["network"] == "tcp"
     assert c["start"] == "2023-11-14T22:13:20.250Z"
     assert c["chains"] == ["proxy"]
+    # The flow carries no rule of its own here: looked up in the router.
+    assert (c["rule"], c["rulePayload"]) == ("DomainSuffix", "example.com")
+    assert (by_host["192.0.2.7"]["rule"], by_host["192.0.2.7"]["rulePayload"]) == ("Match", "")
     assert (c["upload"], c["download"]) == (10, 2000)
     assert by_host["192.0.2.7"]["metadata"]["host"] == ""
     assert (await request(port, "DELETE", f"/connections/{first.id}")).status == 204
