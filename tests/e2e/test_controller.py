@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
 from tests.support import in_ci, require_binary
 
 PORT = 19190
@@ -25,7 +25,7 @@ outbound = "proxy"
 rules = ["DOMAIN-SUFFIX,echo.test,proxy", "DOMAIN,www.test,DIRECT"]
 
 [outbounds.proxy]
-url = "socks5://{SERVER_ADDR}:1080"
+url = "socks5://{SERVER_ADDR}:{DANTE_PORT}"
 
 [stats]
 listen = "127.0.0.1:{PORT}"
@@ -45,7 +45,8 @@ CHROMIUM_FLAGS = [
 
 @pytest.fixture(scope="module")
 def controlled(testbed: Testbed) -> Iterator[Testbed]:
-    """The module's testbed with rules, a named outbound and the controller."""
+    """The module's testbed with rules, a named outbound (Dante, which
+    relays UDP too) and the controller."""
     config = testbed.tmp / "controller.toml"
     config.write_text(CONFIG)
     testbed.stop()
@@ -123,6 +124,28 @@ def test_a_live_flow_is_listed_and_closing_it_resets_the_application(
     assert waiter.ended() == "ECONNRESET"
     ids = [c["id"] for c in get(controlled, "/connections")["connections"]]
     assert row["id"] not in ids
+
+
+def test_closing_a_udp_session_ends_it(controlled: Testbed) -> None:
+    assert controlled.client_tool("udp", "echo.test", 7001, 3)["echoed"] == 3
+    sessions = [
+        c
+        for c in get(controlled, "/connections")["connections"]
+        if c["metadata"]["network"] == "udp" and c["metadata"]["host"] == "echo.test"
+    ]
+    assert sessions and all(c["upload"] > 0 and c["download"] > 0 for c in sessions)
+    for session in sessions:
+        url = f"http://127.0.0.1:{PORT}/connections/{session['id']}"
+        assert curl(controlled, "-X", "DELETE", "-w", "%{http_code}", url) == "204"
+    deadline = time.monotonic() + 5
+    while True:
+        live = {c["id"] for c in get(controlled, "/connections")["connections"]}
+        if not live & {c["id"] for c in sessions}:
+            break
+        assert time.monotonic() < deadline, "the sessions are still listed"
+        time.sleep(0.1)
+    # The next datagrams start a session of their own.
+    assert controlled.client_tool("udp", "echo.test", 7001, 3)["echoed"] == 3
 
 
 def test_metrics_count_real_flows_and_connect_times(controlled: Testbed) -> None:
