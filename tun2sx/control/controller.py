@@ -242,6 +242,8 @@ class Controller:
 
     async def _route(self, request: Request) -> Reply | Producer:
         method, path, state = request.method, request.path.rstrip("/") or "/", self.state
+        if method == "HEAD":
+            method = "GET"
         parts = path.split("/")[1:]
         head = parts[0]
         if method == "GET":
@@ -564,7 +566,9 @@ class _Client:
                     return
                 self.http.start_next_cycle()
                 continue
-            if request.websocket:
+            if request.method == "HEAD":
+                await self.reply(Reply(200), cors, True)
+            elif request.websocket:
                 await self.websocket(request, result)
             else:
                 await self.chunked(result, cors)
@@ -623,9 +627,39 @@ class _Client:
             *cors,
         ]
         await self.send_event(h11.Response(status_code=200, headers=headers, reason=b"OK"))
-        async with _closing(produce()) as items:
-            async for item in items:
-                await self.send_event(h11.Data(data=json.dumps(item).encode() + b"\n"))
+
+        async def write(item: object) -> None:
+            await self.send_event(h11.Data(data=json.dumps(item).encode() + b"\n"))
+
+        async def watch() -> None:
+            # A stream's client sends nothing more: its EOF means it left,
+            # which a stream that has nothing to send would never notice.
+            while await self.stream.receive_some(4096):
+                pass
+
+        await self._pump(produce, write, watch)
+
+    async def _pump(
+        self,
+        produce: Producer,
+        write: Callable[[object], Awaitable[None]],
+        watch: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Write what `produce` yields until it ends, a write fails or
+        stalls, or `watch` (reading the client) returns."""
+        async with trio.open_nursery() as nursery:
+
+            async def watcher() -> None:
+                with contextlib.suppress(*_GONE):
+                    await watch()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watcher)
+            with contextlib.suppress(*_GONE):
+                async with _closing(produce()) as items:
+                    async for item in items:
+                        await write(item)
+            nursery.cancel_scope.cancel()
 
     async def websocket(self, request: Request, produce: Producer) -> None:
         key = request.headers.get("sec-websocket-key", "")
@@ -642,36 +676,42 @@ class _Client:
         )
         ws = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
         ws.receive_data(bytes(self.http.trailing_data[0]))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._ws_reader, ws, nursery.cancel_scope)
-            async with _closing(produce()) as items:
-                async for item in items:
-                    if ws.state is not wsproto.connection.ConnectionState.OPEN:
-                        break
-                    await self.send(ws.send(wsproto.events.TextMessage(data=json.dumps(item))))
-            if ws.state is wsproto.connection.ConnectionState.OPEN:
-                await self.send(ws.send(wsproto.events.CloseConnection(code=1000)))
-            nursery.cancel_scope.cancel()
+        open_state = wsproto.connection.ConnectionState.OPEN
 
-    async def _ws_reader(self, ws: wsproto.connection.Connection, scope: trio.CancelScope) -> None:
+        async def write(item: object) -> None:
+            if ws.state is open_state:
+                await self.send(ws.send(wsproto.events.TextMessage(data=json.dumps(item))))
+
+        async def watch() -> None:
+            await self._ws_reader(ws)
+
+        await self._pump(produce, write, watch)
+        if ws.state is open_state:
+            with contextlib.suppress(*_GONE):
+                await self.send(ws.send(wsproto.events.CloseConnection(code=1000)))
+
+    async def _ws_reader(self, ws: wsproto.connection.Connection) -> None:
+        """Answer pings and the close handshake; return once closed."""
         try:
             while True:
                 for event in ws.events():
                     if isinstance(event, wsproto.events.CloseConnection):
                         if ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING:
                             await self.send(ws.send(event.response()))
-                        scope.cancel()
                         return
                     if isinstance(event, wsproto.events.Ping):
                         await self.send(ws.send(event.response()))
                 data = await self.stream.receive_some(16384)
                 if not data:
-                    scope.cancel()
                     return
                 ws.receive_data(bytes(data))
         except wsproto.utilities.RemoteProtocolError as exc:
             log.debug("controller: bad WebSocket data: %s", exc)
-            scope.cancel()
+
+
+# What ends a client's connection without being anybody's bug: it went
+# away, or stopped reading for SEND_TIMEOUT.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
 class _closing:
@@ -689,6 +729,18 @@ class _closing:
             await aclose()
 
 
+async def _send_error(stream: trio.abc.Stream, status: int, text: str) -> None:
+    """An error response written by hand: h11's state may not allow one."""
+    body = json.dumps({"message": text}).encode()
+    raw = (
+        f"HTTP/1.1 {status} {_reason(status).decode()}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with trio.move_on_after(SEND_TIMEOUT), contextlib.suppress(*_GONE):
+        await stream.send_all(raw)
+
+
 async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[..., Any]) -> None:
     """Serve one connection until it closes, fails or stalls; never raises
     for what a client sends or how it goes away."""
@@ -697,20 +749,17 @@ async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[
         await client.run()
     except h11.RemoteProtocolError as exc:
         log.debug("controller: bad request: %s", exc)
-        status = exc.error_status_hint
-        body = json.dumps({"message": f"bad request: {exc}"}).encode()
-        raw = (
-            f"HTTP/1.1 {status} {_reason(status).decode()}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode() + body
-        with trio.move_on_after(SEND_TIMEOUT):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(raw)
+        await _send_error(stream, exc.error_status_hint, f"bad request: {exc}")
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass
     except h11.LocalProtocolError as exc:
         log.debug("controller: cannot answer: %s", exc)
+    except Exception:
+        # A bug answering one request must not take the engine down with
+        # the controller: logged loudly, that connection closed.
+        log.exception("controller: request failed")
+        if client.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            await _send_error(stream, 500, "internal error (logged)")
     finally:
         await trio.aclose_forcefully(stream)
 

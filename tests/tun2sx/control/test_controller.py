@@ -14,7 +14,14 @@ from tests.support.controller import (
     request,
     start_controller,
 )
-from tun2sx.control.controller import MAX_BODY, MAX_HEAD, Controller, parse_target
+from tun2sx.control.controller import (
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    MAX_HEAD,
+    SEND_TIMEOUT,
+    Controller,
+    parse_target,
+)
 
 AUTH = [("Authorization", "Bearer s3cret")]
 
@@ -285,3 +292,52 @@ async def test_a_client_that_sends_nothing_is_dropped(
         await stream.send_all(b"GET /ver")
         with trio.fail_after(60):
             assert await stream.receive_some() == b""
+
+
+async def test_streams_whose_clients_left_free_their_slots(nursery: trio.Nursery) -> None:
+    _, _, port = await serve(nursery)
+    # More quiet streams than the server takes at once, one after another:
+    # each client leaves, and the server must notice though it has nothing
+    # to send (no log lines come).
+    for _ in range(MAX_CONNECTIONS + 8):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /logs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some()
+        assert head.startswith(b"HTTP/1.1 200 ")
+        await stream.aclose()
+    with trio.fail_after(10):
+        assert (await request(port, "GET", "/version")).status == 200
+
+
+async def test_a_websocket_client_that_stops_reading_is_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    engine, _, port = await serve(nursery)
+    for i in range(300):
+        engine.add_flow(f"host{i}.example.com")
+    ws = await WebSocket.open(port, "/connections?interval=100")
+    # Read nothing for a while: the kernel's buffers fill, the server's
+    # write stalls past SEND_TIMEOUT and it gives the client up.
+    await trio.sleep(SEND_TIMEOUT * 3)
+    received = 0
+    with trio.fail_after(SEND_TIMEOUT):
+        while data := await ws.stream.receive_some(1 << 20):
+            received += len(data)
+    assert received > 0
+    await ws.stream.aclose()
+
+
+async def test_a_failing_hook_is_logged_and_the_server_goes_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    def reload(path: str | None) -> str | None:
+        raise RuntimeError("bug in the hook")
+
+    _, _, port = await serve(nursery, reload=reload)
+    failed = await request(port, "PUT", "/configs", body={})
+    assert failed.status == 500 and failed.json() == {"message": "internal error (logged)"}
+    assert (await request(port, "GET", "/version")).status == 200
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 1 and "request failed" in failures[0].getMessage()
