@@ -315,7 +315,9 @@ def connection_json(info: FlowInfo, router: Router | None = None) -> dict[str, A
     """One flow as Clash's connection object.
 
     The rule and chain are the flow's own when it carries them (set when
-    it was routed); otherwise the rule is looked up again in `router`.
+    it was routed; the rule's type in the config's spelling, "DOMAIN-SUFFIX",
+    is shown as Clash shows it, "DomainSuffix"); otherwise the rule is
+    looked up again in `router`.
     """
     source, _, source_port = info.app.rpartition(":")
     host = info.destination.host
@@ -351,7 +353,7 @@ def connection_json(info: FlowInfo, router: Router | None = None) -> dict[str, A
         "download": info.bytes_down,
         "start": rfc3339(info.wall_started),
         "chains": list(chain),
-        "rule": rule or "Match",
+        "rule": RULE_TYPES.get(rule, rule) if rule else "Match",
         "rulePayload": payload or "",
     }
 

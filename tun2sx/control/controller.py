@@ -451,7 +451,7 @@ def _delay_args(query: dict[str, str]) -> tuple[str, float]:
         raise ApiError(400, "timeout: 1 to 60000 ms")
     target = _delay_target(url)
     if target is None:
-        raise ApiError(400, "url: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT")
+        raise ApiError(400, "url: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT (no TLS)")
     return url, timeout
 
 
@@ -462,9 +462,9 @@ def _delay_target(url: str) -> tuple[Destination, str | None] | None:
         port = parts.port
     except ValueError:
         return None
-    if parts.scheme not in ("http", "https", "tcp") or not parts.hostname:
+    if parts.scheme not in ("http", "tcp") or not parts.hostname:
         return None
-    default = {"http": 80, "https": 443, "tcp": None}[parts.scheme]
+    default = {"http": 80, "tcp": None}[parts.scheme]
     if port is None and default is None:
         return None
     dest = Destination.parse_host(parts.hostname, port or default or 0)
@@ -477,8 +477,8 @@ async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
     """Milliseconds for `url` through `outbound`; None on time-out, 0 on failure.
 
     The groups' own measurement (outbounds.group.measure_delay) when that
-    module is there; otherwise a plain GET (or a connect, for tcp:// and
-    https:// targets) timed here.
+    module is there; otherwise a plain GET (or a connect, for a tcp://
+    target) timed here.
     """
     if outbound is None:
         return 0
@@ -494,7 +494,8 @@ async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
             return delay
     except (TimeoutError, trio.TooSlowError):
         return None
-    except (OutboundError, OSError, trio.BrokenResourceError):
+    except (OutboundError, OSError, trio.BrokenResourceError, ValueError):
+        # ValueError: a URL the groups' own check refuses.
         return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -111,7 +112,7 @@ class FlowInfo:
         self.bytes_up = 0
         self.bytes_down = 0
         self.id = str(uuid.uuid4())
-        self.wall_started = 0.0
+        self.wall_started = time.time()
         self.closer: Callable[[], None] | None = None
 
     def close(self) -> bool:

@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -239,7 +238,6 @@ class Engine:
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
         info = FlowInfo(network, app, dest, outbound, trio.current_time())
-        info.wall_started = time.time()
         self.flows.add(info)
         return info
 

@@ -177,9 +177,6 @@ class TcpFlows:
             scope.deadline = dialled + engine.config.connect_timeout
             with scope:
                 upstream = await outbound.connect_tcp(dest)
-                engine.connect_times.observe(
-                    engine.router.name_of(outbound), trio.current_time() - dialled
-                )
         except OutboundError as exc:
             if self._dialing.get(key) is scope:
                 log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
@@ -201,6 +198,7 @@ class TcpFlows:
             self._fail(request, FailureReply.HOST_UNREACHABLE)
             return
         self._timeouts.connected(address)
+        engine.connect_times.observe(engine.router.name_of(outbound), trio.current_time() - dialled)
         if log.isEnabledFor(logging.DEBUG):
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)

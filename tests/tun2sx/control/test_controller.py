@@ -341,3 +341,17 @@ async def test_a_failing_hook_is_logged_and_the_server_goes_on(
     assert (await request(port, "GET", "/version")).status == 200
     failures = [r for r in caplog.records if r.exc_info]
     assert len(failures) == 1 and "request failed" in failures[0].getMessage()
+
+
+async def test_a_flows_own_rule_is_shown_as_clash_names_it(nursery: trio.Nursery) -> None:
+    engine, _, port = await serve(nursery)
+    info = engine.add_flow("www.example.com")
+    # What routing records, in the config's spelling (FlowInfo.rule).
+    recorded = type("Routed", (), {})()
+    for name in ("id", "app", "destination", "network", "outbound", "bytes_up", "bytes_down"):
+        setattr(recorded, name, getattr(info, name))
+    recorded.wall_started, recorded.started = info.wall_started, info.started
+    recorded.rule, recorded.rule_payload, recorded.chain = "IP-CIDR", "10.0.0.0/8", ("a", "g")
+    engine.flows = {recorded}  # type: ignore[arg-type]
+    (row,) = (await request(port, "GET", "/connections")).json()["connections"]
+    assert (row["rule"], row["rulePayload"], row["chains"]) == ("IPCIDR", "10.0.0.0/8", ["a", "g"])
