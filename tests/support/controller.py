@@ -64,7 +64,7 @@ class FakeEngine:
         self.flows: set[FlowInfo] = set()
         self.counters = {"tcp_flows": 0, "tcp_flows_started": 0, "bytes_up": 0, "bytes_down": 0}
         self.connect_times = ConnectTimes()
-        self.override: tuple[Outbound | None] | None = None
+        self.override: str | None = None
         self.closed: list[str] = []
 
     def statistics(self) -> dict[str, int]:

@@ -91,7 +91,7 @@ class Controlled(Protocol):
 
     router: Router
     connect_times: ConnectTimes
-    override: tuple[Outbound | None] | None
+    override: str | None
 
     @property
     def flows(self) -> Collection[FlowInfo]: ...
@@ -179,9 +179,9 @@ class ApiState:
         if mode == "rule":
             engine.override = None
         elif mode == "direct":
-            engine.override = (self.outbound(DIRECT),)
+            engine.override = DIRECT
         else:
-            engine.override = (self.outbound(self.global_choice),)
+            engine.override = self.global_choice
 
     # -- /proxies ---------------------------------------------------------------
 

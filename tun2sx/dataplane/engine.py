@@ -29,6 +29,7 @@ from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
 from tun2sx.naming.realnames import RealNames
+from tun2sx.naming.router import REJECT
 
 if TYPE_CHECKING:
     from outbounds.base import Outbound
@@ -82,8 +83,10 @@ class Engine:
         self.flows: set[FlowInfo] = set()
         self.connect_times = ConnectTimes()
         # Set by the controller's mode (global, direct): every new flow
-        # goes to this outbound ((None,): rejected) instead of the rules.
-        self.override: tuple[Outbound | None] | None = None
+        # goes to the outbound of this name (REJECT: refused) instead of
+        # the rules. A name, looked up in the router of the moment, so a
+        # reload that replaces the router keeps the mode.
+        self.override: str | None = None
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
@@ -215,7 +218,9 @@ class Engine:
         """The router's choice for a flow; a real address that a DNS answer
         gave for a name is matched by that name too (tun2sx.naming.realnames)."""
         if self.override is not None:
-            return self.override[0]
+            if self.override == REJECT:
+                return None
+            return self.router.outbounds.get(self.override, self.router.default)
         name = None
         if not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())

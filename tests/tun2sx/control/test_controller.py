@@ -96,11 +96,11 @@ async def test_patch_configs_switches_mode_and_log_level(nursery: trio.Nursery) 
     engine, _, port = await serve(nursery)
     assert (await request(port, "GET", "/configs")).json()["mode"] == "rule"
     assert (await request(port, "PATCH", "/configs", body={"mode": "direct"})).status == 204
-    assert engine.override == (engine.router.outbounds["DIRECT"],)
+    assert engine.override == "DIRECT"
     assert (await request(port, "GET", "/configs")).json()["mode"] == "direct"
     await request(port, "PUT", "/proxies/GLOBAL", body={"name": "proxy"})
     await request(port, "PATCH", "/configs", body={"mode": "global"})
-    assert engine.override == (engine.group,)
+    assert engine.override == "proxy"
     await request(port, "PATCH", "/configs", body={"mode": "rule"})
     assert engine.override is None
     logger = logging.getLogger("tun2sx")
