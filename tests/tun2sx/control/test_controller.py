@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import trio
+import trio.testing
 
 from tests.support.controller import (
     FakeEngine,
@@ -20,6 +23,7 @@ from tun2sx.control.controller import (
     MAX_HEAD,
     SEND_TIMEOUT,
     Controller,
+    handle_client,
     parse_target,
 )
 
@@ -355,3 +359,38 @@ async def test_a_flows_own_rule_is_shown_as_clash_names_it(nursery: trio.Nursery
     engine.flows = {recorded}  # type: ignore[arg-type]
     (row,) = (await request(port, "GET", "/connections")).json()["connections"]
     assert (row["rule"], row["rulePayload"], row["chains"]) == ("IPCIDR", "10.0.0.0/8", ["a", "g"])
+
+
+async def exchange(controller: Controller, chunks: list[bytes]) -> bytes:
+    """Send `chunks` to one connection's handler over a memory stream pair,
+    half-close, and return all it answered."""
+    client, server = trio.testing.memory_stream_pair()
+    answer = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_client, server, controller.answer, controller.access.cors_headers)
+        for chunk in chunks:
+            await client.send_all(chunk)
+        await client.send_eof()
+        while data := await client.receive_some():
+            answer += data
+    return answer
+
+
+async def test_a_request_sent_byte_by_byte_is_answered() -> None:
+    body = b'{"mode": "global"}'
+    head = b"PATCH /configs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+    request_bytes = head % len(body) + body
+    engine = FakeEngine()
+    controller = Controller(engine)  # type: ignore[arg-type]
+    answer = await exchange(controller, [bytes([b]) for b in request_bytes])
+    assert answer.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert controller.state.mode == "global"
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(junk=st.binary(max_size=300), cut=st.integers(0, 300))
+def test_any_bytes_get_an_http_answer_or_none(junk: bytes, cut: int) -> None:
+    controller = Controller(FakeEngine())  # type: ignore[arg-type]
+    prefixed = [b"GET /version HTTP/1.1\r\n"[:cut], junk] if cut % 2 else [junk]
+    answer = trio.run(exchange, controller, prefixed)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
