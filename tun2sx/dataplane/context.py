@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
+import os
 import time
 import uuid
 from collections import Counter
@@ -70,6 +72,21 @@ class EngineConfig:
         return self.dns_hijack or address in self.dns_addresses
 
 
+_flow_numbers = itertools.count(1)
+_prefix: tuple[int, str] = (0, "")
+
+
+def _id_prefix() -> str:
+    """Random for each process (workers are forked: a prefix from before
+    the fork would repeat in every worker)."""
+    global _prefix
+    pid = os.getpid()
+    if _prefix[0] != pid:
+        text = str(uuid.uuid4())
+        _prefix = (pid, text[:-12])
+    return _prefix[1]
+
+
 class FlowInfo:
     """What the stats endpoint shows of one live flow; the flow keeps it current.
 
@@ -82,7 +99,7 @@ class FlowInfo:
         started: trio time the flow was connected.
         bytes_up: bytes from the application to the outbound.
         bytes_down: bytes from the outbound to the application.
-        id: a random UUID naming the flow in the controller API.
+        number: the flow's number in this process (its `id` is made from it).
         wall_started: Unix time the flow was connected (shown as its start).
         closer: ends the flow with a reset toward the application (TCP) or
             ends the session (UDP); set by the flow once it can be closed.
@@ -94,8 +111,8 @@ class FlowInfo:
         "bytes_up",
         "closer",
         "destination",
-        "id",
         "network",
+        "number",
         "outbound",
         "started",
         "wall_started",
@@ -111,9 +128,19 @@ class FlowInfo:
         self.started = started
         self.bytes_up = 0
         self.bytes_down = 0
-        self.id = str(uuid.uuid4())
+        self.number = next(_flow_numbers)
         self.wall_started = time.time()
         self.closer: Callable[[], None] | None = None
+
+    @property
+    def id(self) -> str:
+        """The flow's name in the controller API, shaped as a UUID.
+
+        A random prefix per process and the flow's number, written out
+        only when asked: a `uuid4()` per flow made `FlowInfo()` take 5.6 µs
+        instead of 0.2-0.3 µs; with the count it takes 0.2-0.45 µs (timeit).
+        """
+        return f"{_id_prefix()}{self.number:012x}"
 
     def close(self) -> bool:
         """Ask the flow to end now (a reset toward the application).
