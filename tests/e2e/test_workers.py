@@ -104,6 +104,10 @@ def test_the_totals_list_every_workers_live_flows(bed: Testbed) -> None:
         # 16 flows hashed over two queues: both workers hold some.
         assert len(tcp) == 16
         assert {row["worker"] for row in tcp} == {0, 1}
+        # Ids name flows across workers too (each worker's are its own).
+        assert len({row["id"] for row in tcp}) == 16
+        prefixes = {row["worker"]: row["id"][:-12] for row in tcp}
+        assert prefixes[0] != prefixes[1]
         starts = [row["start"] for row in rows]
         assert starts == sorted(starts)
         # Closing is a worker's business: the totals' address says where.

@@ -120,6 +120,8 @@ class ApiState:
         router = engine.router
         default = router.name_of(router.default)
         self.global_choice = default if default in self.names() else DIRECT
+        # What does not change in a flow's row, by flow number: built once.
+        self._rows: dict[int, dict[str, Any]] = {}
 
     def names(self) -> list[str]:
         """Every outbound and group name a GLOBAL selection may take."""
@@ -283,10 +285,19 @@ class ApiState:
         """GET /connections: totals and every live flow, oldest first."""
         stats = self.engine.statistics()
         flows = sorted(self.engine.flows, key=lambda info: info.started)
+        rows, known = [], self._rows
+        fresh: dict[int, dict[str, Any]] = {}
+        for info in flows:
+            row = known.get(info.number)
+            if row is None:
+                row = connection_json(info, self.engine.router)
+            fresh[info.number] = row
+            rows.append({**row, "upload": info.bytes_up, "download": info.bytes_down})
+        self._rows = fresh
         return {
             "downloadTotal": stats.get("bytes_down", 0),
             "uploadTotal": stats.get("bytes_up", 0),
-            "connections": [connection_json(info, self.engine.router) for info in flows],
+            "connections": rows,
             "memory": 0,
         }
 

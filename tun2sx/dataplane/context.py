@@ -73,18 +73,24 @@ class EngineConfig:
 
 
 _flow_numbers = itertools.count(1)
-_prefix: tuple[int, str] = (0, "")
+_prefix = ""
 
 
 def _id_prefix() -> str:
-    """Random for each process (workers are forked: a prefix from before
-    the fork would repeat in every worker)."""
+    """Random for each process: workers are forked, and a prefix from
+    before the fork would repeat in every worker (hence the reset)."""
     global _prefix
-    pid = os.getpid()
-    if _prefix[0] != pid:
-        text = str(uuid.uuid4())
-        _prefix = (pid, text[:-12])
-    return _prefix[1]
+    if not _prefix:
+        _prefix = str(uuid.uuid4())[:-12]
+    return _prefix
+
+
+def _forget_prefix() -> None:
+    global _prefix
+    _prefix = ""
+
+
+os.register_at_fork(after_in_child=_forget_prefix)
 
 
 class FlowInfo:

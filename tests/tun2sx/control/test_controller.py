@@ -181,6 +181,12 @@ async def test_connections_and_closing_them(nursery: trio.Nursery) -> None:
     assert (by_host["192.0.2.7"]["rule"], by_host["192.0.2.7"]["rulePayload"]) == ("Match", "")
     assert (c["upload"], c["download"]) == (10, 2000)
     assert by_host["192.0.2.7"]["metadata"]["host"] == ""
+    # Asked again (rows are kept between requests), the bytes are current.
+    first.bytes_down += 500
+    again = (await request(port, "GET", "/connections")).json()
+    (c,) = [c for c in again["connections"] if c["id"] == first.id]
+    assert (c["upload"], c["download"], c["metadata"]["host"]) == (10, 2500, "www.example.com")
+    assert again["downloadTotal"] == 2500
     assert (await request(port, "DELETE", f"/connections/{first.id}")).status == 204
     assert engine.closed == [first.id]
     assert (await request(port, "DELETE", f"/connections/{first.id}")).status == 404
@@ -352,7 +358,8 @@ async def test_a_flows_own_rule_is_shown_as_clash_names_it(nursery: trio.Nursery
     info = engine.add_flow("www.example.com")
     # What routing records, in the config's spelling (FlowInfo.rule).
     recorded = type("Routed", (), {})()
-    for name in ("id", "app", "destination", "network", "outbound", "bytes_up", "bytes_down"):
+    names = ("id", "number", "app", "destination", "network", "outbound", "bytes_up", "bytes_down")
+    for name in names:
         setattr(recorded, name, getattr(info, name))
     recorded.wall_started, recorded.started = info.wall_started, info.started
     recorded.rule, recorded.rule_payload, recorded.chain = "IP-CIDR", "10.0.0.0/8", ("a", "g")
