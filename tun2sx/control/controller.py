@@ -271,11 +271,12 @@ class Controller:
             if path == "/rules":
                 return json_reply(200, state.rules())
             if path == "/connections":
-                return (
-                    self._connections_stream(request.query)
-                    if request.websocket
-                    else (json_reply(200, state.connections()))
-                )
+                # A snapshot, as mihomo answers a plain GET; a stream over
+                # a WebSocket, or over chunked HTTP when asked for with an
+                # interval.
+                if request.websocket or "interval" in request.query:
+                    return self._connections_stream(request.query)
+                return json_reply(200, state.connections())
             if path == "/traffic":
                 return self._traffic
             if path == "/memory":

@@ -204,6 +204,8 @@ async def test_streams_over_chunked_http_and_websocket(nursery: trio.Nursery) ->
         snapshot = await ws.receive_json()
         assert snapshot["connections"][0]["metadata"]["host"] == "www.example.com"
     await ws.close()
+    chunked = await read_lines(port, "/connections?interval=100", 2)
+    assert [len(s["connections"]) for s in chunked] == [1, 1]
 
 
 async def test_traffic_counts_bytes_per_second(
