@@ -136,7 +136,7 @@ class LogHub(logging.Handler):
             payload = record.getMessage()
         except Exception:  # a bad format string in someone's log call
             payload = str(record.msg)
-        entry = {"type": kind, "payload": payload}
+        entry = {"type": kind, "payload": payload, "time": clashapi.rfc3339(record.created)}
         for level, channel in list(self.subscribers):
             if record.levelno >= level:
                 try:
@@ -409,6 +409,8 @@ class Controller:
         if name not in clashapi.LOG_LEVELS:
             raise ApiError(400, f"level: expected one of {', '.join(clashapi.LOG_LEVELS)}")
         level = clashapi.LOG_LEVELS[name]
+        # mihomo's other shape, which newer dashboards ask for.
+        structured = query.get("format") == "structured"
 
         async def produce() -> AsyncIterator[object]:
             send, receive = trio.open_memory_channel[dict[str, str]](LOG_QUEUE)
@@ -417,7 +419,15 @@ class Controller:
             try:
                 async with receive:
                     async for item in receive:
-                        yield item
+                        if structured:
+                            yield {
+                                "time": item["time"],
+                                "level": item["type"],
+                                "message": item["payload"],
+                                "fields": [],
+                            }
+                        else:
+                            yield {"type": item["type"], "payload": item["payload"]}
             finally:
                 self.hub.subscribers.discard(entry)
                 send.close()

@@ -243,6 +243,14 @@ async def test_logs_stream_by_level(nursery: trio.Nursery) -> None:
             assert await ws.receive_json() == {"type": "warning", "payload": "shown 1"}
         logging_nursery.cancel_scope.cancel()
     await ws.close()
+    ws = await WebSocket.open(port, "/logs?level=warning&format=structured")
+    async with trio.open_nursery() as logging_nursery:
+        logging_nursery.start_soon(keep_logging)
+        entry = await ws.receive_json()
+        logging_nursery.cancel_scope.cancel()
+    assert (entry["level"], entry["message"], entry["fields"]) == ("warning", "shown 1", [])
+    assert entry["time"].endswith("Z")
+    await ws.close()
     bad = await request(port, "GET", "/logs?level=loud")
     assert bad.status == 400
 
