@@ -219,6 +219,13 @@ def test_the_ui_lists_a_live_flow_and_closes_it(controlled: Testbed, tmp_path: P
             assert row.locator("td.chain").inner_text() == "proxy"
             group = page.locator("select[data-group=GLOBAL]")
             assert group.input_value() == "proxy"
+            # Choosing in the page selects through the API.
+            group.select_option("DIRECT")
+            deadline = time.monotonic() + 5
+            while get(controlled, "/proxies/GLOBAL")["now"] != "DIRECT":
+                assert time.monotonic() < deadline, "the page's choice did not arrive"
+                time.sleep(0.1)
+            group.select_option("proxy")
             page.wait_for_function("document.getElementById('rate').textContent !== ''")
             shot = tmp_path / "ui.png"
             page.screenshot(path=str(shot))
