@@ -235,3 +235,66 @@ def test_the_ui_lists_a_live_flow_and_closes_it(controlled: Testbed, tmp_path: P
             row.wait_for(state="detached", timeout=5000)
         finally:
             browser.close()
+
+
+DASHBOARD = """<!doctype html><script>
+(async () => {
+  const auth = {headers: {Authorization: "Bearer SECRET"}};
+  try {
+    const version = await (await fetch("http://127.0.0.1:PORT/version", auth)).json();
+    const patched = await fetch("http://127.0.0.1:PORT/configs", {
+      method: "PATCH", body: JSON.stringify({"log-level": "info"}),
+      headers: {Authorization: "Bearer SECRET", "Content-Type": "application/json"},
+    });
+    const bare = await fetch("http://127.0.0.1:PORT/version");
+    document.title = [version.version, patched.status, bare.status].join(" ");
+  } catch (e) {
+    document.title = "failed: " + e;
+  }
+})();
+</script>"""
+
+
+def test_a_dashboard_from_another_origin_is_allowed_with_the_secret(
+    controlled: Testbed, tmp_path: Path
+) -> None:
+    """A page served elsewhere (another port: another origin) calls the API
+    with the secret, a PATCH with its preflight included."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if in_ci():
+            raise
+        pytest.skip("playwright is not installed")
+    site = tmp_path / "site"
+    site.mkdir()
+    page_text = DASHBOARD.replace("SECRET", SECRET).replace("PORT", str(PORT))
+    (site / "dash.html").write_text(page_text)
+    server = controlled.client.spawn(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "19191",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(site),
+        ]
+    )
+    try:
+        controlled.client.wait_listening(19191)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=chromium_in(controlled, tmp_path), args=CHROMIUM_FLAGS
+            )
+            try:
+                page = browser.new_page()
+                page.goto("http://127.0.0.1:19191/dash.html")
+                page.wait_for_function("document.title !== ''", timeout=15000)
+                # The version, the PATCH's 204 and, without the secret, 401.
+                assert page.title() == "0.1.0 204 401"
+            finally:
+                browser.close()
+    finally:
+        controlled.lab.stop(server)
