@@ -28,6 +28,7 @@ class FakeGroup:
         self.members = members
         self.chosen = members[0]
         self.history: dict[str, list[tuple[float, int]]] = {}
+        self.down: set[str] = set()
 
     def now(self) -> str:
         return self.chosen
@@ -43,7 +44,7 @@ class FakeGroup:
         return self.history.get(member, [])
 
     def alive(self, member: str) -> bool:
-        return True
+        return member not in self.down
 
     async def connect_tcp(self, dest: Destination) -> Any:
         raise NotImplementedError

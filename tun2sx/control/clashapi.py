@@ -204,11 +204,11 @@ class ApiState:
                 "udp": True,
             }
         if name == REJECT:
-            return _plain(REJECT, "Reject", [])
+            return _plain(REJECT, "Reject", [], True)
         outbound = self.engine.router.outbounds.get(name)
         if outbound is None:
             raise ApiError(404, f"no proxy named {name!r}")
-        history = self._history(name)
+        history, alive = self._health(name)
         if isinstance(outbound, Group):
             return {
                 "name": name,
@@ -216,25 +216,28 @@ class ApiState:
                 "all": list(outbound.members),
                 "now": outbound.now(),
                 "history": history,
-                "alive": True,
+                "alive": alive,
                 "udp": True,
             }
         kind = OUTBOUND_TYPES.get(outbound.name.partition(" ")[0].lower(), "Compatible")
-        return _plain(name, kind, history)
+        return _plain(name, kind, history, alive)
 
     def proxies(self) -> dict[str, Any]:
         """GET /proxies: every outbound, group, REJECT and GLOBAL."""
         return {"proxies": {name: self.proxy(name) for name in [*self.names(), GLOBAL]}}
 
-    def _history(self, name: str) -> list[dict[str, Any]]:
-        # The health checks of the groups that hold `name`: the newest list.
+    def _health(self, name: str) -> tuple[list[dict[str, Any]], bool]:
+        """The health checks of the groups that hold `name` (the list with
+        the newest check), and whether none of them holds it down."""
         best: list[tuple[float, int]] = []
+        alive = True
         for outbound in self.engine.router.outbounds.values():
             if isinstance(outbound, Group) and name in outbound.members:
+                alive = alive and outbound.alive(name)
                 delays = outbound.delays(name)
                 if delays and (not best or delays[-1][0] > best[-1][0]):
                     best = delays
-        return [{"time": rfc3339(t), "delay": delay} for t, delay in best]
+        return [{"time": rfc3339(t), "delay": delay} for t, delay in best], alive
 
     def select(self, group: str, body: Any) -> None:
         """PUT /proxies/{group} with {"name": member}.
@@ -276,9 +279,10 @@ class ApiState:
             }
             for rule in router.rules.rules
         ]
-        rows.append(
-            {"type": "Match", "payload": "", "proxy": router.name_of(router.default), "size": -1}
-        )
+        if not router.rules.rules or router.rules.rules[-1].kind != "MATCH":
+            # The default decides what no rule does: shown as the MATCH it is.
+            default = router.name_of(router.default)
+            rows.append({"type": "Match", "payload": "", "proxy": default, "size": -1})
         return {"rules": rows}
 
     def connections(self) -> dict[str, Any]:
@@ -318,8 +322,8 @@ class ApiState:
         return sum(info.close() for info in list(self.engine.flows))
 
 
-def _plain(name: str, kind: str, history: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"name": name, "type": kind, "history": history, "alive": True, "udp": True}
+def _plain(name: str, kind: str, history: list[dict[str, Any]], alive: bool) -> dict[str, Any]:
+    return {"name": name, "type": kind, "history": history, "alive": alive, "udp": True}
 
 
 def connection_json(info: FlowInfo, router: Router | None = None) -> dict[str, Any]:

@@ -123,7 +123,11 @@ async def test_patch_configs_switches_mode_and_log_level(nursery: trio.Nursery) 
 async def test_proxies_list_groups_and_select(nursery: trio.Nursery) -> None:
     engine, _, port = await serve(nursery)
     engine.group.history["DIRECT"] = [(1_700_000_000.0, 12)]
+    engine.group.down.add("DIRECT")
     proxies = (await request(port, "GET", "/proxies")).json()["proxies"]
+    # A member a group's health checks hold down shows as not alive.
+    assert proxies["DIRECT"]["alive"] is False
+    assert proxies["REJECT"]["alive"] is True
     assert proxies["DIRECT"]["type"] == "Direct"
     assert proxies["REJECT"]["type"] == "Reject"
     assert proxies["DIRECT"]["history"] == [{"time": "2023-11-14T22:13:20.000Z", "delay": 12}]
@@ -157,6 +161,14 @@ async def test_rules_in_order_then_the_default(nursery: trio.Nursery) -> None:
     assert rules == [
         {"type": "DomainSuffix", "payload": "example.com", "proxy": "proxy", "size": -1},
         {"type": "Match", "payload": "", "proxy": "DIRECT", "size": -1},
+    ]
+    # A list that ends with its own MATCH leaves the default unused: not shown.
+    engine = FakeEngine(rules=("IP-CIDR,10.0.0.0/8,DIRECT", "MATCH,proxy"))
+    port = await start_controller(nursery, Controller(engine))  # type: ignore[arg-type]
+    rules = (await request(port, "GET", "/rules")).json()["rules"]
+    assert [(r["type"], r["payload"], r["proxy"]) for r in rules] == [
+        ("IPCIDR", "10.0.0.0/8", "DIRECT"),
+        ("Match", "", "proxy"),
     ]
 
 
