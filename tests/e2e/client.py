@@ -11,9 +11,15 @@ application saw (RST -> ECONNREFUSED, ICMP unreachable -> EHOSTUNREACH...).
     python -m tests.e2e.client udp HOST PORT COUNT      # datagrams to the UDP echo
     python -m tests.e2e.client held-upload HOST PORT SIZE    # upload, stopping halfway
     python -m tests.e2e.client held-download HOST PORT SIZE  # download, stopping halfway
+    python -m tests.e2e.client wait HOST PORT SECONDS   # echo once, print, wait for the end
 
 The held transfers print "half" when halfway and go on once a line arrives
 on stdin, so a test can change something while the flow is open.
+
+`wait` prints {"ready": ...} once its connection has echoed, then waits
+up to SECONDS for the connection to end and prints how: {"ended":
+"ECONNRESET"} for a reset, {"ended": "eof"} for a FIN, {"ended":
+"timeout"} when nothing came.
 """
 
 from __future__ import annotations
@@ -121,6 +127,23 @@ def bigudp(host: str, port: int, size: int) -> dict[str, object]:
     return {"received": len(got), "equal": got == msg}
 
 
+def wait(host: str, port: int, seconds: int) -> dict[str, object]:
+    with _connect(host, port) as sock:
+        sock.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            got += sock.recv(4 - len(got))
+        print(json.dumps({"ready": got.decode(), "port": sock.getsockname()[1]}), flush=True)
+        sock.settimeout(seconds)
+        try:
+            data = sock.recv(1024)
+        except TimeoutError:
+            return {"ended": "timeout"}
+        except OSError as exc:
+            return {"ended": errno.errorcode.get(exc.errno or 0, type(exc).__name__)}
+        return {"ended": "eof" if not data else f"data {data!r}"}
+
+
 def main() -> None:
     cmd, host, port, *rest = sys.argv[1:]
     handlers = {
@@ -131,6 +154,7 @@ def main() -> None:
         "bigudp": bigudp,
         "held-upload": functools.partial(upload, hold=True),
         "held-download": functools.partial(download, hold=True),
+        "wait": wait,
     }
     try:
         if cmd == "connect":

@@ -95,13 +95,26 @@ def test_the_totals_list_every_workers_live_flows(bed: Testbed) -> None:
     assert holder.stdout is not None and holder.stdin is not None
     try:
         assert json.loads(holder.stdout.readline())["echoed"] == 16
-        rows = _get(bed, STATS_PORT, "/connections")
-        tcp = [row for row in rows if row["network"] == "tcp" and row["port"] == 7001]
+        rows = _get(bed, STATS_PORT, "/connections")["connections"]
+        tcp = [
+            row
+            for row in rows
+            if row["metadata"]["network"] == "tcp" and row["metadata"]["destinationPort"] == "7001"
+        ]
         # 16 flows hashed over two queues: both workers hold some.
         assert len(tcp) == 16
         assert {row["worker"] for row in tcp} == {0, 1}
-        ages = [row["age"] for row in rows]
-        assert ages == sorted(ages, reverse=True)
+        # Ids name flows across workers too (each worker's are its own).
+        assert len({row["id"] for row in tcp}) == 16
+        prefixes = {row["worker"]: row["id"][:-12] for row in tcp}
+        assert prefixes[0] != prefixes[1]
+        starts = [row["start"] for row in rows]
+        assert starts == sorted(starts)
+        # Closing is a worker's business: the totals' address says where.
+        closing = bed.client_run(
+            ["curl", "-s", "-X", "DELETE", f"http://127.0.0.1:{STATS_PORT}/connections"]
+        ).stdout
+        assert "workers" in json.loads(closing)["message"]
     finally:
         holder.stdin.close()
         holder.wait(30)

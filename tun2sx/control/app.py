@@ -46,8 +46,7 @@ from tun2sx.control.directdns import (
 from tun2sx.control.stats import (
     log_summaries,
     open_stats_listeners,
-    parse_loopback_endpoint,
-    serve_stats,
+    parse_endpoint,
 )
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
@@ -141,7 +140,10 @@ class Settings:
         dns_hijack: answer every port-53 query ourselves.
         udp_timeout: UDP session idle timeout, seconds.
         connect_timeout: outbound connect timeout, seconds.
-        stats_listen: loopback HOST:PORT of the stats endpoint, or None (off).
+        stats_listen: HOST:PORT of the stats endpoint and controller API,
+            or None (off); loopback unless `secret` is set.
+        secret: the controller API's Bearer token (None: no token, and
+            only loopback listen addresses and Host headers).
         stats_interval: seconds between summary log lines (0: none).
         auto_route: route the namespace's traffic into the TUN while
             serving (fwmark defaults to DEFAULT_AUTO_ROUTE_FWMARK).
@@ -189,6 +191,7 @@ class Settings:
     groups: tuple[GroupSpec, ...] = attrs.field(default=(), converter=tuple)
     stats_listen: str | None = None
     stats_interval: float = DEFAULT_STATS_INTERVAL
+    secret: str | None = attrs.field(default=None, repr=False)
     auto_route: bool = False
     workers: int = 1
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
@@ -359,8 +362,12 @@ def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
         raise ConfigError("stats_interval: must not be negative")
     if settings.stats_listen is None:
         return None
+    if settings.secret is not None and (
+        not settings.secret or any(ch.isspace() for ch in settings.secret)
+    ):
+        raise ConfigError("secret: must be a non-empty string without spaces")
     try:
-        return parse_loopback_endpoint(settings.stats_listen)
+        return parse_endpoint(settings.stats_listen, any_address=bool(settings.secret))
     except ValueError as exc:
         raise ConfigError(f"stats_listen: {exc}") from exc
 
@@ -659,7 +666,9 @@ async def _serve(
                 listeners = []
                 if stats_endpoint is not None:
                     try:
-                        listeners = await open_stats_listeners(*stats_endpoint)
+                        listeners = await open_stats_listeners(
+                            *stats_endpoint, any_address=bool(settings.secret)
+                        )
                     except OSError as exc:
                         raise ConfigError(f"stats_listen: {exc}") from exc
                 # Imported here: it builds with this module's functions.
@@ -671,7 +680,20 @@ async def _serve(
                         await nursery.start(engine.run)
                         await nursery.start(reloader.run)
                         if listeners:
-                            await nursery.start(serve_stats, engine, listeners)
+                            # Here, not at the top: h11, wsproto and json
+                            # load only for runs that serve the API.
+                            from tun2sx.control.controller import (
+                                Controller,
+                                serve_controller,
+                            )
+
+                            controller = Controller(
+                                engine,
+                                secret=settings.secret,
+                                reload=reloader.areload,
+                                log_level=_clash_level(),
+                            )
+                            await nursery.start(serve_controller, controller, listeners)
                         if settings.stats_interval > 0:
                             nursery.start_soon(log_summaries, engine, settings.stats_interval)
                         if signals is not None:
@@ -692,6 +714,14 @@ async def _serve(
             device.close()
         if store is not None:
             store.close()
+
+
+def _clash_level() -> str:
+    level = logging.getLogger("tun2sx").getEffectiveLevel()
+    for name, number in (("debug", 10), ("info", 20), ("warning", 30), ("error", 40)):
+        if level <= number:
+            return name
+    return "silent"
 
 
 def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None:

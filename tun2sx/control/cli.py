@@ -47,7 +47,7 @@ from tun2sx.control.app import (
 from tun2sx.control.autoroute import AutoRouteError
 from tun2sx.control.config import load_config, nameservers, parse_size, parse_workers
 from tun2sx.control.reload import ConfigSource
-from tun2sx.control.stats import parse_loopback_endpoint
+from tun2sx.control.stats import parse_endpoint as parse_listen
 from tun2sx.dataplane.tun import TunDevice, TunError
 
 log = logging.getLogger("tun2sx")
@@ -137,8 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stats-listen",
+        "--controller",
+        dest="stats_listen",
         metavar="HOST:PORT",
-        help="serve read-only JSON stats on this loopback address (off by default)",
+        help="serve the stats, the controller API (Clash-compatible), /metrics and /ui "
+        "on this address (off by default; loopback unless --secret is set)",
+    )
+    p.add_argument(
+        "--secret",
+        metavar="TOKEN",
+        help="the controller API's Bearer token (dashboards ask for it)",
     )
     p.add_argument(
         "--stats-interval",
@@ -245,10 +253,12 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         values["stats_interval"] = args.stats_interval
     if args.stats_listen is not None:
         try:
-            parse_loopback_endpoint(args.stats_listen)
+            parse_listen(args.stats_listen, any_address=True)
         except ValueError as exc:
             raise ConfigError(f"--stats-listen: {exc}") from exc
         values["stats_listen"] = args.stats_listen
+    if args.secret is not None:
+        values["secret"] = args.secret
     for field in ("fwmark", "interface", "fake_ip_db"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)

@@ -69,7 +69,7 @@ _DNS = {
     "hijack": "dns_hijack",
     "direct": "direct_dns",
 }
-_STATS = {"listen": "stats_listen", "interval": "stats_interval"}
+_STATS = {"listen": "stats_listen", "interval": "stats_interval", "secret": "secret"}
 _SNIFF = {
     "mode": "sniff",
     "timeout": "sniff_timeout",
@@ -258,6 +258,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "rules": _strings,
     "stats_listen": _string,
     "stats_interval": _seconds,
+    "secret": _string,
     "auto_route": _boolean,
     "workers": parse_workers,
     "tun_txqueuelen": _integer,

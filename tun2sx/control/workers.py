@@ -20,8 +20,10 @@ on too: each worker reads the configuration again itself
 
 Statistics: each worker counts its own flows. With a stats endpoint
 configured, the parent serves it (in a thread of its own, with its own trio
-run) and answers every request with the workers' totals, asking each
-worker's own endpoint on the following ports (worker i on port + 1 + i).
+run) and answers reads with the workers' totals, asking each worker's own
+controller on the following ports (worker i on port + 1 + i); what
+changes state is refused there and served by each worker's own port
+(tun2sx.control.totals).
 
 What differs from one process: a UDP application endpoint talking to
 several destinations may be served by several workers, each with its own
@@ -44,7 +46,7 @@ import attrs
 import trio
 
 from tun2sx.control.app import DEFAULT_MTU, Settings, effective_fwmark, routes
-from tun2sx.control.stats import parse_loopback_endpoint, serve_totals
+from tun2sx.control.stats import parse_endpoint
 from tun2sx.dataplane.tun import TunDevice, TunError, open_tun_queues
 
 log = logging.getLogger("tun2sx")
@@ -78,8 +80,9 @@ class _Totals:
     a worker later); served from a thread once they run.
     """
 
-    def __init__(self, listen: str, count: int) -> None:
-        host, port = parse_loopback_endpoint(listen)
+    def __init__(self, listen: str, count: int, secret: str | None = None) -> None:
+        host, port = parse_endpoint(listen, any_address=bool(secret))
+        self.secret = secret
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             self.socket = socket.create_server((host, port), family=family)
@@ -106,7 +109,10 @@ class _Totals:
         self._token = trio.lowlevel.current_trio_token()
         with trio.CancelScope() as self._scope:
             self._started.set()
-            await serve_totals([self.socket], self.workers)
+            # Here, not at the top: h11 and wsproto load only when serving.
+            from tun2sx.control.totals import serve_totals
+
+            await serve_totals([self.socket], self.workers, self.secret)
 
     def stop(self) -> None:
         """Stop serving and close the socket (also before `start`)."""
@@ -163,7 +169,7 @@ def run_workers(settings: Settings, serve_one: ServeOne) -> int:
     totals: _Totals | None = None
     try:
         if settings.stats_listen is not None:
-            totals = _Totals(settings.stats_listen, count)
+            totals = _Totals(settings.stats_listen, count, settings.secret)
         with routes(settings, name, effective_fwmark(settings)):
             old = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
             old[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)

@@ -10,8 +10,14 @@ engine can import them without a circle.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
+import os
+import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -70,6 +76,27 @@ class EngineConfig:
         return self.dns_hijack or address in self.dns_addresses
 
 
+_flow_numbers = itertools.count(1)
+_prefix = ""
+
+
+def _id_prefix() -> str:
+    """Random for each process: workers are forked, and a prefix from
+    before the fork would repeat in every worker (hence the reset)."""
+    global _prefix
+    if not _prefix:
+        _prefix = str(uuid.uuid4())[:-12]
+    return _prefix
+
+
+def _forget_prefix() -> None:
+    global _prefix
+    _prefix = ""
+
+
+os.register_at_fork(after_in_child=_forget_prefix)
+
+
 class FlowInfo:
     """What the stats endpoint shows of one live flow; the flow keeps it current.
 
@@ -94,6 +121,10 @@ class FlowInfo:
         chain: the outbounds the flow went through, as Clash's `chains`:
             the leaf outbound first, then the proxy groups that led to it,
             the outermost (the rule's target) last; one name without groups.
+        number: the flow's number in this process (its `id` is made from it).
+        wall_started: Unix time the flow was connected (shown as its start).
+        closer: ends the flow with a reset toward the application (TCP) or
+            ends the session (UDP); set by the flow once it can be closed.
     """
 
     __slots__ = (
@@ -101,14 +132,17 @@ class FlowInfo:
         "bytes_down",
         "bytes_up",
         "chain",
+        "closer",
         "destination",
         "host_source",
         "network",
+        "number",
         "outbound",
         "rule",
         "rule_payload",
         "sniffed",
         "started",
+        "wall_started",
     )
 
     def __init__(
@@ -137,6 +171,57 @@ class FlowInfo:
         self.rule = rule
         self.rule_payload = rule_payload
         self.chain = (outbound,) if chain is None else chain
+        self.number = next(_flow_numbers)
+        self.wall_started = time.time()
+        self.closer: Callable[[], None] | None = None
+
+    @property
+    def id(self) -> str:
+        """The flow's name in the controller API, shaped as a UUID.
+
+        A random prefix per process and the flow's number, written out
+        only when asked: a `uuid4()` per flow made `FlowInfo()` take 5.6 µs
+        instead of 0.2-0.3 µs; with the count it takes 0.2-0.45 µs (timeit).
+        """
+        return f"{_id_prefix()}{self.number:012x}"
+
+    def close(self) -> bool:
+        """Ask the flow to end now (a reset toward the application).
+
+        Returns:
+            False when the flow cannot be closed (yet).
+        """
+        if self.closer is None:
+            return False
+        self.closer()
+        return True
+
+
+# Upper bounds (seconds) of the connect-time histogram's buckets: from a
+# proxy on this machine (well under a millisecond) to the connect timeout.
+CONNECT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ConnectTimes:
+    """A histogram of outbound connect times, per outbound name.
+
+    Each outbound has one count per bucket of `CONNECT_BUCKETS` (not
+    cumulative; the Prometheus exposition adds them up), a last bucket
+    for longer ones, the sum and the count.
+    """
+
+    __slots__ = ("by_outbound",)
+
+    def __init__(self) -> None:
+        self.by_outbound: dict[str, tuple[list[int], list[float]]] = {}
+
+    def observe(self, outbound: str, seconds: float) -> None:
+        """Count one connect of `outbound` that took `seconds`."""
+        entry = self.by_outbound.get(outbound)
+        if entry is None:
+            entry = self.by_outbound[outbound] = ([0] * (len(CONNECT_BUCKETS) + 1), [0.0])
+        entry[0][bisect.bisect_left(CONNECT_BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
 
 
 class FlowContext(Protocol):
@@ -152,6 +237,7 @@ class FlowContext(Protocol):
             answers forwarded upstream record here; routing reads it).
         streams: the live TCP streams by flow key; a flow adds its stream
             when it accepts and removes it once finished.
+        connect_times: how long outbound connects took, per outbound.
     """
 
     config: EngineConfig
@@ -161,6 +247,7 @@ class FlowContext(Protocol):
     dns: FakeDns | None
     real_names: RealNames
     streams: dict[object, TcpStream]
+    connect_times: ConnectTimes
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -24,12 +24,12 @@ import trio
 from outbounds.base import Destination
 from stack.netstack import NetStack, UdpDatagram
 from stack.tcp import ConnectionRequest, TcpConnection
-from tun2sx.dataplane.context import EngineConfig, FlowInfo
+from tun2sx.dataplane.context import ConnectTimes, EngineConfig, FlowInfo
 from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
 from tun2sx.naming.realnames import RealNames
-from tun2sx.naming.router import rule_label
+from tun2sx.naming.router import REJECT, rule_label
 
 if TYPE_CHECKING:
     from outbounds.base import Outbound
@@ -81,6 +81,12 @@ class Engine:
         self.streams: dict[object, TcpStream] = {}
         self.counters: Counter[str] = Counter()
         self.flows: set[FlowInfo] = set()
+        self.connect_times = ConnectTimes()
+        # Set by the controller's mode (global, direct): every new flow
+        # goes to the outbound of this name (REJECT: refused) instead of
+        # the rules. A name, looked up in the router of the moment, so a
+        # reload that replaces the router keeps the mode.
+        self.override: str | None = None
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
@@ -219,7 +225,12 @@ class Engine:
     def decide(
         self, dest: Destination, network: Network, name: str | None = None
     ) -> tuple[Outbound | None, Rule | None]:
-        """`route`, and the rule that decided (None: the default outbound)."""
+        """`route`, and the rule that decided (None: the default outbound,
+        or the controller's mode, `override`, which passes the rules by)."""
+        if self.override is not None:
+            if self.override == REJECT:
+                return None, None
+            return self.router.outbounds.get(self.override, self.router.default), None
         if name is None and not isinstance(dest.host, str):
             name = self.real_names.name_for(dest.host, trio.current_time())
         return self.router.decide(dest, network, name)

@@ -193,7 +193,8 @@ class TcpFlows:
             # A bare cancel scope rather than trio.fail_after (a generator
             # context manager): this runs once per connection. Eviction
             # cancels it too.
-            scope.deadline = trio.current_time() + engine.config.connect_timeout
+            dialled = trio.current_time()
+            scope.deadline = dialled + engine.config.connect_timeout
             with scope:
                 upstream, chain = await connect_tcp_traced(outbound, dest, label)
         except OutboundError as exc:
@@ -217,6 +218,8 @@ class TcpFlows:
             self._fail(request, FailureReply.HOST_UNREACHABLE)
             return
         self._timeouts.connected(address)
+        # Per leaf outbound: the proxy a group picked, not the group.
+        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
         if log.isEnabledFor(logging.DEBUG):
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
@@ -255,18 +258,24 @@ class TcpFlows:
         )
         finished = False
         try:
-            if first:
-                try:
-                    await upstream.send_all(first)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("TCP %s (%s): outbound broke: %s; reset", describe(key), dest, exc)
-                    return  # unfinished: both ends are reset below
-                info.bytes_up += len(first)
-            if self._handler is None:
-                await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
-            else:
-                await self._handler(stream, upstream)
-            finished = True
+            # The controller's close cancels this scope: the flow then ends
+            # as one cut short, with a reset to both ends.
+            with trio.CancelScope() as cut:
+                info.closer = cut.cancel
+                if first:
+                    try:
+                        await upstream.send_all(first)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        log.info("TCP %s (%s): outbound broke: %s; reset", describe(key), dest, exc)
+                        return  # unfinished: both ends are reset below
+                    info.bytes_up += len(first)
+                if self._handler is None:
+                    await splice(
+                        stream, upstream, engine.config.splice_buffer, info, engine.read_size
+                    )
+                else:
+                    await self._handler(stream, upstream)
+                finished = True
         finally:
             engine.close_flow(info)
             if not finished:
@@ -322,6 +331,7 @@ class TcpFlows:
                 stream.abort()
                 return
             address = (key.remote_addr, key.remote_port)
+            dialled = trio.current_time()
             try:
                 with trio.move_on_after(engine.config.connect_timeout):
                     upstream, chain = await connect_tcp_traced(
@@ -344,6 +354,7 @@ class TcpFlows:
                 stream.abort()
                 return
             self._timeouts.connected(address)
+            engine.connect_times.observe(chain[0], trio.current_time() - dialled)
         except trio.BrokenResourceError:
             # The application reset while we read its first bytes.
             return

@@ -294,6 +294,7 @@ class UdpFlows:
                     rule=rule,
                     chain=chain,
                 )
+                info.closer = session.scope.cancel
                 session.upstream = upstream
                 ended: list[BaseException] = []
                 try:

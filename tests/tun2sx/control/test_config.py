@@ -60,6 +60,7 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         ),
         stats_listen="127.0.0.1:9090",
         stats_interval=300.0,
+        secret="long-random-token",
         auto_route=False,
         workers=1,
         udp_buffer=8 << 20,

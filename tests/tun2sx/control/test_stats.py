@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -18,17 +17,12 @@ from outbounds.base import Destination
 from stack.netstack import NetStack, NetStackConfig
 from tun2sx.control import app
 from tun2sx.control.stats import (
-    MAX_REQUEST_HEAD,
-    WORKER_TIMEOUT,
+    is_loopback_host,
     log_summaries,
     open_stats_listeners,
+    parse_endpoint,
     parse_loopback_endpoint,
-    read_request_head,
-    respond,
-    serve_stats,
-    serve_totals,
     summary_line,
-    totals_response,
 )
 from tun2sx.dataplane.context import FlowInfo
 from tun2sx.dataplane.engine import Engine
@@ -102,7 +96,7 @@ def test_non_loopback_is_refused(value: str, message: str) -> None:
         parse_loopback_endpoint(value)
 
 
-# -- responses, without sockets ----------------------------------------------------
+# -- the controller's address ---------------------------------------------------
 
 
 def split(response: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -110,70 +104,6 @@ def split(response: bytes) -> tuple[str, dict[str, str], bytes]:
     status, *lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines)
     return status, headers, body
-
-
-def test_routes_and_errors() -> None:
-    engine = FakeEngine()
-    engine.counters["tcp_flows"] = 2
-    through_group = {"rule": "DOMAIN-SUFFIX", "rule_payload": "example", "chain": ("a", "proxy")}
-    engine.flows = {
-        flow("b.example", 5.0, 10, 20, source="fake-ip", **through_group),
-        flow("10.1.1.1", 2.0, sniffed="a.example", source="sniffed"),
-    }
-    status, headers, body = split(respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 9))
-    assert status == "HTTP/1.1 200 OK"
-    assert headers["Content-Type"] == "application/json"
-    assert int(headers["Content-Length"]) == len(body)
-    assert json.loads(body)["tcp_flows"] == 2
-    status, _, body = split(respond(engine, b"GET /connections?x=1 HTTP/1.0", 10.0))
-    assert status == "HTTP/1.1 200 OK"
-    assert json.loads(body) == [
-        {
-            "network": "tcp",
-            "app": "10.0.0.2:40000",
-            "host": "10.1.1.1",
-            "port": 443,
-            "outbound": "proxy",
-            "sniffed": "a.example",
-            "host_source": "sniffed",
-            "chain": ["proxy"],
-            "rule": "Match",
-            "rule_payload": "",
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "age": 8.0,
-        },
-        {
-            "network": "tcp",
-            "app": "10.0.0.2:40000",
-            "host": "b.example",
-            "port": 443,
-            "outbound": "proxy",
-            "sniffed": None,
-            "host_source": "fake-ip",
-            "chain": ["a", "proxy"],
-            "rule": "DOMAIN-SUFFIX",
-            "rule_payload": "example",
-            "bytes_up": 10,
-            "bytes_down": 20,
-            "age": 5.0,
-        },
-    ]
-    head_only = respond(engine, b"HEAD /stats HTTP/1.1", 0)
-    status, headers, body = split(head_only)
-    assert (status, body) == ("HTTP/1.1 200 OK", b"")
-    assert int(headers["Content-Length"]) > 0
-    assert split(respond(engine, b"GET /admin HTTP/1.1", 0))[0] == "HTTP/1.1 404 Not Found"
-    status, headers, _ = split(respond(engine, b"POST /stats HTTP/1.1", 0))
-    assert status == "HTTP/1.1 405 Method Not Allowed"
-    assert headers["Allow"] == "GET, HEAD"
-    for bad in (
-        b"GET /stats",
-        b"GET /stats SPDY/3",
-        b"\xff /stats HTTP/1.1",
-        b"GET / HTTP/1.1\r\nx",
-    ):
-        assert split(respond(engine, bad, 0))[0] == "HTTP/1.1 400 Bad Request"
 
 
 @pytest.mark.parametrize(
@@ -188,13 +118,22 @@ def test_routes_and_errors() -> None:
         ("[2001:db8::1]:80", False),
     ],
 )
-def test_rebinding_host_headers_are_refused(host: str, allowed: bool) -> None:
-    request = f"GET /stats HTTP/1.1\r\nHost: {host}".encode()
-    status = split(respond(FakeEngine(), request, 0))[0]
-    assert status == ("HTTP/1.1 200 OK" if allowed else "HTTP/1.1 403 Forbidden")
+def test_rebinding_host_headers_are_told_apart(host: str, allowed: bool) -> None:
+    assert is_loopback_host(host) is allowed
 
 
-# -- the endpoint over loopback ----------------------------------------------------
+def test_any_address_with_a_secret() -> None:
+    assert parse_endpoint("0.0.0.0:9090", any_address=True) == ("0.0.0.0", 9090)
+    with pytest.raises(ValueError, match="without a secret"):
+        parse_endpoint("0.0.0.0:9090", any_address=False)
+    public = app.Settings(stats_listen="192.0.2.1:9090")
+    with pytest.raises(app.ConfigError, match=r"^stats_listen: 192\.0\.2\.1 is not a loopback"):
+        app.check_settings(public)
+    app.check_settings(attrs.evolve(public, secret="s3cret"))
+    with pytest.raises(app.ConfigError, match=r"^secret: must be") as caught:
+        app.check_settings(attrs.evolve(public, secret="two words"))
+    assert "two words" not in str(caught.value)
+    assert "s3cret" not in repr(attrs.evolve(public, secret="s3cret"))
 
 
 async def http_get(port: int, request: bytes) -> bytes:
@@ -205,103 +144,6 @@ async def http_get(port: int, request: bytes) -> bytes:
         while data := await stream.receive_some():
             chunks.append(data)
     return b"".join(chunks)
-
-
-async def test_endpoint_on_loopback(nursery: trio.Nursery) -> None:
-    engine = FakeEngine()
-    engine.flows = {flow("www.example.com", trio.current_time(), 3, 4)}
-    listeners = await open_stats_listeners("127.0.0.1", 0)
-    await nursery.start(serve_stats, engine, listeners)
-    port = listeners[0].socket.getsockname()[1]
-    status, _, body = split(await http_get(port, b"GET /connections HTTP/1.1\r\nHost: x\r\n\r\n"))
-    assert status == "HTTP/1.1 403 Forbidden"
-    request = b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    status, _, body = split(await http_get(port, request))
-    assert status == "HTTP/1.1 200 OK"
-    (entry,) = json.loads(body)
-    assert (entry["host"], entry["bytes_up"], entry["bytes_down"]) == ("www.example.com", 3, 4)
-    # Split over several writes, as TCP may deliver it.
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(b"GET /sta")
-        await stream.send_all(b"ts HTTP/1.1\r\n\r\n")
-        response = b""
-        while data := await stream.receive_some():
-            response += data
-    assert split(response)[0] == "HTTP/1.1 200 OK"
-
-
-async def test_totals_add_up_the_workers_and_name_one_that_does_not_answer(
-    nursery: trio.Nursery,
-) -> None:
-    ports = []
-    for host, started, up in (("a.example", 5.0, 1), ("b.example", 2.0, 10)):
-        engine = FakeEngine()
-        engine.counters.update(tcp_flows=1, tcp_flows_started=3, bytes_up=up)
-        engine.flows = {flow(host, trio.current_time() - started, up, 0)}
-        listeners = await open_stats_listeners("127.0.0.1", 0)
-        await nursery.start(serve_stats, engine, listeners)
-        ports.append(listeners[0].socket.getsockname()[1])
-    front = socket.create_server(("127.0.0.1", 0))
-    front_port = front.getsockname()[1]
-    workers = [("127.0.0.1", port) for port in ports]
-    await nursery.start(functools.partial(serve_totals, [front], workers))
-    request = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    status, _, body = split(await http_get(front_port, request))
-    assert status == "HTTP/1.1 200 OK"
-    assert json.loads(body) == {
-        "tcp_flows": 2,
-        "tcp_flows_started": 6,
-        "bytes_up": 11,
-        "bytes_down": 0,
-    }
-    request = b"GET /connections HTTP/1.1\r\n\r\n"
-    rows = json.loads(split(await http_get(front_port, request))[2])
-    assert [(row["host"], row["worker"]) for row in rows] == [("a.example", 0), ("b.example", 1)]
-    # The same checks as one engine's endpoint.
-    forbidden = b"GET /stats HTTP/1.1\r\nHost: evil.example\r\n\r\n"
-    assert split(await http_get(front_port, forbidden))[0] == "HTTP/1.1 403 Forbidden"
-    # A worker that is gone: a 503 naming it, not a partial total.
-    gone = socket.create_server(("127.0.0.1", 0))
-    gone_port = gone.getsockname()[1]
-    gone.close()
-    response = await totals_response(request, [workers[0], ("127.0.0.1", gone_port)])
-    status, _, body = split(response)
-    assert status == "HTTP/1.1 503 Service Unavailable"
-    assert f"worker 1 (port {gone_port}) did not answer" in json.loads(body)["error"]
-
-
-async def test_a_worker_that_hangs_is_named_with_the_reason(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
-    with silent:
-        port = silent.getsockname()[1]
-        request = b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        status, _, body = split(await totals_response(request, [("127.0.0.1", port)]))
-    assert status == "HTTP/1.1 503 Service Unavailable"
-    assert json.loads(body)["error"] == (
-        f"worker 0 (port {port}) did not answer: no answer within {WORKER_TIMEOUT:g} s"
-    )
-
-
-async def test_request_heads_are_bounded() -> None:
-    send, receive = trio.testing.memory_stream_one_way_pair()
-    endless = b"GET /stats HTTP/1.1\r\nX: " + b"a" * 20000
-    await send.send_all(endless)
-    assert await read_request_head(receive) is None
-    await send.aclose()
-    left = 0
-    while data := await receive.receive_some():
-        left += len(data)
-    # Stopped reading soon after the limit instead of buffering everything.
-    assert len(endless) - left <= MAX_REQUEST_HEAD + 4096
-    send, receive = trio.testing.memory_stream_one_way_pair()
-    await send.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nignored")
-    assert await read_request_head(receive) == b"GET / HTTP/1.1\r\nHost: a"
-    await send.send_all(b"GET / HTTP/1.1\r\n")
-    await send.aclose()
-    assert await read_request_head(receive) is None
 
 
 async def test_listeners_refuse_other_addresses() -> None:
@@ -420,7 +262,9 @@ async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(tun2sx.control.autoroute, "auto_route", fake_auto_route)
     opened: list[trio.SocketListener] = []
 
-    async def recording_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    async def recording_listeners(
+        host: str, port: int, *, any_address: bool = False
+    ) -> list[trio.SocketListener]:
         listeners = await open_stats_listeners(host, port)
         opened.extend(listeners)
         return listeners
@@ -443,7 +287,11 @@ async def test_serve_wires_auto_route_and_stats(monkeypatch: pytest.MonkeyPatch)
         assert calls == [("enter", ("fake0", app.DEFAULT_AUTO_ROUTE_FWMARK))]
         assert engine.router.name_of(engine.router.route(Destination("a.test", 1), "tcp")) == "p"
         port = opened[0].socket.getsockname()[1]
-        status, _, body = split(await http_get(port, b"GET /stats HTTP/1.1\r\n\r\n"))
+        status, _, body = split(
+            await http_get(
+                port, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+        )
         assert status == "HTTP/1.1 200 OK"
         assert json.loads(body)["tcp_flows"] == 0
         nursery.cancel_scope.cancel()

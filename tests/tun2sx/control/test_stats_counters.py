@@ -51,7 +51,9 @@ async def test_stats_endpoint_and_embedding_snapshot_carry_the_same_counters(
     device = TunDevice(ours.detach(), name="pair0", mtu=1500, offload=False)
     listeners: list[trio.SocketListener] = []
 
-    async def recording_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    async def recording_listeners(
+        host: str, port: int, *, any_address: bool = False
+    ) -> list[trio.SocketListener]:
         listeners.extend(await open_stats_listeners(host, port))
         return listeners
 

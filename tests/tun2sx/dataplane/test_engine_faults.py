@@ -33,7 +33,7 @@ from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader, TcpOptions
 from tests.support.app import APP, APP_ISN, APP_PORT, CONFIG, REMOTE, REMOTE_PORT, AppSide
 from tests.support.outbounds import EchoOutbound
 from tun2sx.control import app
-from tun2sx.control.stats import respond
+from tun2sx.control.controller import Controller, Reply, Request
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import RxPacket, TunDevice, TunError
@@ -101,8 +101,9 @@ async def test_a_flow_through_failing_reads_is_exact_and_the_errors_are_counted(
     assert device.statistics_rx_errors == device.injected
     assert stats["tun_rx_errors"] == device.injected
     # ... and the operator sees them on the stats endpoint.
-    body = respond(engine, b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1", 0).partition(b"\r\n\r\n")[2]
-    assert b'"tun_rx_errors": %d' % device.injected in body
+    reply = await Controller(engine).answer(Request("GET", "/stats", {}, {"host": "127.0.0.1"}))
+    assert isinstance(reply, Reply)
+    assert json.loads(reply.body)["tun_rx_errors"] == device.injected
 
 
 async def test_a_deleted_device_ends_serve_with_one_tun_error(
@@ -238,11 +239,11 @@ async def test_stopping_the_engine_resets_an_idle_flow(
     assert hdr.flags & RST and not hdr.flags & FIN, hdr
 
 
-async def test_connections_write_ipv6_application_addresses_in_brackets(
+async def test_connections_split_ipv6_application_addresses_from_their_port(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
-    """`/connections` writes `[fd88::2]:35768` for TCP as it does for UDP:
-    without the brackets the port cannot be told from the address."""
+    """`/connections` gives an IPv6 application's address and port apart
+    (the flow keeps `[fd88::2]:35768`, brackets and all, for TCP as for UDP)."""
     fd, app_sock = pair
     app6, remote6 = (
         socket.inet_pton(socket.AF_INET6, "fd88::2"),
@@ -257,8 +258,12 @@ async def test_connections_write_ipv6_application_addresses_in_brackets(
         with trio.fail_after(10):
             synack = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
         assert isinstance(synack.l4, TcpHeader) and synack.l4.flags == SYN | ACK
-        body = respond(engine, b"GET /connections HTTP/1.1\r\nHost: 127.0.0.1", 0)
+        get = Request("GET", "/connections", {}, {"host": "127.0.0.1"})
+        reply = await Controller(engine).answer(get)
         nursery.cancel_scope.cancel()
     device.close()
-    [row] = json.loads(body.partition(b"\r\n\r\n")[2])
-    assert row["app"] == "[fd88::2]:35768"
+    assert isinstance(reply, Reply)
+    [row] = json.loads(reply.body)["connections"]
+    meta = row["metadata"]
+    assert (meta["sourceIP"], meta["sourcePort"]) == ("fd88::2", "35768")
+    assert (meta["destinationIP"], meta["destinationPort"]) == ("2001:db8::7", str(REMOTE_PORT))

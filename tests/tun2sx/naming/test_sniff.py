@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.hellos import split_records, tls_client_hello
@@ -161,6 +161,7 @@ def test_arbitrary_bytes_never_raise(data: bytes) -> None:
         assert result is None or result is NEED_DATA or isinstance(result, Sniffed)
 
 
+@settings(deadline=None)
 @given(st.data())
 def test_mutated_client_hello_never_raises(data: st.DataObject) -> None:
     hello = bytearray(split_records(tls_client_hello("m.example"), 300))
