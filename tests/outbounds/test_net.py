@@ -562,3 +562,39 @@ async def test_an_earlier_enclosing_deadline_wins_over_the_connect_timeout(
             await open_tcp(LOCALHOST, port, SocketOptions(connect_timeout=3))
         assert scope.cancelled_caught
         assert trio.current_time() == pytest.approx(1)
+
+
+# --- early data and TCP Fast Open --------------------------------------------------
+
+
+@pytest.mark.parametrize("fast_open", [False, True])
+async def test_early_data_is_the_first_thing_the_server_reads(
+    nursery: trio.Nursery, fast_open: bool
+) -> None:
+    # This namespace's Fast Open server side is off (the kernel default),
+    # so with `fast_open` the connect falls back and the data still comes.
+    got: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while len(data) < 5:
+                data += await stream.receive_some(5 - len(data))
+            got.append(data)
+            await stream.send_all(b"world")
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
+    port = listeners[0].socket.getsockname()[1]
+    for _ in range(2):  # the second one would hold a cookie, if the server gave one
+        stream = await open_tcp(
+            "127.0.0.1", port, SocketOptions(), early_data=b"hello", fast_open=fast_open
+        )
+        async with stream:
+            assert await stream.receive_some(5) == b"world"
+    assert got == [b"hello", b"hello"]
+
+
+async def test_fast_open_connect_to_a_closed_port_is_refused_at_open() -> None:
+    with pytest.raises(OutboundError, match=r"connecting to 127\.0\.0\.1:\d+ failed") as info:
+        await open_tcp("127.0.0.1", free_port(), SocketOptions(), early_data=b"x", fast_open=True)
+    assert info.value.reply is FailureReply.RESET

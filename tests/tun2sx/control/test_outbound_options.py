@@ -29,3 +29,16 @@ def test_table_switches_reach_the_outbounds(tmp_path: Path) -> None:
     assert isinstance(web, HttpOutbound) and web.fast_open
     # The URL's own query still counts.
     assert isinstance(old, Socks4Outbound) and old.fast_open
+
+
+def test_the_documented_outbound_tables_build(tmp_path: Path) -> None:
+    docs = (Path(__file__).parents[3] / "docs" / "config.md").read_text()
+    section = docs[docs.index("## Outbounds") : docs.index("## Rules")]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "tun2sx.toml"
+    path.write_text('outbound = "dante"\n' + block)
+    named = build_outbounds(load_config(path), SocketOptions())
+    dante, office, old = named["dante"], named["office"], named["old"]
+    assert isinstance(dante, Socks5Outbound) and dante.pipeline and dante.fast_open
+    assert isinstance(office, HttpOutbound) and not office.fast_open
+    assert isinstance(old, Socks4Outbound) and old.name == "socks4a 10.0.0.3:1080"
