@@ -34,6 +34,7 @@ from tun2sx.control.directdns import (
     inside,
     warn_without_direct_dns,
 )
+from tun2sx.control.heap import release_free_pages
 from tun2sx.control.stats import (
     log_summaries,
     open_stats_listeners,
@@ -542,6 +543,7 @@ async def _serve(
                         if signals is not None:
                             nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
                         task_status.started(engine)
+                        release_free_pages()  # start-up's garbage (tun2sx.control.heap)
                 except BaseExceptionGroup as group:
                     # The device going away ends the engine with a TunError
                     # wrapped in the nurseries' groups: hand it over bare,

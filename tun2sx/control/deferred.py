@@ -1,16 +1,20 @@
 """Standard modules that trio imports at start but tun2sx never uses: loaded on first use.
 
 trio imports `ssl` (for its TLS streams) and `hmac` (for DTLS cookies) when
-it is itself imported; the two bring OpenSSL's libssl and libcrypto and are
-about 5 MiB of an idle tun2sx's 30 MiB resident set, for features tun2sx does
-not use (no outbound speaks TLS; Shadowsocks' crypto comes from
-`cryptography`). `defer()` puts a placeholder module in `sys.modules` for
-each that is not imported yet; the first attribute read on it (trio's TLS
-code, an embedding program's `ssl.create_default_context()`) runs the real
-module's code in that same module object, so the module is the same object
-before and after, and nothing else notices. The standard library's
-`importlib.util.LazyLoader` does the same but, on CPython 3.11, loads at the
-`import` statement itself (which reads `__spec__`), so it defers nothing.
+it is itself imported; the two bring OpenSSL's libssl and libcrypto, about
+5 MiB of an idle tun2sx's 30 MiB resident set, for features tun2sx does not
+use (no outbound speaks TLS; Shadowsocks' crypto comes from `cryptography`).
+trio also looks for the pthread library through `ctypes.util` (to name its
+threads), which imports `shutil`, which imports `bz2` and `lzma` (libbz2,
+liblzma) for its archive formats.
+
+`defer()` puts a placeholder module in `sys.modules` for each of them not
+imported yet; the first attribute read on it (trio's TLS code, an embedding
+program's `ssl.create_default_context()`) runs the real module's code in
+that same module object, so the module is the same object before and after
+and nothing else notices. The standard library's `importlib.util.LazyLoader`
+does the same but, on CPython 3.11, loads at the `import` statement itself
+(which reads `__spec__`), so it defers nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import importlib.util
 import sys
 import types
 
-MODULES = ("ssl", "hmac")
+MODULES = ("ssl", "hmac", "bz2", "lzma")
 
 
 class _Deferred(types.ModuleType):

@@ -21,8 +21,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 # `_ssl` and `_hashlib` are OpenSSL (libssl, libcrypto), which trio's TLS and
-# DTLS code would load at start (tun2sx.control.deferred).
-HEAVY = ("cryptography", "blake3", "dnslib", "sqlite3", "tomllib", "json", "_ssl", "_hashlib")
+# DTLS code would load at start, `_bz2` and `_lzma` what shutil would
+# (tun2sx.control.deferred).
+HEAVY = (
+    *("cryptography", "blake3", "dnslib", "sqlite3", "tomllib", "json"),
+    *("_ssl", "_hashlib", "_bz2", "_lzma"),
+)
 
 SCRIPT = f"""
 import functools, socket, sys
