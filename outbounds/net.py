@@ -206,19 +206,18 @@ async def open_tcp(host: str | IPAddress, port: int, opts: SocketOptions) -> Tcp
         OutboundError: The error of the last address tried, or a timeout
             (HOST_UNREACHABLE), with a message naming `host:port`.
     """
-    endpoint = format_endpoint(host, port)
     deadline = trio.current_time() + opts.connect_timeout
     if trio.current_effective_deadline() < deadline:
         # An enclosing deadline comes first, so ours could never fire: no
         # scope of our own (a measurable cost once per connection).
-        stream, last_error = await _connect_first(host, port, opts, endpoint)
+        stream, last_error = await _connect_first(host, port, opts)
         timed_out = False
     else:
         # A bare cancel scope: trio.move_on_after is a generator context
         # manager, a measurable cost once per connection.
         stream = last_error = None
         with trio.CancelScope(deadline=deadline) as scope:
-            stream, last_error = await _connect_first(host, port, opts, endpoint)
+            stream, last_error = await _connect_first(host, port, opts)
         timed_out = scope.cancelled_caught
     if stream is not None:
         return stream
@@ -226,26 +225,29 @@ async def open_tcp(host: str | IPAddress, port: int, opts: SocketOptions) -> Tcp
         raise last_error
     raise OutboundError(
         FailureReply.HOST_UNREACHABLE,
-        f"connecting to {endpoint} timed out after {_seconds(opts.connect_timeout)}",
+        f"connecting to {format_endpoint(host, port)} "
+        f"timed out after {_seconds(opts.connect_timeout)}",
     )
 
 
 async def _connect_first(
-    host: str | IPAddress, port: int, opts: SocketOptions, endpoint: str
+    host: str | IPAddress, port: int, opts: SocketOptions
 ) -> tuple[TcpSocketStream | None, OutboundError | None]:
     """Try each address of `host` in order; the stream, or the last error."""
+    # The endpoint for the messages is only formatted for one: an address's
+    # str() is a Python-level conversion, once per connection otherwise.
     last_error: OutboundError | None = None
     for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
         try:
             sock = _connectable_socket(family, opts)
         except OSError as exc:
-            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            last_error = error_from_oserror(exc, f"connecting to {format_endpoint(host, port)}")
             continue
         try:
             await _connect(sock, sockaddr)
         except OSError as exc:
             sock.close()
-            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            last_error = error_from_oserror(exc, f"connecting to {format_endpoint(host, port)}")
             continue
         except BaseException:
             sock.close()

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -84,6 +84,10 @@ class Engine:
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
         self._crowded_until = -math.inf  # see read_size
+        # trio.current_time() is three Python calls (the run context, the
+        # runner, the clock); from `run` on, the clock's own method is one.
+        # The engine asks several times a batch and once or twice a flush.
+        self._now: Callable[[], float] = trio.current_time
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -95,6 +99,7 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reports readiness through `task_status`."""
+        self._now = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timer_loop)
@@ -112,7 +117,7 @@ class Engine:
         stack = self.stack
         while True:
             batch = await device.read_batch()
-            now = trio.current_time()
+            now = self._now()
             touched: set[TcpConnection] = set()
             datagrams = False
             # Answers made while the batch is taken (DNS, SYNs failed at
@@ -153,7 +158,7 @@ class Engine:
         if self._flush_deferred:
             return
         write = self.device.write
-        for packet in self.stack.packets_to_send(trio.current_time()):
+        for packet in self.stack.packets_to_send(self._now()):
             write(packet)
         deadline = self.stack.next_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
@@ -166,7 +171,7 @@ class Engine:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = self.stack.handle_timeout(trio.current_time())
+            fired = self.stack.handle_timeout(self._now())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have
@@ -225,13 +230,13 @@ class Engine:
         not make the download pay for steps nobody waits behind.
         """
         config = self.config
-        if trio.current_time() < self._crowded_until:
+        if self._now() < self._crowded_until:
             return config.splice_share
         return config.splice_buffer
 
     def open_flow(self, network: str, app: str, dest: Destination, outbound: str) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
-        info = FlowInfo(network, app, dest, outbound, trio.current_time())
+        info = FlowInfo(network, app, dest, outbound, self._now())
         self.flows.add(info)
         return info
 
