@@ -42,11 +42,13 @@ __all__ = [
     "SocketOptions",
     "TcpSocketStream",
     "error_from_oserror",
+    "finish_tcp_connect",
     "format_endpoint",
     "open_tcp",
     "open_udp_socket",
     "resolve",
     "sockaddr_of",
+    "start_tcp_connect",
 ]
 
 # Linux values; the names exist in the socket module on Linux builds, but the
@@ -254,6 +256,52 @@ async def _connect_first(
             raise
         return TcpSocketStream(sock), None
     return None, last_error
+
+
+def start_tcp_connect(
+    address: IPAddress, port: int, opts: SocketOptions
+) -> tuple[socket.socket, bool]:
+    """Start connecting a TCP socket that bypasses the TUN, without waiting.
+
+    For a connection made ahead of its use (a proxy connection kept ready):
+    nothing here waits, so it can run while something else is awaited.
+
+    Returns:
+        The non-blocking socket and whether it is connected already (to a
+        peer on this machine or behind a veth the handshake is over before
+        `connect` returns); if not, `finish_tcp_connect` waits for it.
+
+    Raises:
+        OSError: The socket could not be made or the connect failed at once.
+        OutboundError: The loop-avoidance options could not be applied.
+    """
+    family, sockaddr = sockaddr_of(address, port)
+    sock = _connectable_socket(family, opts)
+    try:
+        err = sock.connect_ex(sockaddr)
+        if err == errno.EINPROGRESS:
+            try:
+                sock.getpeername()
+            except OSError:
+                return sock, False
+        elif err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, True
+
+
+async def finish_tcp_connect(sock: socket.socket) -> None:
+    """Wait for a connect that `start_tcp_connect` left in progress.
+
+    Raises:
+        OSError: The connect failed.
+    """
+    await _wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _connectable_socket(family: socket.AddressFamily, opts: SocketOptions) -> socket.socket:

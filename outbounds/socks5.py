@@ -22,6 +22,7 @@ import ipaddress
 import socket
 import struct
 import urllib.parse
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -33,9 +34,11 @@ from .net import (
     SocketOptions,
     TcpSocketStream,
     error_from_oserror,
+    finish_tcp_connect,
     format_endpoint,
     open_tcp,
     open_udp_socket,
+    start_tcp_connect,
 )
 from .net import resolve as _resolve
 from .udpsock import UdpSocket
@@ -187,6 +190,17 @@ def build_greeting(methods: tuple[AuthMethod, ...]) -> bytes:
     return bytes((VERSION, len(methods), *methods))
 
 
+def greeting_for(credentials: bool, pipeline: bool) -> bytes:
+    """The greeting a client sends: with credentials it offers username/password
+    too, and only that when pipelining (the request must follow the method the
+    proxy will pick)."""
+    if not credentials:
+        return build_greeting((AuthMethod.NO_AUTH,))
+    if pipeline:
+        return build_greeting((AuthMethod.USERNAME_PASSWORD,))
+    return build_greeting((AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD))
+
+
 def build_auth_request(username: bytes, password: bytes) -> bytes:
     """RFC 1929: VER=1 | ULEN | UNAME | PLEN | PASSWD."""
     return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
@@ -298,6 +312,10 @@ class Socks5ClientConnection:
             lose the rest (microsocks), so only for proxies known to take
             it. With credentials only username/password is offered then,
             since the request must follow the method the proxy will pick.
+        greeting_sent: The greeting (`greeting_for` these credentials and
+            `pipeline`) already went out on this connection, ahead of the
+            request (a proxy connection made ready before it was needed):
+            it is not sent again.
     """
 
     __slots__ = (
@@ -307,6 +325,7 @@ class Socks5ClientConnection:
         "_dest",
         "_outgoing",
         "_pipelined",
+        "_request_queued",
         "_state",
     )
 
@@ -318,6 +337,7 @@ class Socks5ClientConnection:
         password: bytes | None = None,
         *,
         pipeline: bool = False,
+        greeting_sent: bool = False,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("username and password must be given together")
@@ -325,20 +345,17 @@ class Socks5ClientConnection:
             if not 1 <= len(username) <= 255 or not 1 <= len(password) <= 255:
                 raise ValueError("SOCKS5 username and password must be 1..255 bytes each")
             self._credentials: tuple[bytes, bytes] | None = (username, password)
-            methods: tuple[AuthMethod, ...] = (
-                (AuthMethod.USERNAME_PASSWORD,)
-                if pipeline
-                else (AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)
-            )
         else:
             self._credentials = None
-            methods = (AuthMethod.NO_AUTH,)
         self._command = command
         self._dest = dest
         self._buffer = bytearray()
-        self._outgoing = bytearray(build_greeting(methods))
+        self._outgoing = bytearray(
+            b"" if greeting_sent else greeting_for(self._credentials is not None, pipeline)
+        )
         self._state = _State.AWAIT_METHOD
         self._pipelined = pipeline
+        self._request_queued = pipeline
         if pipeline:
             if self._credentials is not None:
                 self._outgoing += build_auth_request(*self._credentials)
@@ -353,6 +370,11 @@ class Socks5ClientConnection:
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes read from the proxy."""
         self._buffer += data
+
+    @property
+    def request_queued(self) -> bool:
+        """Whether the request is in `data_to_send` or went out already."""
+        return self._request_queued
 
     @property
     def trailing_data(self) -> bytes:
@@ -421,6 +443,7 @@ class Socks5ClientConnection:
     def _send_request(self) -> None:
         if not self._pipelined:  # else it went with the greeting
             self._outgoing += build_request(self._command, self._dest)
+            self._request_queued = True
         self._state = _State.AWAIT_REPLY
 
     @staticmethod
@@ -479,13 +502,14 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
         raise ValueError(f"SOCKS5 URL {shown!r}: scheme must be socks5://")
     if parts.path not in ("", "/") or parts.fragment:
         raise ValueError(f"SOCKS5 URL {shown!r}: unexpected path or fragment")
-    pipeline = False
+    flags = {"pipeline": False, "preconnect": False}
     for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        if key != "pipeline" or value not in ("0", "1"):
+        if key not in flags or value not in ("0", "1"):
             raise ValueError(
-                f"SOCKS5 URL {shown!r}: unexpected query {key}={value}; known: pipeline=0|1"
+                f"SOCKS5 URL {shown!r}: unexpected query {key}={value}; "
+                "known: pipeline=0|1, preconnect=0|1"
             )
-        pipeline = value == "1"
+        flags[key] = value == "1"
     if not parts.hostname:
         raise ValueError(f"SOCKS5 URL {shown!r}: missing host")
     try:
@@ -504,8 +528,28 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
         username,
         password,
         socket_options=socket_options or SocketOptions(),
-        pipeline=pipeline,
+        pipeline=flags["pipeline"],
+        preconnect=flags["preconnect"],
     )
+
+
+class _ProxyClosed(OutboundError):
+    """The proxy closed or reset the connection before its final answer."""
+
+
+SPARE_MAX_AGE: Final = 5.0
+"""Seconds a ready proxy connection (`preconnect`) may wait for its flow; an
+older one is closed instead of used, before a proxy's own idle timeout for a
+negotiation (Dante's is 30 s) could close it under the request."""
+
+
+@attrs.define
+class _Spare:
+    """A proxy connection made ahead of its flow (see `Socks5Outbound`'s `preconnect`)."""
+
+    stream: TcpSocketStream
+    born: float  # trio time
+    connected: bool  # else its connect and greeting are still to finish
 
 
 class Socks5Outbound:
@@ -523,13 +567,23 @@ class Socks5Outbound:
         pipeline: Send the greeting, credentials and request in one write
             (one round trip to the proxy instead of two or three); only for
             proxies that read ahead, such as Dante. Off by default.
+        preconnect: Keep one proxy connection ready for the next CONNECT:
+            connected and greeted while the current CONNECT waits for its
+            reply, so the next flow sends its request at once (the connect
+            and the method round trip leave its path). Works with any
+            proxy, but holds one idle connection to it; used only within
+            `SPARE_MAX_AGE` seconds, and only for a proxy given by address.
+            Off by default.
     """
 
     __slots__ = (
+        "_greeting",
         "_label",
         "_password",
         "_pipeline",
+        "_preconnect",
         "_server",
+        "_spare",
         "_username",
         "handshake_timeout",
         "name",
@@ -546,6 +600,7 @@ class Socks5Outbound:
         socket_options: SocketOptions | None = None,
         handshake_timeout: float = 20.0,
         pipeline: bool = False,
+        preconnect: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
         self._username = username.encode() if username is not None else None
@@ -555,6 +610,10 @@ class Socks5Outbound:
         self.socket_options = socket_options or SocketOptions()
         self.handshake_timeout = handshake_timeout
         self._pipeline = pipeline
+        self._greeting = greeting_for(self._username is not None, pipeline)
+        # Only a proxy given by address: resolving a name is not instant.
+        self._preconnect = preconnect and not isinstance(self._server.host, str)
+        self._spare: _Spare | None = None
         self.name = f"socks5 {self._server}"
         self._label = f"SOCKS5 proxy {self._server}"  # for messages
 
@@ -571,15 +630,111 @@ class Socks5Outbound:
         """Whether the handshake is sent in one write (see `__init__`)."""
         return self._pipeline
 
+    @property
+    def preconnect(self) -> bool:
+        """Whether a proxy connection is kept ready (see `__init__`)."""
+        return self._preconnect
+
+    def close_spare(self) -> None:
+        """Close the connection kept ready by `preconnect`, if there is one."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.stream.close_now()
+
+    def _make_spare(self) -> None:
+        """Connect and greet the next CONNECT's proxy connection now, if none is ready.
+
+        Never waits: a connect still in progress is finished by whoever takes
+        the spare. Any failure just leaves no spare (the next flow connects
+        as without preconnect, and reports the error if there is one).
+        """
+        if self._spare is not None:
+            return
+        host = self._server.host
+        assert not isinstance(host, str)  # see __init__
+        try:
+            sock, connected = start_tcp_connect(host, self._server.port, self.socket_options)
+        except (OSError, OutboundError):
+            return
+        stream = TcpSocketStream(sock)
+        if connected and not self._greet(stream):
+            return
+        self._spare = _Spare(stream, trio.current_time(), connected)
+
+    def _greet(self, stream: TcpSocketStream) -> bool:
+        """Send the greeting on a fresh connection; False (and closed) if it failed."""
+        try:
+            # A few bytes into an empty socket buffer: all or an error.
+            if stream.send_nowait(self._greeting) == len(self._greeting):
+                return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        stream.close_now()
+        return False
+
+    async def _take_spare(self) -> tuple[TcpSocketStream, bytes] | None:
+        """The ready connection and what the proxy sent on it so far (its method
+        reply, usually); None when there is none or it is unusable (too old,
+        failed, closed by the proxy): then the caller connects afresh."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        stream = spare.stream
+        try:
+            if trio.current_time() - spare.born <= SPARE_MAX_AGE:
+                if not spare.connected:
+                    await finish_tcp_connect(stream.socket)
+                    if not self._greet(stream):
+                        return None
+                early = stream.receive_nowait(4096)
+                # Once more when something came: a close may be behind it.
+                after = stream.receive_nowait(4096) if early else None
+                if early != b"" and after != b"":  # b"": the proxy closed it
+                    return stream, (early or b"") + (after or b"")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except BaseException:
+            stream.close_now()
+            raise
+        stream.close_now()
+        return None
+
     async def _handshake(
         self, command: Command, dest: Destination
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
         proxy = self._label
+        preconnect = self._preconnect and command is Command.CONNECT
+        spare = await self._take_spare() if preconnect else None
+        if spare is not None:
+            try:
+                return await self._request(*spare, command, dest, preconnect)
+            except _ProxyClosed:
+                # The proxy closed the ready connection before it answered
+                # the request (an idle timeout of its own, a restart): the
+                # request was not acted on, so it goes again on a new
+                # connection, as HTTP clients retry on a reused one.
+                pass
         try:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
         except OutboundError as exc:
             raise OutboundError(exc.reply, f"{proxy} unreachable: {exc}") from exc
+        return await self._request(stream, None, command, dest, preconnect)
+
+    async def _request(
+        self,
+        stream: TcpSocketStream,
+        early: bytes | None,
+        command: Command,
+        dest: Destination,
+        preconnect: bool,
+    ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
+        """Run one request on a connection to the proxy; closes it on failure.
+
+        `early` is None on a new connection, else what the proxy sent on a
+        ready one (greeted already) before the request.
+        """
+        proxy = self._label
         if command is Command.UDP_ASSOCIATE and stream.socket.family == socket.AF_INET6:
             # The zeros of UDP ASSOCIATE in the family of this connection:
             # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
@@ -587,17 +742,27 @@ class Socks5Outbound:
         ok = False
         try:
             conn = Socks5ClientConnection(
-                command, dest, self._username, self._password, pipeline=self._pipeline
+                command,
+                dest,
+                self._username,
+                self._password,
+                pipeline=self._pipeline,
+                greeting_sent=early is not None,
             )
+            if early:
+                conn.receive_data(early)
+            # The next flow's connection is made while this one's request
+            # waits for its answer.
+            ready = self._make_spare if preconnect else None
             deadline = trio.current_time() + self.handshake_timeout
             result: Socks5Reply | AuthFailed | None = None
             if trio.current_effective_deadline() < deadline:
                 # An enclosing deadline comes first, so ours could never
                 # fire: no scope of our own (a cost once per connection).
-                result = await self._exchange(stream, conn, proxy)
+                result = await self._exchange(stream, conn, proxy, ready)
             else:
                 with trio.CancelScope(deadline=deadline):
-                    result = await self._exchange(stream, conn, proxy)
+                    result = await self._exchange(stream, conn, proxy, ready)
                 if result is None:
                     raise OutboundError(
                         FailureReply.HOST_UNREACHABLE,
@@ -627,7 +792,10 @@ class Socks5Outbound:
 
     @staticmethod
     async def _exchange(
-        stream: TcpSocketStream, conn: Socks5ClientConnection, proxy: str
+        stream: TcpSocketStream,
+        conn: Socks5ClientConnection,
+        proxy: str,
+        request_sent: Callable[[], None] | None = None,
     ) -> Socks5Reply | AuthFailed:
         # Every read brings at least one byte and the whole exchange is a few
         # hundred bytes, so this bound is never reached by an honest proxy.
@@ -642,6 +810,9 @@ class Socks5Outbound:
                         await stream.send_all(out[sent:])
                 if not isinstance(event, _NeedData):
                     return event
+                if request_sent is not None and conn.request_queued:
+                    request_sent()
+                    request_sent = None
                 # The proxy answers what we just sent: it is not there yet.
                 data = await stream.receive_after_wait(4096)
             except Socks5ProtocolError as exc:
@@ -651,11 +822,11 @@ class Socks5Outbound:
             except trio.BrokenResourceError as exc:
                 cause = exc.__cause__
                 reason = cause.strerror if isinstance(cause, OSError) else None
-                raise OutboundError(
+                raise _ProxyClosed(
                     FailureReply.RESET, f"{proxy} dropped the connection: {reason or exc}"
                 ) from exc
             if not data:
-                raise OutboundError(
+                raise _ProxyClosed(
                     FailureReply.RESET, f"{proxy} closed the connection during the handshake"
                 )
             conn.receive_data(data)
