@@ -2,7 +2,7 @@
 
     ./dev bench e2e [--seconds 5] [--connections 1000] [--requests 8000]
                     [--no-offload] [--mtu N] [--workers 2] [--udp-rates 200,500]
-                    [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline]
+                    [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline] [--preconnect]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
 namespace with Dante and the test servers) and, beside it, one client
@@ -403,6 +403,7 @@ def run(
     udp_rates: tuple[int, ...] = (200, 500),
     udp_bursts: int = 100,
     pipeline: bool = False,
+    preconnect: bool = False,
 ) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = _machine()
@@ -417,8 +418,10 @@ def run(
         iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
-        if pipeline:  # Dante reads ahead: the handshake can go in one write
-            bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?pipeline=1"]
+        # Dante reads ahead: the handshake can go in one write.
+        flags = [f for f, on in (("pipeline=1", pipeline), ("preconnect=1", preconnect)) if on]
+        if flags:
+            bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?{'&'.join(flags)}"]
         bed.verbosity = []
         nginx = _start_nginx(bed.server, tmp)
 
@@ -502,6 +505,7 @@ def run(
     lines = [
         f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), MTU {tun_mtu}"
         + ("; SOCKS5 pipelined (tun2sx)" if pipeline else "")
+        + ("; SOCKS5 preconnect (tun2sx)" if preconnect else "")
         + (f"; {singbox.version()}" if any(k in SINGBOX for k in keys) else ""),
         "",
         "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
@@ -548,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tun2sx sends its SOCKS5 handshake to Dante in one write (?pipeline=1)",
     )
+    parser.add_argument(
+        "--preconnect",
+        action="store_true",
+        help="tun2sx keeps a greeted connection to Dante ready for the next flow (?preconnect=1)",
+    )
     args = parser.parse_args(argv)
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     unknown = [k for k in only if k not in COLUMNS]
@@ -569,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             only=only,
             udp_rates=tuple(int(r) for r in args.udp_rates.split(",") if r.strip()),
             pipeline=args.pipeline,
+            preconnect=args.preconnect,
         )
     except KeyboardInterrupt:
         # run()'s context managers have already ended the lab's processes
