@@ -24,6 +24,7 @@ from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
+from outbounds.socks5 import Socks5Outbound
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
@@ -559,6 +560,9 @@ async def _serve(
             device.close()
         if store is not None:
             store.close()
+        for outbound in (router.default, *router.outbounds.values()):
+            if isinstance(outbound, Socks5Outbound):
+                outbound.close_spare()  # ?preconnect=1's ready connection
 
 
 def _only_tun_error(group: BaseExceptionGroup[BaseException]) -> TunError | None:
