@@ -710,10 +710,12 @@ class Socks5Outbound:
             try:
                 return await self._request(*spare, command, dest, preconnect)
             except _ProxyClosed:
-                # The proxy closed the ready connection before it answered
+                # The proxy closed the ready connection without answering
                 # the request (an idle timeout of its own, a restart): the
-                # request was not acted on, so it goes again on a new
-                # connection, as HTTP clients retry on a reused one.
+                # request goes again on a new connection, once, as HTTP
+                # clients retry a request on a reused connection the server
+                # closed. A proxy that closes on every such request fails
+                # the second time as it would have the first.
                 pass
         try:
             stream = await open_tcp(self._server.host, self._server.port, self.socket_options)
