@@ -475,7 +475,7 @@ class DirectResolver:
     ) -> tuple[_Reply | None, str]:
         """One try of one server: the reply, or None and what went wrong."""
         # The system's CSPRNG, as `secrets.randbits` (whose import brings hashlib and
-        # OpenSSL's libcrypto, about 3 MiB resident, for this one call).
+        # OpenSSL's libcrypto, about 4 MiB resident, for this one call).
         qid = int.from_bytes(os.urandom(2), "big")
         query = build_query(name, qtype, qid)
         self._stats.queries += 1

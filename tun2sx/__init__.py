@@ -8,7 +8,7 @@ in the separate `outbounds` package.
 
 from tun2sx.control import deferred
 
-# Before trio is imported: it imports ssl and hmac, which tun2sx never uses.
+# Before trio is imported: it imports modules tun2sx never uses (ssl, hmac, ...).
 deferred.defer()
 
 from tun2sx.control.api import Protect, Tun2sx, make_settings, run, run_async, start  # noqa: E402
