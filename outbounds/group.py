@@ -39,7 +39,6 @@ outbound first, the outermost group last, as Clash's `chains`).
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -211,6 +210,10 @@ class GroupSpec:
 
 
 def _score(member: str, key: str) -> int:
+    # Imported here: hashlib loads OpenSSL's libcrypto (memory a run without
+    # load-balance groups never needs; tests/tun2sx/control/test_deferred.py).
+    import hashlib
+
     digest = hashlib.blake2b(f"{member}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Final, Generic, Protocol, TypeVar
 
 import trio
@@ -21,7 +22,23 @@ import trio
 from .base import Destination, FailureReply, NowaitStream, OutboundError
 from .net import SocketOptions, TcpSocketStream, open_tcp
 
-__all__ = ["NEED_DATA", "HandshakeClient", "OneRequestClient", "open_tunnel", "run_handshake"]
+__all__ = [
+    "NEED_DATA",
+    "HandshakeClient",
+    "OneRequestClient",
+    "ProxyClosed",
+    "open_tunnel",
+    "run_handshake",
+]
+
+
+class ProxyClosed(OutboundError):
+    """The proxy closed or reset the connection before its final answer.
+
+    On a connection made ahead of its use, that can be the proxy's own idle
+    timeout rather than a refusal: the SOCKS5 outbound asks again once on a
+    new connection (outbounds.socks5, `preconnect`).
+    """
 
 
 class _NeedData(enum.Enum):
@@ -108,6 +125,7 @@ async def run_handshake(
     timeout: float,
     protocol_error: type[Exception],
     max_reads: int,
+    before_wait: Callable[[], None] | None = None,
 ) -> EventT:
     """Feed `client` the proxy's bytes until it has its answer.
 
@@ -124,20 +142,23 @@ async def run_handshake(
             not answer: HOST_UNREACHABLE.
         protocol_error: The error `client` raises on bytes it cannot take.
         max_reads: Reads allowed (each brings at least one byte).
+        before_wait: Called each time what `client` had to send is sent and
+            the loop is about to wait for the proxy's answer.
 
     Returns:
         The client's answer event.
 
     Raises:
-        OutboundError: Time-out, a dropped connection, or a broken answer.
+        OutboundError: Time-out or a broken answer; `ProxyClosed` when the
+            proxy closed or reset the connection.
     """
     deadline = trio.current_time() + timeout
     if trio.current_effective_deadline() < deadline:
         # An enclosing deadline comes first, so ours could never fire: no
         # scope of our own (a cost once per connection).
-        return await _exchange(stream, client, proxy, protocol_error, max_reads)
+        return await _exchange(stream, client, proxy, protocol_error, max_reads, before_wait)
     with trio.CancelScope(deadline=deadline):
-        return await _exchange(stream, client, proxy, protocol_error, max_reads)
+        return await _exchange(stream, client, proxy, protocol_error, max_reads, before_wait)
     raise OutboundError(
         FailureReply.HOST_UNREACHABLE,
         f"{proxy} did not answer for {what} within {timeout:g}s",
@@ -151,6 +172,7 @@ async def _exchange(
     proxy: str,
     protocol_error: type[Exception],
     max_reads: int,
+    before_wait: Callable[[], None] | None,
 ) -> EventT:
     for _ in range(max_reads):
         try:
@@ -163,6 +185,8 @@ async def _exchange(
                     await stream.send_all(out[sent:])
             if not isinstance(event, _NeedData):
                 return event
+            if before_wait is not None:
+                before_wait()
             # The proxy answers what we just sent: it is not there yet.
             data = await stream.receive_after_wait(4096)
         except protocol_error as exc:
@@ -172,13 +196,13 @@ async def _exchange(
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             reason = cause.strerror if isinstance(cause, OSError) else None
-            raise OutboundError(
+            raise ProxyClosed(
                 FailureReply.RESET,
                 f"{proxy} dropped the connection: {reason or exc}",
                 proxy_failed=True,
             ) from exc
         if not data:
-            raise OutboundError(
+            raise ProxyClosed(
                 FailureReply.RESET,
                 f"{proxy} closed the connection during the handshake",
                 proxy_failed=True,

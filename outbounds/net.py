@@ -42,11 +42,13 @@ __all__ = [
     "SocketOptions",
     "TcpSocketStream",
     "error_from_oserror",
+    "finish_tcp_connect",
     "format_endpoint",
     "open_tcp",
     "open_udp_socket",
     "resolve",
     "sockaddr_of",
+    "start_tcp_connect",
 ]
 
 # Linux values; the names exist in the socket module on Linux builds, but the
@@ -225,21 +227,18 @@ async def open_tcp(
         OutboundError: The error of the last address tried, or a timeout
             (HOST_UNREACHABLE), with a message naming `host:port`.
     """
-    endpoint = format_endpoint(host, port)
     deadline = trio.current_time() + opts.connect_timeout
     if trio.current_effective_deadline() < deadline:
         # An enclosing deadline comes first, so ours could never fire: no
         # scope of our own (a measurable cost once per connection).
-        stream, last_error = await _connect_first(host, port, opts, endpoint, early_data, fast_open)
+        stream, last_error = await _connect_first(host, port, opts, early_data, fast_open)
         timed_out = False
     else:
         # A bare cancel scope: trio.move_on_after is a generator context
         # manager, a measurable cost once per connection.
         stream = last_error = None
         with trio.CancelScope(deadline=deadline) as scope:
-            stream, last_error = await _connect_first(
-                host, port, opts, endpoint, early_data, fast_open
-            )
+            stream, last_error = await _connect_first(host, port, opts, early_data, fast_open)
         timed_out = scope.cancelled_caught
     if stream is not None:
         return stream
@@ -247,7 +246,8 @@ async def open_tcp(
         raise last_error
     raise OutboundError(
         FailureReply.HOST_UNREACHABLE,
-        f"connecting to {endpoint} timed out after {_seconds(opts.connect_timeout)}",
+        f"connecting to {format_endpoint(host, port)} "
+        f"timed out after {_seconds(opts.connect_timeout)}",
     )
 
 
@@ -255,17 +255,18 @@ async def _connect_first(
     host: str | IPAddress,
     port: int,
     opts: SocketOptions,
-    endpoint: str,
     early_data: bytes,
     fast_open: bool,
 ) -> tuple[TcpSocketStream | None, OutboundError | None]:
     """Try each address of `host` in order; the stream, or the last error."""
+    # The endpoint for the messages is only formatted for one: an address's
+    # str() is a Python-level conversion, once per connection otherwise.
     last_error: OutboundError | None = None
     for family, sockaddr in await resolve(host, port, socket.SOCK_STREAM):
         try:
             sock = _connectable_socket(family, opts)
         except OSError as exc:
-            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            last_error = error_from_oserror(exc, f"connecting to {format_endpoint(host, port)}")
             continue
         if fast_open and early_data:
             # Refused when the sysctl net.ipv4.tcp_fastopen lacks the client
@@ -276,13 +277,59 @@ async def _connect_first(
             await _connect(sock, sockaddr, early_data)
         except OSError as exc:
             sock.close()
-            last_error = error_from_oserror(exc, f"connecting to {endpoint}")
+            last_error = error_from_oserror(exc, f"connecting to {format_endpoint(host, port)}")
             continue
         except BaseException:
             sock.close()
             raise
         return TcpSocketStream(sock), None
     return None, last_error
+
+
+def start_tcp_connect(
+    address: IPAddress, port: int, opts: SocketOptions
+) -> tuple[socket.socket, bool]:
+    """Start connecting a TCP socket that bypasses the TUN, without waiting.
+
+    For a connection made ahead of its use (a proxy connection kept ready):
+    nothing here waits, so it can run while something else is awaited.
+
+    Returns:
+        The non-blocking socket and whether it is connected already (to a
+        peer on this machine or behind a veth the handshake is over before
+        `connect` returns); if not, `finish_tcp_connect` waits for it.
+
+    Raises:
+        OSError: The socket could not be made or the connect failed at once.
+        OutboundError: The loop-avoidance options could not be applied.
+    """
+    family, sockaddr = sockaddr_of(address, port)
+    sock = _connectable_socket(family, opts)
+    try:
+        err = sock.connect_ex(sockaddr)
+        if err == errno.EINPROGRESS:
+            try:
+                sock.getpeername()
+            except OSError:
+                return sock, False
+        elif err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock, True
+
+
+async def finish_tcp_connect(sock: socket.socket) -> None:
+    """Wait for a connect that `start_tcp_connect` left in progress.
+
+    Raises:
+        OSError: The connect failed.
+    """
+    await _wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
 
 
 def _connectable_socket(family: socket.AddressFamily, opts: SocketOptions) -> socket.socket:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import math
-import secrets
+import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -474,7 +474,9 @@ class DirectResolver:
         self, server: Destination, name: str, qtype: int
     ) -> tuple[_Reply | None, str]:
         """One try of one server: the reply, or None and what went wrong."""
-        qid = secrets.randbits(16)
+        # The system's CSPRNG, as `secrets.randbits` (whose import brings hashlib and
+        # OpenSSL's libcrypto, about 4 MiB resident, for this one call).
+        qid = int.from_bytes(os.urandom(2), "big")
         query = build_query(name, qtype, qid)
         self._stats.queries += 1
         try:

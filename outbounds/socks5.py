@@ -21,21 +21,24 @@ import enum
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import attrs
 import trio
 
 from .base import Destination, FailureReply, IPAddress, OutboundError, UdpDrops, redact_url
-from .handshake import NEED_DATA, NeedData, run_handshake
+from .handshake import NEED_DATA, NeedData, ProxyClosed, run_handshake
 from .net import (
     PrefixedStream,
     SocketOptions,
     TcpSocketStream,
     error_from_oserror,
+    finish_tcp_connect,
     format_endpoint,
     open_tcp,
     open_udp_socket,
+    start_tcp_connect,
 )
 from .net import resolve as _resolve
 from .proxyurl import split_proxy_url
@@ -188,6 +191,17 @@ def build_greeting(methods: tuple[AuthMethod, ...]) -> bytes:
     return bytes((VERSION, len(methods), *methods))
 
 
+def greeting_for(credentials: bool, pipeline: bool) -> bytes:
+    """The greeting a client sends: with credentials it offers username/password
+    too, and only that when pipelining (the request must follow the method the
+    proxy will pick)."""
+    if not credentials:
+        return build_greeting((AuthMethod.NO_AUTH,))
+    if pipeline:
+        return build_greeting((AuthMethod.USERNAME_PASSWORD,))
+    return build_greeting((AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD))
+
+
 def build_auth_request(username: bytes, password: bytes) -> bytes:
     """RFC 1929: VER=1 | ULEN | UNAME | PLEN | PASSWD."""
     return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
@@ -294,6 +308,10 @@ class Socks5ClientConnection:
             lose the rest (microsocks), so only for proxies known to take
             it. With credentials only username/password is offered then,
             since the request must follow the method the proxy will pick.
+        greeting_sent: The greeting (`greeting_for` these credentials and
+            `pipeline`) already went out on this connection, ahead of the
+            request (a proxy connection made ready before it was needed):
+            it is not sent again.
     """
 
     __slots__ = (
@@ -303,6 +321,7 @@ class Socks5ClientConnection:
         "_dest",
         "_outgoing",
         "_pipelined",
+        "_request_queued",
         "_state",
     )
 
@@ -314,6 +333,7 @@ class Socks5ClientConnection:
         password: bytes | None = None,
         *,
         pipeline: bool = False,
+        greeting_sent: bool = False,
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("username and password must be given together")
@@ -321,20 +341,17 @@ class Socks5ClientConnection:
             if not 1 <= len(username) <= 255 or not 1 <= len(password) <= 255:
                 raise ValueError("SOCKS5 username and password must be 1..255 bytes each")
             self._credentials: tuple[bytes, bytes] | None = (username, password)
-            methods: tuple[AuthMethod, ...] = (
-                (AuthMethod.USERNAME_PASSWORD,)
-                if pipeline
-                else (AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)
-            )
         else:
             self._credentials = None
-            methods = (AuthMethod.NO_AUTH,)
         self._command = command
         self._dest = dest
         self._buffer = bytearray()
-        self._outgoing = bytearray(build_greeting(methods))
+        self._outgoing = bytearray(
+            b"" if greeting_sent else greeting_for(self._credentials is not None, pipeline)
+        )
         self._state = _State.AWAIT_METHOD
         self._pipelined = pipeline
+        self._request_queued = pipeline
         if pipeline:
             if self._credentials is not None:
                 self._outgoing += build_auth_request(*self._credentials)
@@ -349,6 +366,11 @@ class Socks5ClientConnection:
     def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes read from the proxy."""
         self._buffer += data
+
+    @property
+    def request_queued(self) -> bool:
+        """Whether the request is in `data_to_send` or went out already."""
+        return self._request_queued
 
     @property
     def trailing_data(self) -> bytes:
@@ -417,6 +439,7 @@ class Socks5ClientConnection:
     def _send_request(self) -> None:
         if not self._pipelined:  # else it went with the greeting
             self._outgoing += build_request(self._command, self._dest)
+            self._request_queued = True
         self._state = _State.AWAIT_REPLY
 
     @staticmethod
@@ -470,7 +493,7 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
     Raises:
         ValueError: One line naming what is wrong with the URL.
     """
-    parts = split_proxy_url(url, "SOCKS5", ("socks5", "socks5h"), ("pipeline", "tfo"))
+    parts = split_proxy_url(url, "SOCKS5", ("socks5", "socks5h"), ("pipeline", "tfo", "preconnect"))
     username, password = parts.username, parts.password
     if (username is None) != (password is None) or username == "" or password == "":
         raise ValueError(
@@ -484,7 +507,23 @@ def parse_socks5_url(url: str, socket_options: SocketOptions | None = None) -> S
         socket_options=socket_options or SocketOptions(),
         pipeline=parts.flags.get("pipeline", False),
         fast_open=parts.flags.get("tfo", False),
+        preconnect=parts.flags.get("preconnect", False),
     )
+
+
+SPARE_MAX_AGE: Final = 5.0
+"""Seconds a ready proxy connection (`preconnect`) may wait for its flow; an
+older one is closed instead of used, before a proxy's own idle timeout for a
+negotiation (Dante's is 30 s) could close it under the request."""
+
+
+@attrs.define
+class _Spare:
+    """A proxy connection made ahead of its flow (see `Socks5Outbound`'s `preconnect`)."""
+
+    stream: TcpSocketStream
+    born: float  # trio time
+    connected: bool  # else its connect and greeting are still to finish
 
 
 class Socks5Outbound:
@@ -505,14 +544,24 @@ class Socks5Outbound:
         fast_open: TCP Fast Open to the proxy: the greeting (with
             `pipeline`, the whole handshake) rides in the SYN once the
             kernel holds the proxy's cookie. Off by default.
+        preconnect: Keep one proxy connection ready for the next CONNECT:
+            connected and greeted while the current CONNECT waits for its
+            reply, so the next flow sends its request at once (the connect
+            and the method round trip leave its path). Works with any
+            proxy, but holds one idle connection to it; used only within
+            `SPARE_MAX_AGE` seconds, and only for a proxy given by address.
+            Off by default.
     """
 
     __slots__ = (
         "_fast_open",
+        "_greeting",
         "_label",
         "_password",
         "_pipeline",
+        "_preconnect",
         "_server",
+        "_spare",
         "_username",
         "handshake_timeout",
         "name",
@@ -530,6 +579,7 @@ class Socks5Outbound:
         handshake_timeout: float = 20.0,
         pipeline: bool = False,
         fast_open: bool = False,
+        preconnect: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
         self._username = username.encode() if username is not None else None
@@ -540,6 +590,10 @@ class Socks5Outbound:
         self.handshake_timeout = handshake_timeout
         self._pipeline = pipeline
         self._fast_open = fast_open
+        self._greeting = greeting_for(self._username is not None, pipeline)
+        # Only a proxy given by address: resolving a name is not instant.
+        self._preconnect = preconnect and not isinstance(self._server.host, str)
+        self._spare: _Spare | None = None
         self.name = f"socks5 {self._server}"
         self._label = f"SOCKS5 proxy {self._server}"  # for messages
 
@@ -561,43 +615,173 @@ class Socks5Outbound:
         """Whether connections to the proxy ask for TCP Fast Open."""
         return self._fast_open
 
+    @property
+    def preconnect(self) -> bool:
+        """Whether a proxy connection is kept ready (see `__init__`)."""
+        return self._preconnect
+
+    async def aclose(self) -> None:
+        """Release what the outbound holds (a replaced configuration's)."""
+        self.close_spare()
+
+    def close_spare(self) -> None:
+        """Close the connection kept ready by `preconnect`, if there is one."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.stream.close_now()
+
+    def _make_spare(self) -> None:
+        """Connect and greet the next CONNECT's proxy connection now, if none is ready.
+
+        Never waits: a connect still in progress is finished by whoever takes
+        the spare. Any failure just leaves no spare (the next flow connects
+        as without preconnect, and reports the error if there is one).
+        """
+        if self._spare is not None:
+            return
+        host = self._server.host
+        assert not isinstance(host, str)  # see __init__
+        try:
+            sock, connected = start_tcp_connect(host, self._server.port, self.socket_options)
+        except (OSError, OutboundError):
+            return
+        stream = TcpSocketStream(sock)
+        if connected and not self._greet(stream):
+            return
+        self._spare = _Spare(stream, trio.current_time(), connected)
+
+    def _greet(self, stream: TcpSocketStream) -> bool:
+        """Send the greeting on a fresh connection; False (and closed) if it failed."""
+        try:
+            # A few bytes into an empty socket buffer: all or an error.
+            if stream.send_nowait(self._greeting) == len(self._greeting):
+                return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        stream.close_now()
+        return False
+
+    async def _take_spare(self) -> tuple[TcpSocketStream, bytes] | None:
+        """The ready connection and what the proxy sent on it so far (its method
+        reply, usually); None when there is none or it is unusable (too old,
+        failed, closed by the proxy): then the caller connects afresh."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        stream = spare.stream
+        try:
+            if trio.current_time() - spare.born <= SPARE_MAX_AGE:
+                if not spare.connected:
+                    await finish_tcp_connect(stream.socket)
+                    if not self._greet(stream):
+                        return None
+                early = stream.receive_nowait(4096)
+                # Once more when something came: a close may be behind it.
+                after = stream.receive_nowait(4096) if early else None
+                if early != b"" and after != b"":  # b"": the proxy closed it
+                    return stream, (early or b"") + (after or b"")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except BaseException:
+            stream.close_now()
+            raise
+        stream.close_now()
+        return None
+
     async def _handshake(
         self, command: Command, dest: Destination
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
         proxy = self._label
-        conn: Socks5ClientConnection | None = None
-        early = b""
+        preconnect = self._preconnect and command is Command.CONNECT
+        spare = await self._take_spare() if preconnect else None
+        if spare is not None:
+            stream, early = spare
+            conn = self._client(command, dest, greeting_sent=True)
+            try:
+                return await self._request(stream, conn, early, command, dest, preconnect)
+            except ProxyClosed:
+                # The proxy closed the ready connection without answering
+                # the request (an idle timeout of its own, a restart): the
+                # request goes again on a new connection, once, as HTTP
+                # clients retry a request on a reused connection the server
+                # closed. A proxy that closes on every such request fails
+                # the second time as it would have the first.
+                pass
+        new_conn: Socks5ClientConnection | None = None
+        first = b""
         if command is Command.CONNECT:
             # The first message goes with the connect (in the SYN, with Fast
             # Open). Not for UDP ASSOCIATE: its address's family is that of
             # the connection, known only once it is made (below).
-            conn = Socks5ClientConnection(
-                command, dest, self._username, self._password, pipeline=self._pipeline
-            )
-            early = conn.data_to_send()
+            new_conn = self._client(command, dest)
+            first = new_conn.data_to_send()
         try:
             stream = await open_tcp(
                 self._server.host,
                 self._server.port,
                 self.socket_options,
-                early_data=early,
+                early_data=first,
                 fast_open=self._fast_open,
             )
         except OutboundError as exc:
             raise OutboundError(
                 exc.reply, f"{proxy} unreachable: {exc}", proxy_failed=True
             ) from exc
-        if conn is None:
+        if new_conn is None:
             if stream.socket.family == socket.AF_INET6:
                 # The zeros of UDP ASSOCIATE in the family of this connection:
                 # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
                 dest = Destination(ipaddress.IPv6Address(0), 0)
-            conn = Socks5ClientConnection(
-                command, dest, self._username, self._password, pipeline=self._pipeline
-            )
+            new_conn = self._client(command, dest)
+        return await self._request(stream, new_conn, b"", command, dest, preconnect)
+
+    def _client(
+        self, command: Command, dest: Destination, *, greeting_sent: bool = False
+    ) -> Socks5ClientConnection:
+        return Socks5ClientConnection(
+            command,
+            dest,
+            self._username,
+            self._password,
+            pipeline=self._pipeline,
+            greeting_sent=greeting_sent,
+        )
+
+    def _spare_maker(self, conn: Socks5ClientConnection) -> Callable[[], None]:
+        """What makes the next flow's connection once `conn`'s request is
+        sent: while this one's request waits for its answer."""
+        made = False
+
+        def make() -> None:
+            nonlocal made
+            if not made and conn.request_queued:
+                made = True
+                self._make_spare()
+
+        return make
+
+    async def _request(
+        self,
+        stream: TcpSocketStream,
+        conn: Socks5ClientConnection,
+        early: bytes,
+        command: Command,
+        dest: Destination,
+        preconnect: bool,
+    ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
+        """Run one request on a connection to the proxy; closes it on failure.
+
+        `early` is what the proxy sent on a ready connection (greeted
+        already) before the request.
+        """
+        proxy = self._label
         ok = False
         try:
+            if early:
+                conn.receive_data(early)
+            before_wait = self._spare_maker(conn) if preconnect else None
+
             # Every read brings at least one byte and the whole exchange is
             # a few hundred bytes, so the bound is never reached by an
             # honest proxy.
@@ -609,6 +793,7 @@ class Socks5Outbound:
                 timeout=self.handshake_timeout,
                 protocol_error=Socks5ProtocolError,
                 max_reads=_MAX_HANDSHAKE_READS,
+                before_wait=before_wait,
             )
             if isinstance(result, AuthFailed):
                 raise OutboundError(

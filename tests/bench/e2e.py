@@ -3,6 +3,7 @@
     ./dev bench e2e [--seconds 5] [--connections 1000] [--requests 8000]
                     [--no-offload] [--mtu N] [--workers 2] [--udp-rates 200,500]
                     [--only kernel,tun2sx,singbox-gvisor,singbox-system] [--pipeline] [--tfo]
+                    [--preconnect]
 
 Builds the end-to-end testbed (client namespace with tun2sx on tun0, server
 namespace with Dante and the test servers) and, beside it, one client
@@ -418,6 +419,7 @@ def run(
     udp_bursts: int = 100,
     pipeline: bool = False,
     tfo: bool = False,
+    preconnect: bool = False,
 ) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     machine = _machine()
@@ -433,7 +435,8 @@ def run(
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
         # Dante reads ahead: the handshake can go in one write.
-        flags = [f for f, on in (("pipeline=1", pipeline), ("tfo=1", tfo)) if on]
+        switches = (("pipeline=1", pipeline), ("tfo=1", tfo), ("preconnect=1", preconnect))
+        flags = [f for f, on in switches if on]
         if flags:
             bed.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?{'&'.join(flags)}"]
         if tfo:
@@ -530,6 +533,7 @@ def run(
         f"{started}; {machine}; offload {'on' if offload else 'off'} (tun2sx), MTU {tun_mtu}"
         + ("; SOCKS5 pipelined (tun2sx)" if pipeline else "")
         + ("; TCP Fast Open to Dante (tun2sx)" if tfo else "")
+        + ("; SOCKS5 preconnect (tun2sx)" if preconnect else "")
         + (f"; {singbox.version()}" if any(k in SINGBOX for k in keys) else ""),
         "",
         "Paths as the kernel sees them: " + "; ".join(f"{TITLES[k]}: {modes[k]}" for k in keys),
@@ -581,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tun2sx connects to Dante with TCP Fast Open (?tfo=1; Dante's side enabled)",
     )
+    parser.add_argument(
+        "--preconnect",
+        action="store_true",
+        help="tun2sx keeps a greeted connection to Dante ready for the next flow (?preconnect=1)",
+    )
     args = parser.parse_args(argv)
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     unknown = [k for k in only if k not in COLUMNS]
@@ -603,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             udp_rates=tuple(int(r) for r in args.udp_rates.split(",") if r.strip()),
             pipeline=args.pipeline,
             tfo=args.tfo,
+            preconnect=args.preconnect,
         )
     except KeyboardInterrupt:
         # run()'s context managers have already ended the lab's processes

@@ -43,19 +43,36 @@ _current: contextvars.ContextVar[Events | None] = contextvars.ContextVar("flow",
 _by_socket: dict[int, Events] = {}
 
 
+_syn_at: dict[Any, float] = {}
+_original_start = tcpflow.TcpFlows.start
+_run_guarded = tcpflow.TcpFlows._run_guarded
+
+
 def _start(self: tcpflow.TcpFlows, request: Any) -> None:
-    events: Events = [("syn", _now())]
+    _syn_at[request.key] = _now()
+    _original_start(self, request)
+
+
+async def _traced_run_guarded(self: tcpflow.TcpFlows, request: Any, scope: Any) -> None:
+    events: Events = [("syn", _syn_at.pop(request.key, _now())), ("task", _now())]
     _flows.append(events)
-    self._engine.nursery.start_soon(_run_flow, self, request, events)
-
-
-async def _run_flow(self: tcpflow.TcpFlows, request: Any, events: Events) -> None:
     _current.set(events)
-    events.append(("task", _now()))
     try:
-        await self._run_guarded(request)
+        await _run_guarded(self, request, scope)
     finally:
         events.append(("end", _now()))
+
+
+_take_spare = socks5.Socks5Outbound._take_spare
+
+
+async def _traced_take_spare(self: socks5.Socks5Outbound) -> Any:
+    spare = await _take_spare(self)
+    events = _current.get()
+    if events is not None and spare is not None:
+        events.append(("spare taken", _now()))
+        _by_socket[id(spare[0])] = events
+    return spare
 
 
 _open_tcp = socks5.open_tcp
@@ -142,6 +159,8 @@ def _dump(path: str) -> None:
 def install(path: str) -> None:
     """Wrap the flow's waypoints; write the record to `path` at exit."""
     tcpflow.TcpFlows.start = _start  # type: ignore[method-assign]
+    tcpflow.TcpFlows._run_guarded = _traced_run_guarded  # type: ignore[method-assign]
+    socks5.Socks5Outbound._take_spare = _traced_take_spare  # type: ignore[method-assign]
     tcpflow.TcpFlows._accept = _traced_accept  # type: ignore[method-assign]
     socks5.open_tcp = _traced_open_tcp
     _mark("receive_after_wait", "proxy recv", True)

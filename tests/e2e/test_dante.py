@@ -14,7 +14,7 @@ import ipaddress
 
 import pytest
 
-from tests.e2e.testbed import Testbed
+from tests.e2e.testbed import SERVER_ADDR, Testbed
 
 pytestmark = pytest.mark.e2e
 
@@ -71,3 +71,28 @@ def test_udp_to_a_closed_port_through_dante_is_refused_in_one_line(dante: Testbe
     assert "Traceback" not in log and " ERROR " not in log
     ended = [ln for ln in log.splitlines() if "UDP session" in ln and "ended" in ln]
     assert len(ended) == 1 and "UDP session 198.18.0.1:" in ended[0], ended
+
+
+def test_flows_through_connections_made_ready_ahead(dante: Testbed) -> None:
+    # ?preconnect=1: each flow's proxy connection was connected and greeted
+    # while the previous flow waited for Dante; data, half-close and a
+    # refusal come through it as through a new one.
+    dante.stop()
+    dante.proxy_args = ["--proxy", f"socks5://{SERVER_ADDR}:1081?preconnect=1"]
+    try:
+        dante.start()
+        before = len(dante.log())
+        for size in (1, 100_000, 1, 3 * 1024 * 1024):
+            result = dante.client_tool("echo", "echo.test", 7001, size)
+            assert result == {"sent": size, "received": size, "equal": True}
+        assert dante.client_tool("connect", "echo.test", 7999) == {"error": "ECONNREFUSED"}
+        assert dante.client_tool("echo", "echo.test", 7001, 10) == {
+            "sent": 10,
+            "received": 10,
+            "equal": True,
+        }
+        assert "Traceback" not in dante.log()[before:]
+    finally:
+        dante.stop()
+        dante.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
+        dante.start()

@@ -175,3 +175,26 @@ async def test_proxy_on_ipv6_loopback(tcp_echo: Destination) -> None:
         stream = await outbound.connect_tcp(tcp_echo)
         async with stream:
             assert await transfer_through(stream, b"via v6", half_close=False) == b"via v6"
+
+
+@pytest.mark.parametrize("server", ["danted", "microsocks", "microsocks_auth"])
+async def test_preconnect_through_real_proxies(
+    request: pytest.FixtureRequest, server: str, tcp_echo: Destination
+) -> None:
+    """A connection greeted ahead and used for a later request works with
+    Dante and with microsocks (which reads one message per recv: the greeting
+    and the request come in separate writes, as without preconnect), and with
+    a password (the credentials go when the connection is taken)."""
+    proxy: ServerProcess = request.getfixturevalue(server)
+    credentials = (
+        {"username": PROXY_USER, "password": PROXY_PASSWORD} if server.endswith("auth") else {}
+    )
+    outbound = Socks5Outbound(proxy.host, proxy.port, preconnect=True, **credentials)
+    try:
+        for i in range(3):
+            stream = await outbound.connect_tcp(tcp_echo)
+            async with stream:
+                data = f"preconnected {i}".encode()
+                assert await transfer_through(stream, data, half_close=False) == data
+    finally:
+        outbound.close_spare()

@@ -33,6 +33,7 @@ from outbounds.group import (
 )
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
+from outbounds.socks5 import Socks5Outbound
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
@@ -43,6 +44,7 @@ from tun2sx.control.directdns import (
     inside,
     warn_without_direct_dns,
 )
+from tun2sx.control.heap import release_free_pages
 from tun2sx.control.stats import (
     log_summaries,
     open_stats_listeners,
@@ -699,6 +701,7 @@ async def _serve(
                         if signals is not None:
                             nursery.start_soon(_on_signals, signals, nursery.cancel_scope, reloader)
                         task_status.started(engine)
+                        release_free_pages()  # start-up's garbage (tun2sx.control.heap)
                 except BaseExceptionGroup as group:
                     # The device going away ends the engine with a TunError
                     # wrapped in the nurseries' groups: hand it over bare,
@@ -709,6 +712,12 @@ async def _serve(
                     raise gone from gone.__cause__
         finally:
             log.info("tun2sx: stopped; %s", engine.statistics())
+            # ?preconnect=1's ready connections, of the first routing and of
+            # the one a reload put in place (replaced ones close on retiring).
+            for used in (router, engine.router):
+                for outbound in (used.default, *used.outbounds.values()):
+                    if isinstance(outbound, Socks5Outbound):
+                        outbound.close_spare()
     finally:
         if device is not None:
             device.close()

@@ -296,6 +296,7 @@ def _read_table(
 _OUTBOUND_FLAGS = {
     "pipeline": ("socks5", "socks5h"),
     "tfo": ("socks5", "socks5h", "socks4", "socks4a", "http"),
+    "preconnect": ("socks5", "socks5h"),
 }
 
 

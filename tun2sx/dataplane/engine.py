@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -91,6 +91,10 @@ class Engine:
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
         self._crowded_until = -math.inf  # see read_size
+        # trio.current_time() is three Python calls (the run context, the
+        # runner, the clock); from `run` on, the clock's own method is one.
+        # The engine asks several times a batch and once or twice a flush.
+        self._now: Callable[[], float] = trio.current_time
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -102,6 +106,7 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reports readiness through `task_status`."""
+        self._now = trio.lowlevel.current_clock().current_time
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timer_loop)
@@ -119,7 +124,7 @@ class Engine:
         stack = self.stack
         while True:
             batch = await device.read_batch()
-            now = trio.current_time()
+            now = self._now()
             touched: set[TcpConnection] = set()
             datagrams = False
             # Answers made while the batch is taken (DNS, SYNs failed at
@@ -160,7 +165,7 @@ class Engine:
         if self._flush_deferred:
             return
         write = self.device.write
-        for packet in self.stack.packets_to_send(trio.current_time()):
+        for packet in self.stack.packets_to_send(self._now()):
             write(packet)
         deadline = self.stack.next_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
@@ -173,7 +178,7 @@ class Engine:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = self.stack.handle_timeout(trio.current_time())
+            fired = self.stack.handle_timeout(self._now())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have
@@ -232,7 +237,7 @@ class Engine:
                 return None, None
             return self.router.outbounds.get(self.override, self.router.default), None
         if name is None and not isinstance(dest.host, str):
-            name = self.real_names.name_for(dest.host, trio.current_time())
+            name = self.real_names.name_for(dest.host, self._now())
         return self.router.decide(dest, network, name)
 
     def read_size(self) -> int:
@@ -245,7 +250,7 @@ class Engine:
         not make the download pay for steps nobody waits behind.
         """
         config = self.config
-        if trio.current_time() < self._crowded_until:
+        if self._now() < self._crowded_until:
             return config.splice_share
         return config.splice_buffer
 
@@ -268,7 +273,7 @@ class Engine:
             app,
             dest,
             outbound,
-            trio.current_time(),
+            self._now(),
             sniffed=sniffed,
             host_source=host_source,
             rule=kind,

@@ -20,13 +20,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 
-HEAVY = ("cryptography", "blake3", "dnslib", "sqlite3", "tomllib", "json")
+# `_ssl` and `_hashlib` are OpenSSL (libssl, libcrypto), which trio's TLS and
+# DTLS code would load at start, `_bz2` and `_lzma` what shutil would
+# (tun2sx.control.deferred).
+HEAVY = (
+    *("cryptography", "blake3", "dnslib", "sqlite3", "tomllib", "json"),
+    *("_ssl", "_hashlib", "_bz2", "_lzma"),
+)
 
 SCRIPT = f"""
 import functools, socket, sys
-import trio
 from stack.wire.packet import build_udp_packet, parse_packet_untrusted
 from tun2sx.control import app
+import trio
 from tun2sx.control.cli import build_parser, settings_from_args
 from tun2sx.dataplane.tun import TunDevice
 
@@ -93,7 +99,11 @@ def test_a_fake_ip_file_loads_sqlite_only(tmp_path: Path) -> None:
     ],
 )
 def test_a_shadowsocks_configuration_loads_its_crypto(url: str) -> None:
-    assert _loaded("--proxy", url, "--fake-ip-db", ":memory:") == ["blake3", "cryptography"]
+    assert _loaded("--proxy", url, "--fake-ip-db", ":memory:") == [
+        "_hashlib",
+        "blake3",
+        "cryptography",
+    ]
 
 
 def test_a_config_file_loads_tomllib(tmp_path: Path) -> None:
