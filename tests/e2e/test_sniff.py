@@ -250,18 +250,23 @@ def test_the_connections_view_shows_the_sniffed_name(lab: SniffLab) -> None:
     # A QUIC session (idle for 60 s before it ends) and a TLS flow held open.
     assert lab.peer("quic", TARGET, 443, "view.other.test")["sent"] == 3
     answer = lab.peer("hold-tls", TARGET, 443, "held.rec.test", STATS_PORT)
-    connections = answer["connections"]
-    assert isinstance(connections, list)
-    flows = [c for c in connections if (c["network"], c["port"]) == ("tcp", 443)]
+    listing = answer["connections"]
+    assert isinstance(listing, dict)
+    connections = [c for c in listing["connections"] if c["metadata"]["destinationIP"] == TARGET]
+    flows = [c for c in connections if c["metadata"]["network"] == "tcp"]
     assert len(flows) == 1, answer
     (flow,) = flows
-    assert flow["host"] == TARGET
-    assert (flow["sniffed"], flow["host_source"], flow["outbound"]) == (
+    assert flow["metadata"]["destinationPort"] == "443"
+    meta = flow["metadata"]
+    # `host` is the sniffed name (no fake IP stood for one); the chain is
+    # the outbound the sniffed name's rule chose.
+    assert (meta["host"], meta["sniffHost"], meta["hostSource"], flow["chains"]) == (
+        "held.rec.test",
         "held.rec.test",
         "sniffed",
-        "rec",
+        ["rec"],
     )
-    sessions = [c for c in connections if c["sniffed"] == "view.other.test"]
-    assert [(s["network"], s["host"], s["host_source"], s["outbound"]) for s in sessions] == [
-        ("udp", TARGET, "sniffed", "dante")
-    ]
+    sessions = [c for c in connections if c["metadata"]["sniffHost"] == "view.other.test"]
+    assert [
+        (s["metadata"]["network"], s["metadata"]["hostSource"], s["chains"]) for s in sessions
+    ] == [("udp", "sniffed", ["dante"])]
