@@ -109,6 +109,7 @@ def test_a_bad_file_is_refused_with_one_line_and_the_running_config_stays(
     ("text", "key"),
     [
         ("this is not toml", "not valid TOML"),
+        (BASE.replace("fake_ip_db", "# caf\xe9\nfake_ip_db"), "not UTF-8"),
         (BASE.replace("interval = 0", "interval = 0\nlisten = 5"), "stats.listen: expected"),
         (BASE.replace('url = "socks5://127.0.0.1:1081"', 'url = "gopher://x"'), "other.url"),
     ],
@@ -117,7 +118,7 @@ def test_every_kind_of_bad_file_is_refused(tmp_path: Path, text: str, key: str) 
     config = _write(tmp_path / "c.toml", BASE)
     _, reloader, engine = _started(config)
     router = engine.router
-    _write(config, text)
+    config.write_bytes(text.encode("latin-1"))
     error = reloader.reload()
     assert error is not None and key in error
     assert engine.router is router
