@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -304,3 +305,22 @@ upstream = "{SERVER_ADDR}:5353"
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait()
+
+
+def test_after_reloads_one_set_of_health_checks_runs(grouped: Testbed) -> None:
+    """A reload replaces the groups' checks: a proxy going down is one log
+    line (and one round of probes), not one per configuration ever loaded."""
+    bed = grouped
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]')))
+    assert bed.proc is not None
+    for _ in range(2):
+        offset = len(bed.log())
+        bed.proc.send_signal(signal.SIGHUP)
+        wait_log(bed, "tun2sx: reloaded", offset, 15)
+    offset = len(bed.log())
+    bed.kill_dante()
+    wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+    # Every set of checks still running has had a whole round by now.
+    time.sleep(INTERVAL + TIMEOUT + 1)
+    assert bed.log()[offset:].count("group main: dante is down") == 1
+    assert "Traceback" not in bed.log()

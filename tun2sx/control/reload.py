@@ -15,13 +15,17 @@ its running value, and one log line per key says it needs a restart. A file
 that does not load is refused with its one-line error, and nothing changes.
 
 A routing's tasks (`Routing.tasks`: a proxy group's health checks) run in
-a cancel scope of their own. The replaced routing's are cancelled, and its
-outbounds that hold resources (an object with `aclose`) closed, once no
-flow can still use them: after the old connect and UDP set-up time-outs,
-by which every flow the old router chose has connected or failed, and once
-every flow open at that moment has ended. A select group keeps the member
-chosen in it (by a dashboard, say) when the new file still has the group
-and the member.
+a cancel scope of their own, which a reload cancels at once: the new
+routing's groups check the same proxies, and two sets of checks would probe
+each proxy twice and log each change twice (once per configuration loaded
+while a long flow stays open). A flow still connecting through an old
+group picks from its last results. The replaced routing's outbounds that
+hold resources (an object with `aclose`) are closed once no flow can still
+use them: after the old connect and UDP set-up time-outs, by which every
+flow the old router chose has connected or failed, and once every flow
+open at that moment has ended. A select group keeps the member chosen in
+it (by a dashboard, say) when the new file still has the group and the
+member.
 """
 
 from __future__ import annotations
@@ -292,6 +296,9 @@ class Reloader:
             engine.dns.set_filter(FakeIpFilter(settings.fake_ip_filter))
         self.routing, self.settings = routing, settings
         self._retiring.append(old)
+        scope = self._scopes.pop(id(old), None)
+        if scope is not None:
+            scope.cancel()
         if self._nursery is not None:
             self._nursery.start_soon(self._run_tasks, routing)
             # Until both time-outs have passed, a flow the old router chose
@@ -311,7 +318,8 @@ class Reloader:
 
     async def _run_tasks(self, routing: Routing) -> None:
         tasks = routing.tasks()
-        if not tasks:
+        if not tasks or routing is not self.routing:
+            # Replaced again before its checks started.
             return
         with trio.CancelScope() as scope:
             self._scopes[id(routing)] = scope

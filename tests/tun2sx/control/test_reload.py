@@ -340,7 +340,7 @@ def _checked() -> Routing:
     return Routing(Router(group, outbounds={"g": group, "h": group}), DirectResolver([]))
 
 
-async def test_a_routings_health_checks_run_until_it_is_retired(
+async def test_a_reload_replaces_the_health_checks_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _write(tmp_path / "c.toml", BASE)
@@ -361,10 +361,31 @@ async def test_a_routings_health_checks_run_until_it_is_retired(
         assert reloader.reload() is None
         await trio.testing.wait_all_tasks_blocked()
         new_group = reloader.routing.router.outbounds["g"]
-        assert running == [first_group, new_group]
-        engine.flows.clear()
-        await trio.sleep(120)
+        # The open flow holds its outbound, not the old group's checks: the
+        # new group checks the same proxies, once.
         assert running == [new_group]
+        nursery.cancel_scope.cancel()
+    assert running == []
+
+
+async def test_two_reloads_at_once_leave_the_last_ones_checks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    import tun2sx.control.reload as reload_module
+
+    monkeypatch.setattr(reload_module, "open_routing", lambda settings, protect: _checked())
+    reloader = Reloader(_engine(Router(None)), settings, reload_source(args, settings), _checked())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reloader.run)
+        # No checkpoint between them: the second comes before the first's
+        # checks have started.
+        assert reloader.reload() is None
+        assert reloader.reload() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert running == [reloader.routing.router.outbounds["g"]]
         nursery.cancel_scope.cancel()
     assert running == []
 
