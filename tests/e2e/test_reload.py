@@ -245,3 +245,21 @@ def test_two_reloads_in_quick_succession_end_on_the_last_file(bed: Testbed) -> N
     log = bed.log_path.read_bytes()[offset:].decode(errors="replace")
     assert "reload refused" not in log
     assert "Traceback" not in log, log
+
+
+def test_a_new_fake_ip_filter_applies_to_the_next_query(bed: Testbed) -> None:
+    config = bed.tmp / "reload.toml"
+
+    def answer(name: str) -> str:
+        argv = ["dig", "+short", "+time=3", "+tries=1", name, "A"]
+        return bed.client_run(argv).stdout.strip()
+
+    _config(config, "micro")
+    _hup_and_wait(bed, "reloaded")
+    assert answer("a.real.test").startswith("198.1")  # a fake IP
+    _config(config, "micro", extra='[dns]\nfake_ip_filter = ["+.real.test"]\n')
+    log = _hup_and_wait(bed, "reloaded")
+    assert "restart" not in log
+    # Resolved for real now: the test upstream knows no address for it.
+    assert answer("b.real.test") == ""
+    assert answer("c.fake.test").startswith("198.1")
