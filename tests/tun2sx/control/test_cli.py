@@ -27,7 +27,7 @@ def test_endpoint_parsing() -> None:
     [
         (["--tun", "tunx", "--socks", "127.0.0.1"], "--socks"),
         (["--tun", "tunx", "--socks", "127.0.0.1:99999"], "--socks"),
-        (["--tun", "tunx", "--proxy", "http://x:1"], "--proxy"),
+        (["--tun", "tunx", "--proxy", "ws://x:1"], "--proxy"),
         (["--tun", "tunx", "--proxy", "socks5://h"], "--proxy"),
         (["--tun", "tunx"], "outbound"),
         (["--socks", "1.2.3.4:5"], "--tun"),
@@ -201,6 +201,10 @@ def test_the_service_unit_runs_with_two_capabilities_and_reloads_with_sighup(
     assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW" in lines
     assert {"NoNewPrivileges=yes", "StateDirectory=tun2sx", "Restart=on-failure"} <= lines
     assert "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    # A reload sent while tun2sx is still starting (before it handles
+    # SIGHUP) ends it by that signal, which systemd takes for a clean exit:
+    # the unit must start it again, on the file the reload meant.
+    assert "RestartForceExitStatus=SIGHUP" in lines
     start = next(line for line in lines if line.startswith("ExecStart="))
     assert start.endswith(" --config /etc/tun2sx/config.toml")
 
