@@ -25,18 +25,20 @@ use them: after the old connect and UDP set-up time-outs, by which every
 flow the old router chose has connected or failed, and once every flow
 open at that moment has ended. A select group keeps the member chosen in
 it (by a dashboard, say) when the new file still has the group and the
-member.
+member, and every group keeps what its checks found of the members whose
+proxy did not change, so new flows keep away from one found down.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import trio
 
+from outbounds.group import ProxyGroup
 from tun2sx.control.app import (
     ConfigError,
     Routing,
@@ -143,6 +145,28 @@ def carry_selections(old: Router, new: Router) -> None:
         chosen = before.now()
         if chosen in group.members:  # type: ignore[attr-defined]
             group.select(chosen)  # type: ignore[attr-defined]
+
+
+def changed_outbounds(old: Settings, new: Settings) -> set[str]:
+    """The names of outbounds and groups the new settings define otherwise
+    (another URL, other members or checks) or newly."""
+    before = {**dict(old.outbounds), **{spec.name: spec for spec in old.groups}}
+    after = {**dict(new.outbounds), **{spec.name: spec for spec in new.groups}}
+    return {name for name, value in after.items() if before.get(name) != value}
+
+
+def carry_health(old: Router, new: Router, changed: Collection[str]) -> None:
+    """Give each proxy group of `new` what the group of the same name in
+    `old` found of its members, except those `changed` names (a proxy
+    whose address was fixed is worth trying again at once). A group whose
+    check URL changed starts afresh: its delays would not compare."""
+    for name, group in new.outbounds.items():
+        before = old.outbounds.get(name)
+        if not isinstance(group, ProxyGroup) or not isinstance(before, ProxyGroup):
+            continue
+        if before is group or before.spec.url != group.spec.url:
+            continue
+        group.carry_health(before, [m for m in group.members if m not in changed])
 
 
 _NO_SOURCE = "started without a config file; there is nothing to read again"
@@ -268,6 +292,8 @@ class Reloader:
     def _commit(self, prepared: _Prepared, path: str | None) -> None:
         routing = prepared.routing
         carry_selections(self.routing.router, routing.router)
+        changed = changed_outbounds(self.settings, prepared.settings)
+        carry_health(self.routing.router, routing.router, changed)
         for line in prepared.kept:
             log.warning("tun2sx: reload: %s", line)
         self._apply(prepared.settings, routing)

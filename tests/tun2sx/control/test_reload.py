@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from outbounds.base import Destination
+from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.group import GroupSpec, ProxyGroup
 from outbounds.resolver import DirectResolver, build_query
 from tun2sx.control.app import Routing, Settings, serve
@@ -476,3 +476,46 @@ async def test_areload_refuses_a_bad_file(tmp_path: Path) -> None:
     error = await reloader.areload()
     assert error is not None and "rules[0]" in error
     assert engine.router is router
+
+
+GROUPED = (
+    BASE.replace('outbound = "proxy"', 'outbound = "auto"')
+    + """
+[groups.auto]
+type = "fallback"
+members = ["proxy", "other"]
+url = "http://192.0.2.1/"
+"""
+)
+
+
+def test_a_group_keeps_what_its_checks_found_for_unchanged_members(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", GROUPED)
+    _, reloader, engine = _started(config)
+    old: ProxyGroup = engine.router.outbounds["auto"]
+    old.connect_failed(
+        "proxy", OutboundError(FailureReply.HOST_UNREACHABLE, "x", proxy_failed=True)
+    )
+    assert old.now() == "other"
+    # A rule changes; the group and its proxies do not: new flows must not
+    # go back to the proxy found down until the new group's first check.
+    _write(config, GROUPED.replace("blocked.test", "blocked2.test"))
+    assert reloader.reload() is None
+    new: ProxyGroup = engine.router.outbounds["auto"]
+    assert new is not old
+    assert (new.alive("proxy"), new.now()) == (False, "other")
+    assert new.delays("proxy") == old.delays("proxy")
+
+
+def test_a_member_whose_proxy_changed_starts_afresh(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", GROUPED)
+    _, reloader, engine = _started(config)
+    old: ProxyGroup = engine.router.outbounds["auto"]
+    old.connect_failed(
+        "proxy", OutboundError(FailureReply.HOST_UNREACHABLE, "x", proxy_failed=True)
+    )
+    # The dead proxy's address was fixed: it is worth trying again at once.
+    _write(config, GROUPED.replace("127.0.0.1:1080", "127.0.0.2:1080"))
+    assert reloader.reload() is None
+    new: ProxyGroup = engine.router.outbounds["auto"]
+    assert (new.alive("proxy"), new.now()) == (True, "proxy")
