@@ -189,8 +189,17 @@ def test_workers_each_reload_on_the_parents_sighup() -> None:
     require("danted")
     with running_bed("t2sx-reloadw", _workers_bed, "--workers", str(WORKERS)) as bed:
         assert _whoami(bed, "n1.test") == {"connected": True}
-        _config(bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT")
-        log = _hup_and_wait(bed, "reloaded", times=WORKERS)
+        held = _Held(bed, "held-download", "big.test", 7003)
+        try:
+            held.wait_halfway()
+            _config(
+                bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT", "DST-PORT,7003,REJECT"
+            )
+            log = _hup_and_wait(bed, "reloaded", times=WORKERS)
+            # The transfer open in one of the workers runs on to its last byte.
+            assert held.finish() == {"received": SIZE, "equal": True}
+        finally:
+            held.kill()
         workers = re.findall(r"tun2sx\[(\d+)\]: tun2sx: reloaded", log)
         assert sorted(workers) == [str(i) for i in range(WORKERS)]
         # A worker's own settings (its stats port, no routes) are not changes.
