@@ -100,16 +100,30 @@ class ConfigSource:
     loaded: Settings
 
 
-def restart_needed(old: Settings, new: Settings) -> list[str]:
-    """One line per setting that differs and cannot change while serving."""
+def restart_needed(
+    old: Settings, new: Settings, started: Settings | None = None, running: Settings | None = None
+) -> list[str]:
+    """One line per setting that cannot change while serving and that `new`
+    changes from `old` (what was read last).
+
+    Args:
+        old: the settings read last.
+        new: the settings read now.
+        started: what was read at start (default `old`): a value back to
+            it needs no restart.
+        running: what runs (default `started`), the value the line names.
+    """
+    started = old if started is None else started
+    running = started if running is None else running
     lines = []
     for field in RESTART_FIELDS:
         before, after = getattr(old, field), getattr(new, field)
-        if before != after:
+        if before != after and after != getattr(started, field):
+            now = _shown(getattr(running, field))
             lines.append(
                 file_key_message(
                     f"{field}: changed from {_shown(before)} to {_shown(after)}; "
-                    f"takes a restart, running on with {_shown(before)}"
+                    f"takes a restart, running on with {now}"
                 )
             )
     return lines
@@ -280,7 +294,7 @@ class Reloader:
         """
         assert self._source is not None
         loaded = self._source.load(path)
-        kept = restart_needed(self._loaded, loaded)
+        kept = restart_needed(self._loaded, loaded, self._source.loaded, self.settings)
         # The restart-only settings keep their running values (a worker's
         # own stats port, say), so the rest is built as it would run.
         settings = attrs.evolve(

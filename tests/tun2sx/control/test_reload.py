@@ -177,6 +177,30 @@ def test_settings_that_need_a_restart_keep_their_value_with_one_line_each(
     assert caplog.records == []
 
 
+def test_a_restart_line_names_the_running_value_and_a_revert_needs_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, _ = _started(config)
+    _write(config, BASE.replace("mtu = 9000", "mtu = 1500"))
+    assert reloader.reload() is None
+    _write(config, BASE.replace("mtu = 9000", "mtu = 1280"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith(
+        "tun.mtu: changed from 1500 to 1280; takes a restart, running on with 9000"
+    )
+    # Back to what runs: nothing waits for a restart any more.
+    _write(config, BASE)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    assert caplog.records == []
+    assert reloader.settings.mtu == 9000
+
+
 def test_restart_needed_names_nothing_for_what_applies_at_once() -> None:
     old = Settings(tun="tun0")
     new = Settings(
