@@ -295,6 +295,20 @@ class ProxyGroup:
             return self._fastest
         return self._last_used
 
+    def carry_health(self, previous: ProxyGroup, members: Iterable[str]) -> None:
+        """Take what `previous` (this group as configured before a reload)
+        found of `members`: up or down, and the delays measured.
+
+        New flows then keep away from a proxy found down (and url-test
+        keeps the fastest) instead of trusting every member again until
+        this group's own first check. Members either group lacks are skipped.
+        """
+        for member in members:
+            if member in self._alive and member in previous._alive:
+                self._alive[member] = previous._alive[member]
+                self._history[member] = collections.deque(previous._history[member], maxlen=HISTORY)
+        self._retest()
+
     def select(self, member: str) -> None:
         """Make `member` the choice of a select group; flows in progress stay.
 

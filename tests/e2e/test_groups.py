@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -314,3 +315,72 @@ upstream = "{SERVER_ADDR}:5353"
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait()
+
+
+def test_after_reloads_one_set_of_health_checks_runs(grouped: Testbed) -> None:
+    """A reload replaces the groups' checks: a proxy going down is one log
+    line (and one round of probes), not one per configuration ever loaded."""
+    bed = grouped
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]')))
+    assert bed.proc is not None
+    for _ in range(2):
+        offset = len(bed.log())
+        bed.proc.send_signal(signal.SIGHUP)
+        wait_log(bed, "tun2sx: reloaded", offset, 15)
+    offset = len(bed.log())
+    bed.kill_dante()
+    wait_log(bed, "group main: dante is down", offset, INTERVAL + TIMEOUT + 5)
+    # Every set of checks still running has had a whole round by now.
+    time.sleep(INTERVAL + TIMEOUT + 1)
+    assert bed.log()[offset:].count("group main: dante is down") == 1
+    assert "Traceback" not in bed.log()
+
+
+TARPIT = f"""
+import socket, time
+sock = socket.socket()
+sock.bind(("{SERVER_ADDR}", 1090))
+sock.listen()  # connections complete in the backlog and hear nothing
+time.sleep(300)
+"""
+
+
+def test_after_a_reload_new_flows_keep_away_from_a_proxy_found_down(grouped: Testbed) -> None:
+    """The group built by a reload remembers what the checks found: it does
+    not send flows to a silent proxy again while its own first check waits."""
+    bed = grouped
+    tarpit = bed.server.spawn([sys.executable, "-c", TARPIT])
+    try:
+        bed.server.wait_listening(1090)
+        checks = f"""
+[groups.main]
+type = "fallback"
+members = ["silent", "micro"]
+url = "{CHECK_URL}"
+interval = 60
+timeout = 5
+
+[outbounds.silent]
+url = "socks5://{SERVER_ADDR}:1090"
+"""
+        start_on(bed, config(checks))
+        assert bed.proc is not None
+        # A reload while the first check of the silent proxy waits (5 s):
+        # that check ends with its routing, the new routing's finds it down.
+        bed.proc.send_signal(signal.SIGHUP)
+        wait_log(bed, "tun2sx: reloaded", 0, 4)
+        wait_log(bed, "group main: silent is down", 0, 15)
+        offset = len(bed.log())
+        bed.proc.send_signal(signal.SIGHUP)
+        wait_log(bed, "tun2sx: reloaded", offset, 15)
+        # Within the new group's first check of the silent proxy (5 s): sent
+        # there, the connect would wait for the proxy's answer until it gives up.
+        start = time.monotonic()
+        (flow,) = [c for c in held_flows(bed, "n1.test:7004") if c["port"] == 7004]
+        assert time.monotonic() - start < 4
+        assert flow["chain"] == ["micro", "main"]
+        log = bed.log()
+        assert log.count("group main: silent is down") == 1
+        assert "Traceback" not in log and "Cancelled" not in log
+    finally:
+        bed.lab.stop(tarpit)

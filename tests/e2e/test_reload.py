@@ -43,7 +43,11 @@ def _config(path: Path, default: str, *rules: str, extra: str = "") -> None:
     text = CONFIG.format(
         default=default, rules=", ".join(map(json.dumps, rules)), server=SERVER_ADDR, extra=extra
     )
-    path.write_text(text)
+    # Written whole and renamed into place, as an editor saves: a reload
+    # still reading the file never sees half of it.
+    part = path.with_suffix(".part")
+    part.write_text(text)
+    part.replace(path)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +189,17 @@ def test_workers_each_reload_on_the_parents_sighup() -> None:
     require("danted")
     with running_bed("t2sx-reloadw", _workers_bed, "--workers", str(WORKERS)) as bed:
         assert _whoami(bed, "n1.test") == {"connected": True}
-        _config(bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT")
-        log = _hup_and_wait(bed, "reloaded", times=WORKERS)
+        held = _Held(bed, "held-download", "big.test", 7003)
+        try:
+            held.wait_halfway()
+            _config(
+                bed.tmp / "reload.toml", "dante", "DOMAIN,n1.test,REJECT", "DST-PORT,7003,REJECT"
+            )
+            log = _hup_and_wait(bed, "reloaded", times=WORKERS)
+            # The transfer open in one of the workers runs on to its last byte.
+            assert held.finish() == {"received": SIZE, "equal": True}
+        finally:
+            held.kill()
         workers = re.findall(r"tun2sx\[(\d+)\]: tun2sx: reloaded", log)
         assert sorted(workers) == [str(i) for i in range(WORKERS)]
         # A worker's own settings (its stats port, no routes) are not changes.
@@ -196,3 +209,66 @@ def test_workers_each_reload_on_the_parents_sighup() -> None:
             assert _whoami(bed, "n1.test") == {"error": "ECONNREFUSED"}
         assert _whoami(bed, "n2.test") == {"connected": True}
         assert bed.proc is not None and bed.proc.poll() is None
+
+
+def test_flows_keep_an_outbound_the_new_file_removes(bed: Testbed) -> None:
+    config = bed.tmp / "reload.toml"
+    _config(config, "dante")
+    _hup_and_wait(bed, "reloaded")
+    held = [
+        _Held(bed, "held-upload", "echo.test", 7002),
+        _Held(bed, "held-download", "big.test", 7003),
+    ]
+    try:
+        for transfer in held:
+            transfer.wait_halfway()
+        config.write_text(
+            f'outbound = "micro"\n[outbounds.micro]\nurl = "socks5://{SERVER_ADDR}:1080"\n'
+        )
+        log = _hup_and_wait(bed, "reloaded")
+        assert "default micro" in log
+        results = [transfer.finish() for transfer in held]
+    finally:
+        for transfer in held:
+            transfer.kill()
+    assert results == [{"sent": SIZE, "equal": True}, {"received": SIZE, "equal": True}]
+    assert _whoami(bed, "n1.test") == {"connected": True}
+    assert "Traceback" not in bed.log()
+    assert bed.proc is not None and bed.proc.poll() is None
+
+
+def test_two_reloads_in_quick_succession_end_on_the_last_file(bed: Testbed) -> None:
+    config = bed.tmp / "reload.toml"
+    assert bed.proc is not None
+    offset = bed.log_path.stat().st_size
+    _config(config, "micro", "DOMAIN,n1.test,REJECT")
+    bed.proc.send_signal(signal.SIGHUP)
+    _config(config, "micro", "DOMAIN,n2.test,REJECT")
+    bed.proc.send_signal(signal.SIGHUP)
+    # Two signals this close may arrive as one; either way the file read
+    # last is the second.
+    deadline = time.monotonic() + 15
+    while _whoami(bed, "n2.test") != {"error": "ECONNREFUSED"}:
+        assert time.monotonic() < deadline, "the second file never applied"
+    assert _whoami(bed, "n1.test") == {"connected": True}
+    log = bed.log_path.read_bytes()[offset:].decode(errors="replace")
+    assert "reload refused" not in log
+    assert "Traceback" not in log, log
+
+
+def test_a_new_fake_ip_filter_applies_to_the_next_query(bed: Testbed) -> None:
+    config = bed.tmp / "reload.toml"
+
+    def answer(name: str) -> str:
+        argv = ["dig", "+short", "+time=3", "+tries=1", name, "A"]
+        return bed.client_run(argv).stdout.strip()
+
+    _config(config, "micro")
+    _hup_and_wait(bed, "reloaded")
+    assert answer("a.real.test").startswith("198.1")  # a fake IP
+    _config(config, "micro", extra='[dns]\nfake_ip_filter = ["+.real.test"]\n')
+    log = _hup_and_wait(bed, "reloaded")
+    assert "restart" not in log
+    # Resolved for real now: the test upstream knows no address for it.
+    assert answer("b.real.test") == ""
+    assert answer("c.fake.test").startswith("198.1")

@@ -454,6 +454,22 @@ async def test_url_test_switches_only_beyond_the_tolerance(
     assert chain == ("a", "g")
 
 
+async def test_a_group_built_again_carries_what_the_checks_found(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, b, c = FakeProxy("a", delay=0.120), FakeProxy("b", delay=0.040), FakeProxy("c")
+    before = group("url-test", "a", "b", "c", a=a, b=b, c=c)
+    c.state = "down"
+    await before.check_all()
+    assert before.now() == "b"
+    after = group("url-test", "a", "b", "c", a=a, b=b, c=c)
+    assert after.now() == "a"  # a new group trusts every member
+    after.carry_health(before, ["a", "b"])
+    assert after.now() == "b"
+    assert after.delays("b") == before.delays("b")
+    assert (after.alive("c"), after.delays("c")) == (True, [])  # not carried
+
+
 async def test_url_test_with_every_member_down_takes_the_first() -> None:
     g = group("url-test", "a", "b")
     for member in g.members:

@@ -406,9 +406,16 @@ def load_config(
 
     try:
         with open(path, "rb") as file:
-            data = tomllib.load(file)
+            raw = file.read()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (line {line})") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

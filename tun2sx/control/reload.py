@@ -15,24 +15,30 @@ its running value, and one log line per key says it needs a restart. A file
 that does not load is refused with its one-line error, and nothing changes.
 
 A routing's tasks (`Routing.tasks`: a proxy group's health checks) run in
-a cancel scope of their own. The replaced routing's are cancelled, and its
-outbounds that hold resources (an object with `aclose`) closed, once no
-flow can still use them: after the old connect and UDP set-up time-outs,
-by which every flow the old router chose has connected or failed, and once
-every flow open at that moment has ended. A select group keeps the member
-chosen in it (by a dashboard, say) when the new file still has the group
-and the member.
+a cancel scope of their own, which a reload cancels at once: the new
+routing's groups check the same proxies, and two sets of checks would probe
+each proxy twice and log each change twice (once per configuration loaded
+while a long flow stays open). A flow still connecting through an old
+group picks from its last results. The replaced routing's outbounds that
+hold resources (an object with `aclose`) are closed once no flow can still
+use them: after the old connect and UDP set-up time-outs, by which every
+flow the old router chose has connected or failed, and once every flow
+open at that moment has ended. A select group keeps the member chosen in
+it (by a dashboard, say) when the new file still has the group and the
+member, and every group keeps what its checks found of the members whose
+proxy did not change, so new flows keep away from one found down.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 import trio
 
+from outbounds.group import ProxyGroup
 from tun2sx.control.app import (
     ConfigError,
     Routing,
@@ -94,16 +100,30 @@ class ConfigSource:
     loaded: Settings
 
 
-def restart_needed(old: Settings, new: Settings) -> list[str]:
-    """One line per setting that differs and cannot change while serving."""
+def restart_needed(
+    old: Settings, new: Settings, started: Settings | None = None, running: Settings | None = None
+) -> list[str]:
+    """One line per setting that cannot change while serving and that `new`
+    changes from `old` (what was read last).
+
+    Args:
+        old: the settings read last.
+        new: the settings read now.
+        started: what was read at start (default `old`): a value back to
+            it needs no restart.
+        running: what runs (default `started`), the value the line names.
+    """
+    started = old if started is None else started
+    running = started if running is None else running
     lines = []
     for field in RESTART_FIELDS:
         before, after = getattr(old, field), getattr(new, field)
-        if before != after:
+        if before != after and after != getattr(started, field):
+            now = _shown(getattr(running, field))
             lines.append(
                 file_key_message(
                     f"{field}: changed from {_shown(before)} to {_shown(after)}; "
-                    f"takes a restart, running on with {_shown(before)}"
+                    f"takes a restart, running on with {now}"
                 )
             )
     return lines
@@ -139,6 +159,28 @@ def carry_selections(old: Router, new: Router) -> None:
         chosen = before.now()
         if chosen in group.members:  # type: ignore[attr-defined]
             group.select(chosen)  # type: ignore[attr-defined]
+
+
+def changed_outbounds(old: Settings, new: Settings) -> set[str]:
+    """The names of outbounds and groups the new settings define otherwise
+    (another URL, other members or checks) or newly."""
+    before = {**dict(old.outbounds), **{spec.name: spec for spec in old.groups}}
+    after = {**dict(new.outbounds), **{spec.name: spec for spec in new.groups}}
+    return {name for name, value in after.items() if before.get(name) != value}
+
+
+def carry_health(old: Router, new: Router, changed: Collection[str]) -> None:
+    """Give each proxy group of `new` what the group of the same name in
+    `old` found of its members, except those `changed` names (a proxy
+    whose address was fixed is worth trying again at once). A group whose
+    check URL changed starts afresh: its delays would not compare."""
+    for name, group in new.outbounds.items():
+        before = old.outbounds.get(name)
+        if not isinstance(group, ProxyGroup) or not isinstance(before, ProxyGroup):
+            continue
+        if before is group or before.spec.url != group.spec.url:
+            continue
+        group.carry_health(before, [m for m in group.members if m not in changed])
 
 
 _NO_SOURCE = "started without a config file; there is nothing to read again"
@@ -252,7 +294,7 @@ class Reloader:
         """
         assert self._source is not None
         loaded = self._source.load(path)
-        kept = restart_needed(self._loaded, loaded)
+        kept = restart_needed(self._loaded, loaded, self._source.loaded, self.settings)
         # The restart-only settings keep their running values (a worker's
         # own stats port, say), so the rest is built as it would run.
         settings = attrs.evolve(
@@ -264,6 +306,8 @@ class Reloader:
     def _commit(self, prepared: _Prepared, path: str | None) -> None:
         routing = prepared.routing
         carry_selections(self.routing.router, routing.router)
+        changed = changed_outbounds(self.settings, prepared.settings)
+        carry_health(self.routing.router, routing.router, changed)
         for line in prepared.kept:
             log.warning("tun2sx: reload: %s", line)
         self._apply(prepared.settings, routing)
@@ -292,6 +336,9 @@ class Reloader:
             engine.dns.set_filter(FakeIpFilter(settings.fake_ip_filter))
         self.routing, self.settings = routing, settings
         self._retiring.append(old)
+        scope = self._scopes.pop(id(old), None)
+        if scope is not None:
+            scope.cancel()
         if self._nursery is not None:
             self._nursery.start_soon(self._run_tasks, routing)
             # Until both time-outs have passed, a flow the old router chose
@@ -311,7 +358,8 @@ class Reloader:
 
     async def _run_tasks(self, routing: Routing) -> None:
         tasks = routing.tasks()
-        if not tasks:
+        if not tasks or routing is not self.routing:
+            # Replaced again before its checks started.
             return
         with trio.CancelScope() as scope:
             self._scopes[id(routing)] = scope

@@ -201,6 +201,10 @@ def test_the_service_unit_runs_with_two_capabilities_and_reloads_with_sighup(
     assert "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW" in lines
     assert {"NoNewPrivileges=yes", "StateDirectory=tun2sx", "Restart=on-failure"} <= lines
     assert "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    # A reload sent while tun2sx is still starting (before it handles
+    # SIGHUP) ends it by that signal, which systemd takes for a clean exit:
+    # the unit must start it again, on the file the reload meant.
+    assert "RestartForceExitStatus=SIGHUP" in lines
     start = next(line for line in lines if line.startswith("ExecStart="))
     assert start.endswith(" --config /etc/tun2sx/config.toml")
 

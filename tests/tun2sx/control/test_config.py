@@ -207,6 +207,17 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # A file saved in Latin-1, or a binary copied by mistake.
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'outbound = "DIRECT"\n# caf\xe9\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: not valid TOML: not UTF-8 text")
+    assert "line 2" in message and "\n" not in message
+
+
 # -- the CLI over a file -------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from outbounds.base import Destination
+from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.group import GroupSpec, ProxyGroup
 from outbounds.resolver import DirectResolver, build_query
 from tun2sx.control.app import Routing, Settings, serve
@@ -109,6 +109,7 @@ def test_a_bad_file_is_refused_with_one_line_and_the_running_config_stays(
     ("text", "key"),
     [
         ("this is not toml", "not valid TOML"),
+        (BASE.replace("fake_ip_db", "# caf\xe9\nfake_ip_db"), "not UTF-8"),
         (BASE.replace("interval = 0", "interval = 0\nlisten = 5"), "stats.listen: expected"),
         (BASE.replace('url = "socks5://127.0.0.1:1081"', 'url = "gopher://x"'), "other.url"),
     ],
@@ -117,7 +118,7 @@ def test_every_kind_of_bad_file_is_refused(tmp_path: Path, text: str, key: str) 
     config = _write(tmp_path / "c.toml", BASE)
     _, reloader, engine = _started(config)
     router = engine.router
-    _write(config, text)
+    config.write_bytes(text.encode("latin-1"))
     error = reloader.reload()
     assert error is not None and key in error
     assert engine.router is router
@@ -174,6 +175,30 @@ def test_settings_that_need_a_restart_keep_their_value_with_one_line_each(
     with caplog.at_level(logging.WARNING, logger="tun2sx"):
         assert reloader.reload() is None
     assert caplog.records == []
+
+
+def test_a_restart_line_names_the_running_value_and_a_revert_needs_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, _ = _started(config)
+    _write(config, BASE.replace("mtu = 9000", "mtu = 1500"))
+    assert reloader.reload() is None
+    _write(config, BASE.replace("mtu = 9000", "mtu = 1280"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith(
+        "tun.mtu: changed from 1500 to 1280; takes a restart, running on with 9000"
+    )
+    # Back to what runs: nothing waits for a restart any more.
+    _write(config, BASE)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    assert caplog.records == []
+    assert reloader.settings.mtu == 9000
 
 
 def test_restart_needed_names_nothing_for_what_applies_at_once() -> None:
@@ -339,7 +364,7 @@ def _checked() -> Routing:
     return Routing(Router(group, outbounds={"g": group, "h": group}), DirectResolver([]))
 
 
-async def test_a_routings_health_checks_run_until_it_is_retired(
+async def test_a_reload_replaces_the_health_checks_at_once(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _write(tmp_path / "c.toml", BASE)
@@ -360,10 +385,31 @@ async def test_a_routings_health_checks_run_until_it_is_retired(
         assert reloader.reload() is None
         await trio.testing.wait_all_tasks_blocked()
         new_group = reloader.routing.router.outbounds["g"]
-        assert running == [first_group, new_group]
-        engine.flows.clear()
-        await trio.sleep(120)
+        # The open flow holds its outbound, not the old group's checks: the
+        # new group checks the same proxies, once.
         assert running == [new_group]
+        nursery.cancel_scope.cancel()
+    assert running == []
+
+
+async def test_two_reloads_at_once_leave_the_last_ones_checks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    args = build_parser().parse_args(["--config", str(config)])
+    settings = settings_from_args(args)
+    import tun2sx.control.reload as reload_module
+
+    monkeypatch.setattr(reload_module, "open_routing", lambda settings, protect: _checked())
+    reloader = Reloader(_engine(Router(None)), settings, reload_source(args, settings), _checked())  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reloader.run)
+        # No checkpoint between them: the second comes before the first's
+        # checks have started.
+        assert reloader.reload() is None
+        assert reloader.reload() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert running == [reloader.routing.router.outbounds["g"]]
         nursery.cancel_scope.cancel()
     assert running == []
 
@@ -454,3 +500,46 @@ async def test_areload_refuses_a_bad_file(tmp_path: Path) -> None:
     error = await reloader.areload()
     assert error is not None and "rules[0]" in error
     assert engine.router is router
+
+
+GROUPED = (
+    BASE.replace('outbound = "proxy"', 'outbound = "auto"')
+    + """
+[groups.auto]
+type = "fallback"
+members = ["proxy", "other"]
+url = "http://192.0.2.1/"
+"""
+)
+
+
+def test_a_group_keeps_what_its_checks_found_for_unchanged_members(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", GROUPED)
+    _, reloader, engine = _started(config)
+    old: ProxyGroup = engine.router.outbounds["auto"]
+    old.connect_failed(
+        "proxy", OutboundError(FailureReply.HOST_UNREACHABLE, "x", proxy_failed=True)
+    )
+    assert old.now() == "other"
+    # A rule changes; the group and its proxies do not: new flows must not
+    # go back to the proxy found down until the new group's first check.
+    _write(config, GROUPED.replace("blocked.test", "blocked2.test"))
+    assert reloader.reload() is None
+    new: ProxyGroup = engine.router.outbounds["auto"]
+    assert new is not old
+    assert (new.alive("proxy"), new.now()) == (False, "other")
+    assert new.delays("proxy") == old.delays("proxy")
+
+
+def test_a_member_whose_proxy_changed_starts_afresh(tmp_path: Path) -> None:
+    config = _write(tmp_path / "c.toml", GROUPED)
+    _, reloader, engine = _started(config)
+    old: ProxyGroup = engine.router.outbounds["auto"]
+    old.connect_failed(
+        "proxy", OutboundError(FailureReply.HOST_UNREACHABLE, "x", proxy_failed=True)
+    )
+    # The dead proxy's address was fixed: it is worth trying again at once.
+    _write(config, GROUPED.replace("127.0.0.1:1080", "127.0.0.2:1080"))
+    assert reloader.reload() is None
+    new: ProxyGroup = engine.router.outbounds["auto"]
+    assert (new.alive("proxy"), new.now()) == (True, "proxy")
