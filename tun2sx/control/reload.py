@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -77,7 +77,10 @@ RESTART_FIELDS = (
     "workers",
     "auto_route",
     "fwmark",
+    "secret",
 )
+# Values a log line must never show.
+_SECRET_FIELDS = frozenset({"secret"})
 # How often a retiring routing checks whether its last flows have ended.
 _RETIRE_POLL = 5.0
 # How long closing the outbounds may take when tun2sx stops.
@@ -119,6 +122,13 @@ def restart_needed(
     for field in RESTART_FIELDS:
         before, after = getattr(old, field), getattr(new, field)
         if before != after and after != getattr(started, field):
+            if field in _SECRET_FIELDS:
+                lines.append(
+                    file_key_message(
+                        f"{field}: changed; takes a restart, running on with the old one"
+                    )
+                )
+                continue
             now = _shown(getattr(running, field))
             lines.append(
                 file_key_message(
@@ -153,12 +163,14 @@ def carry_selections(old: Router, new: Router) -> None:
     """Select in each select group of `new` the member chosen in the group of
     the same name in `old`, when it still has that member."""
     for name, group in new.outbounds.items():
-        before: Any = old.outbounds.get(name)
-        if getattr(group, "kind", None) != "select" or getattr(before, "kind", None) != "select":
+        before = old.outbounds.get(name)
+        if not (isinstance(group, ProxyGroup) and isinstance(before, ProxyGroup)):
+            continue
+        if group.kind != "select" or before.kind != "select":
             continue
         chosen = before.now()
-        if chosen in group.members:  # type: ignore[attr-defined]
-            group.select(chosen)  # type: ignore[attr-defined]
+        if chosen in group.members:
+            group.select(chosen)
 
 
 def changed_outbounds(old: Settings, new: Settings) -> set[str]:

@@ -201,6 +201,22 @@ def test_a_restart_line_names_the_running_value_and_a_revert_needs_none(
     assert reloader.settings.mtu == 9000
 
 
+def test_a_changed_secret_takes_a_restart_and_is_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(
+        tmp_path / "c.toml", BASE.replace("interval = 0", 'interval = 0\nsecret = "OldToken1"')
+    )
+    _, reloader, _ = _started(config)
+    _write(config, BASE.replace("interval = 0", 'interval = 0\nsecret = "NewToken2"'))
+    with caplog.at_level(logging.WARNING, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "stats.secret: changed; takes a restart" in line
+    assert "Token" not in caplog.text
+    assert reloader.settings.secret == "OldToken1"
+
+
 def test_restart_needed_names_nothing_for_what_applies_at_once() -> None:
     old = Settings(tun="tun0")
     new = Settings(
@@ -414,33 +430,19 @@ async def test_two_reloads_at_once_leave_the_last_ones_checks(
     assert running == []
 
 
-class _Select:
-    """A select group as the proxy groups' contract describes it."""
-
-    kind = "select"
-
-    def __init__(self, *members: str) -> None:
-        self.members = members
-        self.chosen = members[0]
-        self.name = "g"
-
-    def now(self) -> str:
-        return self.chosen
-
-    def select(self, member: str) -> None:
-        if member not in self.members:
-            raise ValueError(member)
-        self.chosen = member
+def _select(*members: str) -> ProxyGroup:
+    """A select group over REJECT-like members (never dialled here)."""
+    return ProxyGroup(GroupSpec("g", "select", members), dict.fromkeys(members))
 
 
 def test_a_select_group_keeps_its_choice_when_the_member_is_still_there() -> None:
     from tun2sx.control.reload import carry_selections
 
-    old = _Select("a", "b", "c")
+    old = _select("a", "b", "c")
     old.select("b")
-    kept, gone, other = _Select("a", "b"), _Select("a", "c"), _Select("a", "b")
-    before = Router(None, outbounds={"g": old, "h": old})  # type: ignore[dict-item]
-    after = Router(None, outbounds={"g": kept, "h": gone, "i": other})  # type: ignore[dict-item]
+    kept, gone, other = _select("a", "b"), _select("a", "c"), _select("a", "b")
+    before = Router(None, outbounds={"g": old, "h": old})
+    after = Router(None, outbounds={"g": kept, "h": gone, "i": other})
     carry_selections(before, after)
     assert (kept.now(), gone.now(), other.now()) == ("b", "a", "a")
 
