@@ -228,7 +228,9 @@ class Sender:
         stands for it.
         """
         mss2 = 2 * self._mss
-        self._skip_growth += min(ack - max(self.una, self._skipped_to), mss2)
+        una, skipped_to = self.una, self._skipped_to
+        grow = ack - (una if una > skipped_to else skipped_to)
+        self._skip_growth += grow if grow < mss2 else mss2  # no min/max calls per ACK
         self._skipped_to = ack
         window = hdr.window << self._wscale
         if window > self.max_wnd:
@@ -614,7 +616,9 @@ class Sender:
         elif limit is None or limit > self.max:
             limit = self.max
         avail = data_end - start
-        n = min(mss, max(avail, 0))
+        # min(mss, max(avail, 0)) without the two calls (once per segment).
+        n = avail if avail > 0 else 0
+        n = n if n < mss else mss
         if limit is not None:
             n = min(n, limit - start)
         elif n:
