@@ -39,7 +39,7 @@ from stack.tcp.sndbuf import SendBuffer
 from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeout
 from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
 
-SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
+SegmentList = list[tuple[TcpHeader, bytes | bytearray | memoryview]]
 # NamedTuple's __new__ is a Python function: one Segment per segment sent.
 _tuple_new = tuple.__new__
 

@@ -83,11 +83,11 @@ class SendBuffer:
             del self._chunks[:k]
             del self._starts[:k]
 
-    def payload(self, start: int, length: int) -> bytes:
+    def payload(self, start: int, length: int) -> bytes | memoryview:
         """Return `length` octets from position `start` (all queued, not released).
 
-        One copy, the slice of the chunk that holds them; a segment that
-        spans chunks is joined from their slices.
+        A read-only view of the chunk that holds them, no copy; a segment
+        that spans chunks is joined from their slices (one copy).
         """
         if length <= 0:
             return b""  # a FIN alone (the tail loss probe asks for it so)
@@ -97,7 +97,9 @@ class SendBuffer:
         offset = start - starts[i]
         stop = offset + length
         if stop <= len(chunk):
-            return chunk[offset:stop]
+            # A view: the chunk is immutable, and the packet builder copies
+            # it behind the header anyway (one copy instead of two).
+            return memoryview(chunk)[offset:stop]
         parts = [chunk[offset:]]
         need = stop - len(chunk)
         while need > 0:
