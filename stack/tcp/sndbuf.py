@@ -38,7 +38,8 @@ class SendBuffer:
     __slots__ = ("_cap", "_chunks", "_starts", "end", "start")
 
     def __init__(self, capacity: int) -> None:
-        self._chunks: list[bytes] = []
+        # Read-only views of immutable bytes: a segment's payload is a slice.
+        self._chunks: list[memoryview] = []
         self._starts: list[int] = []  # the position of each chunk's first octet
         self._cap = capacity
         self.start = 1
@@ -59,9 +60,9 @@ class SendBuffer:
         chunk = data[:n] if type(data) is bytes else bytes(data[:n])
         chunks = self._chunks
         if n < _JOIN_BELOW and chunks and len(chunks[-1]) < _JOIN_BELOW:
-            chunks[-1] += chunk
+            chunks[-1] = memoryview(chunks[-1].tobytes() + chunk)
         else:
-            chunks.append(chunk)
+            chunks.append(memoryview(chunk))
             self._starts.append(self.end)
         self.end += n
         return n
@@ -99,7 +100,7 @@ class SendBuffer:
         if stop <= len(chunk):
             # A view: the chunk is immutable, and the packet builder copies
             # it behind the header anyway (one copy instead of two).
-            return memoryview(chunk)[offset:stop]
+            return chunk[offset:stop]
         parts = [chunk[offset:]]
         need = stop - len(chunk)
         while need > 0:
