@@ -378,11 +378,14 @@ class NetStack:
         templates = self._templates
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
+        last_key = None
         for key, hdr, payload in self.tcp.segments_to_send(now):
-            pair = (key.remote_addr, key.app_addr)
-            template = templates.get(pair)
-            if template is None:
-                template = self._template(pair)
+            if key is not last_key:
+                # A connection's segments come together, with one key object.
+                last_key = key
+                pair = (key.remote_addr, key.app_addr)
+                found = templates.get(pair)
+                template = self._template(pair) if found is None else found
             packet = template.build(hdr, payload)
             if gso and len(payload) > _MIN_MSS:
                 conn = connections.get(key)

@@ -261,16 +261,6 @@ class TcpConnection:
 
     # ------------------------------------------------------------------ input
 
-    def segment_received(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
-        """Process one segment from the application.
-
-        Args:
-            hdr: the parsed header (checksum already verified).
-            payload: the segment's data.
-            now: the current time in seconds.
-        """
-        self._input(hdr, payload, now)
-
     def acks_received(self, hdrs: Sequence[TcpHeader], now: float) -> None:
         """Process segments without data that arrived together, in order.
 
@@ -295,7 +285,7 @@ class TcpConnection:
         for i, hdr in enumerate(hdrs):
             if i < last and self._superseded(hdr, hdrs[i + 1], now):
                 continue
-            self._input(hdr, b"", now)
+            self.segment_received(hdr, b"", now)
 
     def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
         """Return True (and count `hdr`) if `later` does all that `hdr` would."""
@@ -341,7 +331,14 @@ class TcpConnection:
         n.acks_coalesced += 1
         return True
 
-    def _input(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
+    def segment_received(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
+        """Process one segment from the application.
+
+        Args:
+            hdr: the parsed header (checksum already verified).
+            payload: the segment's data.
+            now: the current time in seconds.
+        """
         state = self._state
         if state is _CLOSED:
             return

@@ -90,7 +90,7 @@ class TcpDemux:
         # The deadline each connection's live heap entry is for.
         self._scheduled: dict[TcpConnection, float] = {}
         self._tiebreak = itertools.count()
-        self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray]] = []
+        self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]] = []
         self._counters = {
             "connection_requests": 0,
             "resets_sent": 0,
@@ -234,7 +234,9 @@ class TcpDemux:
         self._evicted = []
         return evicted
 
-    def segments_to_send(self, now: float) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray]]:
+    def segments_to_send(
+        self, now: float
+    ) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]]:
         """Return every segment due now, from all connections and the demux."""
         out = self._rsts
         self._rsts = []

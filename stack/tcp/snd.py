@@ -39,7 +39,7 @@ from stack.tcp.sndbuf import SendBuffer
 from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeout
 from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
 
-SegmentList = list[tuple[TcpHeader, bytes | bytearray]]
+SegmentList = list[tuple[TcpHeader, bytes | bytearray | memoryview]]
 # NamedTuple's __new__ is a Python function: one Segment per segment sent.
 _tuple_new = tuple.__new__
 
@@ -228,7 +228,9 @@ class Sender:
         stands for it.
         """
         mss2 = 2 * self._mss
-        self._skip_growth += min(ack - max(self.una, self._skipped_to), mss2)
+        una, skipped_to = self.una, self._skipped_to
+        grow = ack - (una if una > skipped_to else skipped_to)
+        self._skip_growth += grow if grow < mss2 else mss2  # no min/max calls per ACK
         self._skipped_to = ack
         window = hdr.window << self._wscale
         if window > self.max_wnd:
@@ -474,6 +476,8 @@ class Sender:
             # less, which the runtime passes on with the packet).
             mss, wire_mss = gso, mss
         mss -= writer.sack_len
+        if not wire_mss:
+            self._full_run(now, writer, mss, out)
         while True:
             seg = self.next_segment(mss, wire_mss)
             if seg is None:
@@ -537,6 +541,48 @@ class Sender:
             # the current window and touches no data.
             self.probe_due = False
             out.append((header(self.una - 1, ACK), b""))
+
+    def _full_run(self, now: float, writer: HeaderWriter, mss: int, out: SegmentList) -> None:
+        """Append the run of full-sized new segments that `next_segment` would choose.
+
+        The bulk of a download without offload: outside recovery, with
+        nothing to resend, nothing SACKed and no FIN queued, each full
+        segment takes `mss` from the congestion budget, the peer's window
+        and the queued data alike, so the run's length is known before it
+        starts and each segment needs no choosing. The same segments,
+        flags, records and timers as one by one; the loop in `output` goes
+        on from where the run ends (a shorter last segment, a FIN, a sliver
+        of window).
+        """
+        cc = self._cc
+        start = self.nxt
+        una = self.una
+        flight = start - una - cc.dup_credit  # the pipe, while it is not clamped at 0
+        data_end = self._buf.end
+        if cc.in_recovery or start != self.max or self.fin_at is not None or self._sb or flight < 0:
+            return
+        room = min(cc.cwnd - flight, una + self.wnd - start, data_end - start)
+        stop = start + room - room % mss if room >= mss else start
+        if stop == start:
+            return
+        header = writer.header
+        payload = self._buf.payload
+        rack_sent = self._rack.sent if self._sack else None
+        pos = start
+        while pos < stop:
+            end = pos + mss
+            out.append((header(pos, ACK | PSH if end == data_end else ACK), payload(pos, mss)))
+            if rack_sent is not None:
+                rack_sent(end, now)
+            pos = end
+        self.nxt = self.max = stop
+        self._n.bytes_out += stop - start
+        if self._rtt_seq is None and not self._ts:
+            self._rtt_seq = start + mss
+            self._rtt_time = now
+        t = self._timers
+        if t.rto is None:
+            t.rto = now + self._rtt.rto()
 
     def _tail_loss_probe(self, writer: HeaderWriter, out: SegmentList) -> None:
         """Resend the last packet of the flight (RFC 8985 section 7.3).
@@ -614,7 +660,9 @@ class Sender:
         elif limit is None or limit > self.max:
             limit = self.max
         avail = data_end - start
-        n = min(mss, max(avail, 0))
+        # min(mss, max(avail, 0)) without the two calls (once per segment).
+        n = avail if avail > 0 else 0
+        n = n if n < mss else mss
         if limit is not None:
             n = min(n, limit - start)
         elif n:

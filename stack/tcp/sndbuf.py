@@ -7,11 +7,24 @@ bytes of a segment, and to forget what the peer acknowledged. Kept apart
 (as smoltcp's socket keeps its `tx_buffer`) so the sender's logic reads
 positions, not buffer offsets.
 
-Acknowledged octets are cut from the front of one bytearray, which CPython
-does without moving the rest.
+The octets are kept as the immutable chunks the runtime queued (a `bytes`
+read from the outbound is kept as it is, not copied), each with the
+position of its first octet. One bytearray, appended at the end and cut at
+the front, was copied whole by CPython whenever it shrank below half its
+allocation and grew again: at 512 KB, tens of µs several times per round
+trip of a download. Small writes are joined into the last chunk up to
+`_JOIN_BELOW`, so an application writing a byte at a time does not make a
+segment a join of a thousand pieces.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
+
+# Chunks shorter than this take the next small write into them (one copy of
+# at most this much), so at most `capacity / _JOIN_BELOW` chunks are held
+# besides the large ones.
+_JOIN_BELOW = 4096
 
 
 class SendBuffer:
@@ -22,39 +35,77 @@ class SendBuffer:
         end: position after the last queued octet.
     """
 
-    __slots__ = ("_cap", "_data", "end", "start")
+    __slots__ = ("_cap", "_chunks", "_starts", "end", "start")
 
     def __init__(self, capacity: int) -> None:
-        self._data = bytearray()
+        # Read-only views of immutable bytes: a segment's payload is a slice.
+        self._chunks: list[memoryview] = []
+        self._starts: list[int] = []  # the position of each chunk's first octet
         self._cap = capacity
         self.start = 1
         self.end = 1
 
     def space(self) -> int:
         """Return how many bytes `queue` would accept now."""
-        return max(0, self._cap - len(self._data))
+        free = self._cap - (self.end - self.start)
+        return free if free > 0 else 0
 
     def queue(self, data: bytes | memoryview) -> int:
         """Append as much of `data` as fits; return the count."""
-        n = min(len(data), self._cap - len(self._data))
-        if n > 0:
-            self._data += data[:n]
-            self.end += n
-            return n
-        return 0
+        n = min(len(data), self._cap - (self.end - self.start))
+        if n <= 0:
+            return 0
+        # A whole `bytes` is kept as it is (its slice [:n] is itself); anything
+        # else is copied, since its owner may change it.
+        chunk = data[:n] if type(data) is bytes else bytes(data[:n])
+        chunks = self._chunks
+        if n < _JOIN_BELOW and chunks and len(chunks[-1]) < _JOIN_BELOW:
+            chunks[-1] = memoryview(chunks[-1].tobytes() + chunk)
+        else:
+            chunks.append(memoryview(chunk))
+            self._starts.append(self.end)
+        self.end += n
+        return n
 
     def release(self, upto: int) -> None:
         """Forget every octet below position `upto` (the peer has them)."""
-        cut = min(upto, self.end) - self.start
-        if cut > 0:
-            del self._data[:cut]
-            self.start += cut
+        cut = min(upto, self.end)
+        if cut <= self.start:
+            return
+        self.start = cut
+        if cut == self.end:
+            self._chunks.clear()
+            self._starts.clear()
+            return
+        # The chunk holding position `cut` stays (its head is never asked
+        # for again); every chunk before it goes.
+        k = bisect_right(self._starts, cut) - 1
+        if k:
+            del self._chunks[:k]
+            del self._starts[:k]
 
-    def payload(self, start: int, length: int) -> bytearray:
-        """Return `length` octets from position `start`.
+    def payload(self, start: int, length: int) -> bytes | memoryview:
+        """Return `length` octets from position `start` (all queued, not released).
 
-        A bytearray slice: one copy (a `bytes()` around it made a second one
-        of up to 64 KB per segment).
+        A read-only view of the chunk that holds them, no copy; a segment
+        that spans chunks is joined from their slices (one copy).
         """
-        offset = start - self.start
-        return self._data[offset : offset + length]
+        if length <= 0:
+            return b""  # a FIN alone (the tail loss probe asks for it so)
+        starts, chunks = self._starts, self._chunks
+        i = bisect_right(starts, start) - 1
+        chunk = chunks[i]
+        offset = start - starts[i]
+        stop = offset + length
+        if stop <= len(chunk):
+            # A view: the chunk is immutable, and the packet builder copies
+            # it behind the header anyway (one copy instead of two).
+            return chunk[offset:stop]
+        parts = [chunk[offset:]]
+        need = stop - len(chunk)
+        while need > 0:
+            i += 1
+            chunk = chunks[i]
+            parts.append(chunk[:need])
+            need -= len(chunk)
+        return b"".join(parts)

@@ -52,8 +52,6 @@ class Stimulus(enum.Enum):
     TIME_WAIT_EXPIRED = enum.auto()
     RESET = enum.auto()  # RST received, abort(), or a timer gave up
 
-    __hash__ = object.__hash__  # as TcpState's
-
 
 _S = TcpState
 _E = Stimulus
