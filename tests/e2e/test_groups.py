@@ -304,3 +304,68 @@ upstream = "{SERVER_ADDR}:5353"
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait()
+
+
+# --- UDP through groups ---------------------------------------------------------------
+
+
+DEAD_PROXY = f"socks5://{SERVER_ADDR}:1099"  # nothing listens there
+
+
+def udp_flows(bed: Testbed) -> list[dict[str, object]]:
+    """The UDP sessions tun2sx holds (each lives `udp_timeout` after its last datagram)."""
+    return [c for c in connections(bed) if c["network"] == "udp"]
+
+
+def test_udp_through_nested_groups_reaches_dantes_udp_associate(grouped: Testbed) -> None:
+    bed = grouped
+    # `main` falls back from a proxy that is not there to `inner`, a select
+    # group whose first member, Dante, carries UDP (microsocks does not).
+    start_on(
+        bed,
+        config(
+            group("main", "fallback", '["dead", "inner"]')
+            + group("inner", "select", '["dante", "micro"]')
+        ).replace("[stats]", f'[outbounds.dead]\nurl = "{DEAD_PROXY}"\n\n[stats]'),
+    )
+    assert bed.client_tool("udp", "echo.test", 7001, 20)["echoed"] == 20
+    (flow,) = udp_flows(bed)
+    assert (flow["host"], flow["port"]) == ("echo.test", 7001)
+    assert flow["chain"] == ["dante", "inner", "main"]
+
+
+def test_udp_flow_through_a_dead_member_moves_the_next_one(grouped: Testbed) -> None:
+    bed = grouped
+    # Checks every ten minutes, the first before any flow: only then is
+    # Dante killed, so only the failing UDP flow can tell.
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]', interval=600)))
+    assert bed.client_tool("udp", "echo.test", 7001, 3)["echoed"] == 3
+    offset = len(bed.log())
+    bed.kill_dante()
+    # The UDP flow through the dead Dante fails as a real network would.
+    assert bed.client_tool("udp", "echo.test", 7001, 1) == {"error": "ECONNREFUSED"}
+    log = bed.log()[offset:]
+    assert "group main: dante is down" in log
+    assert "Traceback" not in log
+    # TCP flows now take microsocks without a failed connect of their own.
+    assert echo_flow(bed)["chain"] == ["micro", "main"]
+
+
+@pytest.mark.parametrize(
+    ("member", "error"), [("REJECT", "EHOSTUNREACH"), ("micro", "ECONNREFUSED")]
+)
+def test_udp_through_a_member_that_carries_none_is_refused_in_one_line(
+    grouped: Testbed, member: str, error: str
+) -> None:
+    bed = grouped
+    start_on(bed, config(group("main", "select", f'["{member}", "dante"]')))
+    before = len(bed.log())
+    assert bed.client_tool("udp", "echo.test", 7001, 1) == {"error": error}
+    log = bed.log()[before:]
+    assert "Traceback" not in log
+    if member == "micro":
+        # microsocks refuses UDP ASSOCIATE: that is no failure of the proxy,
+        # which stays up for TCP.
+        assert "does not offer UDP ASSOCIATE" in log
+        assert "is down" not in log
+        assert echo_flow(bed)["chain"] == ["micro", "main"]
