@@ -127,7 +127,8 @@ def _dcid(datagram: bytes) -> bytes:
 
 def quic(host: str, port: int, name: str) -> dict[str, object]:
     datagrams = quic_initials(name, alpn_padding=10)  # over several datagrams
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((host, port))
         for datagram in datagrams:
             sock.send(datagram)
