@@ -2,7 +2,8 @@
 
 tun2sx runs from a config file whose groups hold the testbed's two proxies
 (Dante on 1081, microsocks on 1080), health-checked by an HTTP GET of the
-server's web page through each. The stats endpoint's `/connections` shows
+server's web page through each; one test puts tinyproxy (HTTP CONNECT) and
+Dante's SOCKS4 in a group checked by TCP connects instead. The stats endpoint's `/connections` shows
 which member carried each live flow (its `chain`).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, WHOAMI_PORT, Testbed
+from tests.support import require
 
 pytestmark = pytest.mark.e2e
 
@@ -304,6 +307,58 @@ upstream = "{SERVER_ADDR}:5353"
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait()
+
+
+TINYPROXY_PORT = 8890
+WHOAMI_ADDR = WHOAMI_NAMES["n1.test"]
+TINYPROXY_CONF = f"""\
+Port {TINYPROXY_PORT}
+Listen {SERVER_ADDR}
+MaxClients 20
+Allow 10.200.0.0/24
+ConnectPort 7003
+ConnectPort {WHOAMI_PORT}
+"""
+
+
+def test_http_and_socks4_members_checked_by_tcp_connect(grouped: Testbed) -> None:
+    require("tinyproxy")
+    bed = grouped
+    conf = bed.tmp / "group-tinyproxy.conf"
+    conf.write_text(TINYPROXY_CONF)
+    tinyproxy = bed.server.spawn(["tinyproxy", "-d", "-c", str(conf)])
+    try:
+        bed.server.wait_listening(TINYPROXY_PORT)
+        members = f"""
+[outbounds.web]
+url = "http://{SERVER_ADDR}:{TINYPROXY_PORT}"
+[outbounds.four]
+url = "socks4://tun2sx@{SERVER_ADDR}:1081"
+"""
+        start_on(
+            bed,
+            config(group("main", "fallback", '["web", "four"]'))
+            .replace(f'url = "{CHECK_URL}"', f'url = "tcp://{SERVER_ADDR}:7003"')
+            .replace("[stats]", members + "[stats]"),
+        )
+        # By address (SOCKS4 carries no names): one the client reaches only
+        # through the TUN, where the whoami server answers with it.
+        held = held_flows(bed, f"{WHOAMI_ADDR}:{WHOAMI_PORT}")
+        assert [c["chain"] for c in held] == [["web", "main"]], held
+        offset = len(bed.log())
+        bed.lab.processes = [(p, a) for p, a in bed.lab.processes if p is not tinyproxy]
+        os.kill(tinyproxy.pid, signal.SIGKILL)
+        tinyproxy.wait(10)
+        found = wait_log(bed, "group main: web is down", offset, INTERVAL + TIMEOUT + 5)
+        assert found <= INTERVAL + 1, found
+        held = held_flows(bed, f"{WHOAMI_ADDR}:{WHOAMI_PORT}")
+        assert [c["chain"] for c in held] == [["four", "main"]], held
+        url = f"http://{WHOAMI_ADDR}:{WHOAMI_PORT}/"
+        assert bed.client_run(["curl", "-sS", "--max-time", "10", url]).stdout == WHOAMI_ADDR
+        assert "Traceback" not in bed.log()[offset:]
+    finally:
+        if tinyproxy.poll() is None:
+            bed.lab.stop(tinyproxy)
 
 
 # --- UDP through groups ---------------------------------------------------------------
