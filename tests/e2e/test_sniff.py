@@ -48,10 +48,10 @@ rules = [
 url = "socks5://{SERVER_ADDR}:1081"
 [outbounds.rec]
 url = "socks5://{SERVER_ADDR}:{REC_PORT}"
-[sniff]
-timeout = {SNIFF_TIMEOUT}
 [stats]
 listen = "127.0.0.1:{STATS_PORT}"
+[sniff]
+timeout = {SNIFF_TIMEOUT}
 """
 NGINX_CONF = """\
 daemon off; master_process off; worker_processes 1; pid {tmp}/sniff-nginx.pid;
@@ -133,13 +133,15 @@ class SniffLab:
         self.config.write_text(CONFIG)
         self.mode = ""
 
-    def restart(self, mode: str) -> None:
-        if mode == self.mode:
+    def restart(self, mode: str, *, fake_ip: bool = False) -> None:
+        key = f"{mode} fake_ip" if fake_ip else mode
+        if key == self.mode:
             return
+        self.config.write_text(CONFIG + ("fake_ip = true\n" if fake_ip else ""))
         self.testbed.stop()
         self.testbed.proxy_args = ["--config", str(self.config)]
         self.testbed.start("--sniff", mode)
-        self.mode = mode
+        self.mode = key
 
     def curl(self, url: str, name: str, port: int, address: str = TARGET) -> tuple[int, str]:
         """curl `url` with `name` resolved to a literal address (the server's by default)."""
@@ -335,3 +337,29 @@ def test_quic_to_an_ipv6_address_is_routed_by_its_sni(lab: SniffLab) -> None:
         "sniffed",
         "rec",
     )
+
+
+@pytest.mark.parametrize("fake_ip", [False, True])
+def test_a_fake_ip_flow_is_sniffed_only_when_asked(lab: SniffLab, fake_ip: bool) -> None:
+    # curl resolves n1.test through tun2sx (a fake IP) but sends the SNI
+    # www.rec.test: by default the name the application resolved decides
+    # (MATCH, Dante); with `fake_ip = true` the sniffed one does (rec), and
+    # in route mode the proxy still gets the resolved name.
+    lab.restart("route", fake_ip=fake_ip)
+    before = rec_count(lab)
+    result = lab.testbed.client_run(
+        [
+            "curl",
+            "-sSk",
+            "--max-time",
+            "20",
+            "--connect-to",
+            "www.rec.test:443:n1.test:443",
+            "https://www.rec.test/",
+        ],
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "sniff www.rec.test\n")
+    if fake_ip:
+        assert connects(lab, before, 1) == [("n1.test", 443)]
+    assert rec_count(lab) == before + fake_ip
