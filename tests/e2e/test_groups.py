@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, WHOAMI_PORT, Testbed
+from tests.e2e.testbed import (
+    DANTE_CONF,
+    ROOT,
+    SERVER_ADDR,
+    WHOAMI_NAMES,
+    WHOAMI_PORT,
+    Testbed,
+)
 from tests.support import require
 
 pytestmark = pytest.mark.e2e
@@ -424,3 +431,86 @@ def test_udp_through_a_member_that_carries_none_is_refused_in_one_line(
         assert "does not offer UDP ASSOCIATE" in log
         assert "is down" not in log
         assert echo_flow(bed)["chain"] == ["micro", "main"]
+
+
+SECOND_DANTE_PORT = 1082
+# Sends a datagram to the echo every 50 ms on one socket for `seconds`,
+# and prints, as JSON, when each echo came back and when an error was
+# reported (an ICMP error ends only that recv).
+STEADY_UDP_CLIENT = """
+import json, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((host, port))
+sock.settimeout(0.05)
+start = time.monotonic()
+echoes, errors = [], []
+print("started", flush=True)
+while (now := time.monotonic() - start) < seconds:
+    try:
+        sock.send(b"steady")
+        while sock.recv(100) == b"steady":
+            echoes.append(round(time.monotonic() - start, 2))
+    except TimeoutError:
+        pass
+    except OSError as exc:
+        errors.append([round(now, 2), exc.errno])
+print(json.dumps({"echoes": echoes, "errors": errors}), flush=True)
+"""
+
+
+def test_udp_goes_on_through_the_next_member_when_its_proxy_is_killed(
+    grouped: Testbed,
+) -> None:
+    bed = grouped
+    conf = bed.tmp / "danted-2.conf"
+    conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR).replace("1081", str(SECOND_DANTE_PORT)))
+    second = bed.server.spawn(["danted", "-f", str(conf)])
+    try:
+        bed.server.wait_listening(SECOND_DANTE_PORT)
+        start_on(
+            bed,
+            config(group("main", "fallback", '["dante", "dante2"]')).replace(
+                "[stats]",
+                f'[outbounds.dante2]\nurl = "socks5://{SERVER_ADDR}:{SECOND_DANTE_PORT}"\n[stats]',
+            ),
+        )
+        client = subprocess.Popen(
+            bed.client.exec_argv(
+                [sys.executable, "-c", STEADY_UDP_CLIENT, "echo.test", "7001", "8"]
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "started"
+        started = time.monotonic()
+        # Ten echoes through Dante first.
+        while not (flows := udp_flows(bed)) or int(flows[0]["bytes_down"]) < 60:  # type: ignore[call-overload]
+            assert time.monotonic() - started < 5, f"no steady UDP session: {flows}"
+            time.sleep(0.05)
+        (flow,) = flows
+        assert flow["chain"] == ["dante", "main"]
+        offset = len(bed.log())
+        killing = time.monotonic() - started
+        bed.kill_dante()
+        killed = time.monotonic() - started
+        result = json.loads(client.communicate(timeout=30)[0])
+        echoes = result["echoes"]
+        # Echoes before the kill, and after it on the same socket, through
+        # the second Dante, within one round of checks.
+        assert echoes[0] < killed < echoes[-1], (killed, result)
+        after = [t for t in echoes if t > killed]
+        assert after[0] - killed <= INTERVAL + TIMEOUT + 1, (killed, result)
+        assert echoes[-1] > 7, result
+        # The session through the dead Dante ended, and the next datagram's
+        # new one through it was refused: the application heard of that
+        # (ECONNREFUSED, as from a host that lost its port), nothing before.
+        assert all(when >= killing - 0.1 for when, _errno in result["errors"]), result
+        (flow,) = udp_flows(bed)
+        assert flow["chain"] == ["dante2", "main"]
+        log = bed.log()[offset:]
+        assert "group main: dante is down" in log and "Traceback" not in log
+    finally:
+        if second.poll() is None:
+            bed.lab.stop(second)
