@@ -241,3 +241,25 @@ def test_tfo_connect_errors_surface_as_before(proxies: Testbed) -> None:
     # The proxy's port is closed: its refusal is the application's, at once.
     restart(proxies, f"http://{SERVER_ADDR}:7999?tfo=1")
     assert proxies.client_tool("connect", "echo.test", 7001) == {"error": "ECONNREFUSED"}
+
+
+def test_tfo_and_pipeline_switched_on_in_the_config_file(proxies: Testbed) -> None:
+    config = proxies.tmp / "switches.toml"
+    config.write_text(
+        f"""\
+outbound = "fast"
+[outbounds.fast]
+url = "socks5://{SERVER_ADDR}:{TEST_PROXY_PORT}"
+pipeline = true
+tfo = true
+"""
+    )
+    proxies.stop()
+    proxies.proxy_args = ["--config", str(config)]
+    proxies.start()
+    before = fast_open_active(proxies)
+    for _ in range(4):
+        assert proxies.client_tool("echo", "echo.test", 7001, 100_000) == ECHO
+    # The first connect fetches the cookie; the later SYNs carry the
+    # (pipelined) handshake, as with ?tfo=1&pipeline=1 in the URL.
+    assert fast_open_active(proxies) - before >= 3
