@@ -431,6 +431,10 @@ def test_udp_through_a_member_that_carries_none_is_refused_in_one_line(
         assert "does not offer UDP ASSOCIATE" in log
         assert "is down" not in log
         assert echo_flow(bed)["chain"] == ["micro", "main"]
+    else:
+        # REJECT refuses TCP too: an RST to the SYN.
+        assert bed.client_tool("connect", "echo.test", 7001) == {"error": "ECONNREFUSED"}
+        assert "via main: group main: REJECT" in bed.log()[before:]
 
 
 SECOND_DANTE_PORT = 1082
