@@ -363,3 +363,14 @@ def test_a_fake_ip_flow_is_sniffed_only_when_asked(lab: SniffLab, fake_ip: bool)
     if fake_ip:
         assert connects(lab, before, 1) == [("n1.test", 443)]
     assert rec_count(lab) == before + fake_ip
+
+
+def test_quic_v2_initial_sni_routes_udp(lab: SniffLab) -> None:
+    lab.restart("route")
+    # RFC 9369's version, whose Initials use a salt and labels of their own.
+    blocked = lab.peer("quic", TARGET, 443, "blocked.test", "--version", "0x6b3343cf")
+    assert (blocked["sent"], blocked["outcome"]) == (3, "EHOSTUNREACH")
+    before = len(lab.udp_log.read_text().splitlines())
+    allowed = lab.peer("quic", TARGET, 443, "v2.other.test", "--version", "0x6b3343cf")
+    seen = [json.loads(line)["dcid"] for line in lines_of(lab.udp_log, before + 3)[before:]]
+    assert seen == [allowed["dcid"]] * 3
