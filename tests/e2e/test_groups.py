@@ -394,6 +394,8 @@ def test_udp_through_nested_groups_reaches_dantes_udp_associate(grouped: Testbed
     (flow,) = udp_flows(bed)
     assert (flow["host"], flow["port"]) == ("echo.test", 7001)
     assert flow["chain"] == ["dante", "inner", "main"]
+    tcp = [c for c in held_flows(bed, "echo.test:7001") if c["network"] == "tcp"]
+    assert [c["chain"] for c in tcp] == [["dante", "inner", "main"]]
 
 
 def test_udp_flow_through_a_dead_member_moves_the_next_one(grouped: Testbed) -> None:
