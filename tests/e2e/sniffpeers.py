@@ -13,8 +13,9 @@ Server side (they log one JSON line per event to stdout):
 
 Client side (one JSON object on stdout):
 
-    python -m tests.e2e.sniffpeers quic HOST PORT NAME
-        sends a QUIC client's first datagrams (aioquic) for NAME, then
+    python -m tests.e2e.sniffpeers quic HOST PORT NAME [--version V]
+        sends a QUIC client's first datagrams (aioquic; v1, or V such as
+        0x6b3343cf for v2) for NAME, then
         waits 2 s for an answer or an error (there is no QUIC server)
     python -m tests.e2e.sniffpeers first-byte HOST PORT
         seconds from connect() to the server's first byte
@@ -125,9 +126,10 @@ def _dcid(datagram: bytes) -> bytes:
     return datagram[6 : 6 + datagram[5]]
 
 
-def quic(host: str, port: int, name: str) -> dict[str, object]:
-    datagrams = quic_initials(name, alpn_padding=10)  # over several datagrams
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def quic(host: str, port: int, name: str, version: int = 1) -> dict[str, object]:
+    datagrams = quic_initials(name, version=version, alpn_padding=10)  # several datagrams
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((host, port))
         for datagram in datagrams:
             sock.send(datagram)
@@ -176,6 +178,7 @@ def main() -> None:
     client.add_argument("host")
     client.add_argument("port", type=int)
     client.add_argument("name")
+    client.add_argument("--version", type=lambda text: int(text, 0), default=1)
     client = sub.add_parser("first-byte")
     client.add_argument("host")
     client.add_argument("port", type=int)
@@ -194,7 +197,7 @@ def main() -> None:
     else:
         try:
             if args.command == "quic":
-                result = quic(args.host, args.port, args.name)
+                result = quic(args.host, args.port, args.name, args.version)
             elif args.command == "first-byte":
                 result = first_byte(args.host, args.port)
             else:

@@ -2,7 +2,8 @@
 
 tun2sx runs from a config file whose groups hold the testbed's two proxies
 (Dante on 1081, microsocks on 1080), health-checked by an HTTP GET of the
-server's web page through each. The stats endpoint's `/connections` shows
+server's web page through each; one test puts tinyproxy (HTTP CONNECT) and
+Dante's SOCKS4 in a group checked by TCP connects instead. The stats endpoint's `/connections` shows
 which member carried each live flow (its `chain`).
 """
 
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.testbed import ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import (
+    DANTE_CONF,
+    ROOT,
+    SERVER_ADDR,
+    WHOAMI_NAMES,
+    WHOAMI_PORT,
+    Testbed,
+)
+from tests.support import require
 
 pytestmark = pytest.mark.e2e
 
@@ -93,7 +102,7 @@ def start_on(bed: Testbed, text: str) -> None:
 
 def connections(bed: Testbed) -> list[dict[str, object]]:
     """The live flows, from the controller's Clash-shaped list: host (the
-    name, else the address), port, chain and rule."""
+    name, else the address), port, chain, rule, network and bytes down."""
     out = bed.client_run(["curl", "-s", "--noproxy", "*", f"http://{STATS}/connections"])
     return [
         {
@@ -101,6 +110,8 @@ def connections(bed: Testbed) -> list[dict[str, object]]:
             "port": int(row["metadata"]["destinationPort"]),
             "chain": row["chains"],
             "rule": row["rule"],
+            "network": row["metadata"]["network"],
+            "bytes_down": row["download"],
         }
         for row in json.loads(out.stdout)["connections"]
     ]
@@ -384,3 +395,209 @@ url = "socks5://{SERVER_ADDR}:1090"
         assert "Traceback" not in log and "Cancelled" not in log
     finally:
         bed.lab.stop(tarpit)
+
+
+TINYPROXY_PORT = 8890
+WHOAMI_ADDR = WHOAMI_NAMES["n1.test"]
+TINYPROXY_CONF = f"""\
+Port {TINYPROXY_PORT}
+Listen {SERVER_ADDR}
+MaxClients 20
+Allow 10.200.0.0/24
+ConnectPort 7003
+ConnectPort {WHOAMI_PORT}
+"""
+
+
+def test_http_and_socks4_members_checked_by_tcp_connect(grouped: Testbed) -> None:
+    require("tinyproxy")
+    bed = grouped
+    conf = bed.tmp / "group-tinyproxy.conf"
+    conf.write_text(TINYPROXY_CONF)
+    tinyproxy = bed.server.spawn(["tinyproxy", "-d", "-c", str(conf)])
+    try:
+        bed.server.wait_listening(TINYPROXY_PORT)
+        members = f"""
+[outbounds.web]
+url = "http://{SERVER_ADDR}:{TINYPROXY_PORT}"
+[outbounds.four]
+url = "socks4://tun2sx@{SERVER_ADDR}:1081"
+"""
+        start_on(
+            bed,
+            config(group("main", "fallback", '["web", "four"]'))
+            .replace(f'url = "{CHECK_URL}"', f'url = "tcp://{SERVER_ADDR}:7003"')
+            .replace("[stats]", members + "[stats]"),
+        )
+        # By address (SOCKS4 carries no names): one the client reaches only
+        # through the TUN, where the whoami server answers with it.
+        held = held_flows(bed, f"{WHOAMI_ADDR}:{WHOAMI_PORT}")
+        assert [c["chain"] for c in held] == [["web", "main"]], held
+        offset = len(bed.log())
+        bed.lab.processes = [(p, a) for p, a in bed.lab.processes if p is not tinyproxy]
+        os.kill(tinyproxy.pid, signal.SIGKILL)
+        tinyproxy.wait(10)
+        found = wait_log(bed, "group main: web is down", offset, INTERVAL + TIMEOUT + 5)
+        assert found <= INTERVAL + 1, found
+        held = held_flows(bed, f"{WHOAMI_ADDR}:{WHOAMI_PORT}")
+        assert [c["chain"] for c in held] == [["four", "main"]], held
+        url = f"http://{WHOAMI_ADDR}:{WHOAMI_PORT}/"
+        assert bed.client_run(["curl", "-sS", "--max-time", "10", url]).stdout == WHOAMI_ADDR
+        assert "Traceback" not in bed.log()[offset:]
+    finally:
+        if tinyproxy.poll() is None:
+            bed.lab.stop(tinyproxy)
+
+
+# --- UDP through groups ---------------------------------------------------------------
+
+
+DEAD_PROXY = f"socks5://{SERVER_ADDR}:1099"  # nothing listens there
+
+
+def udp_flows(bed: Testbed) -> list[dict[str, object]]:
+    """The UDP sessions tun2sx holds (each lives `udp_timeout` after its last datagram)."""
+    return [c for c in connections(bed) if c["network"] == "udp"]
+
+
+def test_udp_through_nested_groups_reaches_dantes_udp_associate(grouped: Testbed) -> None:
+    bed = grouped
+    # `main` falls back from a proxy that is not there to `inner`, a select
+    # group whose first member, Dante, carries UDP (microsocks does not).
+    start_on(
+        bed,
+        config(
+            group("main", "fallback", '["dead", "inner"]')
+            + group("inner", "select", '["dante", "micro"]')
+        ).replace("[stats]", f'[outbounds.dead]\nurl = "{DEAD_PROXY}"\n\n[stats]'),
+    )
+    assert bed.client_tool("udp", "echo.test", 7001, 20)["echoed"] == 20
+    (flow,) = udp_flows(bed)
+    assert (flow["host"], flow["port"]) == ("echo.test", 7001)
+    assert flow["chain"] == ["dante", "inner", "main"]
+    tcp = [c for c in held_flows(bed, "echo.test:7001") if c["network"] == "tcp"]
+    assert [c["chain"] for c in tcp] == [["dante", "inner", "main"]]
+
+
+def test_udp_flow_through_a_dead_member_moves_the_next_one(grouped: Testbed) -> None:
+    bed = grouped
+    # Checks every ten minutes, the first before any flow: only then is
+    # Dante killed, so only the failing UDP flow can tell.
+    start_on(bed, config(group("main", "fallback", '["dante", "micro"]', interval=600)))
+    assert bed.client_tool("udp", "echo.test", 7001, 3)["echoed"] == 3
+    offset = len(bed.log())
+    bed.kill_dante()
+    # The UDP flow through the dead Dante fails as a real network would.
+    assert bed.client_tool("udp", "echo.test", 7001, 1) == {"error": "ECONNREFUSED"}
+    log = bed.log()[offset:]
+    assert "group main: dante is down" in log
+    assert "Traceback" not in log
+    # TCP flows now take microsocks without a failed connect of their own.
+    assert echo_flow(bed)["chain"] == ["micro", "main"]
+
+
+@pytest.mark.parametrize(
+    ("member", "error"), [("REJECT", "EHOSTUNREACH"), ("micro", "ECONNREFUSED")]
+)
+def test_udp_through_a_member_that_carries_none_is_refused_in_one_line(
+    grouped: Testbed, member: str, error: str
+) -> None:
+    bed = grouped
+    start_on(bed, config(group("main", "select", f'["{member}", "dante"]')))
+    before = len(bed.log())
+    assert bed.client_tool("udp", "echo.test", 7001, 1) == {"error": error}
+    log = bed.log()[before:]
+    assert "Traceback" not in log
+    if member == "micro":
+        # microsocks refuses UDP ASSOCIATE: that is no failure of the proxy,
+        # which stays up for TCP.
+        assert "does not offer UDP ASSOCIATE" in log
+        assert "is down" not in log
+        assert echo_flow(bed)["chain"] == ["micro", "main"]
+    else:
+        # REJECT refuses TCP too: an RST to the SYN.
+        assert bed.client_tool("connect", "echo.test", 7001) == {"error": "ECONNREFUSED"}
+        assert "via main: group main: REJECT" in bed.log()[before:]
+
+
+SECOND_DANTE_PORT = 1082
+# Sends a datagram to the echo every 50 ms on one socket for `seconds`,
+# and prints, as JSON, when each echo came back and when an error was
+# reported (an ICMP error ends only that recv).
+STEADY_UDP_CLIENT = """
+import json, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((host, port))
+sock.settimeout(0.05)
+start = time.monotonic()
+echoes, errors = [], []
+print("started", flush=True)
+while (now := time.monotonic() - start) < seconds:
+    try:
+        sock.send(b"steady")
+        while sock.recv(100) == b"steady":
+            echoes.append(round(time.monotonic() - start, 2))
+    except TimeoutError:
+        pass
+    except OSError as exc:
+        errors.append([round(now, 2), exc.errno])
+print(json.dumps({"echoes": echoes, "errors": errors}), flush=True)
+"""
+
+
+def test_udp_goes_on_through_the_next_member_when_its_proxy_is_killed(
+    grouped: Testbed,
+) -> None:
+    bed = grouped
+    conf = bed.tmp / "danted-2.conf"
+    conf.write_text(DANTE_CONF.format(addr=SERVER_ADDR).replace("1081", str(SECOND_DANTE_PORT)))
+    second = bed.server.spawn(["danted", "-f", str(conf)])
+    try:
+        bed.server.wait_listening(SECOND_DANTE_PORT)
+        start_on(
+            bed,
+            config(group("main", "fallback", '["dante", "dante2"]')).replace(
+                "[stats]",
+                f'[outbounds.dante2]\nurl = "socks5://{SERVER_ADDR}:{SECOND_DANTE_PORT}"\n[stats]',
+            ),
+        )
+        client = subprocess.Popen(
+            bed.client.exec_argv(
+                [sys.executable, "-c", STEADY_UDP_CLIENT, "echo.test", "7001", "8"]
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "started"
+        started = time.monotonic()
+        # Ten echoes through Dante first.
+        while not (flows := udp_flows(bed)) or int(flows[0]["bytes_down"]) < 60:  # type: ignore[call-overload]
+            assert time.monotonic() - started < 5, f"no steady UDP session: {flows}"
+            time.sleep(0.05)
+        (flow,) = flows
+        assert flow["chain"] == ["dante", "main"]
+        offset = len(bed.log())
+        killing = time.monotonic() - started
+        bed.kill_dante()
+        killed = time.monotonic() - started
+        result = json.loads(client.communicate(timeout=30)[0])
+        echoes = result["echoes"]
+        # Echoes before the kill, and after it on the same socket, through
+        # the second Dante, within one round of checks.
+        assert echoes[0] < killed < echoes[-1], (killed, result)
+        after = [t for t in echoes if t > killed]
+        assert after[0] - killed <= INTERVAL + TIMEOUT + 1, (killed, result)
+        assert echoes[-1] > 7, result
+        # The session through the dead Dante ended, and the next datagram's
+        # new one through it was refused: the application heard of that
+        # (ECONNREFUSED, as from a host that lost its port), nothing before.
+        assert all(when >= killing - 0.1 for when, _errno in result["errors"]), result
+        (flow,) = udp_flows(bed)
+        assert flow["chain"] == ["dante2", "main"]
+        log = bed.log()[offset:]
+        assert "group main: dante is down" in log and "Traceback" not in log
+    finally:
+        if second.poll() is None:
+            bed.lab.stop(second)

@@ -21,11 +21,21 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
+from tests.e2e.testbed import (
+    DANTE_PORT,
+    ROOT,
+    SERVER_ADDR,
+    WHOAMI_NAMES,
+    WHOAMI_PORT,
+    Testbed,
+)
 from tests.support import require
 
 pytestmark = pytest.mark.e2e
 
+# The literal addresses are the whoami server's: the client reaches them
+# only through the TUN, while 10.200.0.2 is on its own link.
+WHOAMI_ADDR = WHOAMI_NAMES["n1.test"]
 TINYPROXY_PORT = 8888
 TINYPROXY_AUTH_PORT = 8889
 TEST_PROXY_PORT = 1090
@@ -42,6 +52,7 @@ Allow 10.200.0.0/24
 ConnectPort 7001
 ConnectPort 7003
 ConnectPort 7005
+ConnectPort 7004
 DisableViaHeader Yes
 {auth}
 """
@@ -78,6 +89,12 @@ def proxies(testbed: Testbed) -> Iterator[Testbed]:
     yield testbed
 
 
+def whoami(bed: Testbed, address: str) -> str:
+    """The address the whoami server says `address`:7004 reached (curl's output)."""
+    url = f"http://{address}:{WHOAMI_PORT}/"
+    return bed.client_run(["curl", "-sS", "--max-time", "10", url]).stdout
+
+
 def restart(bed: Testbed, url: str) -> None:
     bed.stop()
     bed.proxy_args = ["--proxy", url]
@@ -105,11 +122,9 @@ DOWNLOAD = {"received": 3 * 1024 * 1024, "equal": True}
 def test_http_connect_carries_names_both_ways(proxies: Testbed) -> None:
     restart(proxies, f"http://{SERVER_ADDR}:{TINYPROXY_PORT}")
     assert proxies.client_tool("download", "echo.test", 7003, 3 * 1024 * 1024) == DOWNLOAD
-    # By address too (IPv4 literal in the request).
-    assert proxies.client_tool("download", SERVER_ADDR, 7003, 1000) == {
-        "received": 1000,
-        "equal": True,
-    }
+    # By address too (an IPv4 literal in the request): one the client
+    # reaches only through the TUN (10.200.0.2 is on its own link).
+    assert whoami(proxies, WHOAMI_ADDR) == WHOAMI_ADDR
 
 
 @pytest.mark.parametrize(("family", "error"), [("A", "EHOSTUNREACH"), ("AAAA", "EACCES")])
@@ -169,8 +184,11 @@ def test_udp_through_http_gets_port_unreachable(proxies: Testbed) -> None:
 
 def test_socks4_through_dante_by_address(proxies: Testbed) -> None:
     restart(proxies, f"socks4://tun2sx@{SERVER_ADDR}:{DANTE_PORT}")
-    assert proxies.client_tool("echo", SERVER_ADDR, 7001, 100_000) == ECHO
-    assert proxies.client_tool("connect", SERVER_ADDR, 7005) == {"error": "ECONNREFUSED"}
+    before = len(proxies.log())
+    assert whoami(proxies, WHOAMI_ADDR) == WHOAMI_ADDR
+    assert proxies.client_tool("connect", WHOAMI_ADDR, 7005) == {"error": "ECONNREFUSED"}
+    log = proxies.log()[before:]
+    assert f"{WHOAMI_ADDR}:7005" in log and "Traceback" not in log
 
 
 def test_socks4_refuses_names_and_ipv6_at_once(proxies: Testbed) -> None:
@@ -223,3 +241,25 @@ def test_tfo_connect_errors_surface_as_before(proxies: Testbed) -> None:
     # The proxy's port is closed: its refusal is the application's, at once.
     restart(proxies, f"http://{SERVER_ADDR}:7999?tfo=1")
     assert proxies.client_tool("connect", "echo.test", 7001) == {"error": "ECONNREFUSED"}
+
+
+def test_tfo_and_pipeline_switched_on_in_the_config_file(proxies: Testbed) -> None:
+    config = proxies.tmp / "switches.toml"
+    config.write_text(
+        f"""\
+outbound = "fast"
+[outbounds.fast]
+url = "socks5://{SERVER_ADDR}:{TEST_PROXY_PORT}"
+pipeline = true
+tfo = true
+"""
+    )
+    proxies.stop()
+    proxies.proxy_args = ["--config", str(config)]
+    proxies.start()
+    before = fast_open_active(proxies)
+    for _ in range(4):
+        assert proxies.client_tool("echo", "echo.test", 7001, 100_000) == ECHO
+    # The first connect fetches the cookie; the later SYNs carry the
+    # (pipelined) handshake, as with ?tfo=1&pipeline=1 in the URL.
+    assert fast_open_active(proxies) - before >= 3

@@ -8,6 +8,7 @@ the host of each CONNECT (`rec`, beside Dante), a server that speaks first
 on 22 and 8443, and a UDP server on 443 that logs each datagram's QUIC
 connection ID. Which outbound carried a flow shows in `rec`'s log; a UDP
 flow rejected by rule gets an ICMP error and never reaches the server.
+The same is asked of an IPv6 literal address (TARGET6).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from tests.support import require
 pytestmark = pytest.mark.e2e
 
 TARGET = WHOAMI_NAMES["n1.test"]  # on the server's loopback: routed through the TUN
+# Another of the server's addresses, where no UDP server listens.
+ELSEWHERE = WHOAMI_NAMES["n2.test"]
+# An IPv6 address the client reaches only through the TUN (its default
+# route). No server has it: the proxy `rec` relays every CONNECT to TARGET,
+# so what `rec` logs shows what tun2sx asked for, and nginx what was sent.
+TARGET6 = "fd00:201::1"
 REC_PORT = 1090
 STATS_PORT = 9090
 SNIFF_TIMEOUT = 3.0
@@ -41,10 +48,10 @@ rules = [
 url = "socks5://{SERVER_ADDR}:1081"
 [outbounds.rec]
 url = "socks5://{SERVER_ADDR}:{REC_PORT}"
-[sniff]
-timeout = {SNIFF_TIMEOUT}
 [stats]
 listen = "127.0.0.1:{STATS_PORT}"
+[sniff]
+timeout = {SNIFF_TIMEOUT}
 """
 NGINX_CONF = """\
 daemon off; master_process off; worker_processes 1; pid {tmp}/sniff-nginx.pid;
@@ -126,18 +133,21 @@ class SniffLab:
         self.config.write_text(CONFIG)
         self.mode = ""
 
-    def restart(self, mode: str) -> None:
-        if mode == self.mode:
+    def restart(self, mode: str, *, fake_ip: bool = False) -> None:
+        key = f"{mode} fake_ip" if fake_ip else mode
+        if key == self.mode:
             return
+        self.config.write_text(CONFIG + ("fake_ip = true\n" if fake_ip else ""))
         self.testbed.stop()
         self.testbed.proxy_args = ["--config", str(self.config)]
         self.testbed.start("--sniff", mode)
-        self.mode = mode
+        self.mode = key
 
-    def curl(self, url: str, name: str, port: int) -> tuple[int, str]:
-        """curl `url` with `name` resolved to the server's literal address."""
+    def curl(self, url: str, name: str, port: int, address: str = TARGET) -> tuple[int, str]:
+        """curl `url` with `name` resolved to a literal address (the server's by default)."""
+        where = f"[{address}]" if ":" in address else address
         result = self.testbed.client_run(
-            ["curl", "-sSk", "--max-time", "20", "--resolve", f"{name}:{port}:{TARGET}", url],
+            ["curl", "-sSk", "--max-time", "20", "--resolve", f"{name}:{port}:{where}", url],
             check=False,
         )
         return result.returncode, result.stdout
@@ -270,3 +280,103 @@ def test_the_connections_view_shows_the_sniffed_name(lab: SniffLab) -> None:
     assert [
         (s["metadata"]["network"], s["metadata"]["hostSource"], s["chains"]) for s in sessions
     ] == [("udp", "sniffed", ["dante"])]
+
+
+def test_quic_override_sends_the_sniffed_name_to_the_proxy(lab: SniffLab) -> None:
+    # The application sends to ELSEWHERE, where nothing takes UDP; the
+    # ClientHello names n1.test, which the server namespace's hosts file
+    # maps to TARGET. Override hands Dante the name (a UDP ASSOCIATE
+    # datagram for a host name), so the datagrams reach TARGET's server.
+    lab.restart("override")
+    before = len(lab.udp_log.read_text().splitlines())
+    sent = lab.peer("quic", ELSEWHERE, 443, "n1.test")
+    assert sent["sent"] == 3
+    seen = [json.loads(line) for line in lines_of(lab.udp_log, before + 3)[before:]]
+    assert [(entry["dcid"], entry["source"]) for entry in seen] == [(sent["dcid"], SERVER_ADDR)] * 3
+    # In route mode the same datagrams go where the application sent them.
+    lab.restart("route")
+    before = len(lab.udp_log.read_text().splitlines())
+    lost = lab.peer("quic", ELSEWHERE, 443, "n1.test")
+    assert lost["sent"] == 3
+    # Then to TARGET itself: its three are the first the server hears of.
+    reached = lab.peer("quic", TARGET, 443, "n1.test")
+    seen = [json.loads(line)["dcid"] for line in lines_of(lab.udp_log, before + 3)[before:]]
+    assert seen == [reached["dcid"]] * 3
+    assert str(lost["dcid"]) not in lab.udp_log.read_text()
+
+
+def test_tls_and_http_to_an_ipv6_address_meet_domain_rules(lab: SniffLab) -> None:
+    lab.restart("route")
+    before = rec_count(lab)
+    assert lab.curl("https://www.rec.test/", "www.rec.test", 443, TARGET6) == (
+        0,
+        "sniff www.rec.test\n",
+    )
+    assert lab.curl("http://app.rec.test/", "app.rec.test", 80, TARGET6) == (
+        0,
+        "sniff app.rec.test\n",
+    )
+    assert connects(lab, before, 2) == [(TARGET6, 443), (TARGET6, 80)]
+    code, _ = lab.curl("https://blocked.test/", "blocked.test", 443, TARGET6)
+    assert code in (35, 56)
+    assert rec_count(lab) == before + 2
+    lab.restart("override")
+    before = rec_count(lab)
+    assert lab.curl("https://v6.rec.test/", "v6.rec.test", 443, TARGET6)[1] == "sniff v6.rec.test\n"
+    assert connects(lab, before, 1) == [("v6.rec.test", 443)]
+
+
+def test_quic_to_an_ipv6_address_is_routed_by_its_sni(lab: SniffLab) -> None:
+    lab.restart("route")
+    # REJECT by the name: ICMPv6 administratively prohibited, which Linux
+    # reports on a connected UDP socket as EACCES.
+    blocked = lab.peer("quic", TARGET6, 443, "blocked.test")
+    assert (blocked["sent"], blocked["outcome"]) == (3, "EACCES")
+    answer = lab.peer("hold-tls", TARGET6, 443, "held6.rec.test", STATS_PORT)
+    listing = answer["connections"]
+    assert isinstance(listing, dict)
+    (flow,) = [c for c in listing["connections"] if c["metadata"]["sniffHost"] == "held6.rec.test"]
+    meta = flow["metadata"]
+    assert (meta["network"], meta["destinationIP"], meta["hostSource"], flow["chains"]) == (
+        "tcp",
+        TARGET6,
+        "sniffed",
+        ["rec"],
+    )
+
+
+@pytest.mark.parametrize("fake_ip", [False, True])
+def test_a_fake_ip_flow_is_sniffed_only_when_asked(lab: SniffLab, fake_ip: bool) -> None:
+    # curl resolves n1.test through tun2sx (a fake IP) but sends the SNI
+    # www.rec.test: by default the name the application resolved decides
+    # (MATCH, Dante); with `fake_ip = true` the sniffed one does (rec), and
+    # in route mode the proxy still gets the resolved name.
+    lab.restart("route", fake_ip=fake_ip)
+    before = rec_count(lab)
+    result = lab.testbed.client_run(
+        [
+            "curl",
+            "-sSk",
+            "--max-time",
+            "20",
+            "--connect-to",
+            "www.rec.test:443:n1.test:443",
+            "https://www.rec.test/",
+        ],
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "sniff www.rec.test\n")
+    if fake_ip:
+        assert connects(lab, before, 1) == [("n1.test", 443)]
+    assert rec_count(lab) == before + fake_ip
+
+
+def test_quic_v2_initial_sni_routes_udp(lab: SniffLab) -> None:
+    lab.restart("route")
+    # RFC 9369's version, whose Initials use a salt and labels of their own.
+    blocked = lab.peer("quic", TARGET, 443, "blocked.test", "--version", "0x6b3343cf")
+    assert (blocked["sent"], blocked["outcome"]) == (3, "EHOSTUNREACH")
+    before = len(lab.udp_log.read_text().splitlines())
+    allowed = lab.peer("quic", TARGET, 443, "v2.other.test", "--version", "0x6b3343cf")
+    seen = [json.loads(line)["dcid"] for line in lines_of(lab.udp_log, before + 3)[before:]]
+    assert seen == [allowed["dcid"]] * 3

@@ -360,7 +360,7 @@ def engine_config(settings: Settings, device: TunDevice, router: Router) -> Engi
 
 
 def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
-    if settings.stats_interval < 0:
+    if not settings.stats_interval >= 0:
         raise ConfigError("stats_interval: must not be negative")
     if settings.stats_listen is None:
         return None
@@ -391,9 +391,10 @@ def check_settings(settings: Settings) -> None:
             )
     if settings.fake_ip:
         _check_pools(settings)
-    if settings.udp_timeout <= 0:
+    # `not x > 0` refuses NaN too, which trio refuses as a time-out in every flow.
+    if not settings.udp_timeout > 0:
         raise ConfigError("udp_timeout: must be positive")
-    if settings.connect_timeout <= 0:
+    if not settings.connect_timeout > 0:
         raise ConfigError("connect_timeout: must be positive")
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")

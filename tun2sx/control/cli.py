@@ -21,6 +21,7 @@ import argparse
 import functools
 import ipaddress
 import logging
+import math
 import os
 import resource
 import sys
@@ -244,12 +245,16 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     for flag, field in (("--udp-timeout", "udp_timeout"), ("--connect-timeout", "connect_timeout")):
         value = getattr(args, field)
         if value is not None:
-            if value <= 0:
+            if not value > 0:
                 raise ConfigError(f"{flag}: must be positive")
+            if not math.isfinite(value):
+                raise ConfigError(f"{flag}: not a finite number of seconds")
             values[field] = value
     if args.stats_interval is not None:
-        if args.stats_interval < 0:
+        if not args.stats_interval >= 0:
             raise ConfigError("--stats-interval: must not be negative")
+        if not math.isfinite(args.stats_interval):
+            raise ConfigError("--stats-interval: not a finite number of seconds")
         values["stats_interval"] = args.stats_interval
     if args.stats_listen is not None:
         try:

@@ -22,6 +22,7 @@ every error is one line naming the key, e.g.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -121,6 +122,9 @@ def _integer(key: str, value: object) -> int:
 def _seconds(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)}")
+    if not math.isfinite(value):
+        # NaN passes every comparison below, and trio refuses it as a time-out.
+        raise ConfigError(f"{key}: not a finite number of seconds")
     if value < 0:
         raise ConfigError(f"{key}: must not be negative")
     return float(value)

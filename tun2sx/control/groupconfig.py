@@ -15,6 +15,7 @@ is built (outbounds.group.build_groups).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,8 @@ def _seconds(key: str, value: object) -> float:
         raise ConfigError(f"{key}: expected a number of seconds, got {_kind_of(value)}")
     if not value > 0:
         raise ConfigError(f"{key}: must be positive")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: not a finite number of seconds")
     return float(value)
 
 

@@ -273,6 +273,7 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"tun_txqueuelen": "10"}, "tun_txqueuelen: expected an integer"),
         # What the command line checks, the embedding API checks too.
         ({"udp_timeout": 0}, "udp_timeout: must be positive"),
+        ({"connect_timeout": float("nan")}, "connect_timeout: must be positive"),
         ({"udp_timeout": "60"}, "udp_timeout: expected a number"),
         ({"connect_timeout": -1}, "connect_timeout: must be positive"),
         ({"mtu": 100}, "mtu: 100 is not between 576 and 65535"),

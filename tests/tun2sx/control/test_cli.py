@@ -28,6 +28,7 @@ def test_endpoint_parsing() -> None:
         (["--tun", "tunx", "--socks", "127.0.0.1"], "--socks"),
         (["--tun", "tunx", "--socks", "127.0.0.1:99999"], "--socks"),
         (["--tun", "tunx", "--proxy", "ftp://x:1"], "--proxy"),
+        (["--tun", "tunx", "--proxy", "http://x"], "--proxy"),  # no port
         (["--tun", "tunx", "--proxy", "socks5://h"], "--proxy"),
         (["--tun", "tunx"], "outbound"),
         (["--socks", "1.2.3.4:5"], "--tun"),

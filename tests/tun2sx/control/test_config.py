@@ -120,6 +120,11 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\nfwmark = 0', "fwmark: 0 is not a 32-bit mark"),
         ('outbound = "DIRECT"\nudp_timeout = -1', "udp_timeout: must not be negative"),
         ('outbound = "DIRECT"\nconnect_timeout = 0', "connect_timeout: must be positive"),
+        # NaN passes every comparison, and trio refuses it as a time-out
+        # (a ValueError in every flow); infinity would never time out.
+        ('outbound = "DIRECT"\nconnect_timeout = nan', "connect_timeout: not a finite"),
+        ('outbound = "DIRECT"\nudp_timeout = inf', "udp_timeout: not a finite"),
+        ('outbound = "DIRECT"\n[stats]\ninterval = nan', "stats.interval: not a finite"),
         ('outbound = "DIRECT"\n[dns]\nfake_ip_range = "fc00::/18"', "dns.fake_ip_range: fc00"),
         ('outbound = "DIRECT"\n[dns]\nfake_ip_range6 = "10.0.0.0/8"', "dns.fake_ip_range6:"),
         ('outbound = "DIRECT"\n[dns]\nupstream = "nope"', "dns.upstream: expected HOST:PORT"),
@@ -284,6 +289,9 @@ def test_auto_route_flag(config_file: Path) -> None:
         (["--stats-listen", "192.0.2.1:9090"], "--stats-listen"),
         (["--stats-interval", "-1"], "--stats-interval"),
         (["--connect-timeout", "0"], "--connect-timeout"),
+        (["--connect-timeout", "nan"], "--connect-timeout"),
+        (["--udp-timeout", "inf"], "--udp-timeout"),
+        (["--stats-interval", "nan"], "--stats-interval"),
         (["--proxy", "bogus"], "--proxy"),
         (["--workers", "0"], "--workers"),
         (["--workers", "two"], "--workers"),

@@ -90,6 +90,8 @@ members = ["a", "REJECT"]
             "groups.g.url: 'http://me:***@x/': a check URL carries no user or password",
         ),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = 0', "groups.g.interval: must"),
+        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = inf', "groups.g.interval: n"),
+        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntimeout = nan', "groups.g.timeout: must"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = "5m"', "groups.g.interval: ex"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntimeout = true', "groups.g.timeout: exp"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntolerance = 1.5', "groups.g.tolerance:"),
