@@ -364,6 +364,17 @@ class NetStack:
         key = request.key
         return build_tcp_packet(key.app_addr, key.remote_addr, request.syn, b"")
 
+    def has_output(self) -> bool:
+        """Whether `packets_to_send` may return packets, or `next_deadline`
+        may have changed, since they were last called.
+
+        False means neither has: the runtime, which collects the output
+        after every step that may have made some, skips both then.
+        Datagrams being reassembled count as a possible change (their
+        deadlines are not tracked here), as does any queued packet.
+        """
+        return bool(self._out) or self.tcp.has_output() or len(self.fragments) > 0
+
     def packets_to_send(self, now: float) -> list[bytes | GsoPacket]:
         """Every packet due now: TCP output of all connections plus queued
         UDP and ICMP packets.

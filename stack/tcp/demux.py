@@ -234,6 +234,15 @@ class TcpDemux:
         self._evicted = []
         return evicted
 
+    def has_output(self) -> bool:
+        """Whether `segments_to_send` may return anything or `next_deadline`
+        may have moved since they were last called.
+
+        False means neither has changed: a caller that just collected the
+        output can skip both (a flow's step often changes nothing).
+        """
+        return bool(self._rsts or self._dirty)
+
     def segments_to_send(
         self, now: float
     ) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]]:

@@ -415,3 +415,22 @@ def test_reassembly_time_outs_join_the_deadline_and_send_time_exceeded() -> None
     assert (parsed.l4.type, parsed.l4.code) == (icmp.ICMP6_TIME_EXCEEDED, 1)
     assert bytes(parsed.payload) == first[: len(parsed.payload)]
     assert stack.counters["frag_timed_out"] == 1 and stack.counters["icmp_errors_sent"] == 1
+
+
+def test_has_output_covers_queued_packets_and_held_fragments() -> None:
+    stack = NetStack(CONFIG)
+    assert not stack.has_output()
+    open_flow(stack, 0.0)
+    assert stack.has_output()
+    stack.packets_to_send(0.0)
+    assert not stack.has_output()
+    request = build_icmp_packet(APP6, REMOTE6, icmp.ICMP6_ECHO_REQUEST, 0, 1, PING)
+    first, *rest = fragment_packet(request, 9000, ident=5)
+    stack.receive(memoryview(first), 0.0)
+    # Nothing to send, but a reassembly deadline now exists.
+    assert stack.packets_to_send(0.0) == [] and stack.has_output()
+    for fragment in rest:
+        stack.receive(memoryview(fragment), 0.0)
+    assert stack.has_output()  # the echo reply is queued
+    assert len(stack.packets_to_send(0.0)) >= 1
+    assert not stack.has_output()

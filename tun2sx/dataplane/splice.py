@@ -264,7 +264,9 @@ class _Splice:
             receive_nowait = up_nowait.receive_nowait
         # At the start the application has sent nothing yet, so there is
         # rarely an answer: wait before the first recv rather than after.
-        receive = upstream.receive_some if up_nowait is None else up_nowait.receive_after_wait
+        receive_some = upstream.receive_some
+        wait_then_receive = None if up_nowait is None else up_nowait.receive_after_wait
+        receive = wait_then_receive or receive_some
         backlog, end = self.carried, self.carried_end
         self.carried, self.carried_end = [], None
         try:
@@ -282,7 +284,7 @@ class _Splice:
                         data = await receive(size)
                     finally:
                         self.receiving = False
-                    receive = upstream.receive_some
+                    receive = receive_some
                     if not data:
                         end = _EOF
                     if fast and self.upload is _UPLOAD_IN_TASK:
@@ -303,11 +305,16 @@ class _Splice:
                     except trio.BrokenResourceError as exc:
                         end = exc
                     else:
-                        if ahead is not None:
-                            if ahead:
-                                backlog.append(ahead)
-                            else:
-                                end = _EOF
+                        if ahead is None:
+                            # The socket was empty just now: unless time
+                            # passes (a wait for the application below),
+                            # the next receive's first recv would only
+                            # fail; it waits for readability first instead.
+                            receive = wait_then_receive or receive_some
+                        elif ahead:
+                            backlog.append(ahead)
+                        else:
+                            end = _EOF
                 if app_nowait is None:
                     sent = 0
                 else:
@@ -325,6 +332,7 @@ class _Splice:
                             self._leave_wake(_UPLOAD_IN_TASK)
                         return
                     await app.send_all(rest)
+                    receive = receive_some  # data may have come meanwhile
                 if info is not None:
                     info.bytes_down += len(data)
                 if backlog:

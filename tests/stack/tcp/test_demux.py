@@ -448,3 +448,26 @@ def test_a_table_full_of_handshakes_has_nothing_to_evict() -> None:
     assert not requested(demux, flow(2, src=2))
     assert demux.statistics().syn_dropped_half_open == 1
     assert demux.take_evicted() == []
+
+
+def test_has_output_says_whether_anything_is_due_or_a_deadline_may_have_moved() -> None:
+    demux = TcpDemux(TcpConfig())
+    app = App()
+    assert not demux.has_output()
+    demux.segment_received(KEY, app.syn(), b"", 0.0)
+    assert not demux.has_output()  # a pending SYN waits for accept, silently
+    conn = demux.accept(KEY, SRV_ISS, 0.0)
+    assert demux.has_output()
+    app.absorb([(h, p) for _, h, p in demux.segments_to_send(0.0)])
+    assert not demux.has_output()
+    demux.segment_received(KEY, *app.seg(), 0.1)
+    assert demux.has_output()  # the handshake's end changes the connection's timers
+    assert demux.segments_to_send(0.1) == []
+    assert not demux.has_output()
+    assert conn.send(b"data") == 4 and demux.has_output()
+    assert [p for _, _, p in demux.segments_to_send(0.2)] == [b"data"]
+    assert not demux.has_output()
+    demux.segment_received(key(9), TcpHeader(40000, 443, 100, 777, ACK, 1000), b"", 0.3)
+    assert demux.has_output()  # an RST for the unknown flow
+    assert [h.flags for _, h, _ in demux.segments_to_send(0.3)] == [RST]
+    assert not demux.has_output() and demux.segments_to_send(0.4) == []

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from outbounds.base import Destination
+from outbounds.net import TcpSocketStream
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import NEED_DATA, ConnectionReset, DataReceived, EofReceived
 from tests.support.app import CONFIG, AppSide
@@ -208,3 +210,63 @@ async def test_a_short_exchange_costs_the_flow_one_task(
     assert received == b"HTTP/1.0 200 OK\r\n\r\nhi"
     engine_tasks = [task for task in spawned.tasks if task.parent_nursery is not nursery]
     assert len(engine_tasks) == 1
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts the receives that found nothing."""
+
+    empty_receives = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            return super().recv(bufsize, flags)
+        except BlockingIOError:
+            _CountingSocket.empty_receives += 1
+            raise
+
+
+class _CountingOutbound(LoopbackOutbound):
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        stream = await super().connect_tcp(dest)
+        assert isinstance(stream, TcpSocketStream)
+        stream.socket = _CountingSocket(fileno=stream.socket.detach())
+        return stream
+
+
+async def test_an_answer_in_pieces_costs_one_empty_receive_per_piece() -> None:
+    """After passing a piece on, the download looks once whether more came
+    (so that an EOF right behind it leaves with it); when nothing had, its
+    next receive waits for the socket before reading instead of failing a
+    second time: one system call less per round trip."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice(ours.detach(), name="pair0", mtu=1500, offload=False)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    _CountingSocket.empty_receives = 0
+    pieces = [b"one", b"two", b"three"]
+    async with trio.open_nursery() as nursery:
+        engine = Engine(
+            device,
+            NetStack(NetStackConfig(tcp=CONFIG)),
+            Router(_CountingOutbound(listeners[0].socket.getsockname()[1])),
+            config=EngineConfig(splice_buffer=16384),
+        )
+        await nursery.start(engine.run)
+
+        async def server() -> None:
+            stream = await listeners[0].accept()
+            assert await stream.receive_some(100) == b"go"
+            for piece in pieces:
+                # Apart, so that each is read alone.
+                await trio.sleep(0.02)
+                await stream.send_all(piece)
+            await stream.aclose()
+
+        nursery.start_soon(server)
+        with trio.fail_after(10), trio.socket.from_stdlib_socket(theirs) as app_sock:
+            received, events = await exchange(
+                AppSide(app_sock), b"go", read_while_sending=True, close=True
+            )
+        nursery.cancel_scope.cancel()
+    device.close()
+    assert received == b"".join(pieces) and EofReceived in events
+    assert 1 <= _CountingSocket.empty_receives <= len(pieces)
