@@ -57,7 +57,16 @@ log = logging.getLogger("tun2sx")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tun2sx",
-        description="Proxy everything routed into a TUN device through SOCKS5 or direct.",
+        description=(
+            "Proxy everything routed into a TUN device through SOCKS5, SOCKS4, HTTP CONNECT, "
+            "Shadowsocks or direct outbounds, chosen per flow by rules."
+        ),
+        epilog=(
+            "other commands: 'tun2sx check-config FILE [FLAGS]' checks a configuration "
+            "without starting; 'tun2sx service-unit' prints the systemd unit; "
+            "'tun2sx demo' runs the whole path in a private namespace lab. "
+            "SIGHUP reloads the --config file."
+        ),
     )
     p.add_argument(
         "--config", metavar="FILE", help="TOML config file (docs/config.md); flags override it"
