@@ -555,10 +555,14 @@ class _Client:
         self.answer = answer
         self.cors = cors
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        # A WebSocket's reader answers pings and the close handshake while
+        # its writer may be in the middle of a message: one sender at a time.
+        self.send_lock = trio.Lock()
 
     async def send(self, data: bytes) -> None:
         with trio.fail_after(SEND_TIMEOUT):
-            await self.stream.send_all(data)
+            async with self.send_lock:
+                await self.stream.send_all(data)
 
     async def send_event(self, event: Any) -> None:
         data = self.http.send(event)

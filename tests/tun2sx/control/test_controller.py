@@ -9,6 +9,7 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+import wsproto.events
 
 from tests.support.controller import (
     FakeEngine,
@@ -419,3 +420,29 @@ def test_any_bytes_get_an_http_answer_or_none(junk: bytes, cut: int) -> None:
     prefixed = [b"GET /version HTTP/1.1\r\n"[:cut], junk] if cut % 2 else [junk]
     answer = trio.run(exchange, controller, prefixed)
     assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
+
+
+async def test_a_websocket_ping_while_a_message_is_being_written_is_answered(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard pings (or says goodbye) while the server is in the middle
+    of writing a large snapshot: the pong waits its turn instead of failing
+    the connection with a traceback."""
+    engine, _, port = await serve(nursery)
+    for i in range(2000):
+        engine.add_flow(f"host{i}.example.com")
+    ws = await WebSocket.open(port, "/connections?interval=100")
+    # Not reading: the first snapshot's write stalls on full buffers.
+    await trio.sleep(0.5)
+    for _ in range(3):
+        await ws.stream.send_all(ws.ws.send(wsproto.events.Ping(payload=b"hi")))
+    await trio.sleep(0.5)
+    pongs = 0
+    with trio.fail_after(10):
+        while pongs == 0:
+            event = await ws._next()
+            pongs += isinstance(event, wsproto.events.Pong)
+    await ws.close()
+    with trio.fail_after(10):
+        assert (await request(port, "GET", "/version")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
