@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import urllib.parse
+from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
@@ -11,6 +14,7 @@ import trio
 import trio.testing
 import wsproto.events
 
+from tests.outbounds.test_group import self_signed
 from tests.support.controller import (
     FakeEngine,
     WebSocket,
@@ -446,3 +450,30 @@ async def test_a_websocket_ping_while_a_message_is_being_written_is_answered(
     with trio.fail_after(10):
         assert (await request(port, "GET", "/version")).status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_delay_of_an_https_url_as_dashboards_send_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Every dashboard's default test URL is https://www.gstatic.com/generate_204:
+    it is timed over TLS, not refused."""
+    _, _, port = await serve(nursery)
+
+    async def server(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await trio.aclose_forcefully(stream)
+
+    (listener,) = await nursery.start(
+        functools.partial(
+            trio.serve_ssl_over_tcp, server, 0, self_signed(tmp_path), host="127.0.0.1"
+        )
+    )
+    tls_port = listener.transport_listener.socket.getsockname()[1]
+    url = urllib.parse.quote(f"https://127.0.0.1:{tls_port}/generate_204", safe="")
+    answer = await request(port, "GET", f"/proxies/DIRECT/delay?url={url}&timeout=5000")
+    assert answer.status == 200 and answer.json()["delay"] >= 1
+    group = await request(port, "GET", f"/group/proxy/delay?url={url}&timeout=5000")
+    assert group.status == 200 and group.json()["DIRECT"] >= 1
