@@ -24,7 +24,7 @@ import pytest
 
 from tests.e2e.test_controller import CHROMIUM_FLAGS, Waiter, chromium_in
 from tests.e2e.testbed import DANTE_PORT, SERVER_ADDR, Testbed
-from tests.support import in_ci
+from tests.support import in_ci, require_binary
 
 PORT = 19290
 SITE_PORT = 19292
@@ -109,35 +109,36 @@ def playwright() -> Any:
 
 
 @pytest.fixture(scope="module")
-def dashboard(testbed: Testbed) -> Iterator[tuple[Testbed, Path]]:
-    dist = zashboard_dist()
+def run(testbed: Testbed) -> Iterator[Testbed]:
+    """tun2sx with a select group and the controller with a secret."""
     config = testbed.tmp / "dashboard.toml"
     config.write_text(CONFIG)
     testbed.stop()
     saved = testbed.proxy_args
     testbed.proxy_args = ["--config", str(config)]
     testbed.start()
-    site = testbed.client.spawn(
-        [
-            sys.executable,
-            "-m",
-            "http.server",
-            str(SITE_PORT),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            str(dist),
-        ]
-    )
     try:
-        testbed.client.wait_listening(SITE_PORT)
         testbed.client.wait_listening(PORT)
-        yield testbed, dist
+        yield testbed
     finally:
-        testbed.lab.stop(site)
         testbed.stop()
         testbed.proxy_args = saved
         testbed.start()
+
+
+@pytest.fixture
+def dashboard(run: Testbed) -> Iterator[tuple[Testbed, Path]]:
+    """The run, and zashboard served from loopback (another origin)."""
+    dist = zashboard_dist()
+    site = run.client.spawn(
+        [sys.executable, "-m", "http.server", str(SITE_PORT), "--bind", "127.0.0.1"]
+        + ["--directory", str(dist)]  # noqa: RUF005
+    )
+    try:
+        run.client.wait_listening(SITE_PORT)
+        yield run, dist
+    finally:
+        run.lab.stop(site)
 
 
 def api(bed: Testbed, method: str, path: str, body: object = None) -> Any:
@@ -277,3 +278,73 @@ def test_zashboard_shows_and_drives_a_real_run(
     assert not seen.failed(), seen.failed()
     assert not seen.errors, seen.errors
     assert "Traceback" not in bed.log()
+
+
+PROMETHEUS_PORT = 19293
+SCRAPE = f"""\
+global: {{scrape_interval: 1s, scrape_timeout: 1s}}
+scrape_configs:
+  - job_name: tun2sx
+    authorization: {{credentials: "{SECRET}"}}
+    static_configs: [{{targets: ["127.0.0.1:{PORT}"]}}]
+"""
+
+
+def test_prometheus_scrapes_it_with_the_secret_under_load(run: Testbed, tmp_path: Path) -> None:
+    """A real Prometheus, configured as docs/controller.md says, scrapes
+    the run while a transfer goes on: the target is up, promtool finds
+    nothing against the conventions, and the numbers grow with the bytes."""
+    prometheus = require_binary("prometheus")
+    promtool = require_binary("promtool")
+    text = run.client_run(
+        ["curl", "-s", "-H", f"Authorization: Bearer {SECRET}", f"http://127.0.0.1:{PORT}/metrics"]
+    ).stdout
+    lint = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert lint.returncode == 0 and not lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    (tmp_path / "prometheus.yml").write_text(SCRAPE)
+    server = run.client.spawn(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+            "--log.level=warn",
+        ]
+    )
+    try:
+        run.client.wait_listening(PROMETHEUS_PORT)
+
+        def query(expr: str) -> list[Any]:
+            url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query"
+            argv = ["curl", "-s", "-G", "--data-urlencode", f"query={expr}", url]
+            answer = json.loads(run.client_run(argv).stdout)
+            return list(answer["data"]["result"])
+
+        # 20 MB through the proxy while Prometheus scrapes every second.
+        moved = run.client_tool("download", "echo.test", 7003, 20_000_000)
+        assert moved == {"received": 20_000_000, "equal": True}
+        wait_until(
+            "Prometheus did not see the transfer",
+            lambda: [
+                r
+                for r in query('tun2sx_bytes_total{job="tun2sx",direction="down"}')
+                if float(r["value"][1]) >= 20_000_000
+            ],
+            timeout=20,
+        )
+        targets = json.loads(
+            run.client_run(
+                ["curl", "-s", f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/targets"]
+            ).stdout
+        )["data"]["activeTargets"]
+        assert [(t["health"], t["lastError"]) for t in targets] == [("up", "")]
+        quantile = query(
+            "histogram_quantile(0.5, sum by (le, outbound) "
+            '(tun2sx_outbound_connect_seconds_bucket{job="tun2sx"}))'
+        )
+        assert {r["metric"]["outbound"] for r in quantile} >= {"dante"}
+        assert all(0 < float(r["value"][1]) < 10 for r in quantile if r["value"][1] != "NaN")
+    finally:
+        run.lab.stop(server)
