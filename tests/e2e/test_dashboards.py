@@ -130,10 +130,8 @@ def run(testbed: Testbed) -> Iterator[Testbed]:
 def dashboard(run: Testbed) -> Iterator[tuple[Testbed, Path]]:
     """The run, and zashboard served from loopback (another origin)."""
     dist = zashboard_dist()
-    site = run.client.spawn(
-        [sys.executable, "-m", "http.server", str(SITE_PORT), "--bind", "127.0.0.1"]
-        + ["--directory", str(dist)]  # noqa: RUF005
-    )
+    serve = [sys.executable, "-m", "http.server", str(SITE_PORT), "--bind", "127.0.0.1"]
+    site = run.client.spawn([*serve, "--directory", str(dist)])
     try:
         run.client.wait_listening(SITE_PORT)
         yield run, dist
