@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,7 +90,10 @@ def zashboard_dist() -> Path:
     assert hashlib.sha256(inner).hexdigest() == ZIP_SHA256
     target = CACHE / "zashboard"
     partial = CACHE / "zashboard.partial"
-    partial.mkdir(parents=True, exist_ok=True)
+    # What an interrupted earlier run left goes first.
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.mkdir(parents=True)
     (partial / "z.zip").write_bytes(inner)
     with zipfile.ZipFile(partial / "z.zip") as z:
         z.extractall(partial)
