@@ -168,6 +168,15 @@ class Access:
             return hmac.compare_digest(request.query["token"].encode(), self.secret.encode())
         return False
 
+    @staticmethod
+    def loopback_origin(request: Request) -> bool:
+        """Whether the request comes from no web page, or from one on loopback."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        host = urllib.parse.urlsplit(origin).netloc
+        return bool(host) and is_loopback_host(host)
+
     def cors_headers(self, request: Request) -> list[tuple[str, str]]:
         origin = request.headers.get("origin")
         if origin is None:
@@ -175,8 +184,7 @@ class Access:
         if self.secret:
             allowed = "*"
         else:
-            host = urllib.parse.urlsplit(origin).netloc
-            if not host or not is_loopback_host(host):
+            if not self.loopback_origin(request):
                 return []
             allowed = origin
         headers = [
@@ -196,6 +204,12 @@ class Access:
             return Reply(204)
         if not self.secret and not is_loopback_host(request.headers.get("host", "localhost")):
             return message(403, "loopback hosts only (set a secret to allow others)")
+        if not self.secret and request.websocket and not self.loopback_origin(request):
+            # CORS does not cover WebSockets: without this, any web page
+            # could read the connections stream. Browsers always send Origin.
+            return message(
+                403, "WebSockets from loopback pages only (set a secret to allow others)"
+            )
         if request.path in ("/ui", "/ui/"):
             return None
         if not self.authorized(request):

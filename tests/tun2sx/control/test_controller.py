@@ -87,6 +87,31 @@ async def test_without_secret_only_loopback_hosts_and_origins(nursery: trio.Nurs
     assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
 
 
+async def test_without_secret_a_foreign_page_cannot_open_a_websocket(
+    nursery: trio.Nursery,
+) -> None:
+    """CORS does not cover WebSockets: a page on any web site could otherwise
+    open ws://127.0.0.1:PORT/connections (its Host is loopback) and read
+    every host the machine talks to. Browsers always send Origin there."""
+    engine, _, port = await serve(nursery)
+    engine.add_flow("private.example.com")
+    for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example"):
+        with pytest.raises(ConnectionRefusedError):
+            await WebSocket.open(port, "/connections", headers=[("Origin", origin)])
+    # A dashboard served from loopback, and a program that sends no Origin.
+    for headers in ([("Origin", "http://127.0.0.1:8080")], [("Origin", "http://localhost")], []):
+        ws = await WebSocket.open(port, "/connections", headers=headers)
+        snapshot = await ws.receive_json()
+        assert snapshot["connections"][0]["metadata"]["host"] == "private.example.com"
+        await ws.close()
+    # With a secret, the token is what protects, whatever the page.
+    _, _, guarded = await serve(nursery, "s3cret")
+    page = [("Origin", "https://dashboard.example")]
+    ws = await WebSocket.open(guarded, "/traffic?token=s3cret", headers=page)
+    assert await ws.receive_json() == {"up": 0, "down": 0}
+    await ws.close()
+
+
 async def test_cors_preflight_with_a_secret(nursery: trio.Nursery) -> None:
     _, _, port = await serve(nursery, "s3cret")
     headers = [
