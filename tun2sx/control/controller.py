@@ -43,7 +43,7 @@ import wsproto.connection
 import wsproto.events
 import wsproto.utilities
 
-from outbounds.base import Destination, FailureReply, OutboundError
+from outbounds.base import OutboundError
 from tun2sx.control import clashapi, metrics
 from tun2sx.control.clashapi import ApiError, ApiState, Controlled
 from tun2sx.control.stats import is_loopback_host
@@ -168,6 +168,15 @@ class Access:
             return hmac.compare_digest(request.query["token"].encode(), self.secret.encode())
         return False
 
+    @staticmethod
+    def loopback_origin(request: Request) -> bool:
+        """Whether the request comes from no web page, or from one on loopback."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        host = urllib.parse.urlsplit(origin).netloc
+        return bool(host) and is_loopback_host(host)
+
     def cors_headers(self, request: Request) -> list[tuple[str, str]]:
         origin = request.headers.get("origin")
         if origin is None:
@@ -175,8 +184,7 @@ class Access:
         if self.secret:
             allowed = "*"
         else:
-            host = urllib.parse.urlsplit(origin).netloc
-            if not host or not is_loopback_host(host):
+            if not self.loopback_origin(request):
                 return []
             allowed = origin
         headers = [
@@ -196,6 +204,12 @@ class Access:
             return Reply(204)
         if not self.secret and not is_loopback_host(request.headers.get("host", "localhost")):
             return message(403, "loopback hosts only (set a secret to allow others)")
+        if not self.secret and request.websocket and not self.loopback_origin(request):
+            # CORS does not cover WebSockets: without this, any web page
+            # could read the connections stream. Browsers always send Origin.
+            return message(
+                403, "WebSockets from loopback pages only (set a secret to allow others)"
+            )
         if request.path in ("/ui", "/ui/"):
             return None
         if not self.authorized(request):
@@ -460,45 +474,27 @@ def _delay_args(query: dict[str, str]) -> tuple[str, float]:
         raise ApiError(400, "timeout: milliseconds expected") from None
     if not 0 < timeout <= 60:
         raise ApiError(400, "timeout: 1 to 60000 ms")
-    target = _delay_target(url)
-    if target is None:
-        raise ApiError(400, "url: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT (no TLS)")
-    return url, timeout
+    # Imported here: with no delay test asked for, the groups' module
+    # (and ssl, for https checks) stays unloaded.
+    from outbounds.group import parse_check_url
 
-
-def _delay_target(url: str) -> tuple[Destination, str | None] | None:
-    """Where a delay test connects, and the HTTP path (None: connect only)."""
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in ("http", "tcp") or not parts.hostname:
-        return None
-    default = {"http": 80, "tcp": None}[parts.scheme]
-    if port is None and default is None:
-        return None
-    dest = Destination.parse_host(parts.hostname, port or default or 0)
-    if parts.scheme != "http":
-        return dest, None
-    return dest, parts.path or "/"
+        parse_check_url(url)
+    except ValueError as exc:
+        raise ApiError(400, f"url: {exc}") from None
+    return url, timeout
 
 
 async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
     """Milliseconds for `url` through `outbound`; None on time-out, 0 on failure.
 
-    The groups' own measurement (outbounds.group.measure_delay) when that
-    module is there; otherwise a plain GET (or a connect, for a tcp://
-    target) timed here.
+    The groups' own measurement: an http(s) GET timed to the status line,
+    or a connect for a tcp:// target.
     """
     if outbound is None:
         return 0
-    try:
-        from outbounds.group import (  # type: ignore[import-not-found,unused-ignore]
-            measure_delay,
-        )
-    except ImportError:
-        measure_delay = _measure_here
+    from outbounds.group import measure_delay
+
     try:
         with trio.fail_after(timeout):
             delay: int = await measure_delay(outbound, url, timeout)
@@ -506,26 +502,7 @@ async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
     except (TimeoutError, trio.TooSlowError):
         return None
     except (OutboundError, OSError, trio.BrokenResourceError, ValueError):
-        # ValueError: a URL the groups' own check refuses.
         return 0
-
-
-async def _measure_here(outbound: Any, url: str, timeout: float) -> int:
-    target = _delay_target(url)
-    assert target is not None
-    dest, path = target
-    started = trio.current_time()
-    stream = await outbound.connect_tcp(dest)
-    try:
-        if path is not None:
-            host = dest.host if isinstance(dest.host, str) else str(dest.host)
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-            await stream.send_all(request.encode())
-            if not await stream.receive_some(1024):
-                raise OutboundError(FailureReply.RESET, "closed before answering")
-    finally:
-        await trio.aclose_forcefully(stream)
-    return max(1, round((trio.current_time() - started) * 1000))
 
 
 def _reason(status: int) -> bytes:
@@ -555,10 +532,14 @@ class _Client:
         self.answer = answer
         self.cors = cors
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        # A WebSocket's reader answers pings and the close handshake while
+        # its writer may be in the middle of a message: one sender at a time.
+        self.send_lock = trio.Lock()
 
     async def send(self, data: bytes) -> None:
         with trio.fail_after(SEND_TIMEOUT):
-            await self.stream.send_all(data)
+            async with self.send_lock:
+                await self.stream.send_all(data)
 
     async def send_event(self, event: Any) -> None:
         data = self.http.send(event)

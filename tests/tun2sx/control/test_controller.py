@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import urllib.parse
+from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+import wsproto.events
 
+from tests.outbounds.test_group import self_signed
 from tests.support.controller import (
     FakeEngine,
     WebSocket,
@@ -80,6 +85,31 @@ async def test_without_secret_only_loopback_hosts_and_origins(nursery: trio.Nurs
     local = [("Origin", "http://127.0.0.1:8080")]
     answer = await request(port, "GET", "/connections", headers=local)
     assert answer.headers["access-control-allow-origin"] == "http://127.0.0.1:8080"
+
+
+async def test_without_secret_a_foreign_page_cannot_open_a_websocket(
+    nursery: trio.Nursery,
+) -> None:
+    """CORS does not cover WebSockets: a page on any web site could otherwise
+    open ws://127.0.0.1:PORT/connections (its Host is loopback) and read
+    every host the machine talks to. Browsers always send Origin there."""
+    engine, _, port = await serve(nursery)
+    engine.add_flow("private.example.com")
+    for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example"):
+        with pytest.raises(ConnectionRefusedError):
+            await WebSocket.open(port, "/connections", headers=[("Origin", origin)])
+    # A dashboard served from loopback, and a program that sends no Origin.
+    for headers in ([("Origin", "http://127.0.0.1:8080")], [("Origin", "http://localhost")], []):
+        ws = await WebSocket.open(port, "/connections", headers=headers)
+        snapshot = await ws.receive_json()
+        assert snapshot["connections"][0]["metadata"]["host"] == "private.example.com"
+        await ws.close()
+    # With a secret, the token is what protects, whatever the page.
+    _, _, guarded = await serve(nursery, "s3cret")
+    page = [("Origin", "https://dashboard.example")]
+    ws = await WebSocket.open(guarded, "/traffic?token=s3cret", headers=page)
+    assert await ws.receive_json() == {"up": 0, "down": 0}
+    await ws.close()
 
 
 async def test_cors_preflight_with_a_secret(nursery: trio.Nursery) -> None:
@@ -419,3 +449,56 @@ def test_any_bytes_get_an_http_answer_or_none(junk: bytes, cut: int) -> None:
     prefixed = [b"GET /version HTTP/1.1\r\n"[:cut], junk] if cut % 2 else [junk]
     answer = trio.run(exchange, controller, prefixed)
     assert answer == b"" or answer.startswith(b"HTTP/1.1 ")
+
+
+async def test_a_websocket_ping_while_a_message_is_being_written_is_answered(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dashboard pings (or says goodbye) while the server is in the middle
+    of writing a large snapshot: the pong waits its turn instead of failing
+    the connection with a traceback."""
+    engine, _, port = await serve(nursery)
+    for i in range(2000):
+        engine.add_flow(f"host{i}.example.com")
+    ws = await WebSocket.open(port, "/connections?interval=100")
+    # Not reading: the first snapshot's write stalls on full buffers.
+    await trio.sleep(0.5)
+    for _ in range(3):
+        await ws.stream.send_all(ws.ws.send(wsproto.events.Ping(payload=b"hi")))
+    await trio.sleep(0.5)
+    pongs = 0
+    with trio.fail_after(10):
+        while pongs == 0:
+            event = await ws._next()
+            pongs += isinstance(event, wsproto.events.Pong)
+    await ws.close()
+    with trio.fail_after(10):
+        assert (await request(port, "GET", "/version")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_delay_of_an_https_url_as_dashboards_send_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Every dashboard's default test URL is https://www.gstatic.com/generate_204:
+    it is timed over TLS, not refused."""
+    _, _, port = await serve(nursery)
+
+    async def server(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await trio.aclose_forcefully(stream)
+
+    (listener,) = await nursery.start(
+        functools.partial(
+            trio.serve_ssl_over_tcp, server, 0, self_signed(tmp_path), host="127.0.0.1"
+        )
+    )
+    tls_port = listener.transport_listener.socket.getsockname()[1]
+    url = urllib.parse.quote(f"https://127.0.0.1:{tls_port}/generate_204", safe="")
+    answer = await request(port, "GET", f"/proxies/DIRECT/delay?url={url}&timeout=5000")
+    assert answer.status == 200 and answer.json()["delay"] >= 1
+    group = await request(port, "GET", f"/group/proxy/delay?url={url}&timeout=5000")
+    assert group.status == 200 and group.json()["DIRECT"] >= 1
