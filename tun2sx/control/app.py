@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -342,7 +343,29 @@ def open_routing(settings: Settings, protect: Callable[[int], bool] | None = Non
     router = build_router(settings, socket_options, resolver)
     if settings.fake_ip:
         warn_without_direct_dns(resolver, router)
+    missing = missing_interface(settings)
+    if missing is not None:
+        log.warning("tun2sx: %s", missing)
     return Routing(router, resolver)
+
+
+def missing_interface(settings: Settings) -> str | None:
+    """A warning when `interface` names no device now, else None.
+
+    Not an error: on a router the uplink (ppp0, wg0) may come up after
+    tun2sx starts. But a typo would make every outbound connection fail
+    with "No such device", so the start says so once.
+    """
+    if settings.interface is None:
+        return None
+    try:
+        socket.if_nametoindex(settings.interface)
+    except OSError:
+        return (
+            f"interface: no device {settings.interface!r} now; every outbound connection "
+            "fails until it exists"
+        )
+    return None
 
 
 def engine_config(settings: Settings, device: TunDevice, router: Router) -> EngineConfig:

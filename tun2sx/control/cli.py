@@ -43,6 +43,7 @@ from tun2sx.control.app import (
     ConfigError,
     Settings,
     check_settings,
+    missing_interface,
     serve,
 )
 from tun2sx.control.autoroute import AutoRouteError
@@ -386,10 +387,13 @@ def check_config(argv: Sequence[str]) -> int:
         return 2
     args = build_parser().parse_args(["--config", argv[0], *argv[1:]])
     try:
-        settings_from_args(args)
+        settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"tun2sx: {exc}", file=sys.stderr)
         return 2
+    missing = missing_interface(settings)
+    if missing is not None:
+        print(f"tun2sx: warning: {missing}", file=sys.stderr)
     print("ok")
     return 0
 

@@ -172,6 +172,23 @@ def test_check_config_gives_one_line_and_exits_2(
     assert "s3cret" not in err
 
 
+def test_check_config_warns_of_an_interface_that_does_not_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('interface = "nosuch0"\n' + GOOD)
+    assert main(["check-config", str(config)]) == 0  # it may come up later
+    out, err = capsys.readouterr()
+    assert out == "ok\n"
+    assert err == (
+        "tun2sx: warning: interface: no device 'nosuch0' now; "
+        "every outbound connection fails until it exists\n"
+    )
+    config.write_text('interface = "lo"\n' + GOOD)
+    assert main(["check-config", str(config)]) == 0
+    assert capsys.readouterr() == ("ok\n", "")
+
+
 def test_check_config_takes_flags_as_a_start_would(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
