@@ -102,8 +102,16 @@ def message(status: int, text: str) -> Reply:
 
 
 def parse_target(target: str) -> tuple[str, dict[str, str]]:
-    """Path (percent-decoded) and query of a request target."""
-    parts = urllib.parse.urlsplit(target)
+    """Path (percent-decoded) and query of a request target.
+
+    Raises:
+        h11.RemoteProtocolError: a target urllib cannot split (an
+            unbalanced `[`), answered 400 like any other bad request.
+    """
+    try:
+        parts = urllib.parse.urlsplit(target)
+    except ValueError as exc:
+        raise h11.RemoteProtocolError(f"request target: {exc}", 400) from None
     query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     return urllib.parse.unquote(parts.path), query
 
@@ -175,7 +183,10 @@ class Access:
         if self.secret:
             allowed = "*"
         else:
-            host = urllib.parse.urlsplit(origin).netloc
+            try:
+                host = urllib.parse.urlsplit(origin).netloc
+            except ValueError:  # unbalanced [ ]: no page of ours sends that
+                return []
             if not host or not is_loopback_host(host):
                 return []
             allowed = origin

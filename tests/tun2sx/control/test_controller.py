@@ -302,6 +302,19 @@ async def test_bad_requests_get_400_and_the_server_goes_on(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
+async def test_unsplittable_targets_and_origins_are_answered_without_a_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, port = await serve(nursery)
+    assert (await request(port, "GET", "//[x/version")).status == 400
+    broken_origin = [("Origin", "http://[")]
+    answer = await request(port, "GET", "/version", headers=broken_origin)
+    # Answered like a foreign page: without CORS headers.
+    assert answer.status == 200 and "access-control-allow-origin" not in answer.headers
+    assert (await request(port, "GET", "/version")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
 async def test_request_heads_are_bounded(nursery: trio.Nursery) -> None:
     _, _, port = await serve(nursery)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
