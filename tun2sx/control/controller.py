@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -62,7 +62,7 @@ ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE"
 ALLOW_HEADERS = "Authorization, Content-Type"
 Reload = Callable[[str | None], Awaitable[str | None] | str | None]
 # What the streams yield: JSON-ready objects, sent one per line or message.
-Producer = Callable[[], AsyncIterator[object]]
+Producer = Callable[[], AsyncGenerator[object, None]]
 
 
 @attrs.frozen
@@ -319,8 +319,8 @@ class Controller:
 
     def metrics(self) -> str:
         engine = self.engine
-        dns = getattr(engine, "dns", None)
-        store = getattr(engine, "fakeip", None)
+        dns = engine.dns
+        store = engine.fakeip
         answers = None
         if dns is not None:
             numbers = attrs.asdict(dns.statistics())
@@ -389,7 +389,7 @@ class Controller:
 
     # -- streams --------------------------------------------------------------------
 
-    async def _traffic(self) -> AsyncIterator[object]:
+    async def _traffic(self) -> AsyncGenerator[object, None]:
         stats = self.engine.statistics()
         up, down = stats.get("bytes_up", 0), stats.get("bytes_down", 0)
         yield {"up": 0, "down": 0}
@@ -400,7 +400,7 @@ class Controller:
             yield {"up": max(0, now_up - up), "down": max(0, now_down - down)}
             up, down = now_up, now_down
 
-    async def _memory(self) -> AsyncIterator[object]:
+    async def _memory(self) -> AsyncGenerator[object, None]:
         while True:
             yield {"inuse": metrics.rss_bytes(), "oslimit": 0}
             await trio.sleep(1)
@@ -408,7 +408,7 @@ class Controller:
     def _connections_stream(self, query: dict[str, str]) -> Producer:
         interval = _interval(query)
 
-        async def produce() -> AsyncIterator[object]:
+        async def produce() -> AsyncGenerator[object, None]:
             while True:
                 yield self.state.connections()
                 await trio.sleep(interval)
@@ -423,7 +423,7 @@ class Controller:
         # mihomo's other shape, which newer dashboards ask for.
         structured = query.get("format") == "structured"
 
-        async def produce() -> AsyncIterator[object]:
+        async def produce() -> AsyncGenerator[object, None]:
             send, receive = trio.open_memory_channel[dict[str, str]](LOG_QUEUE)
             entry = (level, send)
             self.hub.subscribers.add(entry)
@@ -679,7 +679,7 @@ class _Client:
 
             nursery.start_soon(watcher)
             with contextlib.suppress(*_GONE):
-                async with _closing(produce()) as items:
+                async with contextlib.aclosing(produce()) as items:
                     async for item in items:
                         await write(item)
             nursery.cancel_scope.cancel()
@@ -735,21 +735,6 @@ class _Client:
 # What ends a client's connection without being anybody's bug: it went
 # away, or stopped reading for SEND_TIMEOUT.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
-
-
-class _closing:
-    """`async with` for an async generator: closed on the way out."""
-
-    def __init__(self, generator: AsyncIterator[object]) -> None:
-        self.generator = generator
-
-    async def __aenter__(self) -> AsyncIterator[object]:
-        return self.generator
-
-    async def __aexit__(self, *exc: object) -> None:
-        aclose = getattr(self.generator, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 async def _send_error(stream: trio.abc.Stream, status: int, text: str) -> None:
