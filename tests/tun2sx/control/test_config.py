@@ -212,6 +212,13 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_path_with_a_nul_byte_is_refused_in_one_line() -> None:
+    # The controller's reload takes a path from a request body.
+    with pytest.raises(ConfigError, match="embedded null byte") as info:
+        load_config("conf\x00.toml")
+    assert "\n" not in str(info.value)
+
+
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     # A file saved in Latin-1, or a binary copied by mistake.
     path = tmp_path / "latin1.toml"
