@@ -181,7 +181,7 @@ class TcpFlows:
         if protocols:
             await self._run_sniffed(request, scope, dest, protocols)
             return
-        name, source = _known_name(engine, dest)
+        name, source = engine.real_names.known_name(dest.host, trio.current_time())
         outbound, rule = engine.decide(dest, "tcp", name)
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
@@ -361,7 +361,7 @@ class TcpFlows:
                     route_dest = Destination(sniffed.host, dest.port)
             else:
                 engine.counters["sniff_misses"] += 1
-                name, source = _known_name(engine, dest)
+                name, source = engine.real_names.known_name(dest.host, trio.current_time())
             outbound, rule = engine.decide(route_dest, "tcp", name)
             if outbound is None:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
@@ -466,11 +466,3 @@ class _Route(NamedTuple):
     source: str  # where the host name came from (FlowInfo.host_source)
     rule: Rule | None
     chain: tuple[str, ...]
-
-
-def _known_name(engine: FlowContext, dest: Destination) -> tuple[str | None, str]:
-    """The host name known for `dest` before sniffing, and where it came from."""
-    if isinstance(dest.host, str):
-        return None, "fake-ip"
-    name = engine.real_names.name_for(dest.host, trio.current_time())
-    return name, "none" if name is None else "dns"
