@@ -451,6 +451,8 @@ def _json_body(request: Request) -> Any:
         return json.loads(request.body or b"null")
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "body is not JSON") from None
+    except RecursionError:  # "[[[[...": nested deeper than the interpreter recurses
+        raise ApiError(400, "body is nested too deeply") from None
 
 
 def _interval(query: dict[str, str]) -> float:

@@ -302,6 +302,24 @@ async def test_bad_requests_get_400_and_the_server_goes_on(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
+async def test_a_deeply_nested_json_body_is_400_without_a_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, port = await serve(nursery)
+    body = b"[" * 5000 + b"]" * 5000  # deeper than Python's recursion limit
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"PATCH /configs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer = b""
+        while data := await stream.receive_some():
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
 async def test_unsplittable_targets_and_origins_are_answered_without_a_traceback(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
