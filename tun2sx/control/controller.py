@@ -43,7 +43,8 @@ import wsproto.connection
 import wsproto.events
 import wsproto.utilities
 
-from outbounds.base import Destination, FailureReply, OutboundError
+from outbounds.base import Outbound, OutboundError
+from outbounds.group import measure_delay
 from tun2sx.control import clashapi, metrics
 from tun2sx.control.clashapi import ApiError, ApiState, Controlled
 from tun2sx.control.stats import is_loopback_host
@@ -473,72 +474,36 @@ def _delay_args(query: dict[str, str]) -> tuple[str, float]:
         raise ApiError(400, "timeout: milliseconds expected") from None
     if not 0 < timeout <= 60:
         raise ApiError(400, "timeout: 1 to 60000 ms")
-    target = _delay_target(url)
-    if target is None:
+    if not _delay_url_ok(url):
         raise ApiError(400, "url: expected http://HOST[:PORT]/PATH or tcp://HOST:PORT (no TLS)")
     return url, timeout
 
 
-def _delay_target(url: str) -> tuple[Destination, str | None] | None:
-    """Where a delay test connects, and the HTTP path (None: connect only)."""
+def _delay_url_ok(url: str) -> bool:
+    """Whether a delay test takes `url`: http://HOST[:PORT]/PATH or tcp://HOST:PORT."""
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port
     except ValueError:
-        return None
+        return False
     if parts.scheme not in ("http", "tcp") or not parts.hostname:
-        return None
-    default = {"http": 80, "tcp": None}[parts.scheme]
-    if port is None and default is None:
-        return None
-    dest = Destination.parse_host(parts.hostname, port or default or 0)
-    if parts.scheme != "http":
-        return dest, None
-    return dest, parts.path or "/"
+        return False
+    return parts.scheme == "http" or port is not None
 
 
-async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
-    """Milliseconds for `url` through `outbound`; None on time-out, 0 on failure.
-
-    The groups' own measurement (outbounds.group.measure_delay) when that
-    module is there; otherwise a plain GET (or a connect, for a tcp://
-    target) timed here.
-    """
+async def _measure(outbound: Outbound | None, url: str, timeout: float) -> int | None:
+    """Milliseconds for `url` through `outbound` (the groups' own check,
+    outbounds.group.measure_delay); None on time-out, 0 on failure."""
     if outbound is None:
         return 0
     try:
-        from outbounds.group import (  # type: ignore[import-not-found,unused-ignore]
-            measure_delay,
-        )
-    except ImportError:
-        measure_delay = _measure_here
-    try:
         with trio.fail_after(timeout):
-            delay: int = await measure_delay(outbound, url, timeout)
-            return delay
+            return await measure_delay(outbound, url, timeout)
     except (TimeoutError, trio.TooSlowError):
         return None
     except (OutboundError, OSError, trio.BrokenResourceError, ValueError):
         # ValueError: a URL the groups' own check refuses.
         return 0
-
-
-async def _measure_here(outbound: Any, url: str, timeout: float) -> int:
-    target = _delay_target(url)
-    assert target is not None
-    dest, path = target
-    started = trio.current_time()
-    stream = await outbound.connect_tcp(dest)
-    try:
-        if path is not None:
-            host = dest.host if isinstance(dest.host, str) else str(dest.host)
-            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-            await stream.send_all(request.encode())
-            if not await stream.receive_some(1024):
-                raise OutboundError(FailureReply.RESET, "closed before answering")
-    finally:
-        await trio.aclose_forcefully(stream)
-    return max(1, round((trio.current_time() - started) * 1000))
 
 
 def _reason(status: int) -> bytes:
