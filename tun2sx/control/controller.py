@@ -523,12 +523,14 @@ def _ui_page() -> bytes:
 
 
 Answer = Callable[[Request], Awaitable["Reply | Producer"]]
+# The CORS headers a request's answer gets (`Access.cors_headers`).
+Cors = Callable[["Request"], list[tuple[str, str]]]
 
 
 class _Client:
     """One accepted connection: h11 for HTTP, then wsproto once upgraded."""
 
-    def __init__(self, stream: trio.abc.Stream, answer: Answer, cors: Callable[..., Any]) -> None:
+    def __init__(self, stream: trio.abc.Stream, answer: Answer, cors: Cors) -> None:
         self.stream = stream
         self.answer = answer
         self.cors = cors
@@ -716,7 +718,7 @@ async def _send_error(stream: trio.abc.Stream, status: int, text: str) -> None:
         await stream.send_all(raw)
 
 
-async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[..., Any]) -> None:
+async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Cors) -> None:
     """Serve one connection until it closes, fails or stalls; never raises
     for what a client sends or how it goes away."""
     client = _Client(stream, answer, cors)
@@ -741,7 +743,7 @@ async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[
 
 async def serve_listeners(
     answer: Answer,
-    cors: Callable[..., Any],
+    cors: Cors,
     listeners: list[trio.SocketListener],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
