@@ -13,7 +13,9 @@ import attrs
 
 from .base import redact_url
 
-__all__ = ["ProxyUrl", "split_proxy_url"]
+__all__ = ["UNSPLITTABLE", "ProxyUrl", "split_proxy_url"]
+
+UNSPLITTABLE = "not a URL (unbalanced [ ] or characters that are not allowed in a host)"
 
 
 @attrs.frozen
@@ -56,8 +58,12 @@ def split_proxy_url(
     Raises:
         ValueError: One line naming what is wrong, never the password.
     """
-    parts = urllib.parse.urlsplit(url)
     shown = redact_url(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        # urllib's own message may quote the whole netloc, password and all.
+        raise ValueError(f"{kind} URL {shown!r}: {UNSPLITTABLE}") from None
     scheme = parts.scheme.lower()
     if scheme not in schemes:
         raise ValueError(

@@ -42,6 +42,7 @@ import trio
 from .base import Destination, OutboundError, UdpDrops, redact_url
 from .net import SocketOptions, TcpSocketStream, error_from_oserror, open_tcp, open_udp_socket
 from .net import resolve as _resolve
+from .proxyurl import UNSPLITTABLE
 from .ss_2022 import (
     MAX_INITIAL_PAYLOAD,
     Udp2022Client,
@@ -526,7 +527,11 @@ def parse_shadowsocks_url(
     Raises:
         ValueError: One line naming what is wrong with the URL.
     """
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        # urllib's own message may quote the whole netloc, password and all.
+        raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: {UNSPLITTABLE}") from None
     if parts.scheme.lower() != "ss":
         raise ValueError(f"Shadowsocks URL {redact_url(url)!r}: scheme must be ss://")
     if parts.query:

@@ -4,8 +4,6 @@ a reset, counted in /metrics, and the /ui page in headless Chromium."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,8 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.testbed import DANTE_PORT, ROOT, SERVER_ADDR, Testbed
-from tests.support import in_ci, require_binary
+from tests.e2e.browser import CHROMIUM_FLAGS, Waiter, chromium_in
+from tests.e2e.testbed import DANTE_PORT, SERVER_ADDR, Testbed
+from tests.support import in_ci
 
 PORT = 19190
 SECRET = "e2e-s3cret"
@@ -31,16 +30,6 @@ url = "socks5://{SERVER_ADDR}:{DANTE_PORT}"
 listen = "127.0.0.1:{PORT}"
 secret = "{SECRET}"
 """
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
@@ -76,30 +65,6 @@ def get(bed: Testbed, path: str, *, check: bool = True) -> Any:
         if check:
             raise
         return {}
-
-
-class Waiter:
-    """A TCP connection held open in the client namespace (client.py wait)."""
-
-    def __init__(self, bed: Testbed, host: str, port: int) -> None:
-        self.bed = bed
-        self.proc = bed.client.spawn(
-            [sys.executable, "-m", "tests.e2e.client", "wait", host, str(port), "60"],
-            stdout=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            cwd=str(ROOT),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, "the client ended before its connection was up"
-        self.ready = json.loads(line)
-        assert self.ready["ready"] == "ping"
-
-    def ended(self) -> str:
-        assert self.proc.stdout is not None
-        self.proc.wait(70)
-        self.bed.lab.stop(self.proc)
-        return str(json.loads(self.proc.stdout.readline())["ended"])
 
 
 def flow_of(bed: Testbed, source_port: int) -> dict[str, Any]:
@@ -183,18 +148,6 @@ def test_mode_global_takes_new_flows_past_the_rules(controlled: Testbed) -> None
     finally:
         curl(controlled, "-X", "PATCH", "-d", '{"mode": "rule"}', url)
     assert get(controlled, "/configs")["mode"] == "rule"
-
-
-def chromium_in(bed: Testbed, tmp: Path) -> str:
-    """A launcher that starts Debian's Chromium inside the client namespace,
-    where the controller listens on loopback."""
-    chromium = require_binary("chromium")
-    wrapper = tmp / "chromium-in-ns"
-    wrapper.write_text(
-        f'#!/bin/sh\nexec ip netns exec {bed.client.name} {chromium} "$@"\n',
-    )
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 def test_the_ui_lists_a_live_flow_and_closes_it(controlled: Testbed, tmp_path: Path) -> None:

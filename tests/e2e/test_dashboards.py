@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_controller import CHROMIUM_FLAGS, Waiter, chromium_in
+from tests.e2e.browser import CHROMIUM_FLAGS, Waiter, chromium_in
 from tests.e2e.testbed import DANTE_PORT, SERVER_ADDR, Testbed
 from tests.support import in_ci, require_binary
 

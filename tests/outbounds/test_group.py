@@ -9,19 +9,13 @@ autojump clock, so a member that answers after `trio.sleep(0.08)` measures
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import ipaddress
-import ssl
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,6 +33,7 @@ from outbounds.group import (
     reachable_groups,
     run_health_checks,
 )
+from tests.support.tls import self_signed
 
 WEB = Destination("www.example.com", 443)
 HTTP_CHECK = "http://check.example/generate_204"
@@ -635,34 +630,6 @@ async def test_a_bug_in_a_member_fails_its_check_and_nothing_else(
     await g.check_all()
     assert not g.alive("a") and g.alive("b") and g.now() == "b"
     assert "checking a failed unexpectedly" in caplog.text
-
-
-def self_signed(tmp_path: Path) -> ssl.SSLContext:
-    """A server context with a fresh self-signed certificate for check.example."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "check.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    return context
 
 
 class ToLocalPort:

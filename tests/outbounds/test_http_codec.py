@@ -170,6 +170,8 @@ def test_url_credentials_and_flags() -> None:
         ("http://127.0.0.1:8888?pipeline=1", r"known: tfo=0\|1$"),
         ("http://a:b@127.0.0.1:99999", "port is not a number"),
         ("http://:secret@127.0.0.1:8888", "user name must be non-empty"),
+        ("http://a:secret\uff03@127.0.0.1:8888", "not a URL"),
+        ("http://a:secret@[::1:8888", "not a URL"),
     ],
 )
 def test_bad_urls_name_the_problem_and_never_the_password(url: str, complaint: str) -> None:

@@ -72,3 +72,12 @@ def test_errors_name_the_problem(url: str, error: str) -> None:
     with pytest.raises(ValueError, match=error) as info:
         parse_outbound_url(url)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["ss://aes-128-gcm:secret\uff03@h:1", "ss://aes-128-gcm:secret@[h:1"]
+)
+def test_a_url_urllib_cannot_split_is_refused_without_the_password(url: str) -> None:
+    with pytest.raises(ValueError, match="not a URL") as info:
+        parse_outbound_url(url)
+    assert "secret" not in str(info.value)

@@ -16,6 +16,8 @@ from outbounds.base import Destination, Outbound
 from outbounds.direct import DirectOutbound
 from tun2sx.control.controller import Controller, serve_controller
 from tun2sx.dataplane.context import ConnectTimes, FlowInfo
+from tun2sx.naming.dns import FakeDns
+from tun2sx.naming.fakeip import FakeIpStore
 from tun2sx.naming.router import Router, RuleSet, parse_rules, rule_label
 
 
@@ -66,6 +68,8 @@ class FakeEngine:
         self.counters = {"tcp_flows": 0, "tcp_flows_started": 0, "bytes_up": 0, "bytes_down": 0}
         self.connect_times = ConnectTimes()
         self.override: str | None = None
+        self.dns: FakeDns | None = None
+        self.fakeip: FakeIpStore | None = None
         self.closed: list[str] = []
 
     def statistics(self) -> dict[str, int]:

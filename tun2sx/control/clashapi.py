@@ -18,11 +18,15 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Collection, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from outbounds.base import Outbound
 from tun2sx.dataplane.context import ConnectTimes, FlowInfo
 from tun2sx.naming.router import DIRECT, REJECT, Router
+
+if TYPE_CHECKING:
+    from tun2sx.naming.dns import FakeDns
+    from tun2sx.naming.fakeip import FakeIpStore
 
 VERSION = "0.1.0"
 MODES = ("rule", "global", "direct")
@@ -92,6 +96,8 @@ class Controlled(Protocol):
     router: Router
     connect_times: ConnectTimes
     override: str | None
+    dns: FakeDns | None  # None when fake-IP DNS is off
+    fakeip: FakeIpStore | None
 
     @property
     def flows(self) -> Collection[FlowInfo]: ...

@@ -413,6 +413,8 @@ def load_config(
             raw = file.read()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(f"{path!r}: {exc}") from None
     try:
         text = raw.decode()
     except UnicodeDecodeError as exc:

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -43,7 +43,7 @@ import wsproto.connection
 import wsproto.events
 import wsproto.utilities
 
-from outbounds.base import OutboundError
+from outbounds.base import Outbound, OutboundError
 from tun2sx.control import clashapi, metrics
 from tun2sx.control.clashapi import ApiError, ApiState, Controlled
 from tun2sx.control.stats import is_loopback_host
@@ -62,7 +62,7 @@ ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE"
 ALLOW_HEADERS = "Authorization, Content-Type"
 Reload = Callable[[str | None], Awaitable[str | None] | str | None]
 # What the streams yield: JSON-ready objects, sent one per line or message.
-Producer = Callable[[], AsyncIterator[object]]
+Producer = Callable[[], AsyncGenerator[object, None]]
 
 
 @attrs.frozen
@@ -102,8 +102,16 @@ def message(status: int, text: str) -> Reply:
 
 
 def parse_target(target: str) -> tuple[str, dict[str, str]]:
-    """Path (percent-decoded) and query of a request target."""
-    parts = urllib.parse.urlsplit(target)
+    """Path (percent-decoded) and query of a request target.
+
+    Raises:
+        h11.RemoteProtocolError: a target urllib cannot split (an
+            unbalanced `[`), answered 400 like any other bad request.
+    """
+    try:
+        parts = urllib.parse.urlsplit(target)
+    except ValueError as exc:
+        raise h11.RemoteProtocolError(f"request target: {exc}", 400) from None
     query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     return urllib.parse.unquote(parts.path), query
 
@@ -174,7 +182,10 @@ class Access:
         origin = request.headers.get("origin")
         if origin is None:
             return True
-        host = urllib.parse.urlsplit(origin).netloc
+        try:
+            host = urllib.parse.urlsplit(origin).netloc
+        except ValueError:  # unbalanced [ ]: no page of ours sends that
+            return False
         return bool(host) and is_loopback_host(host)
 
     def cors_headers(self, request: Request) -> list[tuple[str, str]]:
@@ -322,8 +333,8 @@ class Controller:
 
     def metrics(self) -> str:
         engine = self.engine
-        dns = getattr(engine, "dns", None)
-        store = getattr(engine, "fakeip", None)
+        dns = engine.dns
+        store = engine.fakeip
         answers = None
         if dns is not None:
             numbers = attrs.asdict(dns.statistics())
@@ -392,7 +403,7 @@ class Controller:
 
     # -- streams --------------------------------------------------------------------
 
-    async def _traffic(self) -> AsyncIterator[object]:
+    async def _traffic(self) -> AsyncGenerator[object, None]:
         stats = self.engine.statistics()
         up, down = stats.get("bytes_up", 0), stats.get("bytes_down", 0)
         yield {"up": 0, "down": 0}
@@ -403,7 +414,7 @@ class Controller:
             yield {"up": max(0, now_up - up), "down": max(0, now_down - down)}
             up, down = now_up, now_down
 
-    async def _memory(self) -> AsyncIterator[object]:
+    async def _memory(self) -> AsyncGenerator[object, None]:
         while True:
             yield {"inuse": metrics.rss_bytes(), "oslimit": 0}
             await trio.sleep(1)
@@ -411,7 +422,7 @@ class Controller:
     def _connections_stream(self, query: dict[str, str]) -> Producer:
         interval = _interval(query)
 
-        async def produce() -> AsyncIterator[object]:
+        async def produce() -> AsyncGenerator[object, None]:
             while True:
                 yield self.state.connections()
                 await trio.sleep(interval)
@@ -426,7 +437,7 @@ class Controller:
         # mihomo's other shape, which newer dashboards ask for.
         structured = query.get("format") == "structured"
 
-        async def produce() -> AsyncIterator[object]:
+        async def produce() -> AsyncGenerator[object, None]:
             send, receive = trio.open_memory_channel[dict[str, str]](LOG_QUEUE)
             entry = (level, send)
             self.hub.subscribers.add(entry)
@@ -454,6 +465,8 @@ def _json_body(request: Request) -> Any:
         return json.loads(request.body or b"null")
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "body is not JSON") from None
+    except RecursionError:  # "[[[[...": nested deeper than the interpreter recurses
+        raise ApiError(400, "body is nested too deeply") from None
 
 
 def _interval(query: dict[str, str]) -> float:
@@ -485,7 +498,7 @@ def _delay_args(query: dict[str, str]) -> tuple[str, float]:
     return url, timeout
 
 
-async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
+async def _measure(outbound: Outbound | None, url: str, timeout: float) -> int | None:
     """Milliseconds for `url` through `outbound`; None on time-out, 0 on failure.
 
     The groups' own measurement: an http(s) GET timed to the status line,
@@ -497,8 +510,7 @@ async def _measure(outbound: Any, url: str, timeout: float) -> int | None:
 
     try:
         with trio.fail_after(timeout):
-            delay: int = await measure_delay(outbound, url, timeout)
-            return delay
+            return await measure_delay(outbound, url, timeout)
     except (TimeoutError, trio.TooSlowError):
         return None
     except (OutboundError, OSError, trio.BrokenResourceError, ValueError):
@@ -522,12 +534,14 @@ def _ui_page() -> bytes:
 
 
 Answer = Callable[[Request], Awaitable["Reply | Producer"]]
+# The CORS headers a request's answer gets (`Access.cors_headers`).
+Cors = Callable[["Request"], list[tuple[str, str]]]
 
 
 class _Client:
     """One accepted connection: h11 for HTTP, then wsproto once upgraded."""
 
-    def __init__(self, stream: trio.abc.Stream, answer: Answer, cors: Callable[..., Any]) -> None:
+    def __init__(self, stream: trio.abc.Stream, answer: Answer, cors: Cors) -> None:
         self.stream = stream
         self.answer = answer
         self.cors = cors
@@ -649,7 +663,7 @@ class _Client:
 
             nursery.start_soon(watcher)
             with contextlib.suppress(*_GONE):
-                async with _closing(produce()) as items:
+                async with contextlib.aclosing(produce()) as items:
                     async for item in items:
                         await write(item)
             nursery.cancel_scope.cancel()
@@ -707,21 +721,6 @@ class _Client:
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
 
-class _closing:
-    """`async with` for an async generator: closed on the way out."""
-
-    def __init__(self, generator: AsyncIterator[object]) -> None:
-        self.generator = generator
-
-    async def __aenter__(self) -> AsyncIterator[object]:
-        return self.generator
-
-    async def __aexit__(self, *exc: object) -> None:
-        aclose = getattr(self.generator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 async def _send_error(stream: trio.abc.Stream, status: int, text: str) -> None:
     """An error response written by hand: h11's state may not allow one."""
     body = json.dumps({"message": text}).encode()
@@ -734,7 +733,7 @@ async def _send_error(stream: trio.abc.Stream, status: int, text: str) -> None:
         await stream.send_all(raw)
 
 
-async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[..., Any]) -> None:
+async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Cors) -> None:
     """Serve one connection until it closes, fails or stalls; never raises
     for what a client sends or how it goes away."""
     client = _Client(stream, answer, cors)
@@ -759,7 +758,7 @@ async def handle_client(stream: trio.abc.Stream, answer: Answer, cors: Callable[
 
 async def serve_listeners(
     answer: Answer,
-    cors: Callable[..., Any],
+    cors: Cors,
     listeners: list[trio.SocketListener],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,

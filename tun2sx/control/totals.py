@@ -73,7 +73,8 @@ async def fetch(host: str, port: int, path: str, secret: str | None) -> bytes:
 
     Raises:
         OSError: no connection.
-        WorkerError: not a 200 answer, or far too large.
+        WorkerError: not a 200 answer, far too large, or the connection
+            broke (the worker stopped mid-answer).
     """
     stream = await trio.open_tcp_stream(host, port)
     try:
@@ -86,6 +87,8 @@ async def fetch(host: str, port: int, path: str, secret: str | None) -> bytes:
             buf += data
             if len(buf) > MAX_WORKER_RESPONSE:
                 raise WorkerError("response too large")
+    except trio.BrokenResourceError as exc:
+        raise WorkerError(str(exc.__cause__ or exc)) from None
     finally:
         await trio.aclose_forcefully(stream)
     head, sep, body = bytes(buf).partition(b"\r\n\r\n")

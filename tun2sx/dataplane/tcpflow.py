@@ -181,45 +181,20 @@ class TcpFlows:
         if protocols:
             await self._run_sniffed(request, scope, dest, protocols)
             return
-        name, source = _known_name(engine, dest)
+        name, source = engine.real_names.known_name(dest.host, trio.current_time())
         outbound, rule = engine.decide(dest, "tcp", name)
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
-        label = engine.router.name_of(outbound)
-        upstream = None
-        try:
-            # A bare cancel scope rather than trio.fail_after (a generator
-            # context manager): this runs once per connection. Eviction
-            # cancels it too.
-            dialled = trio.current_time()
-            scope.deadline = dialled + engine.config.connect_timeout
-            with scope:
-                upstream, chain = await connect_tcp_traced(outbound, dest, label)
-        except OutboundError as exc:
-            if self._dialing.get(key) is scope:
-                log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
-                engine.counters["tcp_outbound_failed"] += 1
-                self._fail(request, exc.reply)
+        dialled = await self._dial(key, dest, outbound, scope, held=True)
+        if dialled is None:
             return
-        if self._dialing.get(key) is not scope:
-            # The demux evicted the SYN to make room for another flow's.
-            engine.counters["tcp_dials_cancelled_evicted"] += 1
-            if upstream is not None:
-                await trio.aclose_forcefully(upstream)
+        if isinstance(dialled, FailureReply):
+            self._fail(request, dialled)
             return
         del self._dialing[key]
-        address = (key.remote_addr, key.remote_port)
-        if upstream is None:
-            log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
-            engine.counters["tcp_outbound_failed"] += 1
-            self._timeouts.timed_out(address, trio.current_time())
-            self._fail(request, FailureReply.HOST_UNREACHABLE)
-            return
-        self._timeouts.connected(address)
-        # Per leaf outbound: the proxy a group picked, not the group.
-        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
+        upstream, chain = dialled
         if log.isEnabledFor(logging.DEBUG):
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
@@ -230,6 +205,68 @@ class TcpFlows:
             await trio.aclose_forcefully(upstream)
             return
         await self._carry(key, stream, upstream, dest, outbound, _Route(None, source, rule, chain))
+
+    async def _dial(
+        self,
+        key: FlowKey,
+        dest: Destination,
+        outbound: Outbound,
+        scope: trio.CancelScope,
+        *,
+        held: bool,
+    ) -> tuple[trio.abc.HalfCloseableStream, tuple[str, ...]] | FailureReply | None:
+        """Connect to `dest` through `outbound` within the connect time-out.
+
+        Both ways in (a held SYN, an accepted and sniffed flow) share this so
+        that failures are logged, counted and remembered alike.
+
+        Args:
+            key: the flow, for log lines and the time-out memory.
+            dest: where to connect.
+            outbound: the outbound the rules chose.
+            scope: the dial's cancel scope; for a held SYN it is the one
+                the demux's eviction cancels.
+            held: the flow is still a pending SYN in `_dialing`.
+
+        Returns:
+            The connected stream and the chain of outbounds it went
+            through; on a failure (already logged and counted) the reply
+            the application should get; None when the demux evicted the
+            held SYN meanwhile (nothing is left to answer).
+        """
+        engine = self._engine
+        upstream = None
+        dialled = trio.current_time()
+        # A bare cancel scope rather than trio.fail_after (a generator
+        # context manager): this runs once per connection.
+        scope.deadline = dialled + engine.config.connect_timeout
+        try:
+            with scope:
+                upstream, chain = await connect_tcp_traced(
+                    outbound, dest, engine.router.name_of(outbound)
+                )
+        except OutboundError as exc:
+            if held and self._dialing.get(key) is not scope:
+                return None
+            log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
+            engine.counters["tcp_outbound_failed"] += 1
+            return exc.reply
+        if held and self._dialing.get(key) is not scope:
+            # The demux evicted the SYN to make room for another flow's.
+            engine.counters["tcp_dials_cancelled_evicted"] += 1
+            if upstream is not None:
+                await trio.aclose_forcefully(upstream)
+            return None
+        address = (key.remote_addr, key.remote_port)
+        if upstream is None:
+            log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
+            engine.counters["tcp_outbound_failed"] += 1
+            self._timeouts.timed_out(address, trio.current_time())
+            return FailureReply.HOST_UNREACHABLE
+        self._timeouts.connected(address)
+        # Per leaf outbound: the proxy a group picked, not the group.
+        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
+        return upstream, chain
 
     async def _carry(
         self,
@@ -324,37 +361,17 @@ class TcpFlows:
                     route_dest = Destination(sniffed.host, dest.port)
             else:
                 engine.counters["sniff_misses"] += 1
-                name, source = _known_name(engine, dest)
+                name, source = engine.real_names.known_name(dest.host, trio.current_time())
             outbound, rule = engine.decide(route_dest, "tcp", name)
             if outbound is None:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
                 stream.abort()
                 return
-            address = (key.remote_addr, key.remote_port)
-            dialled = trio.current_time()
-            try:
-                with trio.move_on_after(engine.config.connect_timeout):
-                    upstream, chain = await connect_tcp_traced(
-                        outbound, dest, engine.router.name_of(outbound)
-                    )
-            except OutboundError as exc:
-                log.info("TCP %s (%s) via %s: %s; reset", describe(key), dest, outbound.name, exc)
-                engine.counters["tcp_outbound_failed"] += 1
+            dialled = await self._dial(key, dest, outbound, trio.CancelScope(), held=False)
+            if not isinstance(dialled, tuple):
                 stream.abort()
                 return
-            if upstream is None:
-                log.info(
-                    "TCP %s (%s) via %s: connect timed out; reset",
-                    describe(key),
-                    dest,
-                    outbound.name,
-                )
-                engine.counters["tcp_outbound_failed"] += 1
-                self._timeouts.timed_out(address, trio.current_time())
-                stream.abort()
-                return
-            self._timeouts.connected(address)
-            engine.connect_times.observe(chain[0], trio.current_time() - dialled)
+            upstream, chain = dialled
         except trio.BrokenResourceError:
             # The application reset while we read its first bytes.
             return
@@ -449,11 +466,3 @@ class _Route(NamedTuple):
     source: str  # where the host name came from (FlowInfo.host_source)
     rule: Rule | None
     chain: tuple[str, ...]
-
-
-def _known_name(engine: FlowContext, dest: Destination) -> tuple[str | None, str]:
-    """The host name known for `dest` before sniffing, and where it came from."""
-    if isinstance(dest.host, str):
-        return None, "fake-ip"
-    name = engine.real_names.name_for(dest.host, trio.current_time())
-    return name, "none" if name is None else "dns"

@@ -258,9 +258,11 @@ class UdpFlows:
                 sniffed = None
                 if engine.config.sniff.sniffs_quic(port, fake_ip=isinstance(dest.host, str)):
                     sniffed = await self._sniff_quic(session, addr, port)
-                name, source = self._known_name(dest, sniffed)
                 route_dest = dest
-                if sniffed is not None:
+                if sniffed is None:
+                    name, source = engine.real_names.known_name(dest.host, trio.current_time())
+                else:
+                    name, source = sniffed.host, "sniffed"
                     if engine.config.sniff.mode == "override":
                         dest = route_dest = Destination(sniffed.host, port)
                         session.dests[(addr, port)] = dest
@@ -352,15 +354,6 @@ class UdpFlows:
             return result
         engine.counters["sniff_misses"] += 1
         return None
-
-    def _known_name(self, dest: Destination, sniffed: Sniffed | None) -> tuple[str | None, str]:
-        """The name that routes a session, and where it came from."""
-        if sniffed is not None:
-            return sniffed.host, "sniffed"
-        if isinstance(dest.host, str):
-            return None, "fake-ip"
-        name = self._engine.real_names.name_for(dest.host, trio.current_time())
-        return name, "none" if name is None else "dns"
 
     async def _idle(self, session: _Session) -> None:
         """Return once the session has been idle for `udp_idle_timeout`.

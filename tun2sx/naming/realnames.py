@@ -127,6 +127,19 @@ class RealNames:
         self._stats.recorded += len(answers)
         return len(answers)
 
+    def known_name(self, host: str | IPAddress, now: float) -> tuple[str | None, str]:
+        """The name a flow to `host` routes by before any sniffing, and its
+        source as the controller shows it (`host_source`).
+
+        A fake IP's flow already carries its name as `host` (a string):
+        (None, "fake-ip"). A real address: the name it was answered for and
+        "dns", or (None, "none").
+        """
+        if isinstance(host, str):
+            return None, "fake-ip"
+        name = self.name_for(host, now)
+        return name, "none" if name is None else "dns"
+
     def name_for(self, address: IPAddress, now: float) -> str | None:
         """The name `address` was last answered for, while that answer lasts."""
         entry = self._entries.get(address)

@@ -212,6 +212,13 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_path_with_a_nul_byte_is_refused_in_one_line() -> None:
+    # The controller's reload takes a path from a request body.
+    with pytest.raises(ConfigError, match="embedded null byte") as info:
+        load_config("conf\x00.toml")
+    assert "\n" not in str(info.value)
+
+
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     # A file saved in Latin-1, or a binary copied by mistake.
     path = tmp_path / "latin1.toml"
@@ -358,3 +365,31 @@ def test_trusting_local_checksums_is_asked_for_by_flag_or_file(
     )
     with pytest.raises(ConfigError, match=r"tun\.trust_local_checksums"):
         from_argv("--config", str(trusting))
+
+
+def _documented_keys() -> set[str]:
+    """The first column of the Keys table in docs/config.md."""
+    text = DOCS.read_text()
+    table = text[text.index("## Keys\n") : text.index("\n## ", text.index("## Keys\n") + 1)]
+    keys = set()
+    for cell in re.findall(r"^\| (`[^|]+`) \|", table, re.M):
+        keys.update(re.findall(r"`([^`]+)`", cell))
+    return keys
+
+
+def _known_keys(prefix: str, mapping: dict[str, object]) -> set[str]:
+    """The keys the parser knows at one place, as its unknown-key error lists them."""
+    with pytest.raises(ConfigError, match=r"unknown key \(known here: ") as info:
+        settings_from_mapping(mapping)
+    known = str(info.value).partition("known here: ")[2].rstrip(")")
+    return {f"{prefix}{key}" for key in known.split(", ")}
+
+
+def test_the_keys_table_lists_exactly_the_keys_the_parser_takes() -> None:
+    tables = {"tun", "dns", "stats", "sniff", "outbounds", "groups"}
+    parsed = _known_keys("", {"bogus": 1}) - tables
+    for table in ("tun", "dns", "stats", "sniff"):
+        parsed |= _known_keys(f"{table}.", {table: {"bogus": 1}})
+    parsed |= _known_keys("outbounds.NAME.", {"outbounds": {"a": {"bogus": 1}}})
+    parsed |= _known_keys("groups.NAME.", {"groups": {"g": {"bogus": 1}}})
+    assert _documented_keys() == parsed

@@ -14,7 +14,6 @@ import trio
 import trio.testing
 import wsproto.events
 
-from tests.outbounds.test_group import self_signed
 from tests.support.controller import (
     FakeEngine,
     WebSocket,
@@ -22,6 +21,7 @@ from tests.support.controller import (
     request,
     start_controller,
 )
+from tests.support.tls import self_signed
 from tun2sx.control.controller import (
     MAX_BODY,
     MAX_CONNECTIONS,
@@ -328,6 +328,37 @@ async def test_bad_requests_get_400_and_the_server_goes_on(
     assert big.status == 413
     assert (await request(port, "GET", "/nothing")).status == 404
     assert (await request(port, "POST", "/version")).status == 405
+    assert (await request(port, "GET", "/version")).status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def test_a_deeply_nested_json_body_is_400_without_a_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, port = await serve(nursery)
+    body = b"[" * 5000 + b"]" * 5000  # deeper than Python's recursion limit
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            b"PATCH /configs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        answer = b""
+        while data := await stream.receive_some():
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+async def test_unsplittable_targets_and_origins_are_answered_without_a_traceback(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, port = await serve(nursery)
+    assert (await request(port, "GET", "//[x/version")).status == 400
+    broken_origin = [("Origin", "http://[")]
+    answer = await request(port, "GET", "/version", headers=broken_origin)
+    # Answered like a foreign page: without CORS headers.
+    assert answer.status == 200 and "access-control-allow-origin" not in answer.headers
     assert (await request(port, "GET", "/version")).status == 200
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 

@@ -90,3 +90,24 @@ async def test_a_worker_that_is_gone_or_hangs_is_named(
         totals = Totals([("127.0.0.1", silent_port)])
         answer = await totals.answer(get)
     assert f"no answer within {WORKER_TIMEOUT:g} s" in answer.body.decode()  # type: ignore[union-attr]
+
+
+async def test_a_worker_that_resets_mid_answer_is_named(nursery: trio.Nursery) -> None:
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def reset_once_asked() -> None:
+        with listener:
+            conn, _ = await listener.accept()
+            with conn:
+                # Closed with the request unread: the kernel answers with an
+                # RST, as when a worker is killed mid-answer.
+                await trio.lowlevel.wait_readable(conn)
+
+    nursery.start_soon(reset_once_asked)
+    totals = Totals([("127.0.0.1", port)])
+    answer = await totals.answer(Request("GET", "/stats", {}, {"host": "127.0.0.1"}))
+    assert answer.status == 503  # type: ignore[union-attr]
+    assert f"worker 0 (port {port}) did not answer" in answer.body.decode()  # type: ignore[union-attr]

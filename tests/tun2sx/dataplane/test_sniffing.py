@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from dnslib import QTYPE, RR, A, DNSRecord
 
-from outbounds.base import Destination, UdpDrops, UdpSession
+from outbounds.base import Destination, FailureReply, OutboundError, UdpDrops, UdpSession
 from stack.netstack import NetStack, NetStackConfig
 from stack.wire.packet import build_udp_packet
 from tests.support.app import APP, CONFIG, REMOTE, AppSide
@@ -49,9 +49,14 @@ class Recording:
         self.banner = banner
         self.tcp: list[Destination] = []
         self.udp: list[FakeSession] = []
+        self.failure: str | None = None  # "refuse" or "hang"
 
     async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
         self.tcp.append(dest)
+        if self.failure == "refuse":
+            raise OutboundError(FailureReply.RESET, "connection refused")
+        if self.failure == "hang":
+            await trio.sleep_forever()
         ours, theirs = trio.testing.memory_stream_pair()
 
         async def serve() -> None:
@@ -225,6 +230,24 @@ async def test_a_sniffed_name_that_is_rejected_is_reset(
     conn = await app.handshake()
     assert await app.exchange(conn, hello, 1) == b""
     assert lab.named.tcp == lab.default.tcp == []
+
+
+@pytest.mark.parametrize("failure", ["refuse", "hang"])
+async def test_a_sniffed_flow_whose_outbound_fails_is_reset_and_counted(
+    lab: Lab, autojump_clock: trio.testing.MockClock, failure: str
+) -> None:
+    lab.named.failure = failure
+    app = lab.app(443)
+    conn = await app.handshake()
+    start = trio.current_time()
+    assert await app.exchange(conn, tls_client_hello("www.example.org"), 1) == b""
+    assert lab.named.tcp == [Destination(REMOTE_IP, 443)]  # routed by the name
+    assert lab.engine.counters["tcp_outbound_failed"] == 1
+    waited = trio.current_time() - start
+    if failure == "hang":
+        assert waited == pytest.approx(lab.engine.config.connect_timeout, abs=0.5)
+    else:
+        assert waited < 1
 
 
 async def test_a_name_from_dns_routes_what_sniffing_did_not_recognise(

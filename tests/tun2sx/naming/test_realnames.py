@@ -46,6 +46,15 @@ def test_records_every_address_for_the_question_name() -> None:
     assert names.name_for(ipaddress.ip_address("192.168.7.8"), 10.0) is None
 
 
+def test_known_name_says_where_the_name_came_from() -> None:
+    names = RealNames()
+    names.record_response_untrusted(response("nas.x.lan"), now=0.0)
+    assert names.known_name(NAS, 10.0) == ("nas.x.lan", "dns")
+    assert names.known_name(ipaddress.ip_address("192.168.7.8"), 10.0) == (None, "none")
+    # A fake IP's flow carries its name as the host already.
+    assert names.known_name("www.example.com", 10.0) == (None, "fake-ip")
+
+
 def test_entries_last_the_ttl_but_at_least_the_floor() -> None:
     names = RealNames(floor=300, ceiling=3600)
     names.record_response_untrusted(response("short.x.lan", ttl=5), now=0.0)
