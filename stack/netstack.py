@@ -205,37 +205,35 @@ class NetStack:
                     events.append(item)
                     continue
                 key, hdr, payload = item
-            flags = hdr.flags
-            if flags in (ACK, _ACK_PSH) and not hdr.options.sack_blocks:
-                if not payload:
+            if not payload:
+                if hdr.flags == ACK and not hdr.options.sack_blocks:
                     if key == data_key:
                         # The flow's data so far comes first.
                         event = tcp.data_received_run(key, flow_data, now) or acks_event
                         if event is not None:
                             events.append(event)
                         data_key = None
-                    if flags == ACK:
-                        run = held.get(key)
-                        if run is None:
-                            held[key] = [hdr]
-                        else:
-                            run.append(hdr)
-                        continue
-                elif key == data_key:
+                    run = held.get(key)
+                    if run is None:
+                        held[key] = [hdr]
+                    else:
+                        run.append(hdr)
+                    continue
+            elif hdr.flags in (ACK, _ACK_PSH) and not hdr.options.sack_blocks:
+                if key == data_key:
                     flow_data.append((hdr, payload))
                     continue
-                else:
-                    if data_key is not None:
-                        event = tcp.data_received_run(data_key, flow_data, now) or acks_event
-                        if event is not None:
-                            events.append(event)
-                    run = held.pop(key, None)
-                    # The flow's earlier ACKs come first (one event for both).
-                    acks_event = None if run is None else tcp.acks_received(key, run, now)
-                    data_key = key
-                    flow_data = [(hdr, payload)]
-                    continue
-            elif key == data_key:
+                if data_key is not None:
+                    event = tcp.data_received_run(data_key, flow_data, now) or acks_event
+                    if event is not None:
+                        events.append(event)
+                run = held.pop(key, None)
+                # The flow's earlier ACKs come first (one event for both).
+                acks_event = None if run is None else tcp.acks_received(key, run, now)
+                data_key = key
+                flow_data = [(hdr, payload)]
+                continue
+            if key == data_key:
                 event = tcp.data_received_run(key, flow_data, now) or acks_event
                 if event is not None:
                     events.append(event)

@@ -330,7 +330,7 @@ def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
             seg(2, port=other),
             seg(300, ACK | PSH),  # no data: one by one
             seg(300, data=b"d" * 100),
-            seg(400, ACK | FIN),  # a FIN ends the run
+            seg(400, ACK | FIN, b"f" * 10),  # a FIN ends the run
         ],
         [
             seg(3, data=b"z", port=other),
@@ -339,7 +339,7 @@ def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
             seg(5, data=b"w", port=other),
             seg(6, ACK | FIN, port=other),  # right after the run
         ],
-        [seg(401, data=b"e")],  # a run at the end of a batch (past the FIN)
+        [seg(411, data=b"e")],  # a run at the end of a batch (past the FIN)
         [seg(7, data=b"v", port=other)],
     ]
     results = []
@@ -368,7 +368,8 @@ def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
             )
         )
     assert results[0] == results[1]
-    assert results[1][4][0] == DataReceived(b"a" * 100 + b"b" * 100 + b"c" * 100 + b"d" * 100)
+    whole = b"a" * 100 + b"b" * 100 + b"c" * 100 + b"d" * 100 + b"f" * 10
+    assert results[1][4][0] == DataReceived(whole)
     assert results[1][5] is TcpState.CLOSE_WAIT
     assert results[1][0] and results[1][2]["rx_packets"] > 10
 

@@ -211,3 +211,19 @@ def test_a_smaller_window_on_in_order_data_limits_what_we_send_next() -> None:
     # 8 << 7 octets of window: one full segment of the 20,000 queued.
     assert one.statistics().segments_out == batch.statistics().segments_out
     assert batch.statistics().bytes_out == PAYLOAD
+
+
+def test_data_without_a_timestamp_or_with_an_old_one_is_taken_one_by_one() -> None:
+    pair = twins()
+    app = pair[0][1]
+    run = data_run(app, [PAYLOAD] * 3)
+    run[1] = (run[1][0]._replace(options=TcpOptions()), run[1][1])
+    old = run[2][0].options.timestamp
+    assert old is not None
+    run[2] = (
+        run[2][0]._replace(options=TcpOptions(timestamp=(s(old[0] - 100), old[1]))),
+        run[2][1],
+    )
+    feed_both(pair, run, 0.02)
+    stats = same(pair, 0.02)[1]
+    assert stats.paws_drops == 1  # type: ignore[attr-defined]
