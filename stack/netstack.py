@@ -207,7 +207,7 @@ class NetStack:
                 key, hdr, payload = item
             if not payload:
                 if hdr.flags == ACK and not hdr.options.sack_blocks:
-                    if key == data_key:
+                    if data_key is not None and key == data_key:
                         # The flow's data so far comes first.
                         event = tcp.data_received_run(key, flow_data, now) or acks_event
                         if event is not None:
@@ -233,7 +233,7 @@ class NetStack:
                 data_key = key
                 flow_data = [(hdr, payload)]
                 continue
-            if key == data_key:
+            if data_key is not None and key == data_key:
                 event = tcp.data_received_run(key, flow_data, now) or acks_event
                 if event is not None:
                     events.append(event)
