@@ -34,8 +34,10 @@ from stack.wire.packet import (
     parse_packet_untrusted,
 )
 from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
-from stack.wire.tcp import ACK, TcpHeader
+from stack.wire.tcp import ACK, PSH, TcpHeader
 from stack.wire.udp import UdpHeader
+
+_ACK_PSH = ACK | PSH
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
@@ -180,6 +182,10 @@ class NetStack:
         take = self._take_general
         sources = self._trusted
         held: dict[FlowKey, list[TcpHeader]] = {}
+        # The data segments of one flow in a row, delivered together.
+        data_key: FlowKey | None = None
+        flow_data: list[tuple[TcpHeader, bytes | memoryview]] = []
+        acks_event = None
         count = 0
         for data, trusted in packets:
             count += 1
@@ -199,13 +205,39 @@ class NetStack:
                     events.append(item)
                     continue
                 key, hdr, payload = item
-            if hdr.flags == ACK and not payload and not hdr.options.sack_blocks:
-                run = held.get(key)
-                if run is None:
-                    held[key] = [hdr]
-                else:
-                    run.append(hdr)
+            if not payload:
+                if hdr.flags == ACK and not hdr.options.sack_blocks:
+                    if data_key is not None and key == data_key:
+                        # The flow's data so far comes first.
+                        event = tcp.data_received_run(key, flow_data, now) or acks_event
+                        if event is not None:
+                            events.append(event)
+                        data_key = None
+                    run = held.get(key)
+                    if run is None:
+                        held[key] = [hdr]
+                    else:
+                        run.append(hdr)
+                    continue
+            elif hdr.flags in (ACK, _ACK_PSH) and not hdr.options.sack_blocks:
+                if key == data_key:
+                    flow_data.append((hdr, payload))
+                    continue
+                if data_key is not None:
+                    event = tcp.data_received_run(data_key, flow_data, now) or acks_event
+                    if event is not None:
+                        events.append(event)
+                run = held.pop(key, None)
+                # The flow's earlier ACKs come first (one event for both).
+                acks_event = None if run is None else tcp.acks_received(key, run, now)
+                data_key = key
+                flow_data = [(hdr, payload)]
                 continue
+            if data_key is not None and key == data_key:
+                event = tcp.data_received_run(key, flow_data, now) or acks_event
+                if event is not None:
+                    events.append(event)
+                data_key = None
             event = None
             run = held.pop(key, None)
             if run is not None:
@@ -213,6 +245,10 @@ class NetStack:
                 # is kept (flows do not depend on each other).
                 event = tcp.acks_received(key, run, now)
             event = tcp.segment_received(key, hdr, payload, now) or event
+            if event is not None:
+                events.append(event)
+        if data_key is not None:
+            event = tcp.data_received_run(data_key, flow_data, now) or acks_event
             if event is not None:
                 events.append(event)
         for key, run in held.items():

@@ -44,7 +44,7 @@ from stack.tcp.rcv import Receiver
 from stack.tcp.snd import SegmentList, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
 from stack.tcp.timers import Timers
-from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader
 
 _S = TcpState
 _CLOSED = _S.CLOSED
@@ -53,6 +53,7 @@ _RECEIVING_DATA = frozenset({_S.ESTABLISHED, _S.FIN_WAIT_1, _S.FIN_WAIT_2})
 # side (our FIN is not queued: no ACK can move the state).
 _PLAIN_ACK_STATES = frozenset({_S.ESTABLISHED, _S.CLOSE_WAIT})
 _HALF = 1 << 31
+_ACK_PSH = ACK | PSH
 
 
 class TcpConnection:
@@ -286,6 +287,66 @@ class TcpConnection:
             if i < last and self._superseded(hdr, hdrs[i + 1], now):
                 continue
             self.segment_received(hdr, b"", now)
+
+    def data_received_run(
+        self, segments: Sequence[tuple[TcpHeader, bytes | memoryview]], now: float
+    ) -> None:
+        """Process data segments that arrived together, in order.
+
+        Meant for a batch's data segments of one flow (the demux hands over
+        runs of them). Each is processed as `segment_received` would; one
+        that is plain in-order data in ESTABLISHED (ACK and perhaps PSH,
+        no SACK blocks, at RCV.NXT and within the window, a timestamp
+        PAWS accepts, acknowledging exactly SND.UNA with nothing in
+        flight) takes a short path with the same result: the tests
+        `segment_received` would make are known to pass, so only their
+        effects remain (TS.Recent, the window update, the idle timers,
+        the data and the ACK decision).
+
+        Args:
+            segments: (header, payload) pairs, in arrival order.
+            now: the current time in seconds.
+        """
+        rcv = self._rcv
+        snd = self._snd
+        n = self._n
+        timestamps = self._ts
+        irs = self._irs
+        iss = self._iss
+        for hdr, payload in segments:
+            flags = hdr.flags
+            options = hdr.options
+            if (
+                self._state is not _S.ESTABLISHED
+                or flags not in (ACK, _ACK_PSH)
+                or options.sack_blocks
+                or snd.max != snd.una
+            ):
+                self.segment_received(hdr, payload, now)
+                continue
+            nxt = rcv.nxt
+            plen = len(payload)
+            if (
+                hdr.seq != (irs + nxt) & MASK
+                or not plen
+                or not rcv.in_order(nxt, plen)
+                or hdr.ack != (iss + snd.una) & MASK
+            ):
+                self.segment_received(hdr, payload, now)
+                continue
+            if timestamps:
+                ts = options.timestamp
+                # PAWS (RFC 7323 section 5.3) would drop it, or no timestamp.
+                if ts is None or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
+                    self.segment_received(hdr, payload, now)
+                    continue
+                rcv.note_timestamp(ts[0], nxt)
+            n.segments_in += 1
+            # Nothing in flight and SEG.ACK = SND.UNA: only the window
+            # update rule acts (no new data acknowledged, no duplicate ACK).
+            snd.on_ack(hdr, nxt, snd.una, plen, now)
+            self._rearm_idle(now)
+            rcv.append_in_order(payload, now)
 
     def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
         """Return True (and count `hdr`) if `later` does all that `hdr` would."""

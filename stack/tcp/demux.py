@@ -187,6 +187,31 @@ class TcpDemux:
             result = self.segment_received(key, hdr, b"", now)
         return result
 
+    def data_received_run(
+        self,
+        key: FlowKey,
+        segments: list[tuple[TcpHeader, bytes | memoryview]],
+        now: float,
+    ) -> ConnectionRequest | TcpConnection | None:
+        """Route data segments of one flow that arrived together.
+
+        A batch's data segments of a connection (ACK, perhaps PSH; no SYN
+        that could replace it) go to its `data_received_run`; for a flow
+        without a connection each goes through `segment_received`.
+
+        Returns:
+            As `segment_received` does, for the last of them.
+        """
+        conn = self._connections.get(key)
+        if conn is not None:
+            conn.data_received_run(segments, now)
+            self._dirty.add(conn)
+            return conn
+        result = None
+        for hdr, payload in segments:
+            result = self.segment_received(key, hdr, payload, now)
+        return result
+
     def accept(self, key: FlowKey, iss: int, now: float) -> TcpConnection:
         """Accept a pending SYN: the connection enters SYN-RECEIVED.
 

@@ -304,6 +304,76 @@ def test_a_batch_leaves_what_packets_one_by_one_leave() -> None:
     assert stats[0] == stats[1]._replace(acks_coalesced=0)
 
 
+def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
+    """`receive_batch` hands a flow's data segments in a row over together;
+    what the stack then says and does is what `receive`, packet by packet,
+    gives, whatever comes between them (another flow, an ACK, a FIN)."""
+    base_seq = (APP_ISN + 1 + len(GREETING)) & 0xFFFFFFFF
+    ack = (ISS + 1) & 0xFFFFFFFF
+
+    def seg(sent: int, flags: int = ACK, data: bytes = b"", port: int = APP_PORT) -> bytes:
+        opts = TcpOptions(timestamp=(3 + sent, 0))
+        hdr = TcpHeader(
+            port, REMOTE_PORT, (base_seq + sent) & 0xFFFFFFFF, ack, flags, 512, options=opts
+        )
+        return build_tcp_packet(APP, REMOTE, hdr, data)
+
+    other = APP_PORT + 1  # no connection: an RST for each of its segments
+    batches = [
+        [
+            seg(0, data=b"a" * 100),
+            seg(100, ACK | PSH, b"b" * 100),
+            seg(0, data=b"x", port=other),  # another flow between
+            seg(1, data=b"y", port=other),
+            seg(200),  # the flow's pure ACK, after its data
+            seg(200, data=b"c" * 100),
+            seg(2, port=other),
+            seg(300, ACK | PSH),  # no data: one by one
+            seg(300, data=b"d" * 100),
+            seg(400, ACK | FIN, b"f" * 10),  # a FIN ends the run
+        ],
+        [
+            seg(3, data=b"z", port=other),
+            seg(4, port=other),  # a pure ACK after the run
+            seg(4, ACK | FIN, port=other),  # after its held ACK
+            seg(5, data=b"w", port=other),
+            seg(6, ACK | FIN, port=other),  # right after the run
+        ],
+        [seg(411, data=b"e")],  # a run at the end of a batch (past the FIN)
+        [seg(7, data=b"v", port=other)],
+    ]
+    results = []
+    for batch_mode in (False, True):
+        stack = NetStack(CONFIG)
+        conn = open_flow(stack, 0.0)
+        events: list[object] = []
+        sent: list[object] = []
+        for batch in batches:
+            if batch_mode:
+                events += stack.receive_batch([(memoryview(p), False) for p in batch], 0.02)
+            else:
+                events += [e for p in batch if (e := stack.receive(memoryview(p), 0.02))]
+            sent += stack.packets_to_send(0.02)
+        data = []
+        while (event := conn.next_event()) is not NEED_DATA:
+            data.append(event)
+        results.append(
+            (
+                set(map(id, events)) == {id(conn)},
+                sent,
+                stack.counters,
+                conn.statistics(),
+                data,
+                conn.state,
+            )
+        )
+    assert results[0] == results[1]
+    whole = b"a" * 100 + b"b" * 100 + b"c" * 100 + b"d" * 100 + b"f" * 10
+    assert results[1][4][0] == DataReceived(whole)
+    assert results[1][5] is TcpState.CLOSE_WAIT
+    assert results[1][0] and results[1][2]["rx_packets"] > 10
+
+
 # -- fragments: reassembly in, fragmentation out ---------------------------
 
 APP6 = b"\xfd\x00" + bytes(13) + b"\x02"
