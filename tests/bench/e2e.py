@@ -431,6 +431,13 @@ def run(
         lab = stack.enter_context(Lab("t2sx-bench"))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         bed = Testbed(lab, tmp)
+        # Every row opens thousands of connections, and the server side (Dante
+        # to the echo server and nginx) keeps each in TIME-WAIT for a minute:
+        # with the default 28k ephemeral ports Dante ran out in the later rows
+        # and answered "network unreachable". Its namespace gets the whole
+        # range and reuses TIME-WAIT ports for new outgoing connections.
+        bed.server.run(["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=1024 65535"])
+        bed.server.run(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])
         iperf = bed.server.spawn(["iperf3", "-s", "-B", SERVER_ADDR, "-p", str(IPERF_PORT)])
         bed.server.wait_listening(IPERF_PORT)
         bed.proxy_args = ["--socks", f"{SERVER_ADDR}:1081"]
