@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from outbounds.base import Outbound, redact_url
 from outbounds.direct import DirectOutbound
-from outbounds.http import parse_http_url
 from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
-from outbounds.socks4 import parse_socks4_url
 from outbounds.socks5 import parse_socks5_url
 
 SCHEMES = ("socks5", "socks5h", "socks4", "socks4a", "http", "ss", "direct")
@@ -46,9 +44,15 @@ def parse_outbound_url(
         return DirectOutbound(socket_options=socket_options or SocketOptions(), resolver=resolver)
     if scheme in ("socks5", "socks5h"):
         return parse_socks5_url(url, socket_options)
+    # Imported here, like Shadowsocks below: a run loads only the proxy
+    # protocols its configuration names (memory, tests/tun2sx/control/test_lazy_imports.py).
     if scheme in ("socks4", "socks4a"):
+        from outbounds.socks4 import parse_socks4_url
+
         return parse_socks4_url(url, socket_options)
     if scheme == "http":
+        from outbounds.http import parse_http_url
+
         return parse_http_url(url, socket_options)
     if scheme == "ss":
         # Here, not at the top: Shadowsocks brings cryptography and blake3

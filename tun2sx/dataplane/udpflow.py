@@ -44,7 +44,6 @@ from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
 from tun2sx.dataplane.loglimit import LogLimit
-from tun2sx.naming.quic import QuicSniffer
 from tun2sx.naming.sniff import NEED_DATA, Sniffed, SniffResult
 
 if TYPE_CHECKING:
@@ -334,6 +333,9 @@ class UdpFlows:
         """The SNI of the QUIC Initials the session's first datagrams to
         (addr, port) carry; None when they are not QUIC or time runs out."""
         engine = self._engine
+        # Imported here: only runs that sniff QUIC need it (start-up memory).
+        from tun2sx.naming.quic import QuicSniffer
+
         sniffer = QuicSniffer()
         result: SniffResult = NEED_DATA
         fed = 0
