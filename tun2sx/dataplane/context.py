@@ -15,7 +15,6 @@ import ipaddress
 import itertools
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -85,7 +84,13 @@ def _id_prefix() -> str:
     before the fork would repeat in every worker (hence the reset)."""
     global _prefix
     if not _prefix:
-        _prefix = str(uuid.uuid4())[:-12]
+        # A UUID version 4's first ten bytes, from os.urandom rather than
+        # the uuid module (which start-up memory need not carry).
+        raw = bytearray(os.urandom(10))
+        raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+        raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+        h = raw.hex()
+        _prefix = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-"
     return _prefix
 
 
