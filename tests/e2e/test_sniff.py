@@ -13,7 +13,6 @@ The same is asked of an IPv6 literal address (TARGET6).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 from tests.e2e.testbed import ROOT, SERVER_ADDR, WHOAMI_NAMES, Testbed, running_bed
 from tests.support import require
+from tests.support.tls import write_self_signed
 
 pytestmark = pytest.mark.e2e
 
@@ -75,33 +75,7 @@ http {{
 
 def write_certificate(tmp: Path) -> None:
     """A self-signed certificate for *.test (curl runs with -k)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sniff.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_self_signed(tmp, "sniff.test", names=("*.test",), days=30)
 
 
 class SniffLab:
