@@ -78,6 +78,16 @@ DEFAULT_TIMEOUT = 5.0
 # sing-box's default; mihomo's is 0, which lets two members of equal speed
 # take turns with every round of checks.
 DEFAULT_TOLERANCE = 50
+# What a group's numbers may be (docs/config.md). A round of checks more
+# often than every second is a load on the proxies, not a faster failover,
+# and one a day apart is no health check; mihomo and sing-box take any
+# value, and 1e-300 s then spins a core. A check needs a connect and a
+# round trip: under 0.1 s it fails on any proxy beyond the LAN, and a
+# minute is a dead proxy already (the controller's delay test allows the
+# same 60 s). A tolerance beyond a minute would never switch.
+INTERVAL_RANGE = (1.0, 86400.0)  # seconds
+TIMEOUT_RANGE = (0.1, 60.0)  # seconds
+TOLERANCE_RANGE = (0, 60000)  # milliseconds
 HISTORY = 10
 _DIRECT = "DIRECT"
 _REJECT = "REJECT"
@@ -201,12 +211,16 @@ class GroupSpec:
             parse_check_url(self.url)
         except ValueError as exc:
             raise GroupError(f"{key}.url: {exc}") from None
-        if not self.interval > 0:
-            raise GroupError(f"{key}.interval: must be positive")
-        if not self.timeout > 0:
-            raise GroupError(f"{key}.timeout: must be positive")
-        if self.tolerance < 0:
-            raise GroupError(f"{key}.tolerance: must not be negative")
+        # `not low <= x <= high` refuses NaN too.
+        low, high = INTERVAL_RANGE
+        if not low <= self.interval <= high:
+            raise GroupError(f"{key}.interval: {low:g} to {high:g} seconds, got {self.interval:g}")
+        low, high = TIMEOUT_RANGE
+        if not low <= self.timeout <= high:
+            raise GroupError(f"{key}.timeout: {low:g} to {high:g} seconds, got {self.timeout:g}")
+        low_ms, high_ms = TOLERANCE_RANGE
+        if not low_ms <= self.tolerance <= high_ms:
+            raise GroupError(f"{key}.tolerance: {low_ms} to {high_ms} ms, got {self.tolerance}")
 
 
 def _score(member: str, key: str) -> int:

@@ -274,9 +274,18 @@ def test_groups_contain_groups_and_builtins() -> None:
         ([GroupSpec("g", "select", ())], "groups.g.members: a group needs at least one"),
         ([GroupSpec("g", "select", ("a", "a"))], "groups.g.members[1]: 'a' is listed twice"),
         ([GroupSpec("g", "select", ("a",), url="ftp://x/")], "groups.g.url: expected http"),
-        ([GroupSpec("g", "select", ("a",), interval=0)], "groups.g.interval: must be positive"),
-        ([GroupSpec("g", "select", ("a",), timeout=-1)], "groups.g.timeout: must be positive"),
-        ([GroupSpec("g", "url-test", ("a",), tolerance=-5)], "groups.g.tolerance: must not"),
+        (
+            [GroupSpec("g", "select", ("a",), interval=0)],
+            "groups.g.interval: 1 to 86400 seconds, got 0",
+        ),
+        (
+            [GroupSpec("g", "select", ("a",), timeout=-1)],
+            "groups.g.timeout: 0.1 to 60 seconds, got -1",
+        ),
+        (
+            [GroupSpec("g", "url-test", ("a",), tolerance=-5)],
+            "groups.g.tolerance: 0 to 60000 ms, got -5",
+        ),
     ],
 )
 def test_bad_groups_are_one_line_naming_the_key(specs: list[GroupSpec], message: str) -> None:

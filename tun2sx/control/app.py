@@ -100,6 +100,14 @@ MIN_UDP_BUFFER = 64 * 1024
 MAX_UDP_BUFFER = 1 << 30
 # Longer than this, a flow the sniffer cannot read would wait visibly.
 MAX_SNIFF_TIMEOUT = 10.0
+# Seconds (docs/config.md). connect_timeout bounds a whole outbound set-up
+# (connect, handshake, the proxy's reply) while the application's SYN is
+# held: below 0.1 s no proxy beyond the LAN answers in time, and the
+# application's own connect() gives up after about two minutes. A UDP
+# session forgotten within a second breaks every request and answer; one
+# kept for a day is a leak.
+CONNECT_TIMEOUT_RANGE = (0.1, 600.0)
+UDP_TIMEOUT_RANGE = (1.0, 86400.0)
 
 
 class ConfigError(ValueError):
@@ -414,11 +422,15 @@ def check_settings(settings: Settings) -> None:
             )
     if settings.fake_ip:
         _check_pools(settings)
-    # `not x > 0` refuses NaN too, which trio refuses as a time-out in every flow.
-    if not settings.udp_timeout > 0:
-        raise ConfigError("udp_timeout: must be positive")
-    if not settings.connect_timeout > 0:
-        raise ConfigError("connect_timeout: must be positive")
+    # `not low <= x <= high` refuses NaN too, which trio refuses as a
+    # time-out in every flow.
+    for field, (low, high) in (
+        ("udp_timeout", UDP_TIMEOUT_RANGE),
+        ("connect_timeout", CONNECT_TIMEOUT_RANGE),
+    ):
+        value = getattr(settings, field)
+        if not low <= value <= high:
+            raise ConfigError(f"{field}: {low:g} to {high:g} seconds, got {value:g}")
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
     check_queues(settings)

@@ -15,7 +15,6 @@ is built (outbounds.group.build_groups).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,12 +39,10 @@ def _kind_of(value: object) -> str:
 
 
 def _seconds(key: str, value: object) -> float:
+    # The range (NaN and infinity too) is GroupSpec.check's, for the
+    # embedding API's groups as well.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number of seconds, got {_kind_of(value)}")
-    if not value > 0:
-        raise ConfigError(f"{key}: must be positive")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}: not a finite number of seconds")
     return float(value)
 
 

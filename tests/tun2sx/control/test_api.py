@@ -272,10 +272,10 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"tun_txqueuelen": 0}, "tun_txqueuelen: 0 is not between"),
         ({"tun_txqueuelen": "10"}, "tun_txqueuelen: expected an integer"),
         # What the command line checks, the embedding API checks too.
-        ({"udp_timeout": 0}, "udp_timeout: must be positive"),
-        ({"connect_timeout": float("nan")}, "connect_timeout: must be positive"),
+        ({"udp_timeout": 0}, "udp_timeout: 1 to 86400 seconds, got 0"),
+        ({"connect_timeout": float("nan")}, "connect_timeout: 0.1 to 600 seconds, got nan"),
         ({"udp_timeout": "60"}, "udp_timeout: expected a number"),
-        ({"connect_timeout": -1}, "connect_timeout: must be positive"),
+        ({"connect_timeout": -1}, "connect_timeout: 0.1 to 600 seconds, got -1"),
         ({"mtu": 100}, "mtu: 100 is not between 576 and 65535"),
         ({"fake_ip_range": "198.18.0.0/31"}, "fake_ip_range: 198.18.0.0/31 leaves no address"),
         ({"fake_ip_range6": "fc00::/127"}, "fake_ip_range6: fc00::/127 leaves no address"),
@@ -291,5 +291,5 @@ def test_make_settings_rejects(config: dict[str, object], message: str) -> None:
 
 
 def test_make_settings_checks_a_given_settings_value() -> None:
-    with pytest.raises(ConfigError, match="udp_timeout: must be positive"):
+    with pytest.raises(ConfigError, match="udp_timeout: 1 to 86400 seconds, got 0"):
         tun2sx.make_settings(3, Settings(udp_timeout=0))

@@ -119,7 +119,11 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\ntun = 3', "tun: expected a table"),
         ('outbound = "DIRECT"\nfwmark = 0', "fwmark: 0 is not a 32-bit mark"),
         ('outbound = "DIRECT"\nudp_timeout = -1', "udp_timeout: must not be negative"),
-        ('outbound = "DIRECT"\nconnect_timeout = 0', "connect_timeout: must be positive"),
+        ('outbound = "DIRECT"\nconnect_timeout = 0', "connect_timeout: 0.1 to 600 seconds, got 0"),
+        ('outbound = "DIRECT"\nconnect_timeout = 1e-300', "connect_timeout: 0.1 to 600 seconds"),
+        ('outbound = "DIRECT"\nconnect_timeout = 1e300', "connect_timeout: 0.1 to 600 seconds"),
+        ('outbound = "DIRECT"\nudp_timeout = 1e-300', "udp_timeout: 1 to 86400 seconds"),
+        ('outbound = "DIRECT"\nudp_timeout = 1e300', "udp_timeout: 1 to 86400 seconds"),
         # NaN passes every comparison, and trio refuses it as a time-out
         # (a ValueError in every flow); infinity would never time out.
         ('outbound = "DIRECT"\nconnect_timeout = nan', "connect_timeout: not a finite"),

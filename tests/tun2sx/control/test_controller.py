@@ -185,6 +185,33 @@ async def test_delay_of_reject_is_an_error(nursery: trio.Nursery) -> None:
     assert bad.status == 400
 
 
+@pytest.mark.parametrize("timeout", ["0", "-5", "1e-300", "nan", "inf", "60001", "99999999999"])
+async def test_a_delay_test_refuses_an_absurd_timeout_naming_the_range(
+    nursery: trio.Nursery, timeout: str
+) -> None:
+    _, _, port = await serve(nursery)
+    answer = await request(
+        port, "GET", f"/proxies/DIRECT/delay?url=http://a.test/&timeout={timeout}"
+    )
+    assert answer.status == 400
+    assert answer.json()["message"].startswith("timeout: ")
+    assert "1 to 60000 ms" in answer.json()["message"]
+    group = await request(port, "GET", f"/group/proxy/delay?url=http://a.test/&timeout={timeout}")
+    assert group.status == 400 and "1 to 60000 ms" in group.json()["message"]
+
+
+@pytest.mark.parametrize("interval", ["-5", "nan", "inf", "1e300", "3600001"])
+async def test_a_connections_stream_refuses_an_absurd_interval(
+    nursery: trio.Nursery, interval: str
+) -> None:
+    _, _, port = await serve(nursery)
+    # Today's answer to an accepted interval is a stream that never ends.
+    with trio.fail_after(10):
+        answer = await request(port, "GET", f"/connections?interval={interval}")
+    assert answer.status == 400
+    assert answer.json()["message"] == "interval: 0 to 3600000 ms (below 100 counts as 100)"
+
+
 async def test_rules_in_order_then_the_default(nursery: trio.Nursery) -> None:
     _, _, port = await serve(nursery)
     rules = (await request(port, "GET", "/rules")).json()["rules"]

@@ -89,13 +89,24 @@ members = ["a", "REJECT"]
             '[groups.g]\ntype = "select"\nmembers = ["a"]\nurl = "http://me:Secret@x/"',
             "groups.g.url: 'http://me:***@x/': a check URL carries no user or password",
         ),
-        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = 0', "groups.g.interval: must"),
-        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = inf', "groups.g.interval: n"),
-        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntimeout = nan', "groups.g.timeout: must"),
+        *(
+            (f'[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = {value}', message)
+            for value in ("0", "-1", "1e-300", "0.5", "inf", "nan", "1e300", "86401")
+            for message in ["groups.g.interval: 1 to 86400 seconds, got "]
+        ),
+        *(
+            (f'[groups.g]\ntype = "select"\nmembers = ["a"]\ntimeout = {value}', message)
+            for value in ("0", "-1", "1e-300", "0.05", "inf", "nan", "1e300", "61")
+            for message in ["groups.g.timeout: 0.1 to 60 seconds, got "]
+        ),
+        *(
+            (f'[groups.g]\ntype = "select"\nmembers = ["a"]\ntolerance = {value}', message)
+            for value in ("-1", "60001", "9223372036854775807")
+            for message in ["groups.g.tolerance: 0 to 60000 ms, got "]
+        ),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ninterval = "5m"', "groups.g.interval: ex"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntimeout = true', "groups.g.timeout: exp"),
         ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntolerance = 1.5', "groups.g.tolerance:"),
-        ('[groups.g]\ntype = "select"\nmembers = ["a"]\ntolerance = -1', "groups.g.tolerance:"),
         ('[groups.a]\ntype = "select"\nmembers = ["b"]', "groups.a: an outbound has this name"),
         ('[groups.REJECT]\ntype = "select"\nmembers = ["b"]', "groups.REJECT: REJECT is built in"),
         ('[groups."x y"]\ntype = "select"\nmembers = ["b"]', "groups: 'x y' is not a usable"),
