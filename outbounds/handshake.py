@@ -122,6 +122,7 @@ async def run_handshake(
     *,
     proxy: str,
     what: str,
+    started: float,
     timeout: float,
     protocol_error: type[Exception],
     max_reads: int,
@@ -137,9 +138,13 @@ async def run_handshake(
         client: The sans-I/O client.
         proxy: How messages name the proxy.
         what: What was asked for, for the time-out's message.
-        timeout: Seconds for the whole exchange; the proxy answers once its
-            own connect is done, so running out means the destination did
-            not answer: HOST_UNREACHABLE.
+        started: When the outbound's set-up began (trio time), before
+            the connect to the proxy.
+        timeout: Seconds for the whole set-up from `started`, the connect
+            included (the outbound's `connect_timeout`: one time-out, so a
+            silent proxy fails a flow when the held SYN would); the proxy
+            answers once its own connect is done, so running out means the
+            destination did not answer: HOST_UNREACHABLE.
         protocol_error: The error `client` raises on bytes it cannot take.
         max_reads: Reads allowed (each brings at least one byte).
         before_wait: Called each time what `client` had to send is sent and
@@ -152,7 +157,7 @@ async def run_handshake(
         OutboundError: Time-out or a broken answer; `ProxyClosed` when the
             proxy closed or reset the connection.
     """
-    deadline = trio.current_time() + timeout
+    deadline = started + timeout
     if trio.current_effective_deadline() < deadline:
         # An enclosing deadline comes first, so ours could never fire: no
         # scope of our own (a cost once per connection).
@@ -219,19 +224,20 @@ async def open_tunnel(
     fast_open: bool,
     proxy: str,
     what: str,
-    timeout: float,
     protocol_error: type[Exception],
     max_reads: int,
 ) -> tuple[TcpSocketStream, EventT]:
     """Connect to the proxy with `client`'s request and read its answer.
 
     The request goes with the connect (in the SYN with `fast_open` and a
-    cookie). The caller judges the answer and owns the stream.
+    cookie). The caller judges the answer and owns the stream. Connect
+    and answer together get `options.connect_timeout`.
 
     Raises:
         OutboundError: The proxy is unreachable ("unreachable" in the
             message), or as `run_handshake`.
     """
+    started = trio.current_time()
     try:
         stream = await open_tcp(
             server.host,
@@ -248,7 +254,8 @@ async def open_tunnel(
             client,
             proxy=proxy,
             what=what,
-            timeout=timeout,
+            started=started,
+            timeout=options.connect_timeout,
             protocol_error=protocol_error,
             max_reads=max_reads,
         )

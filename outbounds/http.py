@@ -251,9 +251,9 @@ class HttpOutbound:
         server_port: Proxy port.
         username: Basic auth user name, or None for no authentication.
         password: Basic auth password (None: empty).
-        socket_options: Loop avoidance and connect timeout.
-        handshake_timeout: Seconds for the proxy's answer (it answers once
-            its own connect is done).
+        socket_options: Loop avoidance, and the connect timeout that bounds
+            the whole set-up: connect and answer (sent once the proxy's own
+            connect is done).
         fast_open: TCP Fast Open to the proxy: the request rides in the SYN.
     """
 
@@ -262,7 +262,6 @@ class HttpOutbound:
         "_fast_open",
         "_label",
         "_server",
-        "handshake_timeout",
         "name",
         "socket_options",
     )
@@ -275,7 +274,6 @@ class HttpOutbound:
         password: str | None = None,
         *,
         socket_options: SocketOptions | None = None,
-        handshake_timeout: float = 20.0,
         fast_open: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
@@ -283,7 +281,6 @@ class HttpOutbound:
             basic_credentials(username, password or "") if username is not None else None
         )
         self.socket_options = socket_options or SocketOptions()
-        self.handshake_timeout = handshake_timeout
         self._fast_open = fast_open
         self.name = f"http {self._server}"
         self._label = f"HTTP proxy {self._server}"
@@ -315,7 +312,6 @@ class HttpOutbound:
             fast_open=self._fast_open,
             proxy=proxy,
             what=str(dest),
-            timeout=self.handshake_timeout,
             protocol_error=HttpProtocolError,
             max_reads=MAX_HEAD + 8,
         )

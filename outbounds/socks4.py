@@ -202,8 +202,8 @@ class Socks4Outbound:
         server_port: Proxy port.
         userid: The user id sent with each request.
         names: SOCKS4a: hand host names to the proxy.
-        socket_options: Loop avoidance and connect timeout.
-        handshake_timeout: Seconds for the reply (sent once the proxy's own
+        socket_options: Loop avoidance, and the connect timeout that bounds
+            the whole set-up: connect and reply (sent once the proxy's own
             connect is done).
         fast_open: TCP Fast Open to the proxy: the request rides in the SYN.
     """
@@ -214,7 +214,6 @@ class Socks4Outbound:
         "_names",
         "_server",
         "_userid",
-        "handshake_timeout",
         "name",
         "socket_options",
     )
@@ -227,14 +226,12 @@ class Socks4Outbound:
         *,
         names: bool = True,
         socket_options: SocketOptions | None = None,
-        handshake_timeout: float = 20.0,
         fast_open: bool = False,
     ) -> None:
         self._server = Destination.parse_host(server_host, server_port)
         self._userid = userid
         self._names = names
         self.socket_options = socket_options or SocketOptions()
-        self.handshake_timeout = handshake_timeout
         self._fast_open = fast_open
         kind = "socks4a" if names else "socks4"
         self.name = f"{kind} {self._server}"
@@ -267,7 +264,6 @@ class Socks4Outbound:
             fast_open=self._fast_open,
             proxy=proxy,
             what=str(dest),
-            timeout=self.handshake_timeout,
             protocol_error=Socks4ProtocolError,
             max_reads=_REPLY.size + 1,
         )

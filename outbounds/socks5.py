@@ -534,10 +534,11 @@ class Socks5Outbound:
         server_port: Proxy port.
         username: Optional RFC 1929 user name (with `password`).
         password: Optional RFC 1929 password.
-        socket_options: Loop avoidance and connect timeout for the control socket.
-        handshake_timeout: Seconds allowed for the whole SOCKS5 exchange; the
-            proxy only replies once its own connect finished, so a timeout
-            means the destination is unreachable.
+        socket_options: Loop avoidance for the control socket, and the
+            connect timeout that bounds the whole set-up: connect, greeting,
+            credentials and the request's reply. The proxy only replies once
+            its own connect finished, so running out means the destination
+            is unreachable.
         pipeline: Send the greeting, credentials and request in one write
             (one round trip to the proxy instead of two or three); only for
             proxies that read ahead, such as Dante. Off by default.
@@ -563,7 +564,6 @@ class Socks5Outbound:
         "_server",
         "_spare",
         "_username",
-        "handshake_timeout",
         "name",
         "socket_options",
     )
@@ -576,7 +576,6 @@ class Socks5Outbound:
         password: str | None = None,
         *,
         socket_options: SocketOptions | None = None,
-        handshake_timeout: float = 20.0,
         pipeline: bool = False,
         fast_open: bool = False,
         preconnect: bool = False,
@@ -587,7 +586,6 @@ class Socks5Outbound:
         # Validate credentials now, so a bad config fails at startup.
         Socks5ClientConnection(Command.CONNECT, self._server, self._username, self._password)
         self.socket_options = socket_options or SocketOptions()
-        self.handshake_timeout = handshake_timeout
         self._pipeline = pipeline
         self._fast_open = fast_open
         self._greeting = greeting_for(self._username is not None, pipeline)
@@ -693,13 +691,14 @@ class Socks5Outbound:
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Connect to the proxy and run one request; returns stream, reply, read-ahead."""
         proxy = self._label
+        started = trio.current_time()
         preconnect = self._preconnect and command is Command.CONNECT
         spare = await self._take_spare() if preconnect else None
         if spare is not None:
             stream, early = spare
             conn = self._client(command, dest, greeting_sent=True)
             try:
-                return await self._request(stream, conn, early, command, dest, preconnect)
+                return await self._request(stream, conn, early, command, dest, preconnect, started)
             except ProxyClosed:
                 # The proxy closed the ready connection without answering
                 # the request (an idle timeout of its own, a restart): the
@@ -734,7 +733,7 @@ class Socks5Outbound:
                 # over IPv6, 0.0.0.0 is refused or answered with an IPv4 relay.
                 dest = Destination(ipaddress.IPv6Address(0), 0)
             new_conn = self._client(command, dest)
-        return await self._request(stream, new_conn, b"", command, dest, preconnect)
+        return await self._request(stream, new_conn, b"", command, dest, preconnect, started)
 
     def _client(
         self, command: Command, dest: Destination, *, greeting_sent: bool = False
@@ -769,11 +768,13 @@ class Socks5Outbound:
         command: Command,
         dest: Destination,
         preconnect: bool,
+        started: float,
     ) -> tuple[TcpSocketStream, Socks5Reply, bytes]:
         """Run one request on a connection to the proxy; closes it on failure.
 
         `early` is what the proxy sent on a ready connection (greeted
-        already) before the request.
+        already) before the request; `started` is when the set-up began
+        (trio time), which the connect timeout counts from.
         """
         proxy = self._label
         ok = False
@@ -790,7 +791,8 @@ class Socks5Outbound:
                 conn,
                 proxy=proxy,
                 what=str(dest),
-                timeout=self.handshake_timeout,
+                started=started,
+                timeout=self.socket_options.connect_timeout,
                 protocol_error=Socks5ProtocolError,
                 max_reads=_MAX_HANDSHAKE_READS,
                 before_wait=before_wait,

@@ -10,6 +10,7 @@ import trio
 
 from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.http import HttpOutbound
+from outbounds.net import SocketOptions
 
 TARGET = Destination("target.example", 80)
 
@@ -39,7 +40,9 @@ async def start_fake_proxy(
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
     port = listeners[0].socket.getsockname()[1]
-    return HttpOutbound("127.0.0.1", port, handshake_timeout=5, **options), requests  # type: ignore[arg-type]
+    return HttpOutbound(
+        "127.0.0.1", port, socket_options=SocketOptions(connect_timeout=5), **options
+    ), requests  # type: ignore[arg-type]
 
 
 async def test_dripped_answer_then_server_first_bytes_reach_the_application(
@@ -121,7 +124,7 @@ async def test_silent_proxy_times_out_as_unreachable(nursery: trio.Nursery) -> N
         await trio.sleep_forever()
 
     proxy, _ = await start_fake_proxy(nursery, script)
-    proxy.handshake_timeout = 0.2
+    proxy.socket_options = SocketOptions(connect_timeout=0.2)
     with pytest.raises(OutboundError, match="did not answer") as info:
         await proxy.connect_tcp(TARGET)
     assert info.value.reply is FailureReply.HOST_UNREACHABLE

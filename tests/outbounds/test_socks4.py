@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from outbounds.base import Destination, FailureReply, OutboundError
 from outbounds.handshake import NEED_DATA
+from outbounds.net import SocketOptions
 from outbounds.socks4 import (
     Socks4ClientConnection,
     Socks4Outbound,
@@ -132,7 +133,9 @@ async def start_fake_proxy(nursery: trio.Nursery, script: Script, *, names: bool
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, host="127.0.0.1"), handler, 0)
     port = listeners[0].socket.getsockname()[1]
-    return Socks4Outbound("127.0.0.1", port, b"id", names=names, handshake_timeout=5)
+    return Socks4Outbound(
+        "127.0.0.1", port, b"id", names=names, socket_options=SocketOptions(connect_timeout=5)
+    )
 
 
 async def test_dialer_carries_server_first_bytes(nursery: trio.Nursery) -> None:

@@ -60,7 +60,7 @@ async def start_fake_proxy(
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, host=host), handler, 0)
     port = listeners[0].socket.getsockname()[1]
-    return Socks5Outbound(host, port, handshake_timeout=5)
+    return Socks5Outbound(host, port, socket_options=SocketOptions(connect_timeout=5))
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from outbounds.base import Destination, FailureReply, OutboundError
+from outbounds.net import SocketOptions
 from outbounds.socks5 import Socks5Outbound
 from tests.support import ServerProcess, free_port, require_binary, run_server, transfer_through
 from tests.support.outbounds import PROXY_PASSWORD, PROXY_USER
@@ -86,7 +87,12 @@ async def test_pipelined_handshake_fails_on_a_one_message_reader(
 ) -> None:
     """microsocks reads one message per recv and loses the request sent with
     the greeting: it never answers, so pipelining must stay opt-in."""
-    proxy = Socks5Outbound(microsocks.host, microsocks.port, pipeline=True, handshake_timeout=1)
+    proxy = Socks5Outbound(
+        microsocks.host,
+        microsocks.port,
+        pipeline=True,
+        socket_options=SocketOptions(connect_timeout=1),
+    )
     with pytest.raises(OutboundError) as info:
         await proxy.connect_tcp(tcp_echo)
     assert "did not answer" in str(info.value)
