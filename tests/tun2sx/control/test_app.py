@@ -46,3 +46,24 @@ async def test_a_table_file_that_cannot_be_opened_is_one_line(tmp_path: Path, wh
         await serve(Settings(tun_fd=0, fake_ip_db=str(path)), device=device, handle_signals=False)
     assert str(info.value).startswith(f"fake_ip_db: cannot open {path}: ")
     assert "\n" not in str(info.value)
+
+
+def test_start_and_reload_warn_once_of_a_missing_interface_as_check_config_does(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Start and reload build their routing with open_routing; check-config
+    # must say the same line, and none of them may refuse the file: an
+    # uplink such as ppp0 may come up after tun2sx starts.
+    from tun2sx.control.app import open_routing
+    from tun2sx.control.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text('outbound = "DIRECT"\ninterface = "nosuch0"\n[tun]\nname = "tun7"\n')
+    assert main(["check-config", str(config)]) == 0
+    checked = capsys.readouterr().err
+    settings = Settings(tun="tun7", outbound="DIRECT", interface="nosuch0")
+    with caplog.at_level("WARNING"):
+        open_routing(settings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "nosuch0" in warnings[0]
+    assert checked == warnings[0].replace("tun2sx: ", "tun2sx: warning: ", 1) + "\n"
