@@ -17,7 +17,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
 
@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.realnames import RealNames
     from tun2sx.naming.router import Network, Router, Rule
+    from tun2sx.naming.sniff import Sniffed
+
+
+class FlowRoute(NamedTuple):
+    """How a flow was routed, for its FlowInfo: the same four facts for a
+    TCP flow and a UDP session."""
+
+    sniffed: Sniffed | None  # the host name read from the flow's first bytes
+    host_source: str  # where the host name came from (FlowInfo.host_source)
+    rule: Rule | None  # None: the default outbound decided
+    chain: tuple[str, ...] | None  # the outbounds it went through, leaf first
+
+
+UNROUTED = FlowRoute(None, "none", None, None)
 
 
 @attrs.frozen
@@ -290,13 +304,9 @@ class FlowContext(Protocol):
         app: str,
         dest: Destination,
         outbound: str,
-        *,
-        sniffed: str | None = None,
-        host_source: str = "none",
-        rule: Rule | None = None,
-        chain: tuple[str, ...] | None = None,
+        route: FlowRoute = UNROUTED,
     ) -> FlowInfo:
-        """Register a connected flow for the statistics (`rule` None: the default decided)."""
+        """Register a connected flow for the statistics."""
         ...
 
     def close_flow(self, info: FlowInfo) -> None:

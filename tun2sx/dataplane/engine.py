@@ -24,7 +24,7 @@ import trio
 from outbounds.base import Destination
 from stack.netstack import NetStack, UdpDatagram
 from stack.tcp import ConnectionRequest, TcpConnection
-from tun2sx.dataplane.context import ConnectTimes, EngineConfig, FlowInfo
+from tun2sx.dataplane.context import UNROUTED, ConnectTimes, EngineConfig, FlowInfo, FlowRoute
 from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
 from tun2sx.dataplane.udpflow import UdpFlows
@@ -265,13 +265,10 @@ class Engine:
         app: str,
         dest: Destination,
         outbound: str,
-        *,
-        sniffed: str | None = None,
-        host_source: str = "none",
-        rule: Rule | None = None,
-        chain: tuple[str, ...] | None = None,
+        route: FlowRoute = UNROUTED,
     ) -> FlowInfo:
         """Register a connected flow for the statistics; `close_flow` it at the end."""
+        sniffed, host_source, rule, chain = route
         kind, payload = rule_label(rule)
         info = FlowInfo(
             network,
@@ -279,7 +276,7 @@ class Engine:
             dest,
             outbound,
             self._now(),
-            sniffed=sniffed,
+            sniffed=None if sniffed is None else sniffed.host,
             host_source=host_source,
             rule=kind,
             rule_payload=payload,

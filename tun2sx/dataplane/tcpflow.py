@@ -31,7 +31,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -39,6 +39,7 @@ from outbounds.base import Destination, FailureReply, NowaitStream, OutboundErro
 from outbounds.group import connect_tcp_traced
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey
+from tun2sx.dataplane.context import FlowRoute
 from tun2sx.dataplane.loglimit import LogLimit
 from tun2sx.dataplane.splice import reset_socket, splice
 from tun2sx.dataplane.tcpstream import TcpStream
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from outbounds.base import Outbound
     from tun2sx.dataplane.context import FlowContext
     from tun2sx.dataplane.dnsserve import DnsServer
-    from tun2sx.naming.router import Rule
 
 log = logging.getLogger("tun2sx.tcp")
 
@@ -204,7 +204,9 @@ class TcpFlows:
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
-        await self._carry(key, stream, upstream, dest, outbound, _Route(None, source, rule, chain))
+        await self._carry(
+            key, stream, upstream, dest, outbound, FlowRoute(None, source, rule, chain)
+        )
 
     async def _dial(
         self,
@@ -275,24 +277,14 @@ class TcpFlows:
         upstream: trio.abc.HalfCloseableStream,
         dest: Destination,
         outbound: Outbound,
-        route: _Route,
+        route: FlowRoute,
         first: bytes = b"",
     ) -> None:
         """Splice a connected flow until it ends; `first` (what sniffing
         read) goes to the outbound before anything else."""
         engine = self._engine
-        sniffed, source, rule, chain = route
         app = _endpoint(key.app_addr, key.app_port)
-        info = engine.open_flow(
-            "tcp",
-            app,
-            dest,
-            engine.router.name_of(outbound),
-            sniffed=None if sniffed is None else sniffed.host,
-            host_source=source,
-            rule=rule,
-            chain=chain,
-        )
+        info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound), route)
         finished = False
         try:
             # The controller's close cancels this scope: the flow then ends
@@ -389,7 +381,7 @@ class TcpFlows:
                 outbound.name,
             )
         await self._carry(
-            key, stream, upstream, dest, outbound, _Route(sniffed, source, rule, chain), first
+            key, stream, upstream, dest, outbound, FlowRoute(sniffed, source, rule, chain), first
         )
 
     async def _sniff(
@@ -457,12 +449,3 @@ class TcpFlows:
         streams = self._engine.streams
         if stream.finished and streams.get(key) is stream:
             del streams[key]
-
-
-class _Route(NamedTuple):
-    """How a flow was routed, for its FlowInfo."""
-
-    sniffed: Sniffed | None
-    source: str  # where the host name came from (FlowInfo.host_source)
-    rule: Rule | None
-    chain: tuple[str, ...]

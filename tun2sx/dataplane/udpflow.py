@@ -43,6 +43,7 @@ from outbounds.group import open_udp_traced
 from stack.netstack import UdpDatagram
 from stack.wire import icmp
 from stack.wire.packet import build_udp_packet
+from tun2sx.dataplane.context import FlowRoute
 from tun2sx.dataplane.loglimit import LogLimit
 from tun2sx.naming.sniff import NEED_DATA, Sniffed, SniffResult
 
@@ -290,10 +291,7 @@ class UdpFlows:
                     _describe(session),
                     dest,
                     engine.router.name_of(outbound),
-                    sniffed=None if sniffed is None else sniffed.host,
-                    host_source=source,
-                    rule=rule,
-                    chain=chain,
+                    FlowRoute(sniffed, source, rule, chain),
                 )
                 info.closer = session.scope.cancel
                 session.upstream = upstream
