@@ -108,6 +108,7 @@ MAX_SNIFF_TIMEOUT = 10.0
 # kept for a day is a leak.
 CONNECT_TIMEOUT_RANGE = (0.1, 600.0)
 UDP_TIMEOUT_RANGE = (1.0, 86400.0)
+STATS_INTERVAL_RANGE = (1.0, 86400.0)  # or 0: no summary lines
 
 
 class ConfigError(ValueError):
@@ -393,6 +394,13 @@ def engine_config(settings: Settings, device: TunDevice, router: Router) -> Engi
 def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
     if not settings.stats_interval >= 0:
         raise ConfigError("stats_interval: must not be negative")
+    low, high = STATS_INTERVAL_RANGE
+    if settings.stats_interval != 0 and not low <= settings.stats_interval <= high:
+        # 1e-300 would write summary lines as fast as the loop turns.
+        raise ConfigError(
+            f"stats_interval: 0 (no summary lines) or {low:g} to {high:g} seconds, "
+            f"got {settings.stats_interval:g}"
+        )
     if settings.stats_listen is None:
         return None
     if settings.secret is not None and (

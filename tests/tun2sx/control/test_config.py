@@ -129,6 +129,8 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\nconnect_timeout = nan', "connect_timeout: not a finite"),
         ('outbound = "DIRECT"\nudp_timeout = inf', "udp_timeout: not a finite"),
         ('outbound = "DIRECT"\n[stats]\ninterval = nan', "stats.interval: not a finite"),
+        ('outbound = "DIRECT"\n[stats]\ninterval = 1e-300', "stats.interval: 0 (no summary"),
+        ('outbound = "DIRECT"\n[stats]\ninterval = 1e300', "stats.interval: 0 (no summary"),
         ('outbound = "DIRECT"\n[dns]\nfake_ip_range = "fc00::/18"', "dns.fake_ip_range: fc00"),
         ('outbound = "DIRECT"\n[dns]\nfake_ip_range6 = "10.0.0.0/8"', "dns.fake_ip_range6:"),
         ('outbound = "DIRECT"\n[dns]\nupstream = "nope"', "dns.upstream: expected HOST:PORT"),
