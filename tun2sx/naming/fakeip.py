@@ -66,6 +66,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from tun2sx.naming.journal import Journal, to_sqlite
+
 if TYPE_CHECKING:
     import sqlite3
 
@@ -276,6 +278,7 @@ class FakeIpStore:
         "_clock",
         "_closed",
         "_db",
+        "_journal",
         "_pending_touch",
         "_shared",
         "_stats",
@@ -323,11 +326,20 @@ class FakeIpStore:
         self._touch_interval_ms = round(touch_interval * 1000)
         self._time = clock
         self._db: sqlite3.Connection | None = None
+        self._journal: Journal | None = None
         self.errors: tuple[type[Exception], ...] = ()
         if path == ":memory:":
             return  # the dicts are the table; nothing outlives the process
-        # Imported here: a table in memory needs no SQLite.
+        if not shared:
+            self._open_journal(path)
+            return
+        # Imported here: only workers share the table through SQLite.
         import sqlite3
+
+        try:
+            to_sqlite(path, _SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise FakeIpStoreError(str(exc)) from exc
 
         self.errors = (sqlite3.Error,)
         try:
@@ -348,18 +360,25 @@ class FakeIpStore:
             if self._db is not None:
                 self._db.close()
             raise FakeIpStoreError(str(exc)) from exc
-        stale = self._load()
+        rows = self._file.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
+        stale = self._load(rows)
         if stale:
             # Keyed by name too: in shared mode another process may have
             # reused the address since the scan.
             with self._write():
                 db.executemany("DELETE FROM mapping WHERE ip = ? AND name = ?", stale)
-        if shared:
-            # The scan only cleaned the file; the database is the table now.
-            for pool in (self.v4, self.v6):
-                if pool is not None:
-                    pool.lru.clear()
-                    pool.by_name.clear()
+        # The scan only cleaned the file; the database is the table now.
+        for pool in (self.v4, self.v6):
+            if pool is not None:
+                pool.lru.clear()
+                pool.by_name.clear()
+
+    def _open_journal(self, path: str) -> None:
+        """Read the table from its journal, dropping what the pools cannot hold."""
+        self.errors = (OSError,)
+        self._journal, rows = Journal.open(path)
+        if self._load(rows):
+            self._rewrite()
 
     # --- public API -----------------------------------------------------------
 
@@ -433,16 +452,15 @@ class FakeIpStore:
         pool.by_name[key] = offset
         self._stats.allocations += 1
         ip = pool.address(offset)
-        if self._db is None:
+        journal = self._journal
+        if journal is None:
             return ip
         self._pending_touch.pop(ip.packed, None)
-        # Pending recency updates ride along in the same transaction.
-        with self._write():
-            self._flush_touches()
-            self._file.execute(
-                "INSERT OR REPLACE INTO mapping (ip, name, used) VALUES (?, ?, ?)",
-                (ip.packed, key, self._clock),
-            )
+        # Pending recency updates ride along in the same write.
+        journal.append(self._pending_touch, ip.packed, key, self._clock)
+        self._pending_touch.clear()
+        if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
+            self._rewrite()
         return ip
 
     def statistics(self) -> FakeIpStatistics:
@@ -456,14 +474,19 @@ class FakeIpStore:
         return stats
 
     def close(self) -> None:
-        """Write pending recency updates and close the database; idempotent."""
-        if self._closed or self._db is None:
+        """Write pending recency updates and close the file; idempotent."""
+        if self._closed:
             return
-        if self._pending_touch:
-            with self._write():
-                self._flush_touches()
-        self._db.close()
         self._closed = True
+        if self._journal is not None:
+            try:
+                if self._pending_touch:
+                    self._journal.append_touches(self._pending_touch)
+                    self._pending_touch.clear()
+            finally:
+                self._journal.close()
+        elif self._db is not None:
+            self._db.close()
 
     # --- internals --------------------------------------------------------------
 
@@ -565,26 +588,38 @@ class FakeIpStore:
 
     def _touch(self, pool: _Pool, offset: int) -> None:
         pool.lru.move_to_end(offset)
-        if self._db is None:
+        journal = self._journal
+        if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
         self._pending_touch[pool.address(offset).packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
-            with self._write():
-                self._flush_touches()
-
-    def _flush_touches(self) -> None:
-        if self._pending_touch:
-            self._file.executemany(
-                "UPDATE mapping SET used = ? WHERE ip = ?",
-                [(used, ip) for ip, used in self._pending_touch.items()],
-            )
+            journal.append_touches(self._pending_touch)
             self._pending_touch.clear()
+            if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
+                self._rewrite()
 
-    def _load(self) -> list[tuple[bytes, str]]:
-        """Rebuild the in-memory maps; return the rows the current pools cannot hold."""
+    def _rewrite(self) -> None:
+        """Rewrite the journal as one record per mapping, in each pool's LRU order."""
+        assert self._journal is not None
+        # The in-memory order already holds the pending uses.
+        self._pending_touch.clear()
+        rows = [
+            (pool.address(offset).packed, name, used)
+            for pool in (self.v4, self.v6)
+            if pool is not None
+            for used, (offset, name) in enumerate(pool.lru.items(), 1)
+        ]
+        self._clock = max(self._clock, len(rows))
+        self._journal.rewrite(rows)
+
+    def _load(self, rows: Iterable[tuple[bytes, str, int]]) -> list[tuple[bytes, str]]:
+        """Rebuild the in-memory maps from rows oldest use first.
+
+        Returns:
+            The rows the current pools cannot hold.
+        """
         stale: list[tuple[bytes, str]] = []
-        rows = self._file.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
         for packed, name, used in rows:
             self._clock = max(self._clock, used)
             try:
