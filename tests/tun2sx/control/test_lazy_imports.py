@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[3]
 HEAVY = (
     *("cryptography", "blake3", "dnslib", "sqlite3", "tomllib", "json"),
     *("_ssl", "_hashlib", "_bz2", "_lzma"),
+    # idna's code and tables, which trio's sockets import (tun2sx.control.deferred).
+    "idna.core",
     # Proxy protocols the configuration does not name.
     *("outbounds.http", "outbounds.socks4"),
     # QUIC sniffing, which a configuration without domain rules never does.
