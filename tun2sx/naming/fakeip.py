@@ -5,17 +5,17 @@ later turns the address the application connects to back into the name, so
 the proxy, not this host, resolves it. The table is the whole trick, and the
 failure users know best is losing it: an OS or browser that cached a fake IP
 keeps using it after a restart, and if the table is gone those connections
-hang. So the table lives in SQLite and a restart keeps every mapping: the same
+hang. So the table lives in a file and a restart keeps every mapping: the same
 name gets the same address again, and addresses handed out before the restart
 still map back to their names.
 
-Reads are served from memory (dicts plus an LRU order); SQLite is only the
-journal, and with `:memory:` there is none: the dicts are the whole table
-and `sqlite3` (about 1 MiB resident) is never imported. A new mapping is
-committed at once (WAL with `synchronous=NORMAL`: no fsync per query,
-durable against a crash of the process, at worst the last few transactions
-are lost on power failure). Recency updates from lookups are batched,
-because they only steer which mapping is recycled first.
+Reads are served from memory (dicts plus an LRU order); the file is only a
+journal (tun2sx.naming.journal, written without SQLite, which would cost
+about 1.7 MiB resident), and with `:memory:` there is none: the dicts are
+the whole table. A new mapping is written at once (no fsync: durable
+against a crash of the process; power failure may lose the last few).
+Recency updates from lookups are batched, because they only steer which
+mapping is recycled first.
 
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
@@ -24,7 +24,9 @@ gateway) are never handed out.
 Shared mode (`shared=True`) is for worker processes that serve the queues of
 one multi-queue TUN device: a DNS query answered by one worker may be followed
 by a connection that lands on another, so every worker must read and change
-one table. The database is then the only state. An allocation is one
+one table. They share it through SQLite (a journal left by a single process
+is converted at their first start), and the database is then the only
+state. An allocation is one
 `BEGIN IMMEDIATE` transaction (concurrent writers wait on the busy timeout)
 that finds the name, or takes the next fresh address, or recycles the row with
 the smallest `used`, all from what the database holds at that moment; indexes
@@ -254,11 +256,11 @@ class _Pool:
 
 
 class FakeIpStore:
-    """Name <-> fake address mappings, persisted in SQLite.
+    """Name <-> fake address mappings, persisted in a file.
 
     Args:
-        path: SQLite file, or ":memory:" (the default): kept in this
-            process only, without SQLite.
+        path: The table's file (a journal; an SQLite database when shared),
+            or ":memory:" (the default): kept in this process only.
         v4_pool: CIDR for A answers.
         v6_pool: CIDR for AAAA answers, or None to disable fake AAAA.
         reserved: Addresses never handed out, e.g. the TUN gateway address.
@@ -270,8 +272,9 @@ class FakeIpStore:
         clock: Shared mode: wall clock in seconds, for tests.
 
     Attributes:
-        errors: The exceptions the table's file can raise (`sqlite3.Error`;
-            none for `:memory:`), for callers that fail one query on them.
+        errors: The exceptions the table's file can raise (`OSError` for a
+            journal, `sqlite3.Error` when shared, none for `:memory:`), for
+            callers that fail one query on them.
     """
 
     __slots__ = (

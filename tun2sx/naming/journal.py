@@ -107,7 +107,7 @@ def _read_sqlite(path: str) -> list[Row]:
         finally:
             db.close()
     except sqlite3.Error as exc:
-        raise JournalError(f"{path}: {exc}") from exc
+        raise JournalError(str(exc)) from exc
     return [(bytes(packed), str(name), int(used)) for packed, name, used in rows]
 
 
@@ -175,7 +175,7 @@ class Journal:
                 os.write(fd, MAGIC)
                 return cls(path, fd, 0), []
             if not data.startswith(MAGIC):
-                raise JournalError(f"{path}: not a fake-IP table (neither a journal nor SQLite)")
+                raise JournalError("not a fake-IP table (neither a journal nor SQLite)")
             rows, records, whole = _replay(data)
             if whole < len(data):
                 os.ftruncate(fd, whole)
