@@ -171,7 +171,8 @@ class Journal:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             data = _read_all(fd)
-            if not data:
+            if MAGIC.startswith(data):  # new, or cut short while it was being made
+                os.ftruncate(fd, 0)
                 os.write(fd, MAGIC)
                 return cls(path, fd, 0), []
             if not data.startswith(MAGIC):

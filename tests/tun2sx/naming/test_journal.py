@@ -168,3 +168,33 @@ def test_restarts_and_rewrites_change_no_answer(ops: list[tuple[str, int, int]])
             store.close()
         finally:
             journal.SLACK = original
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12), st.data())
+def test_a_file_cut_anywhere_keeps_exactly_the_whole_records(
+    count: int, data: st.DataObject
+) -> None:
+    """Power loss can end the file at any byte: what is whole is kept, nothing else."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fakeip"
+        store = FakeIpStore(str(path), **SMALL)
+        ends = []
+        for i in range(count):
+            store.allocate(f"name{i}.example", V4 if i % 2 else V6)
+            ends.append(path.stat().st_size)
+        store.close()
+        whole = path.read_bytes()
+        cut = data.draw(st.integers(0, len(whole)))
+        path.write_bytes(whole[:cut])
+        again = FakeIpStore(str(path), **SMALL)
+        kept = [
+            i
+            for i in range(count)
+            if again.lookup_name(f"name{i}.example", V4 if i % 2 else V6) is not None
+        ]
+        assert kept == [i for i, end in enumerate(ends) if end <= cut]
+        assert path.stat().st_size == max([len(journal.MAGIC), *(e for e in ends if e <= cut)])
+        again.close()
