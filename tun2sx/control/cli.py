@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fake-ip-db",
-        help="where the fake-IP table persists (default /var/lib/tun2sx/fakeip.sqlite; "
-        "':memory:' to not persist)",
+        help="the file the fake-IP table persists in (default "
+        "/var/lib/tun2sx/fakeip.sqlite; ':memory:' to not persist)",
     )
     p.add_argument(
         "--fake-ip-filter",

@@ -6,7 +6,11 @@ it is itself imported; the two bring OpenSSL's libssl and libcrypto, about
 use (no outbound speaks TLS; Shadowsocks' crypto comes from `cryptography`).
 trio also looks for the pthread library through `ctypes.util` (to name its
 threads), which imports `shutil`, which imports `bz2` and `lzma` (libbz2,
-liblzma) for its archive formats.
+liblzma) for its archive formats, and `tempfile`, which `ctypes.util` uses
+only when `ldconfig` cannot name the library. trio's sockets import `idna`
+(with its tables) to encode a non-ASCII host name given to
+`getaddrinfo`, which only a direct connection to such a name makes (names
+for the proxy are sent as they are). The two are about 0.25 MiB.
 
 `defer()` puts a placeholder module in `sys.modules` for each of them not
 imported yet; the first attribute read on it (trio's TLS code, an embedding
@@ -23,7 +27,7 @@ import importlib.util
 import sys
 import types
 
-MODULES = ("ssl", "hmac", "bz2", "lzma")
+MODULES = ("ssl", "hmac", "bz2", "lzma", "tempfile", "idna")
 
 
 class _Deferred(types.ModuleType):

@@ -5,17 +5,17 @@ later turns the address the application connects to back into the name, so
 the proxy, not this host, resolves it. The table is the whole trick, and the
 failure users know best is losing it: an OS or browser that cached a fake IP
 keeps using it after a restart, and if the table is gone those connections
-hang. So the table lives in SQLite and a restart keeps every mapping: the same
+hang. So the table lives in a file and a restart keeps every mapping: the same
 name gets the same address again, and addresses handed out before the restart
 still map back to their names.
 
-Reads are served from memory (dicts plus an LRU order); SQLite is only the
-journal, and with `:memory:` there is none: the dicts are the whole table
-and `sqlite3` (about 1 MiB resident) is never imported. A new mapping is
-committed at once (WAL with `synchronous=NORMAL`: no fsync per query,
-durable against a crash of the process, at worst the last few transactions
-are lost on power failure). Recency updates from lookups are batched,
-because they only steer which mapping is recycled first.
+Reads are served from memory (dicts plus an LRU order); the file is only a
+journal (tun2sx.naming.journal, written without SQLite, which would cost
+about 1.7 MiB resident), and with `:memory:` there is none: the dicts are
+the whole table. A new mapping is written at once (no fsync: durable
+against a crash of the process; power failure may lose the last few).
+Recency updates from lookups are batched, because they only steer which
+mapping is recycled first.
 
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
@@ -24,7 +24,9 @@ gateway) are never handed out.
 Shared mode (`shared=True`) is for worker processes that serve the queues of
 one multi-queue TUN device: a DNS query answered by one worker may be followed
 by a connection that lands on another, so every worker must read and change
-one table. The database is then the only state. An allocation is one
+one table. They share it through SQLite (a journal left by a single process
+is converted at their first start), and the database is then the only
+state. An allocation is one
 `BEGIN IMMEDIATE` transaction (concurrent writers wait on the busy timeout)
 that finds the name, or takes the next fresh address, or recycles the row with
 the smallest `used`, all from what the database holds at that moment; indexes
@@ -65,6 +67,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
+
+from tun2sx.naming.journal import Journal, to_sqlite
 
 if TYPE_CHECKING:
     import sqlite3
@@ -252,11 +256,11 @@ class _Pool:
 
 
 class FakeIpStore:
-    """Name <-> fake address mappings, persisted in SQLite.
+    """Name <-> fake address mappings, persisted in a file.
 
     Args:
-        path: SQLite file, or ":memory:" (the default): kept in this
-            process only, without SQLite.
+        path: The table's file (a journal; an SQLite database when shared),
+            or ":memory:" (the default): kept in this process only.
         v4_pool: CIDR for A answers.
         v6_pool: CIDR for AAAA answers, or None to disable fake AAAA.
         reserved: Addresses never handed out, e.g. the TUN gateway address.
@@ -268,14 +272,16 @@ class FakeIpStore:
         clock: Shared mode: wall clock in seconds, for tests.
 
     Attributes:
-        errors: The exceptions the table's file can raise (`sqlite3.Error`;
-            none for `:memory:`), for callers that fail one query on them.
+        errors: The exceptions the table's file can raise (`OSError` for a
+            journal, `sqlite3.Error` when shared, none for `:memory:`), for
+            callers that fail one query on them.
     """
 
     __slots__ = (
         "_clock",
         "_closed",
         "_db",
+        "_journal",
         "_pending_touch",
         "_shared",
         "_stats",
@@ -323,11 +329,20 @@ class FakeIpStore:
         self._touch_interval_ms = round(touch_interval * 1000)
         self._time = clock
         self._db: sqlite3.Connection | None = None
+        self._journal: Journal | None = None
         self.errors: tuple[type[Exception], ...] = ()
         if path == ":memory:":
             return  # the dicts are the table; nothing outlives the process
-        # Imported here: a table in memory needs no SQLite.
+        if not shared:
+            self._open_journal(path)
+            return
+        # Imported here: only workers share the table through SQLite.
         import sqlite3
+
+        try:
+            to_sqlite(path, _SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise FakeIpStoreError(str(exc)) from exc
 
         self.errors = (sqlite3.Error,)
         try:
@@ -348,18 +363,25 @@ class FakeIpStore:
             if self._db is not None:
                 self._db.close()
             raise FakeIpStoreError(str(exc)) from exc
-        stale = self._load()
+        rows = self._file.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
+        stale = self._load(rows)
         if stale:
             # Keyed by name too: in shared mode another process may have
             # reused the address since the scan.
             with self._write():
                 db.executemany("DELETE FROM mapping WHERE ip = ? AND name = ?", stale)
-        if shared:
-            # The scan only cleaned the file; the database is the table now.
-            for pool in (self.v4, self.v6):
-                if pool is not None:
-                    pool.lru.clear()
-                    pool.by_name.clear()
+        # The scan only cleaned the file; the database is the table now.
+        for pool in (self.v4, self.v6):
+            if pool is not None:
+                pool.lru.clear()
+                pool.by_name.clear()
+
+    def _open_journal(self, path: str) -> None:
+        """Read the table from its journal, dropping what the pools cannot hold."""
+        self.errors = (OSError,)
+        self._journal, rows = Journal.open(path)
+        if self._load(rows):
+            self._rewrite()
 
     # --- public API -----------------------------------------------------------
 
@@ -433,16 +455,15 @@ class FakeIpStore:
         pool.by_name[key] = offset
         self._stats.allocations += 1
         ip = pool.address(offset)
-        if self._db is None:
+        journal = self._journal
+        if journal is None:
             return ip
         self._pending_touch.pop(ip.packed, None)
-        # Pending recency updates ride along in the same transaction.
-        with self._write():
-            self._flush_touches()
-            self._file.execute(
-                "INSERT OR REPLACE INTO mapping (ip, name, used) VALUES (?, ?, ?)",
-                (ip.packed, key, self._clock),
-            )
+        # Pending recency updates ride along in the same write.
+        journal.append(self._pending_touch, ip.packed, key, self._clock)
+        self._pending_touch.clear()
+        if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
+            self._rewrite()
         return ip
 
     def statistics(self) -> FakeIpStatistics:
@@ -456,14 +477,19 @@ class FakeIpStore:
         return stats
 
     def close(self) -> None:
-        """Write pending recency updates and close the database; idempotent."""
-        if self._closed or self._db is None:
+        """Write pending recency updates and close the file; idempotent."""
+        if self._closed:
             return
-        if self._pending_touch:
-            with self._write():
-                self._flush_touches()
-        self._db.close()
         self._closed = True
+        if self._journal is not None:
+            try:
+                if self._pending_touch:
+                    self._journal.append_touches(self._pending_touch)
+                    self._pending_touch.clear()
+            finally:
+                self._journal.close()
+        elif self._db is not None:
+            self._db.close()
 
     # --- internals --------------------------------------------------------------
 
@@ -565,26 +591,38 @@ class FakeIpStore:
 
     def _touch(self, pool: _Pool, offset: int) -> None:
         pool.lru.move_to_end(offset)
-        if self._db is None:
+        journal = self._journal
+        if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
         self._pending_touch[pool.address(offset).packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
-            with self._write():
-                self._flush_touches()
-
-    def _flush_touches(self) -> None:
-        if self._pending_touch:
-            self._file.executemany(
-                "UPDATE mapping SET used = ? WHERE ip = ?",
-                [(used, ip) for ip, used in self._pending_touch.items()],
-            )
+            journal.append_touches(self._pending_touch)
             self._pending_touch.clear()
+            if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
+                self._rewrite()
 
-    def _load(self) -> list[tuple[bytes, str]]:
-        """Rebuild the in-memory maps; return the rows the current pools cannot hold."""
+    def _rewrite(self) -> None:
+        """Rewrite the journal as one record per mapping, in each pool's LRU order."""
+        assert self._journal is not None
+        # The in-memory order already holds the pending uses.
+        self._pending_touch.clear()
+        rows = [
+            (pool.address(offset).packed, name, used)
+            for pool in (self.v4, self.v6)
+            if pool is not None
+            for used, (offset, name) in enumerate(pool.lru.items(), 1)
+        ]
+        self._clock = max(self._clock, len(rows))
+        self._journal.rewrite(rows)
+
+    def _load(self, rows: Iterable[tuple[bytes, str, int]]) -> list[tuple[bytes, str]]:
+        """Rebuild the in-memory maps from rows oldest use first.
+
+        Returns:
+            The rows the current pools cannot hold.
+        """
         stale: list[tuple[bytes, str]] = []
-        rows = self._file.execute("SELECT ip, name, used FROM mapping ORDER BY used").fetchall()
         for packed, name, used in rows:
             self._clock = max(self._clock, used)
             try:

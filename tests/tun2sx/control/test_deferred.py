@@ -83,3 +83,18 @@ def test_importing_tun2sx_leaves_openssl_unloaded_until_tls_is_used() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.split() == ["False", "False", "True", "True"]
+
+
+def test_importing_tun2sx_leaves_idna_and_tempfile_unloaded_until_used() -> None:
+    script = (
+        "import sys, tun2sx, trio, trio._socket\n"
+        "print('idna.core' in sys.modules, type(sys.modules['tempfile']).__name__)\n"
+        # What trio's getaddrinfo does with a non-ASCII name.
+        "print(trio._socket._idna.encode('bücher.example', uts46=True).decode())\n"
+        "import tempfile\n"
+        "print(tempfile.gettempprefix())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "_Deferred", "xn--bcher-kva.example", "tmp"]

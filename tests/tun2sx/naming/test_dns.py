@@ -4,10 +4,11 @@ and forwarding through a real SOCKS5 proxy (microsocks) to a local TCP DNS serve
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import ipaddress
+import os
 import socket
-import sqlite3
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,10 +301,10 @@ def test_name_dnslib_cannot_write_back(dns: FakeDns) -> None:
 
 
 class _BrokenStore(FakeIpStore):
-    """A table whose file stays locked by another process."""
+    """A table whose file cannot take another record: the disk is full."""
 
     def allocate(self, name: str, family: socket.AddressFamily) -> IPAddress:
-        raise sqlite3.OperationalError("database is locked")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_failing_fake_ip_table_answers_servfail_not_a_crash(tmp_path: Path) -> None:

@@ -135,7 +135,7 @@ def test_rough_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     elapsed = time.perf_counter() - start
     store.close()
     with capsys.disabled():
-        print(f"\nfake-IP store: {2000 / elapsed:.0f} new names/s (file, WAL, NORMAL)")
+        print(f"\nfake-IP store: {2000 / elapsed:.0f} new names/s (file, journal)")
 
 
 @given(st.lists(st.text(alphabet="abcXYZ.-", min_size=1, max_size=12), max_size=40))

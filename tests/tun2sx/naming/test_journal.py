@@ -1,0 +1,200 @@
+"""The fake-IP table's journal: restarts, torn tails, rewrites, migration to and from SQLite."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tun2sx.naming import journal
+from tun2sx.naming.fakeip import FakeIpStore
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+SMALL = {"v4_pool": "10.99.0.0/28", "v6_pool": "fd00::/124", "touch_batch": 3}
+# The table as tun2sx wrote it before the journal, and as workers write it.
+OLD_SCHEMA = (
+    "CREATE TABLE mapping (ip BLOB PRIMARY KEY, name TEXT NOT NULL, used INTEGER NOT NULL)"
+    " WITHOUT ROWID"
+)
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def test_a_new_file_is_a_journal_and_survives_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip.sqlite"
+    store = FakeIpStore(str(path), **SMALL)
+    a = store.allocate("a.example", V4)
+    b = store.allocate("b.example", V6)
+    # No close: a crashed process leaves what it wrote, and allocations are written at once.
+    again = FakeIpStore(str(path), **SMALL)
+    assert path.read_bytes().startswith(journal.MAGIC)
+    assert (again.lookup_ip(a), again.lookup_ip(b)) == ("a.example", "b.example")
+    again.close()
+    store.close()
+
+
+def test_a_torn_last_record_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip"
+    store = FakeIpStore(str(path), **SMALL)
+    kept = store.allocate("kept.example", V4)
+    store.allocate("torn.example", V4)
+    store.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])  # power lost in the middle of the last record
+    again = FakeIpStore(str(path), **SMALL)
+    assert again.lookup_ip(kept) == "kept.example"
+    assert again.lookup_name("torn.example", V4) is None
+    # Appends go on after the cut, so the next start reads them.
+    fresh = again.allocate("fresh.example", V4)
+    again.close()
+    third = FakeIpStore(str(path), **SMALL)
+    assert third.lookup_ip(fresh) == "fresh.example"
+    assert third.lookup_ip(kept) == "kept.example"
+    third.close()
+
+
+def test_a_file_that_is_neither_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip"
+    path.write_bytes(b"some other file\n")
+    with pytest.raises(OSError, match="not a fake-IP table"):
+        FakeIpStore(str(path))
+    assert path.read_bytes() == b"some other file\n"
+
+
+def test_superseded_records_are_rewritten_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "SLACK", 10)
+    path = tmp_path / "fakeip"
+    store = FakeIpStore(str(path), v4_pool="10.99.0.0/29", v6_pool=None, touch_batch=1)
+    first = [store.allocate(f"n{i}", V4) for i in range(5)]
+    for _ in range(40):
+        for addr in first[1:]:
+            assert store.lookup_ip(addr) is not None  # n0 stays the least recently used
+    size = path.stat().st_size
+    store.close()
+    record = journal._HEADER.size + 4
+    assert size <= len(journal.MAGIC) + (2 * 5 + 10 + 1) * (record + 2)
+    again = FakeIpStore(str(path), v4_pool="10.99.0.0/29", v6_pool=None)
+    assert again.allocate("sixth", V4) == ip("10.99.0.6")
+    assert again.allocate("seventh", V4) == first[0]  # recycled: still the oldest
+    again.close()
+
+
+def test_an_sqlite_table_is_migrated_once(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(OLD_SCHEMA)
+    rows = [(ip(f"10.99.0.{i}").packed, f"n{i}", 10 - i) for i in range(1, 6)]  # n5 oldest
+    db.executemany("INSERT INTO mapping VALUES (?, ?, ?)", rows)
+    db.execute("INSERT INTO mapping VALUES (?, ?, ?)", (ip("fd00::2").packed, "six", 20))
+    db.commit()
+    db.close()
+    store = FakeIpStore(str(path), **SMALL)
+    assert path.read_bytes().startswith(journal.MAGIC)
+    assert not (tmp_path / "fakeip.sqlite-wal").exists()
+    assert [store.lookup_name(f"n{i}", V4) for i in range(1, 6)] == [
+        ip(f"10.99.0.{i}") for i in range(1, 6)
+    ]
+    assert store.lookup_name("six", V6) == ip("fd00::2")
+    store.close()
+    # The recency order came along: once the fresh addresses are gone, n5 goes first.
+    again = FakeIpStore(str(path), v4_pool="10.99.0.0/29", v6_pool=None)
+    assert again.allocate("fresh", V4) == ip("10.99.0.6")
+    assert again.allocate("fresher", V4) == ip("10.99.0.5")
+    again.close()
+
+
+def test_workers_turn_a_journal_into_their_database(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip.sqlite"
+    single = FakeIpStore(str(path), **SMALL)
+    a = single.allocate("a.example", V4)
+    aaaa = single.allocate("a.example", V6)
+    single.close()
+    one = FakeIpStore(str(path), shared=True, **SMALL)
+    two = FakeIpStore(str(path), shared=True, **SMALL)
+    assert path.read_bytes().startswith(journal.SQLITE_MAGIC)
+    assert one.lookup_ip(a) == two.lookup_ip(aaaa) == "a.example"
+    assert two.allocate("b.example", V4) == one.lookup_name("b.example", V4)
+    one.close()
+    two.close()
+    # And back, keeping what the workers added.
+    single = FakeIpStore(str(path), **SMALL)
+    assert single.lookup_ip(a) == "a.example"
+    assert single.lookup_name("b.example", V4) is not None
+    single.close()
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("allocate"), st.integers(0, 24), st.sampled_from([V4, V6])),
+        st.tuples(st.just("lookup"), st.integers(1, 16), st.sampled_from([4, 6])),
+        st.tuples(st.just("restart"), st.just(0), st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ops)
+def test_restarts_and_rewrites_change_no_answer(ops: list[tuple[str, int, int]]) -> None:
+    """A file table restarted and rewritten at any point answers as one kept in memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/fakeip"
+        original = journal.SLACK
+        journal.SLACK = 2  # rewrite often
+        try:
+            model = FakeIpStore(**SMALL)
+            store = FakeIpStore(path, **SMALL)
+            for op, n, family in ops:
+                if op == "allocate":
+                    assert store.allocate(f"n{n}", family) == model.allocate(f"n{n}", family)
+                elif op == "lookup":
+                    addr = ip(f"10.99.0.{n - 1}" if family == 4 else f"fd00::{n - 1:x}")
+                    assert store.lookup_ip(addr) == model.lookup_ip(addr)
+                else:
+                    store.close()
+                    store = FakeIpStore(path, **SMALL)
+            store.close()
+        finally:
+            journal.SLACK = original
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 12), st.data())
+def test_a_file_cut_anywhere_keeps_exactly_the_whole_records(
+    count: int, data: st.DataObject
+) -> None:
+    """Power loss can end the file at any byte: what is whole is kept, nothing else."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fakeip"
+        store = FakeIpStore(str(path), **SMALL)
+        ends = []
+        for i in range(count):
+            store.allocate(f"name{i}.example", V4 if i % 2 else V6)
+            ends.append(path.stat().st_size)
+        store.close()
+        whole = path.read_bytes()
+        cut = data.draw(st.integers(0, len(whole)))
+        path.write_bytes(whole[:cut])
+        again = FakeIpStore(str(path), **SMALL)
+        kept = [
+            i
+            for i in range(count)
+            if again.lookup_name(f"name{i}.example", V4 if i % 2 else V6) is not None
+        ]
+        assert kept == [i for i, end in enumerate(ends) if end <= cut]
+        assert path.stat().st_size == max([len(journal.MAGIC), *(e for e in ends if e <= cut)])
+        again.close()
