@@ -172,10 +172,24 @@ ones_complement_sum(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
     }
     else {
         Py_buffer view;
-        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
-            return NULL;
-        raw = sum32((const unsigned char *)view.buf, (size_t)view.len);
-        PyBuffer_Release(&view);
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) == 0) {
+            raw = sum32((const unsigned char *)view.buf, (size_t)view.len);
+            PyBuffer_Release(&view);
+        }
+        else {
+            /* A strided memoryview, or no buffer at all: take the bytes the
+             * way int.from_bytes in the Python version does. */
+            if (!PyErr_ExceptionMatches(PyExc_BufferError) &&
+                !PyErr_ExceptionMatches(PyExc_TypeError))
+                return NULL;
+            PyErr_Clear();
+            PyObject *copy = PyBytes_FromObject(data);
+            if (copy == NULL)
+                return NULL;
+            raw = sum32((const unsigned char *)PyBytes_AS_STRING(copy),
+                        (size_t)PyBytes_GET_SIZE(copy));
+            Py_DECREF(copy);
+        }
     }
 
     unsigned int r = (fold(raw) + rem) % 0xFFFFu;
