@@ -21,7 +21,7 @@ import sys
 import timeit
 from collections.abc import Callable
 
-from stack.wire.checksum import ones_complement_sum
+from stack.wire.checksum import ACCELERATED, ones_complement_sum, python_ones_complement_sum
 from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, PSH, TcpHeader, TcpOptions
 
@@ -83,6 +83,7 @@ def cases(variants: bool) -> list[tuple[str, Callable[[], object]]]:
     udp4 = memoryview(build_udp_packet(A4, B4, 53, 5353, bytes(100)))
     assert len(tcp4) == 1500 and len(tcp6) == 1500
     b1460, b64000, b20 = os.urandom(1460), os.urandom(64000), os.urandom(20)
+    b8428 = os.urandom(8428)
     payload = bytes(1448)
     out: list[tuple[str, Callable[[], object]]] = [
         ("parse IPv4+TCP(TS) 1500 B, checksum verified", lambda: parse_packet_untrusted(tcp4)),
@@ -98,6 +99,7 @@ def cases(variants: bool) -> list[tuple[str, Callable[[], object]]]:
         ("parse IPv4+UDP 128 B, checksum verified", lambda: parse_packet_untrusted(udp4)),
         ("checksum 20 B", lambda: ones_complement_sum(b20)),
         ("checksum 1460 B", lambda: ones_complement_sum(b1460)),
+        ("checksum 8428 B", lambda: ones_complement_sum(b8428)),
         ("checksum 64000 B", lambda: ones_complement_sum(b64000)),
         ("build IPv4+TCP(TS) ACK, no data", lambda: build_tcp_packet(A4, B4, TS_DATA)),
         ("build IPv4+TCP(TS) 1448 B data", lambda: build_tcp_packet(A4, B4, TS_DATA, payload)),
@@ -107,6 +109,13 @@ def cases(variants: bool) -> list[tuple[str, Callable[[], object]]]:
         ),
     ]
     if variants:
+        for size, data in (("20", b20), ("1460", b1460), ("8428", b8428), ("64000", b64000)):
+            out.append(
+                (
+                    f"variant: the Python fallback, {size} B",
+                    functools.partial(python_ones_complement_sum, data),
+                )
+            )
         for size, data in (("1460", b1460), ("64000", b64000)):
             for label, fn in (
                 ("from_bytes big % 0xFFFF", _sum_big),
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(
         f"{_cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}, {datetime.date.today().isoformat()}"
+        f"{platform.system()} {platform.release()}, {datetime.date.today().isoformat()}, "
+        f"checksum: {'C' if ACCELERATED else 'Python'}"
     )
     print()
     print("| operation | best µs | median µs |")

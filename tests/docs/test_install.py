@@ -54,7 +54,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         else:
             shutil.copy(path, src / name)
     return src
@@ -73,6 +73,8 @@ def wheel(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
 def test_the_wheel_has_the_unit_and_no_tests(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "tun2sx/control/tun2sx.service" in names
+    # Built here with a compiler (`./dev` installs gcc): the C checksum is in.
+    assert [n for n in names if n.startswith("stack/wire/_checksum.") and n.endswith(".so")]
     assert not [n for n in names if n.startswith(("tests/", "fuzz/"))]
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
@@ -103,7 +105,37 @@ def test_version(venv: Path, tmp_path: Path) -> None:
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     # From elsewhere than the checkout: the installed package answers.
     result = _run([venv / "bin" / "tun2sx", "--version"], cwd=tmp_path)
-    assert (result.returncode, result.stdout) == (0, f"tun2sx {version}\n")
+    assert (result.returncode, result.stdout) == (0, f"tun2sx {version} (checksum: C)\n")
+
+
+def test_without_a_compiler_the_install_runs_the_python_checksum(
+    source: Path, tmp_path: Path
+) -> None:
+    """The accelerator is optional: a machine without a C compiler gets a
+    wheel without it, and the same tun2sx on the pure-Python sum."""
+    # A copy of its own: the other builds left their objects in build/.
+    checkout = tmp_path / "tun2sx"
+    shutil.copytree(source, checkout, ignore=shutil.ignore_patterns("build", "*.egg-info", "*.so"))
+    no_cc = tmp_path / "no-cc"
+    no_cc.mkdir()
+    # What setuptools finds when there is no compiler: the command fails.
+    for name in ("cc", "gcc", "x86_64-linux-gnu-gcc"):
+        (no_cc / name).write_text("#!/bin/sh\nexit 1\n")
+        (no_cc / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{no_cc}:{os.environ['PATH']}", CC=str(no_cc / "cc"))
+    out = tmp_path / "wheel"
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, checkout], env=env
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = out.glob("tun2sx-*.whl")
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    venv = tmp_path / "venv"
+    assert _run([sys.executable, "-m", "venv", venv]).returncode == 0
+    installed = _run([venv / "bin" / "pip", "install", "-q", wheel])
+    assert installed.returncode == 0, installed.stderr
+    result = _run([venv / "bin" / "tun2sx", "--version"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.endswith(" (checksum: Python)\n")
 
 
 def test_check_config_accepts_the_docs_configuration(venv: Path, tmp_path: Path) -> None:
@@ -140,6 +172,7 @@ def test_pipx_installs_a_working_command_from_a_checkout(source: Path, tmp_path:
     assert installed.returncode == 0, installed.stderr
     result = _run([tmp_path / "bin" / "tun2sx", "--version"], cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("tun2sx ")
+    assert result.stdout.endswith(" (checksum: C)\n")
     config = tmp_path / "config.toml"
     config.write_text(docs_config())
     checked = _run([tmp_path / "bin" / "tun2sx", "check-config", config], cwd=tmp_path)

@@ -376,6 +376,15 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def checksum_kind() -> str:
+    """Which Internet checksum runs: "C" (the accelerator built at install)
+    or "Python" (no compiler then, or TUN2SX_PURE_PYTHON_CHECKSUM=1); the
+    first thing to look at when tun2sx is slower than docs/performance.md."""
+    from stack.wire.checksum import ACCELERATED
+
+    return "C" if ACCELERATED else "Python"
+
+
 def check_config(argv: Sequence[str]) -> int:
     """`tun2sx check-config FILE [FLAGS]`: what starting with them would say.
 
@@ -437,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.version:
-        print(f"tun2sx {version()}")
+        print(f"tun2sx {version()} (checksum: {checksum_kind()})")
         return 0
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -206,7 +206,10 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
     from importlib.metadata import version
 
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"tun2sx {version('tun2sx')}\n"
+    from stack.wire.checksum import ACCELERATED
+
+    kind = "C" if ACCELERATED else "Python"
+    assert capsys.readouterr().out == f"tun2sx {version('tun2sx')} (checksum: {kind})\n"
 
 
 def test_the_service_unit_runs_with_two_capabilities_and_reloads_with_sighup(

@@ -1,0 +1,3 @@
+"""Types of the C accelerator built from _checksum.c (see stack.wire.checksum)."""
+
+def ones_complement_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int: ...
