@@ -303,50 +303,98 @@ class TcpConnection:
         effects remain (TS.Recent, the window update, the idle timers,
         the data and the ACK decision).
 
+        Consecutive segments on the short path are taken together
+        (`_take_plain`): their data in one step of the receive side
+        (`Receiver.append_run`), and the window update only for the last
+        segment before the window field changes, since an update that the
+        next one repeats with the same window leaves nothing the next does
+        not (no data of ours is in flight, so none of them is a duplicate
+        ACK). Anything else is processed by `segment_received` after the
+        segments before it are taken.
+
         Args:
             segments: (header, payload) pairs, in arrival order.
             now: the current time in seconds.
         """
         rcv = self._rcv
         snd = self._snd
-        n = self._n
         timestamps = self._ts
-        irs = self._irs
-        iss = self._iss
+        plain = False  # whether the locals below hold the short path's view
+        taken: list[bytes | memoryview] = []
+        wire_nxt = wire_ack = nxt = limit = ts_recent = acked_to = length = 0
+        last: TcpHeader | None = None
+        last_seq = 0
         for hdr, payload in segments:
-            flags = hdr.flags
-            options = hdr.options
-            if (
-                self._state is not _S.ESTABLISHED
-                or flags not in (ACK, _ACK_PSH)
-                or options.sack_blocks
-                or snd.max != snd.una
-            ):
-                self.segment_received(hdr, payload, now)
-                continue
-            nxt = rcv.nxt
-            plen = len(payload)
-            if (
-                hdr.seq != (irs + nxt) & MASK
-                or not plen
-                or not rcv.in_order(nxt, plen)
-                or hdr.ack != (iss + snd.una) & MASK
-            ):
-                self.segment_received(hdr, payload, now)
-                continue
-            if timestamps:
-                ts = options.timestamp
-                # PAWS (RFC 7323 section 5.3) would drop it, or no timestamp.
-                if ts is None or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
+            if not plain:
+                if self._state is not _S.ESTABLISHED or snd.max != snd.una:
                     self.segment_received(hdr, payload, now)
                     continue
+                # The view the short path keeps up to date itself: nothing
+                # else moves while only plain data arrives.
+                plain = True
+                nxt = rcv.nxt
+                wire_nxt = (self._irs + nxt) & MASK
+                wire_ack = (self._iss + snd.una) & MASK
+                limit = rcv.plain_limit()
+                ts_recent = rcv.ts_recent
+                acked_to = rcv.last_ack_sent
+                taken = []
+                length = 0
+                last = None
+            _, _, seq, ack, flags, window, _, _, options = hdr
+            plen = len(payload)
+            ts = options[4]
+            if (
+                seq != wire_nxt
+                or ack != wire_ack
+                or not plen
+                or nxt + plen > limit
+                or (flags != ACK and flags != _ACK_PSH)
+                or options[3]
+                or (
+                    timestamps
+                    # PAWS (RFC 7323 section 5.3) would drop it, or no timestamp.
+                    and (ts is None or (ts[0] - ts_recent + _HALF) & MASK < _HALF)
+                )
+            ):
+                if last is not None:
+                    self._take_plain(taken, length, last, last_seq, now)
+                plain = False
+                self.segment_received(hdr, payload, now)
+                continue
+            if timestamps and nxt <= acked_to and ts is not None:
+                # TS.Recent follows the segment at the left edge (PAWS
+                # passed, so it is no older).
                 rcv.note_timestamp(ts[0], nxt)
-            n.segments_in += 1
-            # Nothing in flight and SEG.ACK = SND.UNA: only the window
-            # update rule acts (no new data acknowledged, no duplicate ACK).
-            snd.on_ack(hdr, nxt, snd.una, plen, now)
-            self._rearm_idle(now)
-            rcv.append_in_order(payload, now)
+                ts_recent = rcv.ts_recent
+            if last is not None and window != last[5]:
+                # (A payload length of 1: data, never a duplicate ACK.)
+                snd.on_ack(last, last_seq, snd.una, 1, now)
+            last = hdr
+            last_seq = nxt
+            taken.append(payload)
+            length += plen
+            nxt += plen
+            wire_nxt = (wire_nxt + plen) & MASK
+        if plain and last is not None:
+            self._take_plain(taken, length, last, last_seq, now)
+
+    def _take_plain(
+        self,
+        taken: list[bytes | memoryview],
+        length: int,
+        last: TcpHeader,
+        last_seq: int,
+        now: float,
+    ) -> None:
+        """Apply the effects of plain in-order data segments (`data_received_run`)."""
+        self._n.segments_in += len(taken)
+        snd = self._snd
+        # Nothing in flight and SEG.ACK = SND.UNA: only the window update
+        # rule acts (no new data acknowledged, no duplicate ACK).
+        snd.on_ack(last, last_seq, snd.una, 1, now)
+        self._rearm_idle(now)
+        self._rcv.append_run(taken, length, now)
 
     def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
         """Return True (and count `hdr`) if `later` does all that `hdr` would."""
