@@ -22,6 +22,7 @@ receive side (reassembly, window, SACK blocks, TS.Recent, when to ACK),
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK
@@ -41,10 +42,10 @@ from stack.tcp.events import (
 from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
 from stack.tcp.output import Output
 from stack.tcp.rcv import Receiver
-from stack.tcp.snd import SegmentList, Sender
+from stack.tcp.snd import OutputList, SegmentList, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
 from stack.tcp.timers import Timers
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, DataRun, TcpHeader
 
 _S = TcpState
 _CLOSED = _S.CLOSED
@@ -613,7 +614,22 @@ class TcpConnection:
 
     def segments_to_send(self, now: float) -> SegmentList:
         """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
-        out: SegmentList = []
+        out: OutputList = []
+        self._output(now, False, out)
+        return cast(SegmentList, out)
+
+    def output(self, now: float) -> OutputList:
+        """`segments_to_send`, with a run of full data segments as one `DataRun`.
+
+        For a packet builder that takes a run's common fields once
+        (`TcpTemplate.build_run`); `DataRun.segments` gives the same
+        segments `segments_to_send` would.
+        """
+        out: OutputList = []
+        self._output(now, True, out)
+        return out
+
+    def _output(self, now: float, runs: bool, out: OutputList) -> None:
         writer = self._out
         rst = writer.take_rst()
         if rst is not None:
@@ -627,12 +643,16 @@ class TcpConnection:
                 out.append((writer.synack(now), b""))
                 snd.synack_sent(now)
         else:
-            writer.begin(now)
+            writer.begin(now, runs)
             snd.output(now, writer, out)
             if self._rcv.ack_due:
                 out.append((writer.header(snd.nxt, ACK), b""))
-        self._n.segments_out += len(out)
-        return out
+        count = len(out)
+        if runs:
+            for hdr, _ in out:
+                if type(hdr) is DataRun:
+                    count += len(hdr.payloads) - 1
+        self._n.segments_out += count
 
     # ---------------------------------------------------------------- helpers
 

@@ -34,7 +34,15 @@ from stack.errors import BadPacket
 from stack.wire.checksum import ones_complement_sum
 from stack.wire.ipv4 import PROTO_TCP
 from stack.wire.packet import DEFAULT_TTL, V4_TCP_TS, V4_TCP_TS_LEN, build_tcp_packet
-from stack.wire.tcp import NO_OPTIONS, NO_SYN_OPTIONS, SYN, TS_ONLY_PREFIX, TcpHeader, TcpOptions
+from stack.wire.tcp import (
+    NO_OPTIONS,
+    NO_SYN_OPTIONS,
+    SYN,
+    TS_ONLY_PREFIX,
+    DataRun,
+    TcpHeader,
+    TcpOptions,
+)
 
 _fb = int.from_bytes
 _tuple_new = tuple.__new__
@@ -48,6 +56,11 @@ _TS_WORDS: Final = 0x0101 + 0x080A
 _TS_OFFSET_WORD: Final = 0x8000
 _TS_OFFSET_BYTE: Final = 0x80
 _SYN_FIN_RST: Final = 0x07
+# A run's packet from the header bytes its segments share (the IP header and
+# ports; ACK, offset, flags and window; urgent pointer and option) and the
+# two fields that differ, SEQ and the checksum.
+_RUN_V4: Final = struct.Struct("!24sI8sH14s")
+_RUN_V6: Final = struct.Struct("!44sI8sH14s")
 
 Segment = tuple[bytes, bytes, TcpHeader, memoryview]
 
@@ -237,6 +250,71 @@ class TcpTemplate:
         self._ip_base = 0x4500 + 0x4000 + (ttl << 8) + PROTO_TCP + addr
         # The last options value found to carry only a timestamp.
         self._ts_options: TcpOptions | None = None
+
+    def build_run(self, run: DataRun) -> list[bytes]:
+        """Return the packets of `run`: `build` of each of `run.segments()`.
+
+        A run's segments differ only in SEQ, the checksum and perhaps the
+        last one's flags: the first packet is built by `build` (which
+        checks every field), the others reuse its header bytes and the sum
+        of the fields they share, and add their SEQ and payload sums.
+        """
+        first, mss, payloads, last_flags = run
+        options = first.options
+        if (
+            first.flags & SYN
+            or options.timestamp is None
+            or (options is not self._ts_options and not self._ts_only(options))
+        ):
+            return [self.build(hdr, payload) for hdr, payload in run.segments()]
+        seq = first.seq
+        flags = first.flags
+        packets = [self.build(first, payloads[0])]
+        head = packets[0]
+        cut = 44 if self._six else 24
+        prefix = head[:cut]
+        middle = head[cut + 4 : cut + 12]
+        tail = head[cut + 14 : cut + 28]
+        pack = _RUN_V6.pack if self._six else _RUN_V4.pack
+        last = len(payloads) - 1
+        if last < 1:
+            return packets
+        if self._partial:
+            # The pseudo-header sum alone: the same in every packet.
+            csum = _fb(head[cut + 12 : cut + 14], "big")
+            for i in range(1, last + 1):
+                if i == last:
+                    middle = middle[:5] + bytes((last_flags,)) + middle[6:]
+                packets.append(
+                    pack(prefix, (seq + i * mss) & 0xFFFFFFFF, middle, csum, tail) + payloads[i]
+                )
+            return packets
+        sport, dport, _, ack, _, window, _, urgent, _ = first
+        tsval, tsecr = options.timestamp
+        # As in `build`: the fields' values, congruent to their words' sum.
+        common = (
+            self._pseudo_base
+            + 32
+            + mss
+            + sport
+            + dport
+            + ack
+            + window
+            + urgent
+            + _TS_OFFSET_WORD
+            + _TS_WORDS
+            + tsval
+            + tsecr
+        )
+        for i in range(1, last + 1):
+            if i == last and last_flags != flags:
+                middle = middle[:5] + bytes((last_flags,)) + middle[6:]
+                flags = last_flags
+            pos = (seq + i * mss) & 0xFFFFFFFF
+            payload = payloads[i]
+            csum = -(common + flags + pos + ones_complement_sum(payload)) % 0xFFFF
+            packets.append(pack(prefix, pos, middle, csum, tail) + payload)
+        return packets
 
     def _ts_only(self, options: TcpOptions) -> bool:
         """Return True (and remember `options`) if it carries only a timestamp."""
