@@ -262,7 +262,8 @@ class TcpTemplate:
         first, mss, payloads, last_flags = run
         options = first.options
         if (
-            first.flags & SYN
+            len(payloads) < 2
+            or first.flags & SYN
             or options.timestamp is None
             or (options is not self._ts_options and not self._ts_only(options))
         ):
@@ -277,8 +278,6 @@ class TcpTemplate:
         tail = head[cut + 14 : cut + 28]
         pack = _RUN_V6.pack if self._six else _RUN_V4.pack
         last = len(payloads) - 1
-        if last < 1:
-            return packets
         if self._partial:
             # The pseudo-header sum alone: the same in every packet.
             csum = _fb(head[cut + 12 : cut + 14], "big")

@@ -304,6 +304,23 @@ def test_a_batch_leaves_what_packets_one_by_one_leave() -> None:
     assert stats[0] == stats[1]._replace(acks_coalesced=0)
 
 
+def test_a_flight_goes_out_as_its_segments_built_one_by_one() -> None:
+    """`packets_to_send` builds a run of full segments from their shared
+    header bytes; the packets are those of each segment built alone (both
+    checksum modes: tests/stack/wire/test_segment.py)."""
+    stacks = [NetStack(CONFIG), NetStack(CONFIG)]
+    conns = [open_flow(stack, 0.0) for stack in stacks]
+    for conn in conns:
+        conn.send(bytes(range(256)) * 30)
+    packets = stacks[0].packets_to_send(0.01)
+    expected = [
+        build_tcp_packet(REMOTE, APP, hdr, payload)
+        for _, hdr, payload in stacks[1].tcp.segments_to_send(0.01)
+    ]
+    assert packets == expected
+    assert len(packets) == 10
+
+
 def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
     """`receive_batch` hands a flow's data segments in a row over together;
     what the stack then says and does is what `receive`, packet by packet,
