@@ -196,6 +196,17 @@ class NetStack:
                 seg = None  # `_take_general` decides and counts
             if seg is not None:
                 src, dst, hdr, payload = seg
+                if (
+                    data_key is not None
+                    and payload
+                    and (src, hdr[0], dst, hdr[1]) == data_key
+                    and (hdr[4] == ACK or hdr[4] == _ACK_PSH)
+                    and not hdr[8][3]
+                ):
+                    # More data of the flow in a row (as below, without
+                    # making its key: a plain tuple compares the same).
+                    flow_data.append((hdr, payload))
+                    continue
                 key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
             else:
                 item = take(data, trusted, now)
