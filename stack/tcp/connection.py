@@ -268,7 +268,7 @@ class TcpConnection:
 
         Meant for a batch's pure ACKs (the demux hands over runs of them);
         any segment is processed as `segment_received` would, except that
-        a plain cumulative ACK (`Sender.plain_ack`: new data acknowledged,
+        a plain cumulative ACK (`Sender.plain_ack_range`: new data acknowledged,
         no loss recovery, nothing SACKed) followed by another ACK at the
         same sequence number that acknowledges more, with
         a timestamp no older and both windows open, is only counted
@@ -284,9 +284,60 @@ class TcpConnection:
             now: the current time in seconds.
         """
         last = len(hdrs) - 1
+        rcv = self._rcv
+        snd = self._snd
+        n = self._n
+        timestamps = self._ts
+        # What the test below reads of the state, taken again after each
+        # segment processed one by one (a skipped ACK moves none of it).
+        view = False
+        wire_seq = una = limit = base = ts_recent = 0
         for i, hdr in enumerate(hdrs):
-            if i < last and self._superseded(hdr, hdrs[i + 1], now):
-                continue
+            if i < last:
+                if not view and self._state in _PLAIN_ACK_STATES:
+                    view = True
+                    wire_seq = (self._irs + rcv.nxt) & MASK
+                    una, limit = snd.plain_ack_range()
+                    base = self._iss + una - _HALF
+                    ts_recent = rcv.ts_recent
+                if view:
+                    # Skipped if the later ACK does all this one would: both
+                    # plain ACKs at RCV.NXT with open windows; with
+                    # timestamps, PAWS passes this one and the later one is
+                    # no older; this one acknowledges new data and the later
+                    # one more (SND.UNA < ack < later ack <= limit). Strictly
+                    # more: an equal one would make the later a duplicate
+                    # ACK, to be counted (the state does not move while ACKs
+                    # are skipped, so each is judged from where the one
+                    # before it would have left SND.UNA: above it, by this
+                    # rule).
+                    _, _, seq, wire_ack, flags, window, _, _, options = hdr
+                    later = hdrs[i + 1]
+                    later_options = later[8]
+                    if (
+                        flags == ACK
+                        and later[4] == ACK
+                        and seq == wire_seq
+                        and later[2] == seq
+                        and window
+                        and later[5]
+                        and not options[3]
+                        and not later_options[3]
+                    ):
+                        ts, later_ts = options[4], later_options[4]
+                        if not timestamps or (
+                            ts is not None
+                            and later_ts is not None
+                            and (ts[0] - ts_recent + _HALF) & MASK >= _HALF
+                            and (later_ts[0] - ts[0] + _HALF) & MASK >= _HALF
+                        ):
+                            ack = una + ((wire_ack - base) & MASK) - _HALF
+                            if una < ack < una + ((later[3] - base) & MASK) - _HALF <= limit:
+                                snd.skipped_ack(hdr, ack, now)
+                                n.segments_in += 1
+                                n.acks_coalesced += 1
+                                continue
+            view = False
             self.segment_received(hdr, b"", now)
 
     def data_received_run(
@@ -396,50 +447,6 @@ class TcpConnection:
         snd.on_ack(last, last_seq, snd.una, 1, now)
         self._rearm_idle(now)
         self._rcv.append_run(taken, length, now)
-
-    def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
-        """Return True (and count `hdr`) if `later` does all that `hdr` would."""
-        if (
-            self._state not in _PLAIN_ACK_STATES
-            or hdr.flags != ACK
-            or later.flags != ACK
-            or hdr.seq != later.seq
-            or not hdr.window
-            or not later.window
-        ):
-            return False
-        options, later_options = hdr.options, later.options
-        if options.sack_blocks or later_options.sack_blocks:
-            return False
-        rcv = self._rcv
-        if hdr.seq != (self._irs + rcv.nxt) & MASK:
-            return False
-        if self._ts:
-            ts, later_ts = options.timestamp, later_options.timestamp
-            # PAWS would pass this one, and the later one is no older.
-            if (
-                ts is None
-                or later_ts is None
-                or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF
-                or (later_ts[0] - ts[0] + _HALF) & MASK < _HALF
-            ):
-                return False
-        snd = self._snd
-        una = snd.una
-        base = self._iss + una - _HALF
-        ack = una + ((hdr.ack - base) & MASK) - _HALF
-        # Strictly less than the later one: an equal one would make the
-        # later a duplicate ACK, to be counted (the state does not move
-        # while ACKs are skipped, so each is judged from where the one
-        # before it would have left SND.UNA: above it, by this rule).
-        later_ack = una + ((later.ack - base) & MASK) - _HALF
-        if not snd.plain_ack(ack) or ack >= later_ack or not snd.plain_ack(later_ack):
-            return False
-        snd.skipped_ack(hdr, ack, now)
-        n = self._n
-        n.segments_in += 1
-        n.acks_coalesced += 1
-        return True
 
     def segment_received(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
         """Process one segment from the application.

@@ -221,15 +221,18 @@ class Sender:
         else:
             self._rtt.backoff = 0
 
-    def plain_ack(self, ack: int) -> bool:
-        """Return True if an ACK of `ack` (unwrapped) would only move SND.UNA on.
+    def plain_ack_range(self) -> tuple[int, int]:
+        """Return (SND.UNA, limit): an ACK of `ack` (unwrapped) with SND.UNA < ack <= limit
+        would only move SND.UNA on.
 
         That is a cumulative ACK of new data outside loss recovery, with
-        nothing SACKed: no duplicate ACK to count, no scoreboard to update.
+        nothing SACKed: no duplicate ACK to count, no scoreboard to update
+        (in recovery or with SACKed data the limit is SND.UNA: none is).
         Such an ACK, followed in the same batch by another that acknowledges
         more, may be skipped (`skipped_ack`), the later one standing for both.
         """
-        return self.una < ack <= self.max and not self._cc.in_recovery and not self._sb
+        una = self.una
+        return una, una if self._cc.in_recovery or self._sb else self.max
 
     def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
         """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
