@@ -34,7 +34,7 @@ from stack.wire.packet import (
     parse_packet_untrusted,
 )
 from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
-from stack.wire.tcp import ACK, PSH, TcpHeader
+from stack.wire.tcp import ACK, PSH, DataRun, TcpHeader
 from stack.wire.udp import UdpHeader
 
 _ACK_PSH = ACK | PSH
@@ -196,6 +196,17 @@ class NetStack:
                 seg = None  # `_take_general` decides and counts
             if seg is not None:
                 src, dst, hdr, payload = seg
+                if (
+                    data_key is not None
+                    and payload
+                    and (src, hdr[0], dst, hdr[1]) == data_key
+                    and (hdr[4] == ACK or hdr[4] == _ACK_PSH)
+                    and not hdr[8][3]
+                ):
+                    # More data of the flow in a row (as below, without
+                    # making its key: a plain tuple compares the same).
+                    flow_data.append((hdr, payload))
+                    continue
                 key = _tuple_new(FlowKey, (src, hdr.src_port, dst, hdr.dst_port))
             else:
                 item = take(data, trusted, now)
@@ -426,13 +437,17 @@ class NetStack:
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
         last_key = None
-        for key, hdr, payload in self.tcp.segments_to_send(now):
+        for key, hdr, payload in self.tcp.output(now):
             if key is not last_key:
                 # A connection's segments come together, with one key object.
                 last_key = key
                 pair = (key.remote_addr, key.app_addr)
                 found = templates.get(pair)
                 template = self._template(pair) if found is None else found
+            if isinstance(hdr, DataRun):
+                # Full segments in a row (never GSO super-segments).
+                out += template.build_run(hdr)
+                continue
             packet = template.build(hdr, payload)
             if gso and len(payload) > _MIN_MSS:
                 conn = connections.get(key)

@@ -22,6 +22,7 @@ receive side (reassembly, window, SACK blocks, TS.Recent, when to ACK),
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK
@@ -41,10 +42,10 @@ from stack.tcp.events import (
 from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
 from stack.tcp.output import Output
 from stack.tcp.rcv import Receiver
-from stack.tcp.snd import SegmentList, Sender
+from stack.tcp.snd import OutputList, SegmentList, Sender
 from stack.tcp.state import FINISHED, SENDING, Stimulus, TcpState, next_state
 from stack.tcp.timers import Timers
-from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpHeader
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, DataRun, TcpHeader
 
 _S = TcpState
 _CLOSED = _S.CLOSED
@@ -267,7 +268,7 @@ class TcpConnection:
 
         Meant for a batch's pure ACKs (the demux hands over runs of them);
         any segment is processed as `segment_received` would, except that
-        a plain cumulative ACK (`Sender.plain_ack`: new data acknowledged,
+        a plain cumulative ACK (`Sender.plain_ack_range`: new data acknowledged,
         no loss recovery, nothing SACKed) followed by another ACK at the
         same sequence number that acknowledges more, with
         a timestamp no older and both windows open, is only counted
@@ -283,9 +284,60 @@ class TcpConnection:
             now: the current time in seconds.
         """
         last = len(hdrs) - 1
+        rcv = self._rcv
+        snd = self._snd
+        n = self._n
+        timestamps = self._ts
+        # What the test below reads of the state, taken again after each
+        # segment processed one by one (a skipped ACK moves none of it).
+        view = False
+        wire_seq = una = limit = base = ts_recent = 0
         for i, hdr in enumerate(hdrs):
-            if i < last and self._superseded(hdr, hdrs[i + 1], now):
-                continue
+            if i < last:
+                if not view and self._state in _PLAIN_ACK_STATES:
+                    view = True
+                    wire_seq = (self._irs + rcv.nxt) & MASK
+                    una, limit = snd.plain_ack_range()
+                    base = self._iss + una - _HALF
+                    ts_recent = rcv.ts_recent
+                if view:
+                    # Skipped if the later ACK does all this one would: both
+                    # plain ACKs at RCV.NXT with open windows; with
+                    # timestamps, PAWS passes this one and the later one is
+                    # no older; this one acknowledges new data and the later
+                    # one more (SND.UNA < ack < later ack <= limit). Strictly
+                    # more: an equal one would make the later a duplicate
+                    # ACK, to be counted (the state does not move while ACKs
+                    # are skipped, so each is judged from where the one
+                    # before it would have left SND.UNA: above it, by this
+                    # rule).
+                    _, _, seq, wire_ack, flags, window, _, _, options = hdr
+                    later = hdrs[i + 1]
+                    later_options = later[8]
+                    if (
+                        flags == ACK
+                        and later[4] == ACK
+                        and seq == wire_seq
+                        and later[2] == seq
+                        and window
+                        and later[5]
+                        and not options[3]
+                        and not later_options[3]
+                    ):
+                        ts, later_ts = options[4], later_options[4]
+                        if not timestamps or (
+                            ts is not None
+                            and later_ts is not None
+                            and (ts[0] - ts_recent + _HALF) & MASK >= _HALF
+                            and (later_ts[0] - ts[0] + _HALF) & MASK >= _HALF
+                        ):
+                            ack = una + ((wire_ack - base) & MASK) - _HALF
+                            if una < ack < una + ((later[3] - base) & MASK) - _HALF <= limit:
+                                snd.skipped_ack(hdr, ack, now)
+                                n.segments_in += 1
+                                n.acks_coalesced += 1
+                                continue
+            view = False
             self.segment_received(hdr, b"", now)
 
     def data_received_run(
@@ -303,94 +355,98 @@ class TcpConnection:
         effects remain (TS.Recent, the window update, the idle timers,
         the data and the ACK decision).
 
+        Consecutive segments on the short path are taken together
+        (`_take_plain`): their data in one step of the receive side
+        (`Receiver.append_run`), and the window update only for the last
+        segment before the window field changes, since an update that the
+        next one repeats with the same window leaves nothing the next does
+        not (no data of ours is in flight, so none of them is a duplicate
+        ACK). Anything else is processed by `segment_received` after the
+        segments before it are taken.
+
         Args:
             segments: (header, payload) pairs, in arrival order.
             now: the current time in seconds.
         """
         rcv = self._rcv
         snd = self._snd
-        n = self._n
         timestamps = self._ts
-        irs = self._irs
-        iss = self._iss
+        plain = False  # whether the locals below hold the short path's view
+        taken: list[bytes | memoryview] = []
+        wire_nxt = wire_ack = nxt = limit = ts_recent = acked_to = length = 0
+        last: TcpHeader | None = None
+        last_seq = 0
         for hdr, payload in segments:
-            flags = hdr.flags
-            options = hdr.options
-            if (
-                self._state is not _S.ESTABLISHED
-                or flags not in (ACK, _ACK_PSH)
-                or options.sack_blocks
-                or snd.max != snd.una
-            ):
-                self.segment_received(hdr, payload, now)
-                continue
-            nxt = rcv.nxt
-            plen = len(payload)
-            if (
-                hdr.seq != (irs + nxt) & MASK
-                or not plen
-                or not rcv.in_order(nxt, plen)
-                or hdr.ack != (iss + snd.una) & MASK
-            ):
-                self.segment_received(hdr, payload, now)
-                continue
-            if timestamps:
-                ts = options.timestamp
-                # PAWS (RFC 7323 section 5.3) would drop it, or no timestamp.
-                if ts is None or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF:
+            if not plain:
+                if self._state is not _S.ESTABLISHED or snd.max != snd.una:
                     self.segment_received(hdr, payload, now)
                     continue
-                rcv.note_timestamp(ts[0], nxt)
-            n.segments_in += 1
-            # Nothing in flight and SEG.ACK = SND.UNA: only the window
-            # update rule acts (no new data acknowledged, no duplicate ACK).
-            snd.on_ack(hdr, nxt, snd.una, plen, now)
-            self._rearm_idle(now)
-            rcv.append_in_order(payload, now)
-
-    def _superseded(self, hdr: TcpHeader, later: TcpHeader, now: float) -> bool:
-        """Return True (and count `hdr`) if `later` does all that `hdr` would."""
-        if (
-            self._state not in _PLAIN_ACK_STATES
-            or hdr.flags != ACK
-            or later.flags != ACK
-            or hdr.seq != later.seq
-            or not hdr.window
-            or not later.window
-        ):
-            return False
-        options, later_options = hdr.options, later.options
-        if options.sack_blocks or later_options.sack_blocks:
-            return False
-        rcv = self._rcv
-        if hdr.seq != (self._irs + rcv.nxt) & MASK:
-            return False
-        if self._ts:
-            ts, later_ts = options.timestamp, later_options.timestamp
-            # PAWS would pass this one, and the later one is no older.
+                # The view the short path keeps up to date itself: nothing
+                # else moves while only plain data arrives.
+                plain = True
+                nxt = rcv.nxt
+                wire_nxt = (self._irs + nxt) & MASK
+                wire_ack = (self._iss + snd.una) & MASK
+                limit = rcv.plain_limit()
+                ts_recent = rcv.ts_recent
+                acked_to = rcv.last_ack_sent
+                taken = []
+                length = 0
+                last = None
+            _, _, seq, ack, flags, window, _, _, options = hdr
+            plen = len(payload)
+            ts = options[4]
             if (
-                ts is None
-                or later_ts is None
-                or (ts[0] - rcv.ts_recent + _HALF) & MASK < _HALF
-                or (later_ts[0] - ts[0] + _HALF) & MASK < _HALF
+                seq != wire_nxt
+                or ack != wire_ack
+                or not plen
+                or nxt + plen > limit
+                or (flags != ACK and flags != _ACK_PSH)
+                or options[3]
+                or (
+                    timestamps
+                    # PAWS (RFC 7323 section 5.3) would drop it, or no timestamp.
+                    and (ts is None or (ts[0] - ts_recent + _HALF) & MASK < _HALF)
+                )
             ):
-                return False
+                if last is not None:
+                    self._take_plain(taken, length, last, last_seq, now)
+                plain = False
+                self.segment_received(hdr, payload, now)
+                continue
+            if timestamps and nxt <= acked_to and ts is not None:
+                # TS.Recent follows the segment at the left edge (PAWS
+                # passed, so it is no older).
+                rcv.note_timestamp(ts[0], nxt)
+                ts_recent = rcv.ts_recent
+            if last is not None and window != last[5]:
+                # (A payload length of 1: data, never a duplicate ACK.)
+                snd.on_ack(last, last_seq, snd.una, 1, now)
+            last = hdr
+            last_seq = nxt
+            taken.append(payload)
+            length += plen
+            nxt += plen
+            wire_nxt = (wire_nxt + plen) & MASK
+        if plain and last is not None:
+            self._take_plain(taken, length, last, last_seq, now)
+
+    def _take_plain(
+        self,
+        taken: list[bytes | memoryview],
+        length: int,
+        last: TcpHeader,
+        last_seq: int,
+        now: float,
+    ) -> None:
+        """Apply the effects of plain in-order data segments (`data_received_run`)."""
+        self._n.segments_in += len(taken)
         snd = self._snd
-        una = snd.una
-        base = self._iss + una - _HALF
-        ack = una + ((hdr.ack - base) & MASK) - _HALF
-        # Strictly less than the later one: an equal one would make the
-        # later a duplicate ACK, to be counted (the state does not move
-        # while ACKs are skipped, so each is judged from where the one
-        # before it would have left SND.UNA: above it, by this rule).
-        later_ack = una + ((later.ack - base) & MASK) - _HALF
-        if not snd.plain_ack(ack) or ack >= later_ack or not snd.plain_ack(later_ack):
-            return False
-        snd.skipped_ack(hdr, ack, now)
-        n = self._n
-        n.segments_in += 1
-        n.acks_coalesced += 1
-        return True
+        # Nothing in flight and SEG.ACK = SND.UNA: only the window update
+        # rule acts (no new data acknowledged, no duplicate ACK).
+        snd.on_ack(last, last_seq, snd.una, 1, now)
+        self._rearm_idle(now)
+        self._rcv.append_run(taken, length, now)
 
     def segment_received(self, hdr: TcpHeader, payload: bytes | memoryview, now: float) -> None:
         """Process one segment from the application.
@@ -565,7 +621,22 @@ class TcpConnection:
 
     def segments_to_send(self, now: float) -> SegmentList:
         """Return every segment due now: data, ACKs, FIN, RST, retransmits, probes."""
-        out: SegmentList = []
+        out: OutputList = []
+        self._output(now, False, out)
+        return cast(SegmentList, out)
+
+    def output(self, now: float) -> OutputList:
+        """`segments_to_send`, with a run of full data segments as one `DataRun`.
+
+        For a packet builder that takes a run's common fields once
+        (`TcpTemplate.build_run`); `DataRun.segments` gives the same
+        segments `segments_to_send` would.
+        """
+        out: OutputList = []
+        self._output(now, True, out)
+        return out
+
+    def _output(self, now: float, runs: bool, out: OutputList) -> None:
         writer = self._out
         rst = writer.take_rst()
         if rst is not None:
@@ -579,12 +650,16 @@ class TcpConnection:
                 out.append((writer.synack(now), b""))
                 snd.synack_sent(now)
         else:
-            writer.begin(now)
+            writer.begin(now, runs)
             snd.output(now, writer, out)
             if self._rcv.ack_due:
                 out.append((writer.header(snd.nxt, ACK), b""))
-        self._n.segments_out += len(out)
-        return out
+        count = len(out)
+        if runs:
+            for hdr, _ in out:
+                if type(hdr) is DataRun:
+                    count += len(hdr.payloads) - 1
+        self._n.segments_out += count
 
     # ---------------------------------------------------------------- helpers
 

@@ -37,6 +37,7 @@ import heapq
 import itertools
 import types
 from collections.abc import Hashable, Mapping
+from typing import cast
 
 from stack.errors import LocalProtocolError
 from stack.seq import MASK
@@ -45,7 +46,7 @@ from stack.tcp.connection import TcpConnection
 from stack.tcp.events import ConnectionRequest, DemuxStatistics, FlowKey
 from stack.tcp.groups import PendingGroups
 from stack.tcp.state import TcpState
-from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader
+from stack.wire.tcp import ACK, FIN, RST, SYN, DataRun, TcpHeader
 
 _CONTROL = SYN | ACK | RST | FIN
 _MAX_QUEUED_RSTS = 4096  # beyond this, RSTs for unknown flows are dropped
@@ -272,13 +273,30 @@ class TcpDemux:
         self, now: float
     ) -> list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]]:
         """Return every segment due now, from all connections and the demux."""
-        out = self._rsts
+        return cast(
+            list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]],
+            self._collect(now, False),
+        )
+
+    def output(
+        self, now: float
+    ) -> list[tuple[FlowKey, TcpHeader | DataRun, bytes | bytearray | memoryview]]:
+        """`segments_to_send`, with runs of full segments as `DataRun` items
+        (`TcpConnection.output`)."""
+        return self._collect(now, True)
+
+    def _collect(
+        self, now: float, runs: bool
+    ) -> list[tuple[FlowKey, TcpHeader | DataRun, bytes | bytearray | memoryview]]:
+        out: list[tuple[FlowKey, TcpHeader | DataRun, bytes | bytearray | memoryview]]
+        out = list(self._rsts)
         self._rsts = []
         dirty = self._dirty
         if dirty:
             for conn in list(dirty):
                 key = conn.key
-                for hdr, payload in conn.segments_to_send(now):
+                segments = conn.output(now) if runs else conn.segments_to_send(now)
+                for hdr, payload in segments:
                     out.append((key, hdr, payload))
                 if conn.state is TcpState.CLOSED:
                     self._drop(conn)

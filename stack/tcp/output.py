@@ -23,7 +23,7 @@ from stack.tcp.config import TcpConfig
 from stack.tcp.events import FlowKey
 from stack.tcp.options import Negotiated, synack_options
 from stack.tcp.rcv import Receiver
-from stack.wire.tcp import ACK, NO_OPTIONS, RST, SYN, TcpHeader, TcpOptions
+from stack.wire.tcp import ACK, NO_OPTIONS, RST, SYN, DataRun, TcpHeader, TcpOptions
 
 _tuple_new = tuple.__new__
 _SACK_BLOCK_LEN = 8
@@ -49,6 +49,7 @@ class Output:
         "_opts",
         "_rcv",
         "_rst",
+        "_runs",
         "_sport",
         "_syn_options",
         "_wscale",
@@ -78,6 +79,7 @@ class Output:
         self._rst: TcpHeader | None = None
         self._opts = NO_OPTIONS
         self._head: tuple[int, int, int] | None = None
+        self._runs = False
         self.sack_len = 0
 
     # ------------------------------------------------------------------ RSTs
@@ -122,8 +124,13 @@ class Output:
             options=options,
         )
 
-    def begin(self, now: float) -> None:
-        """Build the options the headers of this output share."""
+    def begin(self, now: float, runs: bool = False) -> None:
+        """Build the options the headers of this output share.
+
+        With `runs`, a run of full segments (`run`) goes out as one
+        `DataRun` item instead of a header per segment.
+        """
+        self._runs = runs
         rcv = self._rcv
         blocks = rcv.wire_sack_blocks()
         if self._neg.timestamps:
@@ -168,3 +175,24 @@ class Output:
                 self._opts,
             ),
         )
+
+    def run(
+        self,
+        start: int,
+        mss: int,
+        payloads: list[bytes | memoryview],
+        last_flags: int,
+        out: list[tuple[TcpHeader | DataRun, bytes | bytearray | memoryview]],
+    ) -> None:
+        """Append full segments from send position `start`, `mss` octets each.
+
+        Each has ACK, the last `last_flags`; as `header` would give them
+        one by one, or as one `DataRun` (see `begin`).
+        """
+        header = self.header
+        if self._runs and len(payloads) > 1:
+            out.append((DataRun(header(start, ACK), mss, payloads, last_flags), b""))
+            return
+        last = len(payloads) - 1
+        for i, payload in enumerate(payloads):
+            out.append((header(start + i * mss, last_flags if i == last else ACK), payload))

@@ -66,6 +66,12 @@ class Rack:
         self._ends.append(end)
         self._times.append(now)
 
+    def sent_run(self, start: int, stop: int, size: int, now: float) -> None:
+        """`sent` for each segment of `size` octets from `start` up to `stop`."""
+        ends = range(start + size, stop + 1, size)
+        self._ends.extend(ends)
+        self._times.extend([now] * len(ends))
+
     def resent(self, start: int, end: int, now: float) -> None:
         """Record a loss-recovery retransmission of [start, end)."""
         rtx = self._rtx

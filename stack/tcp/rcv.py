@@ -220,37 +220,36 @@ class Receiver:
             self._timers.delack = now + self._delayed_ack
         return bool(result & FIN_REACHED)
 
-    def in_order(self, seq: int, length: int) -> bool:
-        """Return True if `length` new octets at `seq` are plain in-order data.
+    def plain_limit(self) -> int:
+        """Return where plain in-order data must end, or -1 if no data is plain.
 
-        That is: they start at RCV.NXT, end within the window advertised,
-        nothing is queued out of order and no FIN has been seen, so
-        `data_received` would only append them (`append_in_order`).
+        Data starting at RCV.NXT and ending by the right edge advertised,
+        with nothing queued out of order and no FIN seen, is plain:
+        `data_received` would only append it (`append_run`).
         """
-        return (
-            seq == self.nxt
-            and seq + length <= self.adv
-            and not self._starts
-            and self._fin_at is None
-        )
+        return self.adv if not self._starts and self._fin_at is None else -1
 
-    def append_in_order(self, data: bytes | memoryview, now: float) -> None:
-        """`data_received` for data `in_order` found plain (no FIN).
+    def append_run(self, run: list[bytes | memoryview], length: int, now: float) -> None:
+        """`data_received` for plain data (`plain_limit`), segments `run` of `length` octets.
 
-        The same state as `data_received` leaves, without the general
-        checks: the data is appended, and an ACK is owed at once from the
-        second full segment on, else within the delayed-ACK time.
+        The same state as one by one, where each is appended and an ACK is
+        owed at once from the second full segment on, else within the
+        delayed-ACK time. Over the run that decision comes down to the
+        first segment's (the delayed ACK is armed if it alone stays below
+        the threshold) and the last one's (an ACK is owed at once if all of
+        them reach it): the unacknowledged count only grows.
         """
-        length = len(data)
-        self.ready.append(data)
+        self.ready.extend(run)
         self.ready_len += length
         self.nxt += length
-        self.unacked += length
+        unacked = self.unacked
+        self.unacked = unacked + length
         self._n.bytes_in += length
-        if self.unacked >= self._ack_every:
-            self.ack_due = True
-        elif self._timers.delack is None:
+        ack_every = self._ack_every
+        if unacked + len(run[0]) < ack_every and self._timers.delack is None:
             self._timers.delack = now + self._delayed_ack
+        if unacked + length >= ack_every:
+            self.ack_due = True
 
     def window_update_due(self) -> bool:
         """Return True if freed buffer space deserves a window update now.

@@ -37,9 +37,11 @@ from stack.tcp.options import Negotiated
 from stack.tcp.rack import Rack
 from stack.tcp.sndbuf import SendBuffer
 from stack.tcp.timers import MAX_TAIL_PROBES, RttEstimator, Timers, probe_timeout
-from stack.wire.tcp import ACK, FIN, PSH, TcpHeader
+from stack.wire.tcp import ACK, FIN, PSH, DataRun, TcpHeader
 
 SegmentList = list[tuple[TcpHeader, bytes | bytearray | memoryview]]
+# An output may carry a run of full segments as one item (`Output.run`).
+OutputList = list[tuple[TcpHeader | DataRun, bytes | bytearray | memoryview]]
 # NamedTuple's __new__ is a Python function: one Segment per segment sent.
 _tuple_new = tuple.__new__
 
@@ -58,6 +60,16 @@ class HeaderWriter(Protocol):
 
     def header(self, seq: int, flags: int) -> TcpHeader:
         """Return the header of a segment at send position `seq`."""
+
+    def run(
+        self,
+        start: int,
+        mss: int,
+        payloads: list[bytes | memoryview],
+        last_flags: int,
+        out: OutputList,
+    ) -> None:
+        """Append full segments from send position `start` (the last with `last_flags`)."""
 
 
 class Segment(NamedTuple):
@@ -209,15 +221,18 @@ class Sender:
         else:
             self._rtt.backoff = 0
 
-    def plain_ack(self, ack: int) -> bool:
-        """Return True if an ACK of `ack` (unwrapped) would only move SND.UNA on.
+    def plain_ack_range(self) -> tuple[int, int]:
+        """Return (SND.UNA, limit): an ACK of `ack` (unwrapped) with SND.UNA < ack <= limit
+        would only move SND.UNA on.
 
         That is a cumulative ACK of new data outside loss recovery, with
-        nothing SACKed: no duplicate ACK to count, no scoreboard to update.
+        nothing SACKed: no duplicate ACK to count, no scoreboard to update
+        (in recovery or with SACKed data the limit is SND.UNA: none is).
         Such an ACK, followed in the same batch by another that acknowledges
         more, may be skipped (`skipped_ack`), the later one standing for both.
         """
-        return self.una < ack <= self.max and not self._cc.in_recovery and not self._sb
+        una = self.una
+        return una, una if self._cc.in_recovery or self._sb else self.max
 
     def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
         """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
@@ -458,7 +473,7 @@ class Sender:
 
     # ---------------------------------------------------------------- output
 
-    def output(self, now: float, writer: HeaderWriter, out: SegmentList) -> None:
+    def output(self, now: float, writer: HeaderWriter, out: OutputList) -> None:
         """Append every segment due now to `out`: data, retransmissions, probes.
 
         Also arms the timers sending starts (RTO, tail loss probe, persist)
@@ -542,7 +557,7 @@ class Sender:
             self.probe_due = False
             out.append((header(self.una - 1, ACK), b""))
 
-    def _full_run(self, now: float, writer: HeaderWriter, mss: int, out: SegmentList) -> None:
+    def _full_run(self, now: float, writer: HeaderWriter, mss: int, out: OutputList) -> None:
         """Append the run of full-sized new segments that `next_segment` would choose.
 
         The bulk of a download without offload: outside recovery, with
@@ -565,16 +580,15 @@ class Sender:
         stop = start + room - room % mss if room >= mss else start
         if stop == start:
             return
-        header = writer.header
-        payload = self._buf.payload
-        rack_sent = self._rack.sent if self._sack else None
-        pos = start
-        while pos < stop:
-            end = pos + mss
-            out.append((header(pos, ACK | PSH if end == data_end else ACK), payload(pos, mss)))
-            if rack_sent is not None:
-                rack_sent(end, now)
-            pos = end
+        writer.run(
+            start,
+            mss,
+            self._buf.payloads(start, stop, mss),
+            ACK | PSH if stop == data_end else ACK,
+            out,
+        )
+        if self._sack:
+            self._rack.sent_run(start, stop, mss, now)
         self.nxt = self.max = stop
         self._n.bytes_out += stop - start
         if self._rtt_seq is None and not self._ts:
@@ -584,7 +598,7 @@ class Sender:
         if t.rto is None:
             t.rto = now + self._rtt.rto()
 
-    def _tail_loss_probe(self, writer: HeaderWriter, out: SegmentList) -> None:
+    def _tail_loss_probe(self, writer: HeaderWriter, out: OutputList) -> None:
         """Resend the last packet of the flight (RFC 8985 section 7.3).
 
         When the flight's last ACKs were lost (or its tail was), nothing else

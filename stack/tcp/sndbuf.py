@@ -109,3 +109,30 @@ class SendBuffer:
             parts.append(chunk[:need])
             need -= len(chunk)
         return b"".join(parts)
+
+    def payloads(self, start: int, stop: int, size: int) -> list[bytes | memoryview]:
+        """Return `payload(pos, size)` for each pos from `start` below `stop`, by `size`.
+
+        The same values, the chunks walked in order instead of searched for
+        each segment.
+        """
+        starts, chunks = self._starts, self._chunks
+        i = bisect_right(starts, start) - 1
+        out: list[bytes | memoryview] = []
+        append = out.append
+        pos = start
+        while pos < stop:
+            chunk = chunks[i]
+            offset = pos - starts[i]
+            end = offset + size
+            n = len(chunk)
+            if end <= n:
+                append(chunk[offset:end])
+                if end == n:
+                    i += 1
+            else:
+                # Across chunks: joined as `payload` joins it.
+                append(self.payload(pos, size))
+                i = bisect_right(starts, pos + size) - 1
+            pos += size
+        return out

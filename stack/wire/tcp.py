@@ -104,6 +104,39 @@ class TcpHeader(NamedTuple):
     options: TcpOptions = NO_OPTIONS
 
 
+class DataRun(NamedTuple):
+    """Full-sized data segments in a row, sent together: one header's worth.
+
+    Segment i carries `payloads[i]` (each `mss` octets) behind the header
+    `first` with SEQ advanced by i * `mss` (modulo 2**32); the last one has
+    `last_flags` instead of `first.flags`. Everything else is the same in
+    all of them, so a packet builder can take the run's common fields once
+    (`segment.TcpTemplate.build_run`); `segments` gives the headers one by
+    one.
+    """
+
+    first: TcpHeader
+    mss: int
+    payloads: list[bytes | memoryview]
+    last_flags: int
+
+    def segments(self) -> list[tuple[TcpHeader, bytes | memoryview]]:
+        """Return the run as (header, payload) pairs."""
+        first, mss, payloads, last_flags = self
+        last = len(payloads) - 1
+        seq = first.seq
+        return [
+            (
+                first._replace(
+                    seq=(seq + i * mss) & 0xFFFFFFFF,
+                    flags=last_flags if i == last else first.flags,
+                ),
+                payload,
+            )
+            for i, payload in enumerate(payloads)
+        ]
+
+
 def parse_tcp_untrusted(buf: memoryview) -> tuple[TcpHeader, memoryview]:
     """Parse a TCP segment.
 

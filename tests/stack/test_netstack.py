@@ -16,6 +16,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fuzz.netstack_input import (
     APP,
@@ -304,6 +306,23 @@ def test_a_batch_leaves_what_packets_one_by_one_leave() -> None:
     assert stats[0] == stats[1]._replace(acks_coalesced=0)
 
 
+def test_a_flight_goes_out_as_its_segments_built_one_by_one() -> None:
+    """`packets_to_send` builds a run of full segments from their shared
+    header bytes; the packets are those of each segment built alone (both
+    checksum modes: tests/stack/wire/test_segment.py)."""
+    stacks = [NetStack(CONFIG), NetStack(CONFIG)]
+    conns = [open_flow(stack, 0.0) for stack in stacks]
+    for conn in conns:
+        conn.send(bytes(range(256)) * 30)
+    packets = stacks[0].packets_to_send(0.01)
+    expected = [
+        build_tcp_packet(REMOTE, APP, hdr, payload)
+        for _, hdr, payload in stacks[1].tcp.segments_to_send(0.01)
+    ]
+    assert packets == expected
+    assert len(packets) == 10
+
+
 def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
     """`receive_batch` hands a flow's data segments in a row over together;
     what the stack then says and does is what `receive`, packet by packet,
@@ -372,6 +391,86 @@ def test_a_batch_takes_a_flows_data_in_a_row_as_one_by_one_would() -> None:
     assert results[1][4][0] == DataReceived(whole)
     assert results[1][5] is TcpState.CLOSE_WAIT
     assert results[1][0] and results[1][2]["rx_packets"] > 10
+
+
+# What a packet of a random batch may be, for one live flow and one unknown.
+_BATCH_KINDS = ["data", "data", "data", "psh", "ack", "gap", "fin", "sack", "rst", "old ts"]
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(st.sampled_from(_BATCH_KINDS), st.booleans(), st.integers(1, 300)),
+            min_size=1,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_batch_leaves_what_packets_one_by_one_leave(
+    batches: list[list[tuple[str, bool, int]]],
+) -> None:
+    """Random batches of data, ACKs, FINs, SACKs, RSTs and gaps of a live
+    flow and an unknown one: batches and packets one by one give the same
+    packets (in the same order within each flow; flows do not depend on
+    each other), counters, statistics, data and state."""
+    base_seq = (APP_ISN + 1 + len(GREETING)) & 0xFFFFFFFF
+    ack = (ISS + 1) & 0xFFFFFFFF
+    packets = []
+    sent = {APP_PORT: 0, APP_PORT + 1: 0}
+    tsval = 3
+    for batch in batches:
+        built = []
+        for kind, live, size in batch:
+            port = APP_PORT if live else APP_PORT + 1
+            tsval += 1
+            flags, data, at, sack = ACK, bytes([size & 0xFF]) * size, sent[port], ()
+            if kind == "psh":
+                flags |= PSH
+            elif kind == "ack":
+                data = b""
+            elif kind == "gap":
+                at += 1000
+            elif kind == "fin":
+                flags |= FIN
+            elif kind == "sack":
+                sack = ((ack, (ack + 1) & 0xFFFFFFFF),)
+            elif kind == "rst":
+                flags, data = RST, b""
+            ts = ((tsval - 100) & 0xFFFFFFFF if kind == "old ts" else tsval, 0)
+            hdr = TcpHeader(
+                port,
+                REMOTE_PORT,
+                (base_seq + at) & 0xFFFFFFFF,
+                ack,
+                flags,
+                512,
+                options=TcpOptions(sack_blocks=sack, timestamp=ts),
+            )
+            built.append(build_tcp_packet(APP, REMOTE, hdr, data))
+            if kind != "gap":
+                sent[port] += len(data)
+        packets.append(built)
+    results = []
+    for batch_mode in (False, True):
+        stack = NetStack(CONFIG)
+        conn = open_flow(stack, 0.0)
+        out: dict[bytes, list[object]] = {}
+        for batch in packets:
+            if batch_mode:
+                stack.receive_batch([(memoryview(p), False) for p in batch], 0.02)
+            else:
+                for p in batch:
+                    stack.receive(memoryview(p), 0.02)
+            for packet in stack.packets_to_send(0.02):
+                assert isinstance(packet, bytes)
+                out.setdefault(packet[22:24], []).append(packet)  # by the application's port
+        data = []
+        while (event := conn.next_event()) is not NEED_DATA:
+            data.append(event)
+        results.append((out, stack.counters, conn.statistics(), data, conn.state))
+    assert results[0] == results[1]
 
 
 # -- fragments: reassembly in, fragmentation out ---------------------------

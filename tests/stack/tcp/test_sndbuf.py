@@ -51,6 +51,13 @@ def test_matches_a_bytearray_model(capacity: int, script: list[tuple[str, object
             length = min(length, start + len(model) - pos)
             got = buf.payload(pos, length)
             assert got == model[pos - start : pos - start + length]
+            if length:
+                # A run of segments of `length // 3 + 1` octets up to there.
+                size = length // 3 + 1
+                stop = pos + length - length % size
+                run = buf.payloads(pos, stop, size)
+                assert run == [buf.payload(at, size) for at in range(pos, stop, size)]
+                assert b"".join(run) == model[pos - start : stop - start]
         assert (buf.start, buf.end) == (start, start + len(model))
         assert buf.space() == max(0, capacity - len(model))
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from stack.errors import BadPacket
 from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
 from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
-from stack.wire.tcp import ACK, FIN, PSH, RST, TcpHeader, TcpOptions
+from stack.wire.tcp import ACK, FIN, PSH, RST, DataRun, TcpHeader, TcpOptions
 from tests.stack.wire.strategies import address_pairs, payloads, tcp_headers, u16, u32
 
 A4, B4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
@@ -43,6 +43,43 @@ def test_template_builds_what_build_tcp_packet_builds(
     assert template.build(h, data) == expected
     assert template.build(h, bytearray(data)) == expected
     assert template.build(h, memoryview(data)) == expected
+
+
+@given(
+    address_pairs,
+    ts_headers | tcp_headers(),
+    st.integers(1, 64),
+    st.lists(st.integers(0, 255), min_size=1, max_size=6),
+    st.sampled_from([ACK, ACK | PSH]),
+    st.integers(1, 255),
+    st.booleans(),
+)
+def test_a_run_is_built_as_its_segments_one_by_one(
+    addrs: tuple[bytes, bytes],
+    first: TcpHeader,
+    mss: int,
+    fills: list[int],
+    last_flags: int,
+    ttl: int,
+    partial: bool,
+) -> None:
+    """`build_run` gives what `build` gives for each segment of the run
+    (SEQ wrapping, the last segment's flags, either checksum mode)."""
+    src, dst = addrs
+    template = TcpTemplate(src, dst, ttl=ttl, partial_checksum=partial)
+    payloads: list[bytes | memoryview] = [
+        memoryview(bytes([fill, i]) * mss) for i, fill in enumerate(fills)
+    ]
+    run = DataRun(first, 2 * mss, payloads, last_flags)
+    segments = run.segments()
+    assert [h.seq for h, _ in segments] == [
+        (first.seq + i * 2 * mss) & 0xFFFFFFFF for i in range(len(fills))
+    ]
+    assert segments[-1][0].flags == last_flags
+    expected = [
+        build_tcp_packet(src, dst, h, p, ttl=ttl, partial_checksum=partial) for h, p in segments
+    ]
+    assert template.build_run(run) == expected
 
 
 def test_template_rejects_what_the_builder_rejects() -> None:
