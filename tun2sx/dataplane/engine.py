@@ -209,20 +209,24 @@ class Engine:
         the store does not know gives None (the caller fails the flow fast,
         instead of letting it hang); any other address stays as it is.
         """
-        ip = ipaddress.ip_address(addr)
-        if self.fakeip is not None and self.fakeip.contains(ip):
+        fakeip = self.fakeip
+        # The fake pool is checked on the packet's bytes: an address object
+        # is built only for a real address, which the flow connects to.
+        if fakeip is not None and fakeip.contains_packed(addr):
             try:
-                name = self.fakeip.lookup_ip(ip)
-            except self.fakeip.errors as exc:
+                name = fakeip.lookup_packed(addr)
+            except fakeip.errors as exc:
                 # The shared table's file was locked too long, or failed:
                 # this flow fails fast like an unknown fake IP; others go on.
                 self.counters["fakeip_store_errors"] += 1
-                log.warning("fake-IP table lookup of %s failed: %s", ip, exc)
+                log.warning(
+                    "fake-IP table lookup of %s failed: %s", ipaddress.ip_address(addr), exc
+                )
                 return None
             if name is None:
                 return None
             return Destination(name, port)
-        return Destination(ip, port)
+        return Destination(ipaddress.ip_address(addr), port)
 
     def route(
         self, dest: Destination, network: Network, name: str | None = None
