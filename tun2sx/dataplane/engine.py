@@ -97,9 +97,7 @@ class Engine:
         # The engine asks several times a batch and once or twice a flush.
         self._now: Callable[[], float] = trio.current_time
         # Stand-in devices (tests, embedders) may offer only `read_batch`.
-        self._read_ready: Callable[[], list[RxPacket]] | None = getattr(
-            device, "read_ready", None
-        )
+        self._read_ready: Callable[[], list[RxPacket]] | None = getattr(device, "read_ready", None)
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
