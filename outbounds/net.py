@@ -378,8 +378,11 @@ async def _connect(sock: socket.socket, sockaddr: tuple[object, ...], early_data
         # still unanswered (then the wait below), or raises the connect's
         # own error (a refusal) as the SO_ERROR query below would. That is
         # one system call where `getpeername` and the send made two.
-        with contextlib.suppress(BlockingIOError):
+        try:
             sent = sock.send(early_data)
+        except BlockingIOError:
+            pass
+        else:
             err, connected = 0, True
     if err == errno.EINPROGRESS:
         # To a peer on this machine (a local proxy, one behind a veth) the
