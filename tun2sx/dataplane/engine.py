@@ -162,11 +162,18 @@ class Engine:
         FIN): taken here, the answer costs no wake-up of the reader, no
         scheduler round and no re-arm of the device's registration. With
         the queue emptied before the scheduler next polls, the reader's
-        level-triggered wait does not fire for it.
+        level-triggered wait does not fire for it. Only for a flow alone
+        (see below).
         """
         read_ready = self._read_ready
         if read_ready is None or self._flush_deferred:
             return  # a stand-in device, or inside the reader's own batch
+        if len(self.streams) > 1:
+            # Other flows are live: what the device holds is theirs too,
+            # better taken in the reader's batches (one flush for many)
+            # than in small ones here. With eight clients at once, taking
+            # it here cost 5-8 % more CPU per connection.
+            return
         try:
             batch = read_ready()
         except TunError:
