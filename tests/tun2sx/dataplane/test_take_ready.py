@@ -46,7 +46,7 @@ class _AnsweringTun(TunDevice):
         assert isinstance(hdr, TcpHeader)
         if hdr.flags & (SYN | FIN):
             self.acked = (hdr.seq + 1) & 0xFFFFFFFF
-            ack = TcpHeader(APP_PORT, REMOTE_PORT, hdr.ack, self.acked, ACK, 65535)
+            ack = TcpHeader(hdr.dst_port, REMOTE_PORT, hdr.ack, self.acked, ACK, 65535)
             self.peer.send(build_tcp_packet(APP, REMOTE, ack))
 
 
@@ -77,6 +77,37 @@ async def test_the_acks_of_our_syn_ack_and_fin_wake_no_reader() -> None:
             while engine.stack.tcp.connections or engine.streams:
                 await trio.sleep(0.01)
         assert device.reader_batches == 2  # the SYN, the application's FIN
+        nursery.cancel_scope.cancel()
+    device.close()
+    theirs.close()
+    for listener in listeners:
+        await listener.aclose()
+
+
+async def test_beside_another_live_flow_the_reader_takes_the_answer() -> None:
+    """With other flows live, what the device holds is theirs too: the
+    reader takes it in its batches, the flow that wrote does not."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = _AnsweringTun(ours.detach(), theirs)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(LoopbackOutbound(port)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        with trio.fail_after(10):
+            for n, app_port in enumerate((APP_PORT, APP_PORT + 1)):
+                syn = TcpHeader(
+                    app_port, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400)
+                )
+                theirs.send(build_tcp_packet(APP, REMOTE, syn))
+                server = await listeners[0].accept()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(server.receive_some, 10)
+                assert len(engine.streams) == n + 1
+            states = [conn.state.name for conn in engine.stack.tcp.connections.values()]
+            assert states == ["ESTABLISHED", "ESTABLISHED"]
+        # The first flow alone took its ACK; the second's woke the reader.
+        assert device.reader_batches == 3
         nursery.cancel_scope.cancel()
     device.close()
     theirs.close()
