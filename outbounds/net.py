@@ -362,6 +362,7 @@ async def _connect(sock: socket.socket, sockaddr: tuple[object, ...], early_data
     await _checkpoint_if_cancelled()
     err = sock.connect_ex(sockaddr)
     sent = 0
+    connected = False  # the handshake was over before `connect` returned
     if err == 0 and early_data:
         # 0 at once from a TCP socket: TCP_FASTOPEN_CONNECT with a cookie
         # deferred the SYN to the first write, which is now. Nothing is
@@ -371,6 +372,18 @@ async def _connect(sock: socket.socket, sockaddr: tuple[object, ...], early_data
         with contextlib.suppress(BlockingIOError):
             sent = sock.send(early_data)
         err = errno.EINPROGRESS
+    elif err == errno.EINPROGRESS and early_data:
+        # With data to send, the send itself tells whether the handshake is
+        # over: it succeeds when it is, fails with EAGAIN while the SYN is
+        # still unanswered (then the wait below), or raises the connect's
+        # own error (a refusal) as the SO_ERROR query below would. That is
+        # one system call where `getpeername` and the send made two.
+        try:
+            sent = sock.send(early_data)
+        except BlockingIOError:
+            pass
+        else:
+            err, connected = 0, True
     if err == errno.EINPROGRESS:
         # To a peer on this machine (a local proxy, one behind a veth) the
         # handshake is usually over before connect returns: then there is
@@ -386,7 +399,7 @@ async def _connect(sock: socket.socket, sockaddr: tuple[object, ...], early_data
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         else:
             err = 0
-    else:
+    elif not connected:
         await _cancel_shielded_checkpoint()
     if err:
         raise OSError(err, os.strerror(err))

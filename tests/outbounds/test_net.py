@@ -20,6 +20,7 @@ from outbounds.net import (
     PrefixedStream,
     SocketOptions,
     TcpSocketStream,
+    _connect,
     open_tcp,
     open_udp_socket,
 )
@@ -598,3 +599,38 @@ async def test_fast_open_connect_to_a_closed_port_is_refused_at_open() -> None:
     with pytest.raises(OutboundError, match=r"connecting to 127\.0\.0\.1:\d+ failed") as info:
         await open_tcp("127.0.0.1", free_port(), SocketOptions(), early_data=b"x", fast_open=True)
     assert info.value.reply is FailureReply.RESET
+
+
+async def test_connect_with_early_data_to_a_closed_port_is_refused() -> None:
+    with pytest.raises(OutboundError, match=r"connecting to 127\.0\.0\.1:\d+ failed") as info:
+        await open_tcp("127.0.0.1", free_port(), SocketOptions(), early_data=b"x")
+    assert info.value.reply is FailureReply.RESET
+
+
+class _CountingSocket(socket.socket):
+    """A socket that records which of its calls `_connect` made."""
+
+    calls: list[str]
+
+    def getpeername(self) -> object:
+        self.calls.append("getpeername")
+        return super().getpeername()
+
+    def send(self, data: object, flags: int = 0) -> int:
+        self.calls.append("send")
+        return super().send(data, flags)  # type: ignore[arg-type]
+
+
+async def test_early_data_to_a_peer_that_answered_at_once_is_one_send() -> None:
+    # Over loopback the handshake is over before `connect` returns: the
+    # send of the first message is what finds that out, no query before it.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = _CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.calls = []
+        sock.setblocking(False)
+        with sock:
+            await _connect(sock, listener.getsockname(), b"hello")
+            assert sock.calls == ["send"]
+            peer, _ = listener.accept()
+            with peer:
+                assert peer.recv(5) == b"hello"

@@ -277,6 +277,11 @@ class FlowContext(Protocol):
         """Write what the stack has ready for the applications."""
         ...
 
+    def take_ready(self) -> None:
+        """Take the packets the device holds now, without waiting (after a
+        write the application's kernel answers inline)."""
+        ...
+
     def destination_for(self, addr: bytes, port: int) -> Destination | None:
         """What an application's destination address means (None: unknown fake IP)."""
         ...

@@ -318,6 +318,10 @@ class TcpFlows:
             else:
                 await trio.aclose_forcefully(upstream)
             stream.close_now()
+            if finished:
+                # Our FIN went out in the last step: the application's
+                # kernel ACKed it within that write.
+                engine.take_ready()
             self._forget(key, stream)
 
     async def _run_sniffed(
@@ -409,6 +413,9 @@ class TcpFlows:
         stream = TcpStream(engine, conn)
         engine.streams[request.key] = stream
         engine.flush()
+        # The SYN-ACK's ACK came back within the write: it completes the
+        # handshake now rather than in a wake-up of the reader of its own.
+        engine.take_ready()
         return stream
 
     def _fail(self, request: ConnectionRequest, reply: FailureReply) -> None:

@@ -139,6 +139,15 @@ class TunDevice:
             TunError: the device is gone (deleted, or its fd closed).
         """
         await trio.lowlevel.wait_readable(self._fd)
+        return self.read_ready(limit)
+
+    def read_ready(self, limit: int = 256) -> list[RxPacket]:
+        """The packets the device holds now, up to `limit`, without waiting.
+
+        `read_batch` after its wait; also what a flow takes right after
+        writing a packet that the application's kernel answers inline (see
+        `Engine.take_ready`). Raises as `read_batch`.
+        """
         out: list[RxPacket] = []
         fd = self._fd
         offload = self.offload

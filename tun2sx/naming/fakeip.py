@@ -190,6 +190,7 @@ class _Pool:
     """One address pool: offsets from the network address, with LRU order."""
 
     __slots__ = (
+        "base",
         "by_name",
         "capacity",
         "db_range",
@@ -198,6 +199,8 @@ class _Pool:
         "lru",
         "network",
         "next_offset",
+        "size",
+        "width",
     )
 
     def __init__(
@@ -208,6 +211,10 @@ class _Pool:
         self.network = network
         self.last = network.num_addresses - 2  # the all-ones address is never used
         base = int(network.network_address)
+        # For `offset_packed`: the pool as integers, no address objects.
+        self.base = base
+        self.size = network.num_addresses
+        self.width = len(network.network_address.packed)
         self.excluded = {
             int(ip) - base for ip in reserved if ip.version == network.version and ip in network
         }
@@ -234,6 +241,17 @@ class _Pool:
         if ip.version != self.network.version or ip not in self.network:
             return None
         return int(ip) - int(self.network.network_address)
+
+    def offset_packed(self, packed: bytes) -> int | None:
+        """`offset` of an address given as its 4 or 16 bytes (a packet's field).
+
+        A flow's destination comes as these bytes: building an address
+        object for it would be most of the cost of a lookup.
+        """
+        if len(packed) != self.width:
+            return None
+        offset = int.from_bytes(packed, "big") - self.base
+        return offset if 0 <= offset < self.size else None
 
     def take_fresh(self) -> int | None:
         """Next never-used offset, or None when the pool has been walked once."""
@@ -391,22 +409,30 @@ class FakeIpStore:
 
     def contains(self, ip: IPAddress) -> bool:
         """Whether `ip` lies inside a fake pool (mapped or not)."""
-        pool = self.v4 if ip.version == 4 else self.v6
-        return pool is not None and pool.offset(ip) is not None
+        return self.contains_packed(ip.packed)
+
+    def contains_packed(self, packed: bytes) -> bool:
+        """`contains` for an address as its 4 or 16 bytes."""
+        pool = self.v4 if len(packed) == 4 else self.v6
+        return pool is not None and pool.offset_packed(packed) is not None
 
     def lookup_ip(self, ip: IPAddress) -> str | None:
         """The name `ip` was handed out for, refreshing its recency; None if unknown."""
+        return self.lookup_packed(ip.packed)
+
+    def lookup_packed(self, packed: bytes) -> str | None:
+        """`lookup_ip` for an address as its 4 or 16 bytes (a packet's field)."""
         self._stats.lookups += 1
-        pool = self.v4 if ip.version == 4 else self.v6
-        offset = pool.offset(ip) if pool is not None else None
+        pool = self.v4 if len(packed) == 4 else self.v6
+        offset = pool.offset_packed(packed) if pool is not None else None
         if pool is None or offset is None:
             name = None
         elif self._shared:
-            name = self._lookup_ip_shared(ip.packed)
+            name = self._lookup_ip_shared(packed)
         else:
             name = pool.lru.get(offset)
             if name is not None:
-                self._touch(pool, offset)
+                self._touch(pool, offset, packed)
         if name is None:
             self._stats.lookup_misses += 1
         return name
@@ -589,13 +615,15 @@ class FakeIpStore:
         self._stats.allocations += 1
         return packed
 
-    def _touch(self, pool: _Pool, offset: int) -> None:
+    def _touch(self, pool: _Pool, offset: int, packed: bytes | None = None) -> None:
         pool.lru.move_to_end(offset)
         journal = self._journal
         if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
-        self._pending_touch[pool.address(offset).packed] = self._clock
+        if packed is None:
+            packed = pool.address(offset).packed
+        self._pending_touch[packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
             journal.append_touches(self._pending_touch)
             self._pending_touch.clear()

@@ -185,3 +185,41 @@ def test_filter_rejects_empty_patterns() -> None:
     for bad in ("", "+.", "."):
         with pytest.raises(ValueError, match="empty"):
             FakeIpFilter([bad])
+
+
+@st.composite
+def _pool_and_addresses(draw: st.DrawFn) -> tuple[str, list[bytes]]:
+    """A pool (v4 or v6) and packet-field addresses in, around and outside it."""
+    v6 = draw(st.booleans())
+    width, bits = (16, 128) if v6 else (4, 32)
+    prefix = draw(st.integers(bits - 12, bits - 2))
+    base = draw(st.integers(0, 2**bits - 1)) >> (bits - prefix) << (bits - prefix)
+    size = 2 ** (bits - prefix)
+    near = st.integers(max(0, base - 3), min(2**bits - 1, base + size + 2))
+    ints = draw(st.lists(st.one_of(near, st.integers(0, 2**bits - 1)), max_size=20))
+    # An address of the other family never matches a pool of this one.
+    other = draw(st.lists(st.binary(min_size=20 - width, max_size=20 - width), max_size=2))
+    net = ipaddress.ip_network((base, prefix))
+    return str(net), [i.to_bytes(width, "big") for i in ints] + other
+
+
+@given(
+    _pool_and_addresses(),
+    st.lists(st.text(alphabet="abcXYZ.-", min_size=1, max_size=8), max_size=5),
+)
+def test_lookup_on_packet_bytes_agrees_with_address_objects(
+    case: tuple[str, list[bytes]], names: list[str]
+) -> None:
+    pool, addresses = case
+    net = ipaddress.ip_network(pool)
+    v6 = net.version == 6
+    store = FakeIpStore(
+        v4_pool="198.18.0.0/15" if v6 else pool, v6_pool=pool if v6 else "fd00:7e::/112"
+    )
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    handed = {store.allocate(name, family): normalize_name(name) for name in names}
+    for packed in addresses + [ip.packed for ip in handed]:
+        ip = ipaddress.ip_address(packed)
+        inside = ip.version == net.version and ip in net
+        assert store.contains_packed(packed) == inside
+        assert store.lookup_packed(packed) == (handed.get(ip) if inside else None)
