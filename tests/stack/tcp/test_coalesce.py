@@ -205,3 +205,52 @@ def test_any_run_of_pure_acks_gives_the_state_one_by_one_gives(
     one, batch = feed_both(pair, hdrs, 0.03)
     assert state(one, pair[0][1], 0.03) == state(batch, pair[1][1], 0.03)
     assert one.statistics().segments_in == batch.statistics().segments_in
+
+
+def test_a_skipped_ack_still_gives_rack_its_round_trip_sample() -> None:
+    """One by one, an ACK ending on a segment gives RACK (RFC 8985) an RTT
+    sample; an ACK after it that ends inside a segment gives none, so the
+    skipped one's sample must not be lost: the reordering window a later
+    SACK arms is built from it."""
+    pair = twins()
+    app = pair[0][1]
+    hdrs = [app.seg(ack=s(SRV_ISS + 1 + 3 * PAYLOAD))[0]]
+    hdrs.append(app.seg(ack=s(SRV_ISS + 1 + 3 * PAYLOAD + PAYLOAD // 2))[0])
+    one, batch = feed_both(pair, hdrs, 0.03)
+    assert batch.statistics().acks_coalesced == 1
+    assert state(one, pair[0][1], 0.03) == state(batch, pair[1][1], 0.03)
+    block = ((s(SRV_ISS + 1 + 12 * PAYLOAD), s(SRV_ISS + 1 + 13 * PAYLOAD)),)
+    sack = app.seg(ack=s(SRV_ISS + 1 + 3 * PAYLOAD + PAYLOAD // 2), sack=block)[0]
+    feed_both(pair, [sack], 0.2)
+    assert state(one, pair[0][1], 0.2) == state(batch, pair[1][1], 0.2)
+
+
+def test_a_skipped_ack_that_ends_a_round_trip_still_samples_the_delivery_rate() -> None:
+    """One by one, the first ACK past a round trip's end closes it and starts
+    the next; the delivery rate measured over a round sets the floor a loss
+    cuts the window to (`Congestion.loss_floor`). A skipped ACK must start
+    its round just as well, or the window after recovery differs."""
+    pair = twins()
+    app = pair[0][1]
+
+    def step(hdrs: list[TcpHeader], now: float) -> None:
+        one, batch = feed_both(pair, hdrs, now)
+        assert state(one, pair[0][1], now) == state(batch, pair[1][1], now)
+
+    step(acks(app, [1]), 0.03)  # the first round starts
+    step(acks(app, [11]), 0.05)  # and ends (12 segments were out)
+    # 13 ends the second round (24 were out); skipped, 20 stands for it.
+    step(acks(app, [13, 20]), 0.06)
+    assert pair[1][0].statistics().acks_coalesced == 1
+    step(acks(app, [30]), 0.08)
+    # A loss: three SACKs above a hole, then all acknowledged.
+    for k in range(3):
+        block = ((s(SRV_ISS + 1 + 31 * PAYLOAD), s(SRV_ISS + 1 + (32 + k) * PAYLOAD)),)
+        step([app.seg(ack=s(SRV_ISS + 1 + 30 * PAYLOAD), sack=block)[0]], 0.09)
+    step(acks(app, [40]), 0.12)
+    # The window recovery left: what a new flight may hold.
+    for conn, _ in pair:
+        conn.send(bytes(40 * PAYLOAD))
+    flights = [state(conn, app, 0.13)[0][1] for conn, app in pair]
+    assert len(flights[0]) > 10
+    assert flights[0] == flights[1]
