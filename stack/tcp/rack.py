@@ -72,6 +72,10 @@ class Rack:
         self._ends.extend(ends)
         self._times.extend([now] * len(ends))
 
+    def retransmitting(self) -> bool:
+        """Return True while a retransmission awaits its delivery or loss."""
+        return bool(self._rtx)
+
     def resent(self, start: int, end: int, now: float) -> None:
         """Record a loss-recovery retransmission of [start, end)."""
         rtx = self._rtx

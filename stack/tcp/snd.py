@@ -230,9 +230,13 @@ class Sender:
         (in recovery or with SACKed data the limit is SND.UNA: none is).
         Such an ACK, followed in the same batch by another that acknowledges
         more, may be skipped (`skipped_ack`), the later one standing for both.
+        While RACK tracks a retransmission (a tail loss probe) none is
+        either: its delivery or loss would be judged on the skipped ACK.
         """
         una = self.una
-        return una, una if self._cc.in_recovery or self._sb else self.max
+        if self._cc.in_recovery or self._sb or (self._sack and self._rack.retransmitting()):
+            return una, una
+        return una, self.max
 
     def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
         """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
@@ -240,13 +244,22 @@ class Sender:
         Its window counts in MAX.SND.WND (RFC 5961 section 5.2), its
         timestamp echo is an RTT sample, taken in order as one by one, and
         the slow-start growth it would have earned is kept for the ACK that
-        stands for it.
+        stands for it. With SACK, what it delivers is counted as one by one
+        (it may end a round of the delivery rate, `Congestion.on_delivered`)
+        and RACK takes its RTT sample (the later ACK may end inside a
+        segment and give none); nothing is SACKed and no retransmission is
+        tracked (`plain_ack_range`), so RACK marks no loss on it.
         """
         mss2 = 2 * self._mss
         una, skipped_to = self.una, self._skipped_to
-        grow = ack - (una if una > skipped_to else skipped_to)
-        self._skip_growth += grow if grow < mss2 else mss2  # no min/max calls per ACK
+        acked = ack - (una if una > skipped_to else skipped_to)
+        self._skip_growth += acked if acked < mss2 else mss2  # no min/max calls per ACK
         self._skipped_to = ack
+        if self._sack:
+            cc, rack = self._cc, self._rack
+            cc.on_delivered(acked, ack, self.max, now)
+            rack.detect(ack, self._sb, now, ack)  # its timer is the later ACK's to set
+            cc.min_rtt = rack.min_rtt
         window = hdr.window << self._wscale
         if window > self.max_wnd:
             self.max_wnd = window
@@ -288,6 +301,8 @@ class Sender:
         sack = self._sack
         sb = self._sb
         una = self.una
+        # Octets that ACKs skipped for this one delivered (`skipped_ack`).
+        skipped_to = self._skipped_to
         new_sacked = 0
         sacked_before = sb.sacked
         if blocks and sack and self.max > una:
@@ -309,7 +324,8 @@ class Sender:
             if self._cc.on_dupack(sack, lost > una, una, self.max):
                 self._recovery_began()
         if sack and (advanced or new_sacked):
-            delivered = self.una - una + sb.sacked - sacked_before
+            base = una if una > skipped_to else skipped_to
+            delivered = self.una - base + sb.sacked - sacked_before
             self._cc.on_delivered(delivered, max(self.una, sb.high()), self.max, now)
             self._rack_detect(now, delivered)
         return fin_acked
