@@ -258,7 +258,7 @@ class Sender:
         if self._sack:
             cc, rack = self._cc, self._rack
             cc.on_delivered(acked, ack, self.max, now)
-            rack.detect(ack, self._sb, now, ack)  # its timer is the later ACK's to set
+            rack.cumulative_sample(ack, now)
             cc.min_rtt = rack.min_rtt
         window = hdr.window << self._wscale
         if window > self.max_wnd:
