@@ -255,3 +255,23 @@ def test_a_skipped_ack_that_ends_a_round_trip_still_samples_the_delivery_rate() 
     flights = [state(conn, app, 0.13)[0][1] for conn, app in pair]
     assert len(flights[0]) > 10
     assert flights[0] == flights[1]
+
+
+def test_a_run_that_ends_slow_start_grows_the_window_as_one_by_one() -> None:
+    """After a retransmission time-out slow start stops at ssthresh (half
+    the flight); one by one the ACKs past it count as congestion avoidance,
+    so a run of skipped ACKs must not grow the window as slow start."""
+    pair = twins()
+    app = pair[0][1]
+    for conn, app_ in pair:
+        while conn.statistics().rto_timeouts == 0:
+            now = conn.next_deadline()
+            assert now is not None
+            conn.handle_timeout(now)
+            app_.absorb(conn.segments_to_send(now))
+    steps = [[1], [2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    for i, ends in enumerate(steps):
+        now = 0.5 + 0.01 * i
+        one, batch = feed_both(pair, acks(app, ends), now)
+        assert state(one, pair[0][1], now) == state(batch, pair[1][1], now), ends
+    assert batch.statistics().acks_coalesced == 8
