@@ -114,7 +114,6 @@ class Sender:
         "_rxt_mark",
         "_sack",
         "_sb",
-        "_skip_growth",
         "_skipped_to",
         "_synack_retransmitted",
         "_synack_time",
@@ -178,10 +177,9 @@ class Sender:
         self._rtt_time = 0.0
         self._retries = 0  # consecutive RTO expiries
         self._probes_unanswered = 0
-        # Plain ACKs skipped before the one that stands for them: how far
-        # they reached, and the slow-start growth they would have earned.
+        # How far plain ACKs skipped before the one that stands for them
+        # reached (0: none skipped).
         self._skipped_to = 0
-        self._skip_growth = 0
 
     # ------------------------------------------------------------ the buffer
 
@@ -243,20 +241,24 @@ class Sender:
 
         Its window counts in MAX.SND.WND (RFC 5961 section 5.2), its
         timestamp echo is an RTT sample, taken in order as one by one, and
-        the slow-start growth it would have earned is kept for the ACK that
-        stands for it. With SACK, what it delivers is counted as one by one
-        (it may end a round of the delivery rate, `Congestion.on_delivered`)
-        and RACK takes its RTT sample (the later ACK may end inside a
-        segment and give none); nothing is SACKed and no retransmission is
-        tracked (`plain_ack_range`), so RACK marks no loss on it.
+        the congestion window grows by what it acknowledges as one by one
+        (slow start's min(acked, 2 MSS) per ACK, RFC 3465, or congestion
+        avoidance's count, whichever is in force at this ACK). With SACK,
+        what it delivers is counted as one by one (it may end a round of the
+        delivery rate, `Congestion.on_delivered`) and RACK takes its RTT
+        sample (the later ACK may end inside a segment and give none);
+        nothing is SACKed and no retransmission is tracked
+        (`plain_ack_range`), so RACK marks no loss on it.
         """
-        mss2 = 2 * self._mss
         una, skipped_to = self.una, self._skipped_to
         acked = ack - (una if una > skipped_to else skipped_to)
-        self._skip_growth += acked if acked < mss2 else mss2  # no min/max calls per ACK
         self._skipped_to = ack
+        cc = self._cc
+        # Outside recovery `on_ack` only grows the window (SND.UNA and the
+        # flight are the later ACK's business).
+        cc.on_ack(acked, ack, 0)
         if self._sack:
-            cc, rack = self._cc, self._rack
+            rack = self._rack
             cc.on_delivered(acked, ack, self.max, now)
             rack.cumulative_sample(ack, now)
             cc.min_rtt = rack.min_rtt
@@ -351,12 +353,12 @@ class Sender:
         # Forward progress ends any backoff, as in Linux.
         rtt.backoff = 0
         self._retries = 0
-        growth = None
         if self._skipped_to:
-            # This ACK stands for skipped ones too (`skipped_ack`).
-            growth = self._skip_growth + min(ack - self._skipped_to, 2 * self._mss)
-            self._skipped_to = self._skip_growth = 0
-        self._cc.on_ack(acked, ack, self.max - ack, growth)
+            # The ACKs skipped for this one grew the window already
+            # (`skipped_ack`): this one counts what it adds.
+            acked = ack - self._skipped_to
+            self._skipped_to = 0
+        self._cc.on_ack(acked, ack, self.max - ack)
         timers = self._timers
         timers.rto = None if self.max == ack else now + rtt.rto()
         timers.tlp = None
