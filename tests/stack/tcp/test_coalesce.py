@@ -275,3 +275,54 @@ def test_a_run_that_ends_slow_start_grows_the_window_as_one_by_one() -> None:
         one, batch = feed_both(pair, acks(app, ends), now)
         assert state(one, pair[0][1], now) == state(batch, pair[1][1], now), ends
     assert batch.statistics().acks_coalesced == 8
+
+
+# A step of a multi-round exchange: how far the ACK reaches (in half
+# segments past the last, 0 a duplicate), a SACK block above it, a window.
+_ACK_STEP = st.tuples(st.integers(-4, 4), st.booleans(), st.sampled_from([None, 0, 2000]))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(_ACK_STEP, min_size=1, max_size=6), st.sampled_from([0.0, 0.01, 0.3, 1.5])
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_rounds_of_acks_with_losses_give_the_state_one_by_one_gives(
+    rounds: list[tuple[list[tuple[int, bool, int | None]], float]], sack: bool, timestamps: bool
+) -> None:
+    """Several batches, with time between them, SACK blocks and so loss
+    recovery, zero windows and ACKs inside segments: what a skipped ACK
+    leaves behind (the window's growth, the delivery rate's rounds, RACK's
+    samples) shows in the segments of later rounds."""
+    pair = twins(sack=sack, ts=timestamps)
+    app = pair[0][1]
+    end = 0  # in half segments
+    now = 0.03
+    for steps, pause in rounds:
+        hdrs = []
+        for reach, sacked, window in steps:
+            # A negative reach: an old ACK, below what was acknowledged.
+            at = max(end + reach, 0) if reach < 0 else min(end + reach, 2 * 40)
+            end = max(end, at)
+            block: tuple[tuple[int, int], ...] = ()
+            if sacked:
+                left = (at // 2 + 2) * PAYLOAD
+                block = ((s(SRV_ISS + 1 + left), s(SRV_ISS + 1 + left + PAYLOAD)),)
+            if app.tsval is not None:
+                app.tsval += 1
+            ack = s(SRV_ISS + 1 + at * PAYLOAD // 2)
+            hdrs.append(app.seg(ack=ack, window=window, sack=block)[0])
+        one, batch = feed_both(pair, hdrs, now)
+        assert state(one, pair[0][1], now) == state(batch, pair[1][1], now)
+        now += pause
+    # Later: the timers, and a new flight of what the window allows.
+    later = now + 2.0
+    for conn, _ in pair:
+        conn.handle_timeout(later)
+    assert state(pair[0][0], pair[0][1], later) == state(pair[1][0], pair[1][1], later)
