@@ -228,8 +228,9 @@ class Sender:
         (in recovery or with SACKed data the limit is SND.UNA: none is).
         Such an ACK, followed in the same batch by another that acknowledges
         more, may be skipped (`skipped_ack`), the later one standing for both.
-        While RACK tracks a retransmission (a tail loss probe) none is
-        either: its delivery or loss would be judged on the skipped ACK.
+        Nor while RACK still tracks a retransmission, whose delivery or loss
+        would be judged on the skipped ACK (none does outside recovery: the
+        ACK that ends recovery delivers them all; the test is a guard).
         """
         una = self.una
         if self._cc.in_recovery or self._sb or (self._sack and self._rack.retransmitting()):
