@@ -295,13 +295,8 @@ class Congestion:
         """
         return max(flight // 2, self.loss_floor(), 2 * self.mss)
 
-    def on_ack(self, acked: int, una: int, flight: int, growth: int | None = None) -> None:
-        """SND.UNA advanced by `acked` octets to `una`; `flight` is what is left.
-
-        `growth` is what slow start adds when this ACK stands for several (a
-        batch's cumulative ACKs taken at once): the sum of each one's
-        min(acked, 2 MSS), as one by one (RFC 3465's L applies per ACK).
-        """
+    def on_ack(self, acked: int, una: int, flight: int) -> None:
+        """SND.UNA advanced by `acked` octets to `una`; `flight` is what is left."""
         self.dupacks = 0
         if self.in_recovery:
             if una >= self.recover:
@@ -322,7 +317,7 @@ class Congestion:
             return
         self.dup_credit = 0
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * self.mss) if growth is None else growth
+            self.cwnd += min(acked, 2 * self.mss)
         else:
             self._acked_accum += acked
             if self._acked_accum >= self.cwnd:

@@ -72,6 +72,29 @@ class Rack:
         self._ends.extend(ends)
         self._times.extend([now] * len(ends))
 
+    def cumulative_sample(self, una: int, now: float) -> None:
+        """Take the RTT sample of a cumulative ACK of `una` (RFC 8985 6.2).
+
+        What `detect` takes from it when nothing is SACKed and no
+        retransmission is tracked: the segment ending exactly at `una`, if
+        it was sent after the last one delivered. Nothing can be judged
+        lost then (every segment sent before it is delivered too), so
+        `detect` is left to the next ACK.
+        """
+        ends = self._ends
+        j = bisect_left(ends, una)
+        if j < len(ends) and ends[j] == una:
+            t = self._times[j]
+            if (t, una) > (self.xmit_ts, self.end_seq):
+                self.xmit_ts, self.end_seq = t, una
+                self.rtt = rtt = now - t
+                if self.min_rtt is None or rtt < self.min_rtt:
+                    self.min_rtt = rtt
+
+    def retransmitting(self) -> bool:
+        """Return True while a retransmission awaits its delivery or loss."""
+        return bool(self._rtx)
+
     def resent(self, start: int, end: int, now: float) -> None:
         """Record a loss-recovery retransmission of [start, end)."""
         rtx = self._rtx

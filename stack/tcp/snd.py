@@ -114,7 +114,6 @@ class Sender:
         "_rxt_mark",
         "_sack",
         "_sb",
-        "_skip_growth",
         "_skipped_to",
         "_synack_retransmitted",
         "_synack_time",
@@ -178,10 +177,9 @@ class Sender:
         self._rtt_time = 0.0
         self._retries = 0  # consecutive RTO expiries
         self._probes_unanswered = 0
-        # Plain ACKs skipped before the one that stands for them: how far
-        # they reached, and the slow-start growth they would have earned.
+        # How far plain ACKs skipped before the one that stands for them
+        # reached (0: none skipped).
         self._skipped_to = 0
-        self._skip_growth = 0
 
     # ------------------------------------------------------------ the buffer
 
@@ -230,23 +228,41 @@ class Sender:
         (in recovery or with SACKed data the limit is SND.UNA: none is).
         Such an ACK, followed in the same batch by another that acknowledges
         more, may be skipped (`skipped_ack`), the later one standing for both.
+        Nor while RACK still tracks a retransmission, whose delivery or loss
+        would be judged on the skipped ACK (none does outside recovery: the
+        ACK that ends recovery delivers them all; the test is a guard).
         """
         una = self.una
-        return una, una if self._cc.in_recovery or self._sb else self.max
+        if self._cc.in_recovery or self._sb or (self._sack and self._rack.retransmitting()):
+            return una, una
+        return una, self.max
 
     def skipped_ack(self, hdr: TcpHeader, ack: int, now: float) -> None:
         """Take what a skipped plain ACK of `ack` gives beyond the later one's effect.
 
         Its window counts in MAX.SND.WND (RFC 5961 section 5.2), its
         timestamp echo is an RTT sample, taken in order as one by one, and
-        the slow-start growth it would have earned is kept for the ACK that
-        stands for it.
+        the congestion window grows by what it acknowledges as one by one
+        (slow start's min(acked, 2 MSS) per ACK, RFC 3465, or congestion
+        avoidance's count, whichever is in force at this ACK). With SACK,
+        what it delivers is counted as one by one (it may end a round of the
+        delivery rate, `Congestion.on_delivered`) and RACK takes its RTT
+        sample (the later ACK may end inside a segment and give none);
+        nothing is SACKed and no retransmission is tracked
+        (`plain_ack_range`), so RACK marks no loss on it.
         """
-        mss2 = 2 * self._mss
         una, skipped_to = self.una, self._skipped_to
-        grow = ack - (una if una > skipped_to else skipped_to)
-        self._skip_growth += grow if grow < mss2 else mss2  # no min/max calls per ACK
+        acked = ack - (una if una > skipped_to else skipped_to)
         self._skipped_to = ack
+        cc = self._cc
+        # Outside recovery `on_ack` only grows the window (SND.UNA and the
+        # flight are the later ACK's business).
+        cc.on_ack(acked, ack, 0)
+        if self._sack:
+            rack = self._rack
+            cc.on_delivered(acked, ack, self.max, now)
+            rack.cumulative_sample(ack, now)
+            cc.min_rtt = rack.min_rtt
         window = hdr.window << self._wscale
         if window > self.max_wnd:
             self.max_wnd = window
@@ -288,6 +304,8 @@ class Sender:
         sack = self._sack
         sb = self._sb
         una = self.una
+        # Octets that ACKs skipped for this one delivered (`skipped_ack`).
+        skipped_to = self._skipped_to
         new_sacked = 0
         sacked_before = sb.sacked
         if blocks and sack and self.max > una:
@@ -309,7 +327,8 @@ class Sender:
             if self._cc.on_dupack(sack, lost > una, una, self.max):
                 self._recovery_began()
         if sack and (advanced or new_sacked):
-            delivered = self.una - una + sb.sacked - sacked_before
+            base = una if una > skipped_to else skipped_to
+            delivered = self.una - base + sb.sacked - sacked_before
             self._cc.on_delivered(delivered, max(self.una, sb.high()), self.max, now)
             self._rack_detect(now, delivered)
         return fin_acked
@@ -335,12 +354,12 @@ class Sender:
         # Forward progress ends any backoff, as in Linux.
         rtt.backoff = 0
         self._retries = 0
-        growth = None
         if self._skipped_to:
-            # This ACK stands for skipped ones too (`skipped_ack`).
-            growth = self._skip_growth + min(ack - self._skipped_to, 2 * self._mss)
-            self._skipped_to = self._skip_growth = 0
-        self._cc.on_ack(acked, ack, self.max - ack, growth)
+            # The ACKs skipped for this one grew the window already
+            # (`skipped_ack`): this one counts what it adds.
+            acked = ack - self._skipped_to
+            self._skipped_to = 0
+        self._cc.on_ack(acked, ack, self.max - ack)
         timers = self._timers
         timers.rto = None if self.max == ack else now + rtt.rto()
         timers.tlp = None
