@@ -17,6 +17,15 @@ against a crash of the process; power failure may lose the last few).
 Recency updates from lookups are batched, because they only steer which
 mapping is recycled first.
 
+A journal that cannot be written (a full disk, a file system gone read-only)
+does not stop DNS: the table in memory is the table, so names keep their
+addresses and new names get new ones; one warning says that what is given
+out meanwhile would not survive a restart. A write that works again, at
+least `RETRY_REWRITE` seconds after the last failure (each try writes the
+whole table, and a nearly full disk would otherwise have the log flap),
+rewrites the whole table, LRU order included, and one line says so; so does
+closing the store.
+
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
 gateway) are never handed out.
@@ -60,6 +69,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -72,6 +82,9 @@ from tun2sx.naming.journal import Journal, to_sqlite
 
 if TYPE_CHECKING:
     import sqlite3
+
+log = logging.getLogger("tun2sx.fakeip")
+RETRY_REWRITE = 10.0  # seconds between tries to rewrite a journal that could not be written
 
 __all__ = [
     "FakeIpFilter",
@@ -282,12 +295,15 @@ class FakeIpStore:
         "_closed",
         "_db",
         "_journal",
+        "_path",
         "_pending_touch",
+        "_retry_at",
         "_shared",
         "_stats",
         "_time",
         "_touch_batch",
         "_touch_interval_ms",
+        "_unwritten",
         "errors",
         "v4",
         "v6",
@@ -330,6 +346,9 @@ class FakeIpStore:
         self._time = clock
         self._db: sqlite3.Connection | None = None
         self._journal: Journal | None = None
+        self._path = path
+        self._unwritten = False  # the journal lacks changes it could not take
+        self._retry_at = 0.0
         self.errors: tuple[type[Exception], ...] = ()
         if path == ":memory:":
             return  # the dicts are the table; nothing outlives the process
@@ -460,10 +479,7 @@ class FakeIpStore:
             return ip
         self._pending_touch.pop(ip.packed, None)
         # Pending recency updates ride along in the same write.
-        journal.append(self._pending_touch, ip.packed, key, self._clock)
-        self._pending_touch.clear()
-        if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
-            self._rewrite()
+        self._save(journal.append, self._pending_touch, ip.packed, key, self._clock)
         return ip
 
     def statistics(self) -> FakeIpStatistics:
@@ -483,9 +499,11 @@ class FakeIpStore:
         self._closed = True
         if self._journal is not None:
             try:
-                if self._pending_touch:
-                    self._journal.append_touches(self._pending_touch)
-                    self._pending_touch.clear()
+                if self._unwritten:
+                    self._retry_at = 0.0  # the last chance to catch up
+                    self._save(self._journal.append_touches, {})
+                elif self._pending_touch:
+                    self._save(self._journal.append_touches, self._pending_touch)
             finally:
                 self._journal.close()
         elif self._db is not None:
@@ -597,10 +615,48 @@ class FakeIpStore:
         self._clock += 1
         self._pending_touch[pool.address(offset).packed] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
-            journal.append_touches(self._pending_touch)
+            self._save(journal.append_touches, self._pending_touch)
+
+    def _save(self, write: Callable[..., None], *args: object) -> None:
+        """Append to the journal with `write(*args)` and rewrite it when it is due.
+
+        The pending recency updates are in the write (or were lost with it).
+        A failure is logged once and left to the next write (module docstring).
+        """
+        assert self._journal is not None
+        try:
+            write(*args)
+        except OSError as exc:
             self._pending_touch.clear()
-            if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
-                self._rewrite()
+            self._retry_at = self._time() + RETRY_REWRITE
+            self._failed(exc)
+            return
+        self._pending_touch.clear()
+        live = self._stats.v4_mappings + self._stats.v6_mappings
+        if self._unwritten:
+            if self._time() < self._retry_at:
+                return
+        elif not self._journal.needs_rewrite(live):
+            return
+        try:
+            self._rewrite()
+        except OSError as exc:
+            self._retry_at = self._time() + RETRY_REWRITE
+            self._failed(exc)
+            return
+        if self._unwritten:
+            self._unwritten = False
+            log.info("fake-IP table: %s written again, with every mapping", self._path)
+
+    def _failed(self, exc: OSError) -> None:
+        if not self._unwritten:
+            self._unwritten = True
+            log.warning(
+                "fake-IP table: cannot write %s (%s); DNS answers from memory, and names "
+                "given out until the file can be written are lost if tun2sx restarts first",
+                self._path,
+                exc.strerror or exc,
+            )
 
     def _rewrite(self) -> None:
         """Rewrite the journal as one record per mapping, in each pool's LRU order."""

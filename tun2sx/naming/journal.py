@@ -123,9 +123,16 @@ def _replace(path: str, rows: Iterable[Row]) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        # On a full disk a half-written copy would hold on to the space.
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _sync_directory(path)
 
 
