@@ -39,6 +39,7 @@ one table through SQLite, turn a journal back into a database
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -227,7 +228,9 @@ class Journal:
         written = os.write(self._fd, data)
         if written != len(data):
             os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise OSError(f"{self._path}: short write ({written} of {len(data)} bytes)")
+            # The full disk's own errno: the next write would have failed with it.
+            reason = f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)"
+            raise OSError(errno.ENOSPC, reason, self._path)
 
 
 def _read_all(fd: int) -> bytes:
