@@ -203,6 +203,7 @@ class _Pool:
     """One address pool: offsets from the network address, with LRU order."""
 
     __slots__ = (
+        "base",
         "by_name",
         "capacity",
         "db_range",
@@ -211,6 +212,7 @@ class _Pool:
         "lru",
         "network",
         "next_offset",
+        "width",
     )
 
     def __init__(
@@ -220,7 +222,8 @@ class _Pool:
             raise ValueError(f"fake-IP pool {network} is too small (need at least a /30 or /126)")
         self.network = network
         self.last = network.num_addresses - 2  # the all-ones address is never used
-        base = int(network.network_address)
+        self.base = base = int(network.network_address)
+        self.width = len(network.network_address.packed)
         self.excluded = {
             int(ip) - base for ip in reserved if ip.version == network.version and ip in network
         }
@@ -242,6 +245,11 @@ class _Pool:
 
     def address(self, offset: int) -> IPAddress:
         return self.network.network_address + offset
+
+    def packed(self, offset: int) -> bytes:
+        """`address(offset).packed` without the address object: a quarter of the time,
+        which a rewrite of the whole table pays once per mapping."""
+        return (self.base + offset).to_bytes(self.width, "big")
 
     def offset(self, ip: IPAddress) -> int | None:
         if ip.version != self.network.version or ip not in self.network:
@@ -613,7 +621,7 @@ class FakeIpStore:
         if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
-        self._pending_touch[pool.address(offset).packed] = self._clock
+        self._pending_touch[pool.packed(offset)] = self._clock
         if len(self._pending_touch) >= self._touch_batch:
             self._save(journal.append_touches, self._pending_touch)
 
@@ -664,7 +672,7 @@ class FakeIpStore:
         # The in-memory order already holds the pending uses.
         self._pending_touch.clear()
         rows = [
-            (pool.address(offset).packed, name, used)
+            (pool.packed(offset), name, used)
             for pool in (self.v4, self.v6)
             if pool is not None
             for used, (offset, name) in enumerate(pool.lru.items(), 1)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, normalize_name
+from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, _Pool, normalize_name
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 
@@ -185,3 +185,11 @@ def test_filter_rejects_empty_patterns() -> None:
     for bad in ("", "+.", "."):
         with pytest.raises(ValueError, match="empty"):
             FakeIpFilter([bad])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**128 - 1))
+def test_a_pools_packed_address_is_the_address_packed(v4: int, v6: int) -> None:
+    for network in ("10.0.0.0/8", "198.18.0.0/15", "fc00::/18", "fd00::/124"):
+        pool = _Pool(ipaddress.ip_network(network), set())
+        offset = (v4 if pool.width == 4 else v6) % pool.network.num_addresses
+        assert pool.packed(offset) == pool.address(offset).packed
