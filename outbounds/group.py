@@ -48,6 +48,7 @@ import attrs
 import trio
 
 from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession, redact_url
+from .units import seconds_hint
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -214,10 +215,16 @@ class GroupSpec:
         # `not low <= x <= high` refuses NaN too.
         low, high = INTERVAL_RANGE
         if not low <= self.interval <= high:
-            raise GroupError(f"{key}.interval: {low:g} to {high:g} seconds, got {self.interval:g}")
+            raise GroupError(
+                f"{key}.interval: {low:g} to {high:g} seconds, got {self.interval:g}"
+                + seconds_hint(self.interval, low, high)
+            )
         low, high = TIMEOUT_RANGE
         if not low <= self.timeout <= high:
-            raise GroupError(f"{key}.timeout: {low:g} to {high:g} seconds, got {self.timeout:g}")
+            raise GroupError(
+                f"{key}.timeout: {low:g} to {high:g} seconds, got {self.timeout:g}"
+                + seconds_hint(self.timeout, low, high)
+            )
         low_ms, high_ms = TOLERANCE_RANGE
         if not low_ms <= self.tolerance <= high_ms:
             raise GroupError(f"{key}.tolerance: {low_ms} to {high_ms} ms, got {self.tolerance}")

@@ -36,6 +36,7 @@ from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
 from outbounds.socks5 import Socks5Outbound
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
+from outbounds.units import seconds_hint
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
@@ -399,7 +400,7 @@ def _stats_endpoint(settings: Settings) -> tuple[str, int] | None:
         # 1e-300 would write summary lines as fast as the loop turns.
         raise ConfigError(
             f"stats_interval: 0 (no summary lines) or {low:g} to {high:g} seconds, "
-            f"got {settings.stats_interval:g}"
+            f"got {settings.stats_interval:g}" + seconds_hint(settings.stats_interval, low, high)
         )
     if settings.stats_listen is None:
         return None
@@ -438,7 +439,10 @@ def check_settings(settings: Settings) -> None:
     ):
         value = getattr(settings, field)
         if not low <= value <= high:
-            raise ConfigError(f"{field}: {low:g} to {high:g} seconds, got {value:g}")
+            raise ConfigError(
+                f"{field}: {low:g} to {high:g} seconds, got {value:g}"
+                + seconds_hint(value, low, high)
+            )
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
     check_queues(settings)

@@ -32,7 +32,16 @@ import attrs
 
 from outbounds.base import Destination
 from outbounds.resolver import parse_nameserver
-from tun2sx.control.app import ConfigError, Settings, check_settings
+from outbounds.units import seconds_hint
+from tun2sx.control.app import (
+    CONNECT_TIMEOUT_RANGE,
+    MAX_SNIFF_TIMEOUT,
+    STATS_INTERVAL_RANGE,
+    UDP_TIMEOUT_RANGE,
+    ConfigError,
+    Settings,
+    check_settings,
+)
 from tun2sx.control.groupconfig import read_groups
 from tun2sx.naming.sniff import parse_ports
 
@@ -119,9 +128,24 @@ def _integer(key: str, value: object) -> int:
     return value
 
 
+# The ranges check_settings enforces, for the hint on a duration string ("10s").
+_SECONDS_RANGES = {
+    "udp_timeout": UDP_TIMEOUT_RANGE,
+    "connect_timeout": CONNECT_TIMEOUT_RANGE,
+    "stats.interval": STATS_INTERVAL_RANGE,
+    "sniff.timeout": (0.001, MAX_SNIFF_TIMEOUT),
+}
+
+
+def _hint(key: str, value: object) -> str:
+    limits = _SECONDS_RANGES.get(key)
+    return "" if limits is None else seconds_hint(value, *limits)
+
+
 def _seconds(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)}")
+        shown = f'"{value}"' if isinstance(value, str) else _type_name(value)
+        raise ConfigError(f"{key}: expected a number of seconds, got {shown}{_hint(key, value)}")
     if not math.isfinite(value):
         # NaN passes every comparison below, and trio refuses it as a time-out.
         raise ConfigError(f"{key}: not a finite number of seconds")

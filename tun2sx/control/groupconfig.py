@@ -24,9 +24,13 @@ from outbounds.group import (
     DEFAULT_TOLERANCE,
     DEFAULT_URL,
     GROUP_KINDS,
+    INTERVAL_RANGE,
+    TIMEOUT_RANGE,
+    TOLERANCE_RANGE,
     GroupError,
     GroupSpec,
 )
+from outbounds.units import milliseconds_hint, seconds_hint
 from tun2sx.control.app import ConfigError
 
 _KEYS = ("type", "members", "url", "interval", "timeout", "tolerance")
@@ -38,11 +42,14 @@ def _kind_of(value: object) -> str:
     )
 
 
-def _seconds(key: str, value: object) -> float:
+def _seconds(key: str, value: object, limits: tuple[float, float]) -> float:
     # The range (NaN and infinity too) is GroupSpec.check's, for the
     # embedding API's groups as well.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number of seconds, got {_kind_of(value)}")
+        shown = f'"{value}"' if isinstance(value, str) else _kind_of(value)
+        raise ConfigError(
+            f"{key}: expected a number of seconds, got {shown}" + seconds_hint(value, *limits)
+        )
     return float(value)
 
 
@@ -79,14 +86,26 @@ def read_group(name: str, table: object) -> GroupSpec:
         raise ConfigError(f"{key}.url: expected a string, got {_kind_of(url)}")
     tolerance = table.get("tolerance", DEFAULT_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, int):
-        raise ConfigError(f"{key}.tolerance: expected milliseconds, got {_kind_of(tolerance)}")
+        shown = (
+            f'"{tolerance}"'
+            if isinstance(tolerance, str)
+            else f"{tolerance:g}"
+            if isinstance(tolerance, float)
+            else _kind_of(tolerance)
+        )
+        raise ConfigError(
+            f"{key}.tolerance: expected whole milliseconds, got {shown}"
+            + milliseconds_hint(tolerance, *TOLERANCE_RANGE)
+        )
     spec = GroupSpec(
         name=name,
         kind=kind,
         members=tuple(members),
         url=url,
-        interval=_seconds(f"{key}.interval", table.get("interval", DEFAULT_INTERVAL)),
-        timeout=_seconds(f"{key}.timeout", table.get("timeout", DEFAULT_TIMEOUT)),
+        interval=_seconds(
+            f"{key}.interval", table.get("interval", DEFAULT_INTERVAL), INTERVAL_RANGE
+        ),
+        timeout=_seconds(f"{key}.timeout", table.get("timeout", DEFAULT_TIMEOUT), TIMEOUT_RANGE),
         tolerance=tolerance,
     )
     try:

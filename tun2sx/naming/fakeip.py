@@ -17,6 +17,15 @@ against a crash of the process; power failure may lose the last few).
 Recency updates from lookups are batched, because they only steer which
 mapping is recycled first.
 
+A journal that cannot be written (a full disk, a file system gone read-only)
+does not stop DNS: the table in memory is the table, so names keep their
+addresses and new names get new ones; one warning says that what is given
+out meanwhile would not survive a restart. A write that works again, at
+least `RETRY_REWRITE` seconds after the last failure (each try writes the
+whole table, and a nearly full disk would otherwise have the log flap),
+rewrites the whole table, LRU order included, and one line says so; so does
+closing the store.
+
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
 gateway) are never handed out.
@@ -60,6 +69,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -72,6 +82,9 @@ from tun2sx.naming.journal import Journal, to_sqlite
 
 if TYPE_CHECKING:
     import sqlite3
+
+log = logging.getLogger("tun2sx.fakeip")
+RETRY_REWRITE = 10.0  # seconds between tries to rewrite a journal that could not be written
 
 __all__ = [
     "FakeIpFilter",
@@ -199,7 +212,10 @@ class _Pool:
         "lru",
         "network",
         "next_offset",
+<<<<<<< HEAD
         "size",
+=======
+>>>>>>> accept3
         "width",
     )
 
@@ -210,10 +226,14 @@ class _Pool:
             raise ValueError(f"fake-IP pool {network} is too small (need at least a /30 or /126)")
         self.network = network
         self.last = network.num_addresses - 2  # the all-ones address is never used
+<<<<<<< HEAD
         base = int(network.network_address)
         # For `offset_packed`: the pool as integers, no address objects.
         self.base = base
         self.size = network.num_addresses
+=======
+        self.base = base = int(network.network_address)
+>>>>>>> accept3
         self.width = len(network.network_address.packed)
         self.excluded = {
             int(ip) - base for ip in reserved if ip.version == network.version and ip in network
@@ -236,6 +256,11 @@ class _Pool:
 
     def address(self, offset: int) -> IPAddress:
         return self.network.network_address + offset
+
+    def packed(self, offset: int) -> bytes:
+        """`address(offset).packed` without the address object: a quarter of the time,
+        which a rewrite of the whole table pays once per mapping."""
+        return (self.base + offset).to_bytes(self.width, "big")
 
     def offset(self, ip: IPAddress) -> int | None:
         if ip.version != self.network.version or ip not in self.network:
@@ -300,12 +325,15 @@ class FakeIpStore:
         "_closed",
         "_db",
         "_journal",
+        "_path",
         "_pending_touch",
+        "_retry_at",
         "_shared",
         "_stats",
         "_time",
         "_touch_batch",
         "_touch_interval_ms",
+        "_unwritten",
         "errors",
         "v4",
         "v6",
@@ -348,6 +376,9 @@ class FakeIpStore:
         self._time = clock
         self._db: sqlite3.Connection | None = None
         self._journal: Journal | None = None
+        self._path = path
+        self._unwritten = False  # the journal lacks changes it could not take
+        self._retry_at = 0.0
         self.errors: tuple[type[Exception], ...] = ()
         if path == ":memory:":
             return  # the dicts are the table; nothing outlives the process
@@ -486,10 +517,7 @@ class FakeIpStore:
             return ip
         self._pending_touch.pop(ip.packed, None)
         # Pending recency updates ride along in the same write.
-        journal.append(self._pending_touch, ip.packed, key, self._clock)
-        self._pending_touch.clear()
-        if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
-            self._rewrite()
+        self._save(journal.append, self._pending_touch, ip.packed, key, self._clock)
         return ip
 
     def statistics(self) -> FakeIpStatistics:
@@ -509,9 +537,11 @@ class FakeIpStore:
         self._closed = True
         if self._journal is not None:
             try:
-                if self._pending_touch:
-                    self._journal.append_touches(self._pending_touch)
-                    self._pending_touch.clear()
+                if self._unwritten:
+                    self._retry_at = 0.0  # the last chance to catch up
+                    self._save(self._journal.append_touches, {})
+                elif self._pending_touch:
+                    self._save(self._journal.append_touches, self._pending_touch)
             finally:
                 self._journal.close()
         elif self._db is not None:
@@ -621,14 +651,56 @@ class FakeIpStore:
         if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
+<<<<<<< HEAD
         if packed is None:
             packed = pool.address(offset).packed
         self._pending_touch[packed] = self._clock
+=======
+        self._pending_touch[pool.packed(offset)] = self._clock
+>>>>>>> accept3
         if len(self._pending_touch) >= self._touch_batch:
-            journal.append_touches(self._pending_touch)
+            self._save(journal.append_touches, self._pending_touch)
+
+    def _save(self, write: Callable[..., None], *args: object) -> None:
+        """Append to the journal with `write(*args)` and rewrite it when it is due.
+
+        The pending recency updates are in the write (or were lost with it).
+        A failure is logged once and left to the next write (module docstring).
+        """
+        assert self._journal is not None
+        try:
+            write(*args)
+        except OSError as exc:
             self._pending_touch.clear()
-            if journal.needs_rewrite(self._stats.v4_mappings + self._stats.v6_mappings):
-                self._rewrite()
+            self._retry_at = self._time() + RETRY_REWRITE
+            self._failed(exc)
+            return
+        self._pending_touch.clear()
+        live = self._stats.v4_mappings + self._stats.v6_mappings
+        if self._unwritten:
+            if self._time() < self._retry_at:
+                return
+        elif not self._journal.needs_rewrite(live):
+            return
+        try:
+            self._rewrite()
+        except OSError as exc:
+            self._retry_at = self._time() + RETRY_REWRITE
+            self._failed(exc)
+            return
+        if self._unwritten:
+            self._unwritten = False
+            log.info("fake-IP table: %s written again, with every mapping", self._path)
+
+    def _failed(self, exc: OSError) -> None:
+        if not self._unwritten:
+            self._unwritten = True
+            log.warning(
+                "fake-IP table: cannot write %s (%s); DNS answers from memory, and names "
+                "given out until the file can be written are lost if tun2sx restarts first",
+                self._path,
+                exc.strerror or exc,
+            )
 
     def _rewrite(self) -> None:
         """Rewrite the journal as one record per mapping, in each pool's LRU order."""
@@ -636,7 +708,7 @@ class FakeIpStore:
         # The in-memory order already holds the pending uses.
         self._pending_touch.clear()
         rows = [
-            (pool.address(offset).packed, name, used)
+            (pool.packed(offset), name, used)
             for pool in (self.v4, self.v6)
             if pool is not None
             for used, (offset, name) in enumerate(pool.lru.items(), 1)
@@ -651,27 +723,27 @@ class FakeIpStore:
             The rows the current pools cannot hold.
         """
         stale: list[tuple[bytes, str]] = []
+        # By length and integer value, not ipaddress objects: at start-up
+        # with a full table those cost half of the load.
+        pools = {4: self.v4, 16: self.v6}
         for packed, name, used in rows:
             self._clock = max(self._clock, used)
-            try:
-                ip = ipaddress.ip_address(bytes(packed))
-            except ValueError:
-                stale.append((packed, name))
-                continue
-            pool = self.v4 if ip.version == 4 else self.v6
-            offset = pool.offset(ip) if pool is not None else None
-            if pool is None or offset is None or not pool.usable(offset):
+            pool = pools.get(len(packed))
+            # An offset outside the pool's network is not usable either.
+            offset = -1 if pool is None else int.from_bytes(packed, "big") - pool.base
+            if pool is None or not pool.usable(offset):
                 stale.append((packed, name))  # The pool or the reserved list changed.
                 continue
             previous = pool.by_name.get(name)
             if previous is not None:
                 # Rows come oldest first, so the newer mapping wins.
                 del pool.lru[previous]
-                stale.append((pool.address(previous).packed, name))
+                stale.append((pool.packed(previous), name))
                 self._count(pool, -1)
             pool.lru[offset] = name
             pool.by_name[name] = offset
-            pool.next_offset = max(pool.next_offset, offset + 1)
+            if offset >= pool.next_offset:
+                pool.next_offset = offset + 1
             self._count(pool, +1)
         return stale
 

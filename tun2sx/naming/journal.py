@@ -39,6 +39,7 @@ one table through SQLite, turn a journal back into a database
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -123,9 +124,16 @@ def _replace(path: str, rows: Iterable[Row]) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        # On a full disk a half-written copy would hold on to the space.
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _sync_directory(path)
 
 
@@ -220,7 +228,9 @@ class Journal:
         written = os.write(self._fd, data)
         if written != len(data):
             os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
-            raise OSError(f"{self._path}: short write ({written} of {len(data)} bytes)")
+            # The full disk's own errno: the next write would have failed with it.
+            reason = f"{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)"
+            raise OSError(errno.ENOSPC, reason, self._path)
 
 
 def _read_all(fd: int) -> bytes:

@@ -209,6 +209,126 @@ def test_mistakes_are_one_line_naming_the_key(tmp_path: Path, document: str, mes
     assert "TopSecretPw" not in text
 
 
+GROUP = (
+    '[outbounds.p]\nurl = "socks5://10.0.0.2:1080"\n'
+    '[groups.g]\nmembers = ["p", "DIRECT"]\nurl = "http://www.gstatic.com/generate_204"\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        # What a Clash/mihomo proxy-group (interval in seconds, tolerance in
+        # ms) or a sing-box urltest ("3m", "50ms") becomes, written in seconds.
+        (
+            'outbound = "g"\n' + GROUP + 'type = "url-test"\ninterval = 300\ntimeout = 5\n'
+            "tolerance = 50",
+            (300.0, 5.0, 50),
+        ),
+        ('outbound = "g"\n' + GROUP + 'type = "url-test"\ninterval = 600', (600.0, 5.0, 50)),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "fallback"\ninterval = 180\ntimeout = 2.5',
+            (180.0, 2.5, 50),
+        ),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "load-balance"\ninterval = 3600\ntimeout = 10',
+            (3600.0, 10.0, 50),
+        ),
+        ('outbound = "g"\n' + GROUP + 'type = "url-test"\ntolerance = 150', (300.0, 5.0, 150)),
+    ],
+)
+def test_group_times_other_tools_use_are_accepted(
+    tmp_path: Path, document: str, expected: tuple[float, float, int]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(document + "\n")
+    (group,) = load_config(path).groups
+    assert (group.interval, group.timeout, group.tolerance) == expected
+
+
+def test_common_time_outs_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'outbound = "DIRECT"\nconnect_timeout = 30\nudp_timeout = 300\n[stats]\ninterval = 60\n'
+    )
+    settings = load_config(path)
+    assert (settings.connect_timeout, settings.udp_timeout, settings.stats_interval) == (
+        30,
+        300,
+        60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        # Milliseconds where seconds are meant (Clash's health-check timeout
+        # is in ms), seconds where milliseconds are, sing-box's strings.
+        (
+            'outbound = "g"\n' + GROUP + 'type = "fallback"\ntimeout = 5000',
+            "groups.g.timeout: 0.1 to 60 seconds, got 5000 (if that is milliseconds, write 5)",
+        ),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "fallback"\ninterval = 300000',
+            "groups.g.interval: 1 to 86400 seconds, got 300000 (if that is milliseconds, "
+            "write 300)",
+        ),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "fallback"\ninterval = "3m"',
+            'groups.g.interval: expected a number of seconds, got "3m" (write 180)',
+        ),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "url-test"\ntolerance = 0.05',
+            "groups.g.tolerance: expected whole milliseconds, got 0.05 (if that is seconds, "
+            "write 50)",
+        ),
+        (
+            'outbound = "g"\n' + GROUP + 'type = "url-test"\ntolerance = "50ms"',
+            'groups.g.tolerance: expected whole milliseconds, got "50ms" (write 50)',
+        ),
+        (
+            'outbound = "DIRECT"\nconnect_timeout = 5000',
+            "connect_timeout: 0.1 to 600 seconds, got 5000 (if that is milliseconds, write 5)",
+        ),
+        (
+            'outbound = "DIRECT"\nconnect_timeout = "10s"',
+            'connect_timeout: expected a number of seconds, got "10s" (write 10)',
+        ),
+        (
+            'outbound = "DIRECT"\nudp_timeout = 300000',
+            "udp_timeout: 1 to 86400 seconds, got 300000 (if that is milliseconds, write 300)",
+        ),
+        (
+            'outbound = "DIRECT"\n[stats]\ninterval = 300000',
+            "stats.interval: 0 (no summary lines) or 1 to 86400 seconds, got 300000 "
+            "(if that is milliseconds, write 300)",
+        ),
+        # No guess where none fits the range.
+        ('outbound = "DIRECT"\nudp_timeout = 0.5', "udp_timeout: 1 to 86400 seconds, got 0.5"),
+    ],
+)
+def test_a_time_in_the_wrong_unit_says_what_to_write(
+    tmp_path: Path, document: str, message: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(document + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}"
+
+
+def test_the_flags_name_the_unit_too() -> None:
+    parser = build_parser()
+    args = parser.parse_args(
+        ["--tun", "t0", "--socks", "127.0.0.1:1080", "--connect-timeout", "5000"]
+    )
+    with pytest.raises(ConfigError) as info:
+        settings_from_args(args)
+    assert str(info.value) == (
+        "--connect-timeout: 0.1 to 600 seconds, got 5000 (if that is milliseconds, write 5)"
+    )
+
+
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         load_config(tmp_path / "missing.toml")

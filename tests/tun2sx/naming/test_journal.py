@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -86,6 +90,72 @@ def test_superseded_records_are_rewritten_away(
     assert again.allocate("sixth", V4) == ip("10.99.0.6")
     assert again.allocate("seventh", V4) == first[0]  # recycled: still the oldest
     again.close()
+
+
+# The kernel refuses writes past RLIMIT_FSIZE (EFBIG) as it refuses them on a
+# full disk (ENOSPC): the same short or failed `write`, without a full disk.
+# A child process, so that no other file of the test run meets the limit.
+FULL_DISK = textwrap.dedent(
+    """
+    import json, logging, os, resource, signal, socket, sys
+    from tun2sx.naming import journal
+    from tun2sx.naming.fakeip import FakeIpStore
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    journal.SLACK = 8
+    path = sys.argv[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    now = [0.0]
+    store = FakeIpStore(
+        path, v4_pool="10.99.0.0/24", v6_pool=None, touch_batch=4, clock=lambda: now[0]
+    )
+    before = {f"old{i}": str(store.allocate(f"old{i}", socket.AF_INET)) for i in range(20)}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    size = len(open(path, "rb").read())
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))  # not a byte more
+    known = {name: str(store.allocate(name, socket.AF_INET)) for name in list(before) * 3}
+    during = {f"new{i}": str(store.allocate(f"new{i}", socket.AF_INET)) for i in range(40)}
+    # Room for a few records but not for a copy of the table: the rewrite
+    # that would catch up fails, and leaves no half copy behind.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 200, hard))
+    now[0] += 60
+    during.update({f"mid{i}": str(store.allocate(f"mid{i}", socket.AF_INET)) for i in range(3)})
+    files = sorted(os.listdir(os.path.dirname(path)))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+    now[0] += 60
+    after = {"later": str(store.allocate("later", socket.AF_INET))}
+    store.close()
+    print(json.dumps([before, known, during, after, files]))
+    """
+)
+
+
+def test_a_full_disk_keeps_answers_and_the_file_catches_up(tmp_path: Path) -> None:
+    path = tmp_path / "fakeip"
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    before, known, during, after, files = json.loads(child.stdout)
+    # While the file cannot grow, names keep their addresses and new names
+    # get one each (DNS answers instead of failing)...
+    assert known == before
+    assert len(set(during.values()) | set(before.values())) == 63
+    assert files == ["fakeip"]  # the failed rewrite's copy is gone
+    # ...one warning says so, and one line when writing works again.
+    assert child.stderr.count("cannot write") == 1, child.stderr
+    assert child.stderr.count("written again") == 1, child.stderr
+    assert "Traceback" not in child.stderr
+    # Once it can, the file catches up: a restart knows every name.
+    again = FakeIpStore(str(path), v4_pool="10.99.0.0/24", v6_pool=None)
+    for name, address in {**before, **during, **after}.items():
+        assert again.lookup_ip(ip(address)) == name
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakeip"]  # no temporary file left
 
 
 def test_an_sqlite_table_is_migrated_once(tmp_path: Path) -> None:
