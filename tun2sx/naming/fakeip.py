@@ -212,10 +212,7 @@ class _Pool:
         "lru",
         "network",
         "next_offset",
-<<<<<<< HEAD
         "size",
-=======
->>>>>>> accept3
         "width",
     )
 
@@ -226,14 +223,10 @@ class _Pool:
             raise ValueError(f"fake-IP pool {network} is too small (need at least a /30 or /126)")
         self.network = network
         self.last = network.num_addresses - 2  # the all-ones address is never used
-<<<<<<< HEAD
         base = int(network.network_address)
         # For `offset_packed`: the pool as integers, no address objects.
         self.base = base
         self.size = network.num_addresses
-=======
-        self.base = base = int(network.network_address)
->>>>>>> accept3
         self.width = len(network.network_address.packed)
         self.excluded = {
             int(ip) - base for ip in reserved if ip.version == network.version and ip in network
@@ -651,13 +644,9 @@ class FakeIpStore:
         if journal is None:
             return  # the LRU order is all the recency there is
         self._clock += 1
-<<<<<<< HEAD
         if packed is None:
-            packed = pool.address(offset).packed
+            packed = pool.packed(offset)
         self._pending_touch[packed] = self._clock
-=======
-        self._pending_touch[pool.packed(offset)] = self._clock
->>>>>>> accept3
         if len(self._pending_touch) >= self._touch_batch:
             self._save(journal.append_touches, self._pending_touch)
 

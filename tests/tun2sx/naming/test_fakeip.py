@@ -187,7 +187,6 @@ def test_filter_rejects_empty_patterns() -> None:
             FakeIpFilter([bad])
 
 
-<<<<<<< HEAD
 @st.composite
 def _pool_and_addresses(draw: st.DrawFn) -> tuple[str, list[bytes]]:
     """A pool (v4 or v6) and packet-field addresses in, around and outside it."""
@@ -224,11 +223,11 @@ def test_lookup_on_packet_bytes_agrees_with_address_objects(
         inside = ip.version == net.version and ip in net
         assert store.contains_packed(packed) == inside
         assert store.lookup_packed(packed) == (handed.get(ip) if inside else None)
-=======
+
+
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**128 - 1))
 def test_a_pools_packed_address_is_the_address_packed(v4: int, v6: int) -> None:
     for network in ("10.0.0.0/8", "198.18.0.0/15", "fc00::/18", "fd00::/124"):
         pool = _Pool(ipaddress.ip_network(network), set())
         offset = (v4 if pool.width == 4 else v6) % pool.network.num_addresses
         assert pool.packed(offset) == pool.address(offset).packed
->>>>>>> accept3
