@@ -56,7 +56,14 @@ from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
 from tun2sx.dataplane.tun import DEFAULT_TXQUEUELEN, TunDevice, TunError, adopt_tun, open_tun
 from tun2sx.naming.dns import FakeDns
-from tun2sx.naming.fakeip import FakeIpFilter, FakeIpStore, FakeIpStoreError, pool_capacity
+from tun2sx.naming.fakeip import (
+    FakeIpFilter,
+    FakeIpStore,
+    FakeIpStoreError,
+    TableInUseError,
+    pool_capacity,
+)
+from tun2sx.naming.journal import lock_table
 from tun2sx.naming.router import (
     BUILTIN_TARGETS,
     DIRECT,
@@ -586,6 +593,41 @@ def _check_pools(settings: Settings) -> None:
             )
 
 
+def _table_in_use(path: str) -> ConfigError:
+    return ConfigError(
+        f"fake_ip_db: {path} is in use by another tun2sx (it holds {path}.lock); "
+        f"stop that one, or give each its own fake_ip_db (--fake-ip-db)"
+    )
+
+
+def lock_fake_ip_table(settings: Settings) -> int | None:
+    """The workers' parent's shared lock on the fake-IP table's file.
+
+    Taken before the TUN is opened, so that a table a single tun2sx keeps
+    is refused in one line with nothing set up; the workers inherit it, and
+    while the parent (or any worker) lives, no single process migrates the
+    database away (tun2sx.naming.journal.lock_table).
+
+    Returns:
+        The descriptor to close at exit, or None (no table file, or a
+        directory where the lock file cannot be made).
+
+    Raises:
+        ConfigError: another tun2sx keeps the table as a single process.
+    """
+    path = settings.fake_ip_db
+    if not settings.fake_ip or path == ":memory:":
+        return None
+    # The state directory, made on first start as _fake_ip_store would;
+    # where that fails, the store's own line says why.
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    try:
+        return lock_table(path, shared=True)
+    except TableInUseError:
+        raise _table_in_use(path) from None
+
+
 def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeDns]:
     v4, v6 = settings.fake_ip_range, settings.fake_ip_range6
     path = settings.fake_ip_db
@@ -600,6 +642,8 @@ def _fake_ip_store(settings: Settings, shared: bool) -> tuple[FakeIpStore, FakeD
             reserved=own_addresses(settings),
             shared=shared,
         )
+    except TableInUseError:
+        raise _table_in_use(path) from None
     except (OSError, FakeIpStoreError) as exc:
         hint = ""
         if os.geteuid() != 0:

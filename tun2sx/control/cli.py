@@ -43,6 +43,7 @@ from tun2sx.control.app import (
     ConfigError,
     Settings,
     check_settings,
+    lock_fake_ip_table,
     missing_interface,
     serve,
 )
@@ -461,7 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tun2sx.control.workers import run_workers
 
         worker = functools.partial(serve_worker, source=source)
-        return _reporting_errors(lambda: run_workers(settings, worker))
+        return _reporting_errors(
+            lambda: _with_table_lock(settings, lambda: run_workers(settings, worker))
+        )
     return _reporting_errors(lambda: trio.run(functools.partial(serve, settings, source=source)))
 
 
@@ -479,6 +482,16 @@ def serve_worker(
             )
         )
     )
+
+
+def _with_table_lock(settings: Settings, run: Callable[[], int]) -> int:
+    """Run the workers holding the fake-IP table's shared lock throughout."""
+    lock = lock_fake_ip_table(settings)
+    try:
+        return run()
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _reporting_errors(run: Callable[[], int | None]) -> int:

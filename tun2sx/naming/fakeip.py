@@ -70,6 +70,7 @@ import collections
 import contextlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import time
@@ -78,7 +79,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from tun2sx.naming.journal import Journal, to_sqlite
+from tun2sx.naming.journal import Journal, TableInUseError, lock_table, to_sqlite
 
 if TYPE_CHECKING:
     import sqlite3
@@ -91,6 +92,7 @@ __all__ = [
     "FakeIpStatistics",
     "FakeIpStore",
     "FakeIpStoreError",
+    "TableInUseError",
     "normalize_name",
     "pool_capacity",
 ]
@@ -318,6 +320,7 @@ class FakeIpStore:
         "_closed",
         "_db",
         "_journal",
+        "_lock",
         "_path",
         "_pending_touch",
         "_retry_at",
@@ -369,12 +372,24 @@ class FakeIpStore:
         self._time = clock
         self._db: sqlite3.Connection | None = None
         self._journal: Journal | None = None
+        self._lock: int | None = None
         self._path = path
         self._unwritten = False  # the journal lacks changes it could not take
         self._retry_at = 0.0
         self.errors: tuple[type[Exception], ...] = ()
         if path == ":memory:":
             return  # the dicts are the table; nothing outlives the process
+        # Before the file is read: a refused store must not migrate or
+        # rewrite what another process is using.
+        self._lock = lock_table(path, shared=shared)
+        try:
+            self._open(path, shared)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, path: str, shared: bool) -> None:
+        """Open the table's file, converting it to this mode's kind first."""
         if not shared:
             self._open_journal(path)
             return
@@ -537,8 +552,17 @@ class FakeIpStore:
                     self._save(self._journal.append_touches, self._pending_touch)
             finally:
                 self._journal.close()
-        elif self._db is not None:
-            self._db.close()
+                self._release()
+        else:
+            if self._db is not None:
+                self._db.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Give up the table's lock (after the last write)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # --- internals --------------------------------------------------------------
 

@@ -45,7 +45,15 @@ import os
 import struct
 from collections.abc import Iterable
 
-__all__ = ["SLACK", "SQLITE_MAGIC", "Journal", "JournalError", "to_sqlite"]
+__all__ = [
+    "SLACK",
+    "SQLITE_MAGIC",
+    "Journal",
+    "JournalError",
+    "TableInUseError",
+    "lock_table",
+    "to_sqlite",
+]
 
 MAGIC = b"tun2sx fake-ip journal 1\n"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -60,6 +68,49 @@ Row = tuple[bytes, str, int]  # packed address, name, last use
 
 class JournalError(OSError):
     """The file is neither a journal nor an SQLite database of the table."""
+
+
+class TableInUseError(OSError):
+    """Another process holds the table's lock in a way this one cannot share."""
+
+
+def lock_table(path: str, *, shared: bool) -> int | None:
+    """Take the advisory lock of the table at `path`, on `<path>.lock`.
+
+    The lock lives in a file of its own because the table's file does not
+    keep its inode: a rewrite or a migration renames a new file over it.
+    A single process takes the lock exclusively (its table is in memory, a
+    second one would append to a file the first has replaced); workers take
+    it shared (SQLite makes their writes safe against each other, and the
+    parent's shared lock, inherited by the workers, keeps a single process
+    from migrating the database away under them). The kernel drops an
+    `flock` with the last descriptor of it, so a killed process leaves none.
+
+    Returns:
+        The descriptor holding the lock (close it to release), or None when
+        the lock file can be neither created nor opened (a read-only
+        directory): the table is then used without one, as before locks.
+
+    Raises:
+        TableInUseError: another process holds a lock that excludes this one.
+    """
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        try:  # a lock file left in a directory that has since become read-only
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TableInUseError(errno.EBUSY, "in use by another tun2sx", path) from None
+    except OSError:
+        os.close(fd)  # a file system without flock: as without a lock file
+        return None
+    return fd
 
 
 def _record(kind: int, packed: bytes, name: bytes, used: int) -> bytes:

@@ -31,17 +31,36 @@ def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
 
+# Allocates two names in argv[1] and dies by SIGKILL: no close, no flush.
+CRASH = textwrap.dedent(
+    """
+    import os, signal, socket, sys
+    from tun2sx.naming.fakeip import FakeIpStore
+    store = FakeIpStore(sys.argv[1], v4_pool="10.99.0.0/28", v6_pool="fd00::/124", touch_batch=3)
+    a = store.allocate("a.example", socket.AF_INET)
+    b = store.allocate("b.example", socket.AF_INET6)
+    print(a, b, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
 def test_a_new_file_is_a_journal_and_survives_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "fakeip.sqlite"
-    store = FakeIpStore(str(path), **SMALL)
-    a = store.allocate("a.example", V4)
-    b = store.allocate("b.example", V6)
-    # No close: a crashed process leaves what it wrote, and allocations are written at once.
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == -9, child.stderr
+    a, b = map(ip, child.stdout.split())
+    # A crashed process leaves what it wrote: allocations are written at once.
     again = FakeIpStore(str(path), **SMALL)
     assert path.read_bytes().startswith(journal.MAGIC)
     assert (again.lookup_ip(a), again.lookup_ip(b)) == ("a.example", "b.example")
     again.close()
-    store.close()
 
 
 def test_a_torn_last_record_is_dropped_and_the_rest_kept(tmp_path: Path) -> None:
@@ -145,7 +164,7 @@ def test_a_full_disk_keeps_answers_and_the_file_catches_up(tmp_path: Path) -> No
     # get one each (DNS answers instead of failing)...
     assert known == before
     assert len(set(during.values()) | set(before.values())) == 63
-    assert files == ["fakeip"]  # the failed rewrite's copy is gone
+    assert files == ["fakeip", "fakeip.lock"]  # the failed rewrite's copy is gone
     # ...one warning says so, and one line when writing works again.
     assert child.stderr.count("cannot write") == 1, child.stderr
     assert child.stderr.count("written again") == 1, child.stderr
@@ -155,7 +174,8 @@ def test_a_full_disk_keeps_answers_and_the_file_catches_up(tmp_path: Path) -> No
     for name, address in {**before, **during, **after}.items():
         assert again.lookup_ip(ip(address)) == name
     again.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakeip"]  # no temporary file left
+    # No temporary file left; the lock file stays (removing it would race).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakeip", "fakeip.lock"]
 
 
 def test_an_sqlite_table_is_migrated_once(tmp_path: Path) -> None:
