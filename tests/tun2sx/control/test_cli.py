@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.support import require_binary
 from tun2sx.control.cli import build_parser, main, parse_endpoint, settings_from_args
+from tun2sx.naming.fakeip import FakeIpStore
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -150,6 +152,29 @@ def test_check_config_says_ok_and_exits_0(
     config.write_text(GOOD)
     assert main(["check-config", str(config)]) == 0
     assert capsys.readouterr() == ("ok\n", "")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_check_config_neither_takes_nor_minds_the_tables_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(GOOD)
+    table = tmp_path / "state" / "fakeip"
+    flags = ["--fake-ip-db", str(table), "--workers", workers]
+    # A table nobody uses: checking makes no file, lock file included.
+    assert main(["check-config", str(config), *flags]) == 0
+    assert not (tmp_path / "state").exists()
+    # A table a running tun2sx holds: the check says what a start would
+    # say once that one has stopped, and leaves the file alone.
+    table.parent.mkdir()
+    running = FakeIpStore(str(table))
+    running.allocate("a.example", socket.AF_INET)
+    before = table.read_bytes()
+    assert main(["check-config", str(config), *flags]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ok", "ok"]
+    assert table.read_bytes() == before
+    running.close()
 
 
 @pytest.mark.parametrize(
