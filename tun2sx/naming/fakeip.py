@@ -26,6 +26,12 @@ whole table, and a nearly full disk would otherwise have the log flap),
 rewrites the whole table, LRU order included, and one line says so; so does
 closing the store.
 
+One file has one user: before reading it, a store takes an `flock` on
+`<path>.lock` (tun2sx.naming.journal.lock_table), exclusive for a single
+process and shared for workers, and is refused (`TableInUseError`, the file
+untouched) when another tun2sx holds it in a way that excludes it. Closing
+the store, or the end of the process, releases it.
+
 When a pool is full the least recently used mapping is recycled. The network
 address, the last (broadcast-like) address and any reserved address (the TUN
 gateway) are never handed out.
