@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from tun2sx.naming import journal
 from tun2sx.naming.fakeip import FakeIpStore, TableInUseError
 
 V4 = socket.AF_INET
+Holder = Callable[[Path, str], "subprocess.Popen[str]"]
 SMALL = {"v4_pool": "10.99.0.0/28", "v6_pool": "fd00::/124"}
 
 # Another process keeps a store open on argv[1] (shared if argv[2] says so)
@@ -44,7 +45,7 @@ def snapshot(path: Path) -> tuple[bytes, int, int]:
 
 
 @pytest.fixture
-def holder(tmp_path: Path) -> Iterator[object]:
+def holder() -> Iterator[Holder]:
     children: list[subprocess.Popen[str]] = []
 
     def start(path: Path, mode: str) -> subprocess.Popen[str]:
@@ -101,10 +102,10 @@ def test_the_lock_file_sits_beside_the_table_and_outlives_rewrites(tmp_path: Pat
 
 
 def test_another_process_holding_the_table_refuses_until_it_is_killed(
-    tmp_path: Path, holder: object
+    tmp_path: Path, holder: Holder
 ) -> None:
     path = tmp_path / "fakeip"
-    child = holder(path, "single")  # type: ignore[operator]
+    child = holder(path, "single")
     before = snapshot(path)
     with pytest.raises(TableInUseError):
         FakeIpStore(str(path), **SMALL)
@@ -120,10 +121,10 @@ def test_another_process_holding_the_table_refuses_until_it_is_killed(
 
 
 def test_a_single_process_does_not_migrate_the_workers_database(
-    tmp_path: Path, holder: object
+    tmp_path: Path, holder: Holder
 ) -> None:
     path = tmp_path / "fakeip"
-    holder(path, "shared")  # type: ignore[operator]
+    holder(path, "shared")
     assert path.read_bytes().startswith(journal.SQLITE_MAGIC)
     before = snapshot(path)
     with pytest.raises(TableInUseError):
@@ -137,9 +138,9 @@ def test_a_single_process_does_not_migrate_the_workers_database(
         assert db.execute("SELECT name FROM mapping").fetchall() == [("held.example",)]
 
 
-def test_workers_do_not_convert_a_single_process_journal(tmp_path: Path, holder: object) -> None:
+def test_workers_do_not_convert_a_single_process_journal(tmp_path: Path, holder: Holder) -> None:
     path = tmp_path / "fakeip"
-    holder(path, "single")  # type: ignore[operator]
+    holder(path, "single")
     before = snapshot(path)
     with pytest.raises(TableInUseError):
         FakeIpStore(str(path), **SMALL, shared=True)
@@ -177,8 +178,8 @@ def test_a_lock_file_that_cannot_be_made_leaves_the_table_unlocked(
     assert not (tmp_path / "fakeip.lock").exists()
 
 
-def test_memory_tables_take_no_lock(tmp_path: Path) -> None:
-    os.chdir(tmp_path)
+def test_memory_tables_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     first, second = FakeIpStore(**SMALL), FakeIpStore(**SMALL)
     first.close()
     second.close()
