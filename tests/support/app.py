@@ -167,6 +167,9 @@ class MemoryTun:
     def feed(self, *packets: bytes) -> None:
         self._send.send_nowait([RxPacket(memoryview(p), False) for p in packets])
 
+    def read_ready(self, limit: int = 256) -> list[RxPacket]:
+        return []  # nothing held outside read_batch
+
     async def read_batch(self, limit: int = 256) -> list[RxPacket]:
         return await self._receive.receive()
 

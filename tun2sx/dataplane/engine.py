@@ -50,7 +50,8 @@ class Engine:
     """Drives a `NetStack` from a TUN device and runs the flows.
 
     Args:
-        device: the TUN device (or anything with `read_batch` and `write`).
+        device: the TUN device (or anything with `read_batch`, `read_ready`
+            and `write`).
         stack: the sans-I/O network stack.
         router: picks the outbound for each destination.
         fakeip: the fake-IP store, or None when fake-IP DNS is off.
@@ -96,8 +97,7 @@ class Engine:
         # runner, the clock); from `run` on, the clock's own method is one.
         # The engine asks several times a batch and once or twice a flush.
         self._now: Callable[[], float] = trio.current_time
-        # Stand-in devices (tests, embedders) may offer only `read_batch`.
-        self._read_ready: Callable[[], list[RxPacket]] | None = getattr(device, "read_ready", None)
+        self._read_ready: Callable[[], list[RxPacket]] = device.read_ready
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -166,8 +166,8 @@ class Engine:
         (see below).
         """
         read_ready = self._read_ready
-        if read_ready is None or self._flush_deferred:
-            return  # a stand-in device, or inside the reader's own batch
+        if self._flush_deferred:
+            return  # inside the reader's own batch
         if len(self.streams) > 1:
             # Other flows are live: what the device holds is theirs too,
             # better taken in the reader's batches (one flush for many)

@@ -202,6 +202,9 @@ class IdleDevice:
     def __init__(self) -> None:
         self.closed = False
 
+    def read_ready(self, limit: int = 256) -> list[Any]:
+        return []  # nothing held outside read_batch
+
     async def read_batch(self, limit: int = 256) -> list[Any]:
         await trio.sleep_forever()
         raise AssertionError

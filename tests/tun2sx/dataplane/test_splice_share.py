@@ -80,6 +80,9 @@ class _ScriptedTun:
         self.send, self.receive = trio.open_memory_channel[list[RxPacket]](1)
         self.written: list[object] = []
 
+    def read_ready(self, limit: int = 256) -> list[RxPacket]:
+        return []  # nothing held outside read_batch
+
     async def read_batch(self) -> list[RxPacket]:
         return await self.receive.receive()
 
