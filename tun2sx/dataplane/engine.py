@@ -223,7 +223,7 @@ class Engine:
                 await trio.lowlevel.checkpoint()
             else:
                 self._drainer = trio.lowlevel.current_task()
-                await trio.lowlevel.wait_task_rescheduled(_abort_drain)
+                await trio.lowlevel.wait_task_rescheduled(self._abort_drain)
             write = self.device.write
             for key, packets in list(queued.items()):
                 for packet in packets[:burst]:
@@ -232,6 +232,12 @@ class Engine:
                     del packets[:burst]
                 else:
                     del queued[key]
+
+    def _abort_drain(self, _: object) -> trio.lowlevel.Abort:
+        # The engine is ending: the last flush (`reset_all`) must not wake
+        # a task that is gone; it writes the queue itself.
+        self._drainer = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _write_queued(self) -> None:
         """Write the whole queue now (the engine is going away)."""
@@ -401,8 +407,3 @@ class Engine:
         stats["flows"] = stats["tcp_flows"] + stats["udp_sessions"]
         stats["drops"] = sum(value for key, value in stats.items() if "drops" in key)
         return stats
-
-
-def _abort_drain(_: object) -> trio.lowlevel.Abort:
-    # Only the engine's nursery cancels the drain task, when it ends.
-    return trio.lowlevel.Abort.SUCCEEDED

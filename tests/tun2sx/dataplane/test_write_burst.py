@@ -158,3 +158,20 @@ async def test_stopping_the_engine_writes_what_is_queued(
             engine.flush()
             scope.cancel()
     assert device.written == bulk
+
+
+async def test_a_run_made_as_the_engine_stops_is_written_whole(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """What the last flush finds (the resets of every flow, data made just
+    before) goes out in full, though the drain task is gone by then."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            scope.cancel()
+    assert device.written == bulk
