@@ -430,17 +430,36 @@ class NetStack:
         MSS is below the device's comes as a `GsoPacket` naming the packet
         size to cut it into; every other packet is plain bytes.
         """
-        out = self._out
-        self._out = []
+        out: list[bytes | GsoPacket] = []
+        for _, packets in self.packets_by_flow(now):
+            out += packets
+        return out
+
+    def packets_by_flow(self, now: float) -> list[tuple[FlowKey | None, list[bytes | GsoPacket]]]:
+        """`packets_to_send`, in groups: each TCP flow's packets together,
+        under its key, and the queued UDP and ICMP packets under None.
+
+        For a writer that must not let one flow's long run of segments hold
+        up another's (tun2sx.dataplane.engine): the groups concatenated are
+        `packets_to_send`; a flow's key may come in more than one group
+        (its RST from the demultiplexer, its segments), in order.
+        """
+        groups: list[tuple[FlowKey | None, list[bytes | GsoPacket]]] = []
+        if self._out:
+            groups.append((None, self._out))
+            self._out = []
         connections = self.tcp.connections
         templates = self._templates
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
         last_key = None
+        out: list[bytes | GsoPacket] = []
         for key, hdr, payload in self.tcp.output(now):
             if key is not last_key:
                 # A connection's segments come together, with one key object.
                 last_key = key
+                out = []
+                groups.append((key, out))
                 pair = (key.remote_addr, key.app_addr)
                 found = templates.get(pair)
                 template = self._template(pair) if found is None else found
@@ -456,7 +475,7 @@ class NetStack:
                     out.append(GsoPacket(packet, limit))
                     continue
             out.append(packet)
-        return out
+        return groups
 
     def _template(self, pair: tuple[bytes, bytes]) -> TcpTemplate:
         templates = self._templates

@@ -603,3 +603,21 @@ def test_has_output_covers_queued_packets_and_held_fragments() -> None:
     assert stack.has_output()  # the echo reply is queued
     assert len(stack.packets_to_send(0.0)) >= 1
     assert not stack.has_output()
+
+
+def test_packets_by_flow_are_packets_to_send_in_groups_under_their_keys() -> None:
+    """A writer that paces one flow's run (tun2sx's engine) gets each flow's
+    packets together under its key and the rest under None; joined, the
+    groups are exactly what `packets_to_send` gives for the same state."""
+    stacks = [NetStack(CONFIG), NetStack(CONFIG)]
+    conns = [open_flow(stack, 0.0) for stack in stacks]
+    ping = build_icmp_packet(APP, REMOTE, icmp.ICMP_ECHO_REQUEST, 0, 1, b"ping")
+    for stack, conn in zip(stacks, conns, strict=True):
+        stack.packets_to_send(0.0)  # the ACK of the greeting
+        assert stack.receive(memoryview(ping), 0.0) is None  # answered by the stack
+        conn.send(bytes(range(256)) * 30)
+    groups = stacks[0].packets_by_flow(0.01)
+    assert [key for key, _ in groups] == [None, conns[0].key]
+    assert len(groups[0][1]) == 1 and len(groups[1][1]) == 10
+    assert [p for _, packets in groups for p in packets] == stacks[1].packets_to_send(0.01)
+    assert stacks[0].packets_by_flow(0.01) == []

@@ -3,10 +3,14 @@
 One reader task drains the TUN in batches and feeds the sans-I/O `NetStack`;
 after each batch it writes every packet the stack produced (so ACKs for a
 whole batch go out together) and wakes the streams whose connections
-changed. One timer task sleeps until the stack's next deadline; the deadline
-is a cancel scope that anything can pull earlier. Every TCP flow and UDP
-session is a task tree under the engine's nursery, so nothing outlives it,
-and a flow's failure ends that flow alone.
+changed. No flow writes more than `EngineConfig.write_burst` packets in one
+step: the rest of a long run waits in the engine's write queue, which a
+drain task writes a burst per flow per trio round, so the reader, the
+timers and other flows get their turns in between. One timer task sleeps
+until the stack's next deadline; the deadline is a cancel scope that
+anything can pull earlier. Every TCP flow and UDP session is a task tree
+under the engine's nursery, so nothing outlives it, and a flow's failure
+ends that flow alone.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from outbounds.base import Destination
-from stack.netstack import NetStack, UdpDatagram
-from stack.tcp import ConnectionRequest, TcpConnection
+from stack.netstack import GsoPacket, NetStack, UdpDatagram
+from stack.tcp import ConnectionRequest, FlowKey, TcpConnection
 from tun2sx.dataplane.context import UNROUTED, ConnectTimes, EngineConfig, FlowInfo, FlowRoute
 from tun2sx.dataplane.dnsserve import DnsServer
 from tun2sx.dataplane.tcpflow import TcpFlows, TcpHandler
@@ -42,8 +46,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tun2sx")
 
-# How long a batch that showed other flows moving keeps reads at the share.
+# How long a batch that showed other flows moving keeps reads at the share
+# and runs of packets in bursts.
 _CROWDED_FOR = 1.0
+_WHOLE = 1 << 62  # no burst limit
 
 
 class Engine:
@@ -92,6 +98,10 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._flush_deferred = False  # the read loop flushes at the end of its batch
+        # Packets of flows past their burst, in order, per flow; written by
+        # `_drain_loop`, which waits parked while this is empty.
+        self._queued: dict[FlowKey, list[bytes | GsoPacket]] = {}
+        self._drainer: trio.lowlevel.Task | None = None
         self._crowded_until = -math.inf  # see read_size
         # trio.current_time() is three Python calls (the run context, the
         # runner, the clock); from `run` on, the clock's own method is one.
@@ -113,6 +123,7 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._drain_loop)
             task_status.started()
             try:
                 await self._read_loop()
@@ -191,10 +202,20 @@ class Engine:
         for conn in list(self.stack.tcp.connections.values()):
             conn.abort()
         with contextlib.suppress(OSError):  # the device may already be gone
+            self._write_queued()
             self.flush()
+            self._write_queued()
 
     def flush(self) -> None:
-        """Write every packet the stack has ready, and re-arm the timer."""
+        """Write the packets the stack has ready, and re-arm the timer.
+
+        While other flows are active (see `read_size`), a flow's first
+        `write_burst` packets go now, the rest to the write queue
+        (`_drain_loop`); a flow with packets queued adds its new ones
+        behind them, so its packets leave in order. Other flows' packets,
+        and UDP and ICMP, do not wait behind the queue: a round trip beside
+        a download is one short step, not one behind the download's run.
+        """
         if self._flush_deferred:
             return
         stack = self.stack
@@ -203,11 +224,61 @@ class Engine:
             # of a short flow (a step that only read, a last ACK).
             return
         write = self.device.write
-        for packet in stack.packets_to_send(self._now()):
-            write(packet)
+        now = self._now()
+        # Alone, a flow's run goes out whole: pacing it would cost a trip
+        # through the scheduler per burst that nobody waits behind.
+        burst = self.config.write_burst if now < self._crowded_until else _WHOLE
+        queued = self._queued
+        for key, packets in stack.packets_by_flow(now):
+            if queued and key in queued:
+                queued[key] += packets
+                continue
+            if len(packets) > burst and key is not None:
+                queued[key] = packets[burst:]
+                del packets[burst:]
+            for packet in packets:
+                write(packet)
+        if queued and self._drainer is not None:
+            trio.lowlevel.reschedule(self._drainer)
+            self._drainer = None
         deadline = stack.next_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
             self._timer_scope.deadline = deadline
+
+    async def _drain_loop(self) -> None:
+        """Write the queue a burst per flow per trio round, oldest flow first."""
+        queued = self._queued
+        burst = self.config.write_burst
+        while True:
+            # Either way the others get a round first (woken, this task
+            # runs in the round after the flush that queued).
+            if queued:
+                await trio.lowlevel.checkpoint()
+            else:
+                self._drainer = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_drain)
+            write = self.device.write
+            for key, packets in list(queued.items()):
+                for packet in packets[:burst]:
+                    write(packet)
+                if len(packets) > burst:
+                    del packets[:burst]
+                else:
+                    del queued[key]
+
+    def _abort_drain(self, _: object) -> trio.lowlevel.Abort:
+        # The engine is ending: the last flush (`reset_all`) must not wake
+        # a task that is gone; it writes the queue itself.
+        self._drainer = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _write_queued(self) -> None:
+        """Write the whole queue now (the engine is going away)."""
+        write = self.device.write
+        for packets in self._queued.values():
+            for packet in packets:
+                write(packet)
+        self._queued.clear()
 
     async def _timer_loop(self) -> None:
         while True:

@@ -1,0 +1,177 @@
+"""A flow's long run of packets is written a burst per round; others' go first."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+import trio.testing
+
+from stack.tcp import FlowKey, TcpConfig, TcpConnection
+from stack.wire.tcp import SYN, TcpHeader
+from tun2sx.dataplane.context import EngineConfig
+from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.tun import RxPacket
+from tun2sx.naming.router import Router
+
+APP = socket.inet_aton("10.0.0.2")
+REMOTE = socket.inet_aton("198.51.100.7")
+BULK = FlowKey(APP, 40000, REMOTE, 5201)
+SMALL = FlowKey(APP, 40001, REMOTE, 7001)
+
+
+class _ScriptedStack:
+    """What the engine asks of a `NetStack`, with the output a test hands it."""
+
+    def __init__(self) -> None:
+        self.output: list[tuple[FlowKey | None, list[bytes]]] = []
+        self.tcp = self  # `reset_all` walks `stack.tcp.connections`
+        self.connections: dict[FlowKey, object] = {}
+
+    def give(self, key: FlowKey | None, packets: list[bytes]) -> None:
+        self.output.append((key, packets))
+
+    def has_output(self) -> bool:
+        return bool(self.output)
+
+    def packets_by_flow(self, now: float) -> list[tuple[FlowKey | None, list[bytes]]]:
+        out, self.output = self.output, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        return None
+
+    def receive_batch(self, batch: list[RxPacket], now: float) -> list[object]:
+        # Every batch carries segments of both flows: they are both active.
+        return [_connection(BULK), _connection(SMALL)] if batch else []
+
+
+def _connection(key: FlowKey) -> TcpConnection:
+    syn = TcpHeader(key.app_port, key.remote_port, 1, 0, SYN, 65535)
+    return TcpConnection(key, syn, 1000, 0.0, TcpConfig())
+
+
+class _Tun:
+    """A device that reads what the test hands it and records what is written."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.send, self.receive = trio.open_memory_channel[list[RxPacket]](1)
+
+    async def read_batch(self) -> list[RxPacket]:
+        return await self.receive.receive()
+
+    async def both_flows_move(self) -> None:
+        """A batch with segments of both flows (see `_ScriptedStack`)."""
+        await self.send.send([RxPacket(memoryview(b"segments"), False)])
+        await trio.testing.wait_all_tasks_blocked()
+
+    def write(self, packet: bytes) -> None:
+        self.written.append(packet)
+
+
+def _packets(name: str, count: int) -> list[bytes]:
+    return [f"{name}{i}".encode() for i in range(count)]
+
+
+async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A download's 10 segments: 4 leave at once, the rest in later rounds of
+    the engine; a round trip's answer made meanwhile leaves at once, not
+    behind them, and the download's own next segment waits behind its run."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk, answer = _packets("bulk", 11), b"answer"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        stack.give(BULK, bulk[:10])
+        engine.flush()
+        assert device.written == bulk[:4]
+        stack.give(SMALL, [answer])
+        stack.give(BULK, bulk[10:])
+        engine.flush()
+        assert device.written == [*bulk[:4], answer]
+        await trio.testing.wait_all_tasks_blocked()
+        assert device.written == [*bulk[:4], answer, *bulk[4:]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_run_within_the_burst_and_datagrams_leave_whole_at_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        datagrams, run = _packets("udp", 9), _packets("tcp", 4)
+        stack.give(None, list(datagrams))
+        stack.give(BULK, list(run))
+        engine.flush()
+        assert device.written == [*datagrams, *run]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flow_alone_writes_its_run_whole_and_in_bursts_once_others_move(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Pacing costs a trip through the scheduler per burst: a download with
+    nothing beside it does not pay it, and stops paying a second after the
+    others stopped moving."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        first = _packets("first", 10)
+        stack.give(BULK, list(first))
+        engine.flush()
+        assert device.written == first
+        await device.both_flows_move()
+        second = _packets("second", 10)
+        stack.give(BULK, list(second))
+        engine.flush()
+        assert device.written == [*first, *second[:4]]
+        await trio.sleep(1.5)
+        assert device.written == [*first, *second]
+        third = _packets("third", 10)
+        stack.give(BULK, list(third))
+        engine.flush()
+        assert device.written == [*first, *second, *third]
+        nursery.cancel_scope.cancel()
+
+
+async def test_stopping_the_engine_writes_what_is_queued(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The queue is written before the engine goes, in order: the resets the
+    engine sends last must not overtake a flow's data."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            scope.cancel()
+    assert device.written == bulk
+
+
+async def test_a_run_made_as_the_engine_stops_is_written_whole(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """What the last flush finds (the resets of every flow, data made just
+    before) goes out in full, though the drain task is gone by then."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            scope.cancel()
+    assert device.written == bulk
