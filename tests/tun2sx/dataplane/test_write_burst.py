@@ -58,6 +58,9 @@ class _Tun:
         self.written: list[bytes] = []
         self.send, self.receive = trio.open_memory_channel[list[RxPacket]](1)
 
+    def read_ready(self, limit: int = 256) -> list[RxPacket]:
+        return []  # nothing held outside read_batch
+
     async def read_batch(self) -> list[RxPacket]:
         return await self.receive.receive()
 
