@@ -201,10 +201,11 @@ class Engine:
         """
         for conn in list(self.stack.tcp.connections.values()):
             conn.abort()
-        with contextlib.suppress(OSError):  # the device may already be gone
-            self._write_queued()
-            self.flush()
-            self._write_queued()
+        # The device may already be gone, or refuse a packet of the queue
+        # (what ended the engine): the resets go out all the same.
+        for step in (self._write_queued, self.flush, self._write_queued):
+            with contextlib.suppress(OSError):
+                step()
 
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
@@ -259,12 +260,16 @@ class Engine:
                 await trio.lowlevel.wait_task_rescheduled(self._abort_drain)
             write = self.device.write
             for key, packets in list(queued.items()):
-                for packet in packets[:burst]:
-                    write(packet)
+                # Off the queue before it is written: if a write raises
+                # (and ends the engine), `reset_all` does not write the
+                # burst's packets a second time.
+                run = packets[:burst]
                 if len(packets) > burst:
                     del packets[:burst]
                 else:
                     del queued[key]
+                for packet in run:
+                    write(packet)
 
     def _abort_drain(self, _: object) -> trio.lowlevel.Abort:
         # The engine is ending: the last flush (`reset_all`) must not wake
@@ -275,10 +280,12 @@ class Engine:
     def _write_queued(self) -> None:
         """Write the whole queue now (the engine is going away)."""
         write = self.device.write
-        for packets in self._queued.values():
-            for packet in packets:
+        queued = self._queued
+        while queued:
+            # A flow at a time off the queue: if a write raises, the flushes
+            # after it write the other flows' packets, then their resets.
+            for packet in queued.pop(next(iter(queued))):
                 write(packet)
-        self._queued.clear()
 
     async def _timer_loop(self) -> None:
         while True:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
+import pytest
 import trio
 import trio.testing
 
@@ -26,7 +28,9 @@ class _ScriptedStack:
     def __init__(self) -> None:
         self.output: list[tuple[FlowKey | None, list[bytes]]] = []
         self.tcp = self  # `reset_all` walks `stack.tcp.connections`
-        self.connections: dict[FlowKey, object] = {}
+        self.connections: dict[FlowKey, _Connection] = {}
+        # What the stack makes when it takes the next batch (an answer).
+        self.on_read: list[tuple[FlowKey | None, list[bytes]]] = []
 
     def give(self, key: FlowKey | None, packets: list[bytes]) -> None:
         self.output.append((key, packets))
@@ -43,7 +47,19 @@ class _ScriptedStack:
 
     def receive_batch(self, batch: list[RxPacket], now: float) -> list[object]:
         # Every batch carries segments of both flows: they are both active.
+        self.output += self.on_read
+        self.on_read = []
         return [_connection(BULK), _connection(SMALL)] if batch else []
+
+
+class _Connection:
+    """A connection whose abort queues its RST, as a `TcpConnection` does."""
+
+    def __init__(self, stack: _ScriptedStack, key: FlowKey, rst: bytes) -> None:
+        self.stack, self.key, self.rst = stack, key, rst
+
+    def abort(self) -> None:
+        self.stack.give(self.key, [self.rst])
 
 
 def _connection(key: FlowKey) -> TcpConnection:
@@ -56,13 +72,17 @@ class _Tun:
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
-        self.send, self.receive = trio.open_memory_channel[list[RxPacket]](1)
+        self.send, self.receive = trio.open_memory_channel[list[RxPacket] | OSError](1)
+        self.refused: bytes | None = None  # a packet every write of which fails
 
     def read_ready(self, limit: int = 256) -> list[RxPacket]:
         return []  # nothing held outside read_batch
 
     async def read_batch(self) -> list[RxPacket]:
-        return await self.receive.receive()
+        batch = await self.receive.receive()
+        if isinstance(batch, OSError):
+            raise batch
+        return batch
 
     async def both_flows_move(self) -> None:
         """A batch with segments of both flows (see `_ScriptedStack`)."""
@@ -70,6 +90,9 @@ class _Tun:
         await trio.testing.wait_all_tasks_blocked()
 
     def write(self, packet: bytes) -> None:
+        if packet == self.refused:
+            # Not one of the errors a `TunDevice` drops and counts: it raises.
+            raise OSError(errno.EINVAL, "Invalid argument")
         self.written.append(packet)
 
 
@@ -178,3 +201,29 @@ async def test_a_run_made_as_the_engine_stops_is_written_whole(
             stack.give(BULK, list(bulk))
             scope.cancel()
     assert device.written == bulk
+
+
+async def test_a_write_that_fails_in_the_drain_ends_the_engine_with_every_flow_reset_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An error the device does not absorb ends the engine, as it does in
+    any other flush; as the engine stops, no packet the drain wrote goes
+    out twice and the flow still gets its RST, last: without it the
+    application retransmits into a TUN nobody reads until its own timeout."""
+    stack, device = _ScriptedStack(), _Tun()
+    stack.connections[BULK] = _Connection(stack, BULK, b"rst")
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    device.refused = bulk[6]
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            await trio.sleep_forever()
+    assert raised.value.subgroup(lambda e: getattr(e, "errno", None) == errno.EINVAL)
+    written = device.written
+    assert len(set(written)) == len(written), written
+    assert written[-1] == b"rst"
+    assert written[:-1] == [p for p in bulk if p in written]  # in order
