@@ -13,7 +13,7 @@ from stack.tcp import FlowKey, TcpConfig, TcpConnection
 from stack.wire.tcp import SYN, TcpHeader
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import RxPacket
+from tun2sx.dataplane.tun import RxPacket, TunError
 from tun2sx.naming.router import Router
 
 APP = socket.inet_aton("10.0.0.2")
@@ -227,3 +227,106 @@ async def test_a_write_that_fails_in_the_drain_ends_the_engine_with_every_flow_r
     assert len(set(written)) == len(written), written
     assert written[-1] == b"rst"
     assert written[:-1] == [p for p in bulk if p in written]  # in order
+
+
+async def test_flows_with_queues_take_turns_a_burst_each(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two downloads' runs: a burst of each per round, the older flow
+    first, so neither waits for the other's whole run."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    first, second = _packets("a", 10), _packets("b", 10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        stack.give(BULK, list(first))
+        stack.give(SMALL, list(second))
+        engine.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        assert device.written == [
+            *first[:4],
+            *second[:4],
+            *first[4:8],
+            *second[4:8],
+            *first[8:],
+            *second[8:],
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_reader_takes_a_batch_and_answers_while_a_run_drains(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The drain writes a burst and lets the others run: a batch that
+    arrives while a long run drains is answered before the run's end, and
+    a datagram made meanwhile does not wait behind it."""
+    stack, device = _ScriptedStack(), _ArrivingTun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 40)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        stack.give(BULK, list(bulk))
+        engine.flush()
+        stack.give(None, [b"datagram"])
+        engine.flush()
+        assert device.written == [*bulk[:4], b"datagram"]
+        # A request arrives as the drain writes the run's ninth packet.
+        stack.on_read = [(SMALL, [b"answer"])]
+        device.arrives_after = bulk[8]
+        await trio.testing.wait_all_tasks_blocked()
+        written = device.written
+        assert [p for p in written if p.startswith(b"bulk")] == bulk
+        assert written.index(b"answer") < written.index(bulk[-1])
+        nursery.cancel_scope.cancel()
+
+
+class _ArrivingTun(_Tun):
+    """A batch becomes readable right after a given packet is written."""
+
+    arrives_after: bytes | None = None
+
+    def write(self, packet: bytes) -> None:
+        super().write(packet)
+        if packet == self.arrives_after:
+            self.send.send_nowait([RxPacket(memoryview(b"request"), False)])
+
+
+async def test_a_flow_reset_as_the_engine_stops_gets_its_queued_data_then_its_rst(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The engine's own RST of a flow goes behind the flow's queued data,
+    as a reset leaves behind what the kernel already handed to its device:
+    the application reads what was sent, then sees the reset."""
+    stack, device = _ScriptedStack(), _Tun()
+    stack.connections[BULK] = _Connection(stack, BULK, b"rst")
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            scope.cancel()
+    assert device.written == [*bulk, b"rst"]
+
+
+async def test_a_tun_that_fails_ends_the_engine_after_the_queue_and_the_resets(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    stack, device = _ScriptedStack(), _Tun()
+    stack.connections[BULK] = _Connection(stack, BULK, b"rst")
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            await device.send.send(TunError("TUN device is gone"))
+            await trio.sleep_forever()
+    assert raised.value.subgroup(lambda e: isinstance(e, TunError))
+    assert device.written == [*bulk, b"rst"]
