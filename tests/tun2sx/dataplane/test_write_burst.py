@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -13,7 +14,7 @@ from stack.tcp import FlowKey, TcpConfig, TcpConnection
 from stack.wire.tcp import SYN, TcpHeader
 from tun2sx.dataplane.context import EngineConfig
 from tun2sx.dataplane.engine import Engine
-from tun2sx.dataplane.tun import RxPacket, TunError
+from tun2sx.dataplane.tun import RxPacket, TunDevice, TunError
 from tun2sx.naming.router import Router
 
 APP = socket.inet_aton("10.0.0.2")
@@ -330,3 +331,40 @@ async def test_a_tun_that_fails_ends_the_engine_after_the_queue_and_the_resets(
             await trio.sleep_forever()
     assert raised.value.subgroup(lambda e: isinstance(e, TunError))
     assert device.written == [*bulk, b"rst"]
+
+
+async def test_a_full_device_queue_drops_queued_packets_and_the_engine_goes_on(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A `TunDevice` whose queue is full drops and counts what the drain
+    writes into it, as any write; every packet is either written once, in
+    order, or counted as dropped, and the engine keeps serving."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False)
+    stack = _ScriptedStack()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    bulk = [b"%04d" % i + b"b" * 1000 for i in range(1000)]  # more than the pair holds
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            theirs.send(b"segments")  # both flows move (see `_ScriptedStack`)
+            await trio.testing.wait_all_tasks_blocked()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.statistics_tx_drops > 0
+            assert device.tx_packets + device.statistics_tx_drops == len(bulk)
+            theirs.setblocking(False)
+            received = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    received.append(theirs.recv(2000))
+            assert len(received) == device.tx_packets
+            assert received == [p for p in bulk if p in set(received)]  # in order
+            stack.give(SMALL, [b"answer"])
+            engine.flush()
+            assert theirs.recv(2000) == b"answer"
+            nursery.cancel_scope.cancel()
+    finally:
+        device.close()
+        theirs.close()
