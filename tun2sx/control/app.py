@@ -104,6 +104,10 @@ MAX_WORKERS = 256
 # Bounds of the queue and buffer sizes: below, a burst of a few dozen
 # datagrams already overflows; above, a typo pins gigabytes.
 MAX_TXQUEUELEN = 1_000_000
+# A flow's packets written in one step while others are active (0: whole
+# runs, as when it is alone); docs/architecture.md, "writes in bursts".
+DEFAULT_WRITE_BURST = 32
+MAX_WRITE_BURST = 65536
 MIN_UDP_BUFFER = 64 * 1024
 MAX_UDP_BUFFER = 1 << 30
 # Longer than this, a flow the sniffer cannot read would wait visibly.
@@ -215,6 +219,7 @@ class Settings:
     auto_route: bool = False
     workers: int = 1
     tun_txqueuelen: int = DEFAULT_TXQUEUELEN
+    tun_write_burst: int = DEFAULT_WRITE_BURST
     udp_buffer: int = DEFAULT_UDP_BUFFER
     trust_local_checksums: bool = False
     sniff: SniffMode = "route"
@@ -395,6 +400,7 @@ def engine_config(settings: Settings, device: TunDevice, router: Router) -> Engi
         dns_addresses=frozenset(ip.packed for ip in own_addresses(settings)),
         dns_upstream=settings.dns_upstream,
         splice_share=splice_share(device.mtu, offload=device.offload),
+        write_burst=settings.tun_write_burst,
         sniff=sniff_config(settings, router),
     )
 
@@ -474,6 +480,13 @@ def check_queues(settings: Settings) -> None:
     if not 1 <= settings.tun_txqueuelen <= MAX_TXQUEUELEN:
         raise ConfigError(
             f"tun_txqueuelen: {settings.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
+        )
+    burst = settings.tun_write_burst
+    if isinstance(burst, bool) or not isinstance(burst, int):
+        raise ConfigError(f"tun_write_burst: expected an integer, got {burst!r}")
+    if not 0 <= burst <= MAX_WRITE_BURST:
+        raise ConfigError(
+            f"tun_write_burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} packets, got {burst}"
         )
     if isinstance(settings.udp_buffer, bool) or not isinstance(settings.udp_buffer, int):
         raise ConfigError(f"udp_buffer: expected bytes, got {settings.udp_buffer!r}")

@@ -39,6 +39,7 @@ from tun2sx.control.app import (
     DEFAULT_STATS_INTERVAL,
     MAX_TXQUEUELEN,
     MAX_UDP_BUFFER,
+    MAX_WRITE_BURST,
     MIN_UDP_BUFFER,
     ConfigError,
     Settings,
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=int,
         help="the kernel's queue of packets for tun2sx, set on --tun (default 10000)",
+    )
+    p.add_argument(
+        "--tun-write-burst",
+        metavar="N",
+        type=int,
+        help="packets a flow writes per step while other flows are active "
+        "(default 32; 0: whole runs, more throughput, slower round trips beside a download)",
     )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy without authentication")
@@ -292,6 +300,13 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
                 f"--tun-txqueuelen: {args.tun_txqueuelen} is not between 1 and {MAX_TXQUEUELEN}"
             )
         values["tun_txqueuelen"] = args.tun_txqueuelen
+    if args.tun_write_burst is not None:
+        if not 0 <= args.tun_write_burst <= MAX_WRITE_BURST:
+            raise ConfigError(
+                f"--tun-write-burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} packets, "
+                f"got {args.tun_write_burst}"
+            )
+        values["tun_write_burst"] = args.tun_write_burst
     if args.udp_buffer is not None:
         size = parse_size("--udp-buffer", args.udp_buffer)
         if size != 0 and not MIN_UDP_BUFFER <= size <= MAX_UDP_BUFFER:

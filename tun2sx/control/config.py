@@ -67,6 +67,7 @@ _TUN = {"name": "tun", "fd": "tun_fd", "mtu": "mtu", "addresses": "tun_addresses
 _TUN |= {
     "offload": "offload",
     "txqueuelen": "tun_txqueuelen",
+    "write_burst": "tun_write_burst",
     "trust_local_checksums": "trust_local_checksums",
 }
 _DNS = {
@@ -290,6 +291,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "auto_route": _boolean,
     "workers": parse_workers,
     "tun_txqueuelen": _integer,
+    "tun_write_burst": _integer,
     "udp_buffer": parse_size,
     "sniff": _string,
     "sniff_timeout": _seconds,

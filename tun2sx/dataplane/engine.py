@@ -228,7 +228,7 @@ class Engine:
         now = self._now()
         # Alone, a flow's run goes out whole: pacing it would cost a trip
         # through the scheduler per burst that nobody waits behind.
-        burst = self.config.write_burst if now < self._crowded_until else _WHOLE
+        burst = (self.config.write_burst or _WHOLE) if now < self._crowded_until else _WHOLE
         queued = self._queued
         for key, packets in stack.packets_by_flow(now):
             if queued and key in queued:
@@ -249,7 +249,6 @@ class Engine:
     async def _drain_loop(self) -> None:
         """Write the queue a burst per flow per trio round, oldest flow first."""
         queued = self._queued
-        burst = self.config.write_burst
         while True:
             # Either way the others get a round first (woken, this task
             # runs in the round after the flush that queued).
@@ -259,6 +258,8 @@ class Engine:
                 self._drainer = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_drain)
             write = self.device.write
+            # Read each round: a reload may change it (0: whole runs).
+            burst = self.config.write_burst or _WHOLE
             for key, packets in list(queued.items()):
                 # Off the queue before it is written: if a write raises
                 # (and ends the engine), `reset_all` does not write the

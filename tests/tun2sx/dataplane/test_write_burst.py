@@ -125,6 +125,30 @@ async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_burst_of_zero_writes_whole_runs_while_crowded(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """`write_burst = 0` (`tun.write_burst`): a download's run goes out in
+    the step that made it even with another flow active, and a reload
+    that sets a burst paces the next run."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=0))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 40)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        stack.give(BULK, bulk[:20])
+        engine.flush()
+        assert device.written == bulk[:20]
+        engine.config = EngineConfig(write_burst=4)  # what a reload does
+        stack.give(BULK, bulk[20:])
+        engine.flush()
+        assert device.written == bulk[:24]
+        await trio.testing.wait_all_tasks_blocked()
+        assert device.written == bulk
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_run_within_the_burst_and_datagrams_leave_whole_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
