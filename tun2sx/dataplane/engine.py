@@ -107,7 +107,6 @@ class Engine:
         # runner, the clock); from `run` on, the clock's own method is one.
         # The engine asks several times a batch and once or twice a flush.
         self._now: Callable[[], float] = trio.current_time
-        self._read_ready: Callable[[], list[RxPacket]] = device.read_ready
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -176,7 +175,6 @@ class Engine:
         level-triggered wait does not fire for it. Only for a flow alone
         (see below).
         """
-        read_ready = self._read_ready
         if self._flush_deferred:
             return  # inside the reader's own batch
         if len(self.streams) > 1:
@@ -186,7 +184,7 @@ class Engine:
             # it here cost 5-8 % more CPU per connection.
             return
         try:
-            batch = read_ready()
+            batch = self.device.read_ready()
         except TunError:
             return  # the reader meets it too, and ends the engine
         if batch:

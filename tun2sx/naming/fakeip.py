@@ -244,11 +244,7 @@ class _Pool:
             raise ValueError(f"fake-IP pool {network} has no address left after the reserved ones")
         self.next_offset = 1  # offset 0 is the network address
         # Parameters of the shared-mode range queries: first, last, blob length.
-        self.db_range = (
-            self.address(1).packed,
-            self.address(self.last).packed,
-            len(network.network_address.packed),
-        )
+        self.db_range = (self.packed(1), self.packed(self.last), self.width)
         self.lru: collections.OrderedDict[int, str] = collections.OrderedDict()
         self.by_name: dict[str, int] = {}
 
@@ -263,13 +259,9 @@ class _Pool:
         which a rewrite of the whole table pays once per mapping."""
         return (self.base + offset).to_bytes(self.width, "big")
 
-    def offset(self, ip: IPAddress) -> int | None:
-        if ip.version != self.network.version or ip not in self.network:
-            return None
-        return int(ip) - int(self.network.network_address)
-
     def offset_packed(self, packed: bytes) -> int | None:
-        """`offset` of an address given as its 4 or 16 bytes (a packet's field).
+        """The offset of an address given as its 4 or 16 bytes (a packet's
+        field), None outside the pool.
 
         A flow's destination comes as these bytes: building an address
         object for it would be most of the cost of a lookup.
@@ -529,9 +521,10 @@ class FakeIpStore:
         journal = self._journal
         if journal is None:
             return ip
-        self._pending_touch.pop(ip.packed, None)
+        packed = ip.packed
+        self._pending_touch.pop(packed, None)
         # Pending recency updates ride along in the same write.
-        self._save(journal.append, self._pending_touch, ip.packed, key, self._clock)
+        self._save(journal.append, self._pending_touch, packed, key, self._clock)
         return ip
 
     def statistics(self) -> FakeIpStatistics:
@@ -657,7 +650,7 @@ class FakeIpStore:
         highest = db.execute(_SQL_HIGHEST, pool.db_range).fetchone()
         offset = pool.fresh_after(None if highest is None else bytes(highest[0]))
         if offset is not None:
-            packed = pool.address(offset).packed
+            packed = pool.packed(offset)
         else:
             # A full pool holds at least one row, so there is an oldest.
             packed = bytes(db.execute(_SQL_OLDEST, pool.db_range).fetchone()[0])
