@@ -48,7 +48,7 @@ import attrs
 import trio
 
 from .base import Destination, FailureReply, Outbound, OutboundError, UdpSession, redact_url
-from .units import seconds_hint
+from .units import seconds_out_of_range
 
 __all__ = [
     "DEFAULT_INTERVAL",
@@ -212,19 +212,13 @@ class GroupSpec:
             parse_check_url(self.url)
         except ValueError as exc:
             raise GroupError(f"{key}.url: {exc}") from None
-        # `not low <= x <= high` refuses NaN too.
-        low, high = INTERVAL_RANGE
-        if not low <= self.interval <= high:
-            raise GroupError(
-                f"{key}.interval: {low:g} to {high:g} seconds, got {self.interval:g}"
-                + seconds_hint(self.interval, low, high)
-            )
-        low, high = TIMEOUT_RANGE
-        if not low <= self.timeout <= high:
-            raise GroupError(
-                f"{key}.timeout: {low:g} to {high:g} seconds, got {self.timeout:g}"
-                + seconds_hint(self.timeout, low, high)
-            )
+        for field, value, (low, high) in (
+            ("interval", self.interval, INTERVAL_RANGE),
+            ("timeout", self.timeout, TIMEOUT_RANGE),
+        ):
+            refusal = seconds_out_of_range(f"{key}.{field}", value, low, high)
+            if refusal is not None:
+                raise GroupError(refusal)
         low_ms, high_ms = TOLERANCE_RANGE
         if not low_ms <= self.tolerance <= high_ms:
             raise GroupError(f"{key}.tolerance: {low_ms} to {high_ms} ms, got {self.tolerance}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["milliseconds_hint", "seconds_hint"]
+__all__ = ["milliseconds_hint", "seconds_hint", "seconds_out_of_range"]
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)\s*")
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -46,6 +46,17 @@ def seconds_hint(value: object, low: float, high: float) -> str:
     if number is not None and number > high and low <= number / 1000 <= high:
         return f" (if that is milliseconds, write {number / 1000:g})"
     return ""
+
+
+def seconds_out_of_range(field: str, value: float, low: float, high: float) -> str | None:
+    """The one-line refusal of `value` seconds for `field`, or None when it is in range.
+
+    `not low <= value <= high` refuses NaN too, which trio refuses as a
+    time-out wherever it is used.
+    """
+    if low <= value <= high:
+        return None
+    return f"{field}: {low:g} to {high:g} seconds, got {value:g}" + seconds_hint(value, low, high)
 
 
 def milliseconds_hint(value: object, low: int, high: int) -> str:

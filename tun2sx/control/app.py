@@ -36,7 +36,7 @@ from outbounds.net import SocketOptions
 from outbounds.resolver import DirectResolver
 from outbounds.socks5 import Socks5Outbound
 from outbounds.udpsock import DEFAULT_UDP_BUFFER
-from outbounds.units import seconds_hint
+from outbounds.units import seconds_hint, seconds_out_of_range
 from outbounds.url import parse_outbound_url
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
@@ -444,18 +444,13 @@ def check_settings(settings: Settings) -> None:
             )
     if settings.fake_ip:
         _check_pools(settings)
-    # `not low <= x <= high` refuses NaN too, which trio refuses as a
-    # time-out in every flow.
     for field, (low, high) in (
         ("udp_timeout", UDP_TIMEOUT_RANGE),
         ("connect_timeout", CONNECT_TIMEOUT_RANGE),
     ):
-        value = getattr(settings, field)
-        if not low <= value <= high:
-            raise ConfigError(
-                f"{field}: {low:g} to {high:g} seconds, got {value:g}"
-                + seconds_hint(value, low, high)
-            )
+        refusal = seconds_out_of_range(field, getattr(settings, field), low, high)
+        if refusal is not None:
+            raise ConfigError(refusal)
     if settings.mtu is not None and not 576 <= settings.mtu <= 65535:
         raise ConfigError(f"mtu: {settings.mtu} is not between 576 and 65535")
     check_queues(settings)
