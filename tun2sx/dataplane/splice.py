@@ -2,7 +2,8 @@
 
 What it owns: one flow's two copy directions and how they hand over to each
 other (in the engine's wake-ups, in the flow's task, or in a task of their
-own), and the byte counts of the flow's `FlowInfo`. Half-close is kept: the
+own), the byte counts of the flow's `FlowInfo` and its `closer` (the
+controller's close breaks the splice). Half-close is kept: the
 application's FIN becomes `send_eof` on the outbound and the outbound's EOF
 our FIN. A break on either side resets the other.
 """
@@ -120,6 +121,11 @@ class _Splice:
 
     async def run(self) -> None:
         app = self.app
+        if self.info is not None:
+            # The controller's close breaks the flow (a reset to both
+            # ends) with the scope the splice has anyway: the flow needs
+            # no cancel scope of its own for it.
+            self.info.closer = self.close
         if type(app) is TcpStream and isinstance(self.upstream, NowaitStream):
             with trio.CancelScope() as self.scope:
                 self.woken_by = app
@@ -151,6 +157,11 @@ class _Splice:
     def _read_size(self) -> int:
         read_size = self.read_size
         return self.bufsize if read_size is None else min(read_size(), self.bufsize)
+
+    def close(self) -> None:
+        """End the flow now as one cut short: both ends are reset."""
+        if not self.broken:
+            self._break()
 
     def _break(self) -> None:
         """One side failed: stop both directions (the caller resets both)."""

@@ -129,15 +129,19 @@ class TcpFlows:
             engine.counters["tcp_connect_fast_failures"] += 1
             self._fail(request, FailureReply.HOST_UNREACHABLE)
             return
-        scope = trio.CancelScope()
+        # The held SYN's connect time-out counts from its arrival; the
+        # deadline given at construction spares the setter's bookkeeping.
+        scope = trio.CancelScope(deadline=now + engine.config.connect_timeout)
         self._dialing[key] = scope
-        engine.nursery.start_soon(self._run_guarded, request, scope)
+        engine.nursery.start_soon(self._run_guarded, request, scope, now)
 
-    async def _run_guarded(self, request: ConnectionRequest, scope: trio.CancelScope) -> None:
+    async def _run_guarded(
+        self, request: ConnectionRequest, scope: trio.CancelScope, now: float
+    ) -> None:
         engine = self._engine
         engine.counters["tcp_flows_started"] += 1
         try:
-            await self._run(request, scope)
+            await self._run(request, scope, now)
         except Exception:
             # A bug in one flow must not take the others down: log it loudly
             # and reset this flow only.
@@ -150,7 +154,9 @@ class TcpFlows:
             if self._dialing.get(request.key) is scope:
                 del self._dialing[request.key]
 
-    async def _run(self, request: ConnectionRequest, scope: trio.CancelScope) -> None:
+    async def _run(self, request: ConnectionRequest, scope: trio.CancelScope, now: float) -> None:
+        """The held SYN's flow; `now` is when the SYN came (trio time): the
+        dial's time-out and connect time count from it."""
         engine = self._engine
         key = request.key
         if scope.cancel_called:
@@ -181,13 +187,13 @@ class TcpFlows:
         if protocols:
             await self._run_sniffed(request, scope, dest, protocols)
             return
-        name, source = engine.real_names.known_name(dest.host, trio.current_time())
+        name, source = engine.real_names.known_name(dest.host, now)
         outbound, rule = engine.decide(dest, "tcp", name)
         if outbound is None:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
-        dialled = await self._dial(key, dest, outbound, scope, held=True)
+        dialled = await self._dial(key, dest, outbound, scope, now, held=True)
         if dialled is None:
             return
         if isinstance(dialled, FailureReply):
@@ -214,6 +220,7 @@ class TcpFlows:
         dest: Destination,
         outbound: Outbound,
         scope: trio.CancelScope,
+        started: float,
         *,
         held: bool,
     ) -> tuple[trio.abc.HalfCloseableStream, tuple[str, ...]] | FailureReply | None:
@@ -226,8 +233,11 @@ class TcpFlows:
             key: the flow, for log lines and the time-out memory.
             dest: where to connect.
             outbound: the outbound the rules chose.
-            scope: the dial's cancel scope; for a held SYN it is the one
-                the demux's eviction cancels.
+            scope: the dial's cancel scope, its deadline the connect
+                time-out from `started`; for a held SYN it is the one the
+                demux's eviction cancels.
+            started: when the connect began (trio time), for the
+                connect-time histogram.
             held: the flow is still a pending SYN in `_dialing`.
 
         Returns:
@@ -238,10 +248,6 @@ class TcpFlows:
         """
         engine = self._engine
         upstream = None
-        dialled = trio.current_time()
-        # A bare cancel scope rather than trio.fail_after (a generator
-        # context manager): this runs once per connection.
-        scope.deadline = dialled + engine.config.connect_timeout
         try:
             with scope:
                 upstream, chain = await connect_tcp_traced(
@@ -267,7 +273,7 @@ class TcpFlows:
             return FailureReply.HOST_UNREACHABLE
         self._timeouts.connected(address)
         # Per leaf outbound: the proxy a group picked, not the group.
-        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
+        engine.connect_times.observe(chain[0], trio.current_time() - started)
         return upstream, chain
 
     async def _carry(
@@ -287,24 +293,31 @@ class TcpFlows:
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound), route)
         finished = False
         try:
-            # The controller's close cancels this scope: the flow then ends
-            # as one cut short, with a reset to both ends.
-            with trio.CancelScope() as cut:
-                info.closer = cut.cancel
-                if first:
+            if first:
+                # The controller's close cancels this scope: the flow then
+                # ends as one cut short, with a reset to both ends.
+                with trio.CancelScope() as cut:
+                    info.closer = cut.cancel
                     try:
                         await upstream.send_all(first)
                     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                         log.info("TCP %s (%s): outbound broke: %s; reset", describe(key), dest, exc)
                         return  # unfinished: both ends are reset below
-                    info.bytes_up += len(first)
-                if self._handler is None:
-                    await splice(
-                        stream, upstream, engine.config.splice_buffer, info, engine.read_size
-                    )
-                else:
+                if cut.cancelled_caught:
+                    return
+                info.bytes_up += len(first)
+            if self._handler is None:
+                # The splice takes the controller's close itself (it sets
+                # `info.closer`): it breaks the flow, a reset to both ends,
+                # with the cancel scope it has anyway; no scope of our own.
+                await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
+            else:
+                with trio.CancelScope() as cut:
+                    info.closer = cut.cancel
                     await self._handler(stream, upstream)
-                finished = True
+                if cut.cancelled_caught:
+                    return
+            finished = True
         finally:
             engine.close_flow(info)
             if not finished:
@@ -363,7 +376,11 @@ class TcpFlows:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
                 stream.abort()
                 return
-            dialled = await self._dial(key, dest, outbound, trio.CancelScope(), held=False)
+            started = trio.current_time()
+            # A bare cancel scope rather than trio.fail_after (a generator
+            # context manager), its deadline given at construction.
+            scope = trio.CancelScope(deadline=started + engine.config.connect_timeout)
+            dialled = await self._dial(key, dest, outbound, scope, started, held=False)
             if not isinstance(dialled, tuple):
                 stream.abort()
                 return
