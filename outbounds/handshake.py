@@ -121,7 +121,7 @@ async def run_handshake(
     client: HandshakeClient[EventT],
     *,
     proxy: str,
-    what: str,
+    what: object,
     started: float,
     timeout: float,
     protocol_error: type[Exception],
@@ -137,7 +137,8 @@ async def run_handshake(
         stream: The connection to the proxy.
         client: The sans-I/O client.
         proxy: How messages name the proxy.
-        what: What was asked for, for the time-out's message.
+        what: What was asked for, for the time-out's message (formatted
+            only then).
         started: When the outbound's set-up began (trio time), before
             the connect to the proxy.
         timeout: Seconds for the whole set-up from `started`, the connect
@@ -188,7 +189,7 @@ async def _exchange(
                 sent = stream.send_nowait(out)
                 if sent < len(out):
                     await stream.send_all(out[sent:])
-            if not isinstance(event, _NeedData):
+            if event is not NEED_DATA:
                 return event
             if before_wait is not None:
                 before_wait()

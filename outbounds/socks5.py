@@ -114,6 +114,8 @@ ATYP_DOMAIN: Final = 0x03
 ATYP_IPV6: Final = 0x04
 
 _PORT = struct.Struct("!H")
+# A reply with an IPv4 bound address: VER | REP | RSV | ATYP=1 | BND.ADDR | BND.PORT.
+_REPLY_IPV4 = struct.Struct("!xBxx4sH")
 
 # Greeting reply + auth reply + the longest reply (a 255-byte domain), plus one.
 _MAX_HANDSHAKE_READS: Final = 2 + 2 + (3 + 2 + 255 + 2) + 1
@@ -132,13 +134,14 @@ _MAX_HANDSHAKE_READS: Final = 2 + 2 + (3 + 2 + 255 + 2) + 1
 def encode_address(dest: Destination) -> bytes:
     """Encode `dest` as ATYP, address and port."""
     host = dest.host
-    if isinstance(host, ipaddress.IPv4Address):
-        head = bytes((ATYP_IPV4,)) + host.packed
-    elif isinstance(host, ipaddress.IPv6Address):
-        head = bytes((ATYP_IPV6,)) + host.packed
-    else:
+    # A name first: through fake IPs, most destinations are one.
+    if isinstance(host, str):
         name = host.encode("utf-8", "surrogateescape")
         head = bytes((ATYP_DOMAIN, len(name))) + name
+    elif isinstance(host, ipaddress.IPv4Address):
+        head = bytes((ATYP_IPV4,)) + host.packed
+    else:
+        head = bytes((ATYP_IPV6,)) + host.packed
     return head + _PORT.pack(dest.port)
 
 
@@ -195,11 +198,16 @@ def greeting_for(credentials: bool, pipeline: bool) -> bytes:
     """The greeting a client sends: with credentials it offers username/password
     too, and only that when pipelining (the request must follow the method the
     proxy will pick)."""
-    if not credentials:
-        return build_greeting((AuthMethod.NO_AUTH,))
-    if pipeline:
-        return build_greeting((AuthMethod.USERNAME_PASSWORD,))
-    return build_greeting((AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD))
+    return _GREETINGS[credentials, pipeline]
+
+
+# Built once: every connection sends one of these.
+_GREETINGS: Final[dict[tuple[bool, bool], bytes]] = {
+    (False, False): build_greeting((AuthMethod.NO_AUTH,)),
+    (False, True): build_greeting((AuthMethod.NO_AUTH,)),
+    (True, True): build_greeting((AuthMethod.USERNAME_PASSWORD,)),
+    (True, False): build_greeting((AuthMethod.NO_AUTH, AuthMethod.USERNAME_PASSWORD)),
+}
 
 
 def build_auth_request(username: bytes, password: bytes) -> bytes:
@@ -359,6 +367,8 @@ class Socks5ClientConnection:
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the proxy now (possibly empty)."""
+        if not self._outgoing:
+            return b""
         out = bytes(self._outgoing)
         self._outgoing.clear()
         return out
@@ -392,7 +402,8 @@ class Socks5ClientConnection:
             if self._state is _State.AWAIT_METHOD:
                 if len(buf) < 2:
                     return NEED_DATA
-                self._check_version(buf[0], VERSION, "method selection")
+                if buf[0] != VERSION:
+                    raise _version_error(buf[0], VERSION, "method selection")
                 method = buf[1]
                 del buf[:2]
                 if method == AuthMethod.NO_ACCEPTABLE:
@@ -411,7 +422,8 @@ class Socks5ClientConnection:
             elif self._state is _State.AWAIT_AUTH:
                 if len(buf) < 2:
                     return NEED_DATA
-                self._check_version(buf[0], AUTH_VERSION, "auth reply")
+                if buf[0] != AUTH_VERSION:
+                    raise _version_error(buf[0], AUTH_VERSION, "auth reply")
                 status = buf[1]
                 del buf[:2]
                 if status != 0:
@@ -421,14 +433,21 @@ class Socks5ClientConnection:
             elif self._state is _State.AWAIT_REPLY:
                 if not buf:
                     return NEED_DATA
-                self._check_version(buf[0], VERSION, "reply")  # Fail early on non-SOCKS5.
-                if len(buf) < 3:
-                    return NEED_DATA
-                parsed = parse_address_untrusted(buf, 3)
-                if parsed is None:
-                    return NEED_DATA
-                bound, end = parsed
-                code = buf[1]
+                if buf[0] != VERSION:  # Fail early on non-SOCKS5.
+                    raise _version_error(buf[0], VERSION, "reply")
+                if len(buf) >= 10 and buf[3] == ATYP_IPV4:
+                    # The usual reply, an IPv4 bound address, in one unpack.
+                    code, address, port = _REPLY_IPV4.unpack_from(buf)
+                    bound = Destination(ipaddress.IPv4Address(address), port)
+                    end = 10
+                else:
+                    if len(buf) < 3:
+                        return NEED_DATA
+                    parsed = parse_address_untrusted(buf, 3)
+                    if parsed is None:
+                        return NEED_DATA
+                    bound, end = parsed
+                    code = buf[1]
                 del buf[:end]
                 self._state = _State.DONE
                 return Socks5Reply(code, bound)
@@ -442,10 +461,9 @@ class Socks5ClientConnection:
             self._request_queued = True
         self._state = _State.AWAIT_REPLY
 
-    @staticmethod
-    def _check_version(got: int, expected: int, what: str) -> None:
-        if got != expected:
-            raise Socks5ProtocolError(f"{what} has version {got}, expected {expected}")
+
+def _version_error(got: int, expected: int, what: str) -> Socks5ProtocolError:
+    return Socks5ProtocolError(f"{what} has version {got}, expected {expected}")
 
 
 # --- UDP ASSOCIATE datagrams ----------------------------------------------------
@@ -790,7 +808,7 @@ class Socks5Outbound:
                 stream,
                 conn,
                 proxy=proxy,
-                what=str(dest),
+                what=dest,
                 started=started,
                 timeout=self.socket_options.connect_timeout,
                 protocol_error=Socks5ProtocolError,

@@ -220,6 +220,43 @@ def test_reply_round_trip(bound: Destination, code: int) -> None:
     assert conn.next_event_untrusted() == Socks5Reply(code, bound)
 
 
+# Replies after the version byte: any bytes, and IPv4 replies (the one-unpack
+# path), whole, cut short or with more behind.
+_ipv4_replies = st.builds(
+    lambda head, address, rest: bytes(head) + b"\x01" + address + rest,
+    st.lists(st.integers(0, 255), min_size=2, max_size=2),
+    st.binary(min_size=4, max_size=4),
+    st.binary(max_size=8),
+)
+_cut_replies = st.tuples(_ipv4_replies, st.integers(0, 16)).map(lambda r: r[0][: r[1]])
+
+
+@given(st.one_of(st.binary(max_size=40), _ipv4_replies, _cut_replies))
+def test_a_reply_is_read_as_the_address_parser_reads_it(after_version: bytes) -> None:
+    """The client's IPv4 reply path and `parse_address_untrusted` agree:
+    the same reply, the same incompleteness, the same error and trailing data."""
+    data = b"\x05" + after_version
+    conn = Socks5ClientConnection(Command.CONNECT, TARGET)
+    conn.receive_data(b"\x05\x00")
+    assert conn.next_event_untrusted() is NEED_DATA
+    conn.receive_data(data)
+    try:
+        event: object = conn.next_event_untrusted()
+    except Socks5ProtocolError as exc:
+        event = str(exc)
+    try:
+        parsed = parse_address_untrusted(data, 3) if len(data) >= 3 else None
+    except Socks5ProtocolError as exc:
+        assert event == str(exc)
+        return
+    if parsed is None:
+        assert event is NEED_DATA
+        return
+    bound, end = parsed
+    assert event == Socks5Reply(data[1], bound)
+    assert conn.trailing_data == data[end:]
+
+
 @given(st.binary(max_size=300), st.booleans(), st.booleans())
 def test_client_parser_raises_only_its_error(data: bytes, with_auth: bool, pipeline: bool) -> None:
     creds = (b"u", b"p") if with_auth else (None, None)
