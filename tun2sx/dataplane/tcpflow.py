@@ -159,8 +159,10 @@ class TcpFlows:
         dial's time-out and connect time count from it."""
         engine = self._engine
         key = request.key
-        if scope.cancel_called:
-            return  # evicted before it started
+        if self._dialing.get(key) is not scope:
+            # Evicted before it started (eviction takes the scope out of
+            # `_dialing`; asking the scope itself reads the clock).
+            return
         if (
             key.remote_port == 53
             and engine.dns is not None
