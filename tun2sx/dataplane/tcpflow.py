@@ -156,7 +156,7 @@ class TcpFlows:
 
     async def _run(self, request: ConnectionRequest, scope: trio.CancelScope, now: float) -> None:
         """The held SYN's flow; `now` is when the SYN came (trio time): the
-        dial's time-out and connect time count from it."""
+        dial's time-out counts from it."""
         engine = self._engine
         key = request.key
         if self._dialing.get(key) is not scope:
@@ -195,7 +195,7 @@ class TcpFlows:
             log.info("TCP %s (%s): rejected by rule", describe(key), dest)
             self._fail(request, FailureReply.RESET)
             return
-        dialled = await self._dial(key, dest, outbound, scope, now, held=True)
+        dialled = await self._dial(key, dest, outbound, scope, held=True)
         if dialled is None:
             return
         if isinstance(dialled, FailureReply):
@@ -222,7 +222,6 @@ class TcpFlows:
         dest: Destination,
         outbound: Outbound,
         scope: trio.CancelScope,
-        started: float,
         *,
         held: bool,
     ) -> tuple[trio.abc.HalfCloseableStream, tuple[str, ...]] | FailureReply | None:
@@ -236,10 +235,8 @@ class TcpFlows:
             dest: where to connect.
             outbound: the outbound the rules chose.
             scope: the dial's cancel scope, its deadline the connect
-                time-out from `started`; for a held SYN it is the one the
-                demux's eviction cancels.
-            started: when the connect began (trio time), for the
-                connect-time histogram.
+                time-out (for a held SYN, from the SYN's arrival); for a
+                held SYN it is the one the demux's eviction cancels.
             held: the flow is still a pending SYN in `_dialing`.
 
         Returns:
@@ -250,6 +247,7 @@ class TcpFlows:
         """
         engine = self._engine
         upstream = None
+        dialled = trio.current_time()  # the histogram's start: the dial's, not the SYN's
         try:
             with scope:
                 upstream, chain = await connect_tcp_traced(
@@ -275,7 +273,7 @@ class TcpFlows:
             return FailureReply.HOST_UNREACHABLE
         self._timeouts.connected(address)
         # Per leaf outbound: the proxy a group picked, not the group.
-        engine.connect_times.observe(chain[0], trio.current_time() - started)
+        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
         return upstream, chain
 
     async def _carry(
@@ -378,11 +376,10 @@ class TcpFlows:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
                 stream.abort()
                 return
-            started = trio.current_time()
             # A bare cancel scope rather than trio.fail_after (a generator
             # context manager), its deadline given at construction.
-            scope = trio.CancelScope(deadline=started + engine.config.connect_timeout)
-            dialled = await self._dial(key, dest, outbound, scope, started, held=False)
+            scope = trio.CancelScope(deadline=trio.current_time() + engine.config.connect_timeout)
+            dialled = await self._dial(key, dest, outbound, scope, held=False)
             if not isinstance(dialled, tuple):
                 stream.abort()
                 return
