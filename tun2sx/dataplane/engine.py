@@ -402,6 +402,10 @@ class Engine:
     def close_flow(self, info: FlowInfo) -> None:
         """Forget a flow, keeping its bytes in the totals."""
         self.flows.discard(info)
+        # Nothing is left to close; and a closer may refer back to `info`
+        # (a splice's does), a cycle that would keep the flow's objects
+        # until the cyclic collector ran.
+        info.closer = None
         self.counters["bytes_up"] += info.bytes_up
         self.counters["bytes_down"] += info.bytes_down
 

@@ -120,40 +120,34 @@ class _Splice:
         self.waiter: trio.lowlevel.Task | None = None
 
     async def run(self) -> None:
-        app, info = self.app, self.info
-        if info is not None:
+        app = self.app
+        if self.info is not None:
             # The controller's close breaks the flow (a reset to both
             # ends) with the scope the splice has anyway: the flow needs
-            # no cancel scope of its own for it.
-            info.closer = self.close
-        try:
-            if type(app) is TcpStream and isinstance(self.upstream, NowaitStream):
-                with trio.CancelScope() as self.scope:
-                    self.woken_by = app
-                    app.set_wake_callback(self._upload)
-                    try:
-                        # Data may have come with the handshake's last ACK.
-                        self._upload()
-                        await self._download(fast=True)
-                        await self._wait_upload()
-                    finally:
-                        app.set_wake_callback(None)
-                        self.woken_by = None
-            else:
-                self.upload = _UPLOAD_IN_TASK
-            if self.upload is _UPLOAD_IN_TASK and not self.broken:
-                async with trio.open_nursery() as nursery:
-                    self.scope = nursery.cancel_scope
-                    nursery.start_soon(self._upload_task, self.pending)
-                    self.pending = None
-                    if not self.download_done:
-                        await self._download(fast=False)
-        finally:
-            if info is not None:
-                # `info` -> the close -> the splice -> `info`: a cycle left
-                # in place would hold the splice and both streams until
-                # the cyclic collector ran.
-                info.closer = None
+            # no cancel scope of its own for it. (`close_flow` takes it
+            # off again: info -> close -> splice -> info is a cycle.)
+            self.info.closer = self.close
+        if type(app) is TcpStream and isinstance(self.upstream, NowaitStream):
+            with trio.CancelScope() as self.scope:
+                self.woken_by = app
+                app.set_wake_callback(self._upload)
+                try:
+                    # Data may have come with the handshake's last ACK.
+                    self._upload()
+                    await self._download(fast=True)
+                    await self._wait_upload()
+                finally:
+                    app.set_wake_callback(None)
+                    self.woken_by = None
+        else:
+            self.upload = _UPLOAD_IN_TASK
+        if self.upload is _UPLOAD_IN_TASK and not self.broken:
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                nursery.start_soon(self._upload_task, self.pending)
+                self.pending = None
+                if not self.download_done:
+                    await self._download(fast=False)
         if self.broken:
             if isinstance(app, TcpStream):
                 app.abort()
