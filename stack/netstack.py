@@ -395,6 +395,23 @@ class NetStack:
             return fragments
         return deadline
 
+    def take_moved_deadline(self) -> float | None:
+        """The earliest deadline that may have come since the previous
+        call (`TcpDemux.take_moved_deadline`; any reassembly in progress
+        counts, its deadlines are not tracked), or None.
+
+        For a runtime that sleeps until `next_deadline`: call it once
+        right after `next_deadline`, then after each `packets_by_flow` or
+        `packets_to_send`; a value earlier than the sleep's end must cut
+        the sleep short. Nothing else moves a deadline earlier.
+        """
+        deadline = self.tcp.take_moved_deadline()
+        if len(self.fragments):
+            fragments = self.fragments.next_deadline()
+            if fragments is not None and (deadline is None or fragments < deadline):
+                return fragments
+        return deadline
+
     def handle_timeout(self, now: float) -> list[TcpConnection]:
         """Run the timers that are due: TCP's and reassembly's (which may
         queue ICMP Time Exceeded messages).

@@ -135,11 +135,14 @@ class Engine:
     async def _read_loop(self) -> None:
         device = self.device
         while True:
-            self._take(await device.read_batch())
-            self.flush()
+            # The batch's time serves its flush too: one clock read a wake-up.
+            self.flush(self._take(await device.read_batch()))
 
-    def _take(self, batch: list[RxPacket]) -> None:
-        """Feed one batch read from the device to the stack and the flows."""
+    def _take(self, batch: list[RxPacket]) -> float:
+        """Feed one batch read from the device to the stack and the flows.
+
+        Returns the time it was taken at, for the flush after it.
+        """
         now = self._now()
         touched: set[TcpConnection] = set()
         datagrams = False
@@ -163,6 +166,7 @@ class Engine:
             self._wake(touched)
         finally:
             self._flush_deferred = False
+        return now
 
     def take_ready(self) -> None:
         """Take what the device holds now, without waiting for the reader.
@@ -188,8 +192,7 @@ class Engine:
         except TunError:
             return  # the reader meets it too, and ends the engine
         if batch:
-            self._take(batch)
-            self.flush()
+            self.flush(self._take(batch))
 
     def reset_all(self) -> None:
         """Send an RST on every TCP flow: the engine is going away.
@@ -205,8 +208,11 @@ class Engine:
             with contextlib.suppress(OSError):
                 step()
 
-    def flush(self) -> None:
+    def flush(self, now: float | None = None) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
+
+        `now`, when the caller has just read the clock (the reader, for its
+        batch): the packets' time; otherwise it is read here.
 
         While other flows are active (see `read_size`), a flow's first
         `write_burst` packets go now, the rest to the write queue
@@ -223,7 +229,8 @@ class Engine:
             # of a short flow (a step that only read, a last ACK).
             return
         write = self.device.write
-        now = self._now()
+        if now is None:
+            now = self._now()
         # Alone, a flow's run goes out whole: pacing it would cost a trip
         # through the scheduler per burst that nobody waits behind.
         burst = (self.config.write_burst or _WHOLE) if now < self._crowded_until else _WHOLE
@@ -240,7 +247,10 @@ class Engine:
         if queued and self._drainer is not None:
             trio.lowlevel.reschedule(self._drainer)
             self._drainer = None
-        deadline = stack.next_deadline()
+        # Only a deadline scheduled since the last look can be earlier than
+        # the timer's (`_timer_loop` starts each sleep afresh): in a flow's
+        # steady state deadlines move later, and the heap is not walked.
+        deadline = stack.take_moved_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
             self._timer_scope.deadline = deadline
 
@@ -287,13 +297,17 @@ class Engine:
                 write(packet)
 
     async def _timer_loop(self) -> None:
+        stack = self.stack
         while True:
-            deadline = self.stack.next_deadline()
+            deadline = stack.next_deadline()
+            # What moved before this look is in `deadline`; flushes from now
+            # on pull the sleep's end earlier for what moves after it.
+            stack.take_moved_deadline()
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = self.stack.handle_timeout(self._now())
+            fired = stack.handle_timeout(self._now())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have

@@ -157,9 +157,9 @@ class CountingEngine(Engine):
 
     flushes = 0
 
-    def flush(self) -> None:
+    def flush(self, now: float | None = None) -> None:
         self.flushes += 1
-        super().flush()
+        super().flush(now)
 
 
 def datagram(payload: bytes, dst: bytes = REMOTE, port: int = 443) -> bytes:
