@@ -406,10 +406,9 @@ class NetStack:
         the sleep short. Nothing else moves a deadline earlier.
         """
         deadline = self.tcp.take_moved_deadline()
-        if len(self.fragments):
-            fragments = self.fragments.next_deadline()
-            if fragments is not None and (deadline is None or fragments < deadline):
-                return fragments
+        fragments = self.fragments.next_deadline()
+        if fragments is not None and (deadline is None or fragments < deadline):
+            return fragments
         return deadline
 
     def handle_timeout(self, now: float) -> list[TcpConnection]:

@@ -157,9 +157,9 @@ class TunDevice:
         fd = self._fd
         offload = self.offload
         read = self._read_packet
-        nbytes = 0
-        while len(out) < limit:
-            if len(out) == 1 and not self._poll.poll(0):
+        count = nbytes = 0
+        while count < limit:
+            if count == 1 and not self._poll.poll(0):
                 # A batch of one is the common one (a round trip's request,
                 # an ACK): asking whether more is queued costs a third of
                 # the read that would fail (its EAGAIN is an exception).
@@ -186,7 +186,8 @@ class TunDevice:
             else:
                 out.append(RxPacket(memoryview(raw), False))
                 nbytes += len(raw)
-        self.rx_packets += len(out)
+            count += 1
+        self.rx_packets += count
         self.rx_bytes += nbytes
         return out
 
