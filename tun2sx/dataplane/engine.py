@@ -383,8 +383,13 @@ class Engine:
         not make the download pay for steps nobody waits behind.
         """
         config = self.config
-        if self._now() < self._crowded_until:
-            return config.splice_share
+        crowded_until = self._crowded_until
+        # A flow alone asks once per answer it waits for: no clock read
+        # while nothing was crowded since the last look that found it over.
+        if crowded_until != -math.inf:
+            if self._now() < crowded_until:
+                return config.splice_share
+            self._crowded_until = -math.inf
         return config.splice_buffer
 
     def open_flow(
