@@ -3,7 +3,8 @@
 A TUN is opened by name (created if missing) with python-pytun, or adopted
 from a file descriptor someone else opened (Android's VpnService hands one
 over). Reads drain the device until EAGAIN before waiting again, so one
-wakeup carries many packets.
+wakeup carries many packets (after the first packet a `poll(0)` asks
+whether there is more: a batch of one ends without a failed read).
 
 With offload on, the device is opened with IFF_VNET_HDR and TUNSETOFFLOAD:
 every packet then carries a 10-byte virtio-net header. The kernel may hand
