@@ -135,14 +135,14 @@ class Engine:
     async def _read_loop(self) -> None:
         device = self.device
         while True:
-            # The batch's time serves its flush too: one clock read a wake-up.
-            self.flush(self._take(await device.read_batch()))
+            self._take(await device.read_batch())
+            # The flush reads the clock again: the packets it writes are
+            # timed from when they leave (RACK judges losses by send times
+            # within a quarter of a local RTT), not from the batch's start.
+            self.flush()
 
-    def _take(self, batch: list[RxPacket]) -> float:
-        """Feed one batch read from the device to the stack and the flows.
-
-        Returns the time it was taken at, for the flush after it.
-        """
+    def _take(self, batch: list[RxPacket]) -> None:
+        """Feed one batch read from the device to the stack and the flows."""
         now = self._now()
         touched: set[TcpConnection] = set()
         datagrams = False
@@ -166,7 +166,6 @@ class Engine:
             self._wake(touched)
         finally:
             self._flush_deferred = False
-        return now
 
     def take_ready(self) -> None:
         """Take what the device holds now, without waiting for the reader.
@@ -192,7 +191,8 @@ class Engine:
         except TunError:
             return  # the reader meets it too, and ends the engine
         if batch:
-            self.flush(self._take(batch))
+            self._take(batch)
+            self.flush()
 
     def reset_all(self) -> None:
         """Send an RST on every TCP flow: the engine is going away.
@@ -208,11 +208,8 @@ class Engine:
             with contextlib.suppress(OSError):
                 step()
 
-    def flush(self, now: float | None = None) -> None:
+    def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
-
-        `now`, when the caller has just read the clock (the reader, for its
-        batch): the packets' time; otherwise it is read here.
 
         While other flows are active (see `read_size`), a flow's first
         `write_burst` packets go now, the rest to the write queue
@@ -229,8 +226,7 @@ class Engine:
             # of a short flow (a step that only read, a last ACK).
             return
         write = self.device.write
-        if now is None:
-            now = self._now()
+        now = self._now()
         # Alone, a flow's run goes out whole: pacing it would cost a trip
         # through the scheduler per burst that nobody waits behind.
         burst = (self.config.write_burst or _WHOLE) if now < self._crowded_until else _WHOLE
