@@ -395,6 +395,22 @@ class NetStack:
             return fragments
         return deadline
 
+    def take_moved_deadline(self) -> float | None:
+        """The earliest deadline that may have come since the previous
+        call (`TcpDemux.take_moved_deadline`; any reassembly in progress
+        counts, its deadlines are not tracked), or None.
+
+        For a runtime that sleeps until `next_deadline`: call it once
+        right after `next_deadline`, then after each `packets_by_flow` or
+        `packets_to_send`; a value earlier than the sleep's end must cut
+        the sleep short. Nothing else moves a deadline earlier.
+        """
+        deadline = self.tcp.take_moved_deadline()
+        fragments = self.fragments.next_deadline()
+        if fragments is not None and (deadline is None or fragments < deadline):
+            return fragments
+        return deadline
+
     def handle_timeout(self, now: float) -> list[TcpConnection]:
         """Run the timers that are due: TCP's and reassembly's (which may
         queue ICMP Time Exceeded messages).
@@ -448,13 +464,13 @@ class NetStack:
         if self._out:
             groups.append((None, self._out))
             self._out = []
-        connections = self.tcp.connections
+        tcp = self.tcp
         templates = self._templates
         # Without GSO no segment is longer than its peer's MSS: no lookup.
         gso = self.config.tcp.gso_size is not None
         last_key = None
         out: list[bytes | GsoPacket] = []
-        for key, hdr, payload in self.tcp.output(now):
+        for key, hdr, payload in tcp.output(now):
             if key is not last_key:
                 # A connection's segments come together, with one key object.
                 last_key = key
@@ -469,7 +485,9 @@ class NetStack:
                 continue
             packet = template.build(hdr, payload)
             if gso and len(payload) > _MIN_MSS:
-                conn = connections.get(key)
+                # (The read-only view of the connections is built only here:
+                # a flush of small segments does not need it.)
+                conn = tcp.connections.get(key)
                 limit = None if conn is None else conn.packet_limit
                 if limit is not None and len(packet) > limit:
                     out.append(GsoPacket(packet, limit))

@@ -65,6 +65,7 @@ class TcpDemux:
         "_evicted",
         "_half_open",
         "_heap",
+        "_moved",
         "_pending",
         "_rsts",
         "_scheduled",
@@ -90,6 +91,9 @@ class TcpDemux:
         self._heap: list[tuple[float, int, TcpConnection]] = []
         # The deadline each connection's live heap entry is for.
         self._scheduled: dict[TcpConnection, float] = {}
+        # The earliest deadline pushed since `take_moved_deadline` last
+        # answered: the runtime's timer need only look at that.
+        self._moved: float | None = None
         self._tiebreak = itertools.count()
         self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]] = []
         self._counters = {
@@ -320,6 +324,22 @@ class TcpDemux:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
+    def take_moved_deadline(self) -> float | None:
+        """The earliest deadline scheduled since the previous call, or None.
+
+        For a timer that sleeps until `next_deadline`: asked once after it
+        reads `next_deadline` (to start afresh), then after each output
+        collection (`output`, `segments_to_send`, which schedule the
+        connections that changed), it says whether the timer must wake
+        earlier, without walking the heap. None means no deadline came
+        before what the timer already had. Like `next_deadline` it may be
+        early, never late; `next_deadline` alone may schedule connections
+        that changed since the last collection (seen here on the next call).
+        """
+        moved = self._moved
+        self._moved = None
+        return moved
+
     def handle_timeout(self, now: float) -> list[TcpConnection]:
         """Run the timers of every connection whose deadline has come.
 
@@ -365,6 +385,9 @@ class TcpDemux:
             if at is None or deadline < at:
                 scheduled[conn] = deadline
                 heapq.heappush(self._heap, (deadline, next(self._tiebreak), conn))
+                moved = self._moved
+                if moved is None or deadline < moved:
+                    self._moved = deadline
 
     def _drop(self, conn: TcpConnection) -> None:
         del self._connections[conn.key]

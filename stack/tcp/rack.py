@@ -91,6 +91,19 @@ class Rack:
                 if self.min_rtt is None or rtt < self.min_rtt:
                     self.min_rtt = rtt
 
+    def all_delivered(self, una: int, now: float) -> None:
+        """`detect` when `una` covers everything sent, nothing is SACKed and
+        no retransmission is tracked: the request and answer of a round
+        trip, a flight ACKed whole.
+
+        Then `detect` takes the RTT sample of the segment ending at `una`
+        (`cumulative_sample`) and drops every record; nothing is left to
+        be judged lost and no timer is due (it would return ``([], None)``).
+        """
+        self.cumulative_sample(una, now)
+        self._ends.clear()
+        self._times.clear()
+
     def retransmitting(self) -> bool:
         """Return True while a retransmission awaits its delivery or loss."""
         return bool(self._rtx)

@@ -385,6 +385,17 @@ class Sender:
         """
         cc, rack, sb = self._cc, self._rack, self._sb
         una = self.una
+        if una == self.max and not sb and not cc.in_recovery and not rack.retransmitting():
+            # All of the flight delivered (a round trip's answer ACKed with
+            # the next request): nothing is lost and nothing waits; RACK
+            # keeps its RTT sample, and `lost_end` (never above SND.MAX)
+            # marks nothing past `una`, so what follows below would do
+            # nothing more.
+            rack.all_delivered(una, now)
+            cc.min_rtt = rack.min_rtt
+            self._timers.rack = None
+            cc.rack_lost = rack.lost_end
+            return
         before = max(cc.lost_below(sb, self._mss), una)
         lost_rtx, deadline = rack.detect(una, sb, now, before)
         cc.min_rtt = rack.min_rtt

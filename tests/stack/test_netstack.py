@@ -621,3 +621,21 @@ def test_packets_by_flow_are_packets_to_send_in_groups_under_their_keys() -> Non
     assert len(groups[0][1]) == 1 and len(groups[1][1]) == 10
     assert [p for _, packets in groups for p in packets] == stacks[1].packets_to_send(0.01)
     assert stacks[0].packets_by_flow(0.01) == []
+
+
+def test_the_moved_deadline_reports_a_new_earlier_deadline_once_and_held_fragments() -> None:
+    stack = NetStack(CONFIG)
+    open_flow(stack, 0.0)
+    stack.packets_to_send(0.0)
+    tcp_deadline = stack.tcp.next_deadline()
+    # The flow's first deadline was pushed by that output: reported once.
+    assert tcp_deadline is not None
+    assert stack.take_moved_deadline() == tcp_deadline
+    assert stack.take_moved_deadline() is None
+    request = build_icmp_packet(APP6, REMOTE6, icmp.ICMP6_ECHO_REQUEST, 0, 1, PING)
+    first, *_ = fragment_packet(request, 9000, ident=5)
+    stack.receive(memoryview(first), 30.0)
+    # Reassembly's deadline is not tracked: asked for as long as it is held.
+    assert stack.packets_to_send(30.0) == []
+    assert stack.take_moved_deadline() == 90.0
+    assert stack.take_moved_deadline() == 90.0

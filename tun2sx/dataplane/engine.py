@@ -136,6 +136,9 @@ class Engine:
         device = self.device
         while True:
             self._take(await device.read_batch())
+            # The flush reads the clock again: the packets it writes are
+            # timed from when they leave (RACK judges losses by send times
+            # within a quarter of a local RTT), not from the batch's start.
             self.flush()
 
     def _take(self, batch: list[RxPacket]) -> None:
@@ -240,7 +243,10 @@ class Engine:
         if queued and self._drainer is not None:
             trio.lowlevel.reschedule(self._drainer)
             self._drainer = None
-        deadline = stack.next_deadline()
+        # Only a deadline scheduled since the last look can be earlier than
+        # the timer's (`_timer_loop` starts each sleep afresh): in a flow's
+        # steady state deadlines move later, and the heap is not walked.
+        deadline = stack.take_moved_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
             self._timer_scope.deadline = deadline
 
@@ -287,13 +293,17 @@ class Engine:
                 write(packet)
 
     async def _timer_loop(self) -> None:
+        stack = self.stack
         while True:
-            deadline = self.stack.next_deadline()
+            deadline = stack.next_deadline()
+            # What moved before this look is in `deadline`; flushes from now
+            # on pull the sleep's end earlier for what moves after it.
+            stack.take_moved_deadline()
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = self.stack.handle_timeout(self._now())
+            fired = stack.handle_timeout(self._now())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have
@@ -369,8 +379,13 @@ class Engine:
         not make the download pay for steps nobody waits behind.
         """
         config = self.config
-        if self._now() < self._crowded_until:
-            return config.splice_share
+        crowded_until = self._crowded_until
+        # A flow alone asks once per answer it waits for: no clock read
+        # while nothing was crowded since the last look that found it over.
+        if crowded_until != -math.inf:
+            if self._now() < crowded_until:
+                return config.splice_share
+            self._crowded_until = -math.inf
         return config.splice_buffer
 
     def open_flow(

@@ -188,9 +188,11 @@ class _Splice:
         """Application to outbound, in the engine's task; never waits."""
         if self.upload is not _UPLOAD_IN_WAKE:
             return
-        app, upstream = self.woken_by, self.upstream
-        # `run` chose this path for these two.
-        assert app is not None and isinstance(upstream, NowaitStream)
+        app = self.woken_by
+        # `run` chose this path for these two (the ABC check of an assert
+        # here was two calls per wake-up).
+        upstream: NowaitStream = self.upstream  # type: ignore[assignment]
+        assert app is not None
         try:
             while True:
                 data = app.receive_nowait(self.bufsize)

@@ -173,14 +173,23 @@ class TcpStream(NowaitStream):
             trio.BrokenResourceError: the connection was reset.
             trio.ClosedResourceError: the stream was closed.
         """
-        self._check_open()
-        with self._receiving:
-            return self._take(max_bytes)
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        # Synchronous, so no other call starts while this one runs: a
+        # task inside `receive_some` is the only conflict there can be,
+        # and marking the direction busy meanwhile would change nothing.
+        # (Called twice per wake-up of a flow: once for the data, once
+        # to find nothing more.)
+        receiving = self._receiving
+        if receiving._busy:
+            raise trio.BusyResourceError(receiving._message)
+        return self._take(max_bytes)
 
     def _take(self, max_bytes: int | None) -> bytes | None:
         """Take in-order data out of the connection; b"" at EOF, None if none yet."""
         while True:
-            self._check_open()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
             if self._rbuf:
                 if max_bytes is None or max_bytes >= len(self._rbuf):
                     data = bytes(self._rbuf)
@@ -236,13 +245,18 @@ class TcpStream(NowaitStream):
         `data` fits, the FIN is queued too, so that it leaves in the
         same segment as the data's end.
         """
-        with self._sending:
-            self._check_open()
-            if self._eof_sent:
-                raise trio.ClosedResourceError("send_eof() was called")
-            if isinstance(data, bytearray):
-                data = bytes(data)
-            return self._queue(data, eof=eof)
+        # Synchronous: checking for a task inside `send_all` is enough
+        # (see `receive_nowait`).
+        sending = self._sending
+        if sending._busy:
+            raise trio.BusyResourceError(sending._message)
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called")
+        if isinstance(data, bytearray):
+            data = bytes(data)
+        return self._queue(data, eof=eof)
 
     def send_eof_nowait(self) -> None:
         """`send_eof` without the checkpoint (see `send_nowait`)."""

@@ -111,3 +111,47 @@ def test_queue_drops_of_a_device_that_has_no_statistics_is_zero() -> None:
     finally:
         device.close()
         os.close(w)
+
+
+class _CountingTun(TunDevice):
+    """A device over a socketpair that counts its reads and the failed ones."""
+
+    def __init__(self, fd: int, *, offload: bool = False) -> None:
+        super().__init__(fd, name="fake0", mtu=1500, offload=offload)
+        self.reads = self.failed = 0
+
+    def _read_packet(self, fd: int, size: int) -> bytes:
+        self.reads += 1
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            self.failed += 1
+            raise
+
+
+def test_a_batch_of_one_packet_costs_one_read_and_a_longer_one_reads_until_empty() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    device = _CountingTun(ours.detach())
+    packets = [build_udp_packet(V4A, V4B, 53, 4000, bytes([i]) * (10 + i)) for i in range(5)]
+    try:
+        assert device.read_ready() == [] and (device.reads, device.failed) == (1, 1)
+        theirs.send(packets[0])
+        device.reads = device.failed = 0
+        assert [bytes(p.data) for p in device.read_ready()] == packets[:1]
+        assert (device.reads, device.failed) == (1, 0)  # no read that fails
+        for packet in packets:
+            theirs.send(packet)
+        device.reads = device.failed = 0
+        assert [bytes(p.data) for p in device.read_ready()] == packets
+        assert (device.reads, device.failed) == (6, 1)
+        for packet in packets:
+            theirs.send(packet)
+        assert [bytes(p.data) for p in device.read_ready(limit=2)] == packets[:2]
+        assert [bytes(p.data) for p in device.read_ready()] == packets[2:]
+        assert device.rx_packets == 11
+        assert device.rx_bytes == 2 * sum(map(len, packets)) + len(packets[0])
+    finally:
+        device.close()
+        theirs.close()

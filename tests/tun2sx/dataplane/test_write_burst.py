@@ -46,6 +46,9 @@ class _ScriptedStack:
     def next_deadline(self) -> float | None:
         return None
 
+    def take_moved_deadline(self) -> float | None:
+        return None
+
     def receive_batch(self, batch: list[RxPacket], now: float) -> list[object]:
         # Every batch carries segments of both flows: they are both active.
         self.output += self.on_read
