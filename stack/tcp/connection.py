@@ -39,7 +39,7 @@ from stack.tcp.events import (
     TcpStatistics,
     _Sentinel,
 )
-from stack.tcp.options import TIMESTAMP_OPTION_LEN, negotiate
+from stack.tcp.options import TIMESTAMP_OPTION_LEN, Negotiated, negotiate
 from stack.tcp.output import Output
 from stack.tcp.rcv import Receiver
 from stack.tcp.snd import OutputList, SegmentList, Sender
@@ -98,6 +98,7 @@ class TcpConnection:
         now: float,
         config: TcpConfig,
         on_change: Callable[[TcpConnection], object] | None = None,
+        negotiated: Negotiated | None = None,
     ) -> None:
         """Open passively from the application's SYN; a SYN-ACK is queued.
 
@@ -113,6 +114,8 @@ class TcpConnection:
                 one so it never has to scan idle connections. Calls the
                 demux makes itself (`segment_received`, `handle_timeout`)
                 do not notify.
+            negotiated: `negotiate(syn.options, config, ipv6)`, if the
+                caller has it at hand (the demux keeps them by SYN options).
 
         Raises:
             LocalProtocolError: `syn` is not a plain SYN.
@@ -126,7 +129,7 @@ class TcpConnection:
         self._irs = syn.seq
         self._state = _S.SYN_RECEIVED
         ipv6 = len(key.app_addr) == 16
-        neg = negotiate(syn.options, config, ipv6=ipv6)
+        neg = negotiated or negotiate(syn.options, config, ipv6=ipv6)
         self._ts = neg.timestamps
         # An application behind a link with a smaller MTU than the device's
         # (a LAN behind a router) announced a smaller MSS: the device must

@@ -45,11 +45,13 @@ from stack.tcp.config import TcpConfig
 from stack.tcp.connection import TcpConnection
 from stack.tcp.events import ConnectionRequest, DemuxStatistics, FlowKey
 from stack.tcp.groups import PendingGroups
+from stack.tcp.options import Negotiated, negotiate
 from stack.tcp.state import TcpState
 from stack.wire.tcp import ACK, FIN, RST, SYN, DataRun, TcpHeader
 
 _CONTROL = SYN | ACK | RST | FIN
 _MAX_QUEUED_RSTS = 4096  # beyond this, RSTs for unknown flows are dropped
+_MAX_NEGOTIATED = 64  # negotiations kept by the options offered
 
 
 class TcpDemux:
@@ -66,6 +68,7 @@ class TcpDemux:
         "_half_open",
         "_heap",
         "_moved",
+        "_negotiated",
         "_pending",
         "_rsts",
         "_scheduled",
@@ -95,6 +98,7 @@ class TcpDemux:
         # answered: the runtime's timer need only look at that.
         self._moved: float | None = None
         self._tiebreak = itertools.count()
+        self._negotiated: dict[tuple[object, ...], Negotiated] = {}
         self._rsts: list[tuple[FlowKey, TcpHeader, bytes | bytearray | memoryview]] = []
         self._counters = {
             "connection_requests": 0,
@@ -229,7 +233,20 @@ class TcpDemux:
             LocalProtocolError: no SYN is pending for `key`.
         """
         syn = self._pop_pending(key)
-        conn = TcpConnection(key, syn, iss, now, self._config, self._changed)
+        # Connections whose SYNs offered the same options share one
+        # negotiation (it is never changed): a lookup instead of a dozen
+        # calls per connection. The options an application's stack sends
+        # are few; a flood of varied ones only empties the table.
+        opts = syn.options
+        ipv6 = len(key.app_addr) == 16
+        offered = (opts.mss, opts.wscale, opts.sack_permitted, opts.timestamp is None, ipv6)
+        negotiated = self._negotiated
+        neg = negotiated.get(offered)
+        if neg is None:
+            if len(negotiated) >= _MAX_NEGOTIATED:
+                negotiated.clear()
+            neg = negotiated[offered] = negotiate(opts, self._config, ipv6)
+        conn = TcpConnection(key, syn, iss, now, self._config, self._changed, neg)
         self._connections[key] = conn
         self._half_open.add(conn)
         self._dirty.add(conn)

@@ -47,7 +47,15 @@ class PendingGroups:
         members = self._members.setdefault(group, {})
         old = len(members)
         members[key] = None
-        self._move(group, old, old + 1)
+        # The group moves to the next size's bucket (here and in `remove`
+        # written out, not in a helper: each runs twice per connection).
+        by_size = self._by_size
+        if old:
+            bucket = by_size[old]
+            del bucket[group]
+            if not bucket:
+                del by_size[old]
+        by_size.setdefault(old + 1, {})[group] = None
         if old + 1 > self._largest:
             self._largest = old + 1
 
@@ -58,18 +66,14 @@ class PendingGroups:
         del members[key]
         if not members:
             del self._members[group]
-        self._move(group, old, old - 1)
+        by_size = self._by_size
+        bucket = by_size[old]
+        del bucket[group]
+        if not bucket:
+            del by_size[old]
+        if old > 1:
+            by_size.setdefault(old - 1, {})[group] = None
         if old == self._largest and old not in self._by_size:
             # The group was the last of the largest size; it is now one
             # smaller, so the next size down is the largest (or none is).
             self._largest = old - 1
-
-    def _move(self, group: Hashable, old: int, new: int) -> None:
-        by_size = self._by_size
-        if old:
-            bucket = by_size[old]
-            del bucket[group]
-            if not bucket:
-                del by_size[old]
-        if new:
-            by_size.setdefault(new, {})[group] = None

@@ -22,6 +22,9 @@ TIMESTAMP_OPTION_LEN = 12  # NOP NOP kind len TSval TSecr, on every segment
 class Negotiated:
     """What the handshake settled.
 
+    Never changed once made: connections whose SYNs offered the same
+    options share one (`TcpDemux.accept`).
+
     Attributes:
         mss: the MSS we announce (the configured one for the flow's family).
         snd_mss: payload bytes per segment we send (the peer's MSS, capped

@@ -68,7 +68,39 @@ _RUN_V6: Final = struct.Struct("!44sI8sH14s")
 _PLAIN_V4: Final = struct.Struct("!2xH2xH4x4s4sHHIIBBHHHIII")
 _PLAIN_V6: Final = struct.Struct("!4xH2x16s16sHHIIBBHHHIII")
 
+# A SYN's options in Linux's layout (and Android's), 20 bytes:
+#
+#    0               1               2               3
+#   +-------+-------+---------------+
+#   | 2 MSS |   4   |  MSS value    |
+#   +-------+-------+-------+-------+
+#   |4 SACKP|   2   | 8 TS  |  10   |
+#   +-------+-------+-------+-------+
+#   |            TSval              |
+#   +-------------------------------+
+#   |            TSecr              |
+#   +-------+-------+-------+-------+
+#   | 1 NOP | 3 WS  |   3   | shift |
+#   +-------+-------+-------+-------+
+#
+# The plain parse reads the first two words where a timestamp-only header
+# has its option; the other three are read only for a header of this size.
+_MSS_WORD: Final = 0x0204
+_SACK_PERM_TS: Final = 0x0402080A
+_NOP_WS: Final = 0x010303
+_SYN_TAIL: Final = struct.Struct("!III")
+
 Segment = tuple[bytes, bytes, TcpHeader, memoryview]
+
+
+def _syn_options(buf: memoryview, at: int, word0: int) -> TcpOptions | None:
+    """The options of a SYN in Linux's layout (MSS, SACK permitted,
+    timestamps, window scale), `at` the offset of its TSval; None when
+    the last word is not NOP and window scale."""
+    tsval, tsecr, last = _SYN_TAIL.unpack_from(buf, at)
+    if last >> 8 != _NOP_WS:
+        return None
+    return _tuple_new(TcpOptions, (word0 & 0xFFFF, last & 0xFF, True, (), (tsval, tsecr)))
 
 
 def parse_plain_tcp_untrusted(
@@ -85,7 +117,8 @@ def parse_plain_tcp_untrusted(
     Returns:
         (src, dst, TCP header, payload view); None when the packet is not
         IPv4 without options or IPv6 without extension headers carrying TCP
-        with no options or only NOP NOP Timestamps, or anything about it
+        with no options, only NOP NOP Timestamps, or a SYN's options in
+        Linux's layout (`_syn_options`), or anything about it
         needs the general parser's judgement (fragments, bad lengths, a SYN
         with FIN or RST, a bad IP header checksum).
 
@@ -122,6 +155,11 @@ def parse_plain_tcp_untrusted(
             options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
         elif hlen == 20:
             options = NO_OPTIONS
+        elif hlen == 40 and n >= 60 and word0 >> 16 == _MSS_WORD and tsval == _SACK_PERM_TS:
+            syn_options = _syn_options(buf, 48, word0)
+            if syn_options is None:
+                return None
+            options = syn_options
         else:
             return None
         if (
@@ -167,6 +205,11 @@ def parse_plain_tcp_untrusted(
         options = _tuple_new(TcpOptions, (None, None, False, (), (tsval, tsecr)))
     elif hlen == 20:
         options = NO_OPTIONS
+    elif hlen == 40 and n >= 80 and word0 >> 16 == _MSS_WORD and tsval == _SACK_PERM_TS:
+        syn_options = _syn_options(buf, 68, word0)
+        if syn_options is None:
+            return None
+        options = syn_options
     else:
         return None
     total = 40 + length

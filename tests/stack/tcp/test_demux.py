@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stack.errors import LocalProtocolError
 from stack.tcp import ConnectionRequest, FlowKey, TcpConfig, TcpConnection, TcpDemux, TcpState
-from stack.wire.tcp import TcpHeader
+from stack.wire.tcp import TcpHeader, TcpOptions
 
-from .helpers import ACK, APP_ISN, FIN, KEY, RST, SRV_ISS, SYN, App, s
+from .helpers import ACK, APP_ISN, FIN, KEY, KEY6, RST, SRV_ISS, SYN, App, s
 
 
 def key(port: int) -> FlowKey:
@@ -471,3 +473,43 @@ def test_has_output_says_whether_anything_is_due_or_a_deadline_may_have_moved() 
     assert demux.has_output()  # an RST for the unknown flow
     assert [h.flags for _, h, _ in demux.segments_to_send(0.3)] == [RST]
     assert not demux.has_output() and demux.segments_to_send(0.4) == []
+
+
+SYN_OPTIONS = st.builds(
+    TcpOptions,
+    mss=st.sampled_from([None, 0, 536, 1220, 1460, 9000]),
+    wscale=st.sampled_from([None, 0, 7, 14, 15]),
+    sack_permitted=st.booleans(),
+    timestamp=st.none() | st.just((1000, 0)),
+)
+
+
+@given(
+    st.lists(st.tuples(SYN_OPTIONS, st.booleans()), min_size=1, max_size=8),
+    st.sampled_from([TcpConfig(), TcpConfig(mss_ipv6=1200, sack=False, rcv_buf=1 << 16)]),
+)
+def test_connections_accepted_by_the_demux_act_as_ones_opened_alone(
+    syns: list[tuple[TcpOptions, bool]], config: TcpConfig
+) -> None:
+    """The demux shares one negotiation among SYNs that offered the same
+    options: each connection still answers and sends as one opened from
+    its own SYN does (SYN-ACK, packet limit, segment sizes)."""
+    demux = TcpDemux(config)
+    for port, (options, ipv6) in enumerate(syns, 1000):
+        k = (KEY6 if ipv6 else KEY)._replace(app_port=port)
+        syn = TcpHeader(port, 443, APP_ISN, 0, SYN, 65535, options=options)
+        assert isinstance(demux.segment_received(k, syn, b"", 0.0), ConnectionRequest)
+        shared = demux.accept(k, SRV_ISS, 0.0)
+        alone = TcpConnection(k, syn, SRV_ISS, 0.0, config)
+        assert shared.packet_limit == alone.packet_limit
+        ts = None if options.timestamp is None else (1001, (SRV_ISS + 0) & 0xFFFFFFFF)
+        ack = TcpHeader(port, 443, s(APP_ISN + 1), s(SRV_ISS + 1), ACK, 65535)
+        ack = ack._replace(options=TcpOptions(timestamp=ts))
+        sent = []
+        for conn in (shared, alone):
+            synack = conn.segments_to_send(0.0)
+            conn.segment_received(ack, b"", 0.001)
+            conn.send(bytes(20000))
+            sent.append((synack, conn.segments_to_send(0.001)))
+        assert shared.state is TcpState.ESTABLISHED and len(sent[0][1]) > 1
+        assert sent[0] == sent[1]

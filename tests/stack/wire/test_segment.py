@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from stack.errors import BadPacket
 from stack.wire.packet import build_tcp_packet, build_udp_packet, parse_packet_untrusted
 from stack.wire.segment import TcpTemplate, parse_plain_tcp_untrusted, source_address
-from stack.wire.tcp import ACK, FIN, PSH, RST, DataRun, TcpHeader, TcpOptions
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, DataRun, TcpHeader, TcpOptions
 from tests.stack.wire.strategies import address_pairs, payloads, tcp_headers, u16, u32
 
 A4, B4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
@@ -30,6 +30,37 @@ ts_headers = st.builds(
     u16,
     u16,
     st.tuples(u32, u32).map(lambda ts: TcpOptions(timestamp=ts)),
+)
+
+# SYNs as Linux sends them: MSS, SACK permitted, timestamps, window scale
+# (20 bytes of options, the layout the fast parse takes), with any flags.
+syn_headers = st.builds(
+    TcpHeader,
+    u16,
+    u16,
+    u32,
+    u32,
+    st.sampled_from([SYN, SYN | ACK, ACK, SYN | PSH, FIN | ACK]),
+    u16,
+    u16,
+    u16,
+    st.builds(
+        TcpOptions,
+        mss=u16,
+        wscale=st.integers(0, 255),
+        sack_permitted=st.just(True),
+        sack_blocks=st.just(()),
+        timestamp=st.tuples(u32, u32),
+    ),
+)
+LINUX_SYN = TcpHeader(
+    40000,
+    443,
+    7,
+    0,
+    SYN,
+    64240,
+    options=TcpOptions(mss=1460, wscale=7, sack_permitted=True, timestamp=(1, 0)),
 )
 
 
@@ -109,7 +140,7 @@ def _general(buf: memoryview, verify: bool) -> object:
 
 @given(
     st.sampled_from([(A4, B4), (A6, B6)]),
-    ts_headers | tcp_headers(),
+    ts_headers | syn_headers | tcp_headers(),
     payloads,
     st.integers(0, 100),
     st.sampled_from([0x00, 0x01, 0x06, 0x10, 0x45, 0x60, 0xFF]),
@@ -132,19 +163,35 @@ def test_fast_parse_agrees_with_the_general_parser(
         assert (src, dst, hdr, bytes(payload)) == _general(buf, verify)
 
 
+@given(st.sampled_from([(A4, B4), (A6, B6)]), syn_headers, payloads, st.booleans())
+def test_a_syn_in_linux_layout_is_taken_by_the_fast_parse_as_the_general_parser_reads_it(
+    addrs: tuple[bytes, bytes], h: TcpHeader, data: bytes, verify: bool
+) -> None:
+    buf = memoryview(build_tcp_packet(*addrs, h, data))
+    got = parse_plain_tcp_untrusted(buf, verify)
+    assert got is not None
+    src, dst, hdr, payload = got
+    assert (src, dst, hdr, bytes(payload)) == _general(buf, verify)
+
+
 def test_fast_parse_takes_the_common_shapes_only() -> None:
     data = b"x" * 100
     for src, dst in ((A4, B4), (A6, B6)):
-        for h in (TS_ACK, TS_ACK._replace(options=TcpOptions())):
+        for h in (TS_ACK, TS_ACK._replace(options=TcpOptions()), LINUX_SYN):
             got = parse_plain_tcp_untrusted(memoryview(build_tcp_packet(src, dst, h, data)), True)
             assert got is not None and got[2] == h._replace(checksum=got[2].checksum)
             assert (got[0], got[1], bytes(got[3])) == (src, dst, data)
     sack = TS_ACK._replace(options=TcpOptions(sack_blocks=((1, 2),), timestamp=(5, 6)))
+    # A SYN in another layout (without timestamps, or without window scale).
+    no_ts = LINUX_SYN._replace(options=LINUX_SYN.options._replace(timestamp=None))
+    no_ws = LINUX_SYN._replace(options=LINUX_SYN.options._replace(wscale=None))
     v6 = bytearray(build_tcp_packet(A6, B6, TS_ACK, data))
     v6[6] = 60  # a Destination Options header in front (as the general parser sees it)
     others = [
         build_tcp_packet(A4, B4, sack, data),  # other options
         build_tcp_packet(A6, B6, sack, data),
+        build_tcp_packet(A4, B4, no_ts),
+        build_tcp_packet(A6, B6, no_ws),
         build_udp_packet(A4, B4, 1, 2, data),  # not TCP
         build_udp_packet(A6, B6, 1, 2, data),
         bytes(v6),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -17,6 +18,7 @@ from stack.wire.tcp import (
     SYN,
     TcpHeader,
     TcpOptions,
+    _emit_options_general,
     emit_options,
     emit_tcp_header,
     parse_tcp_untrusted,
@@ -63,6 +65,48 @@ def test_timestamp_fast_path_equals_general_parse() -> None:
 def test_linux_syn_options() -> None:
     raw = bytes.fromhex("020405b40402080a0000000100000000" + "01030307")
     assert options_of(raw) == TcpOptions(1460, 7, True, (), (1, 0))
+
+
+def _emitted(emit: Callable[[TcpOptions], bytes], options: TcpOptions) -> object:
+    try:
+        return emit(options)
+    except (ValueError, struct.error) as exc:
+        return type(exc)
+
+
+_full_syn_options = st.builds(
+    TcpOptions,
+    st.integers(-1, 1 << 16),
+    st.integers(-1, 256),
+    st.just(True),
+    st.just(()),
+    st.tuples(st.integers(-1, 1 << 32), st.integers(0, 1 << 32)),
+)
+_any_options = st.builds(
+    TcpOptions,
+    st.none() | st.integers(-1, 1 << 16),
+    st.none() | st.integers(-1, 256),
+    st.booleans(),
+    st.sampled_from([(), ((1, 2),)]),
+    st.none() | st.tuples(st.integers(-1, 1 << 32), st.integers(0, 1 << 32)),
+)
+
+
+@given(_full_syn_options | _any_options)
+def test_syn_options_fast_emit_equals_the_general_one(options: TcpOptions) -> None:
+    """All four SYN options in one pack: the general path's bytes, and an
+    out-of-range field still rejected (as `ValueError`)."""
+    fast = _emitted(emit_options, options)
+    general = _emitted(_emit_options_general, options)
+    if isinstance(general, bytes):
+        assert fast == general
+    else:
+        assert fast is ValueError
+
+
+def test_linux_syn_options_are_emitted_in_linux_layout() -> None:
+    raw = bytes.fromhex("020405b40402080a0000000100000000" + "01030307")
+    assert emit_options(TcpOptions(1460, 7, True, (), (1, 0))) == raw
 
 
 def test_sack_blocks() -> None:
