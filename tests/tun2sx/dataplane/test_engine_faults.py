@@ -239,6 +239,32 @@ async def test_stopping_the_engine_resets_an_idle_flow(
     assert hdr.flags & RST and not hdr.flags & FIN, hdr
 
 
+async def test_stopping_the_engine_refuses_a_syn_held_while_its_outbound_connects(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """A SYN held while the outbound connects is no connection yet, but its
+    application waits in connect(): the stop answers it with an RST, as it
+    resets the connections. Unanswered, the application's kernel resends
+    the SYN into a device that is gone until its own timeout (two minutes
+    on Linux)."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        with trio.fail_after(10):
+            while engine.statistics()["tcp_pending"] != 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+
+
 async def test_connections_split_ipv6_application_addresses_from_their_port(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
