@@ -265,6 +265,36 @@ async def test_stopping_the_engine_refuses_a_syn_held_while_its_outbound_connect
     assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
 
 
+class UnreadTun(TunDevice):
+    """A device whose reader never gets a batch: what arrives stays in it."""
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """A SYN that reached the device as the engine stopped, before the
+    reader took it, is refused too: its application waits in connect()
+    as well, and the device is about to go."""
+    fd, app_sock = pair
+    device = UnreadTun(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+
+
 async def test_connections_split_ipv6_application_addresses_from_their_port(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
