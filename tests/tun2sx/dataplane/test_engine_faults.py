@@ -295,6 +295,33 @@ async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
     assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
 
 
+async def test_a_syn_after_the_engine_stopped_is_refused_before_the_device_closes(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """Between the engine's stop and the device's close applications keep
+    connecting; whoever closes the device refuses what it took meanwhile,
+    and an old connection's segment gets its RST too."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        nursery.cancel_scope.cancel()
+    app = AppSide(app_sock)
+    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+    await app.send(syn)
+    await app.send(TcpHeader(APP_PORT + 1, REMOTE_PORT, APP_ISN, 77, ACK, 65535))
+    engine.refuse_unread()
+    device.close()
+    with trio.fail_after(10):
+        answers = [(await app.receive())[0] for _ in range(2)]
+    assert sorted((h.dst_port, h.flags, h.ack) for h in answers) == [
+        (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+        (APP_PORT + 1, RST, 0),
+    ]
+    assert engine.statistics()["tcp_pending"] == 0
+
+
 async def test_connections_split_ipv6_application_addresses_from_their_port(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
