@@ -55,12 +55,17 @@ class Tally:
         self.done: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
         self.details: list[str] = []
+        self.notes: list[str] = []
         self.bytes = 0
 
     def ok(self, kind: str, size: int = 0) -> None:
         with self.lock:
             self.done[kind] += 1
             self.bytes += size
+
+    def note(self, what: str) -> None:
+        with self.lock:
+            self.notes.append(what)
 
     def fail(self, kind: str, why: str) -> None:
         with self.lock:
@@ -272,6 +277,7 @@ def udp(tally: Tally, end: float, seed: int) -> None:
     echo.settimeout(3)
     echo.connect((_address(socket.AF_INET), UDP_ECHO))
     sent = 0
+    sent_at: dict[int, float] = {}
     try:
         while time.monotonic() < end:
             qid = rng.randrange(65536)
@@ -293,8 +299,11 @@ def udp(tally: Tally, end: float, seed: int) -> None:
                 echo.send(msg)
                 # A datagram may be lost (UDP): a reply to an earlier one
                 # that came late is skipped; a wrong one must not arrive.
+                sent_at[sent] = time.monotonic()
                 while (got := echo.recv(65535))[:4] != msg[:4] and got[:4] < msg[:4]:
                     tally.ok("udp-echo-late")
+                    late = struct.unpack("!I", got[:4])[0]
+                    tally.note(f"echo {late} came {time.monotonic() - sent_at[late]:.2f} s late")
                 if got == msg:
                     tally.ok("udp-echo", len(msg))
                 else:
@@ -346,6 +355,7 @@ def main() -> None:
                 "done": dict(tally.done),
                 "failed": dict(tally.failed),
                 "details": tally.details,
+                "notes": tally.notes[:20],
                 "bytes": tally.bytes,
                 "stuck_threads": sum(t.is_alive() for t in threads),
             }
