@@ -197,11 +197,6 @@ class Engine:
         Without it applications retransmit into a TUN that no longer answers
         until their own timeouts (minutes): a hang.
         """
-        # What the device still holds (SYNs sent as the stop began): their
-        # flows start in the cancelled nursery and refuse them as they end.
-        with contextlib.suppress(TunError, OSError):
-            if batch := self.device.read_ready():
-                self._take(batch)
         for conn in list(self.stack.tcp.connections.values()):
             conn.abort()
         # The device may already be gone, or refuse a packet of the queue

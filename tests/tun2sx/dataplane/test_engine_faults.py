@@ -277,8 +277,8 @@ async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
     """A SYN that reached the device as the engine stopped, before the
-    reader took it, is refused too: its application waits in connect()
-    as well, and the device is about to go."""
+    reader took it, is refused too, by whoever closes the device (as
+    `serve` does): its application waits in connect() as well."""
     fd, app_sock = pair
     device = UnreadTun(fd, name="fake0", mtu=1500, offload=False)
     async with trio.open_nursery() as nursery:
@@ -289,6 +289,7 @@ async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
         await app.send(syn)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
+    engine.refuse_unread()
     device.close()
     with trio.fail_after(10):
         hdr, _ = await app.receive()
