@@ -493,6 +493,15 @@ class TcpConnection:
         ack_only = False
         if not ok:
             if flags & RST:
+                if seq == nxt + wnd:
+                    # An application that filled the window we promised
+                    # and then reset (SO_LINGER 0) puts its RST at the
+                    # window's right edge; behind a lost segment it is
+                    # the last thing it sends. Linux takes the edge as in
+                    # the window (tcp_sequence: not after it), so the
+                    # challenge ACK draws the exact RST from its kernel;
+                    # dropped, the flow would wait for the idle timeout.
+                    self._challenge_ack(now)
                 return
             if seg_len and seq + seg_len <= nxt:
                 n.dup_segments += 1

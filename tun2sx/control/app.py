@@ -724,6 +724,7 @@ async def _serve(
     router = routing.router
     stats_endpoint = _stats_endpoint(settings)
     store = dns = None
+    engine: Engine | None = None
     try:
         if device is None:
             device = open_device(settings)
@@ -820,6 +821,8 @@ async def _serve(
                         outbound.close_spare()
     finally:
         if device is not None:
+            if engine is not None:
+                engine.refuse_unread()
             device.close()
         if store is not None:
             store.close()

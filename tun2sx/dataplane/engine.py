@@ -208,6 +208,25 @@ class Engine:
             with contextlib.suppress(OSError):
                 step()
 
+    def refuse_unread(self) -> None:
+        """Refuse the SYNs the device took after the engine stopped.
+
+        Between the stop and the device's close (the flows and the
+        controller end, the routes go), applications keep connecting, and
+        a SYN nobody answers leaves its application in connect() until its
+        own timeout: once the device is gone its kernel resends the SYN
+        into no route. Called by whoever closes the device, just before.
+        """
+        with contextlib.suppress(TunError, OSError):
+            now = self._now()
+            tcp = self.stack.tcp
+            for event in self.stack.receive_batch(self.device.read_ready(), now):
+                if type(event) is ConnectionRequest and tcp.is_pending(event.key):
+                    tcp.refuse(event.key, now)
+            for _key, packets in self.stack.packets_by_flow(now):
+                for packet in packets:
+                    self.device.write(packet)
+
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
 

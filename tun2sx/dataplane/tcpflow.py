@@ -26,6 +26,7 @@ once, without a flow task or a dial, for a short back-off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -151,8 +152,19 @@ class TcpFlows:
             if stream is not None:
                 stream.abort()
         finally:
+            # Absent, or ours: a SYN still pending for the key is this
+            # flow's (after an eviction a later flow's scope is there).
+            owner = self._dialing.get(request.key, scope) is scope
             if self._dialing.get(request.key) is scope:
                 del self._dialing[request.key]
+            if owner and engine.stack.tcp.is_pending(request.key):
+                # Cut short with its SYN still held (the engine stops while
+                # the outbound connects): its application waits in
+                # connect() and would resend the SYN into a device about
+                # to go until its own timeout. Refused, connect() fails now.
+                engine.stack.tcp.refuse(request.key, trio.current_time())
+                with contextlib.suppress(OSError):  # the device may be gone
+                    engine.flush()
 
     async def _run(self, request: ConnectionRequest, scope: trio.CancelScope, now: float) -> None:
         """The held SYN's flow; `now` is when the SYN came (trio time): the

@@ -9,6 +9,8 @@ from stack.tcp import Closed, ConnectionReset, DataReceived, EofReceived, TcpCon
 from .fixtures import (
     CFG,
     CLOSE_WAIT_AT,
+    PAYLOAD,
+    SHIFT,
     close_wait,
     established,
     fin_wait_1,
@@ -209,3 +211,37 @@ def test_keepalive_probes_then_resets() -> None:
         assert len(conn.segments_to_send(t)) == 1
     conn.handle_timeout(22.02)
     assert observe(conn, app, 22.02)[2] == [ConnectionReset(), Closed()]
+
+
+def test_an_rst_at_the_edge_of_our_window_behind_a_lost_segment_draws_a_challenge_ack() -> None:
+    """An application that filled the window we promised and then closed
+    with SO_LINGER 0 sends its RST at that window's right edge. With a
+    segment before it lost, the RST is not exact; dropped without a word,
+    nothing more comes from the application's side (its socket is gone)
+    and the flow stays open until the idle timeout, hours later. Answered
+    with a challenge ACK, as Linux answers an RST at its window's edge,
+    the application's kernel resets at the exact sequence."""
+    conn, app = established()
+    # Data nobody takes yet (the outbound is slow): the window closes in.
+    for _ in range(60):
+        conn.segment_received(*app.seg(ACK, b"d" * PAYLOAD), 0.02)
+    conn.handle_timeout(0.02 + CFG.delayed_ack)
+    *_, last_ack = app.absorb(conn.segments_to_send(0.02 + CFG.delayed_ack))
+    edge = s(last_ack.ack + (last_ack.window << SHIFT))
+    assert last_ack.ack == app.nxt and 0 < edge - app.nxt < 50_000
+    lost = app.nxt
+    tail = b"x" * 500
+    conn.segment_received(*app.seg(ACK, tail, seq=s(edge - len(tail))), 0.1)
+    [dup] = app.absorb(conn.segments_to_send(0.1))
+    assert (dup.ack, s(dup.ack + (dup.window << SHIFT))) == (lost, edge)  # the hole; same edge
+    conn.segment_received(*app.seg(RST, seq=edge), 0.15)
+    segs = app.absorb(conn.segments_to_send(0.15))
+    assert (conn.state, [(x.ack, x.flags) for x in segs]) == (TcpState.ESTABLISHED, [(lost, ACK)])
+    # The application's kernel answers the ACK with an RST at its SEG.ACK.
+    conn.segment_received(*app.seg(RST, seq=lost), 0.16)
+    state, segs, events = observe(conn, app, 0.16)
+    assert (state, segs, events[-2:]) == (TcpState.CLOSED, [], [ConnectionReset(), Closed()])
+    # Beyond the edge it is still dropped without an answer.
+    conn2, app2 = established()
+    conn2.segment_received(*app2.seg(RST, seq=s(app2.nxt + 10_000_000)), 0.1)
+    assert observe(conn2, app2, 0.1) == (TcpState.ESTABLISHED, [], [])

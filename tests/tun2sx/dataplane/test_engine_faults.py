@@ -239,6 +239,90 @@ async def test_stopping_the_engine_resets_an_idle_flow(
     assert hdr.flags & RST and not hdr.flags & FIN, hdr
 
 
+async def test_stopping_the_engine_refuses_a_syn_held_while_its_outbound_connects(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """A SYN held while the outbound connects is no connection yet, but its
+    application waits in connect(): the stop answers it with an RST, as it
+    resets the connections. Unanswered, the application's kernel resends
+    the SYN into a device that is gone until its own timeout (two minutes
+    on Linux)."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        with trio.fail_after(10):
+            while engine.statistics()["tcp_pending"] != 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+
+
+class UnreadTun(TunDevice):
+    """A device whose reader never gets a batch: what arrives stays in it."""
+
+    async def read_batch(self, limit: int = 256) -> list[RxPacket]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """A SYN that reached the device as the engine stopped, before the
+    reader took it, is refused too, by whoever closes the device (as
+    `serve` does): its application waits in connect() as well."""
+    fd, app_sock = pair
+    device = UnreadTun(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        await app.send(syn)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    engine.refuse_unread()
+    device.close()
+    with trio.fail_after(10):
+        hdr, _ = await app.receive()
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+
+
+async def test_a_syn_after_the_engine_stopped_is_refused_before_the_device_closes(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """Between the engine's stop and the device's close applications keep
+    connecting; whoever closes the device refuses what it took meanwhile,
+    and an old connection's segment gets its RST too."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        nursery.cancel_scope.cancel()
+    app = AppSide(app_sock)
+    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+    await app.send(syn)
+    await app.send(TcpHeader(APP_PORT + 1, REMOTE_PORT, APP_ISN, 77, ACK, 65535))
+    engine.refuse_unread()
+    device.close()
+    with trio.fail_after(10):
+        answers = [(await app.receive())[0] for _ in range(2)]
+    assert sorted((h.dst_port, h.flags, h.ack) for h in answers) == [
+        (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+        (APP_PORT + 1, RST, 0),
+    ]
+    assert engine.statistics()["tcp_pending"] == 0
+
+
 async def test_connections_split_ipv6_application_addresses_from_their_port(
     pair: tuple[int, trio.socket.SocketType],
 ) -> None:
