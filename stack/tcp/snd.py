@@ -503,6 +503,28 @@ class Sender:
 
     # ---------------------------------------------------------------- output
 
+    def nothing_due(self) -> bool:
+        """Return True when `output` would append nothing and change nothing.
+
+        That is: everything queued is sent (SND.NXT = SND.MAX = the buffer's
+        end) and our FIN too if queued, no probe of either kind is due, no
+        persist timer runs (`output` would clear it), and either nothing is
+        in flight or, outside loss recovery (no retransmission can be due
+        then), the tail loss probe is armed already (`output` would arm
+        it). Data held back by the window, cwnd or silly window avoidance
+        is left to `output`, as is everything in recovery.
+        """
+        nxt = self.nxt
+        if nxt != self.max or nxt != self._buf.end or self.probe_due or self._tlp_due:
+            return False
+        fin_at = self.fin_at
+        if fin_at is not None and fin_at >= nxt:
+            return False
+        t = self._timers
+        if t.persist is not None:
+            return False
+        return nxt == self.una or (t.tlp is not None and not self._cc.in_recovery)
+
     def output(self, now: float, writer: HeaderWriter, out: OutputList) -> None:
         """Append every segment due now to `out`: data, retransmissions, probes.
 
