@@ -661,17 +661,29 @@ class TcpConnection:
             if snd.synack_due:
                 out.append((writer.synack(now), b""))
                 snd.synack_sent(now)
-        else:
-            writer.begin(now, runs)
-            snd.output(now, writer, out)
-            if self._rcv.ack_due:
-                out.append((writer.header(snd.nxt, ACK), b""))
+        elif self._rcv.ack_due or not snd.nothing_due():
+            self._emit(now, runs, out)
+        # Else nothing is due (a flush after an ACK that left nothing to
+        # answer, the handshake's among them): `_emit` would build the
+        # options and run the sender's output loop to append no segment
+        # and change nothing (tests/stack/tcp/test_quiet_output.py).
+        if not out:
+            return
         count = len(out)
         if runs:
             for hdr, _ in out:
                 if type(hdr) is DataRun:
                     count += len(hdr.payloads) - 1
         self._n.segments_out += count
+
+    def _emit(self, now: float, runs: bool, out: OutputList) -> None:
+        """Append the segments of an established connection: data, probes, the owed ACK."""
+        writer = self._out
+        snd = self._snd
+        writer.begin(now, runs)
+        snd.output(now, writer, out)
+        if self._rcv.ack_due:
+            out.append((writer.header(snd.nxt, ACK), b""))
 
     # ---------------------------------------------------------------- helpers
 

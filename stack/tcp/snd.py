@@ -300,6 +300,21 @@ class Sender:
             if window:
                 self._timers.persist = None
         self._probes_unanswered = 0
+        if (
+            ack == self.max
+            and ack > self.una
+            and not hdr.options.sack_blocks
+            and not self._cc.in_recovery
+            and not self._sb
+            and not (self._sack and self._rack.retransmitting())
+        ):
+            return self._ack_all(hdr, ack, now)
+        return self._ack_general(hdr, ack, plen, now, window_changed)
+
+    def _ack_general(
+        self, hdr: TcpHeader, ack: int, plen: int, now: float, window_changed: bool
+    ) -> bool:
+        """`on_ack`'s work after the window update: any acceptable ACK."""
         blocks = hdr.options.sack_blocks
         sack = self._sack
         sb = self._sb
@@ -332,6 +347,56 @@ class Sender:
             self._cc.on_delivered(delivered, max(self.una, sb.high()), self.max, now)
             self._rack_detect(now, delivered)
         return fin_acked
+
+    def _ack_all(self, hdr: TcpHeader, ack: int, now: float) -> bool:
+        """`on_ack`'s work for an ACK of everything sent, after the window update.
+
+        The common ACK: a round trip's request ACKing the whole answer, the
+        ACK of our FIN. Outside recovery, with nothing SACKed before it or
+        in it and no retransmission tracked, the scoreboard stays empty,
+        no duplicate ACK is counted, the congestion window only grows, the
+        delivery round ends at `ack` at most, and RACK judges nothing lost
+        (`Rack.all_delivered`), so no RTO, probe or reordering timer stays
+        armed. The same state as `_new_ack` and `_rack_detect` leave
+        (tests/stack/tcp/test_ack_all.py).
+        """
+        una = self.una
+        fin_at = self.fin_at
+        self.una = ack
+        self._buf.release(ack)
+        if self.nxt < ack:
+            self.nxt = ack
+        rtt = self._rtt
+        ts = hdr.options.timestamp if self._ts else None
+        if ts is not None and ts[1]:
+            self._sample_ts(ts[1], now)
+        elif self._rtt_seq is not None and ack >= self._rtt_seq:
+            rtt.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        rtt.backoff = 0
+        self._retries = 0
+        skipped_to = self._skipped_to
+        base = una
+        if skipped_to:
+            # The skipped ACKs grew the window and counted their delivery
+            # already (`skipped_ack`).
+            self._skipped_to = 0
+            if skipped_to > una:
+                base = skipped_to
+        cc = self._cc
+        cc.on_ack(ack - (skipped_to or una), ack, 0)
+        timers = self._timers
+        timers.rto = timers.tlp = None
+        self._tlp_count = 0
+        self._rxt_mark = 0
+        if self._sack:
+            cc.on_delivered(ack - base, ack, ack, now)
+            rack = self._rack
+            rack.all_delivered(ack, now)
+            cc.min_rtt = rack.min_rtt
+            timers.rack = None
+            cc.rack_lost = rack.lost_end
+        return fin_at is not None and una <= fin_at < ack
 
     def _advance(self, ack: int) -> None:
         self.una = ack
@@ -502,6 +567,28 @@ class Sender:
             self._timers.rto = now + self._rtt.rto()
 
     # ---------------------------------------------------------------- output
+
+    def nothing_due(self) -> bool:
+        """Return True when `output` would append nothing and change nothing.
+
+        That is: everything queued is sent (SND.NXT = SND.MAX = the buffer's
+        end) and our FIN too if queued, no probe of either kind is due, no
+        persist timer runs (`output` would clear it), and either nothing is
+        in flight or, outside loss recovery (no retransmission can be due
+        then), the tail loss probe is armed already (`output` would arm
+        it). Data held back by the window, cwnd or silly window avoidance
+        is left to `output`, as is everything in recovery.
+        """
+        nxt = self.nxt
+        if nxt != self.max or nxt != self._buf.end or self.probe_due or self._tlp_due:
+            return False
+        fin_at = self.fin_at
+        if fin_at is not None and fin_at >= nxt:
+            return False
+        t = self._timers
+        if t.persist is not None:
+            return False
+        return nxt == self.una or (t.tlp is not None and not self._cc.in_recovery)
 
     def output(self, now: float, writer: HeaderWriter, out: OutputList) -> None:
         """Append every segment due now to `out`: data, retransmissions, probes.
