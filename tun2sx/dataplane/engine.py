@@ -3,8 +3,8 @@
 One reader task drains the TUN in batches and feeds the sans-I/O `NetStack`;
 after each batch it writes every packet the stack produced (so ACKs for a
 whole batch go out together) and wakes the streams whose connections
-changed. No flow writes more than `EngineConfig.write_burst` packets in one
-step: the rest of a long run waits in the engine's write queue, which a
+changed. No flow writes more than `EngineConfig.write_burst` bytes in one
+step while others are active: the rest of a long run waits in the engine's write queue, which a
 drain task writes a burst per flow per trio round, so the reader, the
 timers and other flows get their turns in between. One timer task sleeps
 until the stack's next deadline; the deadline is a cancel scope that
@@ -50,6 +50,24 @@ log = logging.getLogger("tun2sx")
 # and runs of packets in bursts.
 _CROWDED_FOR = 1.0
 _WHOLE = 1 << 62  # no burst limit
+
+
+def burst_end(packets: list[bytes | GsoPacket], budget: int) -> int:
+    """How many of `packets` one burst of `budget` bytes writes.
+
+    Packets go while fewer than `budget` bytes went before them, so a
+    burst is at least one packet and at most one packet over the budget.
+    Counted in bytes, not packets: what a TUN write costs is mostly the
+    application's kernel receiving it, in that system call, and that grows
+    with the bytes (a 64 KiB super-segment costs about as much as 40
+    packets of 1500 octets).
+    """
+    sent = 0
+    for i, packet in enumerate(packets):
+        if sent >= budget:
+            return i
+        sent += len(packet.data) if type(packet) is GsoPacket else len(packet)
+    return len(packets)
 
 
 class Engine:
@@ -209,7 +227,7 @@ class Engine:
         """Write the packets the stack has ready, and re-arm the timer.
 
         While other flows are active (see `read_size`), a flow's first
-        `write_burst` packets go now, the rest to the write queue
+        `write_burst` bytes go now (`burst_end`), the rest to the write queue
         (`_drain_loop`); a flow with packets queued adds its new ones
         behind them, so its packets leave in order. Other flows' packets,
         and UDP and ICMP, do not wait behind the queue: a round trip beside
@@ -232,9 +250,11 @@ class Engine:
             if queued and key in queued:
                 queued[key] += packets
                 continue
-            if len(packets) > burst and key is not None:
-                queued[key] = packets[burst:]
-                del packets[burst:]
+            if burst != _WHOLE and key is not None and len(packets) > 1:
+                end = burst_end(packets, burst)
+                if end < len(packets):
+                    queued[key] = packets[end:]
+                    del packets[end:]
             for packet in packets:
                 write(packet)
         if queued and self._drainer is not None:
@@ -262,9 +282,10 @@ class Engine:
                 # Off the queue before it is written: if a write raises
                 # (and ends the engine), `reset_all` does not write the
                 # burst's packets a second time.
-                run = packets[:burst]
-                if len(packets) > burst:
-                    del packets[:burst]
+                end = burst_end(packets, burst)
+                run = packets[:end]
+                if end < len(packets):
+                    del packets[:end]
                 else:
                     del queued[key]
                 for packet in run:

@@ -9,11 +9,14 @@ import socket
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
+from stack.netstack import GsoPacket
 from stack.tcp import FlowKey, TcpConfig, TcpConnection
 from stack.wire.tcp import SYN, TcpHeader
 from tun2sx.dataplane.context import EngineConfig
-from tun2sx.dataplane.engine import Engine
+from tun2sx.dataplane.engine import Engine, burst_end
 from tun2sx.dataplane.tun import RxPacket, TunDevice, TunError
 from tun2sx.naming.router import Router
 
@@ -72,7 +75,7 @@ class _Tun:
     """A device that reads what the test hands it and records what is written."""
 
     def __init__(self) -> None:
-        self.written: list[bytes] = []
+        self.written: list[bytes | GsoPacket] = []
         self.send, self.receive = trio.open_memory_channel[list[RxPacket] | OSError](1)
         self.refused: bytes | None = None  # a packet every write of which fails
 
@@ -90,25 +93,29 @@ class _Tun:
         await self.send.send([RxPacket(memoryview(b"segments"), False)])
         await trio.testing.wait_all_tasks_blocked()
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes | GsoPacket) -> None:
         if packet == self.refused:
             # Not one of the errors a `TunDevice` drops and counts: it raises.
             raise OSError(errno.EINVAL, "Invalid argument")
         self.written.append(packet)
 
 
+_SIZE = 100  # octets of each packet of a run
+_BURST = 4 * _SIZE  # a burst: four packets of a run
+
+
 def _packets(name: str, count: int) -> list[bytes]:
-    return [f"{name}{i}".encode() for i in range(count)]
+    return [f"{name}{i}".encode().ljust(_SIZE, b".") for i in range(count)]
 
 
 async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """A download's 10 segments: 4 leave at once, the rest in later rounds of
+    """A download's 10 segments: 4 (a burst's bytes) leave at once, the rest in later rounds of
     the engine; a round trip's answer made meanwhile leaves at once, not
     behind them, and the download's own next segment waits behind its run."""
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk, answer = _packets("bulk", 11), b"answer"
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -122,6 +129,59 @@ async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
         assert device.written == [*bulk[:4], answer]
         await trio.testing.wait_all_tasks_blocked()
         assert device.written == [*bulk[:4], answer, *bulk[4:]]
+        nursery.cancel_scope.cancel()
+
+
+@given(
+    sizes=st.lists(st.integers(1, 70_000), max_size=40),
+    budget=st.integers(1, 200_000),
+)
+def test_a_burst_is_the_packets_that_start_within_its_bytes(sizes: list[int], budget: int) -> None:
+    """A burst writes packets while fewer than its budget of bytes went
+    before them: at least one packet, never a packet that starts past the
+    budget; a super-segment counts its whole length."""
+    packets: list[bytes | GsoPacket] = [
+        GsoPacket(b"s" * n, 1500) if i % 2 else b"p" * n for i, n in enumerate(sizes)
+    ]
+    end = burst_end(packets, budget)
+    before = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    if not sizes:
+        assert end == 0
+        return
+    assert 1 <= end <= len(sizes)
+    assert all(before[i] < budget for i in range(1, end))  # each one started within it
+    assert end == len(sizes) or before[end] >= budget  # the next would start past it
+
+
+async def test_super_segments_leave_one_per_round_beside_another_flow(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """With offload a download's window is a few 64 KiB super-segments,
+    each as costly a write as a run of small packets of its size: under a
+    burst of 48 KiB one leaves per round, and a round trip's answer made
+    meanwhile goes before the rest, while packets of 1500 octets leave 33
+    at once under the same budget."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=48 * 1024))  # type: ignore[arg-type]
+    supers = [GsoPacket(bytes([i]) * 65_000, 8960) for i in range(4)]
+    small = [bytes([i]) * 1500 for i in range(40)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        stack.give(BULK, list(supers))  # type: ignore[list-item]
+        engine.flush()
+        assert device.written == supers[:1]
+        stack.give(SMALL, [b"answer"])
+        engine.flush()
+        assert device.written == [supers[0], b"answer"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert device.written == [supers[0], b"answer", *supers[1:]]
+        del device.written[:]
+        stack.give(SMALL, list(small))
+        engine.flush()
+        assert device.written == small[:33]
+        await trio.testing.wait_all_tasks_blocked()
+        assert device.written == small
         nursery.cancel_scope.cancel()
 
 
@@ -140,7 +200,7 @@ async def test_a_burst_of_zero_writes_whole_runs_while_crowded(
         stack.give(BULK, bulk[:20])
         engine.flush()
         assert device.written == bulk[:20]
-        engine.config = EngineConfig(write_burst=4)  # what a reload does
+        engine.config = EngineConfig(write_burst=_BURST)  # what a reload does
         stack.give(BULK, bulk[20:])
         engine.flush()
         assert device.written == bulk[:24]
@@ -153,7 +213,7 @@ async def test_a_run_within_the_burst_and_datagrams_leave_whole_at_once(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         await device.both_flows_move()
@@ -172,7 +232,7 @@ async def test_a_flow_alone_writes_its_run_whole_and_in_bursts_once_others_move(
     nothing beside it does not pay it, and stops paying a second after the
     others stopped moving."""
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         first = _packets("first", 10)
@@ -199,7 +259,7 @@ async def test_stopping_the_engine_writes_what_is_queued(
     """The queue is written before the engine goes, in order: the resets the
     engine sends last must not overtake a flow's data."""
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 10)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
@@ -217,7 +277,7 @@ async def test_a_run_made_as_the_engine_stops_is_written_whole(
     """What the last flush finds (the resets of every flow, data made just
     before) goes out in full, though the drain task is gone by then."""
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 10)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
@@ -237,7 +297,7 @@ async def test_a_write_that_fails_in_the_drain_ends_the_engine_with_every_flow_r
     application retransmits into a TUN nobody reads until its own timeout."""
     stack, device = _ScriptedStack(), _Tun()
     stack.connections[BULK] = _Connection(stack, BULK, b"rst")
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 10)
     device.refused = bulk[6]
     with pytest.raises(BaseExceptionGroup) as raised:
@@ -260,7 +320,7 @@ async def test_flows_with_queues_take_turns_a_burst_each(
     """Two downloads' runs: a burst of each per round, the older flow
     first, so neither waits for the other's whole run."""
     stack, device = _ScriptedStack(), _Tun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     first, second = _packets("a", 10), _packets("b", 10)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -287,7 +347,7 @@ async def test_the_reader_takes_a_batch_and_answers_while_a_run_drains(
     arrives while a long run drains is answered before the run's end, and
     a datagram made meanwhile does not wait behind it."""
     stack, device = _ScriptedStack(), _ArrivingTun()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 40)
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
@@ -326,7 +386,7 @@ async def test_a_flow_reset_as_the_engine_stops_gets_its_queued_data_then_its_rs
     the application reads what was sent, then sees the reset."""
     stack, device = _ScriptedStack(), _Tun()
     stack.connections[BULK] = _Connection(stack, BULK, b"rst")
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 10)
     with trio.CancelScope() as scope:
         async with trio.open_nursery() as nursery:
@@ -343,7 +403,7 @@ async def test_a_tun_that_fails_ends_the_engine_after_the_queue_and_the_resets(
 ) -> None:
     stack, device = _ScriptedStack(), _Tun()
     stack.connections[BULK] = _Connection(stack, BULK, b"rst")
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = _packets("bulk", 10)
     with pytest.raises(BaseExceptionGroup) as raised:
         async with trio.open_nursery() as nursery:
@@ -366,7 +426,7 @@ async def test_a_full_device_queue_drops_queued_packets_and_the_engine_goes_on(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     device = TunDevice(ours.detach(), name="fake0", mtu=1500, offload=False)
     stack = _ScriptedStack()
-    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=4))  # type: ignore[arg-type]
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk = [b"%04d" % i + b"b" * 1000 for i in range(1000)]  # more than the pair holds
     try:
         async with trio.open_nursery() as nursery:
