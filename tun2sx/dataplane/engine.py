@@ -50,6 +50,8 @@ log = logging.getLogger("tun2sx")
 # and runs of packets in bursts.
 _CROWDED_FOR = 1.0
 _WHOLE = 1 << 62  # no burst limit
+# A run of one packet of at most this many octets is a sparse flow's.
+_SPARSE_BYTES = 1600
 
 
 def burst_end(packets: list[bytes | GsoPacket], budget: int) -> int:
@@ -68,6 +70,26 @@ def burst_end(packets: list[bytes | GsoPacket], budget: int) -> int:
             return i
         sent += len(packet.data) if type(packet) is GsoPacket else len(packet)
     return len(packets)
+
+
+def _sparse(packets: list[bytes | GsoPacket]) -> bool:
+    """Whether a flow's run is a sparse flow's: a round trip's answer, an
+    ACK, a DNS reply, a game's or a call's packet (fq_codel's sparse flows
+    use less than a quantum of about one packet per round)."""
+    if len(packets) != 1:
+        return False
+    packet = packets[0]
+    return type(packet) is not GsoPacket and len(packet) <= _SPARSE_BYTES
+
+
+class _RoundEnd(trio.abc.Instrument):
+    """Calls `write` when trio has run a round's ready tasks, before it polls."""
+
+    def __init__(self, write: Callable[[], None]) -> None:
+        self._write = write
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._write()
 
 
 class Engine:
@@ -120,6 +142,7 @@ class Engine:
         # `_drain_loop`, which waits parked while this is empty.
         self._queued: dict[FlowKey, list[bytes | GsoPacket]] = {}
         self._drainer: trio.lowlevel.Task | None = None
+        self._write_error: Exception | None = None
         self._crowded_until = -math.inf  # see read_size
         # trio.current_time() is three Python calls (the run context, the
         # runner, the clock); from `run` on, the clock's own method is one.
@@ -137,16 +160,21 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reports readiness through `task_status`."""
         self._now = trio.lowlevel.current_clock().current_time
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._timer_loop)
-            nursery.start_soon(self._drain_loop)
-            task_status.started()
-            try:
-                await self._read_loop()
-            finally:
-                self.reset_all()
-                nursery.cancel_scope.cancel()
+        round_end = _RoundEnd(self._write_round)
+        trio.lowlevel.add_instrument(round_end)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._drain_loop)
+                task_status.started()
+                try:
+                    await self._read_loop()
+                finally:
+                    self.reset_all()
+                    nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(round_end)
 
     # -- packets -----------------------------------------------------------
 
@@ -250,11 +278,11 @@ class Engine:
             if queued and key in queued:
                 queued[key] += packets
                 continue
-            if burst != _WHOLE and key is not None and len(packets) > 1:
-                end = burst_end(packets, burst)
-                if end < len(packets):
-                    queued[key] = packets[end:]
-                    del packets[end:]
+            if burst != _WHOLE and key is not None and not _sparse(packets):
+                # Bulk: written at the end of this round, after every
+                # sparse flow's packets of the round (`_write_round`).
+                queued[key] = packets
+                continue
             for packet in packets:
                 write(packet)
         if queued and self._drainer is not None:
@@ -265,19 +293,38 @@ class Engine:
             self._timer_scope.deadline = deadline
 
     async def _drain_loop(self) -> None:
-        """Write the queue a burst per flow per trio round, oldest flow first."""
+        """Keep trio's rounds turning while the queue holds packets, and
+        raise a write error of `_write_round` in the engine's nursery."""
         queued = self._queued
         while True:
-            # Either way the others get a round first (woken, this task
-            # runs in the round after the flush that queued).
+            if self._write_error is not None:
+                raise self._write_error
             if queued:
+                # A task ready to run makes trio poll without waiting: the
+                # end of the round (`_write_round`) comes at once.
                 await trio.lowlevel.checkpoint()
             else:
                 self._drainer = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_drain)
-            write = self.device.write
-            # Read each round: a reload may change it (0: whole runs).
-            burst = self.config.write_burst or _WHOLE
+
+    def _write_round(self) -> None:
+        """Write a burst per queued flow, oldest flow first: trio has run
+        every task that was ready in this round and is about to poll.
+
+        Here, not in a task of its own, because trio runs a round's ready
+        tasks in an order of its own choosing (in turn forwards or
+        backwards): a task's burst would go before a round trip's answer
+        in half the rounds. At the round's end it goes after every sparse
+        flow's packet of the round, and the reader's next batch (the
+        round trip's next request) comes right after it.
+        """
+        queued = self._queued
+        if not queued or self._write_error is not None:
+            return
+        write = self.device.write
+        # Read each round: a reload may change it (0: whole runs).
+        burst = self.config.write_burst or _WHOLE
+        try:
             for key, packets in list(queued.items()):
                 # Off the queue before it is written: if a write raises
                 # (and ends the engine), `reset_all` does not write the
@@ -290,6 +337,14 @@ class Engine:
                     del queued[key]
                 for packet in run:
                     write(packet)
+        except Exception as exc:
+            # Raised in the engine's nursery by `_drain_loop`, which is
+            # ready to run whenever the queue held packets (trio would
+            # drop an instrument that raised, and only log the error).
+            self._write_error = exc
+            if self._drainer is not None:
+                trio.lowlevel.reschedule(self._drainer)
+                self._drainer = None
 
     def _abort_drain(self, _: object) -> trio.lowlevel.Abort:
         # The engine is ending: the last flush (`reset_all`) must not wake

@@ -1,4 +1,5 @@
-"""A flow's long run of packets is written a burst per round; others' go first."""
+"""A flow's long run of packets is written a burst per round, at the round's
+end; a sparse flow's packet goes first."""
 
 from __future__ import annotations
 
@@ -111,9 +112,10 @@ def _packets(name: str, count: int) -> list[bytes]:
 async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    """A download's 10 segments: 4 (a burst's bytes) leave at once, the rest in later rounds of
-    the engine; a round trip's answer made meanwhile leaves at once, not
-    behind them, and the download's own next segment waits behind its run."""
+    """A download's 10 segments: 4 (a burst's bytes) leave at the end of
+    the round, the rest at the ends of the next ones; a round trip's
+    answer made meanwhile leaves at once, not behind them, and the
+    download's own next segment waits behind its run."""
     stack, device = _ScriptedStack(), _Tun()
     engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     bulk, answer = _packets("bulk", 11), b"answer"
@@ -122,13 +124,48 @@ async def test_a_long_run_leaves_a_burst_per_round_and_another_flow_goes_first(
         await device.both_flows_move()
         stack.give(BULK, bulk[:10])
         engine.flush()
-        assert device.written == bulk[:4]
+        assert device.written == []
         stack.give(SMALL, [answer])
         stack.give(BULK, bulk[10:])
         engine.flush()
-        assert device.written == [*bulk[:4], answer]
+        assert device.written == [answer]
+        await trio.lowlevel.checkpoint()  # the round ends
+        assert device.written == [answer, *bulk[:4]]
+        await trio.lowlevel.checkpoint()
+        assert device.written == [answer, *bulk[:8]]
         await trio.testing.wait_all_tasks_blocked()
-        assert device.written == [*bulk[:4], answer, *bulk[4:]]
+        assert device.written == [answer, *bulk]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_goes_before_a_download_made_in_the_same_round(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Trio runs the tasks ready in a round in an order of its own (in
+    turn forwards and backwards): whichever of a download's step and a
+    round trip's step runs first, the answer leaves first, and the
+    download's burst at the round's end."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 6)
+
+    async def step(go: trio.Event, key: FlowKey, packets: list[bytes]) -> None:
+        await go.wait()
+        stack.give(key, list(packets))
+        engine.flush()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        for round_ in range(16):
+            go, answer = trio.Event(), b"answer%d" % round_
+            nursery.start_soon(step, go, BULK, bulk)
+            nursery.start_soon(step, go, SMALL, [answer])
+            await trio.testing.wait_all_tasks_blocked()
+            del device.written[:]
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.written == [answer, *bulk]
         nursery.cancel_scope.cancel()
 
 
@@ -159,8 +196,8 @@ async def test_super_segments_leave_one_per_round_beside_another_flow(
     """With offload a download's window is a few 64 KiB super-segments,
     each as costly a write as a run of small packets of its size: under a
     burst of 48 KiB one leaves per round, and a round trip's answer made
-    meanwhile goes before the rest, while packets of 1500 octets leave 33
-    at once under the same budget."""
+    meanwhile goes before it, while packets of 1500 octets leave 33 a round
+    under the same budget."""
     stack, device = _ScriptedStack(), _Tun()
     engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=48 * 1024))  # type: ignore[arg-type]
     supers = [GsoPacket(bytes([i]) * 65_000, 8960) for i in range(4)]
@@ -170,15 +207,17 @@ async def test_super_segments_leave_one_per_round_beside_another_flow(
         await device.both_flows_move()
         stack.give(BULK, list(supers))  # type: ignore[list-item]
         engine.flush()
-        assert device.written == supers[:1]
         stack.give(SMALL, [b"answer"])
         engine.flush()
-        assert device.written == [supers[0], b"answer"]
+        assert device.written == [b"answer"]
+        await trio.lowlevel.checkpoint()
+        assert device.written == [b"answer", supers[0]]
         await trio.testing.wait_all_tasks_blocked()
-        assert device.written == [supers[0], b"answer", *supers[1:]]
+        assert device.written == [b"answer", *supers]
         del device.written[:]
         stack.give(SMALL, list(small))
         engine.flush()
+        await trio.lowlevel.checkpoint()
         assert device.written == small[:33]
         await trio.testing.wait_all_tasks_blocked()
         assert device.written == small
@@ -203,25 +242,33 @@ async def test_a_burst_of_zero_writes_whole_runs_while_crowded(
         engine.config = EngineConfig(write_burst=_BURST)  # what a reload does
         stack.give(BULK, bulk[20:])
         engine.flush()
+        assert device.written == bulk[:20]
+        await trio.lowlevel.checkpoint()
         assert device.written == bulk[:24]
         await trio.testing.wait_all_tasks_blocked()
         assert device.written == bulk
         nursery.cancel_scope.cancel()
 
 
-async def test_a_run_within_the_burst_and_datagrams_leave_whole_at_once(
+async def test_datagrams_and_a_lone_packet_leave_at_once_and_a_run_at_the_round_end(
     autojump_clock: trio.abc.Clock,
 ) -> None:
+    """UDP and ICMP never wait, nor does a flow's single packet of up to
+    an MTU of 1500 (an answer, an ACK); a run within the burst leaves
+    whole, at the end of the round."""
     stack, device = _ScriptedStack(), _Tun()
     engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
         await device.both_flows_move()
-        datagrams, run = _packets("udp", 9), _packets("tcp", 4)
+        datagrams, run, lone = _packets("udp", 9), _packets("tcp", 4), b"x" * 1500
         stack.give(None, list(datagrams))
         stack.give(BULK, list(run))
+        stack.give(SMALL, [lone])
         engine.flush()
-        assert device.written == [*datagrams, *run]
+        assert device.written == [*datagrams, lone]
+        await trio.lowlevel.checkpoint()
+        assert device.written == [*datagrams, lone, *run]
         nursery.cancel_scope.cancel()
 
 
@@ -243,6 +290,8 @@ async def test_a_flow_alone_writes_its_run_whole_and_in_bursts_once_others_move(
         second = _packets("second", 10)
         stack.give(BULK, list(second))
         engine.flush()
+        assert device.written == first
+        await trio.lowlevel.checkpoint()
         assert device.written == [*first, *second[:4]]
         await trio.sleep(1.5)
         assert device.written == [*first, *second]
@@ -356,7 +405,7 @@ async def test_the_reader_takes_a_batch_and_answers_while_a_run_drains(
         engine.flush()
         stack.give(None, [b"datagram"])
         engine.flush()
-        assert device.written == [*bulk[:4], b"datagram"]
+        assert device.written == [b"datagram"]
         # A request arrives as the drain writes the run's ninth packet.
         stack.on_read = [(SMALL, [b"answer"])]
         device.arrives_after = bulk[8]
