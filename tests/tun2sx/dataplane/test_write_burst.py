@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+from collections import defaultdict
 
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stack.netstack import GsoPacket
@@ -188,6 +189,57 @@ def test_a_burst_is_the_packets_that_start_within_its_bytes(sizes: list[int], bu
     assert 1 <= end <= len(sizes)
     assert all(before[i] < budget for i in range(1, end))  # each one started within it
     assert end == len(sizes) or before[end] >= budget  # the next would start past it
+
+
+THIRD = FlowKey(APP, 40002, REMOTE, 443)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([BULK, SMALL, THIRD, None]),
+            st.lists(st.integers(40, 9000), min_size=1, max_size=12),
+            st.booleans(),  # the round ends after this step
+        ),
+        max_size=24,
+    )
+)
+def test_every_packet_leaves_once_in_its_flows_order(
+    steps: list[tuple[FlowKey | None, list[int], bool]],
+) -> None:
+    """Whatever runs the flows make, in whatever rounds: every packet is
+    written once, each flow's in the order it made them; datagrams, and
+    a flow's lone packet of up to 1500 octets when nothing of it waits,
+    leave in the step that made them."""
+
+    async def main() -> None:
+        stack, device = _ScriptedStack(), _Tun()
+        engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=3000))  # type: ignore[arg-type]
+        made: dict[FlowKey | None, list[bytes]] = defaultdict(list)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            for n, (key, sizes, round_ends) in enumerate(steps):
+                packets = [b"%r-%d-%d-" % (key, n, i) for i in range(len(sizes))]
+                packets = [p.ljust(size, b".") for p, size in zip(packets, sizes, strict=True)]
+                waiting = set(made[key]) - set(device.written)
+                made[key] += packets
+                stack.give(key, list(packets))
+                engine.flush()
+                if key is None or (len(packets) == 1 and sizes[0] <= 1500 and not waiting):
+                    assert set(packets) <= set(device.written)
+                if round_ends:
+                    await trio.lowlevel.checkpoint()
+            await trio.testing.wait_all_tasks_blocked()
+            written = device.written
+            assert len(written) == len(set(written)) == sum(map(len, made.values()))
+            for packets in made.values():
+                mine = set(packets)
+                assert [p for p in written if p in mine] == packets
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 async def test_super_segments_leave_one_per_round_beside_another_flow(
