@@ -3,9 +3,10 @@
 One reader task drains the TUN in batches and feeds the sans-I/O `NetStack`;
 after each batch it writes every packet the stack produced (so ACKs for a
 whole batch go out together) and wakes the streams whose connections
-changed. No flow writes more than `EngineConfig.write_burst` bytes in one
-step while others are active: the rest of a long run waits in the engine's write queue, which a
-drain task writes a burst per flow per trio round, so the reader, the
+changed. While other flows are active, a flow's run of packets (a
+download's window) waits in the engine's write queue, which is written a
+burst of `EngineConfig.write_burst` bytes per flow at the end of each trio
+round, after every sparse flow's packet of the round, so the reader, the
 timers and other flows get their turns in between. One timer task sleeps
 until the stack's next deadline; the deadline is a cancel scope that
 anything can pull earlier. Every TCP flow and UDP session is a task tree
@@ -254,11 +255,12 @@ class Engine:
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
 
-        While other flows are active (see `read_size`), a flow's first
-        `write_burst` bytes go now (`burst_end`), the rest to the write queue
-        (`_drain_loop`); a flow with packets queued adds its new ones
-        behind them, so its packets leave in order. Other flows' packets,
-        and UDP and ICMP, do not wait behind the queue: a round trip beside
+        While other flows are active (see `read_size`), a flow's lone
+        packet of up to `_SPARSE_BYTES` (an answer, an ACK) goes now,
+        unless the flow has packets queued; any other run joins the write
+        queue behind the flow's queued packets, so its packets leave in
+        order, a burst per round at the round's end (`_write_round`).
+        UDP and ICMP do not wait behind the queue: a round trip beside
         a download is one short step, not one behind the download's run.
         """
         if self._flush_deferred:
