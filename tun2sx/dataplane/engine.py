@@ -176,6 +176,9 @@ class Engine:
                     nursery.cancel_scope.cancel()
         finally:
             trio.lowlevel.remove_instrument(round_end)
+            # What flows queued as they ended, after the last round's end.
+            with contextlib.suppress(OSError):
+                self._write_queued()
 
     # -- packets -----------------------------------------------------------
 
