@@ -276,6 +276,30 @@ async def test_super_segments_leave_one_per_round_beside_another_flow(
         nursery.cancel_scope.cancel()
 
 
+async def test_runs_after_a_long_quiet_spell_still_leave_a_burst_per_round(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The round's end is taken off after a thousand rounds with nothing
+    queued (so a trio round costs nothing more while no flow is paced),
+    and put back by the next run that waits."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        for name in ("before", "after"):
+            await device.both_flows_move()
+            run = _packets(name, 6)
+            stack.give(BULK, list(run))
+            engine.flush()
+            await trio.lowlevel.checkpoint()
+            assert device.written[-4:] == run[:4]
+            await trio.lowlevel.checkpoint()
+            assert device.written[-6:] == run
+            for _ in range(1500):  # quiet rounds
+                await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_burst_of_zero_writes_whole_runs_while_crowded(
     autojump_clock: trio.abc.Clock,
 ) -> None:
