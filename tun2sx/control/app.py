@@ -104,10 +104,12 @@ MAX_WORKERS = 256
 # Bounds of the queue and buffer sizes: below, a burst of a few dozen
 # datagrams already overflows; above, a typo pins gigabytes.
 MAX_TXQUEUELEN = 1_000_000
-# A flow's packets written in one step while others are active (0: whole
-# runs, as when it is alone); docs/architecture.md, "writes in bursts".
-DEFAULT_WRITE_BURST = 32
-MAX_WRITE_BURST = 65536
+# The bytes a flow writes to the TUN in one step while others are active
+# (0: whole runs, as when it is alone); docs/architecture.md, "writes in
+# bursts". 48 KiB is the 32 packets of 1500 octets measured first, and one
+# 64 KiB super-segment with offload.
+DEFAULT_WRITE_BURST = 48 * 1024
+MAX_WRITE_BURST = 64 * 1024 * 1024
 MIN_UDP_BUFFER = 64 * 1024
 MAX_UDP_BUFFER = 1 << 30
 # Longer than this, a flow the sniffer cannot read would wait visibly.
@@ -478,10 +480,10 @@ def check_queues(settings: Settings) -> None:
         )
     burst = settings.tun_write_burst
     if isinstance(burst, bool) or not isinstance(burst, int):
-        raise ConfigError(f"tun_write_burst: expected an integer, got {burst!r}")
+        raise ConfigError(f"tun_write_burst: expected bytes, got {burst!r}")
     if not 0 <= burst <= MAX_WRITE_BURST:
         raise ConfigError(
-            f"tun_write_burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} packets, got {burst}"
+            f"tun_write_burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} bytes, got {burst}"
         )
     if isinstance(settings.udp_buffer, bool) or not isinstance(settings.udp_buffer, int):
         raise ConfigError(f"udp_buffer: expected bytes, got {settings.udp_buffer!r}")

@@ -98,10 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tun-write-burst",
-        metavar="N",
-        type=int,
-        help="packets a flow writes per step while other flows are active "
-        "(default 32; 0: whole runs, more throughput, slower round trips beside a download)",
+        metavar="BYTES",
+        help="bytes a flow writes to the TUN per step while other flows are active "
+        '("48K" default; 0: whole runs, more throughput, slower round trips beside a download)',
     )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--socks", metavar="HOST:PORT", help="SOCKS5 proxy without authentication")
@@ -301,12 +300,12 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
             )
         values["tun_txqueuelen"] = args.tun_txqueuelen
     if args.tun_write_burst is not None:
-        if not 0 <= args.tun_write_burst <= MAX_WRITE_BURST:
+        burst = parse_size("--tun-write-burst", args.tun_write_burst)
+        if burst > MAX_WRITE_BURST:
             raise ConfigError(
-                f"--tun-write-burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} packets, "
-                f"got {args.tun_write_burst}"
+                f"--tun-write-burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} bytes, got {burst}"
             )
-        values["tun_write_burst"] = args.tun_write_burst
+        values["tun_write_burst"] = burst
     if args.udp_buffer is not None:
         size = parse_size("--udp-buffer", args.udp_buffer)
         if size != 0 and not MIN_UDP_BUFFER <= size <= MAX_UDP_BUFFER:

@@ -291,7 +291,7 @@ _CONVERT: dict[str, Callable[[str, object], object]] = {
     "auto_route": _boolean,
     "workers": parse_workers,
     "tun_txqueuelen": _integer,
-    "tun_write_burst": _integer,
+    "tun_write_burst": parse_size,
     "udp_buffer": parse_size,
     "sniff": _string,
     "sniff_timeout": _seconds,

@@ -68,10 +68,11 @@ class EngineConfig:
             active: its writing on is one step of the engine's one thread,
             and a short one lets another flow's round trip through sooner.
         write_burst: while other flows are active (as for
-            `splice_share`), the most packets one flow writes to the TUN
-            in one step of the engine; the rest of a longer run waits for
+            `splice_share`), the bytes one flow writes to the TUN in one
+            step of the engine (at least one packet; a super-segment
+            counts its whole length); the rest of a longer run waits for
             the next rounds, so others' packets are read and written in
-            between (tun2sx.dataplane.engine).
+            between (tun2sx.dataplane.engine). 0: whole runs.
         max_dns_forwards: concurrent upstream DNS queries; more are dropped.
         sniff: which flows' first bytes are read for a host name, and
             what the name is used for (tun2sx.naming.sniff).
@@ -86,7 +87,7 @@ class EngineConfig:
     )
     splice_buffer: int = 256 * 1024
     splice_share: int = 64 * 1024
-    write_burst: int = 32
+    write_burst: int = 48 * 1024
     max_dns_forwards: int = 256
     sniff: SniffConfig = attrs.field(factory=SniffConfig)
 

@@ -65,7 +65,7 @@ def test_the_documented_example_sets_every_field(tmp_path: Path) -> None:
         workers=1,
         udp_buffer=8 << 20,
         tun_txqueuelen=20000,
-        tun_write_burst=64,
+        tun_write_burst=64 << 10,
         sniff="route",
         sniff_timeout=0.3,
         sniff_http_ports=((80, 80), (8080, 8880)),
@@ -156,8 +156,9 @@ def test_match_rule_makes_outbound_optional() -> None:
         ('outbound = "DIRECT"\nudp_buffer = true', "udp_buffer: expected an integer"),
         ('outbound = "DIRECT"\n[tun]\ntxqueuelen = 0', "tun.txqueuelen: 0 is not between 1"),
         ('outbound = "DIRECT"\n[tun]\ntxqueuelen = "x"', "tun.txqueuelen: expected an integer"),
-        ('outbound = "DIRECT"\n[tun]\nwrite_burst = -1', "tun.write_burst: 0 (whole runs) or 1 to"),
-        ('outbound = "DIRECT"\n[tun]\nwrite_burst = 1.5', "tun.write_burst: expected an integer"),
+        ('outbound = "DIRECT"\n[tun]\nwrite_burst = -1', "tun.write_burst: must not be negative"),
+        ('outbound = "DIRECT"\n[tun]\nwrite_burst = "1T"', 'tun.write_burst: expected bytes ("4M"'),
+        ('outbound = "DIRECT"\n[tun]\nwrite_burst = "65M"', "tun.write_burst: 0 (whole runs) or"),
         (
             'outbound = "DIRECT"\nrules = ["MATCH,DIRECT", "DOMAIN,x,prxy"]',
             "rules[1] 'DOMAIN,x,prxy': unknown outbound 'prxy'",
@@ -436,7 +437,8 @@ def test_auto_route_flag(config_file: Path) -> None:
         (["--tun-txqueuelen", "0"], "--tun-txqueuelen"),
         (["--tun-txqueuelen", "2000000"], "--tun-txqueuelen"),
         (["--tun-write-burst", "-1"], "--tun-write-burst"),
-        (["--tun-write-burst", "70000"], "--tun-write-burst"),
+        (["--tun-write-burst", "65M"], "--tun-write-burst"),
+        (["--tun-write-burst", "lots"], "--tun-write-burst"),
     ],
 )
 def test_bad_new_flags_name_the_flag(
@@ -479,6 +481,8 @@ def test_udp_buffer_and_txqueuelen_flags_override_the_file(config_file: Path) ->
     assert (settings.udp_buffer, settings.tun_txqueuelen) == (16 << 20, 4096)
     args = build_parser().parse_args(["--config", str(config_file), "--tun-write-burst", "0"])
     assert settings_from_args(args).tun_write_burst == 0  # whole runs
+    args = build_parser().parse_args(["--config", str(config_file), "--tun-write-burst", "16K"])
+    assert settings_from_args(args).tun_write_burst == 16 << 10
     args = build_parser().parse_args(["--config", str(config_file), "--udp-buffer", "0"])
     assert settings_from_args(args).udp_buffer == 0  # the kernel's default
 
