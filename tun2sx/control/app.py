@@ -110,6 +110,9 @@ MAX_TXQUEUELEN = 1_000_000
 # 64 KiB super-segment with offload.
 DEFAULT_WRITE_BURST = 48 * 1024
 MAX_WRITE_BURST = 64 * 1024 * 1024
+# Below a packet of 1500 octets a burst is one packet anyway; a value this
+# small is most likely a packet count (the option's first unit).
+MIN_WRITE_BURST = 1500
 MIN_UDP_BUFFER = 64 * 1024
 MAX_UDP_BUFFER = 1 << 30
 # Longer than this, a flow the sniffer cannot read would wait visibly.
@@ -466,6 +469,15 @@ def check_settings(settings: Settings) -> None:
             raise ConfigError("workers: share the fake-IP table, so fake_ip_db needs a file")
 
 
+def write_burst_out_of_range(field: str, burst: int) -> str:
+    """The line refusing a write burst out of range; a small number is
+    most likely packets, and the line says what to write instead."""
+    line = f"{field}: 0 (whole runs) or {MIN_WRITE_BURST} to {MAX_WRITE_BURST} bytes, got {burst}"
+    if 0 < burst < MIN_WRITE_BURST:
+        line += f" (if that is packets of 1500 octets, write {burst * 1500 // 1024}K)"
+    return line
+
+
 def check_queues(settings: Settings) -> None:
     """Check the queue and buffer sizes (the embedding API checks these too).
 
@@ -481,10 +493,8 @@ def check_queues(settings: Settings) -> None:
     burst = settings.tun_write_burst
     if isinstance(burst, bool) or not isinstance(burst, int):
         raise ConfigError(f"tun_write_burst: expected bytes, got {burst!r}")
-    if not 0 <= burst <= MAX_WRITE_BURST:
-        raise ConfigError(
-            f"tun_write_burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} bytes, got {burst}"
-        )
+    if burst != 0 and not MIN_WRITE_BURST <= burst <= MAX_WRITE_BURST:
+        raise ConfigError(write_burst_out_of_range("tun_write_burst", burst))
     if isinstance(settings.udp_buffer, bool) or not isinstance(settings.udp_buffer, int):
         raise ConfigError(f"udp_buffer: expected bytes, got {settings.udp_buffer!r}")
     if settings.udp_buffer != 0 and not MIN_UDP_BUFFER <= settings.udp_buffer <= MAX_UDP_BUFFER:

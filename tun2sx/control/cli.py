@@ -41,12 +41,14 @@ from tun2sx.control.app import (
     MAX_UDP_BUFFER,
     MAX_WRITE_BURST,
     MIN_UDP_BUFFER,
+    MIN_WRITE_BURST,
     ConfigError,
     Settings,
     check_settings,
     lock_fake_ip_table,
     missing_interface,
     serve,
+    write_burst_out_of_range,
 )
 from tun2sx.control.autoroute import AutoRouteError
 from tun2sx.control.config import load_config, nameservers, parse_size, parse_workers
@@ -301,10 +303,8 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
         values["tun_txqueuelen"] = args.tun_txqueuelen
     if args.tun_write_burst is not None:
         burst = parse_size("--tun-write-burst", args.tun_write_burst)
-        if burst > MAX_WRITE_BURST:
-            raise ConfigError(
-                f"--tun-write-burst: 0 (whole runs) or 1 to {MAX_WRITE_BURST} bytes, got {burst}"
-            )
+        if burst != 0 and not MIN_WRITE_BURST <= burst <= MAX_WRITE_BURST:
+            raise ConfigError(write_burst_out_of_range("--tun-write-burst", burst))
         values["tun_write_burst"] = burst
     if args.udp_buffer is not None:
         size = parse_size("--udp-buffer", args.udp_buffer)

@@ -530,3 +530,22 @@ def test_the_keys_table_lists_exactly_the_keys_the_parser_takes() -> None:
     parsed |= _known_keys("outbounds.NAME.", {"outbounds": {"a": {"bogus": 1}}})
     parsed |= _known_keys("groups.NAME.", {"groups": {"g": {"bogus": 1}}})
     assert _documented_keys() == parsed
+
+
+def test_a_write_burst_counted_in_packets_is_refused_with_what_to_write(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The option was a packet count first; 32 now would be one packet a round.
+    assert main(["--config", str(config_file), "--tun-write-burst", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "tun2sx: --tun-write-burst: 0 (whole runs) or 1500 to 67108864 bytes, got 32"
+        " (if that is packets of 1500 octets, write 46K)"
+    )
+    path = tmp_path / "burst.toml"
+    path.write_text(config_file.read_text().replace("[tun]\n", "[tun]\nwrite_burst = 32\n"))
+    with pytest.raises(ConfigError, match=r"got 32 \(if that is packets of 1500 octets"):
+        from_argv("--config", str(path))
+    assert (
+        from_argv("--config", str(config_file), "--tun-write-burst", "1500").tun_write_burst == 1500
+    )
