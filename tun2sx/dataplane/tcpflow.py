@@ -75,6 +75,9 @@ def _endpoint(addr: bytes, port: int) -> str:
     return f"[{socket.inet_ntop(socket.AF_INET6, addr)}]:{port}"
 
 
+# Failure kinds whose lines are limited at once (outbound and message); past
+# this the memory starts afresh (destinations' names can be in a message).
+_FAILURE_KINDS = 256
 _isns: list[int] = []
 
 
@@ -105,6 +108,9 @@ class TcpFlows:
         self._engine = engine
         self._dns_server = dns_server
         self._unknown_log = LogLimit()
+        # A failing outbound's line, by outbound and what failed: an
+        # application retrying into a dead proxy would write one a flow.
+        self._failure_logs: dict[tuple[str, str], LogLimit] = {}
         self._handler = handler
         self._timeouts = ConnectTimeouts() if timeouts is None else timeouts
         # The flows whose SYN is still pending, by the scope of their dial.
@@ -268,7 +274,7 @@ class TcpFlows:
         except OutboundError as exc:
             if held and self._dialing.get(key) is not scope:
                 return None
-            log.info("TCP %s (%s) via %s: %s", describe(key), dest, outbound.name, exc)
+            self._log_failure(key, dest, outbound.name, str(exc))
             engine.counters["tcp_outbound_failed"] += 1
             return exc.reply
         if held and self._dialing.get(key) is not scope:
@@ -279,7 +285,7 @@ class TcpFlows:
             return None
         address = (key.remote_addr, key.remote_port)
         if upstream is None:
-            log.info("TCP %s (%s) via %s: connect timed out", describe(key), dest, outbound.name)
+            self._log_failure(key, dest, outbound.name, "connect timed out")
             engine.counters["tcp_outbound_failed"] += 1
             self._timeouts.timed_out(address, trio.current_time())
             return FailureReply.HOST_UNREACHABLE
@@ -287,6 +293,27 @@ class TcpFlows:
         # Per leaf outbound: the proxy a group picked, not the group.
         engine.connect_times.observe(chain[0], trio.current_time() - dialled)
         return upstream, chain
+
+    def _log_failure(self, key: FlowKey, dest: Destination, outbound: str, what: str) -> None:
+        """The flow's line for a failed outbound set-up: the first of its kind
+        (outbound and failure) at once, then one per interval with the count
+        it stands for."""
+        limits = self._failure_logs
+        limit = limits.get((outbound, what))
+        if limit is None:
+            if len(limits) >= _FAILURE_KINDS:
+                limits.clear()
+            limit = limits[outbound, what] = LogLimit()
+        held = limit.allow(trio.current_time())
+        if held is not None:
+            log.info(
+                "TCP %s (%s) via %s: %s%s",
+                describe(key),
+                dest,
+                outbound,
+                what,
+                LogLimit.suffix(held),
+            )
 
     async def _carry(
         self,

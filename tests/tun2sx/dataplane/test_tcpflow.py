@@ -7,18 +7,19 @@ answers (or answers for chosen destinations), under trio's autojump clock.
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
 import trio
 import trio.testing
 
-from outbounds.base import Destination, UdpSession
+from outbounds.base import Destination, FailureReply, OutboundError, UdpSession
 from stack.netstack import NetStack, NetStackConfig
 from stack.tcp import TcpConfig
 from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import Packet, build_tcp_packet
-from stack.wire.tcp import SYN, TcpHeader, TcpOptions
+from stack.wire.tcp import RST, SYN, TcpHeader, TcpOptions
 from tests.support.app import APP, MemoryTun
 from tests.support.outbounds import EchoOutbound
 from tun2sx.dataplane.context import EngineConfig
@@ -166,3 +167,43 @@ async def test_a_destination_whose_connects_keep_timing_out_fails_at_once(
     assert isinstance(synack.l4, TcpHeader)
     assert outbound.dials == 3
     assert stats["tcp_connect_fast_failures"] == 2
+
+
+class Refusing:
+    """A proxy that is down: every connect fails at once."""
+
+    name = "down"
+
+    async def connect_tcp(self, dest: Destination) -> trio.abc.HalfCloseableStream:
+        await trio.lowlevel.checkpoint()
+        raise OutboundError(FailureReply.RESET, "proxy 10.0.0.1:1080 unreachable: refused")
+
+    async def open_udp(self) -> UdpSession:
+        raise NotImplementedError
+
+
+async def test_an_application_retrying_into_a_dead_proxy_gets_a_line_per_interval_not_per_flow(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = MemoryTun()
+    caplog.set_level(logging.INFO, logger="tun2sx")
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(), Router(Refusing()))
+        await nursery.start(engine.run)
+        answers = []
+        for port in range(1, 51):
+            device.feed(syn(DEAD, port))
+            answers.append(await written(device))
+        first = [r.getMessage() for r in caplog.records if "via down" in r.getMessage()]
+        await trio.sleep(11.0)
+        device.feed(syn(DEAD, 51))
+        answers.append(await written(device))
+        stats = engine.statistics()
+        nursery.cancel_scope.cancel()
+    # Every application still gets its answer (an RST), and every failure is counted.
+    assert all(isinstance(a.l4, TcpHeader) and a.l4.flags & RST for a in answers)
+    assert stats["tcp_outbound_failed"] == 51
+    lines = [r.getMessage() for r in caplog.records if "via down" in r.getMessage()]
+    assert len(first) == 1 and "unreachable" in first[0]
+    assert len(lines) == 2
+    assert "(49 more like it since the last such line)" in lines[1]
