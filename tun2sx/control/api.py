@@ -103,7 +103,7 @@ def _convert(key: str, value: Any) -> Any:
             return Destination.parse_host(host.strip("[]"), int(port))
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from exc
-    if key == "udp_buffer" and isinstance(value, str):
+    if key in ("udp_buffer", "tun_write_burst") and isinstance(value, str):
         # Imported here: the embedding API needs no TOML otherwise.
         from tun2sx.control.config import parse_size
 

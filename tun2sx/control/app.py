@@ -105,8 +105,8 @@ MAX_WORKERS = 256
 # datagrams already overflows; above, a typo pins gigabytes.
 MAX_TXQUEUELEN = 1_000_000
 # The bytes a flow writes to the TUN in one step while others are active
-# (0: whole runs, as when it is alone); docs/architecture.md, "writes in
-# bursts". 48 KiB is the 32 packets of 1500 octets measured first, and one
+# (0: whole runs, as when it is alone); docs/architecture.md, "A bulk flow
+# writes a burst per round". 48 KiB is the 32 packets of 1500 octets measured first, and one
 # 64 KiB super-segment with offload.
 DEFAULT_WRITE_BURST = 48 * 1024
 MAX_WRITE_BURST = 64 * 1024 * 1024
@@ -833,9 +833,11 @@ async def _serve(
                         outbound.close_spare()
     finally:
         if device is not None:
-            if engine is not None:
-                engine.refuse_unread()
-            device.close()
+            try:
+                if engine is not None:
+                    engine.refuse_unread()
+            finally:
+                device.close()
         if store is not None:
             store.close()
 

@@ -56,6 +56,9 @@ _SPARSE_BYTES = 1600
 # Rounds with nothing queued before the round's end is taken off again:
 # a download's queue empties and fills again many times a second.
 _ROUND_END_FOR = 1000
+# Batches the stop reads to refuse what the device holds (a batch is at most
+# `read_size` packets): a full queue of a few thousand, not a flood's tail.
+_REFUSE_BATCHES = 64
 
 
 def burst_end(packets: list[bytes | GsoPacket], budget: int) -> int:
@@ -276,12 +279,18 @@ class Engine:
         with contextlib.suppress(TunError, OSError):
             now = self._now()
             tcp = self.stack.tcp
-            for event in self.stack.receive_batch(self.device.read_ready(), now):
-                if type(event) is ConnectionRequest and tcp.is_pending(event.key):
-                    tcp.refuse(event.key, now)
-            for _key, packets in self.stack.packets_by_flow(now):
-                for packet in packets:
-                    self.device.write(packet)
+            # A read gives at most a batch; a SYN can be queued behind other
+            # flows' segments. Bounded: applications keep sending meanwhile.
+            for _ in range(_REFUSE_BATCHES):
+                batch = self.device.read_ready()
+                if not batch:
+                    break
+                for event in self.stack.receive_batch(batch, now):
+                    if type(event) is ConnectionRequest and tcp.is_pending(event.key):
+                        tcp.refuse(event.key, now)
+                for _key, packets in self.stack.packets_by_flow(now):
+                    for packet in packets:
+                        self.device.write(packet)
 
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
@@ -368,8 +377,12 @@ class Engine:
         if self._write_error is not None:
             return
         write = self.device.write
-        # Read each round: a reload may change it (0: whole runs).
+        # Read each round: a reload may change it (0: whole runs). Once the
+        # others have gone quiet the queue goes whole: a flow alone is not
+        # paced, even when its queue never emptied in between.
         burst = self.config.write_burst or _WHOLE
+        if self._now() >= self._crowded_until:
+            burst = _WHOLE
         try:
             for key, packets in list(queued.items()):
                 # Off the queue before it is written: if a write raises

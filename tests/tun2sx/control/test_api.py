@@ -249,8 +249,11 @@ def test_make_settings_from_mapping() -> None:
     assert str(settings.fake_ip_range) == "10.64.0.0/10"
     assert str(settings.dns_upstream.host) == "2001:db8::53"
     assert settings.fake_ip_filter == ("*.lan",)
-    sized = tun2sx.make_settings(7, {"udp_buffer": "16M", "tun_txqueuelen": 2048})
+    sized = tun2sx.make_settings(
+        7, {"udp_buffer": "16M", "tun_txqueuelen": 2048, "tun_write_burst": "64K"}
+    )
     assert (sized.udp_buffer, sized.tun_txqueuelen) == (16 << 20, 2048)
+    assert sized.tun_write_burst == 64 << 10  # the config file's form
 
 
 def test_make_settings_from_settings_keeps_its_fields() -> None:
@@ -270,6 +273,7 @@ def test_make_settings_from_settings_keeps_its_fields() -> None:
         ({"udp_buffer": "lots"}, "udp_buffer: expected bytes"),
         ({"udp_buffer": 1000}, "udp_buffer: 1000 is not 0"),
         ({"tun_txqueuelen": 0}, "tun_txqueuelen: 0 is not between"),
+        ({"tun_write_burst": 32}, "tun_write_burst: 0 .whole runs. or 1500 to"),
         ({"tun_txqueuelen": "10"}, "tun_txqueuelen: expected an integer"),
         # What the command line checks, the embedding API checks too.
         ({"udp_timeout": 0}, "udp_timeout: 1 to 86400 seconds, got 0"),

@@ -351,3 +351,36 @@ async def test_connections_split_ipv6_application_addresses_from_their_port(
     meta = row["metadata"]
     assert (meta["sourceIP"], meta["sourcePort"]) == ("fd88::2", "35768")
     assert (meta["destinationIP"], meta["destinationPort"]) == ("2001:db8::7", str(REMOTE_PORT))
+
+
+class _SmallBatches(TunDevice):
+    """A device whose batches are a few packets: a queue of more than one."""
+
+    def read_ready(self, limit: int = 256) -> list[RxPacket]:
+        return super().read_ready(min(limit, 4))
+
+
+async def test_a_syn_queued_behind_more_than_a_batch_is_refused_at_the_stop(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """On a busy machine the device holds more than one batch when the
+    engine stops; a SYN behind the others' segments is refused too."""
+    fd, app_sock = pair
+    device = _SmallBatches(fd, name="fake0", mtu=1500, offload=False)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        nursery.cancel_scope.cancel()
+    app = AppSide(app_sock)
+    for i in range(10):  # segments of flows that are gone: each draws an RST
+        await app.send(TcpHeader(APP_PORT + 1 + i, REMOTE_PORT, APP_ISN, 77, ACK, 65535))
+    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+    await app.send(syn)
+    engine.refuse_unread()
+    device.close()
+    with trio.fail_after(10):
+        answers = [(await app.receive())[0] for _ in range(11)]
+    assert (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF) in {
+        (h.dst_port, h.flags, h.ack) for h in answers
+    }
+    assert engine.statistics()["tcp_pending"] == 0

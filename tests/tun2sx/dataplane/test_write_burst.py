@@ -580,3 +580,30 @@ async def test_a_full_device_queue_drops_queued_packets_and_the_engine_goes_on(
     finally:
         device.close()
         theirs.close()
+
+
+async def test_a_queue_that_never_emptied_goes_whole_once_the_others_are_quiet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A download whose window keeps its queue full is paced only while
+    others are active: once they have been quiet for the crowded time,
+    the next round's end writes its queue whole."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        first = _packets("first", 10)
+        stack.give(BULK, list(first))
+        engine.flush()
+        await trio.lowlevel.checkpoint()
+        assert device.written == first[:4]
+        # The others go quiet; no round ends meanwhile, and more of the
+        # download joins its queue behind what is left.
+        autojump_clock.jump(2.0)
+        second = _packets("second", 10)
+        stack.give(BULK, list(second))
+        engine.flush()
+        await trio.lowlevel.checkpoint()
+        assert device.written == [*first, *second]
+        nursery.cancel_scope.cancel()
