@@ -473,8 +473,10 @@ def write_burst_out_of_range(field: str, burst: int) -> str:
     """The line refusing a write burst out of range; a small number is
     most likely packets, and the line says what to write instead."""
     line = f"{field}: 0 (whole runs) or {MIN_WRITE_BURST} to {MAX_WRITE_BURST} bytes, got {burst}"
-    if 0 < burst < MIN_WRITE_BURST:
-        line += f" (if that is packets of 1500 octets, write {burst * 1500 // 1024}K)"
+    # A byte size written with a unit ("1K") is at least 1024: not packets.
+    if 0 < burst < 1024:
+        kib = -(-burst * 1500 // 1024)  # rounded up: the hint is never refused
+        line += f" (if that is packets of 1500 octets, write {kib}K)"
     return line
 
 

@@ -540,7 +540,7 @@ def test_a_write_burst_counted_in_packets_is_refused_with_what_to_write(
     err = capsys.readouterr().err.strip()
     assert err == (
         "tun2sx: --tun-write-burst: 0 (whole runs) or 1500 to 67108864 bytes, got 32"
-        " (if that is packets of 1500 octets, write 46K)"
+        " (if that is packets of 1500 octets, write 47K)"
     )
     path = tmp_path / "burst.toml"
     path.write_text(config_file.read_text().replace("[tun]\n", "[tun]\nwrite_burst = 32\n"))
@@ -549,3 +549,12 @@ def test_a_write_burst_counted_in_packets_is_refused_with_what_to_write(
     assert (
         from_argv("--config", str(config_file), "--tun-write-burst", "1500").tun_write_burst == 1500
     )
+    # The hint is itself accepted; a size with a unit gets no packet hint.
+    assert main(["--config", str(config_file), "--tun-write-burst", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("got 1 (if that is packets of 1500 octets, write 2K)")
+    assert (
+        from_argv("--config", str(config_file), "--tun-write-burst", "2K").tun_write_burst == 2048
+    )
+    assert main(["--config", str(config_file), "--tun-write-burst", "1K"]) == 2
+    assert capsys.readouterr().err.strip().endswith("bytes, got 1024")
