@@ -51,6 +51,11 @@ from stack.wire.tcp import ACK, FIN, RST, SYN, DataRun, TcpHeader
 
 _CONTROL = SYN | ACK | RST | FIN
 _MAX_QUEUED_RSTS = 4096  # beyond this, RSTs for unknown flows are dropped
+# SYNs the flood limits dropped, kept to refuse when the stack stops
+# (`refuse_dropped`), at most this many, the newest; and only those younger
+# than a Linux client's SYN retries (about 127 s).
+_MAX_DROPPED_SYNS = 1024
+_DROPPED_SYN_LIFE = 130.0
 _MAX_NEGOTIATED = 64  # negotiations kept by the options offered
 
 
@@ -64,6 +69,7 @@ class TcpDemux:
         "_connections",
         "_counters",
         "_dirty",
+        "_dropped",
         "_evicted",
         "_half_open",
         "_heap",
@@ -89,6 +95,8 @@ class TcpDemux:
         self._by_destination = PendingGroups()
         self._by_source = PendingGroups()
         self._evicted: list[FlowKey] = []
+        # SYNs dropped by the caps, oldest first, with when (`refuse_dropped`).
+        self._dropped: dict[FlowKey, tuple[TcpHeader, float]] = {}
         self._half_open: set[TcpConnection] = set()
         self._dirty: set[TcpConnection] = set()
         self._heap: list[tuple[float, int, TcpConnection]] = []
@@ -159,12 +167,15 @@ class TcpDemux:
             destination = (key.remote_addr, key.remote_port)
             if self._by_destination.size(destination) >= config.max_pending_per_destination:
                 self._counters["syn_dropped_per_destination"] += 1
+                self._note_dropped(key, hdr, now)
                 return None
             if self._by_source.size(key.app_addr) >= config.max_pending_per_source:
                 self._counters["syn_dropped_per_source"] += 1
+                self._note_dropped(key, hdr, now)
                 return None
             if self._half_open_count() >= config.max_half_open and not self._evict_for(key):
                 self._counters["syn_dropped_half_open"] += 1
+                self._note_dropped(key, hdr, now)
                 return None
             self._add_pending(key, hdr)
             self._counters["connection_requests"] += 1
@@ -260,6 +271,30 @@ class TcpDemux:
         """
         syn = self._pop_pending(key)
         self._reply_rst(key, syn, 0)
+
+    def refuse_dropped(self, now: float) -> None:
+        """Refuse with RST the SYNs the flood limits dropped lately.
+
+        For the stack's stop: a dropped SYN's application retries it, and
+        once the device is gone the retry goes nowhere, leaving it in
+        connect() until its own time-out. A SYN since taken up (pending or
+        connected) is its flow's to answer; one older than the client's
+        retries is left alone. The memory is emptied.
+        """
+        dropped, self._dropped = self._dropped, {}
+        for key, (syn, when) in dropped.items():
+            if now - when > _DROPPED_SYN_LIFE:
+                continue
+            if key in self._pending or key in self._connections:
+                continue
+            self._reply_rst(key, syn, 0)
+
+    def _note_dropped(self, key: FlowKey, syn: TcpHeader, now: float) -> None:
+        dropped = self._dropped
+        dropped.pop(key, None)  # a retry moves to the newest end
+        if len(dropped) >= _MAX_DROPPED_SYNS:
+            del dropped[next(iter(dropped))]
+        dropped[key] = (syn, now)
 
     def forget_pending(self, key: FlowKey) -> None:
         """Drop a pending SYN without answering (the runtime did, with ICMP)."""

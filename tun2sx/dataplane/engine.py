@@ -268,7 +268,8 @@ class Engine:
                 step()
 
     def refuse_unread(self) -> None:
-        """Refuse the SYNs the device took after the engine stopped.
+        """Refuse the SYNs the device took after the engine stopped, and
+        those the SYN-flood limits dropped lately.
 
         Between the stop and the device's close (the flows and the
         controller end, the routes go), applications keep connecting, and
@@ -291,6 +292,12 @@ class Engine:
                 for _key, packets in self.stack.packets_by_flow(now):
                     for packet in packets:
                         self.device.write(packet)
+            # And the SYNs the flood limits dropped: their retries would
+            # come after the device is gone.
+            tcp.refuse_dropped(now)
+            for _key, packets in self.stack.packets_by_flow(now):
+                for packet in packets:
+                    self.device.write(packet)
 
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.

@@ -513,3 +513,27 @@ def test_connections_accepted_by_the_demux_act_as_ones_opened_alone(
             sent.append((synack, conn.segments_to_send(0.001)))
         assert shared.state is TcpState.ESTABLISHED and len(sent[0][1]) > 1
         assert sent[0] == sent[1]
+
+
+def test_syns_the_caps_dropped_are_refused_at_the_stop_unless_taken_up_since() -> None:
+    """At the stack's stop, an application whose SYN a cap dropped would
+    retry into a device that is gone and wait in connect() for its own
+    time-out: `refuse_dropped` answers it RST (connection refused)."""
+    config = TcpConfig(max_half_open=100, max_pending_per_destination=2, max_pending_per_source=100)
+    demux = TcpDemux(config)
+    assert [requested(demux, flow(1, port=p)) for p in (1, 2, 3, 4)] == [True, True, False, False]
+    # Port 4's retry is taken up once room is made: its flow answers it.
+    demux.forget_pending(flow(1, port=1))
+    assert requested(demux, flow(1, port=4))
+    assert demux.segments_to_send(0.0) == []  # dropped silently while running
+    demux.refuse_dropped(10.0)
+    rsts = demux.segments_to_send(10.0)
+    assert [(k, h.flags, h.ack) for k, h, _ in rsts] == [
+        (flow(1, port=3), RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF)
+    ]
+    demux.refuse_dropped(10.0)  # the memory was emptied
+    assert demux.segments_to_send(10.0) == []
+    # A drop older than a client's SYN retries is left alone.
+    assert not requested(demux, flow(1, port=5))
+    demux.refuse_dropped(200.0)
+    assert demux.segments_to_send(200.0) == []

@@ -26,7 +26,7 @@ import trio.testing
 from outbounds.base import Destination, UdpSession
 from outbounds.net import SocketOptions, open_tcp
 from stack.netstack import NetStack, NetStackConfig
-from stack.tcp import DataReceived
+from stack.tcp import DataReceived, TcpConfig
 from stack.wire.icmp import IcmpHeader
 from stack.wire.packet import build_tcp_packet, parse_packet_untrusted
 from stack.wire.tcp import ACK, FIN, RST, SYN, TcpHeader, TcpOptions
@@ -384,3 +384,33 @@ async def test_a_syn_queued_behind_more_than_a_batch_is_refused_at_the_stop(
         (h.dst_port, h.flags, h.ack) for h in answers
     }
     assert engine.statistics()["tcp_pending"] == 0
+
+
+async def test_a_syn_a_cap_dropped_is_refused_at_the_stop_like_the_held_one(
+    pair: tuple[int, trio.socket.SocketType],
+) -> None:
+    """More applications connecting to one destination than its cap of
+    pending SYNs: the SYN over the cap was dropped (its application would
+    retry), and at the stop both applications get connection refused;
+    the retry would otherwise go into a device that is gone."""
+    fd, app_sock = pair
+    device = TunDevice(fd, name="fake0", mtu=1500, offload=False)
+    config = TcpConfig(mss=1400, max_pending_per_destination=1)
+    async with trio.open_nursery() as nursery:
+        engine = Engine(device, NetStack(NetStackConfig(tcp=config)), Router(SilentOutbound()))
+        await nursery.start(engine.run)
+        app = AppSide(app_sock)
+        for port in (APP_PORT, APP_PORT + 1):
+            syn = TcpHeader(port, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+            await app.send(syn)
+        await trio.testing.wait_all_tasks_blocked()
+        assert engine.statistics()["syn_dropped_per_destination"] == 1
+        nursery.cancel_scope.cancel()
+    engine.refuse_unread()
+    device.close()
+    with trio.fail_after(10):
+        answers = [(await app.receive())[0] for _ in range(2)]
+    assert sorted((h.dst_port, h.flags & (RST | ACK), h.ack) for h in answers) == [
+        (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+        (APP_PORT + 1, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+    ]
