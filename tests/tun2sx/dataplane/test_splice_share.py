@@ -119,3 +119,50 @@ def test_without_offload_the_share_is_a_dozen_packets() -> None:
     assert splice_share(1500, offload=False) == 12 * 1460
     assert splice_share(576, offload=False) == 16 * 1024
     assert splice_share(8500, offload=False) == 64 * 1024
+
+
+async def test_a_download_reads_no_more_while_its_packets_wait_and_arrives_byte_exact() -> None:
+    """While what the last read made still waits to be written (the
+    engine's write queue), the download does not read its outbound; it
+    reads again once that is written, and every byte arrives in order."""
+    payload = bytes(range(256)) * 400
+    app_side, app_peer = trio.testing.memory_stream_pair()
+    up_inner, up_peer = trio.testing.memory_stream_pair()
+    queued: list[trio.Event] = []  # one per read: its packets are written when set
+    early: list[int] = []  # reads made while the last read's packets waited
+
+    class _Queueing(_Recording):
+        async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+            if queued and not queued[-1].is_set():
+                early.append(len(queued))
+            data = await super().receive_some(max_bytes)
+            written = trio.Event()
+            queued.append(written)
+            nursery.start_soon(write_later, written)
+            return data
+
+    async def write_later(written: trio.Event) -> None:
+        for _ in range(3):  # a few rounds of other flows first
+            await trio.lowlevel.checkpoint()
+        written.set()
+
+    def backlog() -> object:
+        if queued and not queued[-1].is_set():
+            return queued[-1].wait()
+        return None
+
+    got = bytearray()
+
+    async def peers() -> None:
+        await app_peer.send_eof()
+        await up_peer.send_all(payload)
+        await up_peer.send_eof()
+        while chunk := await app_peer.receive_some():
+            got.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peers)
+        await splice(app_side, _Queueing(up_inner), 65536, None, lambda: 1000, backlog)  # type: ignore[arg-type]
+    assert bytes(got) == payload
+    assert early == []
+    assert len(queued) > len(payload) // 1000  # every read waited for the last

@@ -607,3 +607,74 @@ async def test_a_queue_that_never_emptied_goes_whole_once_the_others_are_quiet(
         await trio.lowlevel.checkpoint()
         assert device.written == [*first, *second]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_download_waiting_for_its_queue_reads_again_in_the_round_after_its_last_burst(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A flow with packets queued is told to wait before it reads more; the
+    wait ends with the round-end write of its last queued packet, so it
+    reads again in the very next round (no round lost, no poll); a flow
+    with nothing queued, or another flow, does not wait at all."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)  # three bursts: 4, 4 and 2
+    seen: list[int] = []  # what was written when the download went on
+
+    async def download() -> None:
+        written = engine.until_written(BULK)
+        assert written is not None
+        await written
+        seen.append(len(device.written))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        assert engine.until_written(BULK) is None
+        stack.give(BULK, list(bulk))
+        engine.flush()
+        assert engine.until_written(SMALL) is None
+        nursery.start_soon(download)
+        await trio.lowlevel.checkpoint()  # the download parks; 4 written
+        await trio.lowlevel.checkpoint()  # 8 written
+        assert seen == []
+        await trio.lowlevel.checkpoint()  # the last 2 written, it is woken
+        await trio.lowlevel.checkpoint()  # it has run in this round
+        assert seen == [10]
+        assert engine.until_written(BULK) is None
+        nursery.cancel_scope.cancel()
+    assert device.written == bulk
+
+
+async def test_a_download_waiting_for_its_queue_is_let_go_as_the_engine_stops(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The engine's stop writes the queue whole and leaves no flow parked."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 10)
+    ended: list[str] = []
+
+    async def download() -> None:
+        written = engine.until_written(BULK)
+        assert written is not None
+        try:
+            await written
+            ended.append("written")
+        except trio.Cancelled:
+            ended.append("cancelled")
+            raise
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await device.both_flows_move()
+            stack.give(BULK, list(bulk))
+            engine.flush()
+            nursery.start_soon(download)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(ended) <= 1
+            scope.cancel()
+    assert len(ended) == 1
+    assert device.written == bulk
+    assert engine._written_waiters == {}
