@@ -16,7 +16,7 @@ import itertools
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import attrs
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     from outbounds.base import Outbound
     from stack.netstack import NetStack
-    from stack.tcp import FlowKey
     from tun2sx.dataplane.tcpstream import TcpStream
     from tun2sx.naming.dns import FakeDns
     from tun2sx.naming.realnames import RealNames
@@ -309,11 +308,6 @@ class FlowContext(Protocol):
 
     def read_size(self) -> int:
         """How much a flow should read at once now (see `splice_share`)."""
-        ...
-
-    def until_written(self, key: FlowKey) -> Awaitable[None] | None:
-        """What a flow awaits before it reads more from its outbound while
-        its packets still wait in the write queue; None: none wait."""
         ...
 
     def open_flow(

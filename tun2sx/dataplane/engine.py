@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
@@ -149,9 +149,6 @@ class Engine:
         # `_drain_loop`, which waits parked while this is empty.
         self._queued: dict[FlowKey, list[bytes | GsoPacket]] = {}
         self._drainer: trio.lowlevel.Task | None = None
-        # Flows' download tasks waiting for their queued packets to be
-        # written before they read more (`until_written`), by flow.
-        self._written_waiters: dict[FlowKey, trio.lowlevel.Task] = {}
         self._write_error: Exception | None = None
         # Installed while the queue is in use (`_write_round`); off, a
         # trio round costs nothing more (on, about 0.4 µs).
@@ -386,7 +383,6 @@ class Engine:
         burst = self.config.write_burst or _WHOLE
         if self._now() >= self._crowded_until:
             burst = _WHOLE
-        waiters = self._written_waiters
         try:
             for key, packets in list(queued.items()):
                 # Off the queue before it is written: if a write raises
@@ -398,10 +394,6 @@ class Engine:
                     del packets[:end]
                 else:
                     del queued[key]
-                    if key in waiters:
-                        # Its next read makes the next burst: ready for the
-                        # next round, so the flow loses no round.
-                        trio.lowlevel.reschedule(waiters.pop(key))
                 for packet in run:
                     write(packet)
         except Exception as exc:
@@ -412,35 +404,6 @@ class Engine:
             if self._drainer is not None:
                 trio.lowlevel.reschedule(self._drainer)
                 self._drainer = None
-
-    def until_written(self, key: FlowKey) -> Awaitable[None] | None:
-        """What to await until the flow's queued packets are written, or
-        None when it has none queued.
-
-        A bulk flow's task asks before it reads more from its outbound:
-        while its last read still waits in the queue, reading and making
-        more segments is a step that runs ahead of other flows' round trips
-        in their round, for packets that could not leave before the ones
-        queued anyway. The wait ends in the round-end write of the flow's
-        last queued packet, so the flow reads again in the next round.
-        """
-        if key not in self._queued or key in self._written_waiters:
-            return None
-        return self._wait_written(key)
-
-    async def _wait_written(self, key: FlowKey) -> None:
-        if key not in self._queued:
-            # Written since the question (the caller awaited later).
-            await trio.lowlevel.checkpoint()
-            return
-        waiters = self._written_waiters
-        waiters[key] = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            waiters.pop(key, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _round_end_off(self) -> None:
         if self._round_end_on:
@@ -461,12 +424,7 @@ class Engine:
         while queued:
             # A flow at a time off the queue: if a write raises, the flushes
             # after it write the other flows' packets, then their resets.
-            key = next(iter(queued))
-            packets = queued.pop(key)
-            waiter = self._written_waiters.pop(key, None)
-            if waiter is not None:
-                trio.lowlevel.reschedule(waiter)
-            for packet in packets:
+            for packet in queued.pop(next(iter(queued))):
                 write(packet)
 
     async def _timer_loop(self) -> None:

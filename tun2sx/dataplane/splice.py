@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,7 +31,6 @@ def splice(
     bufsize: int,
     info: FlowInfo | None = None,
     read_size: Callable[[], int] | None = None,
-    backlog: Callable[[], Awaitable[None] | None] | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
@@ -46,17 +45,12 @@ def splice(
             read brings is written on in one step of the flow's task, and
             every other flow waits for that step: a bulk flow that moves
             less at once while others are open keeps their round trips short.
-        backlog: asked before each read from the outbound; what it returns,
-            when not None, is awaited first: the flow's packets made of the
-            last read still wait to be written (the engine's write queue),
-            and reading more now would only run ahead of other flows' round
-            trips (`FlowContext.until_written`).
 
     Returns the copy's coroutine, to be awaited, instead of awaiting it in
     one of its own: a held flow then keeps one coroutine frame fewer
     (about 250 bytes).
     """
-    return _Splice(app, upstream, bufsize, info, read_size, backlog).run()
+    return _Splice(app, upstream, bufsize, info, read_size).run()
 
 
 class _Splice:
@@ -81,7 +75,6 @@ class _Splice:
 
     __slots__ = (
         "app",
-        "backlog",
         "broken",
         "bufsize",
         "carried",
@@ -106,11 +99,9 @@ class _Splice:
         bufsize: int,
         info: FlowInfo | None,
         read_size: Callable[[], int] | None = None,
-        backlog: Callable[[], Awaitable[None] | None] | None = None,
     ) -> None:
         self.app = app
         self.read_size = read_size
-        self.backlog = backlog
         # The application's stream while the upload runs in its wake-ups.
         self.woken_by: TcpStream | None = None
         self.upstream = upstream
@@ -292,7 +283,6 @@ class _Splice:
         receive = wait_then_receive or receive_some
         backlog, end = self.carried, self.carried_end
         self.carried, self.carried_end = [], None
-        queued = self.backlog
         try:
             while True:
                 if backlog:
@@ -300,11 +290,6 @@ class _Splice:
                 elif end is not None:
                     break
                 else:
-                    if queued is not None:
-                        written = queued()
-                        if written is not None:
-                            await written
-                            receive = receive_some  # data came meanwhile
                     if fast and self.upload is _UPLOAD_IN_TASK:
                         return
                     self.receiving = True
