@@ -362,19 +362,8 @@ class Sender:
         """
         una = self.una
         fin_at = self.fin_at
-        self.una = ack
-        self._buf.release(ack)
-        if self.nxt < ack:
-            self.nxt = ack
-        rtt = self._rtt
-        ts = hdr.options.timestamp if self._ts else None
-        if ts is not None and ts[1]:
-            self._sample_ts(ts[1], now)
-        elif self._rtt_seq is not None and ack >= self._rtt_seq:
-            rtt.sample(now - self._rtt_time)
-            self._rtt_seq = None
-        rtt.backoff = 0
-        self._retries = 0
+        self._advance(ack)
+        self._progress(hdr, ack, now)
         skipped_to = self._skipped_to
         base = una
         if skipped_to:
@@ -391,11 +380,7 @@ class Sender:
         self._rxt_mark = 0
         if self._sack:
             cc.on_delivered(ack - base, ack, ack, now)
-            rack = self._rack
-            rack.all_delivered(ack, now)
-            cc.min_rtt = rack.min_rtt
-            timers.rack = None
-            cc.rack_lost = rack.lost_end
+            self._rack_all_delivered(ack, now)
         return fin_at is not None and una <= fin_at < ack
 
     def _advance(self, ack: int) -> None:
@@ -409,6 +394,23 @@ class Sender:
         acked = ack - self.una
         self._advance(ack)
         self._sb.ack(ack)
+        self._progress(hdr, ack, now)
+        if self._skipped_to:
+            # The ACKs skipped for this one grew the window already
+            # (`skipped_ack`): this one counts what it adds.
+            acked = ack - self._skipped_to
+            self._skipped_to = 0
+        self._cc.on_ack(acked, ack, self.max - ack)
+        timers = self._timers
+        timers.rto = None if self.max == ack else now + self._rtt.rto()
+        timers.tlp = None
+        self._tlp_count = 0
+        self._rxt_mark = 0
+        return not fin_was_acked and self.fin_acked()
+
+    def _progress(self, hdr: TcpHeader, ack: int, now: float) -> None:
+        """An ACK that moved SND.UNA to `ack`: its RTT sample (the echoed
+        timestamp, or the timed segment), and the end of any backoff."""
         rtt = self._rtt
         ts = hdr.options.timestamp if self._ts else None
         if ts is not None and ts[1]:
@@ -419,24 +421,21 @@ class Sender:
         # Forward progress ends any backoff, as in Linux.
         rtt.backoff = 0
         self._retries = 0
-        if self._skipped_to:
-            # The ACKs skipped for this one grew the window already
-            # (`skipped_ack`): this one counts what it adds.
-            acked = ack - self._skipped_to
-            self._skipped_to = 0
-        self._cc.on_ack(acked, ack, self.max - ack)
-        timers = self._timers
-        timers.rto = None if self.max == ack else now + rtt.rto()
-        timers.tlp = None
-        self._tlp_count = 0
-        self._rxt_mark = 0
-        return not fin_was_acked and self.fin_acked()
 
     def _sample_ts(self, tsecr: int, now: float) -> None:
         # Our TSval clock: milliseconds plus the ISN as offset (RFC 7323 5.4).
         rtt_ms = ((int(now * 1000) + self._iss) - tsecr) & MASK
         if rtt_ms < 0x80000000:
             self._rtt.sample(rtt_ms / 1000)
+
+    def _rack_all_delivered(self, una: int, now: float) -> None:
+        """RACK when the whole flight up to `una` is delivered: its RTT
+        sample kept, nothing lost, no reordering timer."""
+        cc, rack = self._cc, self._rack
+        rack.all_delivered(una, now)
+        cc.min_rtt = rack.min_rtt
+        self._timers.rack = None
+        cc.rack_lost = rack.lost_end
 
     def _rack_detect(self, now: float, delivered: int = 0) -> None:
         """Run RACK loss detection (RFC 8985) and act on what it finds.
@@ -456,10 +455,7 @@ class Sender:
             # keeps its RTT sample, and `lost_end` (never above SND.MAX)
             # marks nothing past `una`, so what follows below would do
             # nothing more.
-            rack.all_delivered(una, now)
-            cc.min_rtt = rack.min_rtt
-            self._timers.rack = None
-            cc.rack_lost = rack.lost_end
+            self._rack_all_delivered(una, now)
             return
         before = max(cc.lost_below(sb, self._mss), una)
         lost_rtx, deadline = rack.detect(una, sb, now, before)
