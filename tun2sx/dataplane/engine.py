@@ -289,15 +289,19 @@ class Engine:
                 for event in self.stack.receive_batch(batch, now):
                     if type(event) is ConnectionRequest and tcp.is_pending(event.key):
                         tcp.refuse(event.key, now)
-                for _key, packets in self.stack.packets_by_flow(now):
-                    for packet in packets:
-                        self.device.write(packet)
+                self._write_unqueued(now)
             # And the SYNs the flood limits dropped: their retries would
             # come after the device is gone.
             tcp.refuse_dropped(now)
-            for _key, packets in self.stack.packets_by_flow(now):
-                for packet in packets:
-                    self.device.write(packet)
+            self._write_unqueued(now)
+
+    def _write_unqueued(self, now: float) -> None:
+        """Write what the stack has ready, all of it now (the engine has
+        stopped: no rounds are left to write a queue in)."""
+        write = self.device.write
+        for _key, packets in self.stack.packets_by_flow(now):
+            for packet in packets:
+                write(packet)
 
     def flush(self) -> None:
         """Write the packets the stack has ready, and re-arm the timer.
