@@ -79,6 +79,9 @@ RESTART_FIELDS = (
     "fwmark",
     "secret",
 )
+# What the reload line counts rather than lists (the default outbound's URL
+# may carry a password).
+_COUNTED_FIELDS = frozenset({"outbound", "outbounds", "rules", "groups"})
 # Values a log line must never show.
 _SECRET_FIELDS = frozenset({"secret"})
 # How often a retiring routing checks whether its last flows have ended.
@@ -137,6 +140,26 @@ def restart_needed(
                 )
             )
     return lines
+
+
+def applied_changes(old: Settings, new: Settings) -> list[str]:
+    """The settings a reload applies at once and `new` changes from `old`,
+    one `key old -> new` each, keyed as the file writes them.
+
+    Outbounds, rules and groups are left out (the reload line counts them,
+    and an outbound URL may carry a password), as are the settings that
+    take a restart (`restart_needed` names those).
+    """
+    changes = []
+    for field in attrs.fields(Settings):
+        name = field.name
+        if name in RESTART_FIELDS or name in _COUNTED_FIELDS:
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        if before != after:
+            key = file_key_message(f"{name}:").removesuffix(":")
+            changes.append(f"{key} {_shown(before)} -> {_shown(after)}")
+    return changes
 
 
 def _check_together(settings: Settings, path: str) -> None:
@@ -322,15 +345,17 @@ class Reloader:
         carry_health(self.routing.router, routing.router, changed)
         for line in prepared.kept:
             log.warning("tun2sx: reload: %s", line)
+        changes = applied_changes(self.settings, prepared.settings)
         self._apply(prepared.settings, routing)
         self._loaded = prepared.loaded
         router = routing.router
         log.info(
-            "tun2sx: reloaded%s: %d rules, %d outbounds, default %s; open flows keep theirs",
+            "tun2sx: reloaded%s: %d rules, %d outbounds, default %s%s; open flows keep theirs",
             f" {path}" if path else "",
             len(router.rules.rules),
             len(router.outbounds),
             router.name_of(router.default),
+            f"; now {', '.join(changes)}" if changes else "",
         )
 
     def _refuse(self, reason: str) -> str:

@@ -545,3 +545,27 @@ def test_a_member_whose_proxy_changed_starts_afresh(tmp_path: Path) -> None:
     assert reloader.reload() is None
     new: ProxyGroup = engine.router.outbounds["auto"]
     assert (new.alive("proxy"), new.now()) == (True, "proxy")
+
+
+def test_the_reload_line_names_what_changed_at_once_and_never_a_url(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, _ = _started(config)
+    changed = (
+        BASE.replace('name = "tun7"', 'name = "tun7"\nwrite_burst = "16K"')
+        .replace('outbound = "proxy"', 'outbound = "proxy"\nudp_timeout = 30')
+        .replace("socks5://127.0.0.1:1081", "socks5://user:hunter2@127.0.0.1:1081")
+    )
+    _write(config, changed)
+    with caplog.at_level(logging.INFO, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert "now udp_timeout 60.0 -> 30.0, tun.write_burst 49152 -> 16384;" in line
+    assert "hunter2" not in line
+    # Read again unchanged: nothing is said to have changed.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert " now " not in line
