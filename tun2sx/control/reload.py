@@ -82,6 +82,8 @@ RESTART_FIELDS = (
 # What the reload line counts rather than lists (the default outbound's URL
 # may carry a password).
 _COUNTED_FIELDS = frozenset({"outbound", "outbounds", "rules", "groups"})
+# The longest list the reload line writes out; a longer one is counted.
+_LISTED = 4
 # Values a log line must never show.
 _SECRET_FIELDS = frozenset({"secret"})
 # How often a retiring routing checks whether its last flows have ended.
@@ -158,7 +160,7 @@ def applied_changes(old: Settings, new: Settings) -> list[str]:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             key = file_key_message(f"{name}:").removesuffix(":")
-            changes.append(f"{key} {_shown(before)} -> {_shown(after)}")
+            changes.append(f"{key} {_brief(before)} -> {_brief(after)}")
     return changes
 
 
@@ -174,6 +176,13 @@ def _check_together(settings: Settings, path: str) -> None:
     except ConfigError as exc:
         message = file_key_message(str(exc))
         raise ConfigError(f"{path}: {message}" if path else message) from None
+
+
+def _brief(value: object) -> str:
+    """`_shown`, a long list (a fake-IP filter of a thousand names) counted."""
+    if isinstance(value, tuple) and len(value) > _LISTED:
+        return f"[{len(value)} entries]"
+    return _shown(value)
 
 
 def _shown(value: object) -> str:

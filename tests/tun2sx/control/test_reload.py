@@ -569,3 +569,21 @@ def test_the_reload_line_names_what_changed_at_once_and_never_a_url(
         assert reloader.reload() is None
     (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
     assert " now " not in line
+
+
+def test_a_long_changed_list_is_counted_on_the_reload_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _write(tmp_path / "c.toml", BASE)
+    _, reloader, _ = _started(config)
+    names = ", ".join(f'"+.n{i}.test"' for i in range(50))
+    _write(
+        config,
+        BASE.replace(
+            'upstream = "1.1.1.1:53"', f'upstream = "1.1.1.1:53"\nfake_ip_filter = [{names}]'
+        ),
+    )
+    with caplog.at_level(logging.INFO, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    assert "now dns.fake_ip_filter [] -> [50 entries];" in line
