@@ -225,13 +225,19 @@ class TcpFlows:
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
         try:
-            stream = self._accept(request)
+            stream = self._accept(request, take_ready=False)
         except (KeyError, LocalProtocolError):
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
         await self._carry(
-            key, stream, upstream, dest, outbound, FlowRoute(None, source, rule, chain)
+            key,
+            stream,
+            upstream,
+            dest,
+            outbound,
+            FlowRoute(None, source, rule, chain),
+            take_ready=True,
         )
 
     async def _dial(
@@ -324,14 +330,24 @@ class TcpFlows:
         outbound: Outbound,
         route: FlowRoute,
         first: bytes = b"",
+        *,
+        take_ready: bool = False,
     ) -> None:
         """Splice a connected flow until it ends; `first` (what sniffing
-        read) goes to the outbound before anything else."""
+        read) goes to the outbound before anything else. With `take_ready`,
+        the SYN-ACK was just written and its answers are taken here."""
         engine = self._engine
         app = _endpoint(key.app_addr, key.app_port)
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound), route)
         finished = False
         try:
+            if take_ready:
+                # Taken after the flow's bookkeeping rather than right after
+                # the write: by now the application has often sent its first
+                # bytes behind the ACK, and they are taken in the same read
+                # (no wake-up of the reader for them) and go to the outbound
+                # as the splice starts.
+                engine.take_ready()
             if first:
                 # The controller's close cancels this scope: the flow then
                 # ends as one cut short, with a reset to both ends.
@@ -462,15 +478,20 @@ class TcpFlows:
                     break
         return bytes(first), result
 
-    def _accept(self, request: ConnectionRequest) -> TcpStream:
+    def _accept(self, request: ConnectionRequest, *, take_ready: bool = True) -> TcpStream:
+        """Answer the held SYN with a SYN-ACK; the flow's stream.
+
+        The SYN-ACK's ACK comes back within the write: taken before the
+        flow next waits (here, or by the caller with `take_ready` False),
+        it completes the handshake without a wake-up of the reader.
+        """
         engine = self._engine
         conn = engine.stack.tcp.accept(request.key, _random_isn(), engine.now())
         stream = TcpStream(engine, conn)
         engine.streams[request.key] = stream
         engine.flush()
-        # The SYN-ACK's ACK came back within the write: it completes the
-        # handshake now rather than in a wake-up of the reader of its own.
-        engine.take_ready()
+        if take_ready:
+            engine.take_ready()
         return stream
 
     def _fail(self, request: ConnectionRequest, reply: FailureReply) -> None:
