@@ -55,10 +55,6 @@ VIRTIO_NET_HDR_GSO_TCPV4 = 1
 VIRTIO_NET_HDR_GSO_TCPV6 = 4
 
 _PLAIN_VNET_HDR = bytes(VNET_HDR_LEN)
-# Packets after the first that are asked for with poll(0) before each read;
-# from then on a batch reads until EAGAIN: one failed read per long batch
-# (an upload's) rather than a poll per packet.
-_POLLED_READS = 3
 _READ_SIZE = 65536 + VNET_HDR_LEN
 # The device's transmit queue (packets the kernel hands us) when tun2sx
 # creates the device: the kernel's default of 500 dropped 8,928 of a local
@@ -164,12 +160,11 @@ class TunDevice:
         read = self._read_packet
         count = nbytes = 0
         while count < limit:
-            if 0 < count <= _POLLED_READS and not self._poll.poll(0):
-                # Short batches are the common ones (a round trip's request,
-                # an ACK; a connection's ACK, FIN and the next SYN): asking
-                # whether more is queued costs a third of the read that
-                # would fail (its EAGAIN is an exception). A longer batch
-                # reads on until a read fails.
+            if count == 1 and not self._poll.poll(0):
+                # A batch of one is the common one (a round trip's request,
+                # an ACK): asking whether more is queued costs a third of
+                # the read that would fail (its EAGAIN is an exception).
+                # A longer batch reads on until a read fails, as before.
                 break
             try:
                 raw = read(fd, _READ_SIZE)
