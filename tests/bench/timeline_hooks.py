@@ -53,14 +53,17 @@ def _start(self: tcpflow.TcpFlows, request: Any) -> None:
     _original_start(self, request)
 
 
-async def _traced_run_guarded(self: tcpflow.TcpFlows, request: Any, *args: Any) -> None:
-    # The wrapped method's other arguments are passed through unnamed: a
-    # new one there (the SYN's time was one) must not break the wrapper.
+async def _traced_run_guarded(
+    self: tcpflow.TcpFlows, request: Any, *args: Any, **kwargs: Any
+) -> None:
+    # The wrapped methods' other arguments are passed through as they
+    # come: a new one there (the SYN's time was one) must not break the
+    # wrapper.
     events: Events = [("syn", _syn_at.pop(request.key, _now())), ("task", _now())]
     _flows.append(events)
     _current.set(events)
     try:
-        await _run_guarded(self, request, *args)
+        await _run_guarded(self, request, *args, **kwargs)
     finally:
         events.append(("end", _now()))
 
@@ -121,8 +124,8 @@ def _mark(name: str, label: str, is_async: bool) -> None:
 _accept = tcpflow.TcpFlows._accept
 
 
-def _traced_accept(self: tcpflow.TcpFlows, request: Any, *args: Any) -> Any:
-    stream = _accept(self, request, *args)
+def _traced_accept(self: tcpflow.TcpFlows, request: Any, *args: Any, **kwargs: Any) -> Any:
+    stream = _accept(self, request, *args, **kwargs)
     events = _current.get()
     if events is not None:
         events.append(("syn-ack out", _now()))
