@@ -53,12 +53,17 @@ def _start(self: tcpflow.TcpFlows, request: Any) -> None:
     _original_start(self, request)
 
 
-async def _traced_run_guarded(self: tcpflow.TcpFlows, request: Any, scope: Any) -> None:
+async def _traced_run_guarded(
+    self: tcpflow.TcpFlows, request: Any, *args: Any, **kwargs: Any
+) -> None:
+    # The wrapped methods' other arguments are passed through as they
+    # come: a new one there (the SYN's time was one) must not break the
+    # wrapper.
     events: Events = [("syn", _syn_at.pop(request.key, _now())), ("task", _now())]
     _flows.append(events)
     _current.set(events)
     try:
-        await _run_guarded(self, request, scope)
+        await _run_guarded(self, request, *args, **kwargs)
     finally:
         events.append(("end", _now()))
 
@@ -119,8 +124,8 @@ def _mark(name: str, label: str, is_async: bool) -> None:
 _accept = tcpflow.TcpFlows._accept
 
 
-def _traced_accept(self: tcpflow.TcpFlows, request: Any) -> Any:
-    stream = _accept(self, request)
+def _traced_accept(self: tcpflow.TcpFlows, request: Any, *args: Any, **kwargs: Any) -> Any:
+    stream = _accept(self, request, *args, **kwargs)
     events = _current.get()
     if events is not None:
         events.append(("syn-ack out", _now()))
@@ -151,13 +156,25 @@ async def _traced_run(self: engine_module.Engine, **kwargs: Any) -> None:
     await _run(self, **kwargs)
 
 
+def recorded() -> dict[str, Any]:
+    """What the wrappers recorded so far: each flow's events, and the I/O list."""
+    return {"flows": _flows, "io": _io}
+
+
 def _dump(path: str) -> None:
     with open(path, "w") as f:
-        json.dump({"flows": _flows, "io": _io}, f)
+        json.dump(recorded(), f)
 
 
 def install(path: str) -> None:
     """Wrap the flow's waypoints; write the record to `path` at exit."""
+    wrap()
+    atexit.register(_dump, path)
+
+
+def wrap() -> None:
+    """Wrap the flow's waypoints (tests/bench/test_timeline_hooks.py puts
+    the originals back)."""
     tcpflow.TcpFlows.start = _start  # type: ignore[method-assign]
     tcpflow.TcpFlows._run_guarded = _traced_run_guarded  # type: ignore[method-assign]
     socks5.Socks5Outbound._take_spare = _traced_take_spare  # type: ignore[method-assign]
@@ -170,7 +187,6 @@ def install(path: str) -> None:
     _mark("close_now", "proxy close", False)
     tun.TunDevice.write = _traced_write  # type: ignore[method-assign]
     engine_module.Engine.run = _traced_run  # type: ignore[method-assign]
-    atexit.register(_dump, path)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,8 @@ class FlowContext(Protocol):
         streams: the live TCP streams by flow key; a flow adds its stream
             when it accepts and removes it once finished.
         connect_times: how long outbound connects took, per outbound.
+        now: the run's clock (trio time) in one call, where
+            `trio.current_time()` is three.
     """
 
     config: EngineConfig
@@ -274,6 +276,7 @@ class FlowContext(Protocol):
     real_names: RealNames
     streams: dict[object, TcpStream]
     connect_times: ConnectTimes
+    now: Callable[[], float]
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -159,7 +159,7 @@ class Engine:
         # trio.current_time() is three Python calls (the run context, the
         # runner, the clock); from `run` on, the clock's own method is one.
         # The engine asks several times a batch and once or twice a flush.
-        self._now: Callable[[], float] = trio.current_time
+        self.now: Callable[[], float] = trio.current_time
         self.dns_server = DnsServer(self)
         self.tcp = TcpFlows(self, self.dns_server, tcp_handler)
         self.udp = UdpFlows(self, self.dns_server)
@@ -171,7 +171,7 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reports readiness through `task_status`."""
-        self._now = trio.lowlevel.current_clock().current_time
+        self.now = trio.lowlevel.current_clock().current_time
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -202,7 +202,7 @@ class Engine:
 
     def _take(self, batch: list[RxPacket]) -> None:
         """Feed one batch read from the device to the stack and the flows."""
-        now = self._now()
+        now = self.now()
         touched: set[TcpConnection] = set()
         datagrams = False
         # Answers made while the batch is taken (DNS, SYNs failed at
@@ -278,7 +278,7 @@ class Engine:
         into no route. Called by whoever closes the device, just before.
         """
         with contextlib.suppress(TunError, OSError):
-            now = self._now()
+            now = self.now()
             tcp = self.stack.tcp
             # A read gives at most a batch; a SYN can be queued behind other
             # flows' segments. Bounded: applications keep sending meanwhile.
@@ -322,7 +322,7 @@ class Engine:
             # of a short flow (a step that only read, a last ACK).
             return
         write = self.device.write
-        now = self._now()
+        now = self.now()
         # Alone, a flow's run goes out whole: pacing it would cost a trip
         # through the scheduler per burst that nobody waits behind.
         burst = (self.config.write_burst or _WHOLE) if now < self._crowded_until else _WHOLE
@@ -392,7 +392,7 @@ class Engine:
         # others have gone quiet the queue goes whole: a flow alone is not
         # paced, even when its queue never emptied in between.
         burst = self.config.write_burst or _WHOLE
-        if self._now() >= self._crowded_until:
+        if self.now() >= self._crowded_until:
             burst = _WHOLE
         try:
             for key, packets in list(queued.items()):
@@ -449,7 +449,7 @@ class Engine:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = trio.CancelScope()
-            fired = stack.handle_timeout(self._now())
+            fired = stack.handle_timeout(self.now())
             self.flush()
             # Timers can retransmit, reset or close: the streams of the
             # connections whose timers ran re-check (only those can have
@@ -512,7 +512,7 @@ class Engine:
                 return None, None
             return self.router.outbounds.get(self.override, self.router.default), None
         if name is None and not isinstance(dest.host, str):
-            name = self.real_names.name_for(dest.host, self._now())
+            name = self.real_names.name_for(dest.host, self.now())
         return self.router.decide(dest, network, name)
 
     def read_size(self) -> int:
@@ -529,7 +529,7 @@ class Engine:
         # A flow alone asks once per answer it waits for: no clock read
         # while nothing was crowded since the last look that found it over.
         if crowded_until != -math.inf:
-            if self._now() < crowded_until:
+            if self.now() < crowded_until:
                 return config.splice_share
             self._crowded_until = -math.inf
         return config.splice_buffer
@@ -550,7 +550,7 @@ class Engine:
             app,
             dest,
             outbound,
-            self._now(),
+            self.now(),
             sniffed=None if sniffed is None else sniffed.host,
             host_source=host_source,
             rule=kind,

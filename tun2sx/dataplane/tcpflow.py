@@ -131,7 +131,7 @@ class TcpFlows:
         key = request.key
         if not engine.stack.tcp.is_pending(key):
             return  # evicted by a later SYN of the same batch
-        now = trio.current_time()
+        now = engine.now()
         if self._timeouts.failing((key.remote_addr, key.remote_port), now):
             engine.counters["tcp_connect_fast_failures"] += 1
             self._fail(request, FailureReply.HOST_UNREACHABLE)
@@ -168,7 +168,7 @@ class TcpFlows:
                 # the outbound connects): its application waits in
                 # connect() and would resend the SYN into a device about
                 # to go until its own timeout. Refused, connect() fails now.
-                engine.stack.tcp.refuse(request.key, trio.current_time())
+                engine.stack.tcp.refuse(request.key, engine.now())
                 with contextlib.suppress(OSError):  # the device may be gone
                     engine.flush()
 
@@ -190,7 +190,7 @@ class TcpFlows:
             return
         dest = engine.destination_for(key.remote_addr, key.remote_port)
         if dest is None:
-            held = self._unknown_log.allow(trio.current_time())
+            held = self._unknown_log.allow(engine.now())
             if held is not None:
                 log.warning(
                     "TCP %s: fake IP has no host name (mapping lost or never handed out); "
@@ -225,13 +225,19 @@ class TcpFlows:
             # describe() formats two addresses: not worth it per flow unless shown.
             log.debug("TCP %s (%s) via %s: connected", describe(key), dest, outbound.name)
         try:
-            stream = self._accept(request)
+            stream = self._accept(request, take_ready=False)
         except (KeyError, LocalProtocolError):
             # The pending SYN expired (or was flushed) while we dialled.
             await trio.aclose_forcefully(upstream)
             return
         await self._carry(
-            key, stream, upstream, dest, outbound, FlowRoute(None, source, rule, chain)
+            key,
+            stream,
+            upstream,
+            dest,
+            outbound,
+            FlowRoute(None, source, rule, chain),
+            take_ready=True,
         )
 
     async def _dial(
@@ -265,7 +271,7 @@ class TcpFlows:
         """
         engine = self._engine
         upstream = None
-        dialled = trio.current_time()  # the histogram's start: the dial's, not the SYN's
+        dialled = engine.now()  # the histogram's start: the dial's, not the SYN's
         try:
             with scope:
                 upstream, chain = await connect_tcp_traced(
@@ -287,11 +293,11 @@ class TcpFlows:
         if upstream is None:
             self._log_failure(key, dest, outbound.name, "connect timed out")
             engine.counters["tcp_outbound_failed"] += 1
-            self._timeouts.timed_out(address, trio.current_time())
+            self._timeouts.timed_out(address, engine.now())
             return FailureReply.HOST_UNREACHABLE
         self._timeouts.connected(address)
         # Per leaf outbound: the proxy a group picked, not the group.
-        engine.connect_times.observe(chain[0], trio.current_time() - dialled)
+        engine.connect_times.observe(chain[0], engine.now() - dialled)
         return upstream, chain
 
     def _log_failure(self, key: FlowKey, dest: Destination, outbound: str, what: str) -> None:
@@ -304,7 +310,7 @@ class TcpFlows:
             if len(limits) >= _FAILURE_KINDS:
                 limits.clear()
             limit = limits[outbound, what] = LogLimit()
-        held = limit.allow(trio.current_time())
+        held = limit.allow(self._engine.now())
         if held is not None:
             log.info(
                 "TCP %s (%s) via %s: %s%s",
@@ -324,14 +330,24 @@ class TcpFlows:
         outbound: Outbound,
         route: FlowRoute,
         first: bytes = b"",
+        *,
+        take_ready: bool = False,
     ) -> None:
         """Splice a connected flow until it ends; `first` (what sniffing
-        read) goes to the outbound before anything else."""
+        read) goes to the outbound before anything else. With `take_ready`,
+        the SYN-ACK was just written and its answers are taken here."""
         engine = self._engine
         app = _endpoint(key.app_addr, key.app_port)
         info = engine.open_flow("tcp", app, dest, engine.router.name_of(outbound), route)
         finished = False
         try:
+            if take_ready:
+                # Taken after the flow's bookkeeping rather than right after
+                # the write: by now the application has often sent its first
+                # bytes behind the ACK, and they are taken in the same read
+                # (no wake-up of the reader for them) and go to the outbound
+                # as the splice starts.
+                engine.take_ready()
             if first:
                 # The controller's close cancels this scope: the flow then
                 # ends as one cut short, with a reset to both ends.
@@ -409,7 +425,7 @@ class TcpFlows:
                     route_dest = Destination(sniffed.host, dest.port)
             else:
                 engine.counters["sniff_misses"] += 1
-                name, source = engine.real_names.known_name(dest.host, trio.current_time())
+                name, source = engine.real_names.known_name(dest.host, engine.now())
             outbound, rule = engine.decide(route_dest, "tcp", name)
             if outbound is None:
                 log.info("TCP %s (%s): rejected by rule; reset", describe(key), name or dest)
@@ -417,7 +433,7 @@ class TcpFlows:
                 return
             # A bare cancel scope rather than trio.fail_after (a generator
             # context manager), its deadline given at construction.
-            scope = trio.CancelScope(deadline=trio.current_time() + engine.config.connect_timeout)
+            scope = trio.CancelScope(deadline=engine.now() + engine.config.connect_timeout)
             dialled = await self._dial(key, dest, outbound, scope, held=False)
             if not isinstance(dialled, tuple):
                 stream.abort()
@@ -462,21 +478,26 @@ class TcpFlows:
                     break
         return bytes(first), result
 
-    def _accept(self, request: ConnectionRequest) -> TcpStream:
+    def _accept(self, request: ConnectionRequest, *, take_ready: bool = True) -> TcpStream:
+        """Answer the held SYN with a SYN-ACK; the flow's stream.
+
+        The SYN-ACK's ACK comes back within the write: taken before the
+        flow next waits (here, or by the caller with `take_ready` False),
+        it completes the handshake without a wake-up of the reader.
+        """
         engine = self._engine
-        conn = engine.stack.tcp.accept(request.key, _random_isn(), trio.current_time())
+        conn = engine.stack.tcp.accept(request.key, _random_isn(), engine.now())
         stream = TcpStream(engine, conn)
         engine.streams[request.key] = stream
         engine.flush()
-        # The SYN-ACK's ACK came back within the write: it completes the
-        # handshake now rather than in a wake-up of the reader of its own.
-        engine.take_ready()
+        if take_ready:
+            engine.take_ready()
         return stream
 
     def _fail(self, request: ConnectionRequest, reply: FailureReply) -> None:
         """Answer a held SYN with the error the outbound reported."""
         engine = self._engine
-        now = trio.current_time()
+        now = engine.now()
         codes = _ICMP_FOR_REPLY.get(reply)
         if codes is None:
             engine.stack.tcp.refuse(request.key, now)
