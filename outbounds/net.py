@@ -498,13 +498,14 @@ class TcpSocketStream(NowaitStream):
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is currently receiving on this stream")
-        sock = self.socket
-        if sock.fileno() == -1:
+        fd = self.socket.fileno()
+        if fd == -1:
             raise trio.ClosedResourceError("socket was already closed")
         self._receiving = True
         try:
             while True:
-                await _wait_readable(sock)
+                # The number, not the socket: trio would ask it again.
+                await _wait_readable(fd)
                 data = self._recv_now(max_bytes)
                 if data is not None:
                     return data
