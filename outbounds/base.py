@@ -220,6 +220,14 @@ class NowaitStream(trio.abc.HalfCloseableStream):
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         """What has arrived already: None when nothing has, b"" at EOF."""
 
+    def receive_drained(self) -> bool:
+        """Whether the last receive is known to have left nothing behind it
+        (no data, no EOF), so that `receive_nowait` now would find nothing.
+
+        A hint: True only when the stream knows it; by default False.
+        """
+        return False
+
     @abstractmethod
     def send_eof_nowait(self) -> None:
         """`send_eof` without a checkpoint (after `send_nowait` took everything)."""

@@ -65,6 +65,11 @@ TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 # TCP_NOTSENT_LOWAT, so that "writable" means little unsent data is queued.
 DEFAULT_RECEIVE_SIZE = 1 << 16
 _NOTSENT_LOWAT = 1 << 14
+# Linux 4.18+: a recvmsg also says how many bytes are still queued behind
+# what it returned, and 1 when only the peer's FIN is (tcp_inq_hint).
+_TCP_INQ = getattr(socket, "TCP_INQ", 36)
+_INQ_SPACE = socket.CMSG_SPACE(4)
+_NOTHING_QUEUED = bytes(4)
 
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 _cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
@@ -436,13 +441,23 @@ class TcpSocketStream(NowaitStream):
             only those wake tasks waiting on it.
     """
 
-    __slots__ = ("_eof_sent", "_receiving", "_sending", "socket")
+    __slots__ = ("_drained", "_eof_sent", "_hinted", "_receiving", "_sending", "socket")
 
     def __init__(self, sock: socket.socket) -> None:
         self.socket = sock
         self._sending = False
         self._receiving = False
         self._eof_sent = False
+        # With TCP_INQ each receive learns whether it left the socket empty
+        # (`receive_drained`); a socket without it (not TCP, an older
+        # kernel) is read with plain recv and never known drained.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_INQ, 1)
+        except OSError:
+            self._hinted = False
+        else:
+            self._hinted = True
+        self._drained = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
@@ -456,7 +471,7 @@ class TcpSocketStream(NowaitStream):
         try:
             await _checkpoint_if_cancelled()
             try:
-                data = _recv_now(sock, max_bytes)
+                data = self._recv_now(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await _cancel_shielded_checkpoint()
                 raise
@@ -468,7 +483,7 @@ class TcpSocketStream(NowaitStream):
             # frame less is about 220 bytes per flow.
             while True:
                 await _wait_readable(sock)  # the checkpoint
-                data = _recv_now(sock, max_bytes)
+                data = self._recv_now(max_bytes)
                 if data is not None:
                     return data
         finally:
@@ -483,14 +498,15 @@ class TcpSocketStream(NowaitStream):
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is currently receiving on this stream")
-        sock = self.socket
-        if sock.fileno() == -1:
+        fd = self.socket.fileno()
+        if fd == -1:
             raise trio.ClosedResourceError("socket was already closed")
         self._receiving = True
         try:
             while True:
-                await _wait_readable(sock)
-                data = _recv_now(sock, max_bytes)
+                # The number, not the socket: trio would ask it again.
+                await _wait_readable(fd)
+                data = self._recv_now(max_bytes)
                 if data is not None:
                     return data
         finally:
@@ -505,7 +521,34 @@ class TcpSocketStream(NowaitStream):
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is currently receiving on this stream")
-        return _recv_now(self.socket, max_bytes)
+        return self._recv_now(max_bytes)
+
+    def receive_drained(self) -> bool:
+        """Whether the last receive left the socket empty: no data, no EOF.
+
+        From the kernel's count at that receive (TCP_INQ): what came since
+        is not known, but a copy loop that would look for more right away
+        (`receive_nowait`) can skip a look that would only fail. False when
+        not known (no receive yet, the last one found nothing, no TCP_INQ).
+        """
+        return self._drained
+
+    def _recv_now(self, max_bytes: int) -> bytes | None:
+        """One non-blocking recv: the data (b"" at EOF), None when there is none yet."""
+        sock = self.socket
+        try:
+            if self._hinted:
+                data, ancdata, _flags, _addr = sock.recvmsg(max_bytes, _INQ_SPACE)
+                # One control message, the count (cmsg_data is a native int).
+                self._drained = bool(ancdata) and ancdata[0][2] == _NOTHING_QUEUED
+                return data
+            return sock.recv(max_bytes)
+        except BlockingIOError:
+            self._drained = False
+            return None
+        except OSError as exc:
+            self._drained = False
+            raise _stream_error(exc) from _cause(exc)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent:
@@ -617,16 +660,6 @@ class TcpSocketStream(NowaitStream):
             sock.close()
 
 
-def _recv_now(sock: socket.socket, max_bytes: int) -> bytes | None:
-    """One non-blocking recv: the data (b"" at EOF), None when there is none yet."""
-    try:
-        return sock.recv(max_bytes)
-    except BlockingIOError:
-        return None
-    except OSError as exc:
-        raise _stream_error(exc) from _cause(exc)
-
-
 def _send_now(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
     """One non-blocking send: the bytes the socket took (0 when its buffer is full)."""
     try:
@@ -689,6 +722,9 @@ class PrefixedStream(NowaitStream):
         if self._prefix:
             return self._take_prefix(max_bytes)
         return self.inner.receive_nowait(max_bytes)
+
+    def receive_drained(self) -> bool:
+        return not self._prefix and self.inner.receive_drained()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import ipaddress
 import os
+import select
 import socket
 import struct
+import termios
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outbounds.base import Destination, FailureReply, OutboundError, reply_for_oserror
 from outbounds.net import (
@@ -493,6 +498,68 @@ async def test_receive_nowait_reports_nothing_data_and_eof_without_yielding() ->
         assert client.receive_nowait(100) == b""
     await client.aclose()
     await server.aclose()
+
+
+_TCP_CLOSE_WAIT = 8  # tcpi_state, the first byte of TCP_INFO
+
+
+def _wait_arrived(sock: socket.socket, queued: int, fin: bool) -> None:
+    """Until `queued` bytes (and the FIN, with `fin`) sit in `sock`'s
+    receive queue: loopback usually delivers within the send, not always."""
+    for _ in range(10000):
+        count = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        if count == queued and (not fin or state == _TCP_CLOSE_WAIT):
+            return
+        select.select([], [], [], 0.001)
+    raise AssertionError(f"{queued} bytes (fin={fin}) never arrived")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("send"), st.integers(1, 3000)),
+            st.tuples(st.just("receive"), st.integers(1, 4000)),
+        ),
+        max_size=12,
+    ),
+    fin=st.booleans(),
+)
+def test_receive_drained_agrees_with_a_look_that_finds_nothing(
+    steps: list[tuple[str, int]], fin: bool
+) -> None:
+    """The splice skips its look for more right after a receive when the
+    receive is known to have drained the socket; it must be known only
+    when that look would have found nothing: no data and no EOF. Every
+    receive is checked against a peek, with nothing arriving in between."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    stream = TcpSocketStream(accepted)
+    queued = 0
+    with peer:
+        for i, (action, size) in enumerate([*steps, ("fin", 0), ("receive", 5000)]):
+            if action == "send":
+                peer.sendall(bytes([i]) * size)
+                queued += size
+            elif action == "fin":
+                if fin:
+                    peer.shutdown(socket.SHUT_WR)
+            else:
+                _wait_arrived(accepted, queued, fin and action == "receive" and i == len(steps) + 1)
+                data = stream.receive_nowait(size)
+                if data is None:
+                    assert queued == 0 and not (fin and i == len(steps) + 1)
+                    continue
+                queued -= len(data)
+                try:
+                    rest = accepted.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    rest = None
+                assert stream.receive_drained() == (rest is None), (data, rest, queued)
+        stream.close_now()
 
 
 async def test_receive_nowait_is_busy_while_receiving_and_broken_after_reset() -> None:

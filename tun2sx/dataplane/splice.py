@@ -274,8 +274,10 @@ class _Splice:
         up_nowait = upstream if isinstance(upstream, NowaitStream) else None
         # Looking ahead for the EOF pays only when it can go with the data.
         receive_nowait = None
+        drained = _never_drained
         if app_nowait is not None and up_nowait is not None:
             receive_nowait = up_nowait.receive_nowait
+            drained = up_nowait.receive_drained
         # At the start the application has sent nothing yet, so there is
         # rarely an answer: wait before the first recv rather than after.
         receive_some = upstream.receive_some
@@ -314,21 +316,27 @@ class _Splice:
                     # then the FIN leaves with the data, in one segment, and
                     # the EOF costs no trip through the scheduler. A reset
                     # behind it ends the flow only once the data is passed on.
-                    try:
-                        ahead = receive_nowait(size)
-                    except trio.BrokenResourceError as exc:
-                        end = exc
+                    # When the receive that brought the data left nothing
+                    # behind it (no data, no FIN), the look could only fail:
+                    # a round trip's answer goes to the application without it.
+                    if drained():
+                        receive = wait_then_receive or receive_some
                     else:
-                        if ahead is None:
-                            # The socket was empty just now: unless time
-                            # passes (a wait for the application below),
-                            # the next receive's first recv would only
-                            # fail; it waits for readability first instead.
-                            receive = wait_then_receive or receive_some
-                        elif ahead:
-                            backlog.append(ahead)
+                        try:
+                            ahead = receive_nowait(size)
+                        except trio.BrokenResourceError as exc:
+                            end = exc
                         else:
-                            end = _EOF
+                            if ahead is None:
+                                # The socket was empty just now: unless time
+                                # passes (a wait for the application below),
+                                # the next receive's first recv would only
+                                # fail; it waits for readability first instead.
+                                receive = wait_then_receive or receive_some
+                            elif ahead:
+                                backlog.append(ahead)
+                            else:
+                                end = _EOF
                 if app_nowait is None:
                     sent = 0
                 else:
@@ -365,6 +373,10 @@ class _Splice:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._break()
         self.download_done = True
+
+
+def _never_drained() -> bool:
+    return False
 
 
 # Where the upload runs: in the engine's wake-ups, in a task, or finished.
