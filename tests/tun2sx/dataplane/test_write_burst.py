@@ -607,3 +607,172 @@ async def test_a_queue_that_never_emptied_goes_whole_once_the_others_are_quiet(
         await trio.lowlevel.checkpoint()
         assert device.written == [*first, *second]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_download_step_runs_at_the_round_end_after_the_rounds_answer(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A download's read is passed on at the round's end (`bulk_step`):
+    whichever of the download's task and a round trip's task trio runs
+    first in the round, the answer is written first, and the download's
+    step then runs once, writing its burst."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    bulk = _packets("bulk", 4)
+    steps: list[bytes] = []
+
+    def step() -> bool:
+        # What the splice's step does: pass the read on (a flush).
+        steps.append(device.written[-1] if device.written else b"")
+        stack.give(BULK, list(bulk))
+        engine.flush()
+        return False
+
+    async def download(go: trio.Event) -> None:
+        await go.wait()
+        await engine.bulk_step(step, 10_000)
+
+    async def answer(go: trio.Event, packet: bytes) -> None:
+        await go.wait()
+        stack.give(SMALL, [packet])
+        engine.flush()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        for round_ in range(16):
+            go, packet = trio.Event(), b"answer%d" % round_
+            nursery.start_soon(download, go)
+            nursery.start_soon(answer, go, packet)
+            await trio.testing.wait_all_tasks_blocked()
+            del device.written[:]
+            go.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert device.written == [packet, *bulk]
+            assert steps[-1] == packet  # the step ran after the answer went
+        assert len(steps) == 16
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_bulk_step_runs_once_a_round_until_it_is_done(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The download progresses every round (one step per round's end),
+    the reader's batches go on in between, and its task goes on once the
+    step says it is done."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    steps = 0
+    resumed = trio.Event()
+
+    def step() -> bool:
+        nonlocal steps
+        steps += 1
+        return steps < 5
+
+    async def download() -> None:
+        await engine.bulk_step(step, None)
+        resumed.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        nursery.start_soon(download)
+        await trio.lowlevel.checkpoint()  # the download parks in this round
+        seen = []
+        for _ in range(4):
+            await trio.lowlevel.checkpoint()  # the round ends
+            seen.append(steps)
+        assert seen == [1, 2, 3, 4]
+        # A batch from the reader meanwhile: taken, and the steps go on.
+        stack.on_read = [(SMALL, [b"answer"])]
+        await device.both_flows_move()
+        assert b"answer" in device.written
+        assert steps == 5
+        assert resumed.is_set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_alone_or_sparse_a_download_goes_on_in_its_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """No step at the round's end while no other flow moves, for a read of
+    one sparse packet (an answer), or with `write_burst` 0; between reads
+    that did not wait (None) it is still a checkpoint."""
+
+    def step() -> bool:
+        raise AssertionError("not a round's end step")
+
+    for burst, crowded, read in ((_BURST, False, 10_000), (_BURST, True, 1600), (0, True, 10_000)):
+        stack, device = _ScriptedStack(), _Tun()
+        engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=burst))  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            if crowded:
+                await device.both_flows_move()
+            with trio.testing.assert_no_checkpoints():
+                await engine.bulk_step(step, read)
+            if not crowded:
+                with trio.testing.assert_checkpoints():
+                    await engine.bulk_step(step, None)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_parked_download_that_is_cancelled_takes_no_more_steps(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A flow closed (or the engine stopping) while its download is parked:
+    the task ends with the cancellation, and no step runs for it again."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+    steps = 0
+
+    def step() -> bool:
+        nonlocal steps
+        steps += 1
+        return True
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        flow = trio.CancelScope()
+
+        ended = trio.Event()
+
+        async def download() -> None:
+            with flow:
+                await engine.bulk_step(step, None)
+            ended.set()
+
+        nursery.start_soon(download)
+        for _ in range(3):
+            await trio.lowlevel.checkpoint()
+        assert steps >= 2
+        flow.cancel()
+        await ended.wait()
+        assert flow.cancelled_caught
+        before = steps
+        await trio.testing.wait_all_tasks_blocked()  # the rounds stop turning
+        assert steps == before
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_step_that_raises_raises_in_its_flows_task(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A bug in a step ends that flow (its task), not the engine."""
+    stack, device = _ScriptedStack(), _Tun()
+    engine = Engine(device, stack, Router(None), config=EngineConfig(write_burst=_BURST))  # type: ignore[arg-type]
+
+    def step() -> bool:
+        raise ValueError("a bug")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await device.both_flows_move()
+        with pytest.raises(ValueError, match="a bug"):
+            await engine.bulk_step(step, None)
+        stack.give(SMALL, [b"answer"])
+        engine.flush()
+        assert device.written == [b"answer"]
+        nursery.cancel_scope.cancel()
