@@ -163,3 +163,52 @@ async def test_an_outbound_reset_resets_the_application(harness: Harness) -> Non
     with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
         while await app.receive_some():
             pass
+
+
+async def test_a_download_beside_round_trips_arrives_exactly(harness: Harness) -> None:
+    """With round trips on another flow the engine passes the download's
+    reads on at the ends of trio's rounds (`Engine.bulk_step`): every byte
+    arrives once and in order, the FIN behind it, and every answer too."""
+    engine = harness.engine
+    steps = 0
+    bulk_step = engine.bulk_step
+
+    async def counting(step: Callable[[], bool], read: int | None) -> None:
+        def counted() -> bool:
+            nonlocal steps
+            steps += 1
+            return step()
+
+        await bulk_step(counted, read)
+
+    engine.bulk_step = counting  # type: ignore[method-assign]
+    down_app, down_server = await harness.make()
+    rt_app, rt_server = await harness.make()
+    payload = bytes(i % 253 for i in range(8 << 20))
+    answers = []
+
+    async def server_side() -> None:
+        await down_server.send_all(payload)
+        await down_server.send_eof()
+
+    async def echo() -> None:
+        while data := await rt_server.receive_some():
+            await rt_server.send_all(data)
+
+    async def round_trips() -> None:
+        for i in range(200):
+            await rt_app.send_all(b"%064d" % i)
+            got = b""
+            while len(got) < 64:
+                got += await rt_app.receive_some()
+            answers.append(got)
+        await rt_app.send_eof()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server_side)
+            nursery.start_soon(echo)
+            nursery.start_soon(round_trips)
+            assert await _receive_until_eof(down_app) == payload
+    assert answers == [b"%064d" % i for i in range(200)]
+    assert steps > 0
