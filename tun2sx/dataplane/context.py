@@ -310,12 +310,6 @@ class FlowContext(Protocol):
         """How much a flow should read at once now (see `splice_share`)."""
         ...
 
-    async def bulk_step(self, step: Callable[[], bool], read: int | None) -> None:
-        """Where a download goes after a read (`read` bytes; None: between
-        reads that did not wait); while others are active, `step` runs
-        at the end of each trio round until it returns False."""
-        ...
-
     def open_flow(
         self,
         network: str,

@@ -7,9 +7,7 @@ changed. While other flows are active, a flow's run of packets (a
 download's window) waits in the engine's write queue, which is written a
 burst of `EngineConfig.write_burst` bytes per flow at the end of each trio
 round, after every sparse flow's packet of the round, so the reader, the
-timers and other flows get their turns in between; a bulk flow's next
-step (its read from the outbound and the segments made of it) runs there
-too, before the bursts (`Engine.bulk_step`). One timer task sleeps
+timers and other flows get their turns in between. One timer task sleeps
 until the stack's next deadline; the deadline is a cancel scope that
 anything can pull earlier. Every TCP flow and UDP session is a task tree
 under the engine's nursery, so nothing outlives it, and a flow's failure
@@ -26,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-import outcome
 import trio
 
 from outbounds.base import Destination
@@ -152,9 +149,6 @@ class Engine:
         # `_drain_loop`, which waits parked while this is empty.
         self._queued: dict[FlowKey, list[bytes | GsoPacket]] = {}
         self._drainer: trio.lowlevel.Task | None = None
-        # Bulk flows' tasks parked in `bulk_step`, with the step each has
-        # the round's end run for it; in the order they parked.
-        self._bulk: dict[trio.lowlevel.Task, Callable[[], bool]] = {}
         self._write_error: Exception | None = None
         # Installed while the queue is in use (`_write_round`); off, a
         # trio round costs nothing more (on, about 0.4 µs).
@@ -345,73 +339,18 @@ class Engine:
             for packet in packets:
                 write(packet)
         if queued:
-            self._round_end_needed()
+            if not self._round_end_on:
+                trio.lowlevel.add_instrument(self._round_end)
+                self._round_end_on = True
+            if self._drainer is not None:
+                trio.lowlevel.reschedule(self._drainer)
+                self._drainer = None
         # Only a deadline scheduled since the last look can be earlier than
         # the timer's (`_timer_loop` starts each sleep afresh): in a flow's
         # steady state deadlines move later, and the heap is not walked.
         deadline = stack.take_moved_deadline()
         if deadline is not None and deadline < self._timer_scope.deadline:
             self._timer_scope.deadline = deadline
-
-    def _round_end_needed(self) -> None:
-        """The round's end has work: install it, and keep rounds turning."""
-        if not self._round_end_on:
-            trio.lowlevel.add_instrument(self._round_end)
-            self._round_end_on = True
-        if self._drainer is not None:
-            trio.lowlevel.reschedule(self._drainer)
-            self._drainer = None
-
-    async def bulk_step(self, step: Callable[[], bool], read: int | None) -> None:
-        """Where a flow's download goes after each read from its outbound.
-
-        While others are active (see `read_size`), a read of more than a
-        sparse packet (`read`, its bytes; None: the socket had more, and
-        the download yields between reads) is passed on at the end of
-        trio's round: the flow's task parks, and the round's end calls
-        `step` (pass on what was read, read more without waiting), once a
-        round and before the round's bursts, for as long as it returns
-        True; then the task goes on. Its packets would wait for the
-        round's end anyway (`flush`); the work of making them, a step of
-        0.05-0.3 ms, ran ahead of a round trip's answer and of the
-        reader's next batch in about half of trio's rounds (trio runs a
-        round's ready tasks forwards or backwards by turns), and now runs
-        after them, still once every round. `step` must not raise: it
-        keeps an error for its task. Otherwise (alone, `write_burst` 0, a
-        sparse read) it returns at once, after a checkpoint for None.
-        """
-        if (
-            not self.config.write_burst
-            or (read is not None and read <= _SPARSE_BYTES)
-            or self._now() >= self._crowded_until
-        ):
-            if read is None:
-                await trio.lowlevel.checkpoint()
-            return
-        task = trio.lowlevel.current_task()
-        self._bulk[task] = step
-        self._round_end_needed()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._bulk.pop(task, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _bulk_steps(self) -> None:
-        """Run each parked bulk flow's step; let go those that are done."""
-        bulk = self._bulk
-        crowded = self._now() < self._crowded_until
-        for task, step in list(bulk.items()):
-            try:
-                more = crowded and step()
-            except Exception as exc:  # a bug: raised in the flow's task
-                del bulk[task]
-                trio.lowlevel.reschedule(task, outcome.Error(exc))
-                continue
-            if not more:
-                del bulk[task]
-                trio.lowlevel.reschedule(task)
 
     async def _drain_loop(self) -> None:
         """Keep trio's rounds turning while the queue holds packets, and
@@ -420,7 +359,7 @@ class Engine:
         while True:
             if self._write_error is not None:
                 raise self._write_error
-            if queued or self._bulk:
+            if queued:
                 # A task ready to run makes trio poll without waiting: the
                 # end of the round (`_write_round`) comes at once.
                 await trio.lowlevel.checkpoint()
@@ -437,20 +376,16 @@ class Engine:
         backwards): a task's burst would go before a round trip's answer
         in half the rounds. At the round's end it goes after every sparse
         flow's packet of the round, and the reader's next batch (the
-        round trip's next request) comes right after it. The parked bulk
-        flows' steps (`bulk_step`) run first, so what they read leaves in
-        the same round's bursts.
+        round trip's next request) comes right after it.
         """
-        if self._bulk and self._write_error is None:
-            self._bulk_steps()
         queued = self._queued
-        if not queued and not self._bulk:
+        if not queued:
             self._empty_rounds += 1
             if self._empty_rounds > _ROUND_END_FOR:
                 self._round_end_off()
             return
         self._empty_rounds = 0
-        if self._write_error is not None or not queued:
+        if self._write_error is not None:
             return
         write = self.device.write
         # Read each round: a reload may change it (0: whole runs). Once the

@@ -24,10 +24,6 @@ from tun2sx.dataplane.tcpstream import TcpStream
 if TYPE_CHECKING:
     from tun2sx.dataplane.context import FlowInfo
 
-# Where a download yields between its steps (see `splice`): it may call the
-# step (True: call it again) until it returns False, then returns.
-BulkStep = Callable[[Callable[[], bool], int | None], Coroutine[Any, Any, None]]
-
 
 def splice(
     app: trio.abc.HalfCloseableStream,
@@ -35,7 +31,6 @@ def splice(
     bufsize: int,
     info: FlowInfo | None = None,
     read_size: Callable[[], int] | None = None,
-    bulk_step: BulkStep | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Copy both ways until both sides have sent EOF, or either breaks.
 
@@ -50,19 +45,12 @@ def splice(
             read brings is written on in one step of the flow's task, and
             every other flow waits for that step: a bulk flow that moves
             less at once while others are open keeps their round trips short.
-        bulk_step: where a download goes after each read: with the bytes
-            just read (the read yielded already), or None between reads
-            that did not wait (the socket had more; a checkpoint is
-            due). It may take the next steps itself, without the task,
-            by calling the step it is given (`Engine.bulk_step`: at the
-            end of trio's rounds, after every other task of the round).
-            By default the download passes each read on in its task.
 
     Returns the copy's coroutine, to be awaited, instead of awaiting it in
     one of its own: a held flow then keeps one coroutine frame fewer
     (about 250 bytes).
     """
-    return _Splice(app, upstream, bufsize, info, read_size, bulk_step).run()
+    return _Splice(app, upstream, bufsize, info, read_size).run()
 
 
 class _Splice:
@@ -89,11 +77,9 @@ class _Splice:
         "app",
         "broken",
         "bufsize",
-        "bulk_step",
         "carried",
         "carried_end",
         "download_done",
-        "download_fast",
         "error",
         "info",
         "pending",
@@ -113,11 +99,9 @@ class _Splice:
         bufsize: int,
         info: FlowInfo | None,
         read_size: Callable[[], int] | None = None,
-        bulk_step: BulkStep | None = None,
     ) -> None:
         self.app = app
         self.read_size = read_size
-        self.bulk_step = bulk_step
         # The application's stream while the upload runs in its wake-ups.
         self.woken_by: TcpStream | None = None
         self.upstream = upstream
@@ -126,7 +110,6 @@ class _Splice:
         self.upload = _UPLOAD_IN_WAKE
         self.broken = False
         self.download_done = False
-        self.download_fast = False  # `_download`'s `fast`, for `_step`
         self.receiving = False  # the download waits in the outbound's receive
         # Read by the download, not yet passed on, and what follows it.
         self.carried: list[bytes | bytearray | memoryview] = []
@@ -300,7 +283,6 @@ class _Splice:
         receive = wait_then_receive or receive_some
         backlog, end = self.carried, self.carried_end
         self.carried, self.carried_end = [], None
-        self.download_fast = fast
         try:
             while True:
                 if backlog:
@@ -327,17 +309,6 @@ class _Splice:
                         return
                     if not data:
                         break
-                    if receive_nowait is not None and self.bulk_step is not None:
-                        # Passed on at the round's end, while others are
-                        # active, when it is more than a sparse packet.
-                        self.carried = [data]
-                        await self.bulk_step(self._step, len(data))
-                        backlog, end = self.carried, self.carried_end
-                        self.carried, self.carried_end = [], None
-                        if not backlog and end is None:
-                            # All passed on, and the socket was empty.
-                            receive = wait_then_receive or receive_some
-                        continue
                 if receive_nowait is not None and not backlog and end is None:
                     # A short response usually has its EOF right behind it:
                     # then the FIN leaves with the data, in one segment, and
@@ -384,17 +355,7 @@ class _Splice:
                         self.carried_end = end
                         return
                     # Read without waiting: yield here, as a receive would.
-                    if receive_nowait is not None and self.bulk_step is not None and end is None:
-                        # The next steps may run without the task (`_step`),
-                        # on what is carried.
-                        self.carried = backlog
-                        await self.bulk_step(self._step, None)
-                        backlog, end = self.carried, self.carried_end
-                        self.carried, self.carried_end = [], None
-                        if not backlog and end is None:
-                            receive = wait_then_receive or receive_some
-                    else:
-                        await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.checkpoint()
             if isinstance(end, Exception):
                 raise end
             if app_nowait is None:
@@ -404,56 +365,6 @@ class _Splice:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._break()
         self.download_done = True
-
-    def _step(self) -> bool:
-        """The download's next step on what it carries, outside its task
-        (`bulk_step`): look ahead in the socket, pass on what was read
-        before. True: the socket had more, now carried, and another step
-        may follow.
-
-        Only the plain step, the one a bulk download takes again and
-        again: one chunk carried, all of it taken by the application's
-        window. Anything else (the outbound's EOF or reset behind it, a
-        shut window, a broken stream, an upload that needs its task) is
-        left to the task, which takes the same step as it would have, on
-        the same state: the outbound's EOF or reset read here is kept in
-        `carried_end`, a shut window's rest in front of `carried`.
-        """
-        carried = self.carried
-        if self.broken or len(carried) != 1:
-            return False
-        if self.download_fast and self.upload is _UPLOAD_IN_TASK:
-            return False  # the task hands over
-        # Both ends move bytes without waiting on this path (`run`).
-        upstream: NowaitStream = self.upstream  # type: ignore[assignment]
-        app: NowaitStream = self.app  # type: ignore[assignment]
-        try:
-            ahead = upstream.receive_nowait(self._read_size())
-        except trio.BrokenResourceError as exc:
-            self.carried_end = exc
-            return False
-        if ahead is not None and not ahead:
-            self.carried_end = _EOF  # the FIN goes with the data, from the task
-            return False
-        data = carried[0]
-        try:
-            sent = app.send_nowait(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if ahead:
-                carried.append(ahead)  # the task's send meets the same error
-            return False
-        if self.info is not None:
-            self.info.bytes_down += sent
-        if sent < len(data):
-            carried[0] = memoryview(data)[sent:]
-            if ahead:
-                carried.append(ahead)
-            return False
-        if ahead is None:
-            carried.clear()  # the task waits for the socket
-            return False
-        carried[0] = ahead
-        return True
 
 
 # Where the upload runs: in the engine's wake-ups, in a task, or finished.

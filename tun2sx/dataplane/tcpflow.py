@@ -349,14 +349,7 @@ class TcpFlows:
                 # The splice takes the controller's close itself (it sets
                 # `info.closer`): it breaks the flow, a reset to both ends,
                 # with the cancel scope it has anyway; no scope of our own.
-                await splice(
-                    stream,
-                    upstream,
-                    engine.config.splice_buffer,
-                    info,
-                    engine.read_size,
-                    engine.bulk_step,
-                )
+                await splice(stream, upstream, engine.config.splice_buffer, info, engine.read_size)
             else:
                 with trio.CancelScope() as cut:
                     info.closer = cut.cancel
