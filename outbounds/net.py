@@ -693,38 +693,46 @@ class PrefixedStream(NowaitStream):
         prefix: Bytes to return before reading from `inner` again.
     """
 
-    __slots__ = ("_prefix", "inner")
+    __slots__ = ("_from_prefix", "_prefix", "inner")
 
     def __init__(self, inner: NowaitStream, prefix: bytes) -> None:
         self.inner = inner
         self._prefix = prefix
+        # The last receive was served from the prefix: the inner stream's
+        # `receive_drained` then speaks of an older read (the handshake's).
+        self._from_prefix = False
 
     def _take_prefix(self, max_bytes: int | None) -> bytes:
         n = len(self._prefix) if max_bytes is None else max_bytes
         if n < 1:
             raise ValueError("max_bytes must be >= 1")
         chunk, self._prefix = self._prefix[:n], self._prefix[n:]
+        self._from_prefix = True
         return chunk
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             return self._take_prefix(max_bytes)
+        self._from_prefix = False
         return await self.inner.receive_some(max_bytes)
 
     async def receive_after_wait(self, max_bytes: int) -> bytes | bytearray:
         if self._prefix:
             await trio.lowlevel.checkpoint()
             return self._take_prefix(max_bytes)
+        self._from_prefix = False
         return await self.inner.receive_after_wait(max_bytes)
 
     def receive_nowait(self, max_bytes: int) -> bytes | None:
         if self._prefix:
             return self._take_prefix(max_bytes)
+        self._from_prefix = False
         return self.inner.receive_nowait(max_bytes)
 
     def receive_drained(self) -> bool:
-        return not self._prefix and self.inner.receive_drained()
+        # After a receive from the prefix nothing is known of the socket.
+        return not self._prefix and not self._from_prefix and self.inner.receive_drained()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)

@@ -29,7 +29,7 @@ from outbounds.net import (
     open_tcp,
     open_udp_socket,
 )
-from tests.support import free_port, transfer_through
+from tests.support import free_port, require_tcp_inq, transfer_through
 
 LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 
@@ -533,6 +533,7 @@ def test_receive_drained_agrees_with_a_look_that_finds_nothing(
     receive is known to have drained the socket; it must be known only
     when that look would have found nothing: no data and no EOF. Every
     receive is checked against a peek, with nothing arriving in between."""
+    require_tcp_inq()
     with socket.create_server(("127.0.0.1", 0)) as listener:
         peer = socket.create_connection(listener.getsockname())
         accepted, _ = listener.accept()
@@ -560,6 +561,37 @@ def test_receive_drained_agrees_with_a_look_that_finds_nothing(
                     rest = None
                 assert stream.receive_drained() == (rest is None), (data, rest, queued)
         stream.close_now()
+
+
+def test_a_prefix_served_says_nothing_of_the_socket_behind_it() -> None:
+    """A handshake's read took the proxy's reply and the answer's first
+    bytes (left over as the prefix) and drained the socket then; the rest
+    of the answer and the EOF came after. A receive served from the prefix
+    must not claim the socket drained: the splice would skip its look and
+    send the EOF a round later."""
+    require_tcp_inq()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    inner = TcpSocketStream(accepted)
+    with peer:
+        peer.sendall(b"REPLYbanner")
+        _wait_arrived(accepted, 11, fin=False)
+        assert inner.receive_nowait(100) == b"REPLYbanner"
+        assert inner.receive_drained()
+        stream = PrefixedStream(inner, b"banner")
+        peer.sendall(b"rest")
+        peer.shutdown(socket.SHUT_WR)
+        _wait_arrived(accepted, 4, fin=True)
+        assert stream.receive_nowait(3) == b"ban"
+        assert not stream.receive_drained()
+        assert stream.receive_nowait(100) == b"ner"
+        assert not stream.receive_drained()
+        assert stream.receive_nowait(100) == b"rest"
+        assert not stream.receive_drained()  # the EOF is behind it
+        assert stream.receive_nowait(100) == b""
+    stream.close_now()
 
 
 async def test_receive_nowait_is_busy_while_receiving_and_broken_after_reset() -> None:

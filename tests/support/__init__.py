@@ -37,6 +37,7 @@ __all__ = [
     "in_ci",
     "require",
     "require_binary",
+    "require_tcp_inq",
     "run_server",
     "transfer_through",
     "wait_for_port",
@@ -59,6 +60,19 @@ def require_binary(name: str) -> str:
             pytest.fail(f"CI=true and {message}")
         pytest.skip(message)
     return path
+
+
+def require_tcp_inq() -> None:
+    """Skip (or, under CI, fail) unless this kernel takes TCP_INQ (Linux
+    4.18): without it a receive cannot tell that it drained the socket."""
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INQ", 36), 1)
+        except OSError as exc:
+            reason = f"the kernel refuses TCP_INQ ({exc.strerror})"
+            if in_ci():
+                pytest.fail(f"CI=true and {reason}")
+            pytest.skip(reason)
 
 
 def require(*binaries: str) -> None:
