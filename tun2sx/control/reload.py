@@ -148,9 +148,10 @@ def applied_changes(old: Settings, new: Settings) -> list[str]:
     """The settings a reload applies at once and `new` changes from `old`,
     one `key old -> new` each, keyed as the file writes them.
 
-    Outbounds, rules and groups are left out (the reload line counts them,
-    and an outbound URL may carry a password), as are the settings that
-    take a restart (`restart_needed` names those).
+    Outbounds, rules and groups are left out (the reload line counts them
+    and names changed outbounds, never their URLs, which may carry a
+    password), as are the settings that take a restart (`restart_needed`
+    names those).
     """
     changes = []
     for field in attrs.fields(Settings):
@@ -160,7 +161,7 @@ def applied_changes(old: Settings, new: Settings) -> list[str]:
         before, after = getattr(old, name), getattr(new, name)
         if before != after:
             key = file_key_message(f"{name}:").removesuffix(":")
-            changes.append(f"{key} {_brief(before)} -> {_brief(after)}")
+            changes.append(f"{key} {_change(before, after)}")
     return changes
 
 
@@ -178,10 +179,23 @@ def _check_together(settings: Settings, path: str) -> None:
         raise ConfigError(f"{path}: {message}" if path else message) from None
 
 
+def _change(before: object, after: object) -> str:
+    """`before -> after` for the reload line: a long list (a fake-IP filter
+    of a thousand names) counted, with what came and went; booleans as the
+    file writes them."""
+    if (
+        isinstance(before, tuple)
+        and isinstance(after, tuple)
+        and max(len(before), len(after)) > _LISTED
+    ):
+        came, went = len(set(after) - set(before)), len(set(before) - set(after))
+        return f"[{len(before)} entries] -> [{len(after)} entries: {came} new, {went} gone]"
+    return f"{_brief(before)} -> {_brief(after)}"
+
+
 def _brief(value: object) -> str:
-    """`_shown`, a long list (a fake-IP filter of a thousand names) counted."""
-    if isinstance(value, tuple) and len(value) > _LISTED:
-        return f"[{len(value)} entries]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return _shown(value)
 
 
@@ -203,6 +217,11 @@ def carry_selections(old: Router, new: Router) -> None:
         chosen = before.now()
         if chosen in group.members:
             group.select(chosen)
+
+
+def outbound_names(settings: Settings) -> set[str]:
+    """The names of the outbounds and groups `settings` define."""
+    return {name for name, _ in settings.outbounds} | {spec.name for spec in settings.groups}
 
 
 def changed_outbounds(old: Settings, new: Settings) -> set[str]:
@@ -355,6 +374,11 @@ class Reloader:
         for line in prepared.kept:
             log.warning("tun2sx: reload: %s", line)
         changes = applied_changes(self.settings, prepared.settings)
+        gone = outbound_names(self.settings) - outbound_names(prepared.settings)
+        if changed:
+            changes.append("new or changed outbounds " + ", ".join(sorted(changed)))
+        if gone:
+            changes.append("outbounds removed " + ", ".join(sorted(gone)))
         self._apply(prepared.settings, routing)
         self._loaded = prepared.loaded
         router = routing.router
