@@ -547,6 +547,23 @@ def test_a_member_whose_proxy_changed_starts_afresh(tmp_path: Path) -> None:
     assert (new.alive("proxy"), new.now()) == (True, "proxy")
 
 
+def _reloaded_line(reloader: Reloader, caplog: pytest.LogCaptureFixture) -> str:
+    """Reload and return the one "reloaded" line it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tun2sx"):
+        assert reloader.reload() is None
+    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    return line
+
+
+def _with_filter(names: range) -> str:
+    """BASE with a fake-IP filter of `+.nI.test` for each I."""
+    listed = ", ".join(f'"+.n{i}.test"' for i in names)
+    return BASE.replace(
+        'upstream = "1.1.1.1:53"', f'upstream = "1.1.1.1:53"\nfake_ip_filter = [{listed}]'
+    )
+
+
 def test_the_reload_line_names_what_changed_at_once_and_never_a_url(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -558,19 +575,14 @@ def test_the_reload_line_names_what_changed_at_once_and_never_a_url(
         .replace("socks5://127.0.0.1:1081", "socks5://user:hunter2@127.0.0.1:1081")
     )
     _write(config, changed)
-    with caplog.at_level(logging.INFO, logger="tun2sx"):
-        assert reloader.reload() is None
-    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    line = _reloaded_line(reloader, caplog)
     assert (
         "now udp_timeout 60.0 -> 30.0, tun.write_burst 49152 -> 16384, "
         "new or changed outbounds other;"
     ) in line
     assert "hunter2" not in line and "1081" not in line
     # Read again unchanged: nothing is said to have changed.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="tun2sx"):
-        assert reloader.reload() is None
-    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    line = _reloaded_line(reloader, caplog)
     assert " now " not in line
 
 
@@ -579,29 +591,12 @@ def test_a_long_changed_list_is_counted_on_the_reload_line(
 ) -> None:
     config = _write(tmp_path / "c.toml", BASE)
     _, reloader, _ = _started(config)
-    names = ", ".join(f'"+.n{i}.test"' for i in range(50))
-    _write(
-        config,
-        BASE.replace(
-            'upstream = "1.1.1.1:53"', f'upstream = "1.1.1.1:53"\nfake_ip_filter = [{names}]'
-        ),
-    )
-    with caplog.at_level(logging.INFO, logger="tun2sx"):
-        assert reloader.reload() is None
-    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    _write(config, _with_filter(range(50)))
+    line = _reloaded_line(reloader, caplog)
     assert "now dns.fake_ip_filter [0 entries] -> [50 entries: 50 new, 0 gone];" in line
     # The same length, other names: what came and went is said.
-    caplog.clear()
-    names = ", ".join(f'"+.n{i}.test"' for i in range(3, 53))
-    _write(
-        config,
-        BASE.replace(
-            'upstream = "1.1.1.1:53"', f'upstream = "1.1.1.1:53"\nfake_ip_filter = [{names}]'
-        ),
-    )
-    with caplog.at_level(logging.INFO, logger="tun2sx"):
-        assert reloader.reload() is None
-    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    _write(config, _with_filter(range(3, 53)))
+    line = _reloaded_line(reloader, caplog)
     assert "now dns.fake_ip_filter [50 entries] -> [50 entries: 3 new, 3 gone];" in line
 
 
@@ -612,7 +607,5 @@ def test_the_reload_line_names_removed_outbounds_and_writes_booleans_as_the_file
     _, reloader, _ = _started(config)
     without_other = BASE.replace('[outbounds.other]\nurl = "socks5://127.0.0.1:1081"\n', "")
     _write(config, without_other.replace("[dns]", "[dns]\nhijack = false"))
-    with caplog.at_level(logging.INFO, logger="tun2sx"):
-        assert reloader.reload() is None
-    (line,) = [r.getMessage() for r in caplog.records if "reloaded" in r.getMessage()]
+    line = _reloaded_line(reloader, caplog)
     assert "now dns.hijack true -> false, outbounds removed other;" in line
