@@ -49,6 +49,7 @@ from tun2sx.control.app import (
 )
 from tun2sx.control.config import file_key_message
 from tun2sx.naming.fakeip import FakeIpFilter
+from tun2sx.naming.router import BUILTIN_TARGETS
 
 if TYPE_CHECKING:
     from tun2sx.dataplane.engine import Engine
@@ -386,7 +387,8 @@ class Reloader:
             "tun2sx: reloaded%s: %d rules, %d outbounds, default %s%s; open flows keep theirs",
             f" {path}" if path else "",
             len(router.rules.rules),
-            len(router.outbounds),
+            # Those the file names; DIRECT is in the router once a rule names it.
+            sum(name not in BUILTIN_TARGETS for name in router.outbounds),
             router.name_of(router.default),
             f"; now {', '.join(changes)}" if changes else "",
         )

@@ -606,6 +606,9 @@ def test_the_reload_line_names_removed_outbounds_and_writes_booleans_as_the_file
     config = _write(tmp_path / "c.toml", BASE)
     _, reloader, _ = _started(config)
     without_other = BASE.replace('[outbounds.other]\nurl = "socks5://127.0.0.1:1081"\n', "")
-    _write(config, without_other.replace("[dns]", "[dns]\nhijack = false"))
+    with_direct = without_other.replace('REJECT"]', 'REJECT", "DOMAIN,d.test,DIRECT"]')
+    _write(config, with_direct.replace("[dns]", "[dns]\nhijack = false"))
     line = _reloaded_line(reloader, caplog)
+    # The outbounds the file names: DIRECT, which a rule names, is not one.
+    assert "reloaded: 2 rules, 1 outbounds, default proxy; " in line
     assert "now dns.hijack true -> false, outbounds removed other;" in line
