@@ -62,6 +62,16 @@ ACTIONS = st.lists(
     min_size=15,
     max_size=80,
 )
+# A program's whole draw, for `@given(**PROGRAM)`: the SYN's options, whether
+# the handshake completes first (most runs), and the actions; the keywords
+# are `run`'s.
+PROGRAM = {
+    "sack": st.booleans(),
+    "stamps": st.booleans(),
+    "wscale": st.integers(0, 8),
+    "handshake": st.sampled_from((True, True, True, False)),
+    "actions": ACTIONS,
+}
 Segments = list[tuple[TcpHeader, bytes]]
 Deliver = Callable[[TcpConnection, Segments, float, bool], None]
 Flush = Callable[[TcpConnection, float, bool], list[tuple[TcpHeader, bytes]]]

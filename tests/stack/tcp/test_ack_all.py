@@ -16,18 +16,17 @@ from typing import Any
 from unittest import mock
 
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from stack.tcp import TcpConnection
 from stack.tcp.snd import Sender
 from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
 from tests.stack.tcp.programs import (
-    ACTIONS,
     APP_ISN,
     CONFIG,
     ISS,
     KEY,
     MASK,
+    PROGRAM,
     Segments,
     deliver,
     run,
@@ -45,13 +44,7 @@ def _general(snd: Sender, hdr: TcpHeader, ack: int, now: float) -> bool:
 
 
 @settings(max_examples=500, deadline=None)
-@given(
-    sack=st.booleans(),
-    stamps=st.booleans(),
-    wscale=st.integers(0, 8),
-    handshake=st.sampled_from((True, True, True, False)),
-    actions=ACTIONS,
-)
+@given(**PROGRAM)
 def test_the_short_path_leaves_the_general_paths_state(
     sack: bool, stamps: bool, wscale: int, handshake: bool, actions: list[tuple[str, Any]]
 ) -> None:

@@ -14,18 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from stack.tcp import TcpConnection
 from stack.tcp.snd import OutputList
 from stack.wire.tcp import ACK, SYN, TcpHeader, TcpOptions
 from tests.stack.tcp.programs import (
-    ACTIONS,
     APP_ISN,
     CONFIG,
     ISS,
     KEY,
     MASK,
+    PROGRAM,
     collect,
     run,
     state,
@@ -58,13 +57,7 @@ def _flush(conn: TcpConnection, now: float, runs: bool) -> list[tuple[TcpHeader,
 
 
 @settings(max_examples=500, deadline=None)
-@given(
-    sack=st.booleans(),
-    stamps=st.booleans(),
-    wscale=st.integers(0, 8),
-    handshake=st.sampled_from((True, True, True, False)),
-    actions=ACTIONS,
-)
+@given(**PROGRAM)
 def test_quick_exit_is_the_general_path_producing_nothing(
     sack: bool, stamps: bool, wscale: int, handshake: bool, actions: list[tuple[str, Any]]
 ) -> None:
