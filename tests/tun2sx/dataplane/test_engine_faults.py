@@ -70,6 +70,15 @@ class FaultyTun(TunDevice):
         return packet
 
 
+def _syn(port: int = APP_PORT) -> TcpHeader:
+    """An application's SYN towards the remote end."""
+    return TcpHeader(port, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+
+
+# What a refusal of `_syn` acknowledges: the SYN.
+_SYN_ACKED = (APP_ISN + 1) & 0xFFFFFFFF
+
+
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[int, trio.socket.SocketType]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -151,7 +160,7 @@ async def test_an_outbound_that_never_answers_ends_in_host_unreachable(
         await nursery.start(engine.run)
         app = AppSide(app_sock)
         start = trio.current_time()
-        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        syn = _syn()
         await app.send(syn)
         with trio.fail_after(60):  # a hang fails the test instead of hanging it
             packet = parse_packet_untrusted(memoryview(await app_sock.recv(70000)))
@@ -253,7 +262,7 @@ async def test_stopping_the_engine_refuses_a_syn_held_while_its_outbound_connect
         engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
         await nursery.start(engine.run)
         app = AppSide(app_sock)
-        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        syn = _syn()
         await app.send(syn)
         with trio.fail_after(10):
             while engine.statistics()["tcp_pending"] != 1:
@@ -262,7 +271,7 @@ async def test_stopping_the_engine_refuses_a_syn_held_while_its_outbound_connect
     device.close()
     with trio.fail_after(10):
         hdr, _ = await app.receive()
-    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, _SYN_ACKED), hdr
 
 
 class UnreadTun(TunDevice):
@@ -285,7 +294,7 @@ async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
         engine = Engine(device, NetStack(NetStackConfig(tcp=CONFIG)), Router(SilentOutbound()))
         await nursery.start(engine.run)
         app = AppSide(app_sock)
-        syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+        syn = _syn()
         await app.send(syn)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
@@ -293,7 +302,7 @@ async def test_stopping_the_engine_refuses_a_syn_the_device_still_holds(
     device.close()
     with trio.fail_after(10):
         hdr, _ = await app.receive()
-    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF), hdr
+    assert (hdr.flags & (RST | ACK), hdr.ack) == (RST | ACK, _SYN_ACKED), hdr
 
 
 async def test_a_syn_after_the_engine_stopped_is_refused_before_the_device_closes(
@@ -309,7 +318,7 @@ async def test_a_syn_after_the_engine_stopped_is_refused_before_the_device_close
         await nursery.start(engine.run)
         nursery.cancel_scope.cancel()
     app = AppSide(app_sock)
-    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+    syn = _syn()
     await app.send(syn)
     await app.send(TcpHeader(APP_PORT + 1, REMOTE_PORT, APP_ISN, 77, ACK, 65535))
     engine.refuse_unread()
@@ -317,7 +326,7 @@ async def test_a_syn_after_the_engine_stopped_is_refused_before_the_device_close
     with trio.fail_after(10):
         answers = [(await app.receive())[0] for _ in range(2)]
     assert sorted((h.dst_port, h.flags, h.ack) for h in answers) == [
-        (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+        (APP_PORT, RST | ACK, _SYN_ACKED),
         (APP_PORT + 1, RST, 0),
     ]
     assert engine.statistics()["tcp_pending"] == 0
@@ -374,15 +383,13 @@ async def test_a_syn_queued_behind_more_than_a_batch_is_refused_at_the_stop(
     app = AppSide(app_sock)
     for i in range(10):  # segments of flows that are gone: each draws an RST
         await app.send(TcpHeader(APP_PORT + 1 + i, REMOTE_PORT, APP_ISN, 77, ACK, 65535))
-    syn = TcpHeader(APP_PORT, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+    syn = _syn()
     await app.send(syn)
     engine.refuse_unread()
     device.close()
     with trio.fail_after(10):
         answers = [(await app.receive())[0] for _ in range(11)]
-    assert (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF) in {
-        (h.dst_port, h.flags, h.ack) for h in answers
-    }
+    assert (APP_PORT, RST | ACK, _SYN_ACKED) in {(h.dst_port, h.flags, h.ack) for h in answers}
     assert engine.statistics()["tcp_pending"] == 0
 
 
@@ -401,7 +408,7 @@ async def test_a_syn_a_cap_dropped_is_refused_at_the_stop_like_the_held_one(
         await nursery.start(engine.run)
         app = AppSide(app_sock)
         for port in (APP_PORT, APP_PORT + 1):
-            syn = TcpHeader(port, REMOTE_PORT, APP_ISN, 0, SYN, 65535, options=TcpOptions(1400))
+            syn = _syn(port)
             await app.send(syn)
         await trio.testing.wait_all_tasks_blocked()
         assert engine.statistics()["syn_dropped_per_destination"] == 1
@@ -411,6 +418,6 @@ async def test_a_syn_a_cap_dropped_is_refused_at_the_stop_like_the_held_one(
     with trio.fail_after(10):
         answers = [(await app.receive())[0] for _ in range(2)]
     assert sorted((h.dst_port, h.flags & (RST | ACK), h.ack) for h in answers) == [
-        (APP_PORT, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
-        (APP_PORT + 1, RST | ACK, (APP_ISN + 1) & 0xFFFFFFFF),
+        (APP_PORT, RST | ACK, _SYN_ACKED),
+        (APP_PORT + 1, RST | ACK, _SYN_ACKED),
     ]
