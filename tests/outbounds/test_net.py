@@ -500,6 +500,16 @@ async def test_receive_nowait_reports_nothing_data_and_eof_without_yielding() ->
     await server.aclose()
 
 
+def _loopback_stream() -> tuple[socket.socket, socket.socket, TcpSocketStream]:
+    """A loopback connection: the peer's blocking socket, and the accepted
+    one, non-blocking, with the stream over it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    accepted.setblocking(False)
+    return peer, accepted, TcpSocketStream(accepted)
+
+
 _TCP_CLOSE_WAIT = 8  # tcpi_state, the first byte of TCP_INFO
 
 
@@ -534,11 +544,7 @@ def test_receive_drained_agrees_with_a_look_that_finds_nothing(
     when that look would have found nothing: no data and no EOF. Every
     receive is checked against a peek, with nothing arriving in between."""
     require_tcp_inq()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    accepted.setblocking(False)
-    stream = TcpSocketStream(accepted)
+    peer, accepted, stream = _loopback_stream()
     queued = 0
     with peer:
         for i, (action, size) in enumerate([*steps, ("fin", 0), ("receive", 5000)]):
@@ -570,11 +576,7 @@ def test_a_prefix_served_says_nothing_of_the_socket_behind_it() -> None:
     must not claim the socket drained: the splice would skip its look and
     send the EOF a round later."""
     require_tcp_inq()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        accepted, _ = listener.accept()
-    accepted.setblocking(False)
-    inner = TcpSocketStream(accepted)
+    peer, accepted, inner = _loopback_stream()
     with peer:
         peer.sendall(b"REPLYbanner")
         _wait_arrived(accepted, 11, fin=False)
