@@ -220,16 +220,15 @@ def carry_selections(old: Router, new: Router) -> None:
             group.select(chosen)
 
 
-def outbound_names(settings: Settings) -> set[str]:
-    """The names of the outbounds and groups `settings` define."""
-    return {name for name, _ in settings.outbounds} | {spec.name for spec in settings.groups}
+def defined_outbounds(settings: Settings) -> dict[str, object]:
+    """The outbounds and groups `settings` define, by name: a URL or a group's spec."""
+    return {**dict(settings.outbounds), **{spec.name: spec for spec in settings.groups}}
 
 
 def changed_outbounds(old: Settings, new: Settings) -> set[str]:
     """The names of outbounds and groups the new settings define otherwise
     (another URL, other members or checks) or newly."""
-    before = {**dict(old.outbounds), **{spec.name: spec for spec in old.groups}}
-    after = {**dict(new.outbounds), **{spec.name: spec for spec in new.groups}}
+    before, after = defined_outbounds(old), defined_outbounds(new)
     return {name for name, value in after.items() if before.get(name) != value}
 
 
@@ -375,7 +374,7 @@ class Reloader:
         for line in prepared.kept:
             log.warning("tun2sx: reload: %s", line)
         changes = applied_changes(self.settings, prepared.settings)
-        gone = outbound_names(self.settings) - outbound_names(prepared.settings)
+        gone = defined_outbounds(self.settings).keys() - defined_outbounds(prepared.settings).keys()
         if changed:
             changes.append("new or changed outbounds " + ", ".join(sorted(changed)))
         if gone:
